@@ -1,0 +1,259 @@
+//! DICOM reader on dicom-rs: modality LUT (→ HU for CT), VOI windowing, MONOCHROME1
+//! inversion, multi-frame, RGB/YBR, and every transfer syntax the pure-Rust stack decodes.
+
+use std::path::{Path, PathBuf};
+
+use dicom_dictionary_std::tags;
+use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder, VoiLutOption};
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use ndarray::Array3;
+use serde::Serialize;
+
+use crate::error::{DataError, Result};
+use crate::image::{apply_window, percentile_normalize, Image, Meta, Modality};
+
+/// How raw (modality-LUT) values become [0, 1] intensities.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Window {
+    /// The file's first VOI window; 1st–99th percentile when it has none.
+    File,
+    /// A named preset, see [`Window::preset`].
+    Preset(&'static str, f32, f32),
+    /// Explicit center / width in modality units (HU for CT).
+    Custom { center: f32, width: f32 },
+    /// Clip to the given low / high percentiles of each frame.
+    Percentile(f32, f32),
+}
+
+/// Standard CT windows (center, width) in HU.
+pub const CT_WINDOWS: &[(&str, f32, f32)] = &[
+    ("lung", -600.0, 1500.0),
+    ("mediastinum", 50.0, 350.0),
+    ("bone", 400.0, 1800.0),
+    ("brain", 40.0, 80.0),
+    ("abdomen", 40.0, 400.0),
+    ("liver", 60.0, 160.0),
+];
+
+impl Window {
+    pub fn preset(name: &str) -> Option<Self> {
+        CT_WINDOWS.iter().find(|(n, _, _)| *n == name).map(|&(n, c, w)| Self::Preset(n, c, w))
+    }
+
+    /// Parses `file`, a preset name, `C,W` (center,width) or `pct:LO,HI`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let s = s.trim();
+        if s == "file" {
+            return Ok(Self::File);
+        }
+        if let Some(w) = Self::preset(s) {
+            return Ok(w);
+        }
+        let pair = |t: &str| -> Option<(f32, f32)> {
+            let (a, b) = t.split_once(',')?;
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        };
+        if let Some(rest) = s.strip_prefix("pct:") {
+            if let Some((lo, hi)) = pair(rest).filter(|(lo, hi)| 0.0 <= *lo && lo < hi && *hi <= 100.0) {
+                return Ok(Self::Percentile(lo, hi));
+            }
+        } else if let Some((center, width)) = pair(s).filter(|(_, w)| *w > 0.0) {
+            return Ok(Self::Custom { center, width });
+        }
+        let names: Vec<_> = CT_WINDOWS.iter().map(|w| w.0).collect();
+        Err(format!("unknown window '{s}': use 'file', one of {names:?}, 'CENTER,WIDTH' or 'pct:LO,HI'"))
+    }
+}
+
+/// What `omnirad info` reports for a DICOM file.
+#[derive(Debug, Clone, Serialize)]
+pub struct DicomInfo {
+    pub transfer_syntax_uid: String,
+    pub transfer_syntax: String,
+    pub modality: String,
+    pub body_part: Option<String>,
+    pub rows: u32,
+    pub columns: u32,
+    pub frames: u32,
+    pub samples_per_pixel: u16,
+    pub photometric_interpretation: String,
+    pub bits_allocated: u16,
+    pub bits_stored: u16,
+    pub signed: bool,
+    pub rescale_slope: f64,
+    pub rescale_intercept: f64,
+    pub window: Option<(f64, f64)>,
+}
+
+pub struct DicomFile {
+    path: PathBuf,
+    obj: DefaultDicomObject,
+}
+
+impl DicomFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let obj = OpenFileOptions::new()
+            .open_file(&path)
+            .map_err(|e| DataError::format(&path, "DICOM", e))?;
+        let me = Self { path, obj };
+        if me.obj.element(tags::PIXEL_DATA).is_err() {
+            return Err(DataError::invalid(&me.path, "DICOM file has no pixel data (7FE0,0010)"));
+        }
+        Ok(me)
+    }
+
+    fn str_tag(&self, tag: dicom_core::Tag) -> Option<String> {
+        let v = self.obj.element(tag).ok()?.to_str().ok()?.trim().to_string();
+        (!v.is_empty()).then_some(v)
+    }
+
+    fn f64_tag(&self, tag: dicom_core::Tag) -> Option<f64> {
+        self.obj.element(tag).ok()?.to_multi_float64().ok()?.first().copied()
+    }
+
+    fn int_tag(&self, tag: dicom_core::Tag) -> Option<i64> {
+        self.obj.element(tag).ok()?.to_int::<i64>().ok()
+    }
+
+    pub fn transfer_syntax(&self) -> (String, String) {
+        let uid = self.obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
+        let name = TransferSyntaxRegistry.get(&uid).map(|ts| ts.name().to_string()).unwrap_or_else(|| "unknown".into());
+        (uid, name)
+    }
+
+    pub fn modality(&self) -> Modality {
+        Modality::from_dicom(&self.str_tag(tags::MODALITY).unwrap_or_default())
+    }
+
+    pub fn info(&self) -> DicomInfo {
+        let (uid, name) = self.transfer_syntax();
+        let window = self.f64_tag(tags::WINDOW_CENTER).zip(self.f64_tag(tags::WINDOW_WIDTH));
+        DicomInfo {
+            transfer_syntax_uid: uid,
+            transfer_syntax: name,
+            modality: self.str_tag(tags::MODALITY).unwrap_or_default(),
+            body_part: self.str_tag(tags::BODY_PART_EXAMINED),
+            rows: self.int_tag(tags::ROWS).unwrap_or(0) as u32,
+            columns: self.int_tag(tags::COLUMNS).unwrap_or(0) as u32,
+            frames: self.int_tag(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as u32,
+            samples_per_pixel: self.int_tag(tags::SAMPLES_PER_PIXEL).unwrap_or(1) as u16,
+            photometric_interpretation: self.str_tag(tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default(),
+            bits_allocated: self.int_tag(tags::BITS_ALLOCATED).unwrap_or(0) as u16,
+            bits_stored: self.int_tag(tags::BITS_STORED).unwrap_or(0) as u16,
+            signed: self.int_tag(tags::PIXEL_REPRESENTATION) == Some(1),
+            rescale_slope: self.f64_tag(tags::RESCALE_SLOPE).unwrap_or(1.0),
+            rescale_intercept: self.f64_tag(tags::RESCALE_INTERCEPT).unwrap_or(0.0),
+            window,
+        }
+    }
+
+    /// All frames with the modality LUT applied (HU for CT), [F, C, H, W] as F arrays of
+    /// [C, H, W]; no VOI window and no MONOCHROME1 inversion. YBR is converted to RGB.
+    pub fn modality_frames(&self) -> Result<Vec<Array3<f32>>> {
+        let (uid, ts_name) = self.transfer_syntax();
+        let decodable = TransferSyntaxRegistry.get(&uid).map(|ts| ts.can_decode_all()).unwrap_or(false);
+        if !decodable {
+            return Err(DataError::Unsupported {
+                path: self.path.clone(),
+                what: "transfer syntax (no pure-Rust decoder)",
+                value: format!("{ts_name} ({uid})"),
+            });
+        }
+        let pixels = self.obj.decode_pixel_data().map_err(|e| {
+            DataError::invalid(&self.path, format!("cannot decode pixel data ({ts_name}): {e}"))
+        })?;
+        let (rows, cols) = (pixels.rows() as usize, pixels.columns() as usize);
+        let spp = pixels.samples_per_pixel() as usize;
+        let frames = pixels.number_of_frames().max(1);
+        let pi = pixels.photometric_interpretation().to_string();
+        let opts = ConvertOptions::new()
+            .with_modality_lut(if spp == 1 { ModalityLutOption::Default } else { ModalityLutOption::None })
+            .with_voi_lut(VoiLutOption::Identity);
+        (0..frames)
+            .map(|f| {
+                let v: Vec<f32> = pixels
+                    .to_vec_frame_with_options(f, &opts)
+                    .map_err(|e| DataError::invalid(&self.path, format!("frame {f}: {e}")))?;
+                if v.len() != rows * cols * spp {
+                    return Err(DataError::invalid(
+                        &self.path,
+                        format!("frame {f}: {} values for {rows}x{cols}x{spp}", v.len()),
+                    ));
+                }
+                if v.iter().any(|x| !x.is_finite()) {
+                    return Err(DataError::invalid(&self.path, format!("frame {f}: NaN/Inf pixel values")));
+                }
+                // Interleaved [H, W, C] -> [C, H, W].
+                let mut a = Array3::from_shape_vec((rows, cols, spp), v)
+                    .expect("length checked above")
+                    .permuted_axes([2, 0, 1])
+                    .as_standard_layout()
+                    .to_owned();
+                if spp == 3 && pi.starts_with("YBR_FULL") {
+                    ybr_full_to_rgb(&mut a);
+                }
+                Ok(a)
+            })
+            .collect()
+    }
+
+    /// Every frame as a [0, 1] image: window, then MONOCHROME1 inverted so that bright = dense.
+    pub fn images(&self, window: &Window) -> Result<Vec<Image>> {
+        let info = self.info();
+        let frames = self.modality_frames()?;
+        let n = frames.len();
+        let modality = self.modality();
+        let mono1 = info.photometric_interpretation == "MONOCHROME1";
+        let path = self.path.display().to_string();
+        Ok(frames
+            .into_iter()
+            .enumerate()
+            .map(|(f, mut a)| {
+                let vals = a.as_slice_mut().expect("standard layout");
+                if info.samples_per_pixel == 1 {
+                    match (window, info.window) {
+                        (Window::File, Some((c, w))) => apply_window(vals, c as f32, w as f32),
+                        (Window::File, None) => percentile_normalize(vals, 1.0, 99.0),
+                        (Window::Preset(_, c, w), _) => apply_window(vals, *c, *w),
+                        (Window::Custom { center, width }, _) => apply_window(vals, *center, *width),
+                        (Window::Percentile(lo, hi), _) => percentile_normalize(vals, *lo, *hi),
+                    }
+                    if mono1 {
+                        vals.iter_mut().for_each(|v| *v = 1.0 - *v);
+                    }
+                } else {
+                    let max = if info.bits_stored > 8 { ((1u32 << info.bits_stored) - 1) as f32 } else { 255.0 };
+                    vals.iter_mut().for_each(|v| *v = (*v / max).clamp(0.0, 1.0));
+                }
+                let id = if n > 1 { format!("{path}#{f}") } else { path.clone() };
+                Image {
+                    data: a,
+                    meta: Meta { id, modality, anatomy: info.body_part.clone().map(|s| s.to_lowercase()), labels: vec![] },
+                }
+            })
+            .collect())
+    }
+}
+
+/// YBR_FULL (ITU-R BT.601 full range) to RGB, in place on [3, H, W] 8-bit-range values.
+fn ybr_full_to_rgb(a: &mut Array3<f32>) {
+    let (_, h, w) = a.dim();
+    for i in 0..h {
+        for j in 0..w {
+            let (y, cb, cr) = (a[[0, i, j]], a[[1, i, j]] - 128.0, a[[2, i, j]] - 128.0);
+            a[[0, i, j]] = (y + 1.402 * cr).clamp(0.0, 255.0);
+            a[[1, i, j]] = (y - 0.344136 * cb - 0.714136 * cr).clamp(0.0, 255.0);
+            a[[2, i, j]] = (y + 1.772 * cb).clamp(0.0, 255.0);
+        }
+    }
+}
+
+/// Cheap check used when scanning folders: the "DICM" magic at byte 128.
+pub fn looks_like_dicom(path: &Path) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 132];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut buf)).map(|_| &buf[128..] == b"DICM").unwrap_or(false)
+}

@@ -1,0 +1,59 @@
+//! Batching: items are decoded and preprocessed in parallel (rayon) and batches are produced
+//! one ahead on a background thread, so decoding overlaps with the model's work.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::image::Meta;
+use crate::preprocess::Preprocess;
+use crate::source::{Item, ReadOptions};
+
+/// A batch ready for the model: `data` is [N, C, S, S] row-major.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub data: Vec<f32>,
+    pub shape: [usize; 4],
+    pub metas: Vec<Meta>,
+    /// Items that failed to load: (id, error message).
+    pub failed: Vec<(String, String)>,
+}
+
+/// Loads `items[range]`, keeping every image an item yields (so a batch may exceed the item count).
+pub fn load_batch(items: &[Item], read: &ReadOptions, pre: &Preprocess) -> Batch {
+    let results: Vec<_> = items
+        .par_iter()
+        .map(|it| {
+            it.load(read).map(|imgs| imgs.into_iter().map(|im| (pre.apply(&im), im.meta)).collect::<Vec<_>>()).map_err(|e| (it.id(), e.to_string()))
+        })
+        .collect();
+    let (s, c) = (pre.size, pre.channels);
+    let mut batch = Batch { data: Vec::new(), shape: [0, c, s, s], metas: Vec::new(), failed: Vec::new() };
+    for r in results {
+        match r {
+            Ok(imgs) => {
+                for (a, meta) in imgs {
+                    batch.data.extend(a.iter());
+                    batch.metas.push(meta);
+                }
+            }
+            Err(f) => batch.failed.push(f),
+        }
+    }
+    batch.shape[0] = batch.metas.len();
+    batch
+}
+
+/// Iterates batches of `batch_items` items, prefetching up to `prefetch` batches.
+pub fn batches(items: Arc<Vec<Item>>, batch_items: usize, read: ReadOptions, pre: Preprocess, prefetch: usize) -> Receiver<Batch> {
+    let (tx, rx) = sync_channel(prefetch.max(1));
+    std::thread::spawn(move || {
+        for chunk in items.chunks(batch_items.max(1)) {
+            if tx.send(load_batch(chunk, &read, &pre)).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,270 @@
+//! MedMNIST v2 / MedMNIST+ `.npz` files: `{name}.npz` (28 px) and `{name}_{64,128,224}.npz`,
+//! keys `{train,val,test}_{images,labels}`; 2D grey/RGB and 3D volumes.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use md5::{Digest, Md5};
+use ndarray::{Array2, Array3, ArrayD, Axis, IxDyn};
+use ndarray_npy::NpzReader;
+use serde::Serialize;
+
+use crate::error::{DataError, Result};
+use crate::image::{Image, Meta, Modality};
+
+#[path = "medmnist_table.rs"]
+mod table;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Task {
+    Binary,
+    MultiClass,
+    /// Several independent 0/1 labels per image (ChestMNIST).
+    MultiLabel,
+    /// Ordered classes; MedMNIST evaluates it as multi-class.
+    Ordinal,
+}
+
+/// One row of the official dataset table.
+#[derive(Debug, Clone, Serialize)]
+pub struct MedMnistInfo {
+    pub name: &'static str,
+    pub task: Task,
+    pub channels: usize,
+    pub is_3d: bool,
+    /// Official train / val / test sizes.
+    pub splits: [usize; 3],
+    pub labels: &'static [&'static str],
+    /// (image size, md5 of the official file).
+    pub md5: &'static [(usize, &'static str)],
+    pub modality: Modality,
+}
+
+impl MedMnistInfo {
+    pub fn all() -> &'static [MedMnistInfo] {
+        table::DATASETS
+    }
+    pub fn get(name: &str) -> Option<&'static MedMnistInfo> {
+        table::DATASETS.iter().find(|d| d.name == name)
+    }
+    pub fn num_classes(&self) -> usize {
+        self.labels.len()
+    }
+    pub fn split_size(&self, split: Split) -> usize {
+        self.splits[split as usize]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Split {
+    Train = 0,
+    Val = 1,
+    Test = 2,
+}
+
+impl Split {
+    pub const ALL: [Split; 3] = [Split::Train, Split::Val, Split::Test];
+    pub fn name(self) -> &'static str {
+        ["train", "val", "test"][self as usize]
+    }
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "train" => Ok(Self::Train),
+            "val" | "valid" | "validation" => Ok(Self::Val),
+            "test" => Ok(Self::Test),
+            _ => Err(format!("unknown split '{s}' (train, val, test)")),
+        }
+    }
+}
+
+/// Dataset name and image size from a file name such as `pneumoniamnist_224.npz`.
+pub fn parse_file_name(path: &Path) -> Option<(&'static MedMnistInfo, usize)> {
+    let stem = path.file_stem()?.to_str()?.to_ascii_lowercase();
+    let (name, size) = match stem.rsplit_once('_') {
+        Some((n, s)) if s.parse::<usize>().is_ok() => (n.to_string(), s.parse().ok()?),
+        _ => (stem, 28),
+    };
+    MedMnistInfo::get(&name).map(|i| (i, size))
+}
+
+/// One split of an npz file, checked for consistency.
+#[derive(Debug, Clone)]
+pub struct NpzSplit {
+    pub path: PathBuf,
+    pub split: Split,
+    pub info: Option<&'static MedMnistInfo>,
+    /// [N, H, W], [N, H, W, 3] or, for 3D sets, [N, D, H, W] (uint8).
+    pub images: ArrayD<u8>,
+    /// [N, L]: one column for single-label tasks, L 0/1 columns for multi-label.
+    pub labels: Array2<i64>,
+}
+
+pub(crate) fn read_npz_array<T: ndarray_npy::ReadableElement>(
+    path: &Path,
+    npz: &mut NpzReader<BufReader<File>>,
+    key: &str,
+) -> Result<ArrayD<T>> {
+    npz.by_name::<ndarray::OwnedRepr<T>, IxDyn>(key)
+        .map_err(|e| DataError::invalid(path, format!("array '{key}': {e}")))
+}
+
+/// Integer labels in whichever integer dtype the file uses.
+pub(crate) fn read_int_array(path: &Path, npz: &mut NpzReader<BufReader<File>>, key: &str) -> Result<ArrayD<i64>> {
+    macro_rules! try_dtype {
+        ($($t:ty),*) => {$(
+            if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<$t>, IxDyn>(key) {
+                return Ok(a.mapv(|v| v as i64));
+            }
+        )*};
+    }
+    try_dtype!(u8, i64, i32, u16, i16, u32, i8);
+    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<f32>, IxDyn>(key) {
+        if a.iter().all(|v| v.fract() == 0.0 && v.is_finite()) {
+            return Ok(a.mapv(|v| v as i64));
+        }
+    }
+    Err(DataError::invalid(path, format!("array '{key}' is missing or not an integer array")))
+}
+
+pub(crate) fn open_npz(path: &Path) -> Result<(NpzReader<BufReader<File>>, Vec<String>)> {
+    let f = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut npz = NpzReader::new(BufReader::new(f)).map_err(|e| DataError::format(path, "npz", e))?;
+    let names = npz.names().map_err(|e| DataError::format(path, "npz", e))?;
+    Ok((npz, names))
+}
+
+impl NpzSplit {
+    pub fn load(path: impl AsRef<Path>, split: Split) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let info = parse_file_name(&path).map(|(i, _)| i);
+        let (mut npz, names) = open_npz(&path)?;
+        let (ik, lk) = (format!("{}_images", split.name()), format!("{}_labels", split.name()));
+        for k in [&ik, &lk] {
+            if !names.contains(k) {
+                return Err(DataError::invalid(&path, format!("missing key '{k}' (keys present: {names:?})")));
+            }
+        }
+        let images: ArrayD<u8> = read_npz_array(&path, &mut npz, &ik)?;
+        let raw_labels = read_int_array(&path, &mut npz, &lk)?;
+        let n = images.shape()[0];
+        let labels = match raw_labels.ndim() {
+            1 => raw_labels.insert_axis(Axis(1)),
+            2 => raw_labels,
+            d => return Err(DataError::invalid(&path, format!("'{lk}' has {d} dimensions, expected [N] or [N, L]"))),
+        }
+        .into_dimensionality::<ndarray::Ix2>()
+        .expect("2 axes");
+        if labels.nrows() != n {
+            return Err(DataError::invalid(&path, format!("'{lk}' has {} rows but '{ik}' has {n} images", labels.nrows())));
+        }
+        let nd = images.ndim();
+        let is_3d = info.map(|i| i.is_3d).unwrap_or(false);
+        let ok_shape = if is_3d { nd == 4 } else { nd == 3 || (nd == 4 && images.shape()[3] == 3) };
+        if !ok_shape {
+            return Err(DataError::invalid(&path, format!("'{ik}' has shape {:?}, expected [N,H,W], [N,H,W,3] or (3D) [N,D,H,W]", images.shape())));
+        }
+        if let Some(info) = info {
+            let want_cols = if info.task == Task::MultiLabel { info.num_classes() } else { 1 };
+            if labels.ncols() != want_cols {
+                return Err(DataError::invalid(&path, format!("'{lk}' has {} columns, {} needs {want_cols}", labels.ncols(), info.name)));
+            }
+            let max = if info.task == Task::MultiLabel { 1 } else { info.num_classes() as i64 - 1 };
+            if let Some(bad) = labels.iter().find(|&&v| v < 0 || v > max) {
+                return Err(DataError::invalid(&path, format!("'{lk}' holds label {bad}, outside 0..={max} for {}", info.name)));
+            }
+            let ch = if nd == 4 && !is_3d { 3 } else { 1 };
+            if ch != info.channels {
+                return Err(DataError::invalid(&path, format!("{} has {} channel(s) but '{ik}' has {ch}", info.name, info.channels)));
+            }
+        }
+        Ok(Self { path, split, info, images, labels })
+    }
+
+    pub fn len(&self) -> usize {
+        self.images.shape()[0]
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Image `i` as a [0, 1] 2D sample (2D sets only).
+    pub fn image(&self, i: usize) -> Image {
+        let img = self.images.index_axis(Axis(0), i);
+        let data: Array3<f32> = match img.ndim() {
+            2 => img.mapv(|v| v as f32 / 255.0).into_dimensionality::<ndarray::Ix2>().expect("2D").insert_axis(Axis(0)),
+            _ => img
+                .mapv(|v| v as f32 / 255.0)
+                .into_dimensionality::<ndarray::Ix3>()
+                .expect("HWC")
+                .permuted_axes([2, 0, 1])
+                .as_standard_layout()
+                .to_owned(),
+        };
+        Image { data, meta: self.meta(i) }
+    }
+
+    /// Volume `i` of a 3D set as [D, H, W] in [0, 1].
+    pub fn volume(&self, i: usize) -> Array3<f32> {
+        self.images.index_axis(Axis(0), i).mapv(|v| v as f32 / 255.0).into_dimensionality().expect("3D volume")
+    }
+
+    pub fn meta(&self, i: usize) -> Meta {
+        Meta {
+            id: format!("{}:{}[{i}]", self.path.display(), self.split.name()),
+            modality: self.info.map(|d| d.modality).unwrap_or_default(),
+            anatomy: None,
+            labels: self.labels.row(i).to_vec(),
+        }
+    }
+
+    pub fn images_2d(&self) -> Result<Vec<Image>> {
+        if self.info.map(|i| i.is_3d).unwrap_or(false) {
+            return Err(DataError::invalid(&self.path, "3D MedMNIST volumes: use volume(i), not 2D images"));
+        }
+        Ok((0..self.len()).map(|i| self.image(i)).collect())
+    }
+}
+
+/// Result of `omnirad data verify`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub dataset: Option<String>,
+    pub size: usize,
+    pub md5: String,
+    pub md5_expected: Option<String>,
+    pub md5_ok: Option<bool>,
+    /// (split, found, expected).
+    pub splits: Vec<(String, usize, Option<usize>)>,
+    pub ok: bool,
+}
+
+pub fn file_md5(path: &Path) -> Result<String> {
+    let mut f = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut h = Md5::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| DataError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// Checks a file against the official table: md5 and split sizes (and loads every split).
+pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport> {
+    let path = path.as_ref();
+    let known = parse_file_name(path);
+    let md5 = file_md5(path)?;
+    let md5_expected = known.and_then(|(info, size)| info.md5.iter().find(|(s, _)| *s == size).map(|(_, h)| h.to_string()));
+    let md5_ok = md5_expected.as_ref().map(|e| *e == md5);
+    let mut splits = Vec::new();
+    for s in Split::ALL {
+        let sp = NpzSplit::load(path, s)?;
+        splits.push((s.name().to_string(), sp.len(), known.map(|(i, _)| i.split_size(s))));
+    }
+    let ok = md5_ok.unwrap_or(true) && splits.iter().all(|(_, n, e)| e.map(|e| e == *n).unwrap_or(true));
+    Ok(VerifyReport { dataset: known.map(|(i, _)| i.name.to_string()), size: known.map(|k| k.1).unwrap_or(0), md5, md5_expected, md5_ok, splits, ok })
+}

@@ -1,0 +1,190 @@
+//! NIfTI-1/2 volumes (`.nii`, `.nii.gz`), reoriented to the closest canonical RAS+ voxel order
+//! (as nibabel's `as_closest_canonical`), then cut into 2D slices along a chosen axis.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array3, Array4, ArrayView3, Axis, Ix4};
+use nifti::{IntoNdArray, NiftiObject, ReaderOptions};
+
+use crate::error::{DataError, Result};
+use crate::image::{apply_window, percentiles, Image, Meta, Modality};
+
+/// Slicing axis in RAS+ voxel space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SliceAxis {
+    Sagittal = 0,
+    Coronal = 1,
+    Axial = 2,
+}
+
+impl SliceAxis {
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "sagittal" | "x" | "0" => Ok(Self::Sagittal),
+            "coronal" | "y" | "1" => Ok(Self::Coronal),
+            "axial" | "z" | "2" => Ok(Self::Axial),
+            _ => Err(format!("unknown slice axis '{s}' (axial, coronal, sagittal)")),
+        }
+    }
+    fn name(self) -> &'static str {
+        ["sagittal", "coronal", "axial"][self as usize]
+    }
+}
+
+/// Intensity policy for volumes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum VolumeIntensity {
+    /// Clip to volume-wide percentiles (so slices of one volume stay comparable).
+    Percentile(f32, f32),
+    /// Linear window in the file's units (HU for CT volumes).
+    Window { center: f32, width: f32 },
+}
+
+impl Default for VolumeIntensity {
+    fn default() -> Self {
+        Self::Percentile(0.5, 99.5)
+    }
+}
+
+pub struct NiftiVolume {
+    pub path: PathBuf,
+    /// [X, Y, Z, T] in RAS+ order: index increases toward patient Right, Anterior, Superior.
+    pub data: Array4<f32>,
+    /// Voxel size along X, Y, Z after reorientation.
+    pub spacing: [f32; 3],
+    /// Orientation codes of the file's own voxel axes, e.g. "LAS".
+    pub orientation: String,
+}
+
+impl NiftiVolume {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if is_nifti2(&path) {
+            return Err(DataError::Unsupported { path, what: "NIfTI version", value: "NIfTI-2 (540-byte header); only NIfTI-1 is read".into() });
+        }
+        let obj = ReaderOptions::new().read_file(&path).map_err(|e| DataError::format(&path, "NIfTI", e))?;
+        let header = obj.header().clone();
+        let dims = header.dim().map_err(|e| DataError::format(&path, "NIfTI", e))?.to_vec();
+        if !(3..=4).contains(&dims.len()) {
+            return Err(DataError::Unsupported { path, what: "NIfTI dimensionality", value: format!("{}D (need 3D or 4D)", dims.len()) });
+        }
+        let raw = obj
+            .into_volume()
+            .into_ndarray::<f32>()
+            .map_err(|e| DataError::format(&path, "NIfTI", e))?;
+        let raw = if raw.ndim() == 3 { raw.insert_axis(Axis(3)) } else { raw };
+        let mut data = raw.into_dimensionality::<Ix4>().expect("3D or 4D checked above");
+        if data.iter().any(|v| !v.is_finite()) {
+            return Err(DataError::invalid(&path, "volume contains NaN/Inf voxels"));
+        }
+
+        // Closest canonical orientation: voxel axis i runs mostly along world axis world[i].
+        let affine = header.affine::<f64>();
+        let mut world = [0usize; 3];
+        let mut flip = [false; 3];
+        let mut used = [false; 3];
+        let mut orientation = String::new();
+        for i in 0..3 {
+            let col = [affine[(0, i)], affine[(1, i)], affine[(2, i)]];
+            let j = (0..3)
+                .filter(|j| !used[*j])
+                .max_by(|a, b| col[*a].abs().total_cmp(&col[*b].abs()))
+                .expect("three world axes");
+            used[j] = true;
+            world[i] = j;
+            flip[i] = col[j] < 0.0;
+            orientation.push(["RL", "AP", "SI"][j].as_bytes()[flip[i] as usize] as char);
+        }
+        let pixdim = header.pixdim;
+        let mut spacing = [1.0f32; 3];
+        for i in 0..3 {
+            if flip[i] {
+                data.invert_axis(Axis(i));
+            }
+            spacing[world[i]] = pixdim[i + 1].abs().max(f32::EPSILON);
+        }
+        // Move voxel axis i to position world[i].
+        let mut perm = [0usize; 4];
+        for i in 0..3 {
+            perm[world[i]] = i;
+        }
+        perm[3] = 3;
+        let data = data.permuted_axes(perm).as_standard_layout().to_owned();
+        Ok(Self { path, data, spacing, orientation })
+    }
+
+    pub fn shape(&self) -> [usize; 4] {
+        let s = self.data.shape();
+        [s[0], s[1], s[2], s[3]]
+    }
+
+    /// One 3D time point, [X, Y, Z].
+    pub fn volume(&self, t: usize) -> ArrayView3<'_, f32> {
+        self.data.index_axis(Axis(3), t)
+    }
+
+    /// 2D slices in radiological display convention: rows run from anterior/superior at the
+    /// top, columns from the patient's right on the image's left.
+    /// `time`: which 4D volume (None = all).
+    pub fn slices(&self, axis: SliceAxis, time: Option<usize>, intensity: VolumeIntensity) -> Result<Vec<Image>> {
+        let [_, _, _, nt] = self.shape();
+        let times: Vec<usize> = match time {
+            Some(t) if t >= nt => {
+                return Err(DataError::invalid(&self.path, format!("time index {t} out of range (volume has {nt})")))
+            }
+            Some(t) => vec![t],
+            None => (0..nt).collect(),
+        };
+        let (lo, hi) = match intensity {
+            VolumeIntensity::Percentile(a, b) => percentiles(self.data.as_slice().expect("standard layout"), a, b),
+            VolumeIntensity::Window { .. } => (0.0, 1.0),
+        };
+        let path = self.path.display().to_string();
+        let mut out = Vec::new();
+        for t in times {
+            let vol = self.volume(t);
+            for k in 0..vol.len_of(Axis(axis as usize)) {
+                let s = vol.index_axis(Axis(axis as usize), k);
+                // s is [a, b] with the remaining RAS axes in order; display rows = b reversed,
+                // columns = a reversed (both "higher coordinate first").
+                let (na, nb) = s.dim();
+                let mut img = Array3::<f32>::zeros((1, nb, na));
+                for r in 0..nb {
+                    for c in 0..na {
+                        img[[0, r, c]] = s[[na - 1 - c, nb - 1 - r]];
+                    }
+                }
+                let vals = img.as_slice_mut().expect("standard layout");
+                match intensity {
+                    VolumeIntensity::Percentile(..) => {
+                        let span = (hi - lo).max(f32::EPSILON);
+                        vals.iter_mut().for_each(|v| *v = ((*v - lo) / span).clamp(0.0, 1.0));
+                    }
+                    VolumeIntensity::Window { center, width } => apply_window(vals, center, width),
+                }
+                let tag = if nt > 1 { format!("#t{t}:{}{k}", axis.name()) } else { format!("#{}{k}", axis.name()) };
+                out.push(Image { data: img, meta: Meta { id: format!("{path}{tag}"), modality: Modality::Unknown, ..Default::default() } });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// True for `.nii` and `.nii.gz` paths.
+pub fn is_nifti(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_ascii_lowercase();
+    name.ends_with(".nii") || name.ends_with(".nii.gz")
+}
+
+/// NIfTI-2 files start with sizeof_hdr = 540 (either byte order).
+fn is_nifti2(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(f) = std::fs::File::open(path) else { return false };
+    let mut head = [0u8; 4];
+    let ok = if path.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
+        flate2::read::GzDecoder::new(f).read_exact(&mut head).is_ok()
+    } else {
+        std::io::BufReader::new(f).read_exact(&mut head).is_ok()
+    };
+    ok && (i32::from_le_bytes(head) == 540 || i32::from_be_bytes(head) == 540)
+}

@@ -1,0 +1,145 @@
+mod common;
+use common::{data, tmpdir};
+use ndarray::{Array2, Array3};
+use ndarray_npy::NpzWriter;
+use omnirad_data::medmnist::{verify, MedMnistInfo, NpzSplit, Task};
+use omnirad_data::nifti::{NiftiVolume, SliceAxis, VolumeIntensity};
+use omnirad_data::seg::discover_pairs;
+use omnirad_data::{discover, DataError, ReadOptions, Split};
+
+#[test]
+fn nifti_shapes_and_canonical_orientation() {
+    // Reference values from nibabel 5: as_closest_canonical(img), then sums and voxels.
+    let v = NiftiVolume::open(data("nifti-nibabel/anatomical.nii")).unwrap();
+    assert_eq!(v.orientation, "LAS");
+    assert_eq!(v.shape(), [33, 41, 25, 1]);
+    let vol = v.volume(0);
+    assert_eq!(vol[[0, 0, 0]], 9595.0);
+    assert_eq!(vol.index_axis(ndarray::Axis(0), 0).sum(), 7967483.0);
+    assert_eq!(vol.index_axis(ndarray::Axis(1), 40).sum(), 5626136.0);
+
+    let s = NiftiVolume::open(data("nifti-nibabel/standard.nii.gz")).unwrap();
+    assert_eq!((s.orientation.as_str(), s.shape()), ("RAS", [4, 5, 7, 1]));
+    assert_eq!(s.spacing, [1.0, 3.0, 2.0]);
+    assert_eq!(s.volume(0).index_axis(ndarray::Axis(0), 0).sum(), 1530.0);
+
+    let f = NiftiVolume::open(data("nifti-nibabel/example4d.nii.gz")).unwrap();
+    assert_eq!(f.shape(), [128, 96, 24, 2]);
+    let e = NiftiVolume::open(data("nifti-nibabel/example_nifti2.nii.gz")).err().unwrap().to_string();
+    assert!(e.contains("example_nifti2.nii.gz") && e.contains("NIfTI-2"), "{e}");
+}
+
+#[test]
+fn nifti_slices_along_each_axis() {
+    let v = NiftiVolume::open(data("nifti-nibabel/anatomical.nii")).unwrap();
+    let ax = v.slices(SliceAxis::Axial, None, VolumeIntensity::default()).unwrap();
+    assert_eq!(ax.len(), 25);
+    assert_eq!(ax[0].data.dim(), (1, 41, 33));
+    let cor = v.slices(SliceAxis::Coronal, None, VolumeIntensity::default()).unwrap();
+    assert_eq!((cor.len(), cor[0].data.dim()), (41, (1, 25, 33)));
+    let sag = v.slices(SliceAxis::Sagittal, Some(0), VolumeIntensity::default()).unwrap();
+    assert_eq!((sag.len(), sag[0].data.dim()), (33, (1, 25, 41)));
+    // Display convention: top row is the most anterior voxel row, first column the rightmost.
+    let vol = v.volume(0);
+    let (lo, hi) = omnirad_data::image::percentiles(v.data.as_slice().unwrap(), 0.5, 99.5);
+    let want = ((vol[[32, 40, 10]] - lo) / (hi - lo)).clamp(0.0, 1.0);
+    assert!((ax[10].data[[0, 0, 0]] - want).abs() < 1e-6);
+    assert!(ax.iter().all(|im| im.data.iter().all(|x| (0.0..=1.0).contains(x))));
+    assert!(v.slices(SliceAxis::Axial, Some(3), VolumeIntensity::default()).is_err());
+    let f = NiftiVolume::open(data("nifti-nibabel/functional.nii")).unwrap();
+    assert_eq!(f.slices(SliceAxis::Axial, None, VolumeIntensity::default()).unwrap().len(), 3 * 20);
+}
+
+#[test]
+fn medmnist_md5_and_split_sizes() {
+    for (file, sizes) in [("breastmnist.npz", [546, 78, 156]), ("pneumoniamnist.npz", [4708, 524, 624])] {
+        let r = verify(data(&format!("medmnist/{file}"))).unwrap();
+        assert!(r.ok && r.md5_ok == Some(true), "{r:?}");
+        let found: Vec<usize> = r.splits.iter().map(|s| s.1).collect();
+        assert_eq!(found, sizes);
+    }
+    let s = NpzSplit::load(data("medmnist/breastmnist.npz"), Split::Test).unwrap();
+    assert_eq!(s.info.unwrap().task, Task::Binary);
+    let counts = (0..s.len()).fold([0; 2], |mut c, i| {
+        c[s.labels[[i, 0]] as usize] += 1;
+        c
+    });
+    assert_eq!(counts, [42, 114]);
+    let im = s.image(0);
+    assert_eq!(im.data.dim(), (1, 28, 28));
+    assert_eq!(im.meta.modality, omnirad_data::Modality::US);
+    assert_eq!(MedMnistInfo::all().len(), 18);
+    assert_eq!(MedMnistInfo::get("chestmnist").unwrap().num_classes(), 14);
+}
+
+fn write_npz(path: &std::path::Path, arrays: Vec<(&str, ndarray::ArrayD<u8>)>) {
+    let mut w = NpzWriter::new(std::fs::File::create(path).unwrap());
+    for (k, a) in arrays {
+        w.add_array(k, &a).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn npz_with_missing_keys_or_wrong_labels_is_a_clear_error() {
+    let dir = tmpdir("npz-bad");
+    let imgs = Array3::<u8>::zeros((5, 28, 28)).into_dyn();
+    let p = dir.join("breastmnist.npz");
+    write_npz(&p, vec![("test_images", imgs.clone())]);
+    let e = NpzSplit::load(&p, Split::Test).unwrap_err().to_string();
+    assert!(e.contains("breastmnist.npz") && e.contains("test_labels"), "{e}");
+
+    write_npz(&p, vec![("test_images", imgs.clone()), ("test_labels", Array2::<u8>::zeros((4, 1)).into_dyn())]);
+    let e = NpzSplit::load(&p, Split::Test).unwrap_err().to_string();
+    assert!(e.contains("4 rows") && e.contains("5 images"), "{e}");
+
+    write_npz(&p, vec![("test_images", imgs.clone()), ("test_labels", Array2::<u8>::from_elem((5, 1), 7).into_dyn())]);
+    let e = NpzSplit::load(&p, Split::Test).unwrap_err().to_string();
+    assert!(e.contains("label 7"), "{e}");
+
+    std::fs::write(dir.join("junk.npz"), b"PK not really").unwrap();
+    let e = NpzSplit::load(dir.join("junk.npz"), Split::Test).unwrap_err();
+    assert!(matches!(e, DataError::Format { .. }), "{e}");
+}
+
+#[test]
+fn folders_manifests_and_empty_inputs() {
+    let (items, skipped) = discover(&data("dicom-pydicom"), Split::Test).unwrap();
+    assert_eq!((items.len(), skipped), (29, 0));
+    let (items, _) = discover(&data("drive/training"), Split::Test).unwrap();
+    assert_eq!(items.len(), 60);
+    let img = items[0].load(&ReadOptions::default()).unwrap();
+    assert_eq!(img[0].data.dim(), (1, 584, 565)); // 1st_manual GIF, binary
+
+    let dir = tmpdir("manifest");
+    let csv = dir.join("m.csv");
+    let busi = data("busi-256/benign/benign (1).png");
+    std::fs::write(&csv, format!("path,label,modality\n{},1,US\n", busi.display())).unwrap();
+    let (items, _) = discover(&csv, Split::Test).unwrap();
+    let im = &items[0].load(&ReadOptions::default()).unwrap()[0];
+    assert_eq!((im.meta.labels.clone(), im.meta.modality), (vec![1], omnirad_data::Modality::US));
+    assert_eq!(im.data.dim(), (1, 256, 256));
+
+    std::fs::write(&csv, "path,label\nx.png,abc\n").unwrap();
+    let e = discover(&csv, Split::Test).unwrap_err().to_string();
+    assert!(e.contains("line 2") && e.contains("abc"), "{e}");
+
+    let empty = tmpdir("empty");
+    let e = discover(&empty, Split::Test).unwrap_err();
+    assert!(matches!(e, DataError::Empty { .. }) && e.to_string().contains("no images"), "{e}");
+}
+
+#[test]
+fn segmentation_pairs_for_each_layout() {
+    let drive = discover_pairs(&data("drive/training")).unwrap();
+    assert_eq!(drive.len(), 20);
+    let s = drive[0].load().unwrap();
+    assert_eq!((s.image.channels(), s.mask.dim()), (3, (584, 565)));
+    let fov = s.fov.unwrap();
+    let fg = s.mask.iter().filter(|&&v| v == 1).count() as f64 / s.mask.len() as f64;
+    assert!(fg > 0.05 && fg < 0.2, "vessel fraction {fg}");
+    assert!(fov.iter().filter(|&&v| v).count() < fov.len());
+    assert_eq!(discover_pairs(&data("chasedb1")).unwrap().len(), 28);
+    let busi = discover_pairs(&data("busi-256")).unwrap();
+    assert_eq!(busi.len(), 780);
+}

@@ -1,0 +1,15 @@
+//! Encoders, heads and weight I/O, generic over burn's `Backend`.
+
+pub mod io;
+pub mod vit;
+
+pub use io::{load_model_dir, save_model_dir, ModelConfig, ModelError};
+pub use vit::{Vit, VitConfig, VitOutput};
+
+/// The CPU backend (pure Rust, SIMD + threads).
+pub type Cpu = burn::backend::Flex<f32, i32>;
+/// The NVIDIA backend (CubeCL, kernels JIT-compiled through NVRTC; fusion + autotune).
+#[cfg(feature = "cuda")]
+pub type Cuda = burn::backend::Cuda<f32, i32>;
+/// A backend with gradients, for training.
+pub type Train<B> = burn::backend::Autodiff<B>;

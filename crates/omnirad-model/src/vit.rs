@@ -1,0 +1,348 @@
+//! Vision Transformer (Dosovitskiy et al. 2021) in the DINOv2 / timm layout.
+//!
+//! ```text
+//! x ─ patch_embed ─┬─ [cls | reg… | patches] + pos_embed ─ blocks × depth ─ norm ─┬─ cls token
+//!                  │    (pos_embed is bicubic-resized to the input's patch grid)    └─ patch tokens
+//! block(x) = x + drop_path(ls1 · attn(norm1(x)));  x + drop_path(ls2 · mlp(norm2(x)))
+//! ```
+//! Parameter names follow timm (`patch_embed.proj`, `blocks.{i}.attn.qkv`, `ls1.gamma`, …) so
+//! `model.safetensors` written by [`crate::io`] is readable by timm's `VisionTransformer`.
+//! Registers follow DINOv2-with-registers: they sit between the class token and the patches
+//! and receive no position embedding.
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::gelu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::{attention, interpolate};
+use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
+use burn::tensor::{Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// Architecture of a ViT. Presets: [`VitConfig::preset`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VitConfig {
+    /// Side of the square image the position table was trained for.
+    pub img_size: usize,
+    pub patch_size: usize,
+    pub in_chans: usize,
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    pub mlp_ratio: f64,
+    pub qkv_bias: bool,
+    /// Initial LayerScale value; `None` disables LayerScale (DINO v1, plain timm ViTs).
+    pub layer_scale_init: Option<f64>,
+    /// Register tokens (Darcet et al. 2024); 0 for none.
+    pub num_registers: usize,
+    /// Maximum stochastic-depth rate, increased linearly over the blocks (DINOv2 uses a uniform
+    /// rate; see `drop_path_uniform`).
+    pub drop_path_rate: f64,
+    #[serde(default)]
+    pub drop_path_uniform: bool,
+    pub norm_eps: f64,
+}
+
+/// Named presets, as in timm / DINOv2.
+pub const PRESETS: &[&str] =
+    &["vit_pico", "vit_tiny", "vit_s16", "vit_s14", "vit_b16", "vit_b14", "vit_l14"];
+
+impl VitConfig {
+    fn base(img_size: usize, patch_size: usize, embed_dim: usize, depth: usize, heads: usize) -> Self {
+        Self {
+            img_size,
+            patch_size,
+            in_chans: 3,
+            embed_dim,
+            depth,
+            num_heads: heads,
+            mlp_ratio: 4.0,
+            qkv_bias: true,
+            layer_scale_init: Some(1e-5),
+            num_registers: 0,
+            drop_path_rate: 0.0,
+            drop_path_uniform: false,
+            norm_eps: 1e-6,
+        }
+    }
+
+    /// `vit_pico` is a test/demo size (dim 64, depth 2, 32 px); the others match timm's
+    /// `vit_{tiny,small,base,large}_patch{16,14}` (patch-14 ones at DINOv2's 224 crop).
+    pub fn preset(name: &str) -> Option<Self> {
+        Some(match name {
+            "vit_pico" => Self::base(32, 4, 64, 2, 2),
+            "vit_tiny" => Self::base(224, 16, 192, 12, 3),
+            "vit_s16" => Self::base(224, 16, 384, 12, 6),
+            "vit_s14" => Self::base(224, 14, 384, 12, 6),
+            "vit_b16" => Self::base(224, 16, 768, 12, 12),
+            "vit_b14" => Self::base(224, 14, 768, 12, 12),
+            "vit_l14" => Self::base(224, 14, 1024, 24, 16),
+            _ => return None,
+        })
+    }
+
+    pub fn grid(&self) -> usize {
+        self.img_size / self.patch_size
+    }
+
+    /// Checks the invariants `init` relies on.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.patch_size == 0 || self.img_size % self.patch_size != 0 {
+            return Err(format!("img_size {} is not a multiple of patch_size {}", self.img_size, self.patch_size));
+        }
+        if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+            return Err(format!("embed_dim {} is not divisible by num_heads {}", self.embed_dim, self.num_heads));
+        }
+        if self.depth == 0 || self.in_chans == 0 {
+            return Err("depth and in_chans must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Vit<B> {
+        let d = self.embed_dim;
+        // timm/DINOv2 init: trunc_normal(0.02) for linears and tokens; N(0, 0.02) differs only
+        // beyond 2σ, which matters for neither training nor tests.
+        let w_init = Initializer::Normal { mean: 0.0, std: 0.02 };
+        let token = |shape: [usize; 3]| {
+            Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 0.02), device))
+        };
+        let blocks = (0..self.depth)
+            .map(|i| {
+                let dp = if self.depth > 1 && !self.drop_path_uniform {
+                    self.drop_path_rate * i as f64 / (self.depth - 1) as f64
+                } else {
+                    self.drop_path_rate
+                };
+                let hidden = (d as f64 * self.mlp_ratio) as usize;
+                let ln = || LayerNormConfig::new(d).with_epsilon(self.norm_eps).init(device);
+                let lin = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).with_initializer(w_init.clone()).init(device);
+                let ls = |v: Option<f64>| {
+                    v.map(|v| LayerScale { gamma: Param::from_tensor(Tensor::full([d], v, device)) })
+                };
+                Block {
+                    norm1: ln(),
+                    attn: Attention { qkv: lin(d, 3 * d, self.qkv_bias), proj: lin(d, d, true), num_heads: self.num_heads },
+                    ls1: ls(self.layer_scale_init),
+                    norm2: ln(),
+                    mlp: Mlp { fc1: lin(d, hidden, true), fc2: lin(hidden, d, true) },
+                    ls2: ls(self.layer_scale_init),
+                    drop_path: dp,
+                }
+            })
+            .collect();
+        Vit {
+            patch_embed: PatchEmbed {
+                proj: Conv2dConfig::new([self.in_chans, d], [self.patch_size; 2])
+                    .with_stride([self.patch_size; 2])
+                    .init(device),
+            },
+            cls_token: token([1, 1, d]),
+            reg_token: (self.num_registers > 0).then(|| token([1, self.num_registers, d])),
+            pos_embed: token([1, 1 + self.grid() * self.grid(), d]),
+            mask_token: Param::from_tensor(Tensor::zeros([1, d], device)),
+            blocks,
+            norm: LayerNormConfig::new(d).with_epsilon(self.norm_eps).init(device),
+            patch_size: self.patch_size,
+            num_registers: self.num_registers,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct PatchEmbed<B: Backend> {
+    pub proj: Conv2d<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub qkv: Linear<B>,
+    pub proj: Linear<B>,
+    pub num_heads: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, n, d] = x.dims();
+        let h = self.num_heads;
+        // [B, N, 3D] -> [3, B, H, N, D/H]
+        let qkv = self.qkv.forward(x).reshape([b, n, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
+        let q = qkv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
+        let k = qkv.clone().narrow(0, 1, 1).squeeze_dim::<4>(0);
+        let v = qkv.narrow(0, 2, 1).squeeze_dim::<4>(0);
+        // burn's fused op (flash kernels where the backend has them); scale = 1/sqrt(D/H).
+        let out = attention(q, k, v, None, None, AttentionModuleOptions::default());
+        self.proj.forward(out.swap_dims(1, 2).reshape([b, n, d]))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.fc2.forward(gelu(self.fc1.forward(x)))
+    }
+}
+
+/// Per-channel residual scaling (Touvron et al. 2021, CaiT).
+#[derive(Module, Debug)]
+pub struct LayerScale<B: Backend> {
+    pub gamma: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> LayerScale<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        x * self.gamma.val().unsqueeze::<3>()
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub norm1: LayerNorm<B>,
+    pub attn: Attention<B>,
+    pub ls1: Option<LayerScale<B>>,
+    pub norm2: LayerNorm<B>,
+    pub mlp: Mlp<B>,
+    pub ls2: Option<LayerScale<B>>,
+    pub drop_path: f64,
+}
+
+impl<B: Backend> Block<B> {
+    pub fn forward(&self, x: Tensor<B, 3>, training: bool) -> Tensor<B, 3> {
+        let scale = |ls: &Option<LayerScale<B>>, y| match ls {
+            Some(ls) => ls.forward(y),
+            None => y,
+        };
+        let y = scale(&self.ls1, self.attn.forward(self.norm1.forward(x.clone())));
+        let x = x + self.drop_path(y, training);
+        let y = scale(&self.ls2, self.mlp.forward(self.norm2.forward(x.clone())));
+        x.clone() + self.drop_path(y, training)
+    }
+
+    /// Stochastic depth (Huang et al. 2016): drop the whole residual of a sample with
+    /// probability p, rescale survivors by 1/(1-p).
+    fn drop_path(&self, y: Tensor<B, 3>, training: bool) -> Tensor<B, 3> {
+        if !training || self.drop_path <= 0.0 {
+            return y;
+        }
+        let keep = 1.0 - self.drop_path;
+        let [b, _, _] = y.dims();
+        let mask = Tensor::<B, 3>::random([b, 1, 1], Distribution::Bernoulli(keep), &y.device());
+        y * mask / keep
+    }
+}
+
+/// What the encoder returns for a batch of B images with an h×w patch grid.
+#[derive(Debug, Clone)]
+pub struct VitOutput<B: Backend> {
+    /// Final-norm class token, [B, D].
+    pub cls: Tensor<B, 2>,
+    /// Final-norm patch tokens, [B, h·w, D], row-major over the grid.
+    pub patches: Tensor<B, 3>,
+    /// Final-norm register tokens, [B, R, D], when the model has registers.
+    pub registers: Option<Tensor<B, 3>>,
+    /// Raw outputs of the requested blocks (before the final norm), all tokens, [B, 1+R+h·w, D].
+    pub intermediates: Vec<Tensor<B, 3>>,
+    pub grid: [usize; 2],
+}
+
+#[derive(Module, Debug)]
+pub struct Vit<B: Backend> {
+    pub patch_embed: PatchEmbed<B>,
+    pub cls_token: Param<Tensor<B, 3>>,
+    pub reg_token: Option<Param<Tensor<B, 3>>>,
+    pub pos_embed: Param<Tensor<B, 3>>,
+    /// Replaces masked patch embeddings in iBOT pretraining; unused at inference.
+    pub mask_token: Param<Tensor<B, 2>>,
+    pub blocks: Vec<Block<B>>,
+    pub norm: LayerNorm<B>,
+    pub patch_size: usize,
+    pub num_registers: usize,
+}
+
+impl<B: Backend> Vit<B> {
+    pub fn embed_dim(&self) -> usize {
+        self.cls_token.dims()[2]
+    }
+
+    /// Position table for an h×w grid: the stored table, bicubically resized when the grid
+    /// differs from the one it was trained for (timm `resample_abs_pos_embed`).
+    pub fn pos_embed_for(&self, h: usize, w: usize) -> Tensor<B, 3> {
+        let pos = self.pos_embed.val();
+        let [_, n, d] = pos.dims();
+        let g = ((n - 1) as f64).sqrt().round() as usize;
+        if g * g != n - 1 {
+            // Non-square tables only come from imports; they are checked there.
+            panic!("position table of {} patches is not a square grid", n - 1);
+        }
+        if (h, w) == (g, g) {
+            return pos;
+        }
+        let cls_pos = pos.clone().narrow(1, 0, 1);
+        let grid = pos.narrow(1, 1, n - 1).reshape([1, g, g, d]).permute([0, 3, 1, 2]);
+        let grid = interpolate(grid, [h, w], InterpolateOptions::new(InterpolateMode::Bicubic));
+        let grid = grid.permute([0, 2, 3, 1]).reshape([1, h * w, d]);
+        Tensor::cat(vec![cls_pos, grid], 1)
+    }
+
+    /// Token sequence before the first block: `[cls | registers | patches] + pos` (registers get no
+    /// position). `mask` ([B, h·w], 1 = masked) swaps patch embeddings for the mask token.
+    pub fn prepare_tokens(&self, x: Tensor<B, 4>, mask: Option<Tensor<B, 2>>) -> (Tensor<B, 3>, [usize; 2]) {
+        let [b, _, ih, iw] = x.dims();
+        let (h, w) = (ih / self.patch_size, iw / self.patch_size);
+        let d = self.embed_dim();
+        let patches = self.patch_embed.proj.forward(x).flatten::<3>(2, 3).swap_dims(1, 2);
+        let patches = match mask {
+            Some(m) => {
+                let m = m.unsqueeze_dim::<3>(2);
+                let tok = self.mask_token.val().unsqueeze::<3>();
+                patches.clone() * (m.clone().neg() + 1.0) + tok * m
+            }
+            None => patches,
+        };
+        let cls = self.cls_token.val().expand([b, 1, d]);
+        let x = Tensor::cat(vec![cls, patches], 1) + self.pos_embed_for(h, w);
+        let x = match &self.reg_token {
+            Some(reg) => {
+                let r = self.num_registers;
+                let cls = x.clone().narrow(1, 0, 1);
+                let rest = x.clone().narrow(1, 1, h * w);
+                Tensor::cat(vec![cls, reg.val().expand([b, r, d]), rest], 1)
+            }
+            None => x,
+        };
+        (x, [h, w])
+    }
+
+    /// Full forward. `layers` picks blocks (0-based) whose raw outputs are kept.
+    pub fn forward_features(&self, x: Tensor<B, 4>, mask: Option<Tensor<B, 2>>, layers: &[usize], training: bool) -> VitOutput<B> {
+        let (mut x, grid) = self.prepare_tokens(x, mask);
+        let mut intermediates = Vec::with_capacity(layers.len());
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(x, training);
+            if layers.contains(&i) {
+                intermediates.push(x.clone());
+            }
+        }
+        let x = self.norm.forward(x);
+        let [b, n, d] = x.dims();
+        let r = self.num_registers;
+        VitOutput {
+            cls: x.clone().narrow(1, 0, 1).reshape([b, d]),
+            registers: (r > 0).then(|| x.clone().narrow(1, 1, r)),
+            patches: x.narrow(1, 1 + r, n - 1 - r),
+            intermediates,
+            grid,
+        }
+    }
+
+    /// Inference forward: class tokens [B, D].
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        self.forward_features(x, None, &[], false).cls
+    }
+}
