@@ -4,8 +4,8 @@
 //! f32 channel-first arrays directly; crops and resizes go through fast_image_resize.
 
 use ndarray::{s, Array3, Zip};
-use rand::{Rng, SeedableRng};
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::image::Image;
@@ -62,7 +62,11 @@ impl Augment {
 
     /// DINOv2 local crop.
     pub fn local(size: usize) -> Self {
-        Self { scale: (0.05, 0.32), solarize_p: 0.0, ..Self::global(size) }
+        Self {
+            scale: (0.05, 0.32),
+            solarize_p: 0.0,
+            ..Self::global(size)
+        }
     }
 
     /// Mild fine-tuning recipe (OmniRad: RandomResizedCrop 0.85–1, flip, ±7°).
@@ -90,7 +94,9 @@ impl Augment {
         let (c, h, w) = img.data.dim();
         let crop = random_resized_crop_box(h, w, self.scale, self.ratio, rng);
         let mut a = resize_chw(&img.data, Some(crop), self.size, self.size);
-        let hflip = self.hflip > 0.0 && !img.meta.modality.is_projection_xray() && rng.random_bool(self.hflip);
+        let hflip = self.hflip > 0.0
+            && !img.meta.modality.is_projection_xray()
+            && rng.random_bool(self.hflip);
         if hflip {
             a.invert_axis(ndarray::Axis(2));
         }
@@ -114,7 +120,9 @@ impl Augment {
                 let f = 1.0 + rng.random_range(-self.saturation..=self.saturation);
                 let grey = a.mean_axis(ndarray::Axis(0)).expect("3 channels");
                 for ch in 0..3 {
-                    Zip::from(a.slice_mut(s![ch, .., ..])).and(&grey).for_each(|v, g| *v = (g + (*v - g) * f).clamp(0.0, 1.0));
+                    Zip::from(a.slice_mut(s![ch, .., ..]))
+                        .and(&grey)
+                        .for_each(|v, g| *v = (g + (*v - g) * f).clamp(0.0, 1.0));
                 }
             }
         }
@@ -129,7 +137,10 @@ impl Augment {
         if self.solarize_p > 0.0 && rng.random_bool(self.solarize_p) {
             a.mapv_inplace(|v| if v >= 0.5 { 1.0 - v } else { v });
         }
-        Image { data: a, meta: img.meta.clone() }
+        Image {
+            data: a,
+            meta: img.meta.clone(),
+        }
     }
 }
 
@@ -144,20 +155,32 @@ pub struct MultiCrop {
 
 impl MultiCrop {
     pub fn views(&self, img: &Image, rng: &mut StdRng) -> (Vec<Image>, Vec<Image>) {
-        let g = (0..self.n_global).map(|_| self.global.apply(img, rng)).collect();
-        let l = (0..self.n_local).map(|_| self.local.apply(img, rng)).collect();
+        let g = (0..self.n_global)
+            .map(|_| self.global.apply(img, rng))
+            .collect();
+        let l = (0..self.n_local)
+            .map(|_| self.local.apply(img, rng))
+            .collect();
         (g, l)
     }
 }
 
 /// Per-sample RNG from (seed, epoch, index): the same views whatever the thread schedule.
 pub fn sample_rng(seed: u64, epoch: u64, index: u64) -> StdRng {
-    let mix = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    let mix = seed
+        ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ index.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     StdRng::seed_from_u64(mix)
 }
 
 /// torchvision's RandomResizedCrop box (left, top, width, height): 10 tries, then centre crop.
-pub fn random_resized_crop_box(h: usize, w: usize, scale: (f64, f64), ratio: (f64, f64), rng: &mut StdRng) -> [f64; 4] {
+pub fn random_resized_crop_box(
+    h: usize,
+    w: usize,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut StdRng,
+) -> [f64; 4] {
     let area = (h * w) as f64;
     let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
     for _ in 0..10 {
@@ -179,7 +202,12 @@ pub fn random_resized_crop_box(h: usize, w: usize, scale: (f64, f64), ratio: (f6
     } else {
         (w as f64, h as f64)
     };
-    [((w as f64 - cw) / 2.0).floor(), ((h as f64 - ch) / 2.0).floor(), cw, ch]
+    [
+        ((w as f64 - cw) / 2.0).floor(),
+        ((h as f64 - ch) / 2.0).floor(),
+        cw,
+        ch,
+    ]
 }
 
 fn standard_normal(rng: &mut StdRng) -> f32 {
@@ -219,7 +247,9 @@ pub fn rotate(a: &Array3<f32>, theta: f32) -> Array3<f32> {
 /// Separable Gaussian blur, radius 3σ, edges replicated.
 pub fn gaussian_blur(a: &Array3<f32>, sigma: f32) -> Array3<f32> {
     let r = (3.0 * sigma).ceil().max(1.0) as isize;
-    let k: Vec<f32> = (-r..=r).map(|x| (-(x * x) as f32 / (2.0 * sigma * sigma)).exp()).collect();
+    let k: Vec<f32> = (-r..=r)
+        .map(|x| (-(x * x) as f32 / (2.0 * sigma * sigma)).exp())
+        .collect();
     let sum: f32 = k.iter().sum();
     let k: Vec<f32> = k.iter().map(|v| v / sum).collect();
     let (c, h, w) = a.dim();
@@ -249,7 +279,10 @@ mod tests {
 
     fn ramp() -> Image {
         let data = Array3::from_shape_fn((1, 40, 60), |(_, i, j)| (i * 60 + j) as f32 / 2400.0);
-        Image { data, meta: Meta::default() }
+        Image {
+            data,
+            meta: Meta::default(),
+        }
     }
 
     #[test]
@@ -268,7 +301,8 @@ mod tests {
     fn crop_box_respects_scale_and_bounds() {
         let mut rng = sample_rng(0, 0, 0);
         for _ in 0..200 {
-            let [l, t, w, h] = random_resized_crop_box(100, 80, (0.3, 0.6), (0.75, 1.333), &mut rng);
+            let [l, t, w, h] =
+                random_resized_crop_box(100, 80, (0.3, 0.6), (0.75, 1.333), &mut rng);
             assert!(l >= 0.0 && t >= 0.0 && l + w <= 80.0 && t + h <= 100.0);
             let frac = w * h / 8000.0;
             assert!(frac > 0.25 && frac < 0.65, "area fraction {frac}");
@@ -279,7 +313,16 @@ mod tests {
     fn xray_views_are_never_mirrored() {
         let mut img = ramp();
         img.meta.modality = Modality::CR;
-        let aug = Augment { hflip: 1.0, scale: (1.0, 1.0), ratio: (1.5, 1.5), jitter_p: 0.0, blur_p: 0.0, solarize_p: 0.0, size: 60, ..Augment::global(60) };
+        let aug = Augment {
+            hflip: 1.0,
+            scale: (1.0, 1.0),
+            ratio: (1.5, 1.5),
+            jitter_p: 0.0,
+            blur_p: 0.0,
+            solarize_p: 0.0,
+            size: 60,
+            ..Augment::global(60)
+        };
         let out = aug.apply(&img, &mut sample_rng(0, 0, 0));
         // Left-to-right ramp stays increasing.
         assert!(out.data[[0, 20, 50]] > out.data[[0, 20, 10]]);
@@ -294,12 +337,20 @@ mod tests {
         let b = gaussian_blur(&img.data, 1.5);
         assert!((b.mean().unwrap() - img.data.mean().unwrap()).abs() < 1e-3);
         let r = rotate(&img.data, 0.0);
-        assert!(r.iter().zip(img.data.iter()).all(|(x, y)| (x - y).abs() < 1e-6));
+        assert!(r
+            .iter()
+            .zip(img.data.iter())
+            .all(|(x, y)| (x - y).abs() < 1e-6));
     }
 
     #[test]
     fn multicrop_counts_and_sizes() {
-        let mc = MultiCrop { global: Augment::global(32), n_global: 2, local: Augment::local(16), n_local: 3 };
+        let mc = MultiCrop {
+            global: Augment::global(32),
+            n_global: 2,
+            local: Augment::local(16),
+            n_local: 3,
+        };
         let (g, l) = mc.views(&ramp(), &mut sample_rng(0, 0, 0));
         assert_eq!((g.len(), l.len()), (2, 3));
         assert_eq!(g[0].data.dim(), (1, 32, 32));

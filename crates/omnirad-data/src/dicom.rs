@@ -39,7 +39,10 @@ pub const CT_WINDOWS: &[(&str, f32, f32)] = &[
 
 impl Window {
     pub fn preset(name: &str) -> Option<Self> {
-        CT_WINDOWS.iter().find(|(n, _, _)| *n == name).map(|&(n, c, w)| Self::Preset(n, c, w))
+        CT_WINDOWS
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|&(n, c, w)| Self::Preset(n, c, w))
     }
 
     /// Parses `file`, a preset name, `C,W` (center,width) or `pct:LO,HI`.
@@ -56,14 +59,18 @@ impl Window {
             Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
         };
         if let Some(rest) = s.strip_prefix("pct:") {
-            if let Some((lo, hi)) = pair(rest).filter(|(lo, hi)| 0.0 <= *lo && lo < hi && *hi <= 100.0) {
+            if let Some((lo, hi)) =
+                pair(rest).filter(|(lo, hi)| 0.0 <= *lo && lo < hi && *hi <= 100.0)
+            {
                 return Ok(Self::Percentile(lo, hi));
             }
         } else if let Some((center, width)) = pair(s).filter(|(_, w)| *w > 0.0) {
             return Ok(Self::Custom { center, width });
         }
         let names: Vec<_> = CT_WINDOWS.iter().map(|w| w.0).collect();
-        Err(format!("unknown window '{s}': use 'file', one of {names:?}, 'CENTER,WIDTH' or 'pct:LO,HI'"))
+        Err(format!(
+            "unknown window '{s}': use 'file', one of {names:?}, 'CENTER,WIDTH' or 'pct:LO,HI'"
+        ))
     }
 }
 
@@ -100,18 +107,34 @@ impl DicomFile {
             .map_err(|e| DataError::format(&path, "DICOM", e))?;
         let me = Self { path, obj };
         if me.obj.element(tags::PIXEL_DATA).is_err() {
-            return Err(DataError::invalid(&me.path, "DICOM file has no pixel data (7FE0,0010)"));
+            return Err(DataError::invalid(
+                &me.path,
+                "DICOM file has no pixel data (7FE0,0010)",
+            ));
         }
         Ok(me)
     }
 
     fn str_tag(&self, tag: dicom_core::Tag) -> Option<String> {
-        let v = self.obj.element(tag).ok()?.to_str().ok()?.trim().to_string();
+        let v = self
+            .obj
+            .element(tag)
+            .ok()?
+            .to_str()
+            .ok()?
+            .trim()
+            .to_string();
         (!v.is_empty()).then_some(v)
     }
 
     fn f64_tag(&self, tag: dicom_core::Tag) -> Option<f64> {
-        self.obj.element(tag).ok()?.to_multi_float64().ok()?.first().copied()
+        self.obj
+            .element(tag)
+            .ok()?
+            .to_multi_float64()
+            .ok()?
+            .first()
+            .copied()
     }
 
     fn int_tag(&self, tag: dicom_core::Tag) -> Option<i64> {
@@ -119,8 +142,16 @@ impl DicomFile {
     }
 
     pub fn transfer_syntax(&self) -> (String, String) {
-        let uid = self.obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
-        let name = TransferSyntaxRegistry.get(&uid).map(|ts| ts.name().to_string()).unwrap_or_else(|| "unknown".into());
+        let uid = self
+            .obj
+            .meta()
+            .transfer_syntax()
+            .trim_end_matches('\0')
+            .to_string();
+        let name = TransferSyntaxRegistry
+            .get(&uid)
+            .map(|ts| ts.name().to_string())
+            .unwrap_or_else(|| "unknown".into());
         (uid, name)
     }
 
@@ -130,7 +161,9 @@ impl DicomFile {
 
     pub fn info(&self) -> DicomInfo {
         let (uid, name) = self.transfer_syntax();
-        let window = self.f64_tag(tags::WINDOW_CENTER).zip(self.f64_tag(tags::WINDOW_WIDTH));
+        let window = self
+            .f64_tag(tags::WINDOW_CENTER)
+            .zip(self.f64_tag(tags::WINDOW_WIDTH));
         DicomInfo {
             transfer_syntax_uid: uid,
             transfer_syntax: name,
@@ -140,7 +173,9 @@ impl DicomFile {
             columns: self.int_tag(tags::COLUMNS).unwrap_or(0) as u32,
             frames: self.int_tag(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as u32,
             samples_per_pixel: self.int_tag(tags::SAMPLES_PER_PIXEL).unwrap_or(1) as u16,
-            photometric_interpretation: self.str_tag(tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default(),
+            photometric_interpretation: self
+                .str_tag(tags::PHOTOMETRIC_INTERPRETATION)
+                .unwrap_or_default(),
             bits_allocated: self.int_tag(tags::BITS_ALLOCATED).unwrap_or(0) as u16,
             bits_stored: self.int_tag(tags::BITS_STORED).unwrap_or(0) as u16,
             signed: self.int_tag(tags::PIXEL_REPRESENTATION) == Some(1),
@@ -154,7 +189,10 @@ impl DicomFile {
     /// [C, H, W]; no VOI window and no MONOCHROME1 inversion. YBR is converted to RGB.
     pub fn modality_frames(&self) -> Result<Vec<Array3<f32>>> {
         let (uid, ts_name) = self.transfer_syntax();
-        let decodable = TransferSyntaxRegistry.get(&uid).map(|ts| ts.can_decode_all()).unwrap_or(false);
+        let decodable = TransferSyntaxRegistry
+            .get(&uid)
+            .map(|ts| ts.can_decode_all())
+            .unwrap_or(false);
         if !decodable {
             return Err(DataError::Unsupported {
                 path: self.path.clone(),
@@ -163,14 +201,22 @@ impl DicomFile {
             });
         }
         let pixels = self.obj.decode_pixel_data().map_err(|e| {
-            DataError::invalid(&self.path, format!("cannot decode pixel data ({ts_name}): {e}"))
+            let bits = self.int_tag(tags::BITS_STORED).unwrap_or(0);
+            DataError::invalid(
+                &self.path,
+                format!("cannot decode {bits}-bit pixel data ({ts_name}): {e}"),
+            )
         })?;
         let (rows, cols) = (pixels.rows() as usize, pixels.columns() as usize);
         let spp = pixels.samples_per_pixel() as usize;
         let frames = pixels.number_of_frames().max(1);
         let pi = pixels.photometric_interpretation().to_string();
         let opts = ConvertOptions::new()
-            .with_modality_lut(if spp == 1 { ModalityLutOption::Default } else { ModalityLutOption::None })
+            .with_modality_lut(if spp == 1 {
+                ModalityLutOption::Default
+            } else {
+                ModalityLutOption::None
+            })
             .with_voi_lut(VoiLutOption::Identity);
         (0..frames)
             .map(|f| {
@@ -184,7 +230,10 @@ impl DicomFile {
                     ));
                 }
                 if v.iter().any(|x| !x.is_finite()) {
-                    return Err(DataError::invalid(&self.path, format!("frame {f}: NaN/Inf pixel values")));
+                    return Err(DataError::invalid(
+                        &self.path,
+                        format!("frame {f}: NaN/Inf pixel values"),
+                    ));
                 }
                 // Interleaved [H, W, C] -> [C, H, W].
                 let mut a = Array3::from_shape_vec((rows, cols, spp), v)
@@ -218,20 +267,36 @@ impl DicomFile {
                         (Window::File, Some((c, w))) => apply_window(vals, c as f32, w as f32),
                         (Window::File, None) => percentile_normalize(vals, 1.0, 99.0),
                         (Window::Preset(_, c, w), _) => apply_window(vals, *c, *w),
-                        (Window::Custom { center, width }, _) => apply_window(vals, *center, *width),
+                        (Window::Custom { center, width }, _) => {
+                            apply_window(vals, *center, *width)
+                        }
                         (Window::Percentile(lo, hi), _) => percentile_normalize(vals, *lo, *hi),
                     }
                     if mono1 {
                         vals.iter_mut().for_each(|v| *v = 1.0 - *v);
                     }
                 } else {
-                    let max = if info.bits_stored > 8 { ((1u32 << info.bits_stored) - 1) as f32 } else { 255.0 };
-                    vals.iter_mut().for_each(|v| *v = (*v / max).clamp(0.0, 1.0));
+                    let max = if info.bits_stored > 8 {
+                        ((1u32 << info.bits_stored) - 1) as f32
+                    } else {
+                        255.0
+                    };
+                    vals.iter_mut()
+                        .for_each(|v| *v = (*v / max).clamp(0.0, 1.0));
                 }
-                let id = if n > 1 { format!("{path}#{f}") } else { path.clone() };
+                let id = if n > 1 {
+                    format!("{path}#{f}")
+                } else {
+                    path.clone()
+                };
                 Image {
                     data: a,
-                    meta: Meta { id, modality, anatomy: info.body_part.clone().map(|s| s.to_lowercase()), labels: vec![] },
+                    meta: Meta {
+                        id,
+                        modality,
+                        anatomy: info.body_part.clone().map(|s| s.to_lowercase()),
+                        labels: vec![],
+                    },
                 }
             })
             .collect())
@@ -255,5 +320,8 @@ fn ybr_full_to_rgb(a: &mut Array3<f32>) {
 pub fn looks_like_dicom(path: &Path) -> bool {
     use std::io::Read;
     let mut buf = [0u8; 132];
-    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut buf)).map(|_| &buf[128..] == b"DICM").unwrap_or(false)
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map(|_| &buf[128..] == b"DICM")
+        .unwrap_or(false)
 }

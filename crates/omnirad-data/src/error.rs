@@ -4,11 +4,22 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a readable {format} file: {reason}")]
-    Format { path: PathBuf, format: &'static str, reason: String },
+    Format {
+        path: PathBuf,
+        format: &'static str,
+        reason: String,
+    },
     #[error("{path}: unsupported {what}: {value}")]
-    Unsupported { path: PathBuf, what: &'static str, value: String },
+    Unsupported {
+        path: PathBuf,
+        what: &'static str,
+        value: String,
+    },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("{path}: no images found")]
@@ -19,13 +30,23 @@ pub enum DataError {
 
 impl DataError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn format(path: impl Into<PathBuf>, format: &'static str, reason: impl ToString) -> Self {
-        Self::Format { path: path.into(), format, reason: reason.to_string() }
+        Self::Format {
+            path: path.into(),
+            format,
+            reason: reason.to_string(),
+        }
     }
     pub fn invalid(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
-        Self::Invalid { path: path.into(), reason: reason.to_string() }
+        Self::Invalid {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
     }
 }
 

@@ -123,7 +123,11 @@ pub fn apply_window(values: &mut [f32], center: f32, width: f32) {
     let lo = center - 0.5 - (width - 1.0) / 2.0;
     let span = width - 1.0;
     for v in values {
-        *v = if span <= 0.0 { (*v > center) as u8 as f32 } else { ((*v - lo) / span).clamp(0.0, 1.0) };
+        *v = if span <= 0.0 {
+            (*v > center) as u8 as f32
+        } else {
+            ((*v - lo) / span).clamp(0.0, 1.0)
+        };
     }
 }
 
@@ -132,7 +136,11 @@ pub fn percentile_normalize(values: &mut [f32], lo_pct: f32, hi_pct: f32) {
     let (lo, hi) = percentiles(values, lo_pct, hi_pct);
     let span = (hi - lo).max(f32::EPSILON);
     for v in values.iter_mut() {
-        *v = if v.is_finite() { ((*v - lo) / span).clamp(0.0, 1.0) } else { 0.0 };
+        *v = if v.is_finite() {
+            ((*v - lo) / span).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
     }
 }
 

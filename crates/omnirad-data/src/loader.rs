@@ -16,6 +16,8 @@ pub struct Batch {
     pub data: Vec<f32>,
     pub shape: [usize; 4],
     pub metas: Vec<Meta>,
+    /// How many items this batch was made from.
+    pub items: usize,
     /// Items that failed to load: (id, error message).
     pub failed: Vec<(String, String)>,
 }
@@ -25,11 +27,23 @@ pub fn load_batch(items: &[Item], read: &ReadOptions, pre: &Preprocess) -> Batch
     let results: Vec<_> = items
         .par_iter()
         .map(|it| {
-            it.load(read).map(|imgs| imgs.into_iter().map(|im| (pre.apply(&im), im.meta)).collect::<Vec<_>>()).map_err(|e| (it.id(), e.to_string()))
+            it.load(read)
+                .map(|imgs| {
+                    imgs.into_iter()
+                        .map(|im| (pre.apply(&im), im.meta))
+                        .collect::<Vec<_>>()
+                })
+                .map_err(|e| (it.id(), e.to_string()))
         })
         .collect();
     let (s, c) = (pre.size, pre.channels);
-    let mut batch = Batch { data: Vec::new(), shape: [0, c, s, s], metas: Vec::new(), failed: Vec::new() };
+    let mut batch = Batch {
+        data: Vec::new(),
+        shape: [0, c, s, s],
+        metas: Vec::new(),
+        items: items.len(),
+        failed: Vec::new(),
+    };
     for r in results {
         match r {
             Ok(imgs) => {
@@ -46,7 +60,13 @@ pub fn load_batch(items: &[Item], read: &ReadOptions, pre: &Preprocess) -> Batch
 }
 
 /// Iterates batches of `batch_items` items, prefetching up to `prefetch` batches.
-pub fn batches(items: Arc<Vec<Item>>, batch_items: usize, read: ReadOptions, pre: Preprocess, prefetch: usize) -> Receiver<Batch> {
+pub fn batches(
+    items: Arc<Vec<Item>>,
+    batch_items: usize,
+    read: ReadOptions,
+    pre: Preprocess,
+    prefetch: usize,
+) -> Receiver<Batch> {
     let (tx, rx) = sync_channel(prefetch.max(1));
     std::thread::spawn(move || {
         for chunk in items.chunks(batch_items.max(1)) {

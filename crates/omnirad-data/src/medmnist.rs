@@ -110,7 +110,11 @@ pub(crate) fn read_npz_array<T: ndarray_npy::ReadableElement>(
 }
 
 /// Integer labels in whichever integer dtype the file uses.
-pub(crate) fn read_int_array(path: &Path, npz: &mut NpzReader<BufReader<File>>, key: &str) -> Result<ArrayD<i64>> {
+pub(crate) fn read_int_array(
+    path: &Path,
+    npz: &mut NpzReader<BufReader<File>>,
+    key: &str,
+) -> Result<ArrayD<i64>> {
     macro_rules! try_dtype {
         ($($t:ty),*) => {$(
             if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<$t>, IxDyn>(key) {
@@ -124,12 +128,16 @@ pub(crate) fn read_int_array(path: &Path, npz: &mut NpzReader<BufReader<File>>, 
             return Ok(a.mapv(|v| v as i64));
         }
     }
-    Err(DataError::invalid(path, format!("array '{key}' is missing or not an integer array")))
+    Err(DataError::invalid(
+        path,
+        format!("array '{key}' is missing or not an integer array"),
+    ))
 }
 
 pub(crate) fn open_npz(path: &Path) -> Result<(NpzReader<BufReader<File>>, Vec<String>)> {
     let f = File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut npz = NpzReader::new(BufReader::new(f)).map_err(|e| DataError::format(path, "npz", e))?;
+    let mut npz =
+        NpzReader::new(BufReader::new(f)).map_err(|e| DataError::format(path, "npz", e))?;
     let names = npz.names().map_err(|e| DataError::format(path, "npz", e))?;
     Ok((npz, names))
 }
@@ -139,10 +147,16 @@ impl NpzSplit {
         let path = path.as_ref().to_path_buf();
         let info = parse_file_name(&path).map(|(i, _)| i);
         let (mut npz, names) = open_npz(&path)?;
-        let (ik, lk) = (format!("{}_images", split.name()), format!("{}_labels", split.name()));
+        let (ik, lk) = (
+            format!("{}_images", split.name()),
+            format!("{}_labels", split.name()),
+        );
         for k in [&ik, &lk] {
             if !names.contains(k) {
-                return Err(DataError::invalid(&path, format!("missing key '{k}' (keys present: {names:?})")));
+                return Err(DataError::invalid(
+                    &path,
+                    format!("missing key '{k}' (keys present: {names:?})"),
+                ));
             }
         }
         let images: ArrayD<u8> = read_npz_array(&path, &mut npz, &ik)?;
@@ -151,34 +165,88 @@ impl NpzSplit {
         let labels = match raw_labels.ndim() {
             1 => raw_labels.insert_axis(Axis(1)),
             2 => raw_labels,
-            d => return Err(DataError::invalid(&path, format!("'{lk}' has {d} dimensions, expected [N] or [N, L]"))),
+            d => {
+                return Err(DataError::invalid(
+                    &path,
+                    format!("'{lk}' has {d} dimensions, expected [N] or [N, L]"),
+                ))
+            }
         }
         .into_dimensionality::<ndarray::Ix2>()
         .expect("2 axes");
         if labels.nrows() != n {
-            return Err(DataError::invalid(&path, format!("'{lk}' has {} rows but '{ik}' has {n} images", labels.nrows())));
+            return Err(DataError::invalid(
+                &path,
+                format!(
+                    "'{lk}' has {} rows but '{ik}' has {n} images",
+                    labels.nrows()
+                ),
+            ));
         }
         let nd = images.ndim();
         let is_3d = info.map(|i| i.is_3d).unwrap_or(false);
-        let ok_shape = if is_3d { nd == 4 } else { nd == 3 || (nd == 4 && images.shape()[3] == 3) };
+        let ok_shape = if is_3d {
+            nd == 4
+        } else {
+            nd == 3 || (nd == 4 && images.shape()[3] == 3)
+        };
         if !ok_shape {
-            return Err(DataError::invalid(&path, format!("'{ik}' has shape {:?}, expected [N,H,W], [N,H,W,3] or (3D) [N,D,H,W]", images.shape())));
+            return Err(DataError::invalid(
+                &path,
+                format!(
+                    "'{ik}' has shape {:?}, expected [N,H,W], [N,H,W,3] or (3D) [N,D,H,W]",
+                    images.shape()
+                ),
+            ));
         }
         if let Some(info) = info {
-            let want_cols = if info.task == Task::MultiLabel { info.num_classes() } else { 1 };
+            let want_cols = if info.task == Task::MultiLabel {
+                info.num_classes()
+            } else {
+                1
+            };
             if labels.ncols() != want_cols {
-                return Err(DataError::invalid(&path, format!("'{lk}' has {} columns, {} needs {want_cols}", labels.ncols(), info.name)));
+                return Err(DataError::invalid(
+                    &path,
+                    format!(
+                        "'{lk}' has {} columns, {} needs {want_cols}",
+                        labels.ncols(),
+                        info.name
+                    ),
+                ));
             }
-            let max = if info.task == Task::MultiLabel { 1 } else { info.num_classes() as i64 - 1 };
+            let max = if info.task == Task::MultiLabel {
+                1
+            } else {
+                info.num_classes() as i64 - 1
+            };
             if let Some(bad) = labels.iter().find(|&&v| v < 0 || v > max) {
-                return Err(DataError::invalid(&path, format!("'{lk}' holds label {bad}, outside 0..={max} for {}", info.name)));
+                return Err(DataError::invalid(
+                    &path,
+                    format!(
+                        "'{lk}' holds label {bad}, outside 0..={max} for {}",
+                        info.name
+                    ),
+                ));
             }
             let ch = if nd == 4 && !is_3d { 3 } else { 1 };
             if ch != info.channels {
-                return Err(DataError::invalid(&path, format!("{} has {} channel(s) but '{ik}' has {ch}", info.name, info.channels)));
+                return Err(DataError::invalid(
+                    &path,
+                    format!(
+                        "{} has {} channel(s) but '{ik}' has {ch}",
+                        info.name, info.channels
+                    ),
+                ));
             }
         }
-        Ok(Self { path, split, info, images, labels })
+        Ok(Self {
+            path,
+            split,
+            info,
+            images,
+            labels,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -192,7 +260,11 @@ impl NpzSplit {
     pub fn image(&self, i: usize) -> Image {
         let img = self.images.index_axis(Axis(0), i);
         let data: Array3<f32> = match img.ndim() {
-            2 => img.mapv(|v| v as f32 / 255.0).into_dimensionality::<ndarray::Ix2>().expect("2D").insert_axis(Axis(0)),
+            2 => img
+                .mapv(|v| v as f32 / 255.0)
+                .into_dimensionality::<ndarray::Ix2>()
+                .expect("2D")
+                .insert_axis(Axis(0)),
             _ => img
                 .mapv(|v| v as f32 / 255.0)
                 .into_dimensionality::<ndarray::Ix3>()
@@ -201,12 +273,19 @@ impl NpzSplit {
                 .as_standard_layout()
                 .to_owned(),
         };
-        Image { data, meta: self.meta(i) }
+        Image {
+            data,
+            meta: self.meta(i),
+        }
     }
 
     /// Volume `i` of a 3D set as [D, H, W] in [0, 1].
     pub fn volume(&self, i: usize) -> Array3<f32> {
-        self.images.index_axis(Axis(0), i).mapv(|v| v as f32 / 255.0).into_dimensionality().expect("3D volume")
+        self.images
+            .index_axis(Axis(0), i)
+            .mapv(|v| v as f32 / 255.0)
+            .into_dimensionality()
+            .expect("3D volume")
     }
 
     pub fn meta(&self, i: usize) -> Meta {
@@ -220,7 +299,10 @@ impl NpzSplit {
 
     pub fn images_2d(&self) -> Result<Vec<Image>> {
         if self.info.map(|i| i.is_3d).unwrap_or(false) {
-            return Err(DataError::invalid(&self.path, "3D MedMNIST volumes: use volume(i), not 2D images"));
+            return Err(DataError::invalid(
+                &self.path,
+                "3D MedMNIST volumes: use volume(i), not 2D images",
+            ));
         }
         Ok((0..self.len()).map(|i| self.image(i)).collect())
     }
@@ -258,13 +340,33 @@ pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport> {
     let path = path.as_ref();
     let known = parse_file_name(path);
     let md5 = file_md5(path)?;
-    let md5_expected = known.and_then(|(info, size)| info.md5.iter().find(|(s, _)| *s == size).map(|(_, h)| h.to_string()));
+    let md5_expected = known.and_then(|(info, size)| {
+        info.md5
+            .iter()
+            .find(|(s, _)| *s == size)
+            .map(|(_, h)| h.to_string())
+    });
     let md5_ok = md5_expected.as_ref().map(|e| *e == md5);
     let mut splits = Vec::new();
     for s in Split::ALL {
         let sp = NpzSplit::load(path, s)?;
-        splits.push((s.name().to_string(), sp.len(), known.map(|(i, _)| i.split_size(s))));
+        splits.push((
+            s.name().to_string(),
+            sp.len(),
+            known.map(|(i, _)| i.split_size(s)),
+        ));
     }
-    let ok = md5_ok.unwrap_or(true) && splits.iter().all(|(_, n, e)| e.map(|e| e == *n).unwrap_or(true));
-    Ok(VerifyReport { dataset: known.map(|(i, _)| i.name.to_string()), size: known.map(|k| k.1).unwrap_or(0), md5, md5_expected, md5_ok, splits, ok })
+    let ok = md5_ok.unwrap_or(true)
+        && splits
+            .iter()
+            .all(|(_, n, e)| e.map(|e| e == *n).unwrap_or(true));
+    Ok(VerifyReport {
+        dataset: known.map(|(i, _)| i.name.to_string()),
+        size: known.map(|k| k.1).unwrap_or(0),
+        md5,
+        md5_expected,
+        md5_ok,
+        splits,
+        ok,
+    })
 }

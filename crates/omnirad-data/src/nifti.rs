@@ -23,7 +23,9 @@ impl SliceAxis {
             "sagittal" | "x" | "0" => Ok(Self::Sagittal),
             "coronal" | "y" | "1" => Ok(Self::Coronal),
             "axial" | "z" | "2" => Ok(Self::Axial),
-            _ => Err(format!("unknown slice axis '{s}' (axial, coronal, sagittal)")),
+            _ => Err(format!(
+                "unknown slice axis '{s}' (axial, coronal, sagittal)"
+            )),
         }
     }
     fn name(self) -> &'static str {
@@ -60,20 +62,39 @@ impl NiftiVolume {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if is_nifti2(&path) {
-            return Err(DataError::Unsupported { path, what: "NIfTI version", value: "NIfTI-2 (540-byte header); only NIfTI-1 is read".into() });
+            return Err(DataError::Unsupported {
+                path,
+                what: "NIfTI version",
+                value: "NIfTI-2 (540-byte header); only NIfTI-1 is read".into(),
+            });
         }
-        let obj = ReaderOptions::new().read_file(&path).map_err(|e| DataError::format(&path, "NIfTI", e))?;
+        let obj = ReaderOptions::new()
+            .read_file(&path)
+            .map_err(|e| DataError::format(&path, "NIfTI", e))?;
         let header = obj.header().clone();
-        let dims = header.dim().map_err(|e| DataError::format(&path, "NIfTI", e))?.to_vec();
+        let dims = header
+            .dim()
+            .map_err(|e| DataError::format(&path, "NIfTI", e))?
+            .to_vec();
         if !(3..=4).contains(&dims.len()) {
-            return Err(DataError::Unsupported { path, what: "NIfTI dimensionality", value: format!("{}D (need 3D or 4D)", dims.len()) });
+            return Err(DataError::Unsupported {
+                path,
+                what: "NIfTI dimensionality",
+                value: format!("{}D (need 3D or 4D)", dims.len()),
+            });
         }
         let raw = obj
             .into_volume()
             .into_ndarray::<f32>()
             .map_err(|e| DataError::format(&path, "NIfTI", e))?;
-        let raw = if raw.ndim() == 3 { raw.insert_axis(Axis(3)) } else { raw };
-        let mut data = raw.into_dimensionality::<Ix4>().expect("3D or 4D checked above");
+        let raw = if raw.ndim() == 3 {
+            raw.insert_axis(Axis(3))
+        } else {
+            raw
+        };
+        let mut data = raw
+            .into_dimensionality::<Ix4>()
+            .expect("3D or 4D checked above");
         if data.iter().any(|v| !v.is_finite()) {
             return Err(DataError::invalid(&path, "volume contains NaN/Inf voxels"));
         }
@@ -110,7 +131,12 @@ impl NiftiVolume {
         }
         perm[3] = 3;
         let data = data.permuted_axes(perm).as_standard_layout().to_owned();
-        Ok(Self { path, data, spacing, orientation })
+        Ok(Self {
+            path,
+            data,
+            spacing,
+            orientation,
+        })
     }
 
     pub fn shape(&self) -> [usize; 4] {
@@ -126,17 +152,27 @@ impl NiftiVolume {
     /// 2D slices in radiological display convention: rows run from anterior/superior at the
     /// top, columns from the patient's right on the image's left.
     /// `time`: which 4D volume (None = all).
-    pub fn slices(&self, axis: SliceAxis, time: Option<usize>, intensity: VolumeIntensity) -> Result<Vec<Image>> {
+    pub fn slices(
+        &self,
+        axis: SliceAxis,
+        time: Option<usize>,
+        intensity: VolumeIntensity,
+    ) -> Result<Vec<Image>> {
         let [_, _, _, nt] = self.shape();
         let times: Vec<usize> = match time {
             Some(t) if t >= nt => {
-                return Err(DataError::invalid(&self.path, format!("time index {t} out of range (volume has {nt})")))
+                return Err(DataError::invalid(
+                    &self.path,
+                    format!("time index {t} out of range (volume has {nt})"),
+                ))
             }
             Some(t) => vec![t],
             None => (0..nt).collect(),
         };
         let (lo, hi) = match intensity {
-            VolumeIntensity::Percentile(a, b) => percentiles(self.data.as_slice().expect("standard layout"), a, b),
+            VolumeIntensity::Percentile(a, b) => {
+                percentiles(self.data.as_slice().expect("standard layout"), a, b)
+            }
             VolumeIntensity::Window { .. } => (0.0, 1.0),
         };
         let path = self.path.display().to_string();
@@ -158,12 +194,24 @@ impl NiftiVolume {
                 match intensity {
                     VolumeIntensity::Percentile(..) => {
                         let span = (hi - lo).max(f32::EPSILON);
-                        vals.iter_mut().for_each(|v| *v = ((*v - lo) / span).clamp(0.0, 1.0));
+                        vals.iter_mut()
+                            .for_each(|v| *v = ((*v - lo) / span).clamp(0.0, 1.0));
                     }
                     VolumeIntensity::Window { center, width } => apply_window(vals, center, width),
                 }
-                let tag = if nt > 1 { format!("#t{t}:{}{k}", axis.name()) } else { format!("#{}{k}", axis.name()) };
-                out.push(Image { data: img, meta: Meta { id: format!("{path}{tag}"), modality: Modality::Unknown, ..Default::default() } });
+                let tag = if nt > 1 {
+                    format!("#t{t}:{}{k}", axis.name())
+                } else {
+                    format!("#{}{k}", axis.name())
+                };
+                out.push(Image {
+                    data: img,
+                    meta: Meta {
+                        id: format!("{path}{tag}"),
+                        modality: Modality::Unknown,
+                        ..Default::default()
+                    },
+                });
             }
         }
         Ok(out)
@@ -172,17 +220,25 @@ impl NiftiVolume {
 
 /// True for `.nii` and `.nii.gz` paths.
 pub fn is_nifti(path: &Path) -> bool {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_ascii_lowercase();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     name.ends_with(".nii") || name.ends_with(".nii.gz")
 }
 
 /// NIfTI-2 files start with sizeof_hdr = 540 (either byte order).
 fn is_nifti2(path: &Path) -> bool {
     use std::io::Read;
-    let Ok(f) = std::fs::File::open(path) else { return false };
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
     let mut head = [0u8; 4];
     let ok = if path.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
-        flate2::read::GzDecoder::new(f).read_exact(&mut head).is_ok()
+        flate2::read::GzDecoder::new(f)
+            .read_exact(&mut head)
+            .is_ok()
     } else {
         std::io::BufReader::new(f).read_exact(&mut head).is_ok()
     };

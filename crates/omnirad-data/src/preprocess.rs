@@ -30,7 +30,10 @@ pub enum Normalize {
     Imagenet,
     /// Per-image, per-channel zero mean and unit variance.
     Zscore,
-    Custom { mean: Vec<f32>, std: Vec<f32> },
+    Custom {
+        mean: Vec<f32>,
+        std: Vec<f32>,
+    },
     None,
 }
 
@@ -47,21 +50,39 @@ pub struct Preprocess {
 
 impl Default for Preprocess {
     fn default() -> Self {
-        Self { size: 224, resize: ResizeMode::Stretch, channels: 3, normalize: Normalize::Imagenet }
+        Self {
+            size: 224,
+            resize: ResizeMode::Stretch,
+            channels: 3,
+            normalize: Normalize::Imagenet,
+        }
     }
 }
 
 /// Bicubic (Catmull-Rom, as PIL) resize of one [0,1] plane; SIMD via fast_image_resize.
-pub fn resize_plane(src: &[f32], w: usize, h: usize, crop: Option<[f64; 4]>, dw: usize, dh: usize) -> Vec<f32> {
+pub fn resize_plane(
+    src: &[f32],
+    w: usize,
+    h: usize,
+    crop: Option<[f64; 4]>,
+    dw: usize,
+    dh: usize,
+) -> Vec<f32> {
     let bytes: Vec<u8> = src.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    let src_img = FirImage::from_vec_u8(w as u32, h as u32, bytes, PixelType::F32).expect("buffer matches size");
+    let src_img = FirImage::from_vec_u8(w as u32, h as u32, bytes, PixelType::F32)
+        .expect("buffer matches size");
     let mut dst = FirImage::new(dw as u32, dh as u32, PixelType::F32);
     let mut opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
     if let Some([l, t, cw, ch]) = crop {
         opts = opts.crop(l, t, cw, ch);
     }
-    Resizer::new().resize(&src_img, &mut dst, &opts).expect("same pixel type");
-    dst.buffer().chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]).clamp(0.0, 1.0)).collect()
+    Resizer::new()
+        .resize(&src_img, &mut dst, &opts)
+        .expect("same pixel type");
+    dst.buffer()
+        .chunks_exact(4)
+        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]).clamp(0.0, 1.0))
+        .collect()
 }
 
 /// Resize every channel of a [C, H, W] array, optionally from a crop box (left, top, w, h).
@@ -74,7 +95,8 @@ pub fn resize_chw(a: &Array3<f32>, crop: Option<[f64; 4]>, dw: usize, dh: usize)
     for ch in 0..c {
         let plane = a.slice(s![ch, .., ..]).as_standard_layout().to_owned();
         let r = resize_plane(plane.as_slice().expect("standard"), w, h, crop, dw, dh);
-        out.slice_mut(s![ch, .., ..]).assign(&ndarray::Array2::from_shape_vec((dh, dw), r).expect("size"));
+        out.slice_mut(s![ch, .., ..])
+            .assign(&ndarray::Array2::from_shape_vec((dh, dw), r).expect("size"));
     }
     out
 }
@@ -85,9 +107,15 @@ pub fn to_channels(a: Array3<f32>, channels: usize) -> Array3<f32> {
     match (c, channels) {
         (x, y) if x == y => a,
         (1, n) => ndarray::concatenate(ndarray::Axis(0), &vec![a.view(); n]).expect("same shape"),
-        (_, 1) => a.mean_axis(ndarray::Axis(0)).expect("non-empty").insert_axis(ndarray::Axis(0)),
+        (_, 1) => a
+            .mean_axis(ndarray::Axis(0))
+            .expect("non-empty")
+            .insert_axis(ndarray::Axis(0)),
         (_, n) => {
-            let grey = a.mean_axis(ndarray::Axis(0)).expect("non-empty").insert_axis(ndarray::Axis(0));
+            let grey = a
+                .mean_axis(ndarray::Axis(0))
+                .expect("non-empty")
+                .insert_axis(ndarray::Axis(0));
             ndarray::concatenate(ndarray::Axis(0), &vec![grey.view(); n]).expect("same shape")
         }
     }
@@ -129,7 +157,10 @@ impl Preprocess {
             }
             ResizeMode::Pad => {
                 let scale = n as f64 / h.max(w) as f64;
-                let (nh, nw) = (((h as f64 * scale).round() as usize).clamp(1, n), ((w as f64 * scale).round() as usize).clamp(1, n));
+                let (nh, nw) = (
+                    ((h as f64 * scale).round() as usize).clamp(1, n),
+                    ((w as f64 * scale).round() as usize).clamp(1, n),
+                );
                 let r = resize_chw(&img.data, None, nw, nh);
                 let mut out = Array3::zeros((img.channels(), n, n));
                 let (t, l) = ((n - nh) / 2, (n - nw) / 2);
@@ -150,20 +181,33 @@ mod tests {
 
     fn img(c: usize, h: usize, w: usize) -> Image {
         let data = Array3::from_shape_fn((c, h, w), |(k, i, j)| ((k + i + j) % 7) as f32 / 6.0);
-        Image { data, meta: Meta::default() }
+        Image {
+            data,
+            meta: Meta::default(),
+        }
     }
 
     #[test]
     fn shapes_for_every_mode() {
         for mode in [ResizeMode::Stretch, ResizeMode::Pad, ResizeMode::Crop] {
-            let p = Preprocess { size: 32, resize: mode, channels: 3, normalize: Normalize::None };
+            let p = Preprocess {
+                size: 32,
+                resize: mode,
+                channels: 3,
+                normalize: Normalize::None,
+            };
             assert_eq!(p.apply(&img(1, 20, 50)).dim(), (3, 32, 32));
         }
     }
 
     #[test]
     fn pad_keeps_aspect_and_zero_border() {
-        let p = Preprocess { size: 40, resize: ResizeMode::Pad, channels: 1, normalize: Normalize::None };
+        let p = Preprocess {
+            size: 40,
+            resize: ResizeMode::Pad,
+            channels: 1,
+            normalize: Normalize::None,
+        };
         let mut im = img(1, 10, 40);
         im.data.fill(1.0);
         let out = p.apply(&im);
@@ -175,7 +219,12 @@ mod tests {
 
     #[test]
     fn imagenet_normalisation_values() {
-        let p = Preprocess { size: 4, resize: ResizeMode::Stretch, channels: 3, normalize: Normalize::Imagenet };
+        let p = Preprocess {
+            size: 4,
+            resize: ResizeMode::Stretch,
+            channels: 3,
+            normalize: Normalize::Imagenet,
+        };
         let mut im = img(1, 4, 4);
         im.data.fill(0.5);
         let out = p.apply(&im);
@@ -187,7 +236,12 @@ mod tests {
 
     #[test]
     fn zscore_gives_zero_mean_unit_std() {
-        let p = Preprocess { size: 16, resize: ResizeMode::Stretch, channels: 1, normalize: Normalize::Zscore };
+        let p = Preprocess {
+            size: 16,
+            resize: ResizeMode::Stretch,
+            channels: 1,
+            normalize: Normalize::Zscore,
+        };
         let out = p.apply(&img(1, 16, 16));
         assert!(out.mean().unwrap().abs() < 1e-5);
         assert!((out.std(0.0) - 1.0).abs() < 1e-4);

@@ -28,7 +28,10 @@ pub struct SegPair {
 }
 
 fn stem(p: &Path) -> String {
-    p.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_string()
+    p.file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("")
+        .to_string()
 }
 
 fn files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -54,14 +57,25 @@ pub fn discover_pairs(dir: &Path) -> Result<Vec<SegPair>> {
             let mask = dir.join("1st_manual").join(format!("{id}_manual1.gif"));
             let fov = dir.join("mask").join(format!("{s}_mask.gif"));
             if mask.is_file() {
-                pairs.push(SegPair { image: img, mask, fov: fov.is_file().then_some(fov) });
+                pairs.push(SegPair {
+                    image: img,
+                    mask,
+                    fov: fov.is_file().then_some(fov),
+                });
             }
         }
     } else if images.is_dir() && dir.join("masks").is_dir() {
-        let masks: BTreeMap<String, PathBuf> = files(&dir.join("masks"))?.into_iter().map(|m| (stem(&m), m)).collect();
+        let masks: BTreeMap<String, PathBuf> = files(&dir.join("masks"))?
+            .into_iter()
+            .map(|m| (stem(&m), m))
+            .collect();
         for img in files(&images)? {
             if let Some(m) = masks.get(&stem(&img)) {
-                pairs.push(SegPair { image: img, mask: m.clone(), fov: None });
+                pairs.push(SegPair {
+                    image: img,
+                    mask: m.clone(),
+                    fov: None,
+                });
             }
         }
     } else {
@@ -75,13 +89,20 @@ pub fn discover_pairs(dir: &Path) -> Result<Vec<SegPair>> {
             // BUSI: name.png + name_mask.png; CHASE_DB1: Image_01L.jpg + Image_01L_1stHO.png
             for suffix in ["_mask", "_1stHO"] {
                 if let Some(m) = by_stem.get(&format!("{s}{suffix}")) {
-                    pairs.push(SegPair { image: p.clone(), mask: m.clone(), fov: None });
+                    pairs.push(SegPair {
+                        image: p.clone(),
+                        mask: m.clone(),
+                        fov: None,
+                    });
                     break;
                 }
             }
         }
         // BUSI keeps classes in sub-folders.
-        for sub in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?.filter_map(|e| e.ok().map(|e| e.path())) {
+        for sub in std::fs::read_dir(dir)
+            .map_err(|e| DataError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+        {
             if sub.is_dir() {
                 pairs.extend(discover_pairs(&sub).unwrap_or_default());
             }
@@ -89,7 +110,9 @@ pub fn discover_pairs(dir: &Path) -> Result<Vec<SegPair>> {
         pairs.sort_by(|a, b| a.image.cmp(&b.image));
     }
     if pairs.is_empty() {
-        return Err(DataError::Empty { path: dir.to_path_buf() });
+        return Err(DataError::Empty {
+            path: dir.to_path_buf(),
+        });
     }
     Ok(pairs)
 }
@@ -107,13 +130,23 @@ impl SegPair {
         let mask = read_binary(&self.mask)?;
         let (h, w) = (image.height(), image.width());
         if mask.dim() != (h, w) {
-            return Err(DataError::invalid(&self.mask, format!("mask is {:?} but image {} is {h}x{w}", mask.dim(), self.image.display())));
+            return Err(DataError::invalid(
+                &self.mask,
+                format!(
+                    "mask is {:?} but image {} is {h}x{w}",
+                    mask.dim(),
+                    self.image.display()
+                ),
+            ));
         }
         let fov = match &self.fov {
             Some(f) => {
                 let m = read_binary(f)?;
                 if m.dim() != (h, w) {
-                    return Err(DataError::invalid(f, "field-of-view mask size differs from the image"));
+                    return Err(DataError::invalid(
+                        f,
+                        "field-of-view mask size differs from the image",
+                    ));
                 }
                 Some(m.mapv(|v| v > 0))
             }
@@ -131,39 +164,86 @@ pub fn load_npz_split(path: &Path, split: Split) -> Result<Vec<SegSample>> {
     let find = |words: &[&str]| {
         names.iter().find(|n| {
             let n = n.to_ascii_lowercase();
-            (n.starts_with(sp) || (split == Split::Val && n.starts_with("valid"))) && words.iter().any(|w| n.contains(w))
+            (n.starts_with(sp) || (split == Split::Val && n.starts_with("valid")))
+                && words.iter().any(|w| n.contains(w))
         })
     };
-    let ik = find(&["image", "img"]).ok_or_else(|| DataError::invalid(path, format!("no {sp} image array (keys: {names:?})")))?.clone();
-    let mk = find(&["mask", "label", "seg", "gt"]).ok_or_else(|| DataError::invalid(path, format!("no {sp} mask array (keys: {names:?})")))?.clone();
+    let ik = find(&["image", "img"])
+        .ok_or_else(|| DataError::invalid(path, format!("no {sp} image array (keys: {names:?})")))?
+        .clone();
+    let mk = find(&["mask", "label", "seg", "gt"])
+        .ok_or_else(|| DataError::invalid(path, format!("no {sp} mask array (keys: {names:?})")))?
+        .clone();
     let images: ArrayD<u8> = read_npz_array(path, &mut npz, &ik)?;
     let masks = read_int_array(path, &mut npz, &mk)?;
     let n = images.shape()[0];
     if masks.shape()[0] != n {
-        return Err(DataError::invalid(path, format!("'{mk}' has {} masks but '{ik}' has {n} images", masks.shape()[0])));
+        return Err(DataError::invalid(
+            path,
+            format!(
+                "'{mk}' has {} masks but '{ik}' has {n} images",
+                masks.shape()[0]
+            ),
+        ));
     }
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let img = images.index_axis(Axis(0), i).mapv(|v| v as f32 / 255.0);
         let data = match img.ndim() {
-            2 => img.into_dimensionality::<Ix2>().expect("2D").insert_axis(Axis(0)),
-            3 => img.into_dimensionality::<Ix3>().expect("3D").permuted_axes([2, 0, 1]).as_standard_layout().to_owned(),
-            d => return Err(DataError::invalid(path, format!("'{ik}' images have {d} dimensions"))),
+            2 => img
+                .into_dimensionality::<Ix2>()
+                .expect("2D")
+                .insert_axis(Axis(0)),
+            3 => img
+                .into_dimensionality::<Ix3>()
+                .expect("3D")
+                .permuted_axes([2, 0, 1])
+                .as_standard_layout()
+                .to_owned(),
+            d => {
+                return Err(DataError::invalid(
+                    path,
+                    format!("'{ik}' images have {d} dimensions"),
+                ))
+            }
         };
         let m = masks.index_axis(Axis(0), i).to_owned();
         let m = match m.ndim() {
             2 => m.into_dimensionality::<Ix2>().expect("2D"),
-            3 => m.index_axis(Axis(2), 0).to_owned().into_dimensionality::<Ix2>().expect("2D"),
-            d => return Err(DataError::invalid(path, format!("'{mk}' masks have {d} dimensions"))),
+            3 => m
+                .index_axis(Axis(2), 0)
+                .to_owned()
+                .into_dimensionality::<Ix2>()
+                .expect("2D"),
+            d => {
+                return Err(DataError::invalid(
+                    path,
+                    format!("'{mk}' masks have {d} dimensions"),
+                ))
+            }
         };
         if m.dim() != (data.dim().1, data.dim().2) {
-            return Err(DataError::invalid(path, format!("mask {i} is {:?}, image is {:?}", m.dim(), data.dim())));
+            return Err(DataError::invalid(
+                path,
+                format!("mask {i} is {:?}, image is {:?}", m.dim(), data.dim()),
+            ));
         }
         if let Some(bad) = m.iter().find(|&&v| !(0..=255).contains(&v)) {
-            return Err(DataError::invalid(path, format!("mask {i} holds class {bad}, outside 0..=255")));
+            return Err(DataError::invalid(
+                path,
+                format!("mask {i} holds class {bad}, outside 0..=255"),
+            ));
         }
-        let meta = Meta { id: format!("{}:{sp}[{i}]", path.display()), modality: Modality::Unknown, ..Default::default() };
-        out.push(SegSample { image: Image { data, meta }, mask: m.mapv(|v| v as u8), fov: None });
+        let meta = Meta {
+            id: format!("{}:{sp}[{i}]", path.display()),
+            modality: Modality::Unknown,
+            ..Default::default()
+        };
+        out.push(SegSample {
+            image: Image { data, meta },
+            mask: m.mapv(|v| v as u8),
+            fov: None,
+        });
     }
     Ok(out)
 }

@@ -47,7 +47,11 @@ pub enum FileKind {
 const RASTER: &[&str] = &["png", "jpg", "jpeg", "tif", "tiff", "gif", "bmp"];
 
 pub fn file_kind(path: &Path) -> Option<FileKind> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     match ext.as_str() {
         "dcm" | "dicom" => Some(FileKind::Dicom),
         "npz" => Some(FileKind::Npz),
@@ -63,8 +67,16 @@ pub fn file_kind(path: &Path) -> Option<FileKind> {
 /// A reference to something that loads into one or more images.
 #[derive(Debug, Clone)]
 pub enum Item {
-    File { path: PathBuf, labels: Vec<i64>, modality: Option<Modality>, anatomy: Option<String> },
-    Npz { split: Arc<NpzSplit>, index: usize },
+    File {
+        path: PathBuf,
+        labels: Vec<i64>,
+        modality: Option<Modality>,
+        anatomy: Option<String>,
+    },
+    Npz {
+        split: Arc<NpzSplit>,
+        index: usize,
+    },
 }
 
 impl Item {
@@ -78,12 +90,19 @@ impl Item {
     pub fn load(&self, opts: &ReadOptions) -> Result<Vec<Image>> {
         match self {
             Item::Npz { split, index } => Ok(vec![split.image(*index)]),
-            Item::File { path, labels, modality, anatomy } => {
+            Item::File {
+                path,
+                labels,
+                modality,
+                anatomy,
+            } => {
                 let mut images = match file_kind(path) {
                     Some(FileKind::Dicom) => DicomFile::open(path)?.images(&opts.window)?,
-                    Some(FileKind::Nifti) => {
-                        NiftiVolume::open(path)?.slices(opts.slice_axis, opts.time, opts.volume_intensity)?
-                    }
+                    Some(FileKind::Nifti) => NiftiVolume::open(path)?.slices(
+                        opts.slice_axis,
+                        opts.time,
+                        opts.volume_intensity,
+                    )?,
                     Some(FileKind::Raster) => vec![read_raster(path)?],
                     _ => {
                         return Err(DataError::Unsupported {
@@ -122,23 +141,40 @@ pub fn discover(path: &Path, split: Split) -> Result<(Vec<Item>, usize)> {
         for f in files {
             match file_kind(&f) {
                 Some(FileKind::Dicom | FileKind::Nifti | FileKind::Raster) => {
-                    items.push(Item::File { path: f, labels: vec![], modality: None, anatomy: None })
+                    items.push(Item::File {
+                        path: f,
+                        labels: vec![],
+                        modality: None,
+                        anatomy: None,
+                    })
                 }
                 _ => skipped += 1,
             }
         }
         if items.is_empty() {
-            return Err(DataError::Empty { path: path.to_path_buf() });
+            return Err(DataError::Empty {
+                path: path.to_path_buf(),
+            });
         }
         return Ok((items, skipped));
     }
     let items = match file_kind(path) {
         Some(FileKind::Npz) => {
             let s = Arc::new(NpzSplit::load(path, split)?);
-            (0..s.len()).map(|index| Item::Npz { split: s.clone(), index }).collect()
+            (0..s.len())
+                .map(|index| Item::Npz {
+                    split: s.clone(),
+                    index,
+                })
+                .collect()
         }
         Some(FileKind::Csv) => read_manifest(path)?,
-        Some(_) => vec![Item::File { path: path.to_path_buf(), labels: vec![], modality: None, anatomy: None }],
+        Some(_) => vec![Item::File {
+            path: path.to_path_buf(),
+            labels: vec![],
+            modality: None,
+            anatomy: None,
+        }],
         None => {
             return Err(DataError::Unsupported {
                 path: path.to_path_buf(),
@@ -148,7 +184,9 @@ pub fn discover(path: &Path, split: Split) -> Result<(Vec<Item>, usize)> {
         }
     };
     if items.is_empty() {
-        return Err(DataError::Empty { path: path.to_path_buf() });
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok((items, 0))
 }
@@ -173,24 +211,44 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// `label` may be empty, an integer, or `;`-separated 0/1 flags for multi-label data.
 pub fn read_manifest(path: &Path) -> Result<Vec<Item>> {
     let mut rdr = csv::Reader::from_path(path).map_err(|e| DataError::format(path, "CSV", e))?;
-    let headers = rdr.headers().map_err(|e| DataError::format(path, "CSV", e))?.clone();
-    let col = |name: &str| headers.iter().position(|h| h.trim().eq_ignore_ascii_case(name));
-    let p_col = col("path").ok_or_else(|| DataError::invalid(path, "manifest has no 'path' column"))?;
+    let headers = rdr
+        .headers()
+        .map_err(|e| DataError::format(path, "CSV", e))?
+        .clone();
+    let col = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h.trim().eq_ignore_ascii_case(name))
+    };
+    let p_col =
+        col("path").ok_or_else(|| DataError::invalid(path, "manifest has no 'path' column"))?;
     let (l_col, m_col, a_col) = (col("label"), col("modality"), col("anatomy"));
     let base = path.parent().unwrap_or(Path::new("."));
     let mut items = Vec::new();
     for (i, rec) in rdr.records().enumerate() {
         let line = i + 2;
         let rec = rec.map_err(|e| DataError::invalid(path, format!("line {line}: {e}")))?;
-        let field = |c: Option<usize>| c.and_then(|c| rec.get(c)).map(str::trim).filter(|s| !s.is_empty());
-        let rel = field(Some(p_col)).ok_or_else(|| DataError::invalid(path, format!("line {line}: empty path")))?;
+        let field = |c: Option<usize>| {
+            c.and_then(|c| rec.get(c))
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+        };
+        let rel = field(Some(p_col))
+            .ok_or_else(|| DataError::invalid(path, format!("line {line}: empty path")))?;
         let labels = match field(l_col) {
             None => vec![],
             Some(l) => l
                 .split(';')
                 .map(|v| v.trim().parse::<i64>())
                 .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|_| DataError::invalid(path, format!("line {line}: label '{l}' is not an integer (or ;-separated integers)")))?,
+                .map_err(|_| {
+                    DataError::invalid(
+                        path,
+                        format!(
+                            "line {line}: label '{l}' is not an integer (or ;-separated integers)"
+                        ),
+                    )
+                })?,
         };
         items.push(Item::File {
             path: base.join(rel),
@@ -215,7 +273,10 @@ pub fn read_raster(path: &Path) -> Result<Image> {
     let data = match img.color() {
         C::L8 | C::La8 | C::L16 | C::La16 => {
             let v = img.into_luma16().into_raw();
-            ndarray::Array3::from_shape_vec((1, h, w), v.into_iter().map(|x| x as f32 / 65535.0).collect())
+            ndarray::Array3::from_shape_vec(
+                (1, h, w),
+                v.into_iter().map(|x| x as f32 / 65535.0).collect(),
+            )
         }
         _ => {
             let v = img.into_rgb32f().into_raw();
@@ -229,5 +290,11 @@ pub fn read_raster(path: &Path) -> Result<Image> {
         }
     }
     .expect("decoder returns w*h pixels");
-    Ok(Image { data, meta: Meta { id: path.display().to_string(), ..Default::default() } })
+    Ok(Image {
+        data,
+        meta: Meta {
+            id: path.display().to_string(),
+            ..Default::default()
+        },
+    })
 }

@@ -4,24 +4,36 @@ use omnirad_data::dicom::{DicomFile, Window};
 use omnirad_data::DataError;
 
 fn frames(name: &str) -> Vec<ndarray::Array3<f32>> {
-    DicomFile::open(data(&format!("dicom-pydicom/{name}"))).unwrap().modality_frames().unwrap()
+    DicomFile::open(data(&format!("dicom-pydicom/{name}")))
+        .unwrap()
+        .modality_frames()
+        .unwrap()
 }
 
 #[test]
 fn ct_values_are_hounsfield_units() {
     // Reference statistics computed with pydicom 3.0 (pixel_array * slope + intercept).
     // (file, min, max, fraction of air in (-1100, -900), fraction of soft tissue in [0, 80])
-    for (name, min_ref, max_ref, air_ref, soft_ref) in
-        [("CT_small.dcm", -896.0, 1167.0, 0.0, 0.286499), ("693_UNCR.dcm", -3024.0, 1468.0, 0.431450, 0.216045)]
-    {
+    for (name, min_ref, max_ref, air_ref, soft_ref) in [
+        ("CT_small.dcm", -896.0, 1167.0, 0.0, 0.286499),
+        ("693_UNCR.dcm", -3024.0, 1468.0, 0.431450, 0.216045),
+    ] {
         let f = frames(name);
         let v = f[0].as_slice().unwrap();
         let min = v.iter().cloned().fold(f32::MAX, f32::min);
         let max = v.iter().cloned().fold(f32::MIN, f32::max);
-        let frac = |lo: f32, hi: f32| v.iter().filter(|x| (lo..=hi).contains(*x)).count() as f64 / v.len() as f64;
+        let frac = |lo: f32, hi: f32| {
+            v.iter().filter(|x| (lo..=hi).contains(*x)).count() as f64 / v.len() as f64
+        };
         assert_eq!((min, max), (min_ref, max_ref), "{name}");
-        assert!((frac(-1099.5, -900.5) - air_ref).abs() < 1e-5, "{name}: air fraction");
-        assert!((frac(0.0, 80.0) - soft_ref).abs() < 1e-5, "{name}: soft-tissue fraction");
+        assert!(
+            (frac(-1099.5, -900.5) - air_ref).abs() < 1e-5,
+            "{name}: air fraction"
+        );
+        assert!(
+            (frac(0.0, 80.0) - soft_ref).abs() < 1e-5,
+            "{name}: soft-tissue fraction"
+        );
     }
 }
 
@@ -33,8 +45,15 @@ fn monochrome1_is_inverted_so_dense_is_bright() {
     let img = &file.images(&Window::Percentile(0.0, 100.0)).unwrap()[0];
     let (r, o) = (raw.as_slice().unwrap(), img.data.as_slice().unwrap());
     let n = r.len() as f64;
-    let (mr, mo) = (r.iter().map(|&x| x as f64).sum::<f64>() / n, o.iter().map(|&x| x as f64).sum::<f64>() / n);
-    let cov: f64 = r.iter().zip(o).map(|(&a, &b)| (a as f64 - mr) * (b as f64 - mo)).sum();
+    let (mr, mo) = (
+        r.iter().map(|&x| x as f64).sum::<f64>() / n,
+        o.iter().map(|&x| x as f64).sum::<f64>() / n,
+    );
+    let cov: f64 = r
+        .iter()
+        .zip(o)
+        .map(|(&a, &b)| (a as f64 - mr) * (b as f64 - mo))
+        .sum();
     let vr: f64 = r.iter().map(|&a| (a as f64 - mr).powi(2)).sum();
     let vo: f64 = o.iter().map(|&b| (b as f64 - mo).powi(2)).sum();
     let corr = cov / (vr * vo).sqrt();
@@ -47,8 +66,18 @@ fn lossless_twins_decode_to_identical_pixels() {
         &["693_UNCR.dcm", "693_J2KR.dcm"],
         &["RG3_UNCR.dcm", "RG3_J2KR.dcm"],
         &["MR2_UNCR.dcm", "MR2_J2KR.dcm"],
-        &["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_jp2klossless.dcm"],
-        &["emri_small.dcm", "emri_small_RLE.dcm", "emri_small_jpeg_2k_lossless.dcm"],
+        &[
+            "MR_small.dcm",
+            "MR_small_RLE.dcm",
+            "MR_small_bigendian.dcm",
+            "MR_small_implicit.dcm",
+            "MR_small_jp2klossless.dcm",
+        ],
+        &[
+            "emri_small.dcm",
+            "emri_small_RLE.dcm",
+            "emri_small_jpeg_2k_lossless.dcm",
+        ],
         &["US1_UNCR.dcm", "US1_J2KR.dcm"],
     ];
     for g in groups {
@@ -58,7 +87,11 @@ fn lossless_twins_decode_to_identical_pixels() {
             assert_eq!(f.len(), reference.len(), "{other}: frame count");
             for (a, b) in f.iter().zip(&reference) {
                 assert_eq!(a.dim(), b.dim(), "{other}: shape");
-                let max = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+                let max = a
+                    .iter()
+                    .zip(b.iter())
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f32::max);
                 assert!(max < 1e-3, "{other} differs from {} by up to {max}", g[0]);
             }
         }
@@ -68,22 +101,46 @@ fn lossless_twins_decode_to_identical_pixels() {
 
 #[test]
 fn lossy_jpeg2000_is_close_to_the_original() {
-    for (orig, lossy) in [("RG3_UNCR.dcm", "RG3_J2KI.dcm"), ("693_UNCR.dcm", "693_J2KI.dcm")] {
+    for (orig, lossy) in [
+        ("RG3_UNCR.dcm", "RG3_J2KI.dcm"),
+        ("693_UNCR.dcm", "693_J2KI.dcm"),
+    ] {
         let (a, b) = (&frames(orig)[0], &frames(lossy)[0]);
-        let range = a.iter().cloned().fold(f32::MIN, f32::max) - a.iter().cloned().fold(f32::MAX, f32::min);
-        let mad = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
+        let range =
+            a.iter().cloned().fold(f32::MIN, f32::max) - a.iter().cloned().fold(f32::MAX, f32::min);
+        let mad = a
+            .iter()
+            .zip(b.iter())
+            .map(|(x, y)| (x - y).abs())
+            .sum::<f32>()
+            / a.len() as f32;
         println!("{lossy}: mean abs diff {mad} of range {range}");
-        assert!(mad / range < 0.02, "{lossy}: mean abs diff {mad} vs range {range}");
+        assert!(
+            mad / range < 0.02,
+            "{lossy}: mean abs diff {mad} vs range {range}"
+        );
     }
 }
 
 #[test]
 fn colour_and_window_presets() {
-    let rgb = DicomFile::open(data("dicom-pydicom/SC_rgb_rle.dcm")).unwrap().images(&Window::File).unwrap();
-    let ybr = DicomFile::open(data("dicom-pydicom/SC_rgb_jpeg_dcmtk.dcm")).unwrap().images(&Window::File).unwrap();
+    let rgb = DicomFile::open(data("dicom-pydicom/SC_rgb_rle.dcm"))
+        .unwrap()
+        .images(&Window::File)
+        .unwrap();
+    let ybr = DicomFile::open(data("dicom-pydicom/SC_rgb_jpeg_dcmtk.dcm"))
+        .unwrap()
+        .images(&Window::File)
+        .unwrap();
     assert_eq!(rgb[0].data.dim(), (3, 100, 100));
     assert_eq!(ybr[0].data.dim(), (3, 100, 100));
-    let mad = rgb[0].data.iter().zip(ybr[0].data.iter()).map(|(a, b)| (a - b).abs()).sum::<f32>() / 30000.0;
+    let mad = rgb[0]
+        .data
+        .iter()
+        .zip(ybr[0].data.iter())
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / 30000.0;
     assert!(mad < 0.05, "JPEG YBR and RLE RGB versions differ by {mad}");
 
     let ct = DicomFile::open(data("dicom-pydicom/693_UNCR.dcm")).unwrap();
@@ -97,9 +154,15 @@ fn colour_and_window_presets() {
 
 #[test]
 fn jpeg_ls_without_a_decoder_is_a_clear_error() {
-    let err = DicomFile::open(data("dicom-pydicom/MR_small_jpeg_ls_lossless.dcm")).unwrap().modality_frames().unwrap_err();
+    let err = DicomFile::open(data("dicom-pydicom/MR_small_jpeg_ls_lossless.dcm"))
+        .unwrap()
+        .modality_frames()
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("MR_small_jpeg_ls_lossless.dcm") && msg.contains("JPEG-LS"), "{msg}");
+    assert!(
+        msg.contains("MR_small_jpeg_ls_lossless.dcm") && msg.contains("JPEG-LS"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -115,5 +178,8 @@ fn truncated_and_non_dicom_files_are_clear_errors() {
     let txt = dir.join("notes.dcm");
     std::fs::write(&txt, b"this is not a DICOM file").unwrap();
     let err = DicomFile::open(&txt).err().unwrap();
-    assert!(matches!(err, DataError::Format { .. }) && err.to_string().contains("notes.dcm"), "{err}");
+    assert!(
+        matches!(err, DataError::Format { .. }) && err.to_string().contains("notes.dcm"),
+        "{err}"
+    );
 }

@@ -25,34 +25,58 @@ fn nifti_shapes_and_canonical_orientation() {
 
     let f = NiftiVolume::open(data("nifti-nibabel/example4d.nii.gz")).unwrap();
     assert_eq!(f.shape(), [128, 96, 24, 2]);
-    let e = NiftiVolume::open(data("nifti-nibabel/example_nifti2.nii.gz")).err().unwrap().to_string();
-    assert!(e.contains("example_nifti2.nii.gz") && e.contains("NIfTI-2"), "{e}");
+    let e = NiftiVolume::open(data("nifti-nibabel/example_nifti2.nii.gz"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("example_nifti2.nii.gz") && e.contains("NIfTI-2"),
+        "{e}"
+    );
 }
 
 #[test]
 fn nifti_slices_along_each_axis() {
     let v = NiftiVolume::open(data("nifti-nibabel/anatomical.nii")).unwrap();
-    let ax = v.slices(SliceAxis::Axial, None, VolumeIntensity::default()).unwrap();
+    let ax = v
+        .slices(SliceAxis::Axial, None, VolumeIntensity::default())
+        .unwrap();
     assert_eq!(ax.len(), 25);
     assert_eq!(ax[0].data.dim(), (1, 41, 33));
-    let cor = v.slices(SliceAxis::Coronal, None, VolumeIntensity::default()).unwrap();
+    let cor = v
+        .slices(SliceAxis::Coronal, None, VolumeIntensity::default())
+        .unwrap();
     assert_eq!((cor.len(), cor[0].data.dim()), (41, (1, 25, 33)));
-    let sag = v.slices(SliceAxis::Sagittal, Some(0), VolumeIntensity::default()).unwrap();
+    let sag = v
+        .slices(SliceAxis::Sagittal, Some(0), VolumeIntensity::default())
+        .unwrap();
     assert_eq!((sag.len(), sag[0].data.dim()), (33, (1, 25, 41)));
     // Display convention: top row is the most anterior voxel row, first column the rightmost.
     let vol = v.volume(0);
     let (lo, hi) = omnirad_data::image::percentiles(v.data.as_slice().unwrap(), 0.5, 99.5);
     let want = ((vol[[32, 40, 10]] - lo) / (hi - lo)).clamp(0.0, 1.0);
     assert!((ax[10].data[[0, 0, 0]] - want).abs() < 1e-6);
-    assert!(ax.iter().all(|im| im.data.iter().all(|x| (0.0..=1.0).contains(x))));
-    assert!(v.slices(SliceAxis::Axial, Some(3), VolumeIntensity::default()).is_err());
+    assert!(ax
+        .iter()
+        .all(|im| im.data.iter().all(|x| (0.0..=1.0).contains(x))));
+    assert!(v
+        .slices(SliceAxis::Axial, Some(3), VolumeIntensity::default())
+        .is_err());
     let f = NiftiVolume::open(data("nifti-nibabel/functional.nii")).unwrap();
-    assert_eq!(f.slices(SliceAxis::Axial, None, VolumeIntensity::default()).unwrap().len(), 3 * 20);
+    assert_eq!(
+        f.slices(SliceAxis::Axial, None, VolumeIntensity::default())
+            .unwrap()
+            .len(),
+        3 * 20
+    );
 }
 
 #[test]
 fn medmnist_md5_and_split_sizes() {
-    for (file, sizes) in [("breastmnist.npz", [546, 78, 156]), ("pneumoniamnist.npz", [4708, 524, 624])] {
+    for (file, sizes) in [
+        ("breastmnist.npz", [546, 78, 156]),
+        ("pneumoniamnist.npz", [4708, 524, 624]),
+    ] {
         let r = verify(data(&format!("medmnist/{file}"))).unwrap();
         assert!(r.ok && r.md5_ok == Some(true), "{r:?}");
         let found: Vec<usize> = r.splits.iter().map(|s| s.1).collect();
@@ -87,13 +111,28 @@ fn npz_with_missing_keys_or_wrong_labels_is_a_clear_error() {
     let p = dir.join("breastmnist.npz");
     write_npz(&p, vec![("test_images", imgs.clone())]);
     let e = NpzSplit::load(&p, Split::Test).unwrap_err().to_string();
-    assert!(e.contains("breastmnist.npz") && e.contains("test_labels"), "{e}");
+    assert!(
+        e.contains("breastmnist.npz") && e.contains("test_labels"),
+        "{e}"
+    );
 
-    write_npz(&p, vec![("test_images", imgs.clone()), ("test_labels", Array2::<u8>::zeros((4, 1)).into_dyn())]);
+    write_npz(
+        &p,
+        vec![
+            ("test_images", imgs.clone()),
+            ("test_labels", Array2::<u8>::zeros((4, 1)).into_dyn()),
+        ],
+    );
     let e = NpzSplit::load(&p, Split::Test).unwrap_err().to_string();
     assert!(e.contains("4 rows") && e.contains("5 images"), "{e}");
 
-    write_npz(&p, vec![("test_images", imgs.clone()), ("test_labels", Array2::<u8>::from_elem((5, 1), 7).into_dyn())]);
+    write_npz(
+        &p,
+        vec![
+            ("test_images", imgs.clone()),
+            ("test_labels", Array2::<u8>::from_elem((5, 1), 7).into_dyn()),
+        ],
+    );
     let e = NpzSplit::load(&p, Split::Test).unwrap_err().to_string();
     assert!(e.contains("label 7"), "{e}");
 
@@ -114,10 +153,17 @@ fn folders_manifests_and_empty_inputs() {
     let dir = tmpdir("manifest");
     let csv = dir.join("m.csv");
     let busi = data("busi-256/benign/benign (1).png");
-    std::fs::write(&csv, format!("path,label,modality\n{},1,US\n", busi.display())).unwrap();
+    std::fs::write(
+        &csv,
+        format!("path,label,modality\n{},1,US\n", busi.display()),
+    )
+    .unwrap();
     let (items, _) = discover(&csv, Split::Test).unwrap();
     let im = &items[0].load(&ReadOptions::default()).unwrap()[0];
-    assert_eq!((im.meta.labels.clone(), im.meta.modality), (vec![1], omnirad_data::Modality::US));
+    assert_eq!(
+        (im.meta.labels.clone(), im.meta.modality),
+        (vec![1], omnirad_data::Modality::US)
+    );
     assert_eq!(im.data.dim(), (1, 256, 256));
 
     std::fs::write(&csv, "path,label\nx.png,abc\n").unwrap();
@@ -126,7 +172,10 @@ fn folders_manifests_and_empty_inputs() {
 
     let empty = tmpdir("empty");
     let e = discover(&empty, Split::Test).unwrap_err();
-    assert!(matches!(e, DataError::Empty { .. }) && e.to_string().contains("no images"), "{e}");
+    assert!(
+        matches!(e, DataError::Empty { .. }) && e.to_string().contains("no images"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -142,4 +191,43 @@ fn segmentation_pairs_for_each_layout() {
     assert_eq!(discover_pairs(&data("chasedb1")).unwrap().len(), 28);
     let busi = discover_pairs(&data("busi-256")).unwrap();
     assert_eq!(busi.len(), 780);
+}
+
+#[test]
+fn medsegbench_npz_keys_are_discovered() {
+    let dir = tmpdir("msb");
+    let p = dir.join("busimsbench.npz");
+    let imgs =
+        Array3::<u8>::from_shape_fn((3, 16, 16), |(i, y, x)| (i * 10 + y + x) as u8).into_dyn();
+    let masks = Array3::<u8>::from_shape_fn((3, 16, 16), |(_, y, _)| (y > 8) as u8).into_dyn();
+    write_npz(
+        &p,
+        vec![
+            ("train_images", imgs.clone()),
+            ("train_label", masks.clone()),
+            ("val_images", imgs),
+            ("val_label", masks),
+        ],
+    );
+    let s = omnirad_data::seg::load_npz_split(&p, Split::Val).unwrap();
+    assert_eq!(s.len(), 3);
+    assert_eq!(s[1].mask.iter().filter(|&&v| v == 1).count(), 7 * 16);
+    assert!((s[1].image.data[[0, 2, 3]] - 15.0 / 255.0).abs() < 1e-6);
+    let e = omnirad_data::seg::load_npz_split(&p, Split::Test)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no test image array"), "{e}");
+}
+
+#[test]
+fn sixteen_bit_png_keeps_its_precision() {
+    let dir = tmpdir("png16");
+    let p = dir.join("x.png");
+    let img = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(8, 4, |x, y| {
+        image::Luma([(x * 8000 + y) as u16])
+    });
+    img.save(&p).unwrap();
+    let im = omnirad_data::source::read_raster(&p).unwrap();
+    assert_eq!(im.data.dim(), (1, 4, 8));
+    assert!((im.data[[0, 3, 7]] - 56003.0 / 65535.0).abs() < 1e-7);
 }

@@ -17,7 +17,10 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: invalid model config: {reason}")]
     Config { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
@@ -36,28 +39,58 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn new(vit: VitConfig, preprocess: Preprocess) -> Self {
-        Self { architecture: "vit".into(), vit, preprocess }
+        Self {
+            architecture: "vit".into(),
+            vit,
+            preprocess,
+        }
     }
 
     /// A preset with the default preprocessing at its native size.
     pub fn preset(name: &str) -> Option<Self> {
         let vit = VitConfig::preset(name)?;
-        let preprocess = Preprocess { size: vit.img_size, channels: vit.in_chans, ..Preprocess::default() };
+        let preprocess = Preprocess {
+            size: vit.img_size,
+            channels: vit.in_chans,
+            ..Preprocess::default()
+        };
         Some(Self::new(vit, preprocess))
     }
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path)).map_err(|source| ModelError::Io { path: path.into(), source })
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|source| ModelError::Io {
+            path: path.into(),
+            source,
+        })
 }
 
-pub fn save_model_dir<B: Backend>(model: &Vit<B>, config: &ModelConfig, dir: &Path) -> Result<(), ModelError> {
-    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.into(), source })?;
-    let mut store = SafetensorsStore::from_bytes(None).with_to_adapter(BurnToPyTorchAdapter).skip_enum_variants(true);
+pub fn save_model_dir<B: Backend>(
+    model: &Vit<B>,
+    config: &ModelConfig,
+    dir: &Path,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+        path: dir.into(),
+        source,
+    })?;
+    let mut store = SafetensorsStore::from_bytes(None)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .skip_enum_variants(true);
     let weights = dir.join(WEIGHTS_FILE);
-    model.save_into(&mut store).map_err(|e| ModelError::Weights { path: weights.clone(), reason: e.to_string() })?;
-    let bytes = store.get_bytes().map_err(|e| ModelError::Weights { path: weights.clone(), reason: e.to_string() })?;
+    model
+        .save_into(&mut store)
+        .map_err(|e| ModelError::Weights {
+            path: weights.clone(),
+            reason: e.to_string(),
+        })?;
+    let bytes = store.get_bytes().map_err(|e| ModelError::Weights {
+        path: weights.clone(),
+        reason: e.to_string(),
+    })?;
     write_atomic(&weights, &bytes)?;
     let json = serde_json::to_string_pretty(config).expect("config serialises");
     write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
@@ -65,36 +98,79 @@ pub fn save_model_dir<B: Backend>(model: &Vit<B>, config: &ModelConfig, dir: &Pa
 
 pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelError> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
-    let cfg: ModelConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.clone(), reason: e.to_string() })?;
+    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let cfg: ModelConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     if cfg.architecture != "vit" {
-        return Err(ModelError::Config { path, reason: format!("architecture '{}' is not supported (only 'vit')", cfg.architecture) });
+        return Err(ModelError::Config {
+            path,
+            reason: format!(
+                "architecture '{}' is not supported (only 'vit')",
+                cfg.architecture
+            ),
+        });
     }
-    cfg.vit.validate().map_err(|reason| ModelError::Config { path, reason })?;
+    cfg.vit
+        .validate()
+        .map_err(|reason| ModelError::Config { path, reason })?;
     Ok(cfg)
 }
 
 /// Loads a model directory; every tensor must be present with the right shape.
-pub fn load_model_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Vit<B>, ModelConfig), ModelError> {
+pub fn load_model_dir<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(Vit<B>, ModelConfig), ModelError> {
     let cfg = read_config(dir)?;
     let weights = dir.join(WEIGHTS_FILE);
     if !weights.is_file() {
-        return Err(ModelError::Weights { path: weights, reason: "file not found".into() });
+        return Err(ModelError::Weights {
+            path: weights,
+            reason: "file not found".into(),
+        });
     }
     let mut model = cfg.vit.init::<B>(device);
-    let mut store = SafetensorsStore::from_file(&weights).with_from_adapter(PyTorchToBurnAdapter).skip_enum_variants(true).allow_partial(true);
-    let res = model.load_from(&mut store).map_err(|e| ModelError::Weights { path: weights.clone(), reason: e.to_string() })?;
+    let mut store = SafetensorsStore::from_file(&weights)
+        .with_from_adapter(PyTorchToBurnAdapter)
+        .skip_enum_variants(true)
+        .allow_partial(true);
+    let res = model
+        .load_from(&mut store)
+        .map_err(|e| ModelError::Weights {
+            path: weights.clone(),
+            reason: e.to_string(),
+        })?;
     let mut problems: Vec<String> = res.errors.iter().map(|e| e.to_string()).collect();
-    problems.extend(res.missing.iter().map(|(p, _)| format!("missing tensor '{p}'")));
+    problems.extend(
+        res.missing
+            .iter()
+            .map(|(p, _)| format!("missing tensor '{p}'")),
+    );
     // burn lists norm weights matched through their PyTorch names (weight/bias for gamma/beta)
     // as unused even though they were applied.
     let consumed = |p: &str| {
-        let alt = p.strip_suffix(".weight").map(|s| format!("{s}.gamma")).or_else(|| p.strip_suffix(".bias").map(|s| format!("{s}.beta")));
+        let alt = p
+            .strip_suffix(".weight")
+            .map(|s| format!("{s}.gamma"))
+            .or_else(|| p.strip_suffix(".bias").map(|s| format!("{s}.beta")));
         alt.is_some_and(|a| res.applied.contains(&a))
     };
-    problems.extend(res.unused.iter().filter(|p| !consumed(p)).map(|p| format!("unexpected tensor '{p}'")));
+    problems.extend(
+        res.unused
+            .iter()
+            .filter(|p| !consumed(p))
+            .map(|p| format!("unexpected tensor '{p}'")),
+    );
     if !problems.is_empty() {
-        return Err(ModelError::Weights { path: weights, reason: problems.join("; ") });
+        return Err(ModelError::Weights {
+            path: weights,
+            reason: problems.join("; "),
+        });
     }
     Ok((model, cfg))
 }

@@ -45,11 +45,18 @@ pub struct VitConfig {
 }
 
 /// Named presets, as in timm / DINOv2.
-pub const PRESETS: &[&str] =
-    &["vit_pico", "vit_tiny", "vit_s16", "vit_s14", "vit_b16", "vit_b14", "vit_l14"];
+pub const PRESETS: &[&str] = &[
+    "vit_pico", "vit_tiny", "vit_s16", "vit_s14", "vit_b16", "vit_b14", "vit_l14",
+];
 
 impl VitConfig {
-    fn base(img_size: usize, patch_size: usize, embed_dim: usize, depth: usize, heads: usize) -> Self {
+    fn base(
+        img_size: usize,
+        patch_size: usize,
+        embed_dim: usize,
+        depth: usize,
+        heads: usize,
+    ) -> Self {
         Self {
             img_size,
             patch_size,
@@ -89,10 +96,16 @@ impl VitConfig {
     /// Checks the invariants `init` relies on.
     pub fn validate(&self) -> Result<(), String> {
         if self.patch_size == 0 || self.img_size % self.patch_size != 0 {
-            return Err(format!("img_size {} is not a multiple of patch_size {}", self.img_size, self.patch_size));
+            return Err(format!(
+                "img_size {} is not a multiple of patch_size {}",
+                self.img_size, self.patch_size
+            ));
         }
         if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
-            return Err(format!("embed_dim {} is not divisible by num_heads {}", self.embed_dim, self.num_heads));
+            return Err(format!(
+                "embed_dim {} is not divisible by num_heads {}",
+                self.embed_dim, self.num_heads
+            ));
         }
         if self.depth == 0 || self.in_chans == 0 {
             return Err("depth and in_chans must be positive".into());
@@ -104,9 +117,16 @@ impl VitConfig {
         let d = self.embed_dim;
         // timm/DINOv2 init: trunc_normal(0.02) for linears and tokens; N(0, 0.02) differs only
         // beyond 2σ, which matters for neither training nor tests.
-        let w_init = Initializer::Normal { mean: 0.0, std: 0.02 };
+        let w_init = Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        };
         let token = |shape: [usize; 3]| {
-            Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 0.02), device))
+            Param::from_tensor(Tensor::random(
+                shape,
+                Distribution::Normal(0.0, 0.02),
+                device,
+            ))
         };
         let blocks = (0..self.depth)
             .map(|i| {
@@ -116,17 +136,35 @@ impl VitConfig {
                     self.drop_path_rate
                 };
                 let hidden = (d as f64 * self.mlp_ratio) as usize;
-                let ln = || LayerNormConfig::new(d).with_epsilon(self.norm_eps).init(device);
-                let lin = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).with_initializer(w_init.clone()).init(device);
+                let ln = || {
+                    LayerNormConfig::new(d)
+                        .with_epsilon(self.norm_eps)
+                        .init(device)
+                };
+                let lin = |i, o, bias| {
+                    LinearConfig::new(i, o)
+                        .with_bias(bias)
+                        .with_initializer(w_init.clone())
+                        .init(device)
+                };
                 let ls = |v: Option<f64>| {
-                    v.map(|v| LayerScale { gamma: Param::from_tensor(Tensor::full([d], v, device)) })
+                    v.map(|v| LayerScale {
+                        gamma: Param::from_tensor(Tensor::full([d], v, device)),
+                    })
                 };
                 Block {
                     norm1: ln(),
-                    attn: Attention { qkv: lin(d, 3 * d, self.qkv_bias), proj: lin(d, d, true), num_heads: self.num_heads },
+                    attn: Attention {
+                        qkv: lin(d, 3 * d, self.qkv_bias),
+                        proj: lin(d, d, true),
+                        num_heads: self.num_heads,
+                    },
                     ls1: ls(self.layer_scale_init),
                     norm2: ln(),
-                    mlp: Mlp { fc1: lin(d, hidden, true), fc2: lin(hidden, d, true) },
+                    mlp: Mlp {
+                        fc1: lin(d, hidden, true),
+                        fc2: lin(hidden, d, true),
+                    },
                     ls2: ls(self.layer_scale_init),
                     drop_path: dp,
                 }
@@ -143,7 +181,9 @@ impl VitConfig {
             pos_embed: token([1, 1 + self.grid() * self.grid(), d]),
             mask_token: Param::from_tensor(Tensor::zeros([1, d], device)),
             blocks,
-            norm: LayerNormConfig::new(d).with_epsilon(self.norm_eps).init(device),
+            norm: LayerNormConfig::new(d)
+                .with_epsilon(self.norm_eps)
+                .init(device),
             patch_size: self.patch_size,
             num_registers: self.num_registers,
         }
@@ -167,7 +207,11 @@ impl<B: Backend> Attention<B> {
         let [b, n, d] = x.dims();
         let h = self.num_heads;
         // [B, N, 3D] -> [3, B, H, N, D/H]
-        let qkv = self.qkv.forward(x).reshape([b, n, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([b, n, 3, h, d / h])
+            .permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
         let k = qkv.clone().narrow(0, 1, 1).squeeze_dim::<4>(0);
         let v = qkv.narrow(0, 2, 1).squeeze_dim::<4>(0);
@@ -284,19 +328,35 @@ impl<B: Backend> Vit<B> {
             return pos;
         }
         let cls_pos = pos.clone().narrow(1, 0, 1);
-        let grid = pos.narrow(1, 1, n - 1).reshape([1, g, g, d]).permute([0, 3, 1, 2]);
-        let grid = interpolate(grid, [h, w], InterpolateOptions::new(InterpolateMode::Bicubic));
+        let grid = pos
+            .narrow(1, 1, n - 1)
+            .reshape([1, g, g, d])
+            .permute([0, 3, 1, 2]);
+        let grid = interpolate(
+            grid,
+            [h, w],
+            InterpolateOptions::new(InterpolateMode::Bicubic),
+        );
         let grid = grid.permute([0, 2, 3, 1]).reshape([1, h * w, d]);
         Tensor::cat(vec![cls_pos, grid], 1)
     }
 
     /// Token sequence before the first block: `[cls | registers | patches] + pos` (registers get no
     /// position). `mask` ([B, h·w], 1 = masked) swaps patch embeddings for the mask token.
-    pub fn prepare_tokens(&self, x: Tensor<B, 4>, mask: Option<Tensor<B, 2>>) -> (Tensor<B, 3>, [usize; 2]) {
+    pub fn prepare_tokens(
+        &self,
+        x: Tensor<B, 4>,
+        mask: Option<Tensor<B, 2>>,
+    ) -> (Tensor<B, 3>, [usize; 2]) {
         let [b, _, ih, iw] = x.dims();
         let (h, w) = (ih / self.patch_size, iw / self.patch_size);
         let d = self.embed_dim();
-        let patches = self.patch_embed.proj.forward(x).flatten::<3>(2, 3).swap_dims(1, 2);
+        let patches = self
+            .patch_embed
+            .proj
+            .forward(x)
+            .flatten::<3>(2, 3)
+            .swap_dims(1, 2);
         let patches = match mask {
             Some(m) => {
                 let m = m.unsqueeze_dim::<3>(2);
@@ -320,7 +380,13 @@ impl<B: Backend> Vit<B> {
     }
 
     /// Full forward. `layers` picks blocks (0-based) whose raw outputs are kept.
-    pub fn forward_features(&self, x: Tensor<B, 4>, mask: Option<Tensor<B, 2>>, layers: &[usize], training: bool) -> VitOutput<B> {
+    pub fn forward_features(
+        &self,
+        x: Tensor<B, 4>,
+        mask: Option<Tensor<B, 2>>,
+        layers: &[usize],
+        training: bool,
+    ) -> VitOutput<B> {
         let (mut x, grid) = self.prepare_tokens(x, mask);
         let mut intermediates = Vec::with_capacity(layers.len());
         for (i, block) in self.blocks.iter().enumerate() {

@@ -2,7 +2,11 @@ use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
 use omnirad_model::{load_model_dir, save_model_dir, Cpu, ModelConfig, VitConfig};
 
 fn tiny(registers: usize) -> VitConfig {
-    VitConfig { num_registers: registers, layer_scale_init: Some(0.5), ..VitConfig::preset("vit_pico").unwrap() }
+    VitConfig {
+        num_registers: registers,
+        layer_scale_init: Some(0.5),
+        ..VitConfig::preset("vit_pico").unwrap()
+    }
 }
 
 #[test]
@@ -18,7 +22,10 @@ fn output_shapes_for_several_input_sizes() {
             assert_eq!(out.cls.dims(), [2, 64]);
             assert_eq!(out.patches.dims(), [2, gh * gw, 64]);
             assert_eq!(out.grid, [gh, gw]);
-            assert_eq!(out.registers.as_ref().map(|r| r.dims()), (regs > 0).then_some([2, regs, 64]));
+            assert_eq!(
+                out.registers.as_ref().map(|r| r.dims()),
+                (regs > 0).then_some([2, regs, 64])
+            );
             assert_eq!(out.intermediates.len(), 2);
             assert_eq!(out.intermediates[1].dims(), [2, 1 + regs + gh * gw, 64]);
             let v: Vec<f32> = out.cls.into_data().to_vec().unwrap();
@@ -32,13 +39,19 @@ fn pos_embed_interpolation_is_identity_at_native_size_and_smooth_elsewhere() {
     let dev = Default::default();
     let vit = tiny(0).init::<Cpu>(&dev);
     let native = vit.pos_embed_for(8, 8);
-    native.clone().into_data().assert_eq(&vit.pos_embed.val().into_data(), true);
+    native
+        .clone()
+        .into_data()
+        .assert_eq(&vit.pos_embed.val().into_data(), true);
     // Up-sampling a constant table must give the same constant (bicubic weights sum to 1).
     let mut v2 = tiny(0).init::<Cpu>(&dev);
     v2.pos_embed = burn::module::Param::from_tensor(Tensor::full([1, 65, 64], 0.25, &dev));
     let up = v2.pos_embed_for(12, 10);
     assert_eq!(up.dims(), [1, 121, 64]);
-    up.into_data().assert_approx_eq::<f32>(&TensorData::full([1, 121, 64], 0.25f32), Tolerance::absolute(1e-5));
+    up.into_data().assert_approx_eq::<f32>(
+        &TensorData::full([1, 121, 64], 0.25f32),
+        Tolerance::absolute(1e-5),
+    );
 }
 
 #[test]
@@ -47,12 +60,18 @@ fn class_token_depends_on_the_image() {
     let vit = tiny(0).init::<Cpu>(&dev);
     let a = Tensor::<Cpu, 4>::random([1, 3, 32, 32], Distribution::Normal(0.0, 1.0), &dev);
     let b = Tensor::<Cpu, 4>::random([1, 3, 32, 32], Distribution::Normal(0.0, 1.0), &dev);
-    let d = (vit.forward(a.clone()) - vit.forward(b)).abs().max().into_scalar();
+    let d = (vit.forward(a.clone()) - vit.forward(b))
+        .abs()
+        .max()
+        .into_scalar();
     assert!(d > 1e-3, "different images gave the same embedding");
     // Batch composition must not change a sample's output.
     let one = vit.forward(a.clone());
-    let two = vit.forward(Tensor::cat(vec![a.clone(), a], 0)).narrow(0, 0, 1);
-    one.into_data().assert_approx_eq::<f32>(&two.into_data(), Tolerance::absolute(1e-5));
+    let two = vit
+        .forward(Tensor::cat(vec![a.clone(), a], 0))
+        .narrow(0, 0, 1);
+    one.into_data()
+        .assert_approx_eq::<f32>(&two.into_data(), Tolerance::absolute(1e-5));
 }
 
 #[test]
@@ -65,18 +84,41 @@ fn model_directory_round_trip_and_bad_weights() {
     let (back, cfg2) = load_model_dir::<Cpu>(&dir, &dev).unwrap();
     assert_eq!(cfg, cfg2);
     let x = Tensor::<Cpu, 4>::random([2, 3, 32, 32], Distribution::Normal(0.0, 1.0), &dev);
-    vit.forward(x.clone()).into_data().assert_eq(&back.forward(x).into_data(), true);
+    vit.forward(x.clone())
+        .into_data()
+        .assert_eq(&back.forward(x).into_data(), true);
 
     // timm layout on disk: qkv weight is [3D, D] (PyTorch [out, in]) under timm's key names.
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert_eq!(st.tensor("blocks.0.attn.qkv.weight").unwrap().shape(), &[192, 64]);
-    assert!(st.tensor("blocks.1.ls2.gamma").is_ok() && st.tensor("norm.weight").is_ok() && st.tensor("reg_token").is_ok());
+    assert_eq!(
+        st.tensor("blocks.0.attn.qkv.weight").unwrap().shape(),
+        &[192, 64]
+    );
+    assert!(
+        st.tensor("blocks.1.ls2.gamma").is_ok()
+            && st.tensor("norm.weight").is_ok()
+            && st.tensor("reg_token").is_ok()
+    );
 
     // A config that disagrees with the weights is a clear error naming the tensor.
-    let wrong = ModelConfig::new(VitConfig { embed_dim: 32, num_heads: 2, ..tiny(2) }, Default::default());
-    std::fs::write(dir.join("config.json"), serde_json::to_string(&wrong).unwrap()).unwrap();
+    let wrong = ModelConfig::new(
+        VitConfig {
+            embed_dim: 32,
+            num_heads: 2,
+            ..tiny(2)
+        },
+        Default::default(),
+    );
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&wrong).unwrap(),
+    )
+    .unwrap();
     let err = load_model_dir::<Cpu>(&dir, &dev).unwrap_err().to_string();
-    assert!(err.contains("model.safetensors") && err.contains("cls_token"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("cls_token"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

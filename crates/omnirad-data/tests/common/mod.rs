@@ -7,7 +7,11 @@ pub fn data(rel: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
     let p = root.join(rel);
-    assert!(p.exists(), "test data {} not found (set OMNIRAD_DATA to shared/data)", p.display());
+    assert!(
+        p.exists(),
+        "test data {} not found (set OMNIRAD_DATA to shared/data)",
+        p.display()
+    );
     p
 }
 

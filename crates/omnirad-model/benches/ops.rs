@@ -1,0 +1,50 @@
+//! Per-op CPU timings of one ViT-S/16 block at batch 8 (`cargo bench -p omnirad-model --bench ops`):
+//! tells where CPU inference time goes (see BENCHMARKS.md).
+use burn::nn::{conv::Conv2dConfig, LayerNormConfig, LinearConfig};
+use burn::tensor::{
+    activation::gelu, module::attention, ops::AttentionModuleOptions, Distribution, Tensor,
+};
+use omnirad_model::Cpu;
+use std::time::Instant;
+/// Median-free quick timing: one warm-up call, then the mean of 3.
+fn t<F: FnMut() -> Tensor<Cpu, 4>>(name: &str, mut f: F) {
+    let _ = f().into_data();
+    let s = Instant::now();
+    for _ in 0..3 {
+        let _ = f().into_data();
+    }
+    println!("{name}: {:.1} ms", s.elapsed().as_secs_f64() * 1e3 / 3.0);
+}
+fn main() {
+    let d = Default::default();
+    let x = Tensor::<Cpu, 3>::random([8, 197, 384], Distribution::Normal(0., 1.), &d);
+    let lin = LinearConfig::new(384, 1152).init::<Cpu>(&d);
+    let ln = LayerNormConfig::new(384).init::<Cpu>(&d);
+    let q = Tensor::<Cpu, 4>::random([8, 6, 197, 64], Distribution::Normal(0., 1.), &d);
+    let img = Tensor::<Cpu, 4>::random([8, 3, 224, 224], Distribution::Normal(0., 1.), &d);
+    let conv = Conv2dConfig::new([3, 384], [16, 16])
+        .with_stride([16, 16])
+        .init::<Cpu>(&d);
+    let h = Tensor::<Cpu, 3>::random([8, 197, 1536], Distribution::Normal(0., 1.), &d);
+    t("linear 384->1152", || lin.forward(x.clone()).unsqueeze());
+    t("layernorm", || ln.forward(x.clone()).unsqueeze());
+    t("attention", || {
+        attention(
+            q.clone(),
+            q.clone(),
+            q.clone(),
+            None,
+            None,
+            AttentionModuleOptions::default(),
+        )
+    });
+    t("gelu 1536", || gelu(h.clone()).unsqueeze());
+    t("conv patch", || conv.forward(img.clone()));
+    t("permute+reshape", || {
+        x.clone()
+            .reshape([8, 197, 6, 64])
+            .permute([0, 2, 1, 3])
+            .reshape([8, 6, 197, 64])
+            * 1.0
+    });
+}

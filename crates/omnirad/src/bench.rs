@@ -1,0 +1,173 @@
+//! `omnirad bench`: decode+preprocess throughput and encoder inference throughput.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+use clap::Subcommand;
+use omnirad_data::loader::load_batch;
+use omnirad_data::{discover, Preprocess};
+use serde_json::json;
+
+use crate::device::{parse_device, resolve_model, Device};
+use crate::ReadArgs;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Decode + preprocess images/s over every file under --input (all cores, rayon).
+    Decode {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+        /// Passes over the input (the first also warms the page cache).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Produce two DINOv2-style global training views per image instead of one eval view.
+        #[arg(long)]
+        augment: bool,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Encoder forward images/s on random input (median over steps after warm-up).
+    Embed {
+        #[arg(long, default_value = "vit_s16")]
+        model: String,
+        #[arg(long, default_value_t = 224)]
+        img: usize,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: Device,
+    },
+}
+
+/// Decodes every item and makes two augmented, normalised global views per image; returns the
+/// number of source images.
+fn augmented_views(
+    items: &[omnirad_data::Item],
+    read: &omnirad_data::ReadOptions,
+    pre: &Preprocess,
+) -> usize {
+    use omnirad_data::augment::{sample_rng, Augment};
+    use rayon::prelude::*;
+    let aug = Augment::global(pre.size);
+    items
+        .par_iter()
+        .enumerate()
+        .map(|(i, it)| {
+            let imgs = it.load(read).unwrap_or_default();
+            let mut rng = sample_rng(0, 0, i as u64);
+            for im in &imgs {
+                for _ in 0..2 {
+                    let mut v = omnirad_data::preprocess::to_channels(
+                        aug.apply(im, &mut rng).data,
+                        pre.channels,
+                    );
+                    omnirad_data::preprocess::normalize(&mut v, &pre.normalize);
+                    std::hint::black_box(&v);
+                }
+            }
+            imgs.len()
+        })
+        .sum()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn embed_bench<B: Backend>(
+    model: &str,
+    img: usize,
+    batch: usize,
+    steps: usize,
+    warmup: usize,
+    device: &B::Device,
+) -> Result<serde_json::Value> {
+    let t_start = Instant::now();
+    let (vit, cfg) = resolve_model::<B>(model, device, 0)?;
+    let x = Tensor::<B, 4>::random(
+        [batch, cfg.vit.in_chans, img, img],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let mut first = None;
+    let mut times = Vec::new();
+    for i in 0..warmup + steps {
+        let t = Instant::now();
+        let out = vit.forward(x.clone());
+        let _ = out.into_data(); // forces the device to finish
+        let dt = t.elapsed().as_secs_f64();
+        first.get_or_insert(t_start.elapsed().as_secs_f64());
+        if i >= warmup {
+            times.push(dt);
+        }
+    }
+    let ms = median(times) * 1e3;
+    Ok(
+        json!({ "bench": "embed", "model": model, "img": img, "batch": batch, "ms_per_batch": ms,
+               "img_per_s": batch as f64 / ms * 1e3, "time_to_first_batch_s": first, "threads": rayon::current_num_threads() }),
+    )
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    let v = match cmd {
+        BenchCmd::Decode {
+            input,
+            size,
+            repeat,
+            augment,
+            read,
+        } => {
+            let read = read.options();
+            let (items, _) = discover(&input, read.split)?;
+            let pre = Preprocess {
+                size,
+                ..Preprocess::default()
+            };
+            let mut rates = Vec::new();
+            let mut images = 0;
+            for _ in 0..repeat.max(1) {
+                let t = Instant::now();
+                images = if augment {
+                    augmented_views(&items, &read, &pre)
+                } else {
+                    load_batch(&items, &read, &pre).metas.len()
+                };
+                if images == 0 {
+                    bail!("no readable image under {}", input.display());
+                }
+                rates.push(images as f64 / t.elapsed().as_secs_f64());
+            }
+            json!({ "bench": if augment { "decode+2 global views" } else { "decode+preprocess" }, "input": input, "items": items.len(), "images": images, "size": size,
+                    "img_per_s_median": median(rates), "threads": rayon::current_num_threads() })
+        }
+        BenchCmd::Embed {
+            model,
+            img,
+            batch,
+            steps,
+            warmup,
+            device,
+        } => {
+            crate::with_backend!(device, |B, dev| embed_bench::<B>(
+                &model,
+                img,
+                batch,
+                steps.max(1),
+                warmup,
+                &dev
+            )?)
+        }
+    };
+    println!("{}", serde_json::to_string(&v)?);
+    Ok(())
+}

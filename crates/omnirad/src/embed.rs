@@ -1,0 +1,309 @@
+//! `omnirad embed`: items → preprocess → batch → encoder → pooled embedding → .npy/.csv.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use ndarray::Array2;
+use omnirad_data::loader::batches;
+use omnirad_data::{discover, Item, Meta, Preprocess, ReadOptions};
+use omnirad_model::Vit;
+
+use crate::device::{parse_device, resolve_model, Device};
+use crate::ReadArgs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Pool {
+    /// Final-norm class token (D values).
+    Cls,
+    /// Mean of final-norm patch tokens (D values).
+    Mean,
+    /// Both, concatenated as DINOv2's linear probe uses them (2D values).
+    ClsMean,
+}
+
+#[derive(Args, Debug)]
+pub struct EmbedArgs {
+    /// Model directory (config.json + model.safetensors) or preset name (random init).
+    #[arg(long)]
+    pub model: String,
+    /// File, folder, CSV manifest or npz.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output: .npy (with .meta.csv and .labels.npy beside it) or .csv.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "cls")]
+    pub pool: Pool,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+    /// Seed for preset (random-init) models.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop at the first unreadable item instead of skipping and listing it.
+    #[arg(long)]
+    pub strict: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+pub struct Embeddings {
+    pub values: Array2<f32>,
+    pub metas: Vec<Meta>,
+    pub failed: Vec<(String, String)>,
+}
+
+/// Model input for a [N, C, S, S] host batch.
+pub fn to_tensor<B: Backend>(
+    data: Vec<f32>,
+    shape: [usize; 4],
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+pub fn pool<B: Backend>(vit: &Vit<B>, x: Tensor<B, 4>, pool: Pool) -> Tensor<B, 2> {
+    let out = vit.forward_features(x, None, &[], false);
+    let mean = || out.patches.clone().mean_dim(1).squeeze_dim::<2>(1);
+    match pool {
+        Pool::Cls => out.cls.clone(),
+        Pool::Mean => mean(),
+        Pool::ClsMean => Tensor::cat(vec![out.cls.clone(), mean()], 1),
+    }
+}
+
+/// Embeds every image of every item; unreadable items are collected (or, with `strict`, fatal).
+pub fn embed_items<B: Backend>(
+    vit: &Vit<B>,
+    pre: &Preprocess,
+    items: Vec<Item>,
+    read: &ReadOptions,
+    mode: Pool,
+    batch: usize,
+    strict: bool,
+    device: &B::Device,
+) -> Result<Embeddings> {
+    let n = items.len();
+    let bar = ProgressBar::new(n as u64).with_style(
+        ProgressStyle::with_template(
+            "{spinner} embed [{bar:30}] {pos}/{len} items {per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    if std::env::var_os("CI").is_some() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let items = Arc::new(items);
+    let rx = batches(items.clone(), batch, read.clone(), pre.clone(), 2);
+    let (mut values, mut metas, mut failed, mut dim) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    let mut done = 0;
+    for b in rx {
+        done += b.items;
+        if strict {
+            if let Some((id, err)) = b.failed.first() {
+                bail!("{id}: {err}");
+            }
+        }
+        failed.extend(b.failed);
+        if b.shape[0] > 0 {
+            // Large multi-frame items can exceed the batch; split so memory stays bounded.
+            let per = b.shape[1] * b.shape[2] * b.shape[3];
+            for (chunk, m) in b.data.chunks(per * batch).zip(b.metas.chunks(batch)) {
+                let x = to_tensor::<B>(
+                    chunk.to_vec(),
+                    [m.len(), b.shape[1], b.shape[2], b.shape[3]],
+                    device,
+                );
+                let e = pool(vit, x, mode);
+                dim = e.dims()[1];
+                let v: Vec<f32> = e
+                    .into_data()
+                    .to_vec()
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                if v.iter().any(|x| !x.is_finite()) {
+                    bail!(
+                        "the model produced NaN/Inf embeddings (batch starting at {})",
+                        m[0].id
+                    );
+                }
+                values.extend(v);
+            }
+            metas.extend(b.metas);
+        }
+        bar.set_position(done as u64);
+    }
+    bar.finish_and_clear();
+    let values = Array2::from_shape_vec((metas.len(), dim), values).expect("one row per image");
+    Ok(Embeddings {
+        values,
+        metas,
+        failed,
+    })
+}
+
+fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    write(&tmp)?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+fn sidecar(out: &Path, suffix: &str) -> PathBuf {
+    let stem = out.with_extension("");
+    PathBuf::from(format!("{}.{suffix}", stem.display()))
+}
+
+fn labels_text(m: &Meta) -> String {
+    m.labels
+        .iter()
+        .map(|l| l.to_string())
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// Writes `.npy` (+ `.meta.csv`, `.labels.npy`) or `.csv`, and `.failed.txt` when items failed.
+pub fn write_embeddings(out: &Path, e: &Embeddings) -> Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    match ext {
+        "npy" => {
+            atomic_write(out, |p| {
+                ndarray_npy::write_npy(p, &e.values)
+                    .with_context(|| format!("writing {}", p.display()))
+            })?;
+            let meta = sidecar(out, "meta.csv");
+            atomic_write(&meta, |p| {
+                let mut f = std::io::BufWriter::new(std::fs::File::create(p)?);
+                writeln!(f, "index,id,modality,anatomy,labels")?;
+                for (i, m) in e.metas.iter().enumerate() {
+                    writeln!(
+                        f,
+                        "{i},{},{},{},{}",
+                        csv_field(&m.id),
+                        m.modality.name(),
+                        m.anatomy.clone().unwrap_or_default(),
+                        labels_text(m)
+                    )?;
+                }
+                Ok(())
+            })?;
+            let l = e.metas.first().map(|m| m.labels.len()).unwrap_or(0);
+            if l > 0 && e.metas.iter().all(|m| m.labels.len() == l) {
+                let labels =
+                    Array2::from_shape_fn((e.metas.len(), l), |(i, j)| e.metas[i].labels[j]);
+                atomic_write(&sidecar(out, "labels.npy"), |p| {
+                    ndarray_npy::write_npy(p, &labels)
+                        .with_context(|| format!("writing {}", p.display()))
+                })?;
+            }
+        }
+        "csv" => atomic_write(out, |p| {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(p)?);
+            let d = e.values.ncols();
+            write!(f, "id,modality,labels")?;
+            (0..d).try_for_each(|j| write!(f, ",e{j}"))?;
+            writeln!(f)?;
+            for (m, row) in e.metas.iter().zip(e.values.rows()) {
+                write!(
+                    f,
+                    "{},{},{}",
+                    csv_field(&m.id),
+                    m.modality.name(),
+                    labels_text(m)
+                )?;
+                row.iter().try_for_each(|v| write!(f, ",{v}"))?;
+                writeln!(f)?;
+            }
+            Ok(())
+        })?,
+        _ => bail!("{}: output must end in .npy or .csv", out.display()),
+    }
+    if !e.failed.is_empty() {
+        atomic_write(&sidecar(out, "failed.txt"), |p| {
+            let text: String = e
+                .failed
+                .iter()
+                .map(|(id, err)| format!("{id}\t{err}\n"))
+                .collect();
+            std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))
+        })?;
+    }
+    Ok(())
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+pub fn run(a: &EmbedArgs) -> Result<()> {
+    let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if ext != "npy" && ext != "csv" {
+        bail!("{}: output must end in .npy or .csv", a.out.display());
+    }
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let read = a.read.options();
+    let (items, skipped) = discover(&a.input, read.split)?;
+    if skipped > 0 {
+        eprintln!(
+            "note: skipped {skipped} file(s) of unknown type under {}",
+            a.input.display()
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let e = crate::with_backend!(a.device, |B, dev| {
+        let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
+        embed_items::<B>(
+            &vit,
+            &cfg.preprocess,
+            items,
+            &read,
+            a.pool,
+            a.batch,
+            a.strict,
+            &dev,
+        )?
+    });
+    write_embeddings(&a.out, &e)?;
+    eprintln!(
+        "embedded {} image(s) → {} ({}×{}) in {:.1}s",
+        e.metas.len(),
+        a.out.display(),
+        e.values.nrows(),
+        e.values.ncols(),
+        t0.elapsed().as_secs_f64()
+    );
+    if !e.failed.is_empty() {
+        eprintln!(
+            "{} item(s) could not be read (listed in {}):",
+            e.failed.len(),
+            sidecar(&a.out, "failed.txt").display()
+        );
+        for (id, err) in e.failed.iter().take(10) {
+            if err.contains(id.as_str()) {
+                eprintln!("  {err}");
+            } else {
+                eprintln!("  {id}: {err}");
+            }
+        }
+    }
+    if e.metas.is_empty() {
+        bail!("no image could be read from {}", a.input.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! The binary as a user runs it, on the real files in ../shared/data.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn data(rel: &str) -> PathBuf {
+    let root = std::env::var_os("OMNIRAD_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
+    let p = root.join(rel);
+    assert!(
+        p.exists(),
+        "test data {} not found (set OMNIRAD_DATA)",
+        p.display()
+    );
+    p
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("omnirad-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn omnirad(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_omnirad"))
+        .args(args)
+        .env("CI", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn embed_a_dicom_folder_skips_and_lists_bad_files() {
+    let d = tmp("dcm");
+    let out = d.join("emb.npy");
+    let (ok, _, err) = omnirad(&[
+        "embed",
+        "--model",
+        "vit_pico",
+        "--input",
+        data("dicom-pydicom").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let emb: ndarray::Array2<f32> = ndarray_npy::read_npy(&out).unwrap();
+    let meta = std::fs::read_to_string(d.join("emb.meta.csv")).unwrap();
+    assert_eq!(meta.lines().count() - 1, emb.nrows());
+    assert_eq!(emb.ncols(), 64);
+    // Multi-frame files contribute one row per frame.
+    assert_eq!(
+        meta.lines()
+            .filter(|l| l.contains("emri_small.dcm#"))
+            .count(),
+        10
+    );
+    let failed = std::fs::read_to_string(d.join("emb.failed.txt")).unwrap();
+    assert!(
+        failed.contains("MR_small_jpeg_ls_lossless.dcm") && failed.contains("JPEG-LS"),
+        "{failed}"
+    );
+    assert!(err.contains("could not be read"), "{err}");
+
+    let (ok, _, err) = omnirad(&[
+        "embed",
+        "--model",
+        "vit_pico",
+        "--strict",
+        "--input",
+        data("dicom-pydicom").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains(".dcm"),
+        "strict mode must stop on the first bad file: {err}"
+    );
+}
+
+#[test]
+fn embed_an_npz_split_with_labels_and_csv_output() {
+    let d = tmp("npz");
+    let out = d.join("breast.npy");
+    let npz = data("medmnist/breastmnist.npz");
+    let (ok, _, err) = omnirad(&[
+        "embed",
+        "--model",
+        "vit_pico",
+        "--pool",
+        "cls-mean",
+        "--input",
+        npz.to_str().unwrap(),
+        "--split",
+        "val",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let emb: ndarray::Array2<f32> = ndarray_npy::read_npy(&out).unwrap();
+    let labels: ndarray::Array2<i64> = ndarray_npy::read_npy(d.join("breast.labels.npy")).unwrap();
+    assert_eq!((emb.nrows(), emb.ncols(), labels.nrows()), (78, 128, 78));
+    assert_eq!(labels.iter().filter(|&&l| l == 0).count(), 21); // official val counts [21, 57]
+
+    let csv = d.join("breast.csv");
+    let (ok, _, err) = omnirad(&[
+        "embed",
+        "--model",
+        "vit_pico",
+        "--input",
+        npz.to_str().unwrap(),
+        "--split",
+        "val",
+        "--out",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(text.lines().count(), 79);
+    assert_eq!(text.lines().nth(1).unwrap().split(',').count(), 3 + 64);
+}
+
+#[test]
+fn embeddings_are_deterministic_under_a_seed() {
+    let d = tmp("det");
+    let input = data("dicom-pydicom/CT_small.dcm");
+    let run = |name: &str| {
+        let out = d.join(name);
+        let (ok, _, err) = omnirad(&[
+            "embed",
+            "--model",
+            "vit_pico",
+            "--seed",
+            "3",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        ndarray_npy::read_npy::<_, ndarray::Array2<f32>>(out).unwrap()
+    };
+    assert_eq!(run("a.npy"), run("b.npy"));
+}
+
+#[test]
+fn clear_errors_for_bad_requests() {
+    let d = tmp("bad");
+    let out = d.join("x.npy");
+    let (ok, _, err) = omnirad(&[
+        "embed",
+        "--model",
+        "vit_huge_typo",
+        "--input",
+        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("unknown model 'vit_huge_typo'"),
+        "{err}"
+    );
+    let (ok, _, err) = omnirad(&[
+        "embed",
+        "--model",
+        "vit_pico",
+        "--input",
+        d.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("no images found"), "{err}");
+    let (ok, _, err) = omnirad(&[
+        "embed",
+        "--model",
+        "vit_pico",
+        "--input",
+        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
+        "--out",
+        d.join("x.txt").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains(".npy or .csv"), "{err}");
+    let (ok, _, err) = omnirad(&["info", d.join("missing.dcm").to_str().unwrap()]);
+    assert!(!ok && err.contains("missing.dcm"), "{err}");
+}
+
+#[test]
+fn info_reports_dicom_and_nifti_facts() {
+    let (ok, out, err) = omnirad(&[
+        "info",
+        "--json",
+        data("dicom-pydicom/RG3_J2KR.dcm").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["photometric_interpretation"], "MONOCHROME1");
+    assert_eq!(v["transfer_syntax_uid"], "1.2.840.10008.1.2.4.90");
+    assert_eq!(
+        (v["rows"].as_u64(), v["columns"].as_u64()),
+        (Some(1760), Some(1760))
+    );
+    let (ok, out, _) = omnirad(&[
+        "info",
+        data("nifti-nibabel/anatomical.nii").to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("LAS"), "{out}");
+    let (ok, out, _) = omnirad(&[
+        "data",
+        "verify",
+        data("medmnist/pneumoniamnist.npz").to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("OK") && out.contains("4708"), "{out}");
+}
+
+#[test]
+fn demo_runs_end_to_end_on_phantoms() {
+    let d = tmp("demo");
+    let (ok, out, err) = omnirad(&["demo", "--out", d.to_str().unwrap(), "--per-modality", "8"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("embedded 32 image(s)"), "{out}");
+    // Even a random-init encoder's patch statistics separate these four modalities.
+    let acc: f64 = out
+        .lines()
+        .find(|l| l.contains("modality accuracy"))
+        .unwrap()
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(acc > 0.5, "{out}");
+}
