@@ -9,6 +9,7 @@ use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, Saf
 use omnirad_data::Preprocess;
 use serde::{Deserialize, Serialize};
 
+use crate::import::Imported;
 use crate::vit::{Vit, VitConfig};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -134,23 +135,41 @@ pub fn load_model_dir<B: Backend>(
             reason: "file not found".into(),
         });
     }
+    let store = SafetensorsStore::from_file(&weights);
+    let model = apply_weights::<B>(&cfg, store, &weights, false, device)?;
+    Ok((model, cfg))
+}
+
+/// Builds the model of an imported checkpoint. `allow_partial` keeps the initial values of
+/// tensors the checkpoint lacks and ignores ones the model has no place for.
+pub fn load_imported<B: Backend>(
+    imp: &Imported,
+    allow_partial: bool,
+    device: &B::Device,
+) -> Result<Vit<B>, ModelError> {
+    let store = SafetensorsStore::from_bytes(Some(imp.weights.clone()));
+    apply_weights::<B>(&imp.config, store, &imp.source, allow_partial, device)
+}
+
+fn apply_weights<B: Backend>(
+    cfg: &ModelConfig,
+    store: SafetensorsStore,
+    path: &Path,
+    allow_partial: bool,
+    device: &B::Device,
+) -> Result<Vit<B>, ModelError> {
     let mut model = cfg.vit.init::<B>(device);
-    let mut store = SafetensorsStore::from_file(&weights)
+    let mut store = store
         .with_from_adapter(PyTorchToBurnAdapter)
         .skip_enum_variants(true)
         .allow_partial(true);
     let res = model
         .load_from(&mut store)
         .map_err(|e| ModelError::Weights {
-            path: weights.clone(),
+            path: path.into(),
             reason: e.to_string(),
         })?;
     let mut problems: Vec<String> = res.errors.iter().map(|e| e.to_string()).collect();
-    problems.extend(
-        res.missing
-            .iter()
-            .map(|(p, _)| format!("missing tensor '{p}'")),
-    );
     // burn lists norm weights matched through their PyTorch names (weight/bias for gamma/beta)
     // as unused even though they were applied.
     let consumed = |p: &str| {
@@ -160,17 +179,24 @@ pub fn load_model_dir<B: Backend>(
             .or_else(|| p.strip_suffix(".bias").map(|s| format!("{s}.beta")));
         alt.is_some_and(|a| res.applied.contains(&a))
     };
-    problems.extend(
-        res.unused
-            .iter()
-            .filter(|p| !consumed(p))
-            .map(|p| format!("unexpected tensor '{p}'")),
-    );
+    if !allow_partial {
+        problems.extend(
+            res.missing
+                .iter()
+                .map(|(p, _)| format!("missing tensor '{p}'")),
+        );
+        problems.extend(
+            res.unused
+                .iter()
+                .filter(|p| !consumed(p))
+                .map(|p| format!("unexpected tensor '{p}'")),
+        );
+    }
     if !problems.is_empty() {
         return Err(ModelError::Weights {
-            path: weights,
+            path: path.into(),
             reason: problems.join("; "),
         });
     }
-    Ok((model, cfg))
+    Ok(model)
 }

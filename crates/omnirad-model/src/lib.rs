@@ -1,10 +1,12 @@
 //! Encoders, heads and weight I/O, generic over burn's `Backend`.
 
+pub mod import;
 pub mod io;
 pub mod vit;
 
-pub use io::{load_model_dir, save_model_dir, ModelConfig, ModelError};
-pub use vit::{Vit, VitConfig, VitOutput};
+pub use import::{import_checkpoint, Imported, Layout};
+pub use io::{load_imported, load_model_dir, save_model_dir, ModelConfig, ModelError};
+pub use vit::{PosInterp, Vit, VitConfig, VitOutput};
 
 /// The CPU backend (pure Rust, SIMD + threads).
 pub type Cpu = burn::backend::Flex<f32, i32>;

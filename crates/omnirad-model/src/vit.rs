@@ -15,9 +15,9 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{attention, interpolate};
-use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 /// Architecture of a ViT. Presets: [`VitConfig::preset`].
@@ -42,6 +42,25 @@ pub struct VitConfig {
     #[serde(default)]
     pub drop_path_uniform: bool,
     pub norm_eps: f64,
+    /// How the position table is resized for other input sizes.
+    #[serde(default)]
+    pub pos_interp: PosInterp,
+}
+
+/// Position-table resampling. Both are bicubic; they differ where the references differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PosInterp {
+    /// PyTorch `interpolate(bicubic, align_corners=False)` (a = -0.75, edge clamping): HF
+    /// Dinov2Model and DINOv2.
+    #[default]
+    Bicubic,
+    /// PyTorch bicubic with `antialias=True` (PIL's a = -0.5 kernel, weights renormalised at the
+    /// borders): timm's `resample_abs_pos_embed`, HF `Dinov2WithRegistersModel`.
+    BicubicAntialias,
+    /// The original DINOv2 code: bicubic by the scale factor
+    /// (n + 0.1) / g rather than to the size n, no antialiasing.
+    BicubicDinov2Offset,
 }
 
 /// Named presets, as in timm / DINOv2.
@@ -71,6 +90,7 @@ impl VitConfig {
             drop_path_rate: 0.0,
             drop_path_uniform: false,
             norm_eps: 1e-6,
+            pos_interp: PosInterp::Bicubic,
         }
     }
 
@@ -186,6 +206,7 @@ impl VitConfig {
                 .init(device),
             patch_size: self.patch_size,
             num_registers: self.num_registers,
+            pos_interp: self.pos_interp,
         }
     }
 }
@@ -307,6 +328,51 @@ pub struct Vit<B: Backend> {
     pub norm: LayerNorm<B>,
     pub patch_size: usize,
     pub num_registers: usize,
+    pub pos_interp: PosInterp,
+}
+
+/// Keys' cubic convolution kernel with parameter `a`.
+fn cubic(x: f64, a: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
+/// Row-major [n_out, n_in] weights of PyTorch's 1-D bicubic resampling with
+/// `align_corners=False` and input-per-output `scale`: without antialiasing (`upsample_bicubic2d`: a = -0.75, 4 taps,
+/// indices clamped at the edges) or with it (`_upsample_bicubic2d_aa`, PIL's algorithm:
+/// a = -0.5, support widened when down-sampling, weights renormalised over valid taps).
+fn bicubic_weights(n_in: usize, n_out: usize, scale: f64, antialias: bool) -> Vec<f32> {
+    let mut w = vec![0f64; n_out * n_in];
+    for i in 0..n_out {
+        let row = &mut w[i * n_in..(i + 1) * n_in];
+        if antialias {
+            let center = scale * (i as f64 + 0.5);
+            let support = 2.0 * scale.max(1.0);
+            let inv = 1.0 / scale.max(1.0);
+            let lo = ((center - support + 0.5) as isize).max(0) as usize;
+            let hi = ((center + support + 0.5) as isize).min(n_in as isize) as usize;
+            for j in lo..hi {
+                row[j] = cubic((j as f64 - center + 0.5) * inv, -0.5);
+            }
+            let total: f64 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v /= total);
+        } else {
+            let src = (i as f64 + 0.5) * scale - 0.5;
+            let x0 = src.floor();
+            let t = src - x0;
+            for k in -1..=2isize {
+                let j = (x0 as isize + k).clamp(0, n_in as isize - 1) as usize;
+                row[j] += cubic(t - k as f64, -0.75);
+            }
+        }
+    }
+    w.into_iter().map(|v| v as f32).collect()
 }
 
 impl<B: Backend> Vit<B> {
@@ -328,16 +394,32 @@ impl<B: Backend> Vit<B> {
             return pos;
         }
         let cls_pos = pos.clone().narrow(1, 0, 1);
-        let grid = pos
-            .narrow(1, 1, n - 1)
-            .reshape([1, g, g, d])
-            .permute([0, 3, 1, 2]);
-        let grid = interpolate(
-            grid,
-            [h, w],
-            InterpolateOptions::new(InterpolateMode::Bicubic),
-        );
-        let grid = grid.permute([0, 2, 3, 1]).reshape([1, h * w, d]);
+        let grid = pos.narrow(1, 1, n - 1);
+        // Separable resampling as two matmuls with host-computed weights [out, in]: exact
+        // PyTorch semantics on every backend, and differentiable.
+        let dev = grid.device();
+        let weights = |n: usize| {
+            let (scale, aa) = match self.pos_interp {
+                PosInterp::Bicubic => (g as f64 / n as f64, false),
+                PosInterp::BicubicAntialias => (g as f64 / n as f64, true),
+                PosInterp::BicubicDinov2Offset => (g as f64 / (n as f64 + 0.1), false),
+            };
+            Tensor::<B, 2>::from_data(
+                TensorData::new(bicubic_weights(g, n, scale, aa), [n, g]),
+                &dev,
+            )
+        };
+        let (wy, wx) = (weights(h), weights(w));
+        let y = wy
+            .matmul(grid.reshape([g, g * d]))
+            .reshape([h, g, d])
+            .swap_dims(0, 1)
+            .reshape([g, h * d]);
+        let grid = wx
+            .matmul(y)
+            .reshape([w, h, d])
+            .swap_dims(0, 1)
+            .reshape([1, h * w, d]);
         Tensor::cat(vec![cls_pos, grid], 1)
     }
 

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
-use omnirad_model::{load_model_dir, ModelConfig, Vit};
+use omnirad_model::{import_checkpoint, load_imported, load_model_dir, ModelConfig, Vit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
@@ -49,21 +49,33 @@ macro_rules! with_backend {
     };
 }
 
-/// A model directory, or a preset name (random init from `seed`, announced on stderr).
+fn is_model_dir(path: &Path) -> bool {
+    let cfg = std::fs::read_to_string(path.join("config.json")).unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&cfg)
+        .map(|v| v.get("architecture").is_some())
+        .unwrap_or(false)
+}
+
+/// A model directory, a public checkpoint (HF / timm / DINOv2 safetensors, imported on the
+/// fly), or a preset name (random init from `seed`, announced on stderr).
 pub fn resolve_model<B: Backend>(
     spec: &str,
     device: &B::Device,
     seed: u64,
 ) -> Result<(Vit<B>, ModelConfig)> {
     let path = Path::new(spec);
-    if path.is_dir() {
+    if path.is_dir() && is_model_dir(path) {
         return load_model_dir::<B>(path, device)
             .with_context(|| format!("loading model directory {spec}"));
     }
+    if path.exists() {
+        let imp = import_checkpoint(path, None, None)
+            .with_context(|| format!("importing checkpoint {spec}"))?;
+        let model = load_imported::<B>(&imp, false, device)
+            .with_context(|| format!("importing checkpoint {spec}"))?;
+        return Ok((model, imp.config));
+    }
     let Some(cfg) = ModelConfig::preset(spec) else {
-        if path.exists() {
-            bail!("{spec}: not a model directory (expected config.json + model.safetensors)");
-        }
         bail!(omnirad_model::ModelError::Unknown(spec.to_string()));
     };
     eprintln!("note: '{spec}' is a preset: weights are randomly initialised (seed {seed})");

@@ -38,6 +38,22 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DataCmd,
     },
+    /// Convert a public checkpoint (HF Dinov2Model, timm ViT, DINOv2) into an omnirad model directory.
+    Convert {
+        /// Checkpoint: a .safetensors file or a directory with model.safetensors (+ HF config.json).
+        input: PathBuf,
+        /// Layout of the checkpoint (detected from its key names when omitted).
+        #[arg(long, value_parser = omnirad_model::Layout::parse)]
+        from: Option<omnirad_model::Layout>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Attention heads, for timm/DINOv2 files that do not record them (default: dim / 64).
+        #[arg(long)]
+        heads: Option<usize>,
+        /// Load what fits: missing tensors keep their initial values, extra ones are ignored.
+        #[arg(long)]
+        allow_partial: bool,
+    },
     /// Embeddings (class token and/or mean patch token) for a file, folder, manifest or npz split.
     Embed(embed::EmbedArgs),
     /// The main job end to end on an embedded default (synthetic phantoms, or --data files).
@@ -95,8 +111,47 @@ fn main() -> Result<()> {
         Cmd::Data {
             cmd: DataCmd::Verify { file, json },
         } => info::verify(&file, json),
+        Cmd::Convert {
+            input,
+            from,
+            out,
+            heads,
+            allow_partial,
+        } => convert(&input, from, &out, heads, allow_partial),
         Cmd::Embed(a) => embed::run(&a),
         Cmd::Demo(a) => demo::run(&a),
         Cmd::Bench { cmd } => bench::run(cmd),
     }
+}
+
+fn convert(
+    input: &std::path::Path,
+    from: Option<omnirad_model::Layout>,
+    out: &std::path::Path,
+    heads: Option<usize>,
+    allow_partial: bool,
+) -> Result<()> {
+    use anyhow::Context;
+    let imp = omnirad_model::import_checkpoint(input, from, heads)?;
+    let model = omnirad_model::load_imported::<omnirad_model::Cpu>(
+        &imp,
+        allow_partial,
+        &Default::default(),
+    )?;
+    omnirad_model::save_model_dir(&model, &imp.config, out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    let v = &imp.config.vit;
+    println!(
+        "{} → {}: ViT dim {} depth {} heads {} patch {} ({}px native, {} registers, position resampling {:?})",
+        input.display(),
+        out.display(),
+        v.embed_dim,
+        v.depth,
+        v.num_heads,
+        v.patch_size,
+        v.img_size,
+        v.num_registers,
+        v.pos_interp
+    );
+    Ok(())
 }

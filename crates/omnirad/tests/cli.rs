@@ -239,3 +239,62 @@ fn demo_runs_end_to_end_on_phantoms() {
         .unwrap();
     assert!(acc > 0.5, "{out}");
 }
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../omnirad-model/tests/fixtures")
+        .join(name)
+}
+
+#[test]
+fn convert_a_checkpoint_and_embed_with_it_directly_or_converted() {
+    let d = tmp("convert");
+    let model = d.join("model");
+    let (ok, out, err) = omnirad(&[
+        "convert",
+        fixture("hf_dinov2_reg").to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("4 registers") && out.contains("heads 2"),
+        "{out}"
+    );
+    let img = data("busi-256/benign/benign (1).png");
+    let embed = |m: &std::path::Path, name: &str| {
+        let o = d.join(name);
+        let (ok, _, err) = omnirad(&[
+            "embed",
+            "--model",
+            m.to_str().unwrap(),
+            "--input",
+            img.to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        ndarray_npy::read_npy::<_, ndarray::Array2<f32>>(o).unwrap()
+    };
+    let a = embed(&model, "a.npy");
+    let b = embed(&fixture("hf_dinov2_reg"), "b.npy");
+    assert_eq!(a.dim(), (1, 32));
+    assert_eq!(a, b);
+
+    let (ok, _, err) = omnirad(&[
+        "convert",
+        fixture("timm_p16").to_str().unwrap(),
+        "--out",
+        d.join("t").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("--heads"), "{err}");
+    let (ok, _, err) = omnirad(&[
+        "convert",
+        fixture("timm_p16").to_str().unwrap(),
+        "--heads",
+        "2",
+        "--out",
+        d.join("t").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+}

@@ -1,0 +1,426 @@
+//! Import of released encoders: Hugging Face `Dinov2Model` / `Dinov2WithRegistersModel`
+//! (microsoft/rad-dino, facebook/dinov2-*) and timm `VisionTransformer` / original DINOv2
+//! state dicts (OmniRad, RadioDino) stored as safetensors. Tensors are renamed to timm's layout
+//! (HF's split q/k/v rows are concatenated into `qkv`), the architecture is read from the HF
+//! config or inferred from tensor shapes, and the result loads like a model directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::io::{ModelConfig, ModelError};
+use crate::vit::{PosInterp, VitConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Hugging Face transformers `Dinov2Model` key names.
+    Hf,
+    /// timm `VisionTransformer` (OmniRad, RadioDino, timm DINOv2 ports).
+    Timm,
+    /// The original DINOv2 code's state dict (`register_tokens`, chunked blocks).
+    Dinov2,
+}
+
+impl Layout {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "hf" => Ok(Self::Hf),
+            "timm" => Ok(Self::Timm),
+            "dinov2" => Ok(Self::Dinov2),
+            _ => Err(format!(
+                "unknown checkpoint layout '{s}' (hf, timm, dinov2)"
+            )),
+        }
+    }
+}
+
+/// A checkpoint renamed to omnirad's (timm) names, ready to load.
+pub struct Imported {
+    pub config: ModelConfig,
+    /// Safetensors bytes in timm layout.
+    pub weights: Vec<u8>,
+    pub source: PathBuf,
+}
+
+type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+fn err(path: &Path, reason: impl ToString) -> ModelError {
+    ModelError::Weights {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+fn read_safetensors(path: &Path) -> Result<Tensors, ModelError> {
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| err(path, format!("not a safetensors file: {e}")))?;
+    let mut out = Tensors::new();
+    for (name, view) in st.tensors() {
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
+            Dtype::F64 => data
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            other => {
+                return Err(err(
+                    path,
+                    format!("tensor '{name}' has unsupported dtype {other:?}"),
+                ))
+            }
+        };
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(err(path, format!("tensor '{name}' contains NaN/Inf")));
+        }
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(out)
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    half::f16::from_bits(h).to_f32()
+}
+
+fn strip_prefixes(t: Tensors) -> Tensors {
+    const PREFIXES: &[&str] = &[
+        "module.",
+        "teacher.backbone.",
+        "student.backbone.",
+        "backbone.",
+        "dinov2.",
+        "model.",
+    ];
+    t.into_iter()
+        .map(|(mut k, v)| {
+            while let Some(p) = PREFIXES.iter().find(|p| k.starts_with(*p)) {
+                k = k[p.len()..].to_string();
+            }
+            (k, v)
+        })
+        .collect()
+}
+
+fn hf_to_timm(t: Tensors, path: &Path) -> Result<Tensors, ModelError> {
+    let mut out = Tensors::new();
+    let mut qkv: BTreeMap<(String, String), [Option<(Vec<usize>, Vec<f32>)>; 3]> = BTreeMap::new();
+    for (k, v) in t {
+        if k.contains("weights_in") || k.contains("weights_out") {
+            return Err(err(
+                path,
+                format!("SwiGLU MLP ('{k}', DINOv2 giant) is not supported yet"),
+            ));
+        }
+        let name = if let Some(rest) = k.strip_prefix("embeddings.") {
+            match rest {
+                "cls_token" => "cls_token".to_string(),
+                "mask_token" => "mask_token".to_string(),
+                "position_embeddings" => "pos_embed".to_string(),
+                "register_tokens" => "reg_token".to_string(),
+                r => match r.strip_prefix("patch_embeddings.projection.") {
+                    Some(p) => format!("patch_embed.proj.{p}"),
+                    None => k.clone(),
+                },
+            }
+        } else if let Some(rest) = k.strip_prefix("encoder.layer.") {
+            let (i, rest) = rest
+                .split_once('.')
+                .ok_or_else(|| err(path, format!("unexpected key '{k}'")))?;
+            if let Some(p) = rest.strip_prefix("attention.attention.") {
+                let (which, param) = p
+                    .split_once('.')
+                    .ok_or_else(|| err(path, format!("unexpected key '{k}'")))?;
+                let slot = ["query", "key", "value"]
+                    .iter()
+                    .position(|w| *w == which)
+                    .ok_or_else(|| err(path, format!("unexpected key '{k}'")))?;
+                qkv.entry((i.to_string(), param.to_string())).or_default()[slot] = Some(v);
+                continue;
+            }
+            let rest = rest
+                .replace("attention.output.dense.", "attn.proj.")
+                .replace("layer_scale1.lambda1", "ls1.gamma")
+                .replace("layer_scale2.lambda1", "ls2.gamma");
+            format!("blocks.{i}.{rest}")
+        } else if let Some(p) = k.strip_prefix("layernorm.") {
+            format!("norm.{p}")
+        } else {
+            k.clone()
+        };
+        out.insert(name, v);
+    }
+    for ((i, param), parts) in qkv {
+        let [Some(q), Some(k), Some(v)] = parts else {
+            return Err(err(
+                path,
+                format!("layer {i}: query/key/value {param} incomplete"),
+            ));
+        };
+        let mut shape = q.0.clone();
+        shape[0] *= 3;
+        let data = [q.1, k.1, v.1].concat();
+        out.insert(format!("blocks.{i}.attn.qkv.{param}"), (shape, data));
+    }
+    Ok(out)
+}
+
+/// The original DINOv2 code names registers `register_tokens` and may chunk blocks
+/// (`blocks.{chunk}.{i}.`); timm names are `reg_token` and `blocks.{i}.`.
+fn dinov2_to_timm(t: Tensors) -> Tensors {
+    t.into_iter()
+        .map(|(k, v)| {
+            let k = if k == "register_tokens" {
+                "reg_token".to_string()
+            } else {
+                k
+            };
+            let parts: Vec<&str> = k.split('.').collect();
+            let k = if parts.len() > 3
+                && parts[0] == "blocks"
+                && parts[1].parse::<usize>().is_ok()
+                && parts[2].parse::<usize>().is_ok()
+            {
+                format!("blocks.{}.{}", parts[2], parts[3..].join("."))
+            } else {
+                k
+            };
+            (k, v)
+        })
+        .collect()
+}
+
+fn shape_of<'a>(t: &'a Tensors, k: &str, path: &Path) -> Result<&'a [usize], ModelError> {
+    t.get(k)
+        .map(|(s, _)| s.as_slice())
+        .ok_or_else(|| err(path, format!("missing tensor '{k}'")))
+}
+
+/// Architecture from tensor shapes; heads come from the HF config or the caller (default D/64).
+fn infer_config(
+    t: &Tensors,
+    heads: Option<usize>,
+    eps: f64,
+    path: &Path,
+) -> Result<VitConfig, ModelError> {
+    let pw = shape_of(t, "patch_embed.proj.weight", path)?;
+    if pw.len() != 4 || pw[2] != pw[3] {
+        return Err(err(
+            path,
+            format!("patch_embed.proj.weight has shape {pw:?}, expected [D, C, p, p]"),
+        ));
+    }
+    let (d, c, p) = (pw[0], pw[1], pw[2]);
+    let n = shape_of(t, "pos_embed", path)?[1];
+    let g = ((n.saturating_sub(1)) as f64).sqrt().round() as usize;
+    if g * g + 1 != n {
+        return Err(err(path, format!("pos_embed has {n} positions: only tables with a class-token position (1 + g²) are supported")));
+    }
+    let depth = t
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("blocks.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map(|m| m + 1)
+        .unwrap_or(0);
+    let hidden = shape_of(t, "blocks.0.mlp.fc1.weight", path)?[0];
+    // timm and DINOv2 files do not record the head count; all released ViTs use 64-dim heads.
+    let heads = match heads {
+        Some(h) => h,
+        None if d % 64 == 0 => d / 64,
+        None => {
+            return Err(err(
+                path,
+                format!("cannot infer the number of attention heads for width {d}: pass --heads"),
+            ))
+        }
+    };
+    let cfg = VitConfig {
+        img_size: g * p,
+        patch_size: p,
+        in_chans: c,
+        embed_dim: d,
+        depth,
+        num_heads: heads,
+        mlp_ratio: hidden as f64 / d as f64,
+        qkv_bias: t.contains_key("blocks.0.attn.qkv.bias"),
+        layer_scale_init: t.contains_key("blocks.0.ls1.gamma").then_some(1e-5),
+        num_registers: t.get("reg_token").map(|(s, _)| s[1]).unwrap_or(0),
+        drop_path_rate: 0.0,
+        drop_path_uniform: false,
+        norm_eps: eps,
+        pos_interp: PosInterp::Bicubic,
+    };
+    cfg.validate().map_err(|r| err(path, r))?;
+    Ok(cfg)
+}
+
+fn serialize(t: &Tensors) -> Vec<u8> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = t
+        .iter()
+        .map(|(k, (s, v))| {
+            (
+                k.clone(),
+                s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(k, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+                    .expect("shape matches data"),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, None).expect("serialisable")
+}
+
+fn read_preprocessing(dir: &Path, size: usize, channels: usize) -> omnirad_data::Preprocess {
+    use omnirad_data::{Normalize, Preprocess};
+    let mut pre = Preprocess {
+        size,
+        channels,
+        ..Preprocess::default()
+    };
+    let Ok(text) = std::fs::read_to_string(dir.join("preprocessor_config.json")) else {
+        return pre;
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return pre;
+    };
+    let floats = |k: &str| {
+        v.get(k).and_then(|x| x.as_array()).map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_f64())
+                .map(|x| x as f32)
+                .collect::<Vec<_>>()
+        })
+    };
+    if let (Some(mean), Some(std)) = (floats("image_mean"), floats("image_std")) {
+        pre.normalize = Normalize::Custom { mean, std };
+    }
+    if let Some(s) = v
+        .get("crop_size")
+        .and_then(|c| c.get("height").or(Some(c)))
+        .and_then(|x| x.as_u64())
+    {
+        pre.size = s as usize;
+    }
+    pre
+}
+
+/// Finds the weights file and layout of `path` (a safetensors file, or a directory holding
+/// `model.safetensors`, optionally with an HF `config.json`).
+pub fn import_checkpoint(
+    path: &Path,
+    layout: Option<Layout>,
+    heads: Option<usize>,
+) -> Result<Imported, ModelError> {
+    let (dir, weights) = if path.is_dir() {
+        let w = path.join("model.safetensors");
+        if !w.is_file() {
+            let hint = if path.join("pytorch_model.bin").is_file() {
+                " (pytorch_model.bin is not read yet: convert it to safetensors)"
+            } else {
+                ""
+            };
+            return Err(err(
+                path,
+                format!("no model.safetensors in this directory{hint}"),
+            ));
+        }
+        (path.to_path_buf(), w)
+    } else {
+        (
+            path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            path.to_path_buf(),
+        )
+    };
+    let hf_config: Option<serde_json::Value> = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .filter(|v: &serde_json::Value| v.get("model_type").is_some());
+    let raw = strip_prefixes(read_safetensors(&weights)?);
+    let layout = layout.unwrap_or(if raw.keys().any(|k| k.starts_with("embeddings.")) {
+        Layout::Hf
+    } else {
+        Layout::Timm
+    });
+    let mut t = match layout {
+        Layout::Hf => hf_to_timm(raw, &weights)?,
+        Layout::Timm | Layout::Dinov2 => dinov2_to_timm(raw),
+    };
+    let hf_heads = hf_config
+        .as_ref()
+        .and_then(|c| c.get("num_attention_heads"))
+        .and_then(|x| x.as_u64())
+        .map(|x| x as usize);
+    let eps = hf_config
+        .as_ref()
+        .and_then(|c| c.get("layer_norm_eps"))
+        .and_then(|x| x.as_f64())
+        .unwrap_or(1e-6);
+    let mut vit = infer_config(&t, heads.or(hf_heads), eps, &weights)?;
+    // Each reference resamples position tables its own way (see PosInterp).
+    let hf_type = hf_config
+        .as_ref()
+        .and_then(|c| c.get("model_type"))
+        .and_then(|x| x.as_str())
+        .unwrap_or("");
+    vit.pos_interp = match layout {
+        Layout::Timm => PosInterp::BicubicAntialias,
+        Layout::Dinov2 => PosInterp::BicubicDinov2Offset,
+        Layout::Hf if hf_type == "dinov2_with_registers" => PosInterp::BicubicAntialias,
+        Layout::Hf => PosInterp::Bicubic,
+    };
+    if !t.contains_key("mask_token") {
+        t.insert(
+            "mask_token".into(),
+            (vec![1, vit.embed_dim], vec![0.0; vit.embed_dim]),
+        );
+    }
+    let pre = read_preprocessing(&dir, vit.img_size, vit.in_chans);
+    Ok(Imported {
+        config: ModelConfig::new(vit, pre),
+        weights: serialize(&t),
+        source: weights,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::f16_to_f32;
+
+    #[test]
+    fn half_precision_values() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
+        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
+        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
+    }
+}

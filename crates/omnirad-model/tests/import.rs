@@ -1,0 +1,120 @@
+//! Parity with the reference implementations on committed fixtures
+//! (tests/fixtures/make_fixtures.py: HF transformers 5.17, timm 1.0.29, torch 2.11, fp32).
+
+use std::path::PathBuf;
+
+use burn::tensor::{Tensor, TensorData};
+use omnirad_model::{import_checkpoint, load_imported, Cpu, PosInterp};
+use safetensors::SafeTensors;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn tensor(st: &SafeTensors, k: &str) -> (Vec<usize>, Vec<f32>) {
+    let v = st.tensor(k).unwrap_or_else(|_| panic!("fixture lacks {k}"));
+    (
+        v.shape().to_vec(),
+        v.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    )
+}
+
+/// Max abs difference relative to the reference's max magnitude.
+fn rel_err(ours: Vec<f32>, reference: &[f32]) -> f32 {
+    assert_eq!(ours.len(), reference.len());
+    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    ours.iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+        / scale
+}
+
+fn check(name: &str, heads: Option<usize>, want: PosInterp) {
+    let imp = import_checkpoint(&fixture(name), None, heads).unwrap();
+    assert_eq!(imp.config.vit.pos_interp, want);
+    let dev = Default::default();
+    let model = load_imported::<Cpu>(&imp, false, &dev).unwrap();
+    let bytes = std::fs::read(fixture(&format!("{name}_io.safetensors"))).unwrap();
+    let io = SafeTensors::deserialize(&bytes).unwrap();
+    for tag in ["native", "interp"] {
+        let (shape, x) = tensor(&io, &format!("x_{tag}"));
+        let x = Tensor::<Cpu, 4>::from_data(
+            TensorData::new(x, [shape[0], shape[1], shape[2], shape[3]]),
+            &dev,
+        );
+        let out = model.forward_features(x, None, &[0], false);
+        let vec = |t: Tensor<Cpu, 3>| t.into_data().to_vec::<f32>().unwrap();
+        let cls = out.cls.into_data().to_vec::<f32>().unwrap();
+        for (key, ours) in [
+            ("cls", cls),
+            ("patches", vec(out.patches)),
+            ("block0", vec(out.intermediates[0].clone())),
+        ] {
+            let (_, reference) = tensor(&io, &format!("{tag}_{key}"));
+            let e = rel_err(ours, &reference);
+            assert!(e < 1e-4, "{name} {tag} {key}: relative error {e}");
+        }
+    }
+}
+
+#[test]
+fn hf_dinov2_matches_transformers() {
+    check("hf_dinov2", None, PosInterp::Bicubic);
+}
+
+#[test]
+fn hf_dinov2_with_registers_matches_transformers() {
+    let imp = import_checkpoint(&fixture("hf_dinov2_reg"), None, None).unwrap();
+    assert_eq!(
+        (
+            imp.config.vit.num_registers,
+            imp.config.vit.num_heads,
+            imp.config.vit.patch_size
+        ),
+        (4, 2, 4)
+    );
+    check("hf_dinov2_reg", None, PosInterp::BicubicAntialias);
+}
+
+#[test]
+fn timm_patch16_matches_timm() {
+    check("timm_p16", Some(2), PosInterp::BicubicAntialias);
+}
+
+#[test]
+fn timm_patch14_matches_timm() {
+    check("timm_p14", Some(2), PosInterp::BicubicAntialias);
+}
+
+#[test]
+fn mismatched_checkpoints_are_clear_errors() {
+    let imp = import_checkpoint(&fixture("timm_p16"), None, Some(2)).unwrap();
+    let mut cfg = imp.config.clone();
+    cfg.vit.depth = 3;
+    let bad = omnirad_model::Imported {
+        config: cfg,
+        weights: imp.weights.clone(),
+        source: imp.source.clone(),
+    };
+    let e = load_imported::<Cpu>(&bad, false, &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("missing tensor 'blocks.2.attn.qkv.weight'") && e.contains("model.safetensors"),
+        "{e}"
+    );
+    // --allow-partial keeps the new block's initial values.
+    assert!(load_imported::<Cpu>(&bad, true, &Default::default()).is_ok());
+    let e = import_checkpoint(&fixture("nowhere"), None, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("nowhere"), "{e}");
+}
