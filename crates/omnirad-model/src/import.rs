@@ -1,6 +1,6 @@
 //! Import of released encoders: Hugging Face `Dinov2Model` / `Dinov2WithRegistersModel`
 //! (microsoft/rad-dino, facebook/dinov2-*) and timm `VisionTransformer` / original DINOv2
-//! state dicts (OmniRad, RadioDino) stored as safetensors. Tensors are renamed to timm's layout
+//! state dicts (OmniRad, RadioDino), as safetensors or PyTorch pickles. Tensors are renamed to timm's layout
 //! (HF's split q/k/v rows are concatenated into `qkv`), the architecture is read from the HF
 //! config or inferred from tensor shapes, and the result loads like a model directory.
 
@@ -96,6 +96,42 @@ fn read_safetensors(path: &Path) -> Result<Tensors, ModelError> {
 
 fn f16_to_f32(h: u16) -> f32 {
     half::f16::from_bits(h).to_f32()
+}
+
+/// PyTorch pickles (`pytorch_model.bin`, `.pth`, `.pt`) through burn-store's reader.
+fn read_pytorch(path: &Path) -> Result<Tensors, ModelError> {
+    let reader = burn_store::pytorch::PytorchReader::new(path)
+        .map_err(|e| err(path, format!("not a readable PyTorch checkpoint: {e}")))?;
+    let mut out = Tensors::new();
+    for (name, snap) in reader.into_tensors() {
+        let data = snap
+            .to_data()
+            .map_err(|e| err(path, format!("tensor '{name}': {e:?}")))?;
+        let shape = data.shape.to_vec();
+        let values: Vec<f32> = data
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| err(path, format!("tensor '{name}': {e:?}")))?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(err(path, format!("tensor '{name}' contains NaN/Inf")));
+        }
+        out.insert(name, (shape, values));
+    }
+    Ok(out)
+}
+
+/// Training checkpoints hold a teacher and a student: the teacher is the one to use (DINOv2
+/// releases the teacher). SSL heads are not part of the encoder.
+fn select_encoder(t: Tensors) -> Tensors {
+    let has_teacher = t.keys().any(|k| k.starts_with("teacher."));
+    t.into_iter()
+        .filter(|(k, _)| !has_teacher || k.starts_with("teacher."))
+        .filter(|(k, _)| {
+            !["dino_head.", "ibot_head.", "head."]
+                .iter()
+                .any(|h| k.contains(h))
+        })
+        .collect()
 }
 
 fn strip_prefixes(t: Tensors) -> Tensors {
@@ -341,18 +377,16 @@ pub fn import_checkpoint(
     heads: Option<usize>,
 ) -> Result<Imported, ModelError> {
     let (dir, weights) = if path.is_dir() {
-        let w = path.join("model.safetensors");
-        if !w.is_file() {
-            let hint = if path.join("pytorch_model.bin").is_file() {
-                " (pytorch_model.bin is not read yet: convert it to safetensors)"
-            } else {
-                ""
-            };
-            return Err(err(
+        let w = ["model.safetensors", "pytorch_model.bin"]
+            .iter()
+            .map(|f| path.join(f))
+            .find(|w| w.is_file());
+        let w = w.ok_or_else(|| {
+            err(
                 path,
-                format!("no model.safetensors in this directory{hint}"),
-            ));
-        }
+                "no model.safetensors or pytorch_model.bin in this directory",
+            )
+        })?;
         (path.to_path_buf(), w)
     } else {
         (
@@ -364,9 +398,18 @@ pub fn import_checkpoint(
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok())
         .filter(|v: &serde_json::Value| v.get("model_type").is_some());
-    let raw = strip_prefixes(read_safetensors(&weights)?);
+    let is_safetensors = weights.extension().is_some_and(|e| e == "safetensors");
+    let raw = if is_safetensors {
+        read_safetensors(&weights)?
+    } else {
+        read_pytorch(&weights)?
+    };
+    let raw = strip_prefixes(select_encoder(raw));
+    // Only the original DINOv2 code stores a mask token outside the HF layout.
     let layout = layout.unwrap_or(if raw.keys().any(|k| k.starts_with("embeddings.")) {
         Layout::Hf
+    } else if raw.contains_key("mask_token") {
+        Layout::Dinov2
     } else {
         Layout::Timm
     });

@@ -118,3 +118,32 @@ fn mismatched_checkpoints_are_clear_errors() {
         .to_string();
     assert!(e.contains("nowhere"), "{e}");
 }
+
+#[test]
+fn pytorch_pickles_give_the_same_weights_as_safetensors() {
+    // HF pytorch_model.bin holds exactly hf_dinov2's tensors.
+    let bin = import_checkpoint(&fixture("hf_dinov2_bin"), None, None).unwrap();
+    let st = import_checkpoint(&fixture("hf_dinov2"), None, None).unwrap();
+    assert_eq!(bin.config, st.config);
+    assert!(
+        bin.weights == st.weights,
+        "pytorch_model.bin and model.safetensors imported differently"
+    );
+
+    // A DINOv2 training checkpoint: the teacher's backbone (not the student, not the DINO head).
+    let pth = import_checkpoint(&fixture("dinov2_train_p16.pth"), None, Some(2)).unwrap();
+    let timm = import_checkpoint(&fixture("timm_p16"), None, Some(2)).unwrap();
+    assert_eq!(pth.config.vit.pos_interp, PosInterp::BicubicDinov2Offset);
+    assert_eq!(
+        pth.config.vit,
+        omnirad_model::VitConfig {
+            pos_interp: PosInterp::BicubicDinov2Offset,
+            ..timm.config.vit.clone()
+        }
+    );
+    assert!(
+        pth.weights == timm.weights,
+        "teacher backbone differs from the timm weights it was made from"
+    );
+    load_imported::<Cpu>(&pth, false, &Default::default()).unwrap();
+}
