@@ -43,7 +43,9 @@ pub struct Imported {
     pub source: PathBuf,
 }
 
-type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+/// (shape, values) per tensor name.
+type Tensor = (Vec<usize>, Vec<f32>);
+type Tensors = BTreeMap<String, Tensor>;
 
 fn err(path: &Path, reason: impl ToString) -> ModelError {
     ModelError::Weights {
@@ -155,7 +157,7 @@ fn strip_prefixes(t: Tensors) -> Tensors {
 
 fn hf_to_timm(t: Tensors, path: &Path) -> Result<Tensors, ModelError> {
     let mut out = Tensors::new();
-    let mut qkv: BTreeMap<(String, String), [Option<(Vec<usize>, Vec<f32>)>; 3]> = BTreeMap::new();
+    let mut qkv: BTreeMap<(String, String), [Option<Tensor>; 3]> = BTreeMap::new();
     for (k, v) in t {
         if k.contains("weights_in") || k.contains("weights_out") {
             return Err(err(

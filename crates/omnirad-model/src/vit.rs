@@ -115,13 +115,13 @@ impl VitConfig {
 
     /// Checks the invariants `init` relies on.
     pub fn validate(&self) -> Result<(), String> {
-        if self.patch_size == 0 || self.img_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.img_size.is_multiple_of(self.patch_size) {
             return Err(format!(
                 "img_size {} is not a multiple of patch_size {}",
                 self.img_size, self.patch_size
             ));
         }
-        if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
             return Err(format!(
                 "embed_dim {} is not divisible by num_heads {}",
                 self.embed_dim, self.num_heads
@@ -357,8 +357,8 @@ fn bicubic_weights(n_in: usize, n_out: usize, scale: f64, antialias: bool) -> Ve
             let inv = 1.0 / scale.max(1.0);
             let lo = ((center - support + 0.5) as isize).max(0) as usize;
             let hi = ((center + support + 0.5) as isize).min(n_in as isize) as usize;
-            for j in lo..hi {
-                row[j] = cubic((j as f64 - center + 0.5) * inv, -0.5);
+            for (j, v) in row.iter_mut().enumerate().take(hi).skip(lo) {
+                *v = cubic((j as f64 - center + 0.5) * inv, -0.5);
             }
             let total: f64 = row.iter().sum();
             row.iter_mut().for_each(|v| *v /= total);

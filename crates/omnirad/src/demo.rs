@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::device::{parse_device, resolve_model, Device};
-use crate::embed::{embed_items, write_embeddings, Pool};
+use crate::embed::{embed_items, write_embeddings, EmbedJob, Pool};
 use crate::ReadArgs;
 
 #[derive(Args, Debug)]
@@ -57,79 +57,56 @@ fn phantom(kind: usize, n: usize, rng: &mut StdRng) -> Vec<[f32; 3]> {
     let j = |rng: &mut StdRng, s: f32| rng.random_range(-s..=s);
     let (dx, dy, sc) = (j(rng, 3.0), j(rng, 3.0), 1.0 + j(rng, 0.1));
     let c = n as f32 / 2.0;
-    let mut px = vec![[0.0f32; 3]; n * n];
-    for (i, p) in px.iter_mut().enumerate() {
-        let (x, y) = ((i % n) as f32 - dx, (i / n) as f32 - dy);
-        let r = n as f32 * 0.45 * sc;
-        let v = match kind {
-            0 => {
+    let r = n as f32 * 0.45 * sc;
+    let grey = |v: f32| [v; 3];
+    (0..n * n)
+        .map(|i| {
+            let (x, y) = ((i % n) as f32 - dx, (i / n) as f32 - dy);
+            let p = match kind {
                 // Axial CT: body, two dark lungs, bright vertebra.
-                if ellipse(x, y, c + r * 0.5 * 0.6, c, r * 0.25, r * 0.35)
-                    || ellipse(x, y, c - r * 0.3, c, r * 0.25, r * 0.35)
+                0 if ellipse(x, y, c + r * 0.3, c, r * 0.25, r * 0.35)
+                    || ellipse(x, y, c - r * 0.3, c, r * 0.25, r * 0.35) =>
                 {
-                    0.08
-                } else if ellipse(x, y, c, c + r * 0.45, r * 0.12, r * 0.12) {
-                    0.95
-                } else if ellipse(x, y, c, c, r, r * 0.7) {
-                    0.5
-                } else {
-                    0.0
+                    grey(0.08)
                 }
-            }
-            1 => {
-                // Chest radiograph: bright body, dark lung fields, rib stripes.
-                let lung = ellipse(x, y, c - r * 0.4, c, r * 0.3, r * 0.6)
-                    || ellipse(x, y, c + r * 0.4, c, r * 0.3, r * 0.6);
-                let rib = ((y / (n as f32 / 10.0)).sin() > 0.8) as u8 as f32 * 0.25;
-                if lung {
-                    0.25 + rib
-                } else if ellipse(x, y, c, c, r * 1.05, r) {
-                    0.75
-                } else {
-                    0.1
-                }
-            }
-            2 => {
-                // Ultrasound sector with speckle.
-                let (ax, ay) = (x - c, y - 2.0);
-                let ang = ax.atan2(ay).abs();
-                if ay > 0.0 && ang < 0.6 && ay < n as f32 * 0.9 {
-                    (0.45 * (rng.random::<f32>() * 2.0)).min(1.0)
-                        * if ellipse(x, y, c, c * 1.1, r * 0.3, r * 0.2) {
-                            0.3
-                        } else {
-                            1.0
-                        }
-                } else {
-                    0.0
-                }
-            }
-            _ => {
-                // Fundus: orange disc, bright optic disc, dark vessels (RGB).
-                if !ellipse(x, y, c, c, r, r) {
-                    0.0
-                } else if ellipse(x, y, c + r * 0.4, c, r * 0.15, r * 0.15) {
-                    -1.0
-                } else if ((y - c) - 0.3 * (x - c)).abs() < 1.2
-                    || ((y - c) + 0.5 * (x - c)).abs() < 1.0
+                0 if ellipse(x, y, c, c + r * 0.45, r * 0.12, r * 0.12) => grey(0.95),
+                0 if ellipse(x, y, c, c, r, r * 0.7) => grey(0.5),
+                0 => grey(0.0),
+                // Chest radiograph: bright body, dark lung fields crossed by ribs.
+                1 if ellipse(x, y, c - r * 0.4, c, r * 0.3, r * 0.6)
+                    || ellipse(x, y, c + r * 0.4, c, r * 0.3, r * 0.6) =>
                 {
-                    -2.0
-                } else {
-                    -3.0
+                    grey(if (y / (n as f32 / 10.0)).sin() > 0.8 {
+                        0.5
+                    } else {
+                        0.25
+                    })
                 }
-            }
-        };
-        *p = match v {
-            v if v == -1.0 => [1.0, 0.9, 0.6],
-            v if v == -2.0 => [0.45, 0.1, 0.05],
-            v if v == -3.0 => [0.85, 0.4, 0.15],
-            v => [v; 3],
-        };
-        for ch in p.iter_mut() {
-            *ch = (*ch + noise(rng, 0.05)).clamp(0.0, 1.0);
-        }
-    }
-    px
+                1 if ellipse(x, y, c, c, r * 1.05, r) => grey(0.75),
+                1 => grey(0.1),
+                // Ultrasound: speckled sector from the top, one dark lesion.
+                2 if y - 2.0 > 0.0 && (x - c).atan2(y - 2.0).abs() < 0.6 && y < n as f32 * 0.9 => {
+                    let lesion = if ellipse(x, y, c, c * 1.1, r * 0.3, r * 0.2) {
+                        0.3
+                    } else {
+                        1.0
+                    };
+                    grey((0.9 * rng.random::<f32>()).min(1.0) * lesion)
+                }
+                2 => grey(0.0),
+                // Fundus (RGB): orange disc, bright optic disc, two dark vessels.
+                _ if !ellipse(x, y, c, c, r, r) => grey(0.0),
+                _ if ellipse(x, y, c + r * 0.4, c, r * 0.15, r * 0.15) => [1.0, 0.9, 0.6],
+                _ if ((y - c) - 0.3 * (x - c)).abs() < 1.2
+                    || ((y - c) + 0.5 * (x - c)).abs() < 1.0 =>
+                {
+                    [0.45, 0.1, 0.05]
+                }
+                _ => [0.85, 0.4, 0.15],
+            };
+            p.map(|v| (v + noise(rng, 0.05)).clamp(0.0, 1.0))
+        })
+        .collect()
 }
 
 fn write_phantoms(dir: &Path, per: usize, seed: u64) -> Result<PathBuf> {
@@ -214,16 +191,13 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             cfg.preprocess.size,
             cfg.preprocess.channels
         );
-        embed_items::<B>(
-            &vit,
-            &cfg.preprocess,
-            items,
-            &read,
-            Pool::ClsMean,
-            32,
-            false,
-            &dev,
-        )?
+        let job = EmbedJob {
+            read: &read,
+            pool: Pool::ClsMean,
+            batch: 32,
+            strict: false,
+        };
+        embed_items::<B>(&vit, &cfg.preprocess, items, &job, &dev)?
     });
     let out = a.out.join("embeddings.npy");
     write_embeddings(&out, &e)?;

@@ -80,16 +80,23 @@ pub fn pool<B: Backend>(vit: &Vit<B>, x: Tensor<B, 4>, pool: Pool) -> Tensor<B, 
 }
 
 /// Embeds every image of every item; unreadable items are collected (or, with `strict`, fatal).
+/// How to run an embedding job over a list of items.
+pub struct EmbedJob<'a> {
+    pub read: &'a ReadOptions,
+    pub pool: Pool,
+    pub batch: usize,
+    /// Stop at the first unreadable item.
+    pub strict: bool,
+}
+
 pub fn embed_items<B: Backend>(
     vit: &Vit<B>,
     pre: &Preprocess,
     items: Vec<Item>,
-    read: &ReadOptions,
-    mode: Pool,
-    batch: usize,
-    strict: bool,
+    job: &EmbedJob,
     device: &B::Device,
 ) -> Result<Embeddings> {
+    let (read, mode, batch, strict) = (job.read, job.pool, job.batch, job.strict);
     let n = items.len();
     let bar = ProgressBar::new(n as u64).with_style(
         ProgressStyle::with_template(
@@ -268,16 +275,13 @@ pub fn run(a: &EmbedArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let e = crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
-        embed_items::<B>(
-            &vit,
-            &cfg.preprocess,
-            items,
-            &read,
-            a.pool,
-            a.batch,
-            a.strict,
-            &dev,
-        )?
+        let job = EmbedJob {
+            read: &read,
+            pool: a.pool,
+            batch: a.batch,
+            strict: a.strict,
+        };
+        embed_items::<B>(&vit, &cfg.preprocess, items, &job, &dev)?
     });
     write_embeddings(&a.out, &e)?;
     eprintln!(
