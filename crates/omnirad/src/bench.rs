@@ -31,6 +31,8 @@ pub enum BenchCmd {
         #[command(flatten)]
         read: ReadArgs,
     },
+    /// The MedMNIST v2 protocol: frozen features, a probe, test metrics beside published references.
+    Medmnist(crate::medmnist_bench::MedMnistArgs),
     /// Encoder forward images/s on random input (median over steps after warm-up).
     Embed {
         #[arg(long, default_value = "vit_s16")]
@@ -150,6 +152,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             json!({ "bench": if augment { "decode+2 global views" } else { "decode+preprocess" }, "input": input, "items": items.len(), "images": images, "size": size,
                     "img_per_s_median": median(rates), "threads": rayon::current_num_threads() })
         }
+        BenchCmd::Medmnist(a) => return crate::medmnist_bench::run(&a),
         BenchCmd::Embed {
             model,
             img,

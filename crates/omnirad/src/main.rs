@@ -5,6 +5,7 @@ mod demo;
 mod device;
 mod embed;
 mod info;
+mod medmnist_bench;
 
 use std::path::PathBuf;
 

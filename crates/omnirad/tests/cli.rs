@@ -298,3 +298,65 @@ fn convert_a_checkpoint_and_embed_with_it_directly_or_converted() {
     ]);
     assert!(ok, "{err}");
 }
+
+#[test]
+fn bench_medmnist_knn_table_and_bad_names() {
+    let d = tmp("mm");
+    let out = d.join("table");
+    let dir = data("medmnist");
+    let (ok, stdout, err) = omnirad(&[
+        "bench",
+        "medmnist",
+        "--data",
+        dir.to_str().unwrap(),
+        "--datasets",
+        "breastmnist",
+        "--model",
+        "vit_pico",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("| breastmnist |") && stdout.contains("ResNet-18 (28) 0.901 / 0.863"),
+        "{stdout}"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("table.json")).unwrap()).unwrap();
+    let m = &j["results"][0]["metrics"];
+    for k in ["acc", "auc", "macro_f1"] {
+        let v = m[k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+    }
+    // The confusion matrix covers all 156 official test images.
+    let total: u64 = m["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 156);
+    let (ok, _, err) = omnirad(&[
+        "bench",
+        "medmnist",
+        "--data",
+        dir.to_str().unwrap(),
+        "--datasets",
+        "breastmnst",
+        "--model",
+        "vit_pico",
+    ]);
+    assert!(!ok && err.contains("unknown dataset 'breastmnst'"), "{err}");
+    let (ok, _, err) = omnirad(&[
+        "bench",
+        "medmnist",
+        "--data",
+        dir.to_str().unwrap(),
+        "--datasets",
+        "bloodmnist",
+        "--model",
+        "vit_pico",
+    ]);
+    assert!(!ok && err.contains("bloodmnist.npz: not found"), "{err}");
+}

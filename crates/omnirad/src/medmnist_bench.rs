@@ -1,0 +1,217 @@
+//! `omnirad bench medmnist`: the MedMNIST v2 protocol for any encoder — official splits,
+//! frozen features, a probe on train, test metrics beside the published references.
+//! Modes so far: `knn` (DINO's weighted k-NN, k = 20, T = 0.07; needs no model selection).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use ndarray::Array2;
+use omnirad_data::medmnist::{MedMnistInfo, Task};
+use omnirad_data::{discover, ReadOptions, Split};
+use omnirad_eval::baselines::{MEDMNIST_PLUS_DINO_LINEAR, MEDMNIST_V2, MEDMNIST_V2_MODELS};
+use omnirad_eval::{evaluate, knn_scores, KnnConfig, Metrics, TaskKind};
+use serde_json::json;
+
+use crate::device::{parse_device, resolve_model, Device};
+use crate::embed::{embed_items, EmbedJob, Embeddings, Pool};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Knn,
+}
+
+#[derive(Args, Debug)]
+pub struct MedMnistArgs {
+    /// Folder holding the official `{name}.npz` / `{name}_{size}.npz` files.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Comma-separated dataset names (e.g. breastmnist,pneumoniamnist).
+    #[arg(long, value_delimiter = ',')]
+    pub datasets: Vec<String>,
+    #[arg(long)]
+    pub model: String,
+    #[arg(long, value_enum, default_value = "knn")]
+    pub mode: Mode,
+    /// Which official file to read: 28 (MedMNIST v2) or 64/128/224 (MedMNIST+).
+    #[arg(long, default_value_t = 28)]
+    pub size: usize,
+    #[arg(long, value_enum, default_value = "cls")]
+    pub pool: Pool,
+    #[arg(long, default_value_t = 20)]
+    pub k: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the table as OUT.md and OUT.json.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+fn file_for(data: &Path, name: &str, size: usize) -> PathBuf {
+    data.join(if size == 28 {
+        format!("{name}.npz")
+    } else {
+        format!("{name}_{size}.npz")
+    })
+}
+
+struct Row {
+    name: String,
+    metrics: Metrics,
+    model_size: usize,
+}
+
+pub fn run(a: &MedMnistArgs) -> Result<()> {
+    if a.datasets.is_empty() {
+        bail!("--datasets is empty (e.g. --datasets breastmnist,pneumoniamnist)");
+    }
+    let mut plan = Vec::new();
+    for name in &a.datasets {
+        let info = MedMnistInfo::get(name).with_context(|| {
+            let known: Vec<_> = MedMnistInfo::all()
+                .iter()
+                .filter(|d| !d.is_3d)
+                .map(|d| d.name)
+                .collect();
+            format!(
+                "unknown dataset '{name}' (2D MedMNIST sets: {})",
+                known.join(", ")
+            )
+        })?;
+        if info.is_3d {
+            bail!("{name} is a 3D dataset; bench medmnist covers the 2D sets");
+        }
+        let file = file_for(&a.data, name, a.size);
+        if !file.is_file() {
+            bail!(
+                "{}: not found (expected the official {name} file for size {})",
+                file.display(),
+                a.size
+            );
+        }
+        plan.push((info, file));
+    }
+    let rows = crate::with_backend!(a.device, |B, dev| {
+        let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
+        let mut rows = Vec::new();
+        for (info, file) in &plan {
+            let embed = |split: Split| -> Result<Embeddings> {
+                let read = ReadOptions {
+                    split,
+                    ..Default::default()
+                };
+                let (items, _) = discover(file, split)?;
+                let job = EmbedJob {
+                    read: &read,
+                    pool: a.pool,
+                    batch: a.batch,
+                    strict: true,
+                };
+                embed_items::<B>(&vit, &cfg.preprocess, items, &job, &dev)
+            };
+            let (train, test) = (embed(Split::Train)?, embed(Split::Test)?);
+            let labels = |e: &Embeddings| {
+                let l = e.metas[0].labels.len();
+                Array2::from_shape_fn((e.metas.len(), l), |(i, j)| e.metas[i].labels[j])
+            };
+            let multi = info.task == Task::MultiLabel;
+            let scores = knn_scores(
+                train.values.view(),
+                labels(&train).view(),
+                test.values.view(),
+                info.num_classes(),
+                multi,
+                KnnConfig {
+                    k: a.k,
+                    ..Default::default()
+                },
+            );
+            let task = match info.task {
+                Task::Binary => TaskKind::Binary,
+                Task::MultiLabel => TaskKind::MultiLabel,
+                Task::MultiClass | Task::Ordinal => TaskKind::MultiClass,
+            };
+            let metrics = evaluate(task, labels(&test).view(), scores.view());
+            eprintln!(
+                "{}: test ACC {:.3} AUC {:.3} macro-F1 {:.3}",
+                info.name, metrics.acc, metrics.auc, metrics.macro_f1
+            );
+            rows.push(Row {
+                name: info.name.to_string(),
+                metrics,
+                model_size: cfg.preprocess.size,
+            });
+        }
+        rows
+    });
+    let md = table(a, &rows);
+    println!("{md}");
+    if let Some(out) = &a.out {
+        let j = json!({
+            "model": a.model, "mode": format!("{:?}", a.mode).to_lowercase(), "k": a.k, "file_size": a.size,
+            "results": rows.iter().map(|r| json!({ "dataset": r.name, "input": format!("{}px resized to {}px", a.size, r.model_size), "metrics": r.metrics })).collect::<Vec<_>>(),
+        });
+        std::fs::write(out.with_extension("md"), &md)
+            .with_context(|| format!("writing {}", out.display()))?;
+        std::fs::write(
+            out.with_extension("json"),
+            serde_json::to_string_pretty(&j)?,
+        )?;
+    }
+    Ok(())
+}
+
+fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
+    let mut s = format!(
+        "omnirad `{}`, {:?} probe (k={}), {} features; input {}px files resized to {}px (bicubic). Test split.\n\n",
+        a.model,
+        a.mode,
+        a.k,
+        format!("{:?}", a.pool).to_lowercase(),
+        a.size,
+        rows.first().map(|r| r.model_size).unwrap_or(0)
+    );
+    s += "| dataset | ACC | AUC | macro-F1 | published (AUC / ACC) |\n|---|---|---|---|---|\n";
+    for r in rows {
+        let mut refs: Vec<String> = MEDMNIST_V2
+            .iter()
+            .filter(|(n, _)| *n == r.name)
+            .flat_map(|(_, v)| {
+                v.iter()
+                    .zip(MEDMNIST_V2_MODELS)
+                    .map(|((auc, acc), m)| format!("{m} {auc:.3} / {acc:.3}"))
+            })
+            .collect();
+        let col = match a.size {
+            28 => Some(0),
+            64 => Some(1),
+            128 => Some(2),
+            224 => Some(3),
+            _ => None,
+        };
+        if let (Some(c), Some((_, v))) = (
+            col,
+            MEDMNIST_PLUS_DINO_LINEAR.iter().find(|(n, _)| *n == r.name),
+        ) {
+            refs.push(format!(
+                "DINO ViT-B/16 linear ({}px) – / {:.3}",
+                a.size,
+                v[c] / 100.0
+            ));
+        }
+        let m = &r.metrics;
+        s += &format!(
+            "| {} | {:.3} | {:.3} | {:.3} | {} |\n",
+            r.name,
+            m.acc,
+            m.auc,
+            m.macro_f1,
+            refs.join("; ")
+        );
+    }
+    s
+}
