@@ -1,6 +1,7 @@
 //! `omnirad bench medmnist`: the MedMNIST v2 protocol for any encoder — official splits,
 //! frozen features, a probe on train, test metrics beside the published references.
-//! Modes so far: `knn` (DINO's weighted k-NN, k = 20, T = 0.07; needs no model selection).
+//! Modes so far: `knn` (DINO's weighted k-NN, k = 20, T = 0.07; needs no model selection) and
+//! `linear` (a linear probe on standardised features, epoch chosen on val by macro-F1).
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,7 @@ use omnirad_data::medmnist::{MedMnistInfo, Task};
 use omnirad_data::{discover, ReadOptions, Split};
 use omnirad_eval::baselines::{MEDMNIST_PLUS_DINO_LINEAR, MEDMNIST_V2, MEDMNIST_V2_MODELS};
 use omnirad_eval::{evaluate, knn_scores, KnnConfig, Metrics, TaskKind};
+use omnirad_train::{linear_probe, ProbeConfig};
 use serde_json::json;
 
 use crate::device::{parse_device, resolve_model, Device};
@@ -19,6 +21,7 @@ use crate::embed::{embed_items, EmbedJob, Embeddings, Pool};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
     Knn,
+    Linear,
 }
 
 #[derive(Args, Debug)]
@@ -40,6 +43,9 @@ pub struct MedMnistArgs {
     pub pool: Pool,
     #[arg(long, default_value_t = 20)]
     pub k: usize,
+    /// Linear probe epochs (the val split picks the best).
+    #[arg(long, default_value_t = 60)]
+    pub epochs: usize,
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
@@ -119,23 +125,49 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                 Array2::from_shape_fn((e.metas.len(), l), |(i, j)| e.metas[i].labels[j])
             };
             let multi = info.task == Task::MultiLabel;
-            let scores = knn_scores(
-                train.values.view(),
-                labels(&train).view(),
-                test.values.view(),
-                info.num_classes(),
-                multi,
-                KnnConfig {
-                    k: a.k,
-                    ..Default::default()
-                },
-            );
             let task = match info.task {
                 Task::Binary => TaskKind::Binary,
                 Task::MultiLabel => TaskKind::MultiLabel,
                 Task::MultiClass | Task::Ordinal => TaskKind::MultiClass,
             };
-            let metrics = evaluate(task, labels(&test).view(), scores.view());
+            let (ytr, yte) = (labels(&train), labels(&test));
+            let scores = match a.mode {
+                Mode::Knn => knn_scores(
+                    train.values.view(),
+                    ytr.view(),
+                    test.values.view(),
+                    info.num_classes(),
+                    multi,
+                    KnnConfig {
+                        k: a.k,
+                        ..Default::default()
+                    },
+                ),
+                Mode::Linear => {
+                    let val = embed(Split::Val)?;
+                    let yva = labels(&val);
+                    let cfg = ProbeConfig {
+                        epochs: a.epochs,
+                        seed: a.seed,
+                        ..Default::default()
+                    };
+                    let r = linear_probe::<omnirad_model::Train<B>>(
+                        (train.values.view(), ytr.view()),
+                        (val.values.view(), yva.view()),
+                        test.values.view(),
+                        info.num_classes(),
+                        task,
+                        &cfg,
+                        &dev,
+                    );
+                    eprintln!(
+                        "{}: linear probe chose epoch {} (val macro-F1 {:.3})",
+                        info.name, r.best_epoch, r.val.macro_f1
+                    );
+                    r.test_scores
+                }
+            };
+            let metrics = evaluate(task, yte.view(), scores.view());
             eprintln!(
                 "{}: test ACC {:.3} AUC {:.3} macro-F1 {:.3}",
                 info.name, metrics.acc, metrics.auc, metrics.macro_f1
@@ -167,7 +199,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
 
 fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
     let mut s = format!(
-        "omnirad `{}`, {:?} probe (k={}), {} features; input {}px files resized to {}px (bicubic). Test split.\n\n",
+        "omnirad `{}`, {:?} probe (k={} for knn), {} features; input {}px files resized to {}px (bicubic). Test split.\n\n",
         a.model,
         a.mode,
         a.k,
