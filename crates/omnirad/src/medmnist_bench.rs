@@ -46,6 +46,9 @@ pub struct MedMnistArgs {
     /// Linear probe epochs (the val split picks the best).
     #[arg(long, default_value_t = 60)]
     pub epochs: usize,
+    /// Linear probe repeats with seeds seed, seed+1, …; the table shows mean ± std.
+    #[arg(long, default_value_t = 1)]
+    pub seeds: u64,
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
@@ -67,8 +70,20 @@ fn file_for(data: &Path, name: &str, size: usize) -> PathBuf {
 
 struct Row {
     name: String,
-    metrics: Metrics,
+    /// One entry per probe seed (k-NN is deterministic: one run).
+    runs: Vec<Metrics>,
     model_size: usize,
+}
+
+/// "mean ± std" over runs (population std), or the single value.
+fn summary(runs: &[Metrics], f: fn(&Metrics) -> f64) -> String {
+    let v: Vec<f64> = runs.iter().map(f).collect();
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    if v.len() == 1 {
+        return format!("{mean:.3}");
+    }
+    let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+    format!("{mean:.3} ± {sd:.3}")
 }
 
 pub fn run(a: &MedMnistArgs) -> Result<()> {
@@ -131,50 +146,60 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                 Task::MultiClass | Task::Ordinal => TaskKind::MultiClass,
             };
             let (ytr, yte) = (labels(&train), labels(&test));
-            let scores = match a.mode {
-                Mode::Knn => knn_scores(
-                    train.values.view(),
-                    ytr.view(),
-                    test.values.view(),
-                    info.num_classes(),
-                    multi,
-                    KnnConfig {
+            let runs: Vec<Metrics> = match a.mode {
+                Mode::Knn => {
+                    let knn = KnnConfig {
                         k: a.k,
                         ..Default::default()
-                    },
-                ),
+                    };
+                    let scores = knn_scores(
+                        train.values.view(),
+                        ytr.view(),
+                        test.values.view(),
+                        info.num_classes(),
+                        multi,
+                        knn,
+                    );
+                    vec![evaluate(task, yte.view(), scores.view())]
+                }
                 Mode::Linear => {
                     let val = embed(Split::Val)?;
                     let yva = labels(&val);
-                    let cfg = ProbeConfig {
-                        epochs: a.epochs,
-                        seed: a.seed,
-                        ..Default::default()
-                    };
-                    let r = linear_probe::<omnirad_model::Train<B>>(
-                        (train.values.view(), ytr.view()),
-                        (val.values.view(), yva.view()),
-                        test.values.view(),
-                        info.num_classes(),
-                        task,
-                        &cfg,
-                        &dev,
-                    );
-                    eprintln!(
-                        "{}: linear probe chose epoch {} (val macro-F1 {:.3})",
-                        info.name, r.best_epoch, r.val.macro_f1
-                    );
-                    r.test_scores
+                    (a.seed..a.seed + a.seeds.max(1))
+                        .map(|seed| {
+                            let cfg = ProbeConfig {
+                                epochs: a.epochs,
+                                seed,
+                                ..Default::default()
+                            };
+                            let r = linear_probe::<omnirad_model::Train<B>>(
+                                (train.values.view(), ytr.view()),
+                                (val.values.view(), yva.view()),
+                                test.values.view(),
+                                info.num_classes(),
+                                task,
+                                &cfg,
+                                &dev,
+                            );
+                            eprintln!(
+                                "{} seed {seed}: linear probe chose epoch {} (val macro-F1 {:.3})",
+                                info.name, r.best_epoch, r.val.macro_f1
+                            );
+                            evaluate(task, yte.view(), r.test_scores.view())
+                        })
+                        .collect()
                 }
             };
-            let metrics = evaluate(task, yte.view(), scores.view());
             eprintln!(
-                "{}: test ACC {:.3} AUC {:.3} macro-F1 {:.3}",
-                info.name, metrics.acc, metrics.auc, metrics.macro_f1
+                "{}: test ACC {} AUC {} macro-F1 {}",
+                info.name,
+                summary(&runs, |m| m.acc),
+                summary(&runs, |m| m.auc),
+                summary(&runs, |m| m.macro_f1)
             );
             rows.push(Row {
                 name: info.name.to_string(),
-                metrics,
+                runs,
                 model_size: cfg.preprocess.size,
             });
         }
@@ -184,8 +209,8 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
     println!("{md}");
     if let Some(out) = &a.out {
         let j = json!({
-            "model": a.model, "mode": format!("{:?}", a.mode).to_lowercase(), "k": a.k, "file_size": a.size,
-            "results": rows.iter().map(|r| json!({ "dataset": r.name, "input": format!("{}px resized to {}px", a.size, r.model_size), "metrics": r.metrics })).collect::<Vec<_>>(),
+            "model": a.model, "mode": format!("{:?}", a.mode).to_lowercase(), "k": a.k, "seeds": a.seeds, "file_size": a.size,
+            "results": rows.iter().map(|r| json!({ "dataset": r.name, "input": format!("{}px resized to {}px", a.size, r.model_size), "runs": r.runs })).collect::<Vec<_>>(),
         });
         std::fs::write(out.with_extension("md"), &md)
             .with_context(|| format!("writing {}", out.display()))?;
@@ -235,13 +260,12 @@ fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
                 v[c] / 100.0
             ));
         }
-        let m = &r.metrics;
         s += &format!(
-            "| {} | {:.3} | {:.3} | {:.3} | {} |\n",
+            "| {} | {} | {} | {} | {} |\n",
             r.name,
-            m.acc,
-            m.auc,
-            m.macro_f1,
+            summary(&r.runs, |m| m.acc),
+            summary(&r.runs, |m| m.auc),
+            summary(&r.runs, |m| m.macro_f1),
             refs.join("; ")
         );
     }

@@ -323,7 +323,7 @@ fn bench_medmnist_knn_table_and_bad_names() {
     );
     let j: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("table.json")).unwrap()).unwrap();
-    let m = &j["results"][0]["metrics"];
+    let m = &j["results"][0]["runs"][0];
     for k in ["acc", "auc", "macro_f1"] {
         let v = m[k].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&v), "{k} = {v}");
