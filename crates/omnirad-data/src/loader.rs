@@ -22,7 +22,7 @@ pub struct Batch {
     pub failed: Vec<(String, String)>,
 }
 
-/// Loads `items[range]`, keeping every image an item yields (so a batch may exceed the item count).
+/// Loads `items`, keeping every image an item yields (a multi-frame item gives several rows).
 pub fn load_batch(items: &[Item], read: &ReadOptions, pre: &Preprocess) -> Batch {
     let results: Vec<_> = items
         .par_iter()
