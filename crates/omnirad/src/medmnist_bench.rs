@@ -16,7 +16,7 @@ use omnirad_train::{linear_probe, ProbeConfig};
 use serde_json::json;
 
 use crate::device::{parse_device, resolve_model, Device};
-use crate::embed::{embed_items, EmbedJob, Embeddings, Pool};
+use crate::embed::{embed_items, write_embeddings, EmbedJob, Embeddings, Pool};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -55,9 +55,73 @@ pub struct MedMnistArgs {
     pub device: Device,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Keep extracted features here and reuse them when model, preprocessing, pooling and data
+    /// file are unchanged (probes then train in seconds).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
     /// Write the table as OUT.md and OUT.json.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// Cache file stem: md5 of everything the features depend on (model files' size and mtime
+/// stand in for their content).
+fn cache_key(
+    a: &MedMnistArgs,
+    cfg: &omnirad_model::ModelConfig,
+    file: &Path,
+    split: Split,
+) -> String {
+    use md5::{Digest, Md5};
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| format!("{}:{:?}", m.len(), m.modified().ok()))
+    };
+    let model = Path::new(&a.model);
+    let model_files: Vec<_> = if model.is_dir() {
+        ["config.json", "model.safetensors", "pytorch_model.bin"]
+            .iter()
+            .map(|f| stamp(&model.join(f)))
+            .collect()
+    } else {
+        vec![stamp(model)]
+    };
+    let text = format!(
+        "{}|{:?}|{}|{}|{:?}|{}|{:?}|{}",
+        a.model,
+        model_files,
+        a.seed,
+        serde_json::to_string(cfg).unwrap_or_default(),
+        a.pool,
+        file.display(),
+        stamp(file),
+        split.name()
+    );
+    let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("data");
+    format!("{name}-{}-{:x}", split.name(), Md5::digest(text.as_bytes()))
+}
+
+fn read_cached(stem: &Path) -> Result<Embeddings> {
+    let values: Array2<f32> = ndarray_npy::read_npy(stem.with_extension("npy"))?;
+    let labels: Array2<i64> =
+        ndarray_npy::read_npy(PathBuf::from(format!("{}.labels.npy", stem.display())))?;
+    if labels.nrows() != values.nrows() {
+        bail!("{}: cached features and labels disagree", stem.display());
+    }
+    let metas = labels
+        .rows()
+        .into_iter()
+        .map(|l| omnirad_data::Meta {
+            labels: l.to_vec(),
+            ..Default::default()
+        })
+        .collect();
+    Ok(Embeddings {
+        values,
+        metas,
+        failed: vec![],
+    })
 }
 
 fn file_for(data: &Path, name: &str, size: usize) -> PathBuf {
@@ -121,6 +185,13 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
         let mut rows = Vec::new();
         for (info, file) in &plan {
             let embed = |split: Split| -> Result<Embeddings> {
+                let key = a
+                    .cache
+                    .as_ref()
+                    .map(|dir| dir.join(cache_key(a, &cfg, file, split)));
+                if let Some(hit) = key.as_ref().and_then(|k| read_cached(k).ok()) {
+                    return Ok(hit);
+                }
                 let read = ReadOptions {
                     split,
                     ..Default::default()
@@ -132,7 +203,11 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                     batch: a.batch,
                     strict: true,
                 };
-                embed_items::<B>(&vit, &cfg.preprocess, items, &job, &dev)
+                let e = embed_items::<B>(&vit, &cfg.preprocess, items, &job, &dev)?;
+                if let Some(k) = &key {
+                    write_embeddings(&k.with_extension("npy"), &e)?;
+                }
+                Ok(e)
             };
             let (train, test) = (embed(Split::Train)?, embed(Split::Test)?);
             let labels = |e: &Embeddings| {

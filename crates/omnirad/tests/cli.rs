@@ -360,3 +360,55 @@ fn bench_medmnist_knn_table_and_bad_names() {
     ]);
     assert!(!ok && err.contains("bloodmnist.npz: not found"), "{err}");
 }
+
+#[test]
+fn bench_medmnist_reuses_cached_features() {
+    let d = tmp("mmcache");
+    let cache = d.join("cache");
+    let dir = data("medmnist");
+    let args = [
+        "bench",
+        "medmnist",
+        "--data",
+        dir.to_str().unwrap(),
+        "--datasets",
+        "breastmnist",
+        "--model",
+        "vit_pico",
+        "--mode",
+        "linear",
+        "--epochs",
+        "5",
+        "--cache",
+        cache.to_str().unwrap(),
+    ];
+    let (ok, first, err) = omnirad(&args);
+    assert!(ok, "{err}");
+    let files: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        files.iter().filter(|f| f.ends_with(".labels.npy")).count(),
+        3,
+        "{files:?}"
+    ); // train, val, test
+    let (ok, second, err) = omnirad(&args);
+    assert!(ok, "{err}");
+    assert_eq!(first, second);
+    // A different pooling must not hit the same cache entries.
+    let (ok, _, _) = omnirad(&[&args[..], &["--pool", "mean"]].concat());
+    assert!(ok);
+    assert_eq!(
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".labels.npy"))
+            .count(),
+        6
+    );
+}
