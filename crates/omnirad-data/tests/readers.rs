@@ -231,3 +231,16 @@ fn sixteen_bit_png_keeps_its_precision() {
     assert_eq!(im.data.dim(), (1, 4, 8));
     assert!((im.data[[0, 3, 7]] - 56003.0 / 65535.0).abs() < 1e-7);
 }
+
+#[test]
+fn nifti_with_nan_voxels_is_a_clear_error() {
+    let dir = tmpdir("nifti-nan");
+    let p = dir.join("nan.nii");
+    let mut vol = ndarray::Array3::<f32>::zeros((4, 4, 4));
+    vol[[1, 2, 3]] = f32::NAN;
+    nifti::writer::WriterOptions::new(&p)
+        .write_nifti(&vol)
+        .unwrap();
+    let e = NiftiVolume::open(&p).err().unwrap().to_string();
+    assert!(e.contains("nan.nii") && e.contains("NaN/Inf"), "{e}");
+}

@@ -147,3 +147,52 @@ fn pytorch_pickles_give_the_same_weights_as_safetensors() {
     );
     load_imported::<Cpu>(&pth, false, &Default::default()).unwrap();
 }
+
+#[test]
+fn corrupt_or_non_finite_checkpoints_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("omnirad-import-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk.safetensors");
+    std::fs::write(&junk, b"not a checkpoint at all").unwrap();
+    let e = import_checkpoint(&junk, None, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("junk.safetensors") && e.contains("not a safetensors file"),
+        "{e}"
+    );
+
+    let nan = dir.join("nan.safetensors");
+    let bytes: Vec<u8> = [1.0f32, f32::NAN]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &bytes).unwrap();
+    std::fs::write(
+        &nan,
+        safetensors::serialize([("cls_token", view)], None).unwrap(),
+    )
+    .unwrap();
+    let e = import_checkpoint(&nan, None, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("nan.safetensors") && e.contains("'cls_token' contains NaN/Inf"),
+        "{e}"
+    );
+
+    let pth = dir.join("broken.pth");
+    std::fs::write(&pth, b"PK\x03\x04 truncated zip").unwrap();
+    let e = import_checkpoint(&pth, None, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("broken.pth") && e.contains("not a readable PyTorch checkpoint"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

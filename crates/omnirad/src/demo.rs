@@ -141,20 +141,19 @@ fn write_phantoms(dir: &Path, per: usize, seed: u64) -> Result<PathBuf> {
 
 /// Leave-one-out 1-NN accuracy under cosine similarity: how well the space separates groups.
 pub fn nn_accuracy(x: &Array2<f32>, groups: &[String]) -> f64 {
-    let norms: Vec<f32> = x
-        .rows()
-        .into_iter()
-        .map(|r| r.dot(&r).sqrt().max(1e-12))
-        .collect();
+    let mut unit = x.clone();
+    for mut row in unit.rows_mut() {
+        let norm = row.dot(&row).sqrt().max(1e-12);
+        row /= norm;
+    }
+    // All cosine similarities in one matrix product.
+    let sims = unit.dot(&unit.t());
     let n = x.nrows();
     let hits = (0..n)
         .filter(|&i| {
             let best = (0..n)
                 .filter(|&j| j != i)
-                .max_by(|&a, &b| {
-                    let s = |j: usize| x.row(i).dot(&x.row(j)) / (norms[i] * norms[j]);
-                    s(a).total_cmp(&s(b))
-                })
+                .max_by(|&a, &b| sims[[i, a]].total_cmp(&sims[[i, b]]))
                 .expect("n >= 2");
             groups[best] == groups[i]
         })
