@@ -456,6 +456,132 @@ pub fn import_checkpoint(
     })
 }
 
+/// The file a DINO head is looked for in, beside an encoder (RAD-DINO ships it so SSL can go on).
+pub const DINO_HEAD_FILE: &str = "dino_head.safetensors";
+
+/// A DINO projection head in DINOv2's layout: RAD-DINO's `dino_head.safetensors`, the
+/// `dino_head.*` tensors of a DINOv2 training checkpoint (the teacher's when both are there), or
+/// the head omnirad writes beside a pretrained encoder. `path` may be a directory holding
+/// `dino_head.safetensors`. Sizes come from the tensor shapes.
+pub fn import_dino_head<B: burn::tensor::backend::Backend>(
+    path: &Path,
+    device: &B::Device,
+) -> Result<(crate::DinoHead<B>, crate::DinoHeadConfig), ModelError> {
+    use burn::module::Param;
+    use burn::tensor::{Tensor as BTensor, TensorData};
+
+    let file = if path.is_dir() {
+        path.join(DINO_HEAD_FILE)
+    } else {
+        path.to_path_buf()
+    };
+    let raw = if file.extension().is_some_and(|e| e == "safetensors") {
+        read_safetensors(&file)?
+    } else {
+        read_pytorch(&file)?
+    };
+    let has_teacher = raw.keys().any(|k| k.starts_with("teacher."));
+    let mut t = Tensors::new();
+    for (k, v) in raw {
+        if has_teacher && !k.starts_with("teacher.") {
+            continue;
+        }
+        let name = match k.find("dino_head.") {
+            Some(i) => k[i + "dino_head.".len()..].to_string(),
+            None if k.starts_with("mlp.") || k.starts_with("last_layer.") => k,
+            None => continue,
+        };
+        t.insert(name, v);
+    }
+    let get = |k: &str| {
+        t.get(k)
+            .ok_or_else(|| err(&file, format!("no DINO head tensor '{k}'")))
+    };
+    // PyTorch numbers the Sequential's GELUs too: linears sit at even indices.
+    let mut idx: Vec<usize> = t
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("mlp.")?
+                .strip_suffix(".weight")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    idx.sort_unstable();
+    if idx.is_empty() {
+        return Err(err(&file, "no DINO head tensors (mlp.*.weight) found"));
+    }
+    let (gs, g) = get("last_layer.weight_g")?;
+    let (vs, v) = get("last_layer.weight_v")?;
+    let first = &get(&format!("mlp.{}.weight", idx[0]))?.0;
+    let last = &get(&format!("mlp.{}.weight", idx[idx.len() - 1]))?.0;
+    let cfg = crate::DinoHeadConfig {
+        in_dim: first[1],
+        out_dim: vs[0],
+        hidden_dim: if idx.len() > 1 { first[0] } else { 0 },
+        bottleneck_dim: last[0],
+        nlayers: idx.len(),
+    };
+    if vs.len() != 2 || vs[1] != cfg.bottleneck_dim || gs.iter().product::<usize>() != cfg.out_dim {
+        return Err(err(
+            &file,
+            format!(
+                "last_layer shapes {vs:?} / {gs:?} do not fit a bottleneck of {}",
+                cfg.bottleneck_dim
+            ),
+        ));
+    }
+    let mut mlp = Vec::new();
+    let mut prev = cfg.in_dim;
+    for i in &idx {
+        let (ws, w) = get(&format!("mlp.{i}.weight"))?;
+        if ws.len() != 2 || ws[1] != prev {
+            return Err(err(
+                &file,
+                format!("mlp.{i}.weight has shape {ws:?}, expected [_, {prev}]"),
+            ));
+        }
+        let (o, n) = (ws[0], ws[1]);
+        // [out, in] → burn's [in, out].
+        let wt: Vec<f32> = (0..n)
+            .flat_map(|c| (0..o).map(move |r| (r, c)))
+            .map(|(r, c)| w[r * n + c])
+            .collect();
+        let bias = match t.get(&format!("mlp.{i}.bias")) {
+            Some((bs, b)) if bs == &vec![o] => Some(Param::from_tensor(BTensor::from_data(
+                TensorData::new(b.clone(), [o]),
+                device,
+            ))),
+            Some((bs, _)) => {
+                return Err(err(
+                    &file,
+                    format!("mlp.{i}.bias has shape {bs:?}, expected [{o}]"),
+                ))
+            }
+            None => None,
+        };
+        mlp.push(burn::nn::Linear {
+            weight: Param::from_tensor(BTensor::from_data(TensorData::new(wt, [n, o]), device)),
+            bias,
+        });
+        prev = o;
+    }
+    let head = crate::DinoHead {
+        mlp,
+        last_layer: crate::dino_head::WeightNormLinear {
+            weight_g: Param::from_tensor(BTensor::from_data(
+                TensorData::new(g.clone(), [cfg.out_dim, 1]),
+                device,
+            )),
+            weight_v: Param::from_tensor(BTensor::from_data(
+                TensorData::new(v.clone(), [cfg.out_dim, cfg.bottleneck_dim]),
+                device,
+            )),
+        },
+    };
+    Ok((head, cfg))
+}
+
 #[cfg(test)]
 mod tests {
     use super::f16_to_f32;

@@ -200,3 +200,56 @@ fn apply_weights<B: Backend>(
     }
     Ok(model)
 }
+
+/// Writes a DINO head in DINOv2's layout (`mlp.{0,2,4}.weight` as PyTorch `[out, in]`,
+/// `last_layer.weight_g/weight_v`), readable by [`crate::import::import_dino_head`] and by
+/// PyTorch's `DINOHead.load_state_dict`. Atomic.
+pub fn save_dino_head<B: Backend>(
+    head: &crate::DinoHead<B>,
+    path: &Path,
+) -> Result<(), ModelError> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let host = |t: burn::tensor::Tensor<B, 2>| -> (Vec<usize>, Vec<f32>) {
+        let shape = t.dims().to_vec();
+        (shape, t.into_data().convert::<f32>().to_vec().expect("f32"))
+    };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (i, l) in head.mlp.iter().enumerate() {
+        let (s, w) = host(l.weight.val().transpose());
+        tensors.push((format!("mlp.{}.weight", 2 * i), s, w));
+        if let Some(b) = &l.bias {
+            let b = b.val();
+            let n = b.dims()[0];
+            tensors.push((
+                format!("mlp.{}.bias", 2 * i),
+                vec![n],
+                b.into_data().convert::<f32>().to_vec().expect("f32"),
+            ));
+        }
+    }
+    let (s, g) = host(head.last_layer.weight_g.val());
+    tensors.push(("last_layer.weight_g".into(), s, g));
+    let (s, v) = host(head.last_layer.weight_v.val());
+    tensors.push(("last_layer.weight_v".into(), s, v));
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views = bytes.iter().map(|(n, s, b)| {
+        (
+            n.clone(),
+            TensorView::new(Dtype::F32, s.clone(), b).expect("consistent sizes"),
+        )
+    });
+    let data = safetensors::serialize(views, None).map_err(|e| ModelError::Weights {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    let tmp = path.with_extension("tmp");
+    let io = |source| ModelError::Io {
+        path: path.into(),
+        source,
+    };
+    std::fs::write(&tmp, data).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}

@@ -1,11 +1,15 @@
 //! Encoders, heads and weight I/O, generic over burn's `Backend`.
 
+pub mod dino_head;
 pub mod import;
 pub mod io;
 pub mod vit;
 
-pub use import::{import_checkpoint, Imported, Layout};
-pub use io::{load_imported, load_model_dir, save_model_dir, ModelConfig, ModelError};
+pub use dino_head::{DinoHead, DinoHeadConfig};
+pub use import::{import_checkpoint, import_dino_head, Imported, Layout, DINO_HEAD_FILE};
+pub use io::{
+    load_imported, load_model_dir, save_dino_head, save_model_dir, ModelConfig, ModelError,
+};
 pub use vit::{PosInterp, Vit, VitConfig, VitOutput};
 
 /// The CPU backend (pure Rust, SIMD + threads).

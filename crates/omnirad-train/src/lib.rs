@@ -1,5 +1,16 @@
-//! Training loops. So far: the linear probe on frozen features.
+//! Training: self-supervised pretraining (DINOv2 / OmniRad / XR-0 recipes) and probes on frozen
+//! features.
+//!
+//! `pretrain` (config, data, checkpoints) → `ssl` (student/teacher step) → `loss`, `masking`,
+//! `schedule`, `optim`.
 
+pub mod loss;
+pub mod masking;
+pub mod optim;
+pub mod params;
+pub mod pretrain;
 pub mod probe;
+pub mod schedule;
+pub mod ssl;
 
 pub use probe::{linear_probe, ProbeConfig, ProbeResult};

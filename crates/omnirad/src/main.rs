@@ -6,6 +6,7 @@ mod device;
 mod embed;
 mod info;
 mod medmnist_bench;
+mod pretrain;
 
 use std::path::PathBuf;
 
@@ -57,6 +58,8 @@ enum Cmd {
     },
     /// Embeddings (class token and/or mean patch token) for a file, folder, manifest or npz split.
     Embed(embed::EmbedArgs),
+    /// Self-supervised pretraining (DINOv2 / OmniRad / XR-0 recipes) from a TOML config.
+    Pretrain(pretrain::PretrainArgs),
     /// The main job end to end on an embedded default (synthetic phantoms, or --data files).
     Demo(demo::DemoArgs),
     /// Throughput measurements (see BENCHMARKS.md).
@@ -121,6 +124,7 @@ fn main() -> Result<()> {
         } => convert(&input, from, &out, heads, allow_partial),
         Cmd::Embed(a) => embed::run(&a),
         Cmd::Demo(a) => demo::run(&a),
+        Cmd::Pretrain(a) => pretrain::run(&a),
         Cmd::Bench { cmd } => bench::run(cmd),
     }
 }

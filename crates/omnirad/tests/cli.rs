@@ -412,3 +412,219 @@ fn bench_medmnist_reuses_cached_features() {
         6
     );
 }
+
+/// A pretraining config small enough for CI: vit_pico at 32 px on the two MedMNIST train splits.
+fn tiny_pretrain_config(dir: &std::path::Path, steps: usize, extra: &str) -> PathBuf {
+    let cfg = dir.join("pretrain.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"preset = "dinov2"
+[model]
+arch = "vit_pico"
+drop_path_rate = 0.1
+[head]
+prototypes = 256
+hidden_dim = 128
+bottleneck_dim = 32
+[crops]
+global_size = 32
+n_local = 2
+local_size = 16
+[optim]
+epochs = 1
+epoch_length = {steps}
+batch_size = 16
+warmup_epochs = 0.2
+warmup_teacher_temp_epochs = 0.5
+base_lr = 2e-2
+[[data.sources]]
+path = "{}"
+[[data.sources]]
+path = "{}"
+weight = 2.0
+[run]
+checkpoint_every = 3
+{extra}
+"#,
+            data("medmnist/pneumoniamnist.npz").display(),
+            data("medmnist/breastmnist.npz").display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn metrics(run: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn pretrain_a_few_steps_lowers_the_loss_and_exports_the_teacher() {
+    let d = tmp("pretrain");
+    let cfg = tiny_pretrain_config(&d, 24, "");
+    let run = d.join("run");
+    let (ok, _, err) = omnirad(&[
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let m = metrics(&run);
+    assert_eq!(m.len(), 24);
+    let mean = |rows: &[serde_json::Value], k: &str| {
+        rows.iter().map(|r| r[k].as_f64().unwrap()).sum::<f64>() / rows.len() as f64
+    };
+    let (first, last) = (&m[..4], &m[20..]);
+    assert!(
+        mean(last, "loss") < mean(first, "loss"),
+        "loss {} → {}",
+        mean(first, "loss"),
+        mean(last, "loss")
+    );
+    for k in [
+        "dino",
+        "ibot",
+        "koleo",
+        "lr",
+        "teacher_temp",
+        "momentum",
+        "grad_norm",
+        "prototypes_used",
+        "embedding_std",
+    ] {
+        assert!(
+            m.iter().all(|r| r[k].as_f64().is_some_and(f64::is_finite)),
+            "{k}"
+        );
+    }
+    // Schedules as configured: lr warms up from 0, the teacher temperature from 0.04.
+    assert_eq!(m[0]["lr"].as_f64().unwrap(), 0.0);
+    assert!((m[0]["teacher_temp"].as_f64().unwrap() - 0.04).abs() < 1e-12);
+    assert!((m[23]["teacher_temp"].as_f64().unwrap() - 0.07).abs() < 1e-12);
+    // The resolved config is complete (preset values filled in) and the teacher embeds.
+    let resolved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(resolved.contains("koleo_weight = 0.1") && resolved.contains("prototypes = 256"));
+    let out = d.join("emb.npy");
+    let (ok, _, err) = omnirad(&[
+        "embed",
+        "--model",
+        run.join("teacher").to_str().unwrap(),
+        "--input",
+        data("medmnist/breastmnist.npz").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let emb: ndarray::Array2<f32> = ndarray_npy::read_npy(&out).unwrap();
+    assert_eq!(emb.dim(), (156, 64));
+    // Continuing SSL from the exported teacher picks up its DINO head as well.
+    let (ok, _, err) = omnirad(&[
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--init",
+        run.join("teacher").to_str().unwrap(),
+        "--out",
+        d.join("run2").to_str().unwrap(),
+        "--stop-after",
+        "1",
+    ]);
+    assert!(
+        ok && err.contains("DINO head from") && err.contains("256 prototypes"),
+        "{err}"
+    );
+    // A finished run refuses to be overwritten.
+    let (ok, _, err) = omnirad(&[
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("--resume"), "{err}");
+}
+
+#[test]
+fn pretrain_resume_is_bit_identical() {
+    let d = tmp("resume");
+    let cfg = tiny_pretrain_config(&d, 6, "");
+    let (a, b) = (d.join("a"), d.join("b"));
+    let run = |extra: &[&str], out: &PathBuf| {
+        let mut args = vec!["pretrain", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = omnirad(&args);
+        assert!(ok, "{err}");
+    };
+    run(&["--config", cfg.to_str().unwrap()], &a);
+    run(
+        &["--config", cfg.to_str().unwrap(), "--stop-after", "3"],
+        &b,
+    );
+    assert_eq!(metrics(&b).len(), 3);
+    run(&["--resume"], &b);
+    let ckpt = |r: &PathBuf| std::fs::read(r.join("checkpoint.safetensors")).unwrap();
+    assert!(
+        ckpt(&a) == ckpt(&b),
+        "resumed checkpoint differs from the uninterrupted run"
+    );
+    let strip = |mut v: serde_json::Value| {
+        v.as_object_mut().unwrap().remove("img_per_s");
+        v
+    };
+    let (ma, mb): (Vec<_>, Vec<_>) = (
+        metrics(&a).into_iter().map(strip).collect(),
+        metrics(&b).into_iter().map(strip).collect(),
+    );
+    assert_eq!(ma, mb);
+}
+
+#[test]
+fn pretrain_config_errors_are_clear() {
+    let d = tmp("pretrain-bad");
+    let cfg = tiny_pretrain_config(&d, 2, "bogus_key = 1");
+    let out = d.join("run");
+    let (ok, _, err) = omnirad(&[
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("bogus_key") && err.contains("pretrain.toml"),
+        "{err}"
+    );
+    let cfg = tiny_pretrain_config(&d, 2, "");
+    let (ok, _, err) = omnirad(&[
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--preset",
+        "simclr",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("simclr"), "{err}");
+    let (ok, _, err) = omnirad(&["pretrain", "--out", out.to_str().unwrap(), "--resume"]);
+    assert!(!ok && err.contains("nothing to resume"), "{err}");
+    // A source that does not exist is named.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("breastmnist.npz", "nosuch.npz");
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, _, err) = omnirad(&[
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        d.join("run2").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("nosuch.npz"), "{err}");
+}

@@ -1,0 +1,124 @@
+//! DINO projection head (Caron et al. 2021; DINOv2 `dinov2/layers/dino_head.py`).
+//!
+//! ```text
+//! x ─ Linear(D→hidden) ─ GELU ─ … ─ Linear(→bottleneck) ─ ℓ2-normalise ─ WeightNormLinear(→K) ─ logits
+//! WeightNormLinear(z) = z · (g ⊙ v / ‖v‖_row)ᵀ        (no bias; g starts at 1)
+//! ```
+//! Parameter names follow DINOv2 (`mlp.{i}`, `last_layer.weight_g`, `last_layer.weight_v`), with
+//! `mlp` indices counting linears only (PyTorch's Sequential also counts the GELUs: 0, 2, 4).
+
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::tensor::activation::gelu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DinoHeadConfig {
+    pub in_dim: usize,
+    /// Number of prototypes K (DINOv2: 65 536 for ViT-S/B, 131 072 for ViT-L/g).
+    pub out_dim: usize,
+    pub hidden_dim: usize,
+    pub bottleneck_dim: usize,
+    /// Linear layers before the bottleneck output (DINOv2: 3).
+    pub nlayers: usize,
+}
+
+impl DinoHeadConfig {
+    /// DINOv2's head sizes for an encoder of width `in_dim`.
+    pub fn dinov2(in_dim: usize) -> Self {
+        Self {
+            in_dim,
+            out_dim: 65_536,
+            hidden_dim: 2048,
+            bottleneck_dim: 256,
+            nlayers: 3,
+        }
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> DinoHead<B> {
+        let dims: Vec<usize> = match self.nlayers.max(1) {
+            1 => vec![self.in_dim, self.bottleneck_dim],
+            n => std::iter::once(self.in_dim)
+                .chain(std::iter::repeat_n(self.hidden_dim, n - 1))
+                .chain(std::iter::once(self.bottleneck_dim))
+                .collect(),
+        };
+        let mlp = dims
+            .windows(2)
+            .map(|io| {
+                let mut l = LinearConfig::new(io[0], io[1])
+                    .with_initializer(Initializer::Normal {
+                        mean: 0.0,
+                        std: 0.02,
+                    })
+                    .init(device);
+                l.bias = Some(Param::from_tensor(Tensor::zeros([io[1]], device)));
+                l
+            })
+            .collect();
+        DinoHead {
+            mlp,
+            last_layer: WeightNormLinear {
+                weight_g: Param::from_tensor(Tensor::ones([self.out_dim, 1], device)),
+                weight_v: Param::from_tensor(Tensor::random(
+                    [self.out_dim, self.bottleneck_dim],
+                    Distribution::Normal(0.0, 0.02),
+                    device,
+                )),
+            },
+        }
+    }
+}
+
+/// `torch.nn.utils.weight_norm(Linear(in, out, bias=False))`: weight = g · v / ‖v‖ per output row.
+/// `weight_v` is stored as PyTorch stores it, [out, in].
+#[derive(Module, Debug)]
+pub struct WeightNormLinear<B: Backend> {
+    pub weight_g: Param<Tensor<B, 2>>,
+    pub weight_v: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> WeightNormLinear<B> {
+    pub fn weight(&self) -> Tensor<B, 2> {
+        let v = self.weight_v.val();
+        let norm = v.clone().powi_scalar(2).sum_dim(1).sqrt();
+        v * (self.weight_g.val() / norm)
+    }
+
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        x.matmul(self.weight().transpose())
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DinoHead<B: Backend> {
+    pub mlp: Vec<Linear<B>>,
+    pub last_layer: WeightNormLinear<B>,
+}
+
+/// `F.normalize(x, dim=-1, eps)`: x / max(‖x‖, eps).
+pub fn l2_normalize<B: Backend>(x: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
+    let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(eps);
+    x / norm
+}
+
+impl<B: Backend> DinoHead<B> {
+    /// Prototype logits [N, K] for N token vectors [N, D].
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let n = self.mlp.len();
+        let mut x = x;
+        for (i, l) in self.mlp.iter().enumerate() {
+            x = l.forward(x);
+            if i + 1 < n {
+                x = gelu(x);
+            }
+        }
+        self.last_layer.forward(l2_normalize(x, 1e-12))
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.last_layer.weight_v.dims()[0]
+    }
+}

@@ -1,0 +1,117 @@
+//! DINO head: the weight-normalised prototype layer by hand, and the DINOv2-layout file
+//! written after pretraining read back to the same function.
+
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor, TensorData};
+use omnirad_model::dino_head::WeightNormLinear;
+use omnirad_model::{import_dino_head, save_dino_head, Cpu, DinoHeadConfig};
+
+type B = Cpu;
+
+fn t2(v: Vec<f32>, shape: [usize; 2]) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(v, shape), &Default::default())
+}
+
+#[test]
+fn weight_norm_linear_by_hand() {
+    // Rows v = [3, 4] (‖v‖ = 5, g = 2) and [0, -2] (‖v‖ = 2, g = 1): weights [1.2, 1.6], [0, -1].
+    let l = WeightNormLinear::<B> {
+        weight_g: Param::from_tensor(t2(vec![2.0, 1.0], [2, 1])),
+        weight_v: Param::from_tensor(t2(vec![3.0, 4.0, 0.0, -2.0], [2, 2])),
+    };
+    let y: Vec<f32> = l
+        .forward(t2(vec![1.0, 2.0], [1, 2]))
+        .into_data()
+        .to_vec()
+        .unwrap();
+    assert!(
+        (y[0] - (1.2 + 3.2)).abs() < 1e-6 && (y[1] + 2.0).abs() < 1e-6,
+        "{y:?}"
+    );
+}
+
+#[test]
+fn head_logits_are_cosines_scaled_by_g() {
+    // With g = 1 every logit is the cosine between the bottleneck output and a prototype.
+    B::seed(&Default::default(), 0);
+    let cfg = DinoHeadConfig {
+        in_dim: 16,
+        out_dim: 32,
+        hidden_dim: 24,
+        bottleneck_dim: 8,
+        nlayers: 3,
+    };
+    let head = cfg.init::<B>(&Default::default());
+    let x = Tensor::<B, 2>::random([5, 16], Distribution::Default, &Default::default());
+    let y: Vec<f32> = head.forward(x).into_data().to_vec().unwrap();
+    assert_eq!(y.len(), 5 * 32);
+    assert!(y.iter().all(|v| v.abs() <= 1.0 + 1e-5));
+}
+
+#[test]
+fn saved_head_reads_back_identically_in_dinov2_layout() {
+    B::seed(&Default::default(), 1);
+    let cfg = DinoHeadConfig {
+        in_dim: 16,
+        out_dim: 32,
+        hidden_dim: 24,
+        bottleneck_dim: 8,
+        nlayers: 3,
+    };
+    let head = cfg.init::<B>(&Default::default());
+    let dir = std::env::temp_dir().join(format!("omnirad-dinohead-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("dino_head.safetensors");
+    save_dino_head(&head, &file).unwrap();
+    // PyTorch's names and layouts: Sequential indices 0, 2, 4 and [out, in] weights.
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "last_layer.weight_g",
+            "last_layer.weight_v",
+            "mlp.0.bias",
+            "mlp.0.weight",
+            "mlp.2.bias",
+            "mlp.2.weight",
+            "mlp.4.bias",
+            "mlp.4.weight"
+        ]
+    );
+    assert_eq!(st.tensor("mlp.0.weight").unwrap().shape(), [24, 16]);
+    assert_eq!(st.tensor("last_layer.weight_v").unwrap().shape(), [32, 8]);
+    // Read back (from the folder, as `--init` does) and compare the function.
+    let (back, bcfg) = import_dino_head::<B>(&dir, &Default::default()).unwrap();
+    assert_eq!(bcfg, cfg);
+    let x = Tensor::<B, 2>::random([4, 16], Distribution::Default, &Default::default());
+    let (a, b): (Vec<f32>, Vec<f32>) = (
+        head.forward(x.clone()).into_data().to_vec().unwrap(),
+        back.forward(x).into_data().to_vec().unwrap(),
+    );
+    assert_eq!(a, b);
+    // Bad files name the problem.
+    std::fs::write(&file, b"not safetensors").unwrap();
+    let e = import_dino_head::<B>(&file, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("dino_head.safetensors") && e.contains("safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn training_checkpoint_head_is_read_from_the_teacher() {
+    // The committed DINOv2 training checkpoint has a (partial) teacher head: a clear error
+    // names the missing tensor rather than reading the student's.
+    let f = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/dinov2_train_p16.pth");
+    let e = import_dino_head::<B>(&f, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mlp"), "{e}");
+}

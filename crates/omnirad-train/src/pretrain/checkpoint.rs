@@ -1,0 +1,208 @@
+//! One safetensors file holds a whole training state: student and teacher (backbone + heads),
+//! AdamW moments, the teacher centres, and the step in the metadata. Written to a temporary file
+//! and renamed, so a crash never leaves a half-written checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::params;
+use crate::ssl::{trainable_student, SslModel, SslTrainer};
+
+const FORMAT: &str = "omnirad-pretrain-1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+}
+
+fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().expect("f32 tensor")
+}
+
+/// Writes `path` atomically.
+pub fn save_checkpoint<B: Backend>(
+    path: &Path,
+    t: &SslTrainer<B>,
+    step: usize,
+) -> Result<(), CheckpointError> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (prefix, named) in [
+        ("student.", params::collect(&t.student.valid())),
+        ("teacher.", params::collect(&t.teacher)),
+    ] {
+        for p in named {
+            tensors.push((format!("{prefix}{}", p.path), p.shape, host(p.value)));
+        }
+    }
+    for (path, (m, v)) in &t.opt.state {
+        let n = m.dims()[0];
+        tensors.push((format!("adam_m.{path}"), vec![n], host(m.clone())));
+        tensors.push((format!("adam_v.{path}"), vec![n], host(v.clone())));
+    }
+    for (name, c) in [
+        ("center.dino", &t.dino_center),
+        ("center.ibot", &t.ibot_center),
+    ] {
+        let shape = c.value.dims().to_vec();
+        tensors.push((name.into(), shape, host(c.value.clone().flatten::<1>(0, 1))));
+    }
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .into_iter()
+        .map(|(n, s, v)| (n, v.iter().flat_map(|x| x.to_le_bytes()).collect(), s))
+        .collect();
+    let views: Vec<(String, TensorView)> = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).expect("consistent sizes"),
+            )
+        })
+        .collect();
+    // One metadata key: a HashMap with several would be written in random order, and
+    // identical states should give identical files.
+    let state = serde_json::json!({ "format": FORMAT, "step": step, "adam_step": t.opt.step });
+    let meta = HashMap::from([("omnirad".to_string(), state.to_string())]);
+    let data = safetensors::serialize(views, Some(meta)).map_err(|e| CheckpointError::Format {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
+    let tmp = path.with_extension("tmp");
+    let io = |source| CheckpointError::Io {
+        path: path.into(),
+        source,
+    };
+    std::fs::write(&tmp, data).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Restores `t` from `path`; returns the step to continue from. Every parameter of the current
+/// model must be in the file with the same shape.
+pub fn load_checkpoint<B: Backend>(
+    path: &Path,
+    t: &mut SslTrainer<B>,
+) -> Result<usize, CheckpointError> {
+    let fmt = |msg: String| CheckpointError::Format {
+        path: path.into(),
+        msg,
+    };
+    let data = std::fs::read(path).map_err(|source| CheckpointError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&data).map_err(|e| fmt(e.to_string()))?;
+    let meta: serde_json::Value = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("omnirad"))
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    if meta["format"] != FORMAT {
+        return Err(fmt(format!(
+            "not an omnirad pretraining checkpoint (format {})",
+            meta["format"]
+        )));
+    }
+    let num = |k: &str| {
+        meta[k]
+            .as_u64()
+            .ok_or_else(|| fmt(format!("metadata {k} missing")))
+    };
+    let step = num("step")? as usize;
+    let adam_step = num("adam_step")?;
+    let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| fmt(e.to_string()))?;
+    let dev = t.device.clone();
+    let mut tensors: HashMap<String, Tensor<B, 1>> = HashMap::new();
+    for (name, view) in st.iter() {
+        if view.dtype() != Dtype::F32 {
+            return Err(fmt(format!(
+                "{name}: dtype {:?}, expected F32",
+                view.dtype()
+            )));
+        }
+        let v: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(fmt(format!("{name}: contains NaN or Inf")));
+        }
+        let n = v.len();
+        tensors.insert(
+            name.to_string(),
+            Tensor::from_data(TensorData::new(v, [n]), &dev),
+        );
+    }
+    let mut missing = Vec::new();
+    let mut take = |prefix: &str, path: &str, old: Tensor<B, 1>| match tensors
+        .remove(&format!("{prefix}{path}"))
+    {
+        Some(new) if new.dims() == old.dims() => new,
+        _ => {
+            missing.push(format!("{prefix}{path}"));
+            old
+        }
+    };
+    let student: SslModel<B> =
+        params::replace(t.student.valid(), |p, old| take("student.", p, old));
+    let teacher = params::replace(t.teacher.clone(), |p, old| take("teacher.", p, old));
+    if !missing.is_empty() {
+        return Err(fmt(format!(
+            "{} parameters missing or of another shape (different model config?): {}",
+            missing.len(),
+            missing
+                .iter()
+                .take(8)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    t.student = trainable_student(student);
+    t.teacher = teacher;
+    t.opt.step = adam_step;
+    t.opt.state.clear();
+    let moments: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.starts_with("adam_m."))
+        .cloned()
+        .collect();
+    for k in moments {
+        let path = k["adam_m.".len()..].to_string();
+        let m = tensors.remove(&k).expect("listed");
+        let v = tensors
+            .remove(&format!("adam_v.{path}"))
+            .ok_or_else(|| fmt(format!("adam_v.{path} missing")))?;
+        t.opt.state.insert(path, (m, v));
+    }
+    for (name, c) in [
+        ("center.dino", &mut t.dino_center),
+        ("center.ibot", &mut t.ibot_center),
+    ] {
+        let v = tensors
+            .remove(name)
+            .ok_or_else(|| fmt(format!("{name} missing")))?;
+        let k = c.value.dims()[1];
+        if v.dims()[0] != k {
+            return Err(fmt(format!(
+                "{name}: {} prototypes, model has {k}",
+                v.dims()[0]
+            )));
+        }
+        c.value = v.reshape([1, k]);
+    }
+    Ok(step)
+}
