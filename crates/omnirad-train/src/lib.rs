@@ -4,6 +4,7 @@
 //! `pretrain` (config, data, checkpoints) → `ssl` (student/teacher step) → `loss`, `masking`,
 //! `schedule`, `optim`.
 
+pub mod finetune;
 pub mod loss;
 pub mod masking;
 pub mod optim;

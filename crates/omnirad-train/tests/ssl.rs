@@ -443,3 +443,25 @@ fn ibot_ignores_unmasked_tokens_and_training_lowers_the_loss() {
     }
     assert!(last < first, "loss {first} → {last}");
 }
+
+#[test]
+fn finetune_loss_with_label_smoothing_by_hand() {
+    use omnirad_train::finetune::classification_loss;
+    // softmax([0, ln 2]) = [1/3, 2/3]; target class 1 smoothed by 0.1 over 2 classes: [0.05, 0.95].
+    let z = t2(&[0.0, 2f64.ln()], [1, 2]);
+    let y = t2(&[0.0, 1.0], [1, 2]);
+    let want = -(0.05 * (1.0f64 / 3.0).ln() + 0.95 * (2.0f64 / 3.0).ln());
+    assert!(close(
+        scalar(classification_loss(z.clone(), y.clone(), false, 0.1)),
+        want,
+        1e-5
+    ));
+    // Multi-label: mean over entries of softplus(z) − y·z.
+    let sp = |x: f64| (1.0 + x.exp()).ln();
+    let want = (sp(0.0) + sp(2f64.ln()) - 2f64.ln()) / 2.0;
+    assert!(close(
+        scalar(classification_loss(z, y, true, 0.0)),
+        want,
+        1e-5
+    ));
+}

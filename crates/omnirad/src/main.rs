@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod device;
 mod embed;
+mod finetune;
 mod info;
 mod medmnist_bench;
 mod pretrain;
@@ -58,6 +59,10 @@ enum Cmd {
     },
     /// Embeddings (class token and/or mean patch token) for a file, folder, manifest or npz split.
     Embed(embed::EmbedArgs),
+    /// Fine-tune an encoder with a linear head on a MedMNIST-style npz; writes a bundle.
+    Finetune(finetune::FinetuneArgs),
+    /// Class probabilities from a fine-tuned bundle for files, folders, manifests or npz splits.
+    Predict(finetune::PredictArgs),
     /// Self-supervised pretraining (DINOv2 / OmniRad / XR-0 recipes) from a TOML config.
     Pretrain(pretrain::PretrainArgs),
     /// The main job end to end on an embedded default (synthetic phantoms, or --data files).
@@ -125,6 +130,8 @@ fn main() -> Result<()> {
         Cmd::Embed(a) => embed::run(&a),
         Cmd::Demo(a) => demo::run(&a),
         Cmd::Pretrain(a) => pretrain::run(&a),
+        Cmd::Finetune(a) => finetune::run(&a),
+        Cmd::Predict(a) => finetune::predict_cmd(&a),
         Cmd::Bench { cmd } => bench::run(cmd),
     }
 }

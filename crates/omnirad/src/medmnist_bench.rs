@@ -1,7 +1,8 @@
 //! `omnirad bench medmnist`: the MedMNIST v2 protocol for any encoder — official splits,
 //! frozen features, a probe on train, test metrics beside the published references.
-//! Modes so far: `knn` (DINO's weighted k-NN, k = 20, T = 0.07; needs no model selection) and
-//! `linear` (a linear probe on standardised features, epoch chosen on val by macro-F1).
+//! Modes: `knn` (DINO's weighted k-NN, k = 20, T = 0.07; needs no model selection), `linear` (a
+//! linear probe on standardised features) and `finetune` (the whole encoder with a linear head);
+//! the last two choose their epoch on val by macro-F1.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +23,8 @@ use crate::embed::{embed_items, write_embeddings, EmbedJob, Embeddings, Pool};
 pub enum Mode {
     Knn,
     Linear,
+    /// Full fine-tuning with a linear head (layer-wise LR decay, warm-up + cosine, augmentation).
+    Finetune,
 }
 
 #[derive(Args, Debug)]
@@ -43,9 +46,12 @@ pub struct MedMnistArgs {
     pub pool: Pool,
     #[arg(long, default_value_t = 20)]
     pub k: usize,
-    /// Linear probe epochs (the val split picks the best).
-    #[arg(long, default_value_t = 60)]
-    pub epochs: usize,
+    /// Linear probe / fine-tuning epochs (the val split picks the best); default 60 / 20.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Peak learning rate; default 1e-3 (linear) / 5e-4 (finetune).
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Linear probe repeats with seeds seed, seed+1, …; the table shows mean ± std.
     #[arg(long, default_value_t = 1)]
     pub seeds: u64,
@@ -184,6 +190,45 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
         let mut rows = Vec::new();
         for (info, file) in &plan {
+            if a.mode == Mode::Finetune {
+                let mut runs = Vec::new();
+                for seed in a.seed..a.seed + a.seeds.max(1) {
+                    let mut ft = omnirad_train::finetune::FinetuneConfig {
+                        batch: a.batch,
+                        seed,
+                        cls_mean: a.pool == Pool::ClsMean,
+                        ..Default::default()
+                    };
+                    ft.epochs = a.epochs.unwrap_or(ft.epochs);
+                    ft.lr = a.lr.unwrap_or(ft.lr);
+                    let o = crate::finetune::run_on_npz::<B>(
+                        vit.clone(),
+                        &cfg,
+                        file,
+                        &ft,
+                        &dev,
+                        false,
+                    )?;
+                    eprintln!(
+                        "{} seed {seed}: fine-tuning chose epoch {} (val macro-F1 {:.3})",
+                        info.name, o.result.best_epoch, o.result.val.macro_f1
+                    );
+                    runs.push(o.test);
+                }
+                eprintln!(
+                    "{}: test ACC {} AUC {} macro-F1 {}",
+                    info.name,
+                    summary(&runs, |m| m.acc),
+                    summary(&runs, |m| m.auc),
+                    summary(&runs, |m| m.macro_f1)
+                );
+                rows.push(Row {
+                    name: info.name.to_string(),
+                    runs,
+                    model_size: cfg.preprocess.size,
+                });
+                continue;
+            }
             let embed = |split: Split| -> Result<Embeddings> {
                 let key = a
                     .cache
@@ -237,16 +282,18 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                     );
                     vec![evaluate(task, yte.view(), scores.view())]
                 }
+                Mode::Finetune => unreachable!("fine-tuning returned above"),
                 Mode::Linear => {
                     let val = embed(Split::Val)?;
                     let yva = labels(&val);
                     (a.seed..a.seed + a.seeds.max(1))
                         .map(|seed| {
-                            let cfg = ProbeConfig {
-                                epochs: a.epochs,
+                            let mut cfg = ProbeConfig {
                                 seed,
                                 ..Default::default()
                             };
+                            cfg.epochs = a.epochs.unwrap_or(cfg.epochs);
+                            cfg.lr = a.lr.unwrap_or(cfg.lr);
                             let r = linear_probe::<omnirad_model::Train<B>>(
                                 (train.values.view(), ytr.view()),
                                 (val.values.view(), yva.view()),
@@ -299,10 +346,13 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
 
 fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
     let mut s = format!(
-        "omnirad `{}`, {:?} probe (k={} for knn), {} features; input {}px files resized to {}px (bicubic). Test split.\n\n",
+        "omnirad `{}`, {}, {} features; input {}px files resized to {}px (bicubic). Test split.\n\n",
         a.model,
-        a.mode,
-        a.k,
+        match a.mode {
+            Mode::Knn => format!("k-NN probe (k = {})", a.k),
+            Mode::Linear => "linear probe".to_string(),
+            Mode::Finetune => "full fine-tuning, linear head".to_string(),
+        },
         format!("{:?}", a.pool).to_lowercase(),
         a.size,
         rows.first().map(|r| r.model_size).unwrap_or(0)

@@ -628,3 +628,104 @@ fn pretrain_config_errors_are_clear() {
     ]);
     assert!(!ok && err.contains("nosuch.npz"), "{err}");
 }
+
+#[test]
+fn finetune_writes_a_bundle_that_predicts() {
+    let d = tmp("finetune");
+    let bundle = d.join("bundle");
+    let (ok, out, err) = omnirad(&[
+        "finetune",
+        "--data",
+        data("medmnist/breastmnist.npz").to_str().unwrap(),
+        "--model",
+        "vit_pico",
+        "--out",
+        bundle.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--select",
+        "auc",
+    ]);
+    assert!(ok, "{err}");
+    let test: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(test["auc"]
+        .as_f64()
+        .is_some_and(|a| (0.0..=1.0).contains(&a)));
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("bundle.json")).unwrap())
+            .unwrap();
+    assert_eq!(b["classes"], 2);
+    assert_eq!(b["finetune"]["select"], "auc");
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("history.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+    // Predict on the test split: one row per image, probabilities summing to 1.
+    let csv = d.join("p.csv");
+    let (ok, _, err) = omnirad(&[
+        "predict",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--input",
+        data("medmnist/breastmnist.npz").to_str().unwrap(),
+        "--split",
+        "test",
+        "--out",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(text.lines().next().unwrap(), "id,p_0,p_1");
+    assert_eq!(text.lines().count(), 157);
+    for l in text.lines().skip(1) {
+        let p: Vec<f64> = l.split(',').skip(1).map(|v| v.parse().unwrap()).collect();
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{l}");
+    }
+    // The bundle's encoder reads DICOM like any model.
+    let (ok, out, err) = omnirad(&[
+        "predict",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--input",
+        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
+    ]);
+    assert!(ok && out.lines().count() == 2, "{err}");
+    // A head that does not match the declared classes is refused by name.
+    let bad = std::fs::read_to_string(bundle.join("bundle.json"))
+        .unwrap()
+        .replace("\"classes\": 2", "\"classes\": 3");
+    std::fs::write(bundle.join("bundle.json"), bad).unwrap();
+    let (ok, _, err) = omnirad(&[
+        "predict",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--input",
+        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("head.safetensors") && err.contains("3 classes"),
+        "{err}"
+    );
+    // Not a MedMNIST file name; not a bundle.
+    let (ok, _, err) = omnirad(&[
+        "finetune",
+        "--data",
+        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
+        "--model",
+        "vit_pico",
+        "--out",
+        d.join("x").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("not a MedMNIST file name"), "{err}");
+    let (ok, _, err) = omnirad(&[
+        "predict",
+        "--model",
+        d.to_str().unwrap(),
+        "--input",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("not a bundle"), "{err}");
+}

@@ -1,0 +1,392 @@
+//! Full fine-tuning of a ViT with a linear head: the OmniRad classification recipe (AdamW,
+//! warm-up + cosine, gradient clipping, augmentation, selection on the val split) with DINOv2's
+//! layer-wise LR decay.
+//!
+//! Loss: single-label — cross-entropy with label smoothing ε,
+//!   L = −(1/N) Σ_i Σ_c q_ic · log softmax(z_i)_c,   q_ic = (1 − ε)·[c = y_i] + ε/C;
+//! multi-label — binary cross-entropy with logits, L = (1/(N·C)) Σ softplus(z) − y·z.
+
+use burn::module::{AutodiffModule, Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::optim::GradientsParams;
+use burn::tensor::activation::{log_softmax, sigmoid, softmax, softplus};
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use ndarray::{Array2, ArrayView2};
+use omnirad_data::augment::{sample_rng, Augment};
+use omnirad_data::preprocess::{normalize, to_channels};
+use omnirad_data::{Image, Preprocess};
+use omnirad_eval::{evaluate, Metrics, TaskKind};
+use omnirad_model::{Train, Vit};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::{AdamW, StepSettings};
+use crate::params;
+use crate::pretrain::param_group;
+use crate::schedule::Cosine;
+
+/// What the val split is scored by when choosing the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Selection {
+    MacroF1,
+    Acc,
+    Auc,
+    Loss,
+}
+
+impl Selection {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "macro-f1" | "f1" => Ok(Self::MacroF1),
+            "acc" => Ok(Self::Acc),
+            "auc" => Ok(Self::Auc),
+            "loss" => Ok(Self::Loss),
+            _ => Err(format!(
+                "unknown selection '{s}' (macro-f1, acc, auc, loss)"
+            )),
+        }
+    }
+
+    /// Higher is better.
+    fn score(self, m: &Metrics, loss: f64) -> f64 {
+        match self {
+            Self::MacroF1 => m.macro_f1,
+            Self::Acc => m.acc,
+            Self::Auc => m.auc,
+            Self::Loss => -loss,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneConfig {
+    pub epochs: usize,
+    pub batch: usize,
+    /// Peak learning rate (after warm-up), for the head and the last block.
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_epochs: usize,
+    pub weight_decay: f64,
+    /// LR × decay^(depth + 1 − layer): lower layers move less.
+    pub layer_decay: f64,
+    pub drop_path: f64,
+    /// Dropout before the head (OmniRad: 0.4).
+    pub dropout: f64,
+    pub label_smoothing: f64,
+    /// Global gradient-norm limit; 0 disables.
+    pub clip: f64,
+    /// Head on the class token alone, or on [class token, mean patch token] (DINOv2's linear).
+    pub cls_mean: bool,
+    pub select: Selection,
+    pub seed: u64,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 20,
+            batch: 64,
+            lr: 5e-4,
+            min_lr: 1e-6,
+            warmup_epochs: 2,
+            weight_decay: 0.05,
+            layer_decay: 0.75,
+            drop_path: 0.1,
+            dropout: 0.0,
+            label_smoothing: 0.1,
+            clip: 1.0,
+            cls_mean: false,
+            select: Selection::MacroF1,
+            seed: 0,
+        }
+    }
+}
+
+/// Encoder + linear head.
+#[derive(Module, Debug)]
+pub struct Classifier<B: Backend> {
+    pub backbone: Vit<B>,
+    pub head: Linear<B>,
+    pub dropout: Dropout,
+    pub cls_mean: bool,
+}
+
+impl<B: Backend> Classifier<B> {
+    /// Head weights drawn from `seed` (PyTorch's U(±1/√D)), zero bias.
+    pub fn new(
+        backbone: Vit<B>,
+        classes: usize,
+        cls_mean: bool,
+        dropout: f64,
+        seed: u64,
+        device: &B::Device,
+    ) -> Self {
+        let d = backbone.embed_dim() * if cls_mean { 2 } else { 1 };
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x4845_4144);
+        let bound = 1.0 / (d as f32).sqrt();
+        let w: Vec<f32> = (0..d * classes)
+            .map(|_| rng.random_range(-bound..=bound))
+            .collect();
+        Self {
+            backbone,
+            head: Linear {
+                weight: Param::from_tensor(Tensor::from_data(
+                    TensorData::new(w, [d, classes]),
+                    device,
+                )),
+                bias: Some(Param::from_tensor(Tensor::zeros([classes], device))),
+            },
+            dropout: DropoutConfig::new(dropout).init(),
+            cls_mean,
+        }
+    }
+
+    pub fn features(&self, x: Tensor<B, 4>, training: bool) -> Tensor<B, 2> {
+        let out = self.backbone.forward_features(x, None, &[], training);
+        if self.cls_mean {
+            Tensor::cat(
+                vec![out.cls, out.patches.mean_dim(1).squeeze_dim::<2>(1)],
+                1,
+            )
+        } else {
+            out.cls
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>, training: bool) -> Tensor<B, 2> {
+        let f = self.features(x, training);
+        let f = if training { self.dropout.forward(f) } else { f };
+        self.head.forward(f)
+    }
+
+    /// Class probabilities (softmax, or sigmoid per label) for `x`.
+    pub fn probabilities(&self, x: Tensor<B, 4>, multi_label: bool) -> Tensor<B, 2> {
+        let z = self.forward(x, false);
+        if multi_label {
+            sigmoid(z)
+        } else {
+            softmax(z, 1)
+        }
+    }
+}
+
+/// A split in memory: images and labels [N, 1] (class ids) or [N, C] (0/1 flags).
+pub struct LabelledImages<'a> {
+    pub images: &'a [Image],
+    pub labels: ArrayView2<'a, i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub val: Metrics,
+    pub lr: f64,
+}
+
+pub struct FinetuneResult<B: Backend> {
+    /// The model at the selected epoch.
+    pub model: Classifier<B>,
+    /// 1-based.
+    pub best_epoch: usize,
+    pub val: Metrics,
+    pub history: Vec<EpochLog>,
+}
+
+/// The training loss of the module doc, a scalar [1]; `y` one-hot (single-label) or 0/1 flags.
+pub fn classification_loss<B: Backend>(
+    z: Tensor<B, 2>,
+    y: Tensor<B, 2>,
+    multi: bool,
+    smoothing: f64,
+) -> Tensor<B, 1> {
+    if multi {
+        (softplus(z.clone(), 1.0) - y * z).mean()
+    } else {
+        let c = z.dims()[1] as f64;
+        let q = y * (1.0 - smoothing) + smoothing / c;
+        (log_softmax(z, 1) * q).sum_dim(1).mean().neg()
+    }
+}
+
+fn targets<B: Backend>(
+    labels: ArrayView2<i64>,
+    idx: &[usize],
+    classes: usize,
+    multi: bool,
+    dev: &B::Device,
+) -> Tensor<B, 2> {
+    let v: Vec<f32> = idx
+        .iter()
+        .flat_map(|&i| {
+            (0..classes).map(move |c| {
+                let hit = if multi {
+                    labels[[i, c]] == 1
+                } else {
+                    labels[[i, 0]] == c as i64
+                };
+                hit as u8 as f32
+            })
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(v, [idx.len(), classes]), dev)
+}
+
+fn batch_tensor<B: Backend>(arrays: Vec<ndarray::Array3<f32>>, dev: &B::Device) -> Tensor<B, 4> {
+    let (c, h, w) = arrays[0].dim();
+    let n = arrays.len();
+    let v: Vec<f32> = arrays.into_iter().flat_map(|a| a.into_iter()).collect();
+    Tensor::from_data(TensorData::new(v, [n, c, h, w]), dev)
+}
+
+/// Class probabilities [N, C] for `images` (resized and normalised by `pre`).
+pub fn predict<B: Backend>(
+    model: &Classifier<B>,
+    images: &[Image],
+    pre: &Preprocess,
+    multi: bool,
+    batch: usize,
+    dev: &B::Device,
+) -> Array2<f64> {
+    let mut out = Vec::new();
+    let mut classes = 0;
+    for chunk in images.chunks(batch.max(1)) {
+        let arrays: Vec<_> = chunk.par_iter().map(|im| pre.apply(im)).collect();
+        let p = model.probabilities(batch_tensor::<B>(arrays, dev), multi);
+        classes = p.dims()[1];
+        out.extend(
+            p.into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("f32")
+                .into_iter()
+                .map(f64::from),
+        );
+    }
+    Array2::from_shape_vec((images.len(), classes), out).expect("n × classes")
+}
+
+/// Trains `model` on `train`, scoring `val` after every epoch; returns the model of the epoch
+/// `cfg.select` likes best. `augment` makes the training views; `pre` the evaluation inputs
+/// (and the channel count / normalisation of the training views).
+#[allow(clippy::too_many_arguments)]
+pub fn finetune<B: Backend>(
+    model: Classifier<B>,
+    train: LabelledImages,
+    val: LabelledImages,
+    task: TaskKind,
+    augment: &Augment,
+    pre: &Preprocess,
+    cfg: &FinetuneConfig,
+    dev: &B::Device,
+    mut on_epoch: impl FnMut(&EpochLog),
+) -> FinetuneResult<B> {
+    let multi = task == TaskKind::MultiLabel;
+    let classes = model.head.weight.dims()[1];
+    let depth = model.backbone.blocks.len();
+    let mut model = model;
+    for b in &mut model.backbone.blocks {
+        b.drop_path = cfg.drop_path;
+    }
+    let mut student = params::trainable(Classifier::<Train<B>>::from_inner(model));
+    let steps_per_epoch = train.images.len().div_ceil(cfg.batch.max(1));
+    let total = cfg.epochs * steps_per_epoch;
+    let lr = Cosine::new(cfg.lr, cfg.min_lr, total)
+        .with_warmup((cfg.warmup_epochs * steps_per_epoch).min(total), 0.0);
+    let mut opt = AdamW::<B>::new(0.9, 0.999, 1e-8);
+    let group = |p: &str| param_group(p, depth, cfg.layer_decay, 1.0);
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut order: Vec<usize> = (0..train.images.len()).collect();
+    let mut best: Option<(f64, FinetuneResult<B>)> = None;
+    let mut history = Vec::new();
+    let mut step = 0;
+    for epoch in 1..=cfg.epochs {
+        order.shuffle(&mut rng);
+        let mut loss_sum = 0.0;
+        for chunk in order.chunks(cfg.batch.max(1)) {
+            let arrays: Vec<_> = chunk
+                .par_iter()
+                .map(|&i| {
+                    let mut r = sample_rng(cfg.seed, epoch as u64, i as u64);
+                    let v = augment.apply(&train.images[i], &mut r);
+                    let mut a = to_channels(v.data, pre.channels);
+                    normalize(&mut a, &pre.normalize);
+                    a
+                })
+                .collect();
+            B::seed(
+                dev,
+                cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            let x = batch_tensor::<Train<B>>(arrays, dev);
+            let y = targets::<Train<B>>(train.labels, chunk, classes, multi, dev);
+            let loss = classification_loss(student.forward(x, true), y, multi, cfg.label_smoothing);
+            loss_sum += loss.clone().into_scalar().elem::<f64>() * chunk.len() as f64;
+            let grads = GradientsParams::from_grads(loss.backward(), &student);
+            let settings = StepSettings {
+                lr: lr.at(step),
+                weight_decay: cfg.weight_decay,
+                clip: (cfg.clip > 0.0).then_some(cfg.clip),
+                group: &group,
+            };
+            student = opt.step(student, grads, &settings).0;
+            step += 1;
+        }
+        let inner = student.valid();
+        let scores = predict(&inner, val.images, pre, multi, cfg.batch, dev);
+        let m = evaluate(task, val.labels, scores.view());
+        let val_loss = {
+            let s = Tensor::<B, 2>::from_data(
+                TensorData::new(
+                    scores
+                        .iter()
+                        .map(|&p| p.clamp(1e-7, 1.0 - 1e-7) as f32)
+                        .collect::<Vec<_>>(),
+                    [scores.nrows(), classes],
+                ),
+                dev,
+            );
+            let idx: Vec<usize> = (0..scores.nrows()).collect();
+            let y = targets::<B>(val.labels, &idx, classes, multi, dev);
+            let l = if multi {
+                ((s.clone().log() * y.clone()) + (s.neg() + 1.0).log() * (y.neg() + 1.0))
+                    .mean()
+                    .neg()
+            } else {
+                (s.log() * y).sum_dim(1).mean().neg()
+            };
+            l.into_scalar().elem::<f64>()
+        };
+        let log = EpochLog {
+            epoch,
+            train_loss: loss_sum / train.images.len() as f64,
+            val_loss,
+            val: m.clone(),
+            lr: lr.at(step.saturating_sub(1)),
+        };
+        on_epoch(&log);
+        history.push(log);
+        let score = cfg.select.score(&m, val_loss);
+        // Ties go to the later epoch, as OmniRad's `>=`.
+        if best.as_ref().is_none_or(|(b, _)| score >= *b) {
+            best = Some((
+                score,
+                FinetuneResult {
+                    model: inner,
+                    best_epoch: epoch,
+                    val: m,
+                    history: Vec::new(),
+                },
+            ));
+        }
+    }
+    let (_, mut r) = best.expect("at least one epoch");
+    r.history = history;
+    r
+}

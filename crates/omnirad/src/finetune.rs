@@ -1,0 +1,415 @@
+//! `omnirad finetune` (full fine-tuning on a MedMNIST-style npz with official splits) and
+//! `omnirad predict` (class probabilities from a saved bundle for any readable input).
+//!
+//! Bundle directory:
+//! ```text
+//! OUT/bundle.json        task, classes, pooling, preprocessing, selected epoch, val/test metrics
+//! OUT/encoder/           the fine-tuned encoder as a model directory (usable with --model)
+//! OUT/head.safetensors   linear head, PyTorch layout: weight [C, D], bias [C]
+//! OUT/history.jsonl      per epoch: train loss, val loss, val metrics, lr
+//! ```
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use clap::Args;
+use ndarray::Array2;
+use omnirad_data::augment::Augment;
+use omnirad_data::medmnist::{parse_file_name, MedMnistInfo, NpzSplit, Task};
+use omnirad_data::{discover, Split};
+use omnirad_eval::{evaluate, Metrics, TaskKind};
+use omnirad_model::{load_model_dir, save_model_dir, ModelConfig, Vit};
+use omnirad_train::finetune::{
+    finetune, predict, Classifier, FinetuneConfig, FinetuneResult, LabelledImages, Selection,
+};
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::device::{parse_device, resolve_model, Device};
+use crate::ReadArgs;
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    #[arg(long, default_value_t = 20)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 5e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.75)]
+    pub layer_decay: f64,
+    #[arg(long, default_value_t = 2)]
+    pub warmup_epochs: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub label_smoothing: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub drop_path: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Val-split score that picks the epoch: macro-f1 (OmniRad), acc, auc or loss.
+    #[arg(long, default_value = "macro-f1", value_parser = Selection::parse)]
+    pub select: Selection,
+    /// Head on the class token (cls) or on [class token, mean patch token] (cls-mean).
+    #[arg(long, default_value = "cls", value_parser = ["cls", "cls-mean"])]
+    pub pool: String,
+}
+
+impl TrainArgs {
+    pub fn config(&self, seed: u64) -> FinetuneConfig {
+        FinetuneConfig {
+            epochs: self.epochs,
+            batch: self.batch,
+            lr: self.lr,
+            min_lr: 1e-6,
+            warmup_epochs: self.warmup_epochs,
+            weight_decay: self.weight_decay,
+            layer_decay: self.layer_decay,
+            drop_path: self.drop_path,
+            dropout: self.dropout,
+            label_smoothing: self.label_smoothing,
+            clip: self.clip,
+            cls_mean: self.pool == "cls-mean",
+            select: self.select,
+            seed,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    /// MedMNIST-style npz with train/val/test splits (the dataset is recognised by its name).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Encoder: model directory, public checkpoint, or preset (random init).
+    #[arg(long)]
+    pub model: String,
+    /// Bundle directory to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bundle {
+    pub kind: String,
+    pub dataset: String,
+    pub task: String,
+    pub classes: usize,
+    pub cls_mean: bool,
+    pub best_epoch: usize,
+    pub val: serde_json::Value,
+    pub test: serde_json::Value,
+    pub finetune: FinetuneConfig,
+}
+
+pub fn task_kind(t: Task) -> TaskKind {
+    match t {
+        Task::Binary => TaskKind::Binary,
+        Task::MultiLabel => TaskKind::MultiLabel,
+        Task::MultiClass | Task::Ordinal => TaskKind::MultiClass,
+    }
+}
+
+/// The dataset of an npz file, from its name (`breastmnist.npz`, `pneumoniamnist_64.npz`).
+pub fn dataset_of(file: &Path) -> Result<&'static MedMnistInfo> {
+    let (info, _) = parse_file_name(file).with_context(|| {
+        format!(
+            "{}: not a MedMNIST file name (expected e.g. breastmnist.npz or breastmnist_64.npz)",
+            file.display()
+        )
+    })?;
+    if info.is_3d {
+        bail!(
+            "{}: {} is 3D; fine-tuning covers the 2D sets",
+            file.display(),
+            info.name
+        );
+    }
+    Ok(info)
+}
+
+pub struct Outcome<B: Backend> {
+    pub result: FinetuneResult<B>,
+    pub test: Metrics,
+}
+
+/// Fine-tunes `vit` on `file`'s train split, selects on val, scores test.
+pub fn run_on_npz<B: Backend>(
+    vit: Vit<B>,
+    cfg: &ModelConfig,
+    file: &Path,
+    ft: &FinetuneConfig,
+    dev: &B::Device,
+    verbose: bool,
+) -> Result<Outcome<B>> {
+    let info = dataset_of(file)?;
+    let load = |s: Split| -> Result<(Vec<omnirad_data::Image>, Array2<i64>)> {
+        let split = NpzSplit::load(file, s)?;
+        let images = split.images_2d()?;
+        let l = split.meta(0).labels.len();
+        let labels = Array2::from_shape_fn((split.len(), l), |(i, j)| split.meta(i).labels[j]);
+        Ok((images, labels))
+    };
+    let (tr, va, te) = (load(Split::Train)?, load(Split::Val)?, load(Split::Test)?);
+    let task = task_kind(info.task);
+    let classes = info.num_classes();
+    let model = Classifier::new(vit, classes, ft.cls_mean, ft.dropout, ft.seed, dev);
+    let pre = &cfg.preprocess;
+    let augment = Augment::finetune(pre.size);
+    let result = finetune(
+        model,
+        LabelledImages {
+            images: &tr.0,
+            labels: tr.1.view(),
+        },
+        LabelledImages {
+            images: &va.0,
+            labels: va.1.view(),
+        },
+        task,
+        &augment,
+        pre,
+        ft,
+        dev,
+        |e| {
+            if verbose {
+                eprintln!(
+                    "{} epoch {:>3}: train loss {:.4}  val loss {:.4}  val ACC {:.3} AUC {:.3} macro-F1 {:.3}  lr {:.2e}",
+                    info.name, e.epoch, e.train_loss, e.val_loss, e.val.acc, e.val.auc, e.val.macro_f1, e.lr
+                );
+            }
+        },
+    );
+    let scores = predict(
+        &result.model,
+        &te.0,
+        pre,
+        task == TaskKind::MultiLabel,
+        ft.batch,
+        dev,
+    );
+    let test = evaluate(task, te.1.view(), scores.view());
+    Ok(Outcome { result, test })
+}
+
+pub fn run(a: &FinetuneArgs) -> Result<()> {
+    let info = dataset_of(&a.data)?;
+    let ft = a.train.config(a.seed);
+    crate::with_backend!(a.device, |B, dev| {
+        let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
+        let o = run_on_npz::<B>(vit, &cfg, &a.data, &ft, &dev, true)?;
+        eprintln!(
+            "{}: epoch {} selected by val {:?}; test ACC {:.3} AUC {:.3} macro-F1 {:.3}",
+            info.name, o.result.best_epoch, ft.select, o.test.acc, o.test.auc, o.test.macro_f1
+        );
+        let bundle = Bundle {
+            kind: "classifier".into(),
+            dataset: info.name.into(),
+            task: format!("{:?}", info.task).to_lowercase(),
+            classes: info.num_classes(),
+            cls_mean: ft.cls_mean,
+            best_epoch: o.result.best_epoch,
+            val: serde_json::to_value(&o.result.val)?,
+            test: serde_json::to_value(&o.test)?,
+            finetune: ft.clone(),
+        };
+        save_bundle(&a.out, &o.result.model, &cfg, &bundle)?;
+        let mut h = std::fs::File::create(a.out.join("history.jsonl"))?;
+        for e in &o.result.history {
+            writeln!(h, "{}", serde_json::to_string(e)?)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&bundle.test)?);
+        eprintln!("bundle written to {}", a.out.display());
+        Ok(())
+    })
+}
+
+fn save_bundle<B: Backend>(
+    out: &Path,
+    m: &Classifier<B>,
+    cfg: &ModelConfig,
+    b: &Bundle,
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    save_model_dir(&m.backbone, cfg, &out.join("encoder"))?;
+    let w = m.head.weight.val().transpose();
+    let [c, d] = w.dims();
+    let w: Vec<f32> = w.into_data().convert::<f32>().to_vec().expect("f32");
+    let bias: Vec<f32> = match &m.head.bias {
+        Some(b) => b.val().into_data().convert::<f32>().to_vec().expect("f32"),
+        None => vec![0.0; c],
+    };
+    let (wb, bb): (Vec<u8>, Vec<u8>) = (
+        w.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        bias.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    );
+    let views = vec![
+        (
+            "weight".to_string(),
+            TensorView::new(Dtype::F32, vec![c, d], &wb)?,
+        ),
+        (
+            "bias".to_string(),
+            TensorView::new(Dtype::F32, vec![c], &bb)?,
+        ),
+    ];
+    let tmp = out.join("head.safetensors.tmp");
+    std::fs::write(&tmp, safetensors::serialize(views, None)?)?;
+    std::fs::rename(&tmp, out.join("head.safetensors"))?;
+    let tmp = out.join("bundle.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(b)?)?;
+    std::fs::rename(&tmp, out.join("bundle.json"))?;
+    Ok(())
+}
+
+/// Reads a bundle written by `finetune`.
+pub fn load_bundle<B: Backend>(
+    dir: &Path,
+    dev: &B::Device,
+) -> Result<(Classifier<B>, ModelConfig, Bundle)> {
+    let text = std::fs::read_to_string(dir.join("bundle.json"))
+        .with_context(|| format!("{}: not a bundle (no bundle.json)", dir.display()))?;
+    let bundle: Bundle = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid bundle.json", dir.display()))?;
+    let (vit, cfg) = load_model_dir::<B>(&dir.join("encoder"), dev)?;
+    let head_path = dir.join("head.safetensors");
+    let bytes =
+        std::fs::read(&head_path).with_context(|| format!("reading {}", head_path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not safetensors", head_path.display()))?;
+    let get = |k: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+        let v = st
+            .tensor(k)
+            .with_context(|| format!("{}: no tensor '{k}'", head_path.display()))?;
+        if v.dtype() != Dtype::F32 {
+            bail!(
+                "{}: '{k}' is {:?}, expected F32",
+                head_path.display(),
+                v.dtype()
+            );
+        }
+        Ok((
+            v.shape().to_vec(),
+            v.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        ))
+    };
+    let (ws, w) = get("weight")?;
+    let (bs, b) = get("bias")?;
+    let d = vit.embed_dim() * if bundle.cls_mean { 2 } else { 1 };
+    if ws != [bundle.classes, d] || bs != [bundle.classes] {
+        bail!(
+            "{}: head shapes {ws:?}/{bs:?} do not match {} classes on {d}-d features",
+            head_path.display(),
+            bundle.classes
+        );
+    }
+    let (c, n) = (ws[0], ws[1]);
+    let wt: Vec<f32> = (0..n)
+        .flat_map(|j| (0..c).map(move |i| (i, j)))
+        .map(|(i, j)| w[i * n + j])
+        .collect();
+    let mut m = Classifier::new(vit, bundle.classes, bundle.cls_mean, 0.0, 0, dev);
+    m.head.weight = Param::from_tensor(Tensor::from_data(TensorData::new(wt, [n, c]), dev));
+    m.head.bias = Some(Param::from_tensor(Tensor::from_data(
+        TensorData::new(b, [c]),
+        dev,
+    )));
+    Ok((m, cfg, bundle))
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// Bundle directory written by `omnirad finetune`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// File, folder, CSV manifest or npz (DICOM, NIfTI, PNG/JPEG, …).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Write a CSV (id, p_0, …, p_{C−1}) here instead of printing it.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Stop at the first unreadable item instead of skipping and listing it.
+    #[arg(long)]
+    pub strict: bool,
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
+    crate::with_backend!(a.device, |B, dev| {
+        let (model, cfg, bundle) = load_bundle::<B>(&a.model, &dev)?;
+        let (items, _) = discover(&a.input, a.read.split)?;
+        let read = a.read.options();
+        let mut ids = Vec::new();
+        let mut images = Vec::new();
+        let mut failed: HashMap<String, String> = HashMap::new();
+        for item in &items {
+            match item.load(&read) {
+                Ok(imgs) => {
+                    for im in imgs {
+                        ids.push(im.meta.id.clone());
+                        images.push(im);
+                    }
+                }
+                Err(e) if !a.strict => {
+                    failed.insert(item.id(), e.to_string());
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading {} (--strict)", item.id()))
+                }
+            }
+        }
+        for (id, why) in &failed {
+            eprintln!("skipped {id}: {why}");
+        }
+        if images.is_empty() {
+            bail!("{}: no readable images", a.input.display());
+        }
+        let multi = bundle.task == "multilabel";
+        let p = predict(&model, &images, &cfg.preprocess, multi, a.batch, &dev);
+        let mut csv = String::from("id");
+        for c in 0..bundle.classes {
+            csv.push_str(&format!(",p_{c}"));
+        }
+        csv.push('\n');
+        for (i, id) in ids.iter().enumerate() {
+            csv.push_str(&id.replace(',', ";"));
+            for c in 0..bundle.classes {
+                csv.push_str(&format!(",{:.6}", p[[i, c]]));
+            }
+            csv.push('\n');
+        }
+        match &a.out {
+            Some(out) => {
+                let tmp = PathBuf::from(format!("{}.tmp", out.display()));
+                std::fs::write(&tmp, &csv).with_context(|| format!("writing {}", tmp.display()))?;
+                std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+                eprintln!("{} predictions written to {}", ids.len(), out.display());
+            }
+            None => print!("{csv}"),
+        }
+        Ok(())
+    })
+}
