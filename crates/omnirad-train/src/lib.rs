@@ -14,4 +14,4 @@ pub mod probe;
 pub mod schedule;
 pub mod ssl;
 
-pub use probe::{linear_probe, ProbeConfig, ProbeResult};
+pub use probe::{linear_probe, ProbeConfig, ProbeHead, ProbeResult};

@@ -1,15 +1,15 @@
-//! Linear probe on frozen features: standardise with train statistics, train one linear layer
-//! with AdamW, pick the epoch with the best validation score (macro-F1 by default, OmniRad's
+//! Linear (or one-hidden-layer MLP) probe on frozen features: standardise with train
+//! statistics, train the head with AdamW, pick the epoch with the best validation score (macro-F1 by default, OmniRad's
 //! rule) and report the test scores of that epoch.
 //!
 //! Loss: single-label — cross-entropy  L = −(1/N) Σ_i log softmax(z_i)[y_i];
 //! multi-label — binary cross-entropy with logits  L = (1/(N·C)) Σ_{i,c} softplus(z_ic) − y_ic·z_ic.
 
-use burn::module::AutodiffModule;
 use burn::module::Param;
+use burn::module::{AutodiffModule, Module};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::activation::{log_softmax, sigmoid, softmax, softplus};
+use burn::tensor::activation::{gelu, log_softmax, sigmoid, softmax, softplus};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use ndarray::{Array1, Array2, ArrayView2, Axis};
@@ -20,6 +20,8 @@ use rand::{Rng, SeedableRng};
 
 #[derive(Debug, Clone)]
 pub struct ProbeConfig {
+    /// Hidden width of a one-hidden-layer MLP head (GELU); 0 for a linear probe.
+    pub hidden: usize,
     pub epochs: usize,
     pub lr: f64,
     pub weight_decay: f32,
@@ -30,6 +32,7 @@ pub struct ProbeConfig {
 impl Default for ProbeConfig {
     fn default() -> Self {
         Self {
+            hidden: 0,
             epochs: 60,
             lr: 1e-3,
             weight_decay: 1e-4,
@@ -59,8 +62,25 @@ fn to_tensor<B: Backend>(x: &Array2<f32>, device: &B::Device) -> Tensor<B, 2> {
     )
 }
 
+/// Linear, or Linear–GELU–Linear when `out` is present.
+#[derive(Module, Debug)]
+pub struct ProbeHead<B: Backend> {
+    pub first: Linear<B>,
+    pub out: Option<Linear<B>>,
+}
+
+impl<B: Backend> ProbeHead<B> {
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let y = self.first.forward(x);
+        match &self.out {
+            Some(o) => o.forward(gelu(y)),
+            None => y,
+        }
+    }
+}
+
 fn probs<B: Backend>(
-    head: &Linear<B>,
+    head: &ProbeHead<B>,
     x: &Array2<f32>,
     multi_label: bool,
     device: &B::Device,
@@ -108,16 +128,29 @@ pub fn linear_probe<B: AutodiffBackend>(
     // Weights drawn from our own seeded RNG (PyTorch's U(±1/√D)), not the backend's global
     // one, so a probe is reproducible whatever else runs in the process.
     let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut linear = |i: usize, o: usize| {
+        let bound = 1.0 / (i as f32).sqrt();
+        let w = Array2::from_shape_simple_fn((i, o), || rng.random_range(-bound..=bound));
+        let mut l: Linear<B> = LinearConfig::new(i, o)
+            .with_initializer(Initializer::Zeros)
+            .init(device);
+        l.weight = Param::from_tensor(to_tensor::<B>(&w, device));
+        l
+    };
     let d = xtr.ncols();
-    let bound = 1.0 / (d as f32).sqrt();
-    let w = Array2::from_shape_simple_fn((d, classes), || rng.random_range(-bound..=bound));
-    let mut head: Linear<B> = LinearConfig::new(d, classes)
-        .with_initializer(Initializer::Zeros)
-        .init(device);
-    head.weight = Param::from_tensor(to_tensor::<B>(&w, device));
+    let mut head = match cfg.hidden {
+        0 => ProbeHead {
+            first: linear(d, classes),
+            out: None,
+        },
+        h => ProbeHead {
+            first: linear(d, h),
+            out: Some(linear(h, classes)),
+        },
+    };
     let mut optim = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay)
-        .init::<B, Linear<B>>();
+        .init::<B, ProbeHead<B>>();
     let mut order: Vec<usize> = (0..xtr.nrows()).collect();
     let mut best: Option<ProbeResult> = None;
     for epoch in 1..=cfg.epochs {

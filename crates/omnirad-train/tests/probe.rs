@@ -142,3 +142,42 @@ fn linear_probe_on_raw_pneumonia_pixels() {
     let m = evaluate(TaskKind::Binary, yte.view(), r.test_scores.view());
     assert!(m.auc > 0.85 && m.acc > 0.75, "{m:?}");
 }
+
+/// XOR of the signs of two coordinates: no linear probe can do better than chance.
+fn xor(n: usize, seed: u64) -> (Array2<f32>, Array2<i64>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x = Array2::from_shape_fn((n, 2), |_| rng.random_range(-1.0f32..1.0));
+    let y = Array2::from_shape_fn((n, 1), |(i, _)| {
+        ((x[[i, 0]] > 0.0) == (x[[i, 1]] > 0.0)) as i64
+    });
+    (x, y)
+}
+
+#[test]
+fn mlp_probe_learns_what_a_linear_one_cannot() {
+    let (xtr, ytr) = xor(600, 4);
+    let (xva, yva) = xor(200, 5);
+    let (xte, yte) = xor(200, 6);
+    let run = |hidden| {
+        let cfg = ProbeConfig {
+            hidden,
+            epochs: 80,
+            lr: 1e-2,
+            batch: 64,
+            ..Default::default()
+        };
+        let r = linear_probe::<Train<Cpu>>(
+            (xtr.view(), ytr.view()),
+            (xva.view(), yva.view()),
+            xte.view(),
+            2,
+            TaskKind::Binary,
+            &cfg,
+            &Default::default(),
+        );
+        evaluate(TaskKind::Binary, yte.view(), r.test_scores.view()).acc
+    };
+    let (linear, mlp) = (run(0), run(32));
+    assert!(linear < 0.7, "linear {linear}");
+    assert!(mlp > 0.9, "mlp {mlp}");
+}

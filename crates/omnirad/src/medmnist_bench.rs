@@ -1,7 +1,7 @@
 //! `omnirad bench medmnist`: the MedMNIST v2 protocol for any encoder — official splits,
 //! frozen features, a probe on train, test metrics beside the published references.
-//! Modes: `knn` (DINO's weighted k-NN, k = 20, T = 0.07; needs no model selection), `linear` (a
-//! linear probe on standardised features) and `finetune` (the whole encoder with a linear head);
+//! Modes: `knn` (DINO's weighted k-NN, k = 20, T = 0.07; needs no model selection), `linear` /
+//! `mlp` (a linear or one-hidden-layer probe on standardised features) and `finetune` (the whole encoder with a linear head);
 //! the last two choose their epoch on val by macro-F1.
 
 use std::path::{Path, PathBuf};
@@ -23,6 +23,8 @@ use crate::embed::{embed_items, write_embeddings, EmbedJob, Embeddings, Pool};
 pub enum Mode {
     Knn,
     Linear,
+    /// One-hidden-layer MLP (GELU) on the frozen features, width --hidden.
+    Mlp,
     /// Full fine-tuning with a linear head (layer-wise LR decay, warm-up + cosine, augmentation).
     Finetune,
 }
@@ -49,7 +51,10 @@ pub struct MedMnistArgs {
     /// Linear probe / fine-tuning epochs (the val split picks the best); default 60 / 20.
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Peak learning rate; default 1e-3 (linear) / 5e-4 (finetune).
+    /// Hidden width of the MLP probe.
+    #[arg(long, default_value_t = 256)]
+    pub hidden: usize,
+    /// Peak learning rate; default 1e-3 (linear, mlp) / 5e-4 (finetune).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Linear probe repeats with seeds seed, seed+1, …; the table shows mean ± std.
@@ -283,7 +288,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                     vec![evaluate(task, yte.view(), scores.view())]
                 }
                 Mode::Finetune => unreachable!("fine-tuning returned above"),
-                Mode::Linear => {
+                Mode::Linear | Mode::Mlp => {
                     let val = embed(Split::Val)?;
                     let yva = labels(&val);
                     (a.seed..a.seed + a.seeds.max(1))
@@ -294,6 +299,9 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                             };
                             cfg.epochs = a.epochs.unwrap_or(cfg.epochs);
                             cfg.lr = a.lr.unwrap_or(cfg.lr);
+                            if a.mode == Mode::Mlp {
+                                cfg.hidden = a.hidden;
+                            }
                             let r = linear_probe::<omnirad_model::Train<B>>(
                                 (train.values.view(), ytr.view()),
                                 (val.values.view(), yva.view()),
@@ -304,8 +312,8 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                                 &dev,
                             );
                             eprintln!(
-                                "{} seed {seed}: linear probe chose epoch {} (val macro-F1 {:.3})",
-                                info.name, r.best_epoch, r.val.macro_f1
+                                "{} seed {seed}: {:?} probe chose epoch {} (val macro-F1 {:.3})",
+                                info.name, a.mode, r.best_epoch, r.val.macro_f1
                             );
                             evaluate(task, yte.view(), r.test_scores.view())
                         })
@@ -351,6 +359,7 @@ fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
         match a.mode {
             Mode::Knn => format!("k-NN probe (k = {})", a.k),
             Mode::Linear => "linear probe".to_string(),
+            Mode::Mlp => format!("MLP probe (hidden {})", a.hidden),
             Mode::Finetune => "full fine-tuning, linear head".to_string(),
         },
         format!("{:?}", a.pool).to_lowercase(),
