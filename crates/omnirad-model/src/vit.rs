@@ -12,7 +12,9 @@
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{
+    Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
@@ -178,6 +180,8 @@ impl VitConfig {
                         qkv: lin(d, 3 * d, self.qkv_bias),
                         proj: lin(d, d, true),
                         num_heads: self.num_heads,
+                        qkv_lora: None,
+                        proj_lora: None,
                     },
                     ls1: ls(self.layer_scale_init),
                     norm2: ln(),
@@ -221,6 +225,68 @@ pub struct Attention<B: Backend> {
     pub qkv: Linear<B>,
     pub proj: Linear<B>,
     pub num_heads: usize,
+    /// Low-rank adapters for parameter-efficient fine-tuning; merged away before saving.
+    pub qkv_lora: Option<Lora<B>>,
+    pub proj_lora: Option<Lora<B>>,
+}
+
+/// LoRA (Hu et al. 2022): a frozen linear W plus a trained low-rank update,
+/// `y = x·W + (α/r)·dropout(x)·A·B`, A ~ U(±1/√in) (PEFT's init), B = 0 so training starts
+/// from the pretrained function. A is [in, r], B is [r, out] (burn's [in, out] convention).
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    pub lora_a: Param<Tensor<B, 2>>,
+    pub lora_b: Param<Tensor<B, 2>>,
+    pub scale: f64,
+    pub dropout: Dropout,
+}
+
+impl<B: Backend> Lora<B> {
+    pub fn new(
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        alpha: f64,
+        dropout: f64,
+        device: &B::Device,
+    ) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        Self {
+            lora_a: Param::from_tensor(Tensor::random(
+                [d_in, rank],
+                Distribution::Uniform(-bound, bound),
+                device,
+            )),
+            lora_b: Param::from_tensor(Tensor::zeros([rank, d_out], device)),
+            scale: alpha / rank as f64,
+            dropout: DropoutConfig::new(dropout).init(),
+        }
+    }
+
+    /// The update (α/r)·x·A·B for x [B, N, in].
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, n, d] = x.dims();
+        let x = self.dropout.forward(x).reshape([b * n, d]);
+        let y = x.matmul(self.lora_a.val()).matmul(self.lora_b.val()) * self.scale;
+        let out = y.dims()[1];
+        y.reshape([b, n, out])
+    }
+
+    /// W + (α/r)·A·B, the linear with the adapter folded in.
+    fn merge_into(&self, l: Linear<B>) -> Linear<B> {
+        let delta = self.lora_a.val().matmul(self.lora_b.val()) * self.scale;
+        Linear {
+            weight: Param::from_tensor(l.weight.val() + delta),
+            bias: l.bias,
+        }
+    }
+}
+
+fn with_lora<B: Backend>(l: &Linear<B>, lora: &Option<Lora<B>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    match lora {
+        Some(a) => l.forward(x.clone()) + a.forward(x),
+        None => l.forward(x),
+    }
 }
 
 impl<B: Backend> Attention<B> {
@@ -228,9 +294,7 @@ impl<B: Backend> Attention<B> {
         let [b, n, d] = x.dims();
         let h = self.num_heads;
         // [B, N, 3D] -> [3, B, H, N, D/H]
-        let qkv = self
-            .qkv
-            .forward(x)
+        let qkv = with_lora(&self.qkv, &self.qkv_lora, x)
             .reshape([b, n, 3, h, d / h])
             .permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
@@ -238,7 +302,11 @@ impl<B: Backend> Attention<B> {
         let v = qkv.narrow(0, 2, 1).squeeze_dim::<4>(0);
         // burn's fused op (flash kernels where the backend has them); scale = 1/sqrt(D/H).
         let out = attention(q, k, v, None, None, AttentionModuleOptions::default());
-        self.proj.forward(out.swap_dims(1, 2).reshape([b, n, d]))
+        with_lora(
+            &self.proj,
+            &self.proj_lora,
+            out.swap_dims(1, 2).reshape([b, n, d]),
+        )
     }
 }
 
@@ -487,6 +555,30 @@ impl<B: Backend> Vit<B> {
             intermediates,
             grid,
         }
+    }
+
+    /// Adds LoRA adapters of rank `rank` to every attention qkv and output projection.
+    pub fn add_lora(mut self, rank: usize, alpha: f64, dropout: f64, device: &B::Device) -> Self {
+        for b in &mut self.blocks {
+            let (i, o) = (b.attn.qkv.weight.dims()[0], b.attn.qkv.weight.dims()[1]);
+            b.attn.qkv_lora = Some(Lora::new(i, o, rank, alpha, dropout, device));
+            let (i, o) = (b.attn.proj.weight.dims()[0], b.attn.proj.weight.dims()[1]);
+            b.attn.proj_lora = Some(Lora::new(i, o, rank, alpha, dropout, device));
+        }
+        self
+    }
+
+    /// Folds every adapter into its linear: the same function as a plain ViT.
+    pub fn merge_lora(mut self) -> Self {
+        for b in &mut self.blocks {
+            if let Some(a) = b.attn.qkv_lora.take() {
+                b.attn.qkv = a.merge_into(b.attn.qkv.clone());
+            }
+            if let Some(a) = b.attn.proj_lora.take() {
+                b.attn.proj = a.merge_into(b.attn.proj.clone());
+            }
+        }
+        self
     }
 
     /// Inference forward: class tokens [B, D].

@@ -122,3 +122,49 @@ fn model_directory_round_trip_and_bad_weights() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn lora_starts_as_identity_and_merges_exactly() {
+    use burn::module::Param;
+    use burn::tensor::backend::Backend;
+    let dev = Default::default();
+    omnirad_model::Cpu::seed(&dev, 3);
+    let vit = omnirad_model::VitConfig::preset("vit_pico")
+        .unwrap()
+        .init::<omnirad_model::Cpu>(&dev);
+    let x = burn::tensor::Tensor::<omnirad_model::Cpu, 4>::random(
+        [2, 3, 32, 32],
+        burn::tensor::Distribution::Default,
+        &dev,
+    );
+    let plain: Vec<f32> = vit.forward(x.clone()).into_data().to_vec().unwrap();
+    // B = 0 at init: the adapted model computes the same function.
+    let mut adapted = vit.add_lora(4, 8.0, 0.0, &dev);
+    let same: Vec<f32> = adapted.forward(x.clone()).into_data().to_vec().unwrap();
+    assert_eq!(plain, same);
+    // Give the adapters weight; merging them into the linears keeps the function.
+    for b in &mut adapted.blocks {
+        for l in [&mut b.attn.qkv_lora, &mut b.attn.proj_lora]
+            .into_iter()
+            .flatten()
+        {
+            let shape = l.lora_b.dims();
+            l.lora_b = Param::from_tensor(burn::tensor::Tensor::random(
+                shape,
+                burn::tensor::Distribution::Normal(0.0, 0.5),
+                &dev,
+            ));
+        }
+    }
+    let with: Vec<f32> = adapted.forward(x.clone()).into_data().to_vec().unwrap();
+    assert!(with.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-3));
+    let merged = adapted.merge_lora();
+    assert!(merged
+        .blocks
+        .iter()
+        .all(|b| b.attn.qkv_lora.is_none() && b.attn.proj_lora.is_none()));
+    let m: Vec<f32> = merged.forward(x).into_data().to_vec().unwrap();
+    for (a, b) in m.iter().zip(&with) {
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+    }
+}

@@ -84,6 +84,27 @@ pub struct FinetuneConfig {
     pub cls_mean: bool,
     pub select: Selection,
     pub seed: u64,
+    /// Train LoRA adapters on attention qkv/proj (and the head) instead of the whole encoder.
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+}
+
+impl Default for LoraConfig {
+    /// OmniRad's PEFT settings.
+    fn default() -> Self {
+        Self {
+            rank: 16,
+            alpha: 32.0,
+            dropout: 0.1,
+        }
+    }
 }
 
 impl Default for FinetuneConfig {
@@ -103,6 +124,7 @@ impl Default for FinetuneConfig {
             cls_mean: false,
             select: Selection::MacroF1,
             seed: 0,
+            lora: None,
         }
     }
 }
@@ -191,7 +213,7 @@ pub struct EpochLog {
 }
 
 pub struct FinetuneResult<B: Backend> {
-    /// The model at the selected epoch.
+    /// The model at the selected epoch (LoRA adapters merged into the encoder).
     pub model: Classifier<B>,
     /// 1-based.
     pub best_epoch: usize,
@@ -294,7 +316,16 @@ pub fn finetune<B: Backend>(
     for b in &mut model.backbone.blocks {
         b.drop_path = cfg.drop_path;
     }
-    let mut student = params::trainable(Classifier::<Train<B>>::from_inner(model));
+    if let Some(l) = &cfg.lora {
+        B::seed(dev, cfg.seed ^ 0x4c4f_5241);
+        model.backbone = model.backbone.add_lora(l.rank, l.alpha, l.dropout, dev);
+    }
+    let mut student = Classifier::<Train<B>>::from_inner(model);
+    student = if cfg.lora.is_some() {
+        params::trainable_where(student, |p| p.contains("_lora.") || p.starts_with("head."))
+    } else {
+        params::trainable(student)
+    };
     let steps_per_epoch = train.images.len().div_ceil(cfg.batch.max(1));
     let total = cfg.epochs * steps_per_epoch;
     let lr = Cosine::new(cfg.lr, cfg.min_lr, total)
@@ -388,5 +419,6 @@ pub fn finetune<B: Backend>(
     }
     let (_, mut r) = best.expect("at least one epoch");
     r.history = history;
+    r.model.backbone = r.model.backbone.merge_lora();
     r
 }

@@ -87,11 +87,32 @@ where
 /// `Param::from_tensor` on a non-autodiff backend (tokens, position table, LayerScale, …) carry
 /// `require_grad = false` into the autodiff module and would silently never train.
 pub fn trainable<B: AutodiffBackend, M: Module<B>>(module: M) -> M {
-    struct T;
-    impl<B: Backend> ModuleMapper<B> for T {
+    trainable_where(module, |_| true)
+}
+
+/// Trains the parameters whose path satisfies `keep` and freezes the others (no gradients).
+pub fn trainable_where<B: AutodiffBackend, M: Module<B>>(
+    module: M,
+    keep: impl Fn(&str) -> bool,
+) -> M {
+    struct T<F> {
+        path: Vec<String>,
+        keep: F,
+    }
+    impl<B: Backend, F: Fn(&str) -> bool> ModuleMapper<B> for T<F> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            param.set_require_grad(true)
+            let on = (self.keep)(&self.path.join("."));
+            param.set_require_grad(on)
         }
     }
-    module.map(&mut T)
+    module.map(&mut T {
+        path: Vec::new(),
+        keep,
+    })
 }

@@ -62,6 +62,13 @@ pub struct TrainArgs {
     /// Head on the class token (cls) or on [class token, mean patch token] (cls-mean).
     #[arg(long, default_value = "cls", value_parser = ["cls", "cls-mean"])]
     pub pool: String,
+    /// Train rank-R LoRA adapters on attention qkv/proj plus the head; the encoder stays frozen.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub lora_dropout: f64,
 }
 
 impl TrainArgs {
@@ -81,6 +88,13 @@ impl TrainArgs {
             cls_mean: self.pool == "cls-mean",
             select: self.select,
             seed,
+            lora: self
+                .lora_rank
+                .map(|rank| omnirad_train::finetune::LoraConfig {
+                    rank,
+                    alpha: self.lora_alpha,
+                    dropout: self.lora_dropout,
+                }),
         }
     }
 }

@@ -27,6 +27,8 @@ pub enum Mode {
     Mlp,
     /// Full fine-tuning with a linear head (layer-wise LR decay, warm-up + cosine, augmentation).
     Finetune,
+    /// LoRA adapters (rank --lora-rank) on attention qkv/proj plus a linear head; encoder frozen.
+    Lora,
 }
 
 #[derive(Args, Debug)]
@@ -51,10 +53,12 @@ pub struct MedMnistArgs {
     /// Linear probe / fine-tuning epochs (the val split picks the best); default 60 / 20.
     #[arg(long)]
     pub epochs: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: usize,
     /// Hidden width of the MLP probe.
     #[arg(long, default_value_t = 256)]
     pub hidden: usize,
-    /// Peak learning rate; default 1e-3 (linear, mlp) / 5e-4 (finetune).
+    /// Peak learning rate; default 1e-3 (linear, mlp, lora) / 5e-4 (finetune).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Linear probe repeats with seeds seed, seed+1, …; the table shows mean ± std.
@@ -195,7 +199,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
         let mut rows = Vec::new();
         for (info, file) in &plan {
-            if a.mode == Mode::Finetune {
+            if matches!(a.mode, Mode::Finetune | Mode::Lora) {
                 let mut runs = Vec::new();
                 for seed in a.seed..a.seed + a.seeds.max(1) {
                     let mut ft = omnirad_train::finetune::FinetuneConfig {
@@ -204,6 +208,13 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         cls_mean: a.pool == Pool::ClsMean,
                         ..Default::default()
                     };
+                    if a.mode == Mode::Lora {
+                        ft.lora = Some(omnirad_train::finetune::LoraConfig {
+                            rank: a.lora_rank,
+                            ..Default::default()
+                        });
+                        ft.lr = 1e-3;
+                    }
                     ft.epochs = a.epochs.unwrap_or(ft.epochs);
                     ft.lr = a.lr.unwrap_or(ft.lr);
                     let o = crate::finetune::run_on_npz::<B>(
@@ -287,7 +298,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                     );
                     vec![evaluate(task, yte.view(), scores.view())]
                 }
-                Mode::Finetune => unreachable!("fine-tuning returned above"),
+                Mode::Finetune | Mode::Lora => unreachable!("fine-tuning returned above"),
                 Mode::Linear | Mode::Mlp => {
                     let val = embed(Split::Val)?;
                     let yva = labels(&val);
@@ -361,6 +372,7 @@ fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
             Mode::Linear => "linear probe".to_string(),
             Mode::Mlp => format!("MLP probe (hidden {})", a.hidden),
             Mode::Finetune => "full fine-tuning, linear head".to_string(),
+            Mode::Lora => format!("LoRA (rank {}) on attention + linear head, encoder frozen", a.lora_rank),
         },
         format!("{:?}", a.pool).to_lowercase(),
         a.size,
