@@ -87,6 +87,9 @@ pub struct FinetuneConfig {
     /// Train LoRA adapters on attention qkv/proj (and the head) instead of the whole encoder.
     #[serde(default)]
     pub lora: Option<LoraConfig>,
+    /// Train the head alone on the frozen encoder (a probe that sees augmented images).
+    #[serde(default)]
+    pub frozen: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,6 +128,7 @@ impl Default for FinetuneConfig {
             select: Selection::MacroF1,
             seed: 0,
             lora: None,
+            frozen: false,
         }
     }
 }
@@ -314,14 +318,16 @@ pub fn finetune<B: Backend>(
     let depth = model.backbone.blocks.len();
     let mut model = model;
     for b in &mut model.backbone.blocks {
-        b.drop_path = cfg.drop_path;
+        b.drop_path = if cfg.frozen { 0.0 } else { cfg.drop_path };
     }
     if let Some(l) = &cfg.lora {
         B::seed(dev, cfg.seed ^ 0x4c4f_5241);
         model.backbone = model.backbone.add_lora(l.rank, l.alpha, l.dropout, dev);
     }
     let mut student = Classifier::<Train<B>>::from_inner(model);
-    student = if cfg.lora.is_some() {
+    student = if cfg.frozen {
+        params::trainable_where(student, |p| p.starts_with("head."))
+    } else if cfg.lora.is_some() {
         params::trainable_where(student, |p| p.contains("_lora.") || p.starts_with("head."))
     } else {
         params::trainable(student)

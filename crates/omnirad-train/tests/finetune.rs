@@ -38,7 +38,10 @@ fn snapshot(m: &Classifier<B>) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
-fn run(lora: Option<LoraConfig>) -> (Vec<(String, Vec<f32>)>, Vec<(String, Vec<f32>)>, f64) {
+fn run(
+    lora: Option<LoraConfig>,
+    frozen: bool,
+) -> (Vec<(String, Vec<f32>)>, Vec<(String, Vec<f32>)>, f64) {
     let dev = Default::default();
     B::seed(&dev, 7);
     let mut vc = VitConfig::preset("vit_pico").unwrap();
@@ -55,6 +58,7 @@ fn run(lora: Option<LoraConfig>) -> (Vec<(String, Vec<f32>)>, Vec<(String, Vec<f
         warmup_epochs: 0,
         drop_path: 0.0,
         lora,
+        frozen,
         ..Default::default()
     };
     let pre = Preprocess {
@@ -84,7 +88,7 @@ fn run(lora: Option<LoraConfig>) -> (Vec<(String, Vec<f32>)>, Vec<(String, Vec<f
 
 #[test]
 fn full_finetuning_moves_the_encoder_and_learns() {
-    let (before, after, acc) = run(None);
+    let (before, after, acc) = run(None, false);
     assert!(acc > 0.9, "val acc {acc}");
     let moved = before
         .iter()
@@ -100,11 +104,12 @@ fn full_finetuning_moves_the_encoder_and_learns() {
 
 #[test]
 fn lora_trains_only_attention_adapters_and_merges_them() {
-    let (before, after, acc) = run(Some(LoraConfig {
+    let lora = LoraConfig {
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,
-    }));
+    };
+    let (before, after, acc) = run(Some(lora), false);
     assert!(acc > 0.9, "val acc {acc}");
     // Same names as a plain ViT (adapters merged); only qkv/proj weights differ.
     assert_eq!(
@@ -116,4 +121,11 @@ fn lora_trains_only_attention_adapters_and_merges_them() {
             && name.starts_with("blocks.");
         assert_eq!(b != a, adapted, "{name}");
     }
+}
+
+#[test]
+fn frozen_probe_trains_the_head_only() {
+    let (before, after, acc) = run(None, true);
+    assert!(acc > 0.9, "val acc {acc}");
+    assert_eq!(before, after);
 }

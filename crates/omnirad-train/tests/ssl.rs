@@ -196,7 +196,7 @@ fn cosine_schedule_values() {
 }
 
 #[test]
-fn param_groups_follow_dinov2() {
+fn param_groups_follow_dinov2_and_spare_embeddings_from_decay() {
     let g = |p| param_group(p, 12, 0.9, 0.2);
     let d = |e: i32| 0.9f64.powi(e);
     assert!(close(
@@ -222,12 +222,14 @@ fn param_groups_follow_dinov2() {
         "backbone.blocks.3.norm1.gamma",
         "backbone.blocks.3.ls1.gamma",
         "backbone.norm.beta",
+        "backbone.pos_embed",
+        "backbone.cls_token",
+        "backbone.mask_token",
     ] {
         assert_eq!(g(p).wd_mult, 0.0, "{p}");
     }
     for p in [
-        "backbone.pos_embed",
-        "backbone.cls_token",
+        "backbone.patch_embed.proj.weight",
         "dino_head.last_layer.weight_g",
         "backbone.blocks.3.attn.qkv.weight",
     ] {

@@ -1,4 +1,5 @@
-//! `omnirad finetune` (full fine-tuning on a MedMNIST-style npz with official splits) and
+//! `omnirad finetune` (full or LoRA fine-tuning on a MedMNIST-style npz with official splits),
+//! `omnirad probe` (the same with the encoder frozen: only the head trains) and
 //! `omnirad predict` (class probabilities from a saved bundle for any readable input).
 //!
 //! Bundle directory:
@@ -95,6 +96,7 @@ impl TrainArgs {
                     alpha: self.lora_alpha,
                     dropout: self.lora_dropout,
                 }),
+            frozen: false,
         }
     }
 }
@@ -221,9 +223,16 @@ pub fn run_on_npz<B: Backend>(
     Ok(Outcome { result, test })
 }
 
-pub fn run(a: &FinetuneArgs) -> Result<()> {
+/// `frozen`: `omnirad probe` — only the head trains.
+pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
     let info = dataset_of(&a.data)?;
-    let ft = a.train.config(a.seed);
+    let mut ft = a.train.config(a.seed);
+    ft.frozen = frozen;
+    if frozen && ft.lora.is_some() {
+        bail!(
+            "--lora-rank adapts the encoder; `probe` keeps it frozen (use `finetune --lora-rank`)"
+        );
+    }
     crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
         let o = run_on_npz::<B>(vit, &cfg, &a.data, &ft, &dev, true)?;

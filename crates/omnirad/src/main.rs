@@ -59,8 +59,10 @@ enum Cmd {
     },
     /// Embeddings (class token and/or mean patch token) for a file, folder, manifest or npz split.
     Embed(embed::EmbedArgs),
-    /// Fine-tune an encoder with a linear head on a MedMNIST-style npz; writes a bundle.
+    /// Fine-tune an encoder (fully, or LoRA adapters) with a linear head on a MedMNIST-style npz; writes a bundle.
     Finetune(finetune::FinetuneArgs),
+    /// Train a linear head on a frozen encoder (same options and bundle as finetune).
+    Probe(finetune::FinetuneArgs),
     /// Class probabilities from a fine-tuned bundle for files, folders, manifests or npz splits.
     Predict(finetune::PredictArgs),
     /// Self-supervised pretraining (DINOv2 / OmniRad / XR-0 recipes) from a TOML config.
@@ -130,7 +132,8 @@ fn main() -> Result<()> {
         Cmd::Embed(a) => embed::run(&a),
         Cmd::Demo(a) => demo::run(&a),
         Cmd::Pretrain(a) => pretrain::run(&a),
-        Cmd::Finetune(a) => finetune::run(&a),
+        Cmd::Finetune(a) => finetune::run(&a, false),
+        Cmd::Probe(a) => finetune::run(&a, true),
         Cmd::Predict(a) => finetune::predict_cmd(&a),
         Cmd::Bench { cmd } => bench::run(cmd),
     }

@@ -729,3 +729,61 @@ fn finetune_writes_a_bundle_that_predicts() {
     ]);
     assert!(!ok && err.contains("not a bundle"), "{err}");
 }
+
+#[test]
+fn probe_trains_the_head_and_leaves_the_encoder_as_it_was() {
+    let d = tmp("probe");
+    let model = d.join("m");
+    let (ok, _, err) = omnirad(&[
+        "convert",
+        fixture("hf_dinov2").to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let src = model.join("model.safetensors");
+    let bundle = d.join("b");
+    let (ok, _, err) = omnirad(&[
+        "probe",
+        "--data",
+        data("medmnist/breastmnist.npz").to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        bundle.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-2",
+    ]);
+    assert!(ok, "{err}");
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("bundle.json")).unwrap())
+            .unwrap();
+    assert_eq!(b["finetune"]["frozen"], true);
+    let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+    let (orig, enc) = (read(&src), read(&bundle.join("encoder/model.safetensors")));
+    let (orig, enc) = (
+        safetensors::SafeTensors::deserialize(&orig).unwrap(),
+        safetensors::SafeTensors::deserialize(&enc).unwrap(),
+    );
+    for (name, t) in orig.tensors() {
+        assert_eq!(
+            enc.tensor(&name).unwrap().data(),
+            t.data(),
+            "{name} changed"
+        );
+    }
+    let (ok, _, err) = omnirad(&[
+        "probe",
+        "--data",
+        data("medmnist/breastmnist.npz").to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        d.join("c").to_str().unwrap(),
+        "--lora-rank",
+        "4",
+    ]);
+    assert!(!ok && err.contains("frozen"), "{err}");
+}

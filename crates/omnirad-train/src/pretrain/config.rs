@@ -473,7 +473,7 @@ impl Schedules {
 /// DINOv2's parameter groups for a ViT of `depth` blocks under `backbone.`:
 /// LR × decay^(depth + 1 − layer) with layer 0 = patch embedding, position table and tokens,
 /// layer i + 1 = block i, depth + 1 = final norm and heads; the patch embedding gets an extra
-/// multiplier; biases, norms and LayerScale have no weight decay.
+/// multiplier; biases, norms, LayerScale, the position table and the tokens have no weight decay.
 pub fn param_group(
     path: &str,
     depth: usize,
@@ -500,8 +500,12 @@ pub fn param_group(
         lr_mult *= patch_embed_mult;
     }
     let last = path.rsplit('.').next().unwrap_or(path);
-    let no_wd =
-        matches!(last, "bias" | "beta" | "gamma") || path.split('.').any(|s| s.contains("norm"));
+    // Unlike the DINOv2 code (which decays them), the position table and the tokens get no
+    // weight decay, as in timm's `no_weight_decay`: they are embeddings, not weights.
+    let no_wd = matches!(
+        last,
+        "bias" | "beta" | "gamma" | "pos_embed" | "cls_token" | "mask_token" | "reg_token"
+    ) || path.split('.').any(|s| s.contains("norm"));
     ParamGroup {
         lr_mult,
         wd_mult: if no_wd { 0.0 } else { 1.0 },
