@@ -53,7 +53,7 @@ impl Selection {
     }
 
     /// Higher is better.
-    fn score(self, m: &Metrics, loss: f64) -> f64 {
+    pub fn score(self, m: &Metrics, loss: f64) -> f64 {
         match self {
             Self::MacroF1 => m.macro_f1,
             Self::Acc => m.acc,
@@ -271,6 +271,29 @@ fn batch_tensor<B: Backend>(arrays: Vec<ndarray::Array3<f32>>, dev: &B::Device) 
     Tensor::from_data(TensorData::new(v, [n, c, h, w]), dev)
 }
 
+/// Cross-entropy of predicted probabilities (BCE averaged over labels for multi-label), as a
+/// model-selection score: −(1/N) Σ_i log p_i[y_i], probabilities clamped to [1e-7, 1 − 1e-7].
+pub fn probability_loss(scores: ArrayView2<f64>, labels: ArrayView2<i64>, multi: bool) -> f64 {
+    let (n, c) = scores.dim();
+    let p = |i: usize, j: usize| scores[[i, j]].clamp(1e-7, 1.0 - 1e-7);
+    let total: f64 = if multi {
+        (0..n)
+            .flat_map(|i| (0..c).map(move |j| (i, j)))
+            .map(|(i, j)| {
+                if labels[[i, j]] == 1 {
+                    -p(i, j).ln()
+                } else {
+                    -(1.0 - p(i, j)).ln()
+                }
+            })
+            .sum::<f64>()
+            / c as f64
+    } else {
+        (0..n).map(|i| -p(i, labels[[i, 0]] as usize).ln()).sum()
+    };
+    total / n as f64
+}
+
 /// Class probabilities [N, C] for `images` (resized and normalised by `pre`).
 pub fn predict<B: Backend>(
     model: &Classifier<B>,
@@ -378,28 +401,7 @@ pub fn finetune<B: Backend>(
         let inner = student.valid();
         let scores = predict(&inner, val.images, pre, multi, cfg.batch, dev);
         let m = evaluate(task, val.labels, scores.view());
-        let val_loss = {
-            let s = Tensor::<B, 2>::from_data(
-                TensorData::new(
-                    scores
-                        .iter()
-                        .map(|&p| p.clamp(1e-7, 1.0 - 1e-7) as f32)
-                        .collect::<Vec<_>>(),
-                    [scores.nrows(), classes],
-                ),
-                dev,
-            );
-            let idx: Vec<usize> = (0..scores.nrows()).collect();
-            let y = targets::<B>(val.labels, &idx, classes, multi, dev);
-            let l = if multi {
-                ((s.clone().log() * y.clone()) + (s.neg() + 1.0).log() * (y.neg() + 1.0))
-                    .mean()
-                    .neg()
-            } else {
-                (s.log() * y).sum_dim(1).mean().neg()
-            };
-            l.into_scalar().elem::<f64>()
-        };
+        let val_loss = probability_loss(scores.view(), val.labels, multi);
         let log = EpochLog {
             epoch,
             train_loss: loss_sum / train.images.len() as f64,

@@ -14,6 +14,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use omnirad_eval::{evaluate, Metrics, TaskKind};
+
+use crate::finetune::{probability_loss, Selection};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -27,6 +29,8 @@ pub struct ProbeConfig {
     pub weight_decay: f32,
     pub batch: usize,
     pub seed: u64,
+    /// Val-split score that picks the epoch (OmniRad: macro-F1).
+    pub select: Selection,
 }
 
 impl Default for ProbeConfig {
@@ -38,6 +42,7 @@ impl Default for ProbeConfig {
             weight_decay: 1e-4,
             batch: 256,
             seed: 0,
+            select: Selection::MacroF1,
         }
     }
 }
@@ -152,7 +157,7 @@ pub fn linear_probe<B: AutodiffBackend>(
         .with_weight_decay(cfg.weight_decay)
         .init::<B, ProbeHead<B>>();
     let mut order: Vec<usize> = (0..xtr.nrows()).collect();
-    let mut best: Option<ProbeResult> = None;
+    let mut best: Option<(f64, ProbeResult)> = None;
     for epoch in 1..=cfg.epochs {
         order.shuffle(&mut rng);
         for chunk in order.chunks(cfg.batch.max(1)) {
@@ -168,18 +173,23 @@ pub fn linear_probe<B: AutodiffBackend>(
             head = optim.step(cfg.lr, head, grads);
         }
         let inner = head.valid();
-        let val_metrics = evaluate(task, val.1, probs(&inner, &xva, multi, device).view());
-        if best
-            .as_ref()
-            .is_none_or(|b| val_metrics.macro_f1 > b.val.macro_f1)
-        {
+        let val_scores = probs(&inner, &xva, multi, device);
+        let val_metrics = evaluate(task, val.1, val_scores.view());
+        let score = cfg.select.score(
+            &val_metrics,
+            probability_loss(val_scores.view(), val.1, multi),
+        );
+        if best.as_ref().is_none_or(|(b, _)| score > *b) {
             let test_scores = probs(&inner, &xte, multi, device);
-            best = Some(ProbeResult {
-                best_epoch: epoch,
-                val: val_metrics,
-                test_scores,
-            });
+            best = Some((
+                score,
+                ProbeResult {
+                    best_epoch: epoch,
+                    val: val_metrics,
+                    test_scores,
+                },
+            ));
         }
     }
-    best.expect("at least one epoch")
+    best.expect("at least one epoch").1
 }

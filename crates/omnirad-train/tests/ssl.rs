@@ -467,3 +467,25 @@ fn finetune_loss_with_label_smoothing_by_hand() {
         1e-5
     ));
 }
+
+#[test]
+fn probability_loss_by_hand() {
+    use ndarray::array;
+    use omnirad_train::finetune::probability_loss;
+    let p = array![[0.25, 0.75], [0.9, 0.1]];
+    let y = array![[1i64], [0]];
+    let want = -(0.75f64.ln() + 0.9f64.ln()) / 2.0;
+    assert!(close(
+        probability_loss(p.view(), y.view(), false),
+        want,
+        1e-12
+    ));
+    // Multi-label: BCE per flag, averaged over labels and rows.
+    let y = array![[0i64, 1], [1, 1]];
+    let want = -((0.75f64).ln() + 0.75f64.ln() + 0.9f64.ln() + 0.1f64.ln()) / 4.0;
+    assert!(close(
+        probability_loss(p.view(), y.view(), true),
+        want,
+        1e-12
+    ));
+}

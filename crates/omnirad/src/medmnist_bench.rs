@@ -55,6 +55,9 @@ pub struct MedMnistArgs {
     pub epochs: Option<usize>,
     #[arg(long, default_value_t = 16)]
     pub lora_rank: usize,
+    /// Val-split score that picks the epoch (linear, mlp, lora, finetune): macro-f1, acc, auc, loss.
+    #[arg(long, default_value = "macro-f1", value_parser = omnirad_train::finetune::Selection::parse)]
+    pub select: omnirad_train::finetune::Selection,
     /// Hidden width of the MLP probe.
     #[arg(long, default_value_t = 256)]
     pub hidden: usize,
@@ -206,6 +209,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         batch: a.batch,
                         seed,
                         cls_mean: a.pool == Pool::ClsMean,
+                        select: a.select,
                         ..Default::default()
                     };
                     if a.mode == Mode::Lora {
@@ -306,6 +310,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         .map(|seed| {
                             let mut cfg = ProbeConfig {
                                 seed,
+                                select: a.select,
                                 ..Default::default()
                             };
                             cfg.epochs = a.epochs.unwrap_or(cfg.epochs);

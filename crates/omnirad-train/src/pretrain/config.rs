@@ -328,7 +328,7 @@ impl PretrainConfig {
     }
 
     /// Reads `path` over its preset (`preset_override` wins over the file's `preset`). Relative
-    /// source paths are taken relative to the file's folder.
+    /// source and weight paths are taken relative to the file's folder.
     pub fn load(path: &Path, preset_override: Option<&str>) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.into(),
@@ -361,6 +361,16 @@ impl PretrainConfig {
         for s in &mut cfg.data.sources {
             if s.path.is_relative() {
                 s.path = dir.join(&s.path);
+            }
+        }
+        // Weights given as relative paths are found the same way (preset names stay as they are).
+        for spec in [&mut cfg.model.init, &mut cfg.head.init]
+            .into_iter()
+            .flatten()
+        {
+            let p = dir.join(&*spec);
+            if Path::new(spec.as_str()).is_relative() && p.exists() {
+                *spec = p.display().to_string();
             }
         }
         cfg.validate().map_err(|msg| ConfigError::Invalid {
