@@ -489,3 +489,70 @@ fn probability_loss_by_hand() {
         1e-12
     ));
 }
+
+/// Batch of the given images' two global crops (crop-major, as the data pipeline lays it out).
+fn batch_of(crops: &[[Vec<f32>; 2]]) -> SslBatch {
+    let n = crops.len();
+    let globals: Vec<f32> = (0..2)
+        .flat_map(|c| crops.iter().flat_map(move |im| im[c].clone()))
+        .collect();
+    SslBatch {
+        batch: n,
+        n_global: 2,
+        n_local: 0,
+        globals,
+        global_shape: [2 * n, 3, 32, 32],
+        locals: Vec::new(),
+        local_shape: [0, 3, 16, 16],
+        masks: vec![vec![false; 64]; 2 * n],
+    }
+}
+
+#[test]
+fn gradient_accumulation_equals_the_large_batch() {
+    // With batch-independent targets (centre frozen at 0) and no KoLeo/iBOT, two micro-batches
+    // of 3 must give the same update as one batch of 6.
+    let cfg = LossConfig {
+        ibot_weight: 0.0,
+        koleo_weight: 0.0,
+        center_momentum: 1.0,
+        ..Default::default()
+    };
+    let mut rng = StdRng::seed_from_u64(11);
+    let crops: Vec<[Vec<f32>; 2]> = (0..6)
+        .map(|_| {
+            [0, 1].map(|_| {
+                (0..3 * 32 * 32)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect()
+            })
+        })
+        .collect();
+    let v = omnirad_train::ssl::StepValues {
+        lr: 1e-3,
+        weight_decay: 0.04,
+        momentum: 0.9,
+        teacher_temp: 0.04,
+        freeze_last_layer: false,
+    };
+    let group = |p: &str| param_group(p, 2, 0.9, 0.2);
+    let run = |micro: Vec<SslBatch>| {
+        let mut t = SslTrainer::new(tiny_model(21), cfg.clone(), Some(3.0), &Default::default());
+        t.step(&micro, &v, &group, 0);
+        params::collect(&t.teacher)
+            .into_iter()
+            .flat_map(|p| host(p.value.unsqueeze()))
+            .collect::<Vec<f64>>()
+    };
+    let whole = run(vec![batch_of(&crops)]);
+    let split = run(vec![batch_of(&crops[..3]), batch_of(&crops[3..])]);
+    let worst = whole
+        .iter()
+        .zip(&split)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-5, "largest parameter difference {worst}");
+    // …and differs from a step on half the data.
+    let half = run(vec![batch_of(&crops[..3])]);
+    assert!(whole.iter().zip(&half).any(|(a, b)| (a - b).abs() > 1e-5));
+}

@@ -71,6 +71,12 @@ pub fn run(a: &PretrainArgs) -> Result<()> {
                 a.out.display()
             );
         }
+        if a.config.is_some() || a.preset.is_some() || a.init.is_some() {
+            eprintln!(
+                "note: --resume continues with {} (the run's own settings); --config/--preset/--init are ignored",
+                resolved.display()
+            );
+        }
         PretrainConfig::load(&resolved, None)?
     } else {
         let Some(path) = &a.config else {
