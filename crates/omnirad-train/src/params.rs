@@ -116,3 +116,16 @@ pub fn trainable_where<B: AutodiffBackend, M: Module<B>>(
         keep,
     })
 }
+
+/// Draws every lazily initialised parameter now. burn's `Linear`/`Conv2d` parameters are
+/// initialised on first use, and a clone taken before that re-draws its own random values: a
+/// teacher cloned from a fresh student would start as a *different* network.
+pub fn materialize<B: Backend, M: Module<B>>(module: &M) {
+    struct V;
+    impl<B: Backend> ModuleVisitor<B> for V {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut V);
+}

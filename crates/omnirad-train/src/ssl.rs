@@ -146,6 +146,7 @@ impl<B: Backend> SslTrainer<B> {
         device: &B::Device,
     ) -> Self {
         let k = student.dino_head.out_dim();
+        params::materialize(&student);
         let teacher = student.clone();
         Self {
             student: trainable_student(student),

@@ -277,7 +277,9 @@ fn tiny_model(seed: u64) -> SslModel<B> {
         bottleneck_dim: 16,
         nlayers: 2,
     };
-    SslModel::init(&vit, &head, false, &Default::default())
+    let m = SslModel::init(&vit, &head, false, &Default::default());
+    params::materialize(&m);
+    m
 }
 
 #[test]
@@ -536,8 +538,10 @@ fn gradient_accumulation_equals_the_large_batch() {
         freeze_last_layer: false,
     };
     let group = |p: &str| param_group(p, 2, 0.9, 0.2);
+    // One initial model for every run (materialised: see `params::materialize`).
+    let base = tiny_model(21);
     let run = |micro: Vec<SslBatch>| {
-        let mut t = SslTrainer::new(tiny_model(21), cfg.clone(), Some(3.0), &Default::default());
+        let mut t = SslTrainer::new(base.clone(), cfg.clone(), Some(3.0), &Default::default());
         t.step(&micro, &v, &group, 0);
         params::collect(&t.teacher)
             .into_iter()
@@ -555,4 +559,31 @@ fn gradient_accumulation_equals_the_large_batch() {
     // …and differs from a step on half the data.
     let half = run(vec![batch_of(&crops[..3])]);
     assert!(whole.iter().zip(&half).any(|(a, b)| (a - b).abs() > 1e-5));
+}
+
+#[test]
+fn teacher_starts_as_an_exact_copy_of_the_student() {
+    use burn::tensor::backend::Backend;
+    B::seed(&Default::default(), 4);
+    let vit = VitConfig::preset("vit_pico").unwrap();
+    let head = DinoHeadConfig {
+        in_dim: 64,
+        out_dim: 32,
+        hidden_dim: 32,
+        bottleneck_dim: 16,
+        nlayers: 2,
+    };
+    // A fresh model, never touched: burn initialises Linear weights lazily.
+    let fresh = SslModel::<B>::init(&vit, &head, false, &Default::default());
+    let t = SslTrainer::new(fresh, LossConfig::default(), None, &Default::default());
+    let s = params::collect(&t.student.valid());
+    let te = params::collect(&t.teacher);
+    for (a, b) in s.into_iter().zip(te) {
+        assert_eq!(
+            host(a.value.unsqueeze()),
+            host(b.value.unsqueeze()),
+            "{}",
+            a.path
+        );
+    }
 }

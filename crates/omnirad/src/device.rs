@@ -80,5 +80,8 @@ pub fn resolve_model<B: Backend>(
     };
     eprintln!("note: '{spec}' is a preset: weights are randomly initialised (seed {seed})");
     B::seed(device, seed);
-    Ok((cfg.vit.init::<B>(device), cfg))
+    let model = cfg.vit.init::<B>(device);
+    // Draw the lazily initialised weights now, so clones (one per seed) share them.
+    omnirad_train::params::materialize(&model);
+    Ok((model, cfg))
 }
