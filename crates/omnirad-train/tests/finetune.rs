@@ -31,17 +31,17 @@ fn images(n: usize, seed: u64) -> (Vec<Image>, Array2<i64>) {
     (imgs, y)
 }
 
-fn snapshot(m: &Classifier<B>) -> Vec<(String, Vec<f32>)> {
+/// Encoder parameters by path.
+type Snapshot = Vec<(String, Vec<f32>)>;
+
+fn snapshot(m: &Classifier<B>) -> Snapshot {
     params::collect(&m.backbone)
         .into_iter()
         .map(|p| (p.path, p.value.into_data().to_vec::<f32>().unwrap()))
         .collect()
 }
 
-fn run(
-    lora: Option<LoraConfig>,
-    frozen: bool,
-) -> (Vec<(String, Vec<f32>)>, Vec<(String, Vec<f32>)>, f64) {
+fn run(lora: Option<LoraConfig>, frozen: bool) -> (Snapshot, Snapshot, f64) {
     let dev = Default::default();
     B::seed(&dev, 7);
     let mut vc = VitConfig::preset("vit_pico").unwrap();
