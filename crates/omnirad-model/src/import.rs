@@ -44,8 +44,8 @@ pub struct Imported {
 }
 
 /// (shape, values) per tensor name.
-type Tensor = (Vec<usize>, Vec<f32>);
-type Tensors = BTreeMap<String, Tensor>;
+pub type Tensor = (Vec<usize>, Vec<f32>);
+pub type Tensors = BTreeMap<String, Tensor>;
 
 fn err(path: &Path, reason: impl ToString) -> ModelError {
     ModelError::Weights {
@@ -59,7 +59,13 @@ fn read_safetensors(path: &Path) -> Result<Tensors, ModelError> {
         path: path.into(),
         source,
     })?;
-    let st = SafeTensors::deserialize(&bytes)
+    f32_tensors(&bytes, path)
+}
+
+/// Every tensor of safetensors `bytes` (read from `path`) as f32 (f16, bf16 and f64 converted),
+/// by name; NaN/Inf and other dtypes are errors naming the tensor.
+pub fn f32_tensors(bytes: &[u8], path: &Path) -> Result<Tensors, ModelError> {
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| err(path, format!("not a safetensors file: {e}")))?;
     let mut out = Tensors::new();
     for (name, view) in st.tensors() {

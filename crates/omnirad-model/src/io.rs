@@ -208,7 +208,6 @@ pub fn save_dino_head<B: Backend>(
     head: &crate::DinoHead<B>,
     path: &Path,
 ) -> Result<(), ModelError> {
-    use safetensors::tensor::{Dtype, TensorView};
     let host = |t: burn::tensor::Tensor<B, 2>| -> (Vec<usize>, Vec<f32>) {
         let shape = t.dims().to_vec();
         (shape, t.into_data().convert::<f32>().to_vec().expect("f32"))
@@ -231,17 +230,28 @@ pub fn save_dino_head<B: Backend>(
     tensors.push(("last_layer.weight_g".into(), s, g));
     let (s, v) = host(head.last_layer.weight_v.val());
     tensors.push(("last_layer.weight_v".into(), s, v));
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+    write_f32_safetensors(path, &tensors, None)
+}
+
+/// f32 tensors (name, shape, values) as a safetensors file, written to a temporary file and
+/// renamed so readers never see half a file.
+pub fn write_f32_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<(), ModelError> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
         .collect();
-    let views = bytes.iter().map(|(n, s, b)| {
+    let views = tensors.iter().zip(&bytes).map(|((n, s, _), b)| {
         (
             n.clone(),
-            TensorView::new(Dtype::F32, s.clone(), b).expect("consistent sizes"),
+            TensorView::new(Dtype::F32, s.clone(), b).expect("shape matches the values"),
         )
     });
-    let data = safetensors::serialize(views, None).map_err(|e| ModelError::Weights {
+    let data = safetensors::serialize(views, metadata).map_err(|e| ModelError::Weights {
         path: path.into(),
         reason: e.to_string(),
     })?;

@@ -6,9 +6,12 @@ pub mod io;
 pub mod vit;
 
 pub use dino_head::{DinoHead, DinoHeadConfig};
-pub use import::{import_checkpoint, import_dino_head, Imported, Layout, DINO_HEAD_FILE};
+pub use import::{
+    f32_tensors, import_checkpoint, import_dino_head, Imported, Layout, DINO_HEAD_FILE,
+};
 pub use io::{
-    load_imported, load_model_dir, save_dino_head, save_model_dir, ModelConfig, ModelError,
+    load_imported, load_model_dir, save_dino_head, save_model_dir, write_f32_safetensors,
+    ModelConfig, ModelError,
 };
 pub use vit::{PosInterp, Vit, VitConfig, VitOutput};
 

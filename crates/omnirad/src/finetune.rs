@@ -24,11 +24,12 @@ use omnirad_data::augment::Augment;
 use omnirad_data::medmnist::{parse_file_name, MedMnistInfo, NpzSplit, Task};
 use omnirad_data::{discover, Split};
 use omnirad_eval::{evaluate, Metrics, TaskKind};
-use omnirad_model::{load_model_dir, save_model_dir, ModelConfig, Vit};
+use omnirad_model::{
+    f32_tensors, load_model_dir, save_model_dir, write_f32_safetensors, ModelConfig, Vit,
+};
 use omnirad_train::finetune::{
     finetune, predict, Classifier, FinetuneConfig, FinetuneResult, LabelledImages, Selection,
 };
-use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::device::{parse_device, resolve_model, Device};
@@ -277,23 +278,14 @@ fn save_bundle<B: Backend>(
         Some(b) => b.val().into_data().convert::<f32>().to_vec().expect("f32"),
         None => vec![0.0; c],
     };
-    let (wb, bb): (Vec<u8>, Vec<u8>) = (
-        w.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        bias.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    );
-    let views = vec![
-        (
-            "weight".to_string(),
-            TensorView::new(Dtype::F32, vec![c, d], &wb)?,
-        ),
-        (
-            "bias".to_string(),
-            TensorView::new(Dtype::F32, vec![c], &bb)?,
-        ),
-    ];
-    let tmp = out.join("head.safetensors.tmp");
-    std::fs::write(&tmp, safetensors::serialize(views, None)?)?;
-    std::fs::rename(&tmp, out.join("head.safetensors"))?;
+    write_f32_safetensors(
+        &out.join("head.safetensors"),
+        &[
+            ("weight".into(), vec![c, d], w),
+            ("bias".into(), vec![c], bias),
+        ],
+        None,
+    )?;
     let tmp = out.join("bundle.json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(b)?)?;
     std::fs::rename(&tmp, out.join("bundle.json"))?;
@@ -313,26 +305,10 @@ pub fn load_bundle<B: Backend>(
     let head_path = dir.join("head.safetensors");
     let bytes =
         std::fs::read(&head_path).with_context(|| format!("reading {}", head_path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not safetensors", head_path.display()))?;
-    let get = |k: &str| -> Result<(Vec<usize>, Vec<f32>)> {
-        let v = st
-            .tensor(k)
-            .with_context(|| format!("{}: no tensor '{k}'", head_path.display()))?;
-        if v.dtype() != Dtype::F32 {
-            bail!(
-                "{}: '{k}' is {:?}, expected F32",
-                head_path.display(),
-                v.dtype()
-            );
-        }
-        Ok((
-            v.shape().to_vec(),
-            v.data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-        ))
+    let mut head = f32_tensors(&bytes, &head_path)?;
+    let mut get = |k: &str| {
+        head.remove(k)
+            .with_context(|| format!("{}: no tensor '{k}'", head_path.display()))
     };
     let (ws, w) = get("weight")?;
     let (bs, b) = get("bias")?;

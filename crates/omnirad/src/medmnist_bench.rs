@@ -168,6 +168,21 @@ fn summary(runs: &[Metrics], f: fn(&Metrics) -> f64) -> String {
     format!("{mean:.3} ± {sd:.3}")
 }
 
+/// A dataset's table row; its summary is printed as it is made.
+fn row(name: &str, runs: Vec<Metrics>, model_size: usize) -> Row {
+    eprintln!(
+        "{name}: test ACC {} AUC {} macro-F1 {}",
+        summary(&runs, |m| m.acc),
+        summary(&runs, |m| m.auc),
+        summary(&runs, |m| m.macro_f1)
+    );
+    Row {
+        name: name.to_string(),
+        runs,
+        model_size,
+    }
+}
+
 pub fn run(a: &MedMnistArgs) -> Result<()> {
     if a.datasets.is_empty() {
         bail!("--datasets is empty (e.g. --datasets breastmnist,pneumoniamnist)");
@@ -235,18 +250,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                     );
                     runs.push(o.test);
                 }
-                eprintln!(
-                    "{}: test ACC {} AUC {} macro-F1 {}",
-                    info.name,
-                    summary(&runs, |m| m.acc),
-                    summary(&runs, |m| m.auc),
-                    summary(&runs, |m| m.macro_f1)
-                );
-                rows.push(Row {
-                    name: info.name.to_string(),
-                    runs,
-                    model_size: cfg.preprocess.size,
-                });
+                rows.push(row(info.name, runs, cfg.preprocess.size));
                 continue;
             }
             let embed = |split: Split| -> Result<Embeddings> {
@@ -336,18 +340,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         .collect()
                 }
             };
-            eprintln!(
-                "{}: test ACC {} AUC {} macro-F1 {}",
-                info.name,
-                summary(&runs, |m| m.acc),
-                summary(&runs, |m| m.auc),
-                summary(&runs, |m| m.macro_f1)
-            );
-            rows.push(Row {
-                name: info.name.to_string(),
-                runs,
-                model_size: cfg.preprocess.size,
-            });
+            rows.push(row(info.name, runs, cfg.preprocess.size));
         }
         rows
     });

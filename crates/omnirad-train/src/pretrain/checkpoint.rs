@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use safetensors::tensor::{Dtype, TensorView};
+use omnirad_model::{f32_tensors, write_f32_safetensors, ModelError};
 
 use crate::params;
 use crate::ssl::{trainable_student, SslModel, SslTrainer};
@@ -24,6 +24,8 @@ pub enum CheckpointError {
     },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
+    #[error(transparent)]
+    File(#[from] ModelError),
 }
 
 fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
@@ -57,34 +59,11 @@ pub fn save_checkpoint<B: Backend>(
         let shape = c.value.dims().to_vec();
         tensors.push((name.into(), shape, host(c.value.clone().flatten::<1>(0, 1))));
     }
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .into_iter()
-        .map(|(n, s, v)| (n, v.iter().flat_map(|x| x.to_le_bytes()).collect(), s))
-        .collect();
-    let views: Vec<(String, TensorView)> = bytes
-        .iter()
-        .map(|(n, b, s)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).expect("consistent sizes"),
-            )
-        })
-        .collect();
     // One metadata key: a HashMap with several would be written in random order, and
     // identical states should give identical files.
     let state = serde_json::json!({ "format": FORMAT, "step": step, "adam_step": t.opt.step });
     let meta = HashMap::from([("omnirad".to_string(), state.to_string())]);
-    let data = safetensors::serialize(views, Some(meta)).map_err(|e| CheckpointError::Format {
-        path: path.into(),
-        msg: e.to_string(),
-    })?;
-    let tmp = path.with_extension("tmp");
-    let io = |source| CheckpointError::Io {
-        path: path.into(),
-        source,
-    };
-    std::fs::write(&tmp, data).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    Ok(write_f32_safetensors(path, &tensors, Some(meta))?)
 }
 
 /// Restores `t` from `path`; returns the step to continue from. Every parameter of the current
@@ -122,30 +101,14 @@ pub fn load_checkpoint<B: Backend>(
     };
     let step = num("step")? as usize;
     let adam_step = num("adam_step")?;
-    let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| fmt(e.to_string()))?;
     let dev = t.device.clone();
-    let mut tensors: HashMap<String, Tensor<B, 1>> = HashMap::new();
-    for (name, view) in st.iter() {
-        if view.dtype() != Dtype::F32 {
-            return Err(fmt(format!(
-                "{name}: dtype {:?}, expected F32",
-                view.dtype()
-            )));
-        }
-        let v: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        if v.iter().any(|x| !x.is_finite()) {
-            return Err(fmt(format!("{name}: contains NaN or Inf")));
-        }
-        let n = v.len();
-        tensors.insert(
-            name.to_string(),
-            Tensor::from_data(TensorData::new(v, [n]), &dev),
-        );
-    }
+    let mut tensors: HashMap<String, Tensor<B, 1>> = f32_tensors(&data, path)?
+        .into_iter()
+        .map(|(name, (_, v))| {
+            let n = v.len();
+            (name, Tensor::from_data(TensorData::new(v, [n]), &dev))
+        })
+        .collect();
     let mut missing = Vec::new();
     let mut take = |prefix: &str, path: &str, old: Tensor<B, 1>| match tensors
         .remove(&format!("{prefix}{path}"))
