@@ -787,3 +787,25 @@ fn probe_trains_the_head_and_leaves_the_encoder_as_it_was() {
     ]);
     assert!(!ok && err.contains("frozen"), "{err}");
 }
+
+#[test]
+fn pretrain_resume_from_a_corrupt_checkpoint_names_the_file() {
+    let d = tmp("resume-bad");
+    let cfg = tiny_pretrain_config(&d, 4, "");
+    let run = d.join("run");
+    let (ok, _, err) = omnirad(&[
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--stop-after",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let ckpt = run.join("checkpoint.safetensors");
+    let bytes = std::fs::read(&ckpt).unwrap();
+    std::fs::write(&ckpt, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, _, err) = omnirad(&["pretrain", "--out", run.to_str().unwrap(), "--resume"]);
+    assert!(!ok && err.contains("checkpoint.safetensors"), "{err}");
+}
