@@ -4,11 +4,18 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array2, ArrayD, Axis, Ix2, Ix3};
+use ndarray::{s, Array2, Array3, ArrayD, Axis, Ix2, Ix3};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
+use crate::augment::random_resized_crop_box;
 use crate::error::{DataError, Result};
 use crate::image::{Image, Meta, Modality};
 use crate::medmnist::{open_npz, read_int_array, read_npz_array, Split};
+use crate::preprocess::resize_chw;
 use crate::source::read_raster;
 
 /// One image with its class-index mask and, where the dataset has one, a field-of-view mask
@@ -246,4 +253,277 @@ pub fn load_npz_split(path: &Path, split: Split) -> Result<Vec<SegSample>> {
         });
     }
     Ok(out)
+}
+
+/// Train / val / test samples and how they were split.
+pub struct SegSplits {
+    pub train: Vec<SegSample>,
+    pub val: Vec<SegSample>,
+    pub test: Vec<SegSample>,
+    /// One line for reports, e.g. "official npz splits" or "seeded 70/10/20 split of 780 pairs".
+    pub protocol: String,
+    /// Items that could not be read: (file, reason).
+    pub failed: Vec<(String, String)>,
+}
+
+/// Reads pairs in parallel; unreadable ones are returned as failures, or the first is an error
+/// when `strict`.
+pub fn load_pairs(
+    pairs: &[SegPair],
+    strict: bool,
+) -> Result<(Vec<SegSample>, Vec<(String, String)>)> {
+    let loaded: Vec<_> = pairs.par_iter().map(|p| (p, p.load())).collect();
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    for (p, r) in loaded {
+        match r {
+            Ok(s) => ok.push(s),
+            Err(e) if strict => return Err(e),
+            Err(e) => failed.push((p.image.display().to_string(), e.to_string())),
+        }
+    }
+    Ok((ok, failed))
+}
+
+fn take<T: Clone>(v: &[T], idx: &[usize]) -> Vec<T> {
+    idx.iter().map(|&i| v[i].clone()).collect()
+}
+
+/// Seeded shuffle of 0..n cut into (train, val, test) by fractions.
+pub fn split_indices(n: usize, val: f64, test: f64, seed: u64) -> [Vec<usize>; 3] {
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut StdRng::seed_from_u64(seed));
+    let nt = ((n as f64 * test).round() as usize).min(n);
+    let nv = ((n as f64 * val).round() as usize).min(n - nt);
+    let mut test_idx = idx.split_off(n - nt);
+    let mut val_idx = idx.split_off(n - nt - nv);
+    idx.sort();
+    val_idx.sort();
+    test_idx.sort();
+    [idx, val_idx, test_idx]
+}
+
+/// Opens a segmentation dataset with its splits:
+/// - a MedSegBench npz: its official train/val/test arrays;
+/// - a folder with `train/ val/ test/` sub-folders (MedSegBench PNG export): those;
+/// - DRIVE (`training/` + `testing/`): the official test set; val = a seeded 20% of training;
+/// - CHASE_DB1 (`Image_NN{L,R}`): the usual split, children 1–10 train (20% of them val),
+///   11–14 test;
+/// - any other pair folder (BUSI, `images/`+`masks/`): `test` if given (train/val seeded 80/20
+///   from `data`), otherwise a seeded 70/10/20 split.
+pub fn open_splits(data: &Path, test: Option<&Path>, seed: u64, strict: bool) -> Result<SegSplits> {
+    let mut failed = Vec::new();
+    let mut load_dir = |d: &Path| -> Result<Vec<SegSample>> {
+        let (s, f) = load_pairs(&discover_pairs(d)?, strict)?;
+        failed.extend(f);
+        Ok(s)
+    };
+    if data.extension().is_some_and(|e| e == "npz") {
+        return Ok(SegSplits {
+            train: load_npz_split(data, Split::Train)?,
+            val: load_npz_split(data, Split::Val)?,
+            test: load_npz_split(data, Split::Test)?,
+            protocol: "official npz splits".into(),
+            failed,
+        });
+    }
+    if ["train", "val", "test"]
+        .iter()
+        .all(|d| data.join(d).is_dir())
+    {
+        let train = load_dir(&data.join("train"))?;
+        let val = load_dir(&data.join("val"))?;
+        let test = load_dir(&data.join("test"))?;
+        return Ok(SegSplits {
+            train,
+            val,
+            test,
+            protocol: "official train/val/test folders".into(),
+            failed,
+        });
+    }
+    let (trainval, test, protocol) =
+        if data.join("training").is_dir() && data.join("testing").is_dir() {
+            let tv = load_dir(&data.join("training"))?;
+            let te = load_dir(&data.join("testing"))?;
+            let p = format!(
+                "official test set ({} images); val = seeded 20% of the {} training images",
+                te.len(),
+                tv.len()
+            );
+            (tv, te, p)
+        } else if let Some(t) = test {
+            let tv = load_dir(data)?;
+            let te = load_dir(t)?;
+            let p = format!(
+                "test = {}; val = seeded 20% of {}",
+                t.display(),
+                data.display()
+            );
+            (tv, te, p)
+        } else {
+            let all = load_dir(data)?;
+            let child = |s: &SegSample| {
+                let name = Path::new(&s.image.meta.id)
+                    .file_stem()?
+                    .to_str()?
+                    .to_string();
+                name.strip_prefix("Image_")?.get(..2)?.parse::<u32>().ok()
+            };
+            if all.iter().all(|s| child(s).is_some()) {
+                let (tv, te): (Vec<_>, Vec<_>) =
+                    all.into_iter().partition(|s| child(s).unwrap_or(0) <= 10);
+                let p = format!(
+                    "CHASE_DB1 split: children 1–10 train/val ({}), 11–14 test ({})",
+                    tv.len(),
+                    te.len()
+                );
+                (tv, te, p)
+            } else {
+                let [tr, va, te] = split_indices(all.len(), 0.1, 0.2, seed);
+                return Ok(SegSplits {
+                    train: take(&all, &tr),
+                    val: take(&all, &va),
+                    test: take(&all, &te),
+                    protocol: format!("seeded 70/10/20 split (seed {seed}) of {} pairs", all.len()),
+                    failed,
+                });
+            }
+        };
+    let [tr, va, _] = split_indices(trainval.len(), 0.2, 0.0, seed);
+    Ok(SegSplits {
+        train: take(&trainval, &tr),
+        val: take(&trainval, &va),
+        test,
+        protocol,
+        failed,
+    })
+}
+
+/// How an image of any size meets a network that takes `size × size`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum SegWindow {
+    /// Resize the whole image (aspect ignored, as MedSegBench); predictions are resized back.
+    Resize,
+    /// Native resolution: train on random `size` crops, predict with overlapping windows whose
+    /// softmax outputs are averaged.
+    Sliding { overlap: usize },
+}
+
+/// One network input with its target: image [C, S, S] in [0, 1], mask [S, S], and which pixels
+/// count (inside the field of view and the image).
+#[derive(Debug, Clone)]
+pub struct SegView {
+    pub image: Array3<f32>,
+    pub mask: Array2<u8>,
+    pub valid: Array2<bool>,
+}
+
+/// Nearest-neighbour resampling of a label map from the crop box (left, top, w, h) to
+/// `dw × dh`, sampling at pixel centres (labels must not be blended).
+pub fn resize_labels<T: Copy>(m: &Array2<T>, crop: [f64; 4], dw: usize, dh: usize) -> Array2<T> {
+    let (h, w) = m.dim();
+    let [l, t, cw, ch] = crop;
+    Array2::from_shape_fn((dh, dw), |(y, x)| {
+        let sy = (t + (y as f64 + 0.5) * ch / dh as f64)
+            .floor()
+            .clamp(0.0, h as f64 - 1.0) as usize;
+        let sx = (l + (x as f64 + 0.5) * cw / dw as f64)
+            .floor()
+            .clamp(0.0, w as f64 - 1.0) as usize;
+        m[[sy, sx]]
+    })
+}
+
+impl SegSample {
+    fn valid(&self) -> Array2<bool> {
+        self.fov
+            .clone()
+            .unwrap_or_else(|| Array2::from_elem(self.mask.dim(), true))
+    }
+
+    /// The whole image resized to `size × size` (from `crop` if given).
+    pub fn resized(&self, crop: Option<[f64; 4]>, size: usize) -> SegView {
+        let (h, w) = self.mask.dim();
+        let crop_box = crop.unwrap_or([0.0, 0.0, w as f64, h as f64]);
+        SegView {
+            image: resize_chw(&self.image.data, crop, size, size),
+            mask: resize_labels(&self.mask, crop_box, size, size),
+            valid: resize_labels(&self.valid(), crop_box, size, size),
+        }
+    }
+
+    /// A `size × size` window at native resolution with top-left (top, left); beyond the image
+    /// it is zero-padded and not valid.
+    pub fn window(&self, top: usize, left: usize, size: usize) -> SegView {
+        let (c, h, w) = self.image.data.dim();
+        let mut v = SegView {
+            image: Array3::zeros((c, size, size)),
+            mask: Array2::zeros((size, size)),
+            valid: Array2::from_elem((size, size), false),
+        };
+        let (bh, bw) = (
+            size.min(h.saturating_sub(top)),
+            size.min(w.saturating_sub(left)),
+        );
+        v.image
+            .slice_mut(s![.., ..bh, ..bw])
+            .assign(
+                &self
+                    .image
+                    .data
+                    .slice(s![.., top..top + bh, left..left + bw]),
+            );
+        v.mask
+            .slice_mut(s![..bh, ..bw])
+            .assign(&self.mask.slice(s![top..top + bh, left..left + bw]));
+        v.valid
+            .slice_mut(s![..bh, ..bw])
+            .assign(&self.valid().slice(s![top..top + bh, left..left + bw]));
+        v
+    }
+
+    /// A random training view: a random window (sliding) or a random resized crop of scale
+    /// 0.5–1 (resize), then horizontal and vertical flips with p = 0.5, applied to image, mask
+    /// and valid pixels alike.
+    pub fn train_view(&self, window: SegWindow, size: usize, rng: &mut StdRng) -> SegView {
+        let (h, w) = self.mask.dim();
+        let mut v = match window {
+            SegWindow::Resize => {
+                let crop = random_resized_crop_box(h, w, (0.5, 1.0), (3.0 / 4.0, 4.0 / 3.0), rng);
+                self.resized(Some(crop), size)
+            }
+            SegWindow::Sliding { .. } => {
+                let top = rng.random_range(0..=h.saturating_sub(size));
+                let left = rng.random_range(0..=w.saturating_sub(size));
+                self.window(top, left, size)
+            }
+        };
+        for axis in [1usize, 0] {
+            if rng.random_bool(0.5) {
+                v.image.invert_axis(Axis(axis + 1));
+                v.mask.invert_axis(Axis(axis));
+                v.valid.invert_axis(Axis(axis));
+            }
+        }
+        v.image = v.image.as_standard_layout().to_owned();
+        v.mask = v.mask.as_standard_layout().to_owned();
+        v.valid = v.valid.as_standard_layout().to_owned();
+        v
+    }
+}
+
+/// Top-left corners of `size` windows with at least `overlap` pixels shared by neighbours,
+/// covering 0..n (the last window ends at n when n ≥ size).
+pub fn window_starts(n: usize, size: usize, overlap: usize) -> Vec<usize> {
+    if n <= size {
+        return vec![0];
+    }
+    let stride = size.saturating_sub(overlap).max(1);
+    let count = (n - size).div_ceil(stride) + 1;
+    // Spread evenly so the overlap is the same everywhere.
+    (0..count)
+        .map(|i| ((i * (n - size)) as f64 / (count - 1) as f64).round() as usize)
+        .collect()
 }

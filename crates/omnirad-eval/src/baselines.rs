@@ -129,3 +129,24 @@ pub const MEDMNIST_PLUS_DINO_LINEAR: &[(&str, [f64; 4])] = &[
     ("organcmnist", [88.34, 92.21, 91.82, 92.46]),
     ("organsmnist", [74.25, 78.70, 80.79, 79.27]),
 ];
+
+/// MedSegBench (Kuş & Aydin, Scientific Data 11:1283, 2024): test Dice of a U-Net trained from
+/// scratch, mean of 3 seeds, with these encoders.
+pub const MEDSEGBENCH_MODELS: [&str; 5] = [
+    "U-Net ResNet-18",
+    "U-Net ResNet-50",
+    "U-Net EfficientNet-B0",
+    "U-Net MobileNetV2",
+    "U-Net DenseNet-121",
+];
+
+pub const MEDSEGBENCH_DICE: &[(&str, [f64; 5])] = &[
+    ("busi", [0.674, 0.632, 0.711, 0.655, 0.695]),
+    ("covidquex", [0.740, 0.734, 0.744, 0.742, 0.756]),
+    ("fhpsaop", [0.961, 0.957, 0.959, 0.959, 0.960]),
+    ("mosmedplus", [0.780, 0.790, 0.781, 0.785, 0.791]),
+    ("pandental", [0.961, 0.961, 0.957, 0.950, 0.965]),
+    ("promise12", [0.895, 0.888, 0.892, 0.896, 0.900]),
+    ("ultrasoundnerve", [0.782, 0.776, 0.787, 0.772, 0.786]),
+    ("usforkidney", [0.979, 0.978, 0.981, 0.980, 0.980]),
+];

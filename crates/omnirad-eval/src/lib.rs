@@ -3,6 +3,8 @@
 pub mod baselines;
 pub mod knn;
 pub mod metrics;
+pub mod seg_metrics;
 
 pub use knn::{knn_scores, KnnConfig};
 pub use metrics::{evaluate, Metrics, TaskKind};
+pub use seg_metrics::{SegEvaluator, SegScores};

@@ -97,6 +97,64 @@ pub fn save_model_dir<B: Backend>(
     write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
 }
 
+/// Writes any module's parameters under burn's own names (the segmentation heads). Atomic.
+pub fn save_module<B: Backend, M: ModuleSnapshot<B>>(
+    module: &M,
+    path: &Path,
+) -> Result<(), ModelError> {
+    let mut store = SafetensorsStore::from_bytes(None).skip_enum_variants(true);
+    let err = |e: String| ModelError::Weights {
+        path: path.into(),
+        reason: e,
+    };
+    module
+        .save_into(&mut store)
+        .map_err(|e| err(e.to_string()))?;
+    let bytes = store.get_bytes().map_err(|e| err(e.to_string()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Loads what [`save_module`] wrote into `module`; a missing, extra or misshapen tensor is an
+/// error naming it.
+pub fn load_module<B: Backend, M: ModuleSnapshot<B>>(
+    mut module: M,
+    path: &Path,
+) -> Result<M, ModelError> {
+    if !path.is_file() {
+        return Err(ModelError::Weights {
+            path: path.into(),
+            reason: "file not found".into(),
+        });
+    }
+    let mut store = SafetensorsStore::from_file(path)
+        .skip_enum_variants(true)
+        .allow_partial(true);
+    let res = module
+        .load_from(&mut store)
+        .map_err(|e| ModelError::Weights {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+    let mut problems: Vec<String> = res.errors.iter().map(|e| e.to_string()).collect();
+    problems.extend(
+        res.missing
+            .iter()
+            .map(|(p, _)| format!("missing tensor '{p}'")),
+    );
+    problems.extend(
+        res.unused
+            .iter()
+            .map(|p| format!("unexpected tensor '{p}'")),
+    );
+    if !problems.is_empty() {
+        return Err(ModelError::Weights {
+            path: path.into(),
+            reason: problems.join("; "),
+        });
+    }
+    Ok(module)
+}
+
 pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelError> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {

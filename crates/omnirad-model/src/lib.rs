@@ -3,6 +3,7 @@
 pub mod dino_head;
 pub mod import;
 pub mod io;
+pub mod seg;
 pub mod vit;
 
 pub use dino_head::{DinoHead, DinoHeadConfig};
@@ -10,9 +11,10 @@ pub use import::{
     f32_tensors, import_checkpoint, import_dino_head, Imported, Layout, DINO_HEAD_FILE,
 };
 pub use io::{
-    load_imported, load_model_dir, save_dino_head, save_model_dir, write_f32_safetensors,
-    ModelConfig, ModelError,
+    load_imported, load_model_dir, load_module, save_dino_head, save_model_dir, save_module,
+    write_f32_safetensors, ModelConfig, ModelError,
 };
+pub use seg::{SegHead, SegHeadConfig, SegHeadKind, Segmenter};
 pub use vit::{PosInterp, Vit, VitConfig, VitOutput};
 
 /// The CPU backend (pure Rust, SIMD + threads).

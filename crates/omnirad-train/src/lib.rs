@@ -12,6 +12,7 @@ pub mod params;
 pub mod pretrain;
 pub mod probe;
 pub mod schedule;
+pub mod segment;
 pub mod ssl;
 
 pub use probe::{linear_probe, ProbeConfig, ProbeHead, ProbeResult};

@@ -1,9 +1,11 @@
-//! Self-supervised losses, one per file as in DINOv2's `dinov2/loss/`.
+//! Losses, one per file as in DINOv2's `dinov2/loss/`.
 
 pub mod dino_clstoken;
 pub mod ibot_patch;
 pub mod koleo;
+pub mod segmentation;
 
 pub use dino_clstoken::{cross_entropy, sinkhorn_knopp, Center};
 pub use ibot_patch::ibot_patch_loss;
 pub use koleo::koleo_loss;
+pub use segmentation::ce_dice_loss;

@@ -1,0 +1,145 @@
+//! Segmentation: the loss against hand values, window tiling, and a frozen-encoder adapter that
+//! learns BUSI lesions from a few real images.
+
+use std::path::Path;
+
+use burn::tensor::{Tensor, TensorData};
+use omnirad_data::seg::{open_splits, window_starts, SegWindow};
+use omnirad_data::Preprocess;
+use omnirad_model::{Cpu, SegHeadConfig, SegHeadKind, VitConfig};
+use omnirad_train::loss::ce_dice_loss;
+use omnirad_train::segment::{build, evaluate, predict_probs, train, SegTrainConfig};
+
+fn t4(v: Vec<f32>, s: [usize; 4]) -> Tensor<Cpu, 4> {
+    Tensor::from_data(TensorData::new(v, s), &Default::default())
+}
+
+#[test]
+fn ce_dice_by_hand() {
+    let l3 = 3f32.ln();
+    // Two pixels, two classes: p(fg) = 0.75 and 0.25; both pixels are foreground.
+    let z = t4(vec![0.0, l3, l3, 0.0], [1, 2, 1, 2]);
+    let y = t4(vec![0.0, 0.0, 1.0, 1.0], [1, 2, 1, 2]);
+    let (ce, dice) = ce_dice_loss(z.clone(), y.clone(), t4(vec![1.0, 1.0], [1, 1, 1, 2]));
+    let ce = ce.into_scalar() as f64;
+    let want = -(0.75f64.ln() + 0.25f64.ln()) / 2.0;
+    assert!((ce - want).abs() < 1e-6, "{ce} vs {want}");
+    // inter 1, Σp 1, Σy 2 → 1 − (2 + 1)/(3 + 1)
+    assert!((dice.into_scalar() as f64 - 0.25).abs() < 1e-6);
+    // The second pixel outside the valid region.
+    let (ce, dice) = ce_dice_loss(z, y, t4(vec![1.0, 0.0], [1, 1, 1, 2]));
+    assert!((ce.into_scalar() as f64 + 0.75f64.ln()).abs() < 1e-6);
+    let want = 1.0 - 2.5 / 2.75;
+    assert!((dice.into_scalar() as f64 - want).abs() < 1e-6);
+}
+
+#[test]
+fn windows_cover_with_overlap() {
+    assert_eq!(window_starts(100, 128, 32), vec![0]);
+    let s = window_starts(565, 128, 32);
+    assert_eq!(*s.first().unwrap(), 0);
+    assert_eq!(s.last().unwrap() + 128, 565);
+    assert!(s.windows(2).all(|w| w[0] + 128 >= w[1] + 32), "{s:?}");
+}
+
+fn data() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data"))
+}
+
+fn pico() -> (omnirad_model::Vit<Cpu>, Preprocess) {
+    let cfg = VitConfig::preset("vit_pico").unwrap();
+    let pre = Preprocess {
+        size: 32,
+        channels: 3,
+        ..Preprocess::default()
+    };
+    <Cpu as burn::tensor::backend::Backend>::seed(&Default::default(), 7);
+    (cfg.init::<Cpu>(&Default::default()), pre)
+}
+
+#[test]
+fn sliding_window_probabilities_cover_the_image() {
+    let (vit, pre) = pico();
+    let head = SegHeadConfig::new(SegHeadKind::Adapter, 2, 2);
+    let m = build(vit, &head, 3, 0, &Default::default());
+    let img = ndarray::Array3::from_shape_fn((1, 45, 70), |(_, y, x)| ((x + y) % 7) as f32 / 7.0);
+    let p = predict_probs(
+        &m,
+        &img,
+        32,
+        SegWindow::Sliding { overlap: 8 },
+        &pre,
+        4,
+        &Default::default(),
+    );
+    assert_eq!(p.dim(), (2, 45, 70));
+    let sums = p.sum_axis(ndarray::Axis(0));
+    assert!(
+        sums.iter().all(|s| (s - 1.0).abs() < 1e-4),
+        "probabilities sum to 1 everywhere"
+    );
+}
+
+#[test]
+fn adapter_learns_busi_lesions() {
+    let busi = data().join("busi-256/malignant");
+    let mut s = open_splits(&busi, None, 0, true).unwrap();
+    assert!(s.failed.is_empty());
+    s.train.truncate(24);
+    s.val.truncate(6);
+    let (vit, pre) = pico();
+    let dev = Default::default();
+    let head = SegHeadConfig::new(SegHeadKind::Adapter, 2, 2);
+    let model = build(vit, &head, 3, 0, &dev);
+    let encoder_before = model.backbone.blocks[0].mlp.fc1.weight.val();
+    let cfg = SegTrainConfig {
+        epochs: 12,
+        batch: 8,
+        lr: 3e-3,
+        size: 32,
+        warmup_epochs: 1,
+        ..SegTrainConfig::default()
+    };
+    let before = evaluate(
+        &model,
+        &s.train,
+        2,
+        32,
+        SegWindow::Resize,
+        &pre,
+        8,
+        &dev,
+        |_, _| {},
+    );
+    let r = train(model, &s.train, &s.val, 2, &pre, &cfg, &dev, |_| {});
+    let first = r.history.first().unwrap().train_loss;
+    let last = r.history.last().unwrap().train_loss;
+    assert!(last < 0.8 * first, "loss {first} → {last}");
+    let after = evaluate(
+        &r.model,
+        &s.train,
+        2,
+        32,
+        SegWindow::Resize,
+        &pre,
+        8,
+        &dev,
+        |_, _| {},
+    );
+    eprintln!(
+        "loss {first} → {last}; train Dice {} → {}",
+        before.dice, after.dice
+    );
+    let encoder_after = r.model.backbone.blocks[0].mlp.fc1.weight.val();
+    assert!(
+        encoder_before.equal(encoder_after).all().into_scalar(),
+        "frozen encoder moved"
+    );
+    assert!(
+        after.dice > before.dice + 0.1,
+        "train Dice {} → {}",
+        before.dice,
+        after.dice
+    );
+    assert!(after.dice > 0.4, "train Dice {}", after.dice);
+}
