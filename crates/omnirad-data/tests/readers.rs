@@ -244,3 +244,70 @@ fn nifti_with_nan_voxels_is_a_clear_error() {
     let e = NiftiVolume::open(&p).err().unwrap().to_string();
     assert!(e.contains("nan.nii") && e.contains("NaN/Inf"), "{e}");
 }
+
+#[test]
+fn segmentation_splits_follow_each_dataset() {
+    use omnirad_data::seg::open_splits;
+    let d = open_splits(&data("drive"), None, 0, true).unwrap();
+    assert_eq!((d.train.len(), d.val.len(), d.test.len()), (16, 4, 20));
+    assert!(d.protocol.contains("official test set"));
+    // Every DRIVE sample carries its field of view, and it excludes the dark border.
+    assert!(d.test.iter().all(|s| s.fov.as_ref().is_some_and(|f| f
+        .iter()
+        .filter(|&&v| v)
+        .count()
+        < f.len() * 9 / 10)));
+    let c = open_splits(&data("chasedb1"), None, 0, true).unwrap();
+    assert_eq!((c.train.len() + c.val.len(), c.test.len()), (20, 8));
+    assert!(c.test.iter().all(|s| s.image.meta.id.contains("Image_1")));
+    let b = open_splits(&data("busi-256"), None, 0, true).unwrap();
+    assert_eq!((b.train.len(), b.val.len(), b.test.len()), (546, 78, 156));
+    // Seeded: the same seed gives the same test set, another seed another.
+    let ids = |s: &omnirad_data::seg::SegSplits| -> Vec<String> {
+        s.test.iter().map(|x| x.image.meta.id.clone()).collect()
+    };
+    let b0 = open_splits(&data("busi-256/normal"), None, 0, true).unwrap();
+    let b0b = open_splits(&data("busi-256/normal"), None, 0, true).unwrap();
+    let b1 = open_splits(&data("busi-256/normal"), None, 1, true).unwrap();
+    assert_eq!(ids(&b0), ids(&b0b));
+    assert_ne!(ids(&b0), ids(&b1));
+}
+
+#[test]
+fn segmentation_views_keep_image_and_mask_aligned() {
+    use omnirad_data::augment::sample_rng;
+    use omnirad_data::seg::{SegSample, SegWindow};
+    // A mask that is exactly "image > 0.5": every view must keep that relation.
+    let img = Array3::from_shape_fn((1, 40, 60), |(_, y, x)| {
+        if (x / 7 + y / 5) % 2 == 0 {
+            0.9
+        } else {
+            0.1
+        }
+    });
+    let mask = img
+        .index_axis(ndarray::Axis(0), 0)
+        .mapv(|v| (v > 0.5) as u8);
+    let s = SegSample {
+        image: omnirad_data::Image {
+            data: img,
+            meta: Default::default(),
+        },
+        mask,
+        fov: None,
+    };
+    for k in 0..20 {
+        let mut rng = sample_rng(0, 0, k);
+        let v = s.train_view(SegWindow::Sliding { overlap: 0 }, 32, &mut rng);
+        let agree = v
+            .mask
+            .iter()
+            .zip(v.image.iter())
+            .all(|(&m, &p)| (p > 0.5) == (m == 1));
+        assert!(agree, "window view {k} misaligned");
+        assert!(v.valid.iter().all(|&ok| ok));
+    }
+    // Windows past the edge are padded and marked invalid.
+    let w = s.window(30, 50, 32);
+    assert_eq!(w.valid.iter().filter(|&&ok| ok).count(), 10 * 10);
+}

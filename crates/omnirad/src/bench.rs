@@ -33,6 +33,8 @@ pub enum BenchCmd {
     },
     /// The MedMNIST v2 protocol: frozen features, a probe, test metrics beside published references.
     Medmnist(crate::medmnist_bench::MedMnistArgs),
+    /// Segmentation heads on an encoder (DRIVE, CHASE_DB1, BUSI, MedSegBench npz): test Dice beside published U-Nets.
+    Medsegbench(crate::segment::MedSegBenchArgs),
     /// Encoder forward images/s on random input (median over steps after warm-up).
     Embed {
         #[arg(long, default_value = "vit_s16")]
@@ -153,6 +155,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                     "img_per_s_median": median(rates), "threads": rayon::current_num_threads() })
         }
         BenchCmd::Medmnist(a) => return crate::medmnist_bench::run(&a),
+        BenchCmd::Medsegbench(a) => return crate::segment::bench_cmd(&a),
         BenchCmd::Embed {
             model,
             img,

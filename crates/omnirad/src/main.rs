@@ -8,6 +8,7 @@ mod finetune;
 mod info;
 mod medmnist_bench;
 mod pretrain;
+mod segment;
 
 use std::path::PathBuf;
 
@@ -67,6 +68,11 @@ enum Cmd {
     Predict(finetune::PredictArgs),
     /// Self-supervised pretraining (DINOv2 / OmniRad / XR-0 recipes) from a TOML config.
     Pretrain(pretrain::PretrainArgs),
+    /// Segmentation heads on an encoder: train, eval, predict (masks + overlays).
+    Segment {
+        #[command(subcommand)]
+        cmd: segment::SegmentCmd,
+    },
     /// The main job end to end on an embedded default (synthetic phantoms, or --data files).
     Demo(demo::DemoArgs),
     /// Throughput measurements (see BENCHMARKS.md).
@@ -135,6 +141,11 @@ fn main() -> Result<()> {
         Cmd::Finetune(a) => finetune::run(&a, false),
         Cmd::Probe(a) => finetune::run(&a, true),
         Cmd::Predict(a) => finetune::predict_cmd(&a),
+        Cmd::Segment { cmd } => match cmd {
+            segment::SegmentCmd::Train(a) => segment::train_cmd(&a),
+            segment::SegmentCmd::Eval(a) => segment::eval_cmd(&a),
+            segment::SegmentCmd::Predict(a) => segment::predict_cmd(&a),
+        },
         Cmd::Bench { cmd } => bench::run(cmd),
     }
 }

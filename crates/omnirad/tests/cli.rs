@@ -809,3 +809,208 @@ fn pretrain_resume_from_a_corrupt_checkpoint_names_the_file() {
     let (ok, _, err) = omnirad(&["pretrain", "--out", run.to_str().unwrap(), "--resume"]);
     assert!(!ok && err.contains("checkpoint.safetensors"), "{err}");
 }
+
+#[test]
+fn segment_train_eval_predict_on_busi() {
+    let d = tmp("seg");
+    let bundle = d.join("bundle");
+    let busi = data("busi-256/malignant");
+    let (ok, out, err) = omnirad(&[
+        "segment",
+        "train",
+        "--data",
+        busi.to_str().unwrap(),
+        "--model",
+        "vit_pico",
+        "--out",
+        bundle.to_str().unwrap(),
+        "--size",
+        "32",
+        "--epochs",
+        "3",
+        "--overlays",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("test: Dice"), "{out}");
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("segment.json")).unwrap())
+            .unwrap();
+    assert_eq!(b["head"]["classes"], 2);
+    assert_eq!(
+        std::fs::read_dir(bundle.join("overlays")).unwrap().count(),
+        2
+    );
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("history.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
+    // eval reloads the bundle and reproduces the test score written at training time.
+    let (ok, out, err) = omnirad(&[
+        "segment",
+        "eval",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--data",
+        busi.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (a, t) = (
+        s["dice"].as_f64().unwrap(),
+        b["test"]["dice"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - t).abs() < 1e-9,
+        "eval Dice {a} vs training-time test Dice {t}"
+    );
+    assert_eq!(s["images"], b["test"]["images"]);
+    // predict: a folder with one image and one corrupt file → one mask, one overlay, one skip.
+    let input = d.join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::copy(busi.join("malignant (1).png"), input.join("case.png")).unwrap();
+    std::fs::write(input.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let masks = d.join("masks");
+    let (ok, _, err) = omnirad(&[
+        "segment",
+        "predict",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        masks.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("skipped") && err.contains("broken.png"),
+        "{err}"
+    );
+    let m = image::open(masks.join("case_mask.png")).unwrap().to_luma8();
+    let src = image::open(busi.join("malignant (1).png")).unwrap();
+    assert_eq!((m.width(), m.height()), (src.width(), src.height()));
+    assert!(m.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
+    assert!(masks.join("case_overlay.png").is_file());
+    // --strict stops at the corrupt file.
+    let (ok, _, err) = omnirad(&[
+        "segment",
+        "predict",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        masks.to_str().unwrap(),
+        "--strict",
+    ]);
+    assert!(!ok && err.contains("broken.png"), "{err}");
+    // A damaged head file is named.
+    let head = bundle.join("head.safetensors");
+    let bytes = std::fs::read(&head).unwrap();
+    std::fs::write(&head, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, _, err) = omnirad(&[
+        "segment",
+        "eval",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--data",
+        busi.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("head.safetensors"), "{err}");
+}
+
+#[test]
+fn segment_drive_in_sliding_windows_at_native_resolution() {
+    let d = tmp("seg-drive");
+    let (ok, out, err) = omnirad(&[
+        "segment",
+        "train",
+        "--data",
+        data("drive").to_str().unwrap(),
+        "--model",
+        "vit_pico",
+        "--out",
+        d.join("b").to_str().unwrap(),
+        "--size",
+        "64",
+        "--window",
+        "sliding",
+        "--overlap",
+        "8",
+        "--epochs",
+        "1",
+        "--views-per-image",
+        "2",
+        "--head",
+        "linear",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("16 train / 4 val / 20 test"), "{err}");
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("b/segment.json")).unwrap()).unwrap();
+    assert_eq!(b["train"]["window"]["kind"], "sliding");
+    // Overlays are written at DRIVE's native 565×584.
+    let first = std::fs::read_dir(d.join("b/overlays"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let o = image::open(first).unwrap();
+    assert_eq!((o.width(), o.height()), (565, 584));
+    assert!(out.contains("over 20 images"), "{out}");
+}
+
+#[test]
+fn segment_errors_are_clear() {
+    let d = tmp("seg-bad");
+    let busi = data("busi-256/malignant");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "segment",
+            "train",
+            "--data",
+            busi.to_str().unwrap(),
+            "--model",
+            "vit_pico",
+            "--out",
+            d.to_str().unwrap(),
+            "--epochs",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        omnirad(&args)
+    };
+    let (ok, _, err) = run(&["--size", "30"]);
+    assert!(
+        !ok && err.contains("not a multiple of the encoder's patch size 4"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["--window", "sliding", "--size", "32", "--overlap", "32"]);
+    assert!(!ok && err.contains("--overlap 32 must be smaller"), "{err}");
+    let (ok, _, err) = run(&["--layers", "5"]);
+    assert!(!ok && err.contains("below the depth 2"), "{err}");
+    let (ok, _, err) = omnirad(&[
+        "bench",
+        "medsegbench",
+        "--data",
+        data("").to_str().unwrap(),
+        "--datasets",
+        "nosuch",
+        "--model",
+        "vit_pico",
+    ]);
+    assert!(!ok && err.contains("dataset 'nosuch' not found"), "{err}");
+    let (ok, _, err) = omnirad(&[
+        "segment",
+        "eval",
+        "--model",
+        d.to_str().unwrap(),
+        "--data",
+        busi.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("not a segmentation bundle"), "{err}");
+}
