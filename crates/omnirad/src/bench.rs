@@ -35,6 +35,8 @@ pub enum BenchCmd {
     Medmnist(crate::medmnist_bench::MedMnistArgs),
     /// Segmentation heads on an encoder (DRIVE, CHASE_DB1, BUSI, MedSegBench npz): test Dice beside published U-Nets.
     Medsegbench(crate::segment::MedSegBenchArgs),
+    /// Image-to-image retrieval by label: Recall@k, P@k, mAP@k of a query set against a gallery.
+    Retrieval(crate::retrieve::RetrievalBenchArgs),
     /// Encoder forward images/s on random input (median over steps after warm-up).
     Embed {
         #[arg(long, default_value = "vit_s16")]
@@ -156,6 +158,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         }
         BenchCmd::Medmnist(a) => return crate::medmnist_bench::run(&a),
         BenchCmd::Medsegbench(a) => return crate::segment::bench_cmd(&a),
+        BenchCmd::Retrieval(a) => return crate::retrieve::bench_cmd(&a),
         BenchCmd::Embed {
             model,
             img,

@@ -17,7 +17,7 @@ use omnirad_model::Vit;
 use crate::device::{parse_device, resolve_model, Device};
 use crate::ReadArgs;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum Pool {
     /// Final-norm class token (D values).
     Cls,

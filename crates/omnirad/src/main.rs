@@ -8,7 +8,9 @@ mod finetune;
 mod info;
 mod medmnist_bench;
 mod pretrain;
+mod retrieve;
 mod segment;
+mod viz;
 
 use std::path::PathBuf;
 
@@ -73,6 +75,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: segment::SegmentCmd,
     },
+    /// Build a searchable index of embeddings.
+    Index {
+        #[command(subcommand)]
+        cmd: IndexCmd,
+    },
+    /// The nearest cases in an index for query images, with cosine scores.
+    Retrieve(retrieve::RetrieveArgs),
+    /// 2-D projections (PCA, t-SNE, UMAP) as PNG/SVG plots and cluster-quality measures for one or two encoders.
+    Viz(viz::VizArgs),
     /// The main job end to end on an embedded default (synthetic phantoms, or --data files).
     Demo(demo::DemoArgs),
     /// Throughput measurements (see BENCHMARKS.md).
@@ -80,6 +91,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: bench::BenchCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum IndexCmd {
+    /// Embed files/folders/manifests/npz and store them as an index directory.
+    Build(retrieve::IndexBuildArgs),
 }
 
 #[derive(Subcommand)]
@@ -146,6 +163,11 @@ fn main() -> Result<()> {
             segment::SegmentCmd::Eval(a) => segment::eval_cmd(&a),
             segment::SegmentCmd::Predict(a) => segment::predict_cmd(&a),
         },
+        Cmd::Index {
+            cmd: IndexCmd::Build(a),
+        } => retrieve::build_cmd(&a),
+        Cmd::Retrieve(a) => retrieve::retrieve_cmd(&a),
+        Cmd::Viz(a) => viz::run(&a),
         Cmd::Bench { cmd } => bench::run(cmd),
     }
 }
@@ -180,4 +202,13 @@ fn convert(
         v.pos_interp
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -1014,3 +1014,141 @@ fn segment_errors_are_clear() {
     ]);
     assert!(!ok && err.contains("not a segmentation bundle"), "{err}");
 }
+
+#[test]
+fn index_retrieve_and_bench_retrieval() {
+    let d = tmp("index");
+    let breast = data("medmnist/breastmnist.npz");
+    let idx = d.join("idx");
+    let (ok, _, err) = omnirad(&[
+        "index",
+        "build",
+        "--model",
+        "vit_pico",
+        "--input",
+        breast.to_str().unwrap(),
+        "--split",
+        "test",
+        "--out",
+        idx.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    // Every test image, queried against an index of the test split, finds itself first.
+    let (ok, out, err) = omnirad(&[
+        "retrieve",
+        "--index",
+        idx.to_str().unwrap(),
+        "--query",
+        breast.to_str().unwrap(),
+        "--split",
+        "test",
+        "--k",
+        "3",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let r: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(r.len(), 156);
+    for q in &r {
+        let top = &q["results"][0];
+        assert_eq!(top["id"], q["query"]);
+        assert!((top["score"].as_f64().unwrap() - 1.0).abs() < 1e-5);
+        assert_eq!(q["results"].as_array().unwrap().len(), 3);
+    }
+    let (ok, _, err) = omnirad(&[
+        "retrieve",
+        "--index",
+        d.to_str().unwrap(),
+        "--query",
+        breast.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("not an index"), "{err}");
+
+    let table = d.join("ret");
+    let (ok, out, err) = omnirad(&[
+        "bench",
+        "retrieval",
+        "--model",
+        "vit_pico",
+        "--gallery",
+        breast.to_str().unwrap(),
+        "--k",
+        "1,5",
+        "--out",
+        table.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("156 queries") && out.contains("546 gallery"),
+        "{out}"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(table.with_extension("json")).unwrap())
+            .unwrap();
+    let s = &j["scores"];
+    // At k = 1, precision and recall are the same number; recall can only grow with k.
+    assert_eq!(s[0]["recall"], s[0]["precision"]);
+    assert!(s[1]["recall"].as_f64().unwrap() >= s[0]["recall"].as_f64().unwrap());
+    let (ok, _, err) = omnirad(&[
+        "bench",
+        "retrieval",
+        "--model",
+        "vit_pico",
+        "--gallery",
+        data("dicom-pydicom").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("without a label"), "{err}");
+}
+
+#[test]
+fn viz_two_models_side_by_side_with_metrics() {
+    let d = tmp("viz");
+    let (ok, out, err) = omnirad(&[
+        "viz",
+        "--model",
+        "vit_pico,vit_pico",
+        "--input",
+        data("medmnist/pneumoniamnist.npz").to_str().unwrap(),
+        "--input",
+        data("medmnist/breastmnist.npz").to_str().unwrap(),
+        "--input",
+        &format!("{}=fundus", data("drive/training/images").display()),
+        "--max-per-input",
+        "40",
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("| vit_pico | modality | 3 |"), "{out}");
+    for p in ["pca", "tsne", "umap"] {
+        let png = image::open(d.join(format!("{p}.png"))).unwrap();
+        assert_eq!(
+            (png.width(), png.height()),
+            (1440, 640),
+            "{p}: two panels side by side"
+        );
+        let svg = std::fs::read_to_string(d.join(format!("{p}.svg"))).unwrap();
+        assert!(
+            svg.contains("<svg") && svg.contains("fundus (20)") && svg.contains("US (40)"),
+            "{p}: legend"
+        );
+    }
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(d.join("metrics.json")).unwrap()).unwrap();
+    // DRIVE has no labels, so the grouping by label is left out: modality and dataset for each
+    // of the two models; the same model gives the same numbers.
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[0]["grouping"], "modality");
+    assert_eq!(rows[0]["silhouette"], rows[2]["silhouette"]);
+    assert_eq!(rows[1]["nmi"], rows[3]["nmi"]);
+    let (ok, _, err) = omnirad(&[
+        "viz",
+        "--model",
+        "a,b,c",
+        "--input",
+        "x",
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("one model or two"), "{err}");
+}

@@ -1,0 +1,385 @@
+//! `omnirad index build`, `omnirad retrieve` and `omnirad bench retrieval`.
+//!
+//! Index directory:
+//! ```text
+//! INDEX/index.json       model, pooling, dimension, and per item: id, modality, labels
+//! INDEX/embeddings.npy   [N, D] f32
+//! ```
+//! Search is exact (one matrix product) up to 20 000 items and through an HNSW graph above,
+//! built when the index is opened (hnsw_rs).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use ndarray::Array2;
+use omnirad_data::{discover, Item, Meta, Modality, Split};
+use omnirad_eval::retrieval::{retrieval_scores, Gallery};
+use serde::{Deserialize, Serialize};
+
+use crate::device::{parse_device, resolve_model, Device};
+use crate::embed::{embed_items, EmbedJob, Embeddings, Pool};
+use crate::ReadArgs;
+
+#[derive(Args, Debug)]
+pub struct EncodeArgs {
+    #[arg(long, value_enum, default_value = "cls")]
+    pub pool: Pool,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Seed for preset (random-init) models.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop at the first unreadable item instead of skipping and listing it.
+    #[arg(long)]
+    pub strict: bool,
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+}
+
+/// An input path with an optional `=MODALITY` suffix (`drive/images=fundus`) that sets the
+/// modality of everything read from it, for sources that do not record one.
+pub fn input_spec(p: &Path) -> (PathBuf, Option<Modality>) {
+    let s = p.to_string_lossy();
+    match s.rsplit_once('=') {
+        Some((path, m)) if !p.exists() && !m.contains(['/', '\\']) => {
+            (PathBuf::from(path), Some(Modality::parse(m)))
+        }
+        _ => (p.to_path_buf(), None),
+    }
+}
+
+/// Embeds everything under `inputs` (npz files read at `split`).
+pub fn embed_inputs(
+    e: &EncodeArgs,
+    model: &str,
+    inputs: &[PathBuf],
+    read: &ReadArgs,
+    split: Split,
+) -> Result<Vec<Embeddings>> {
+    let mut opts = read.options();
+    opts.split = split;
+    let mut lists: Vec<Vec<Item>> = Vec::new();
+    for spec in inputs {
+        let (p, modality) = input_spec(spec);
+        let (mut items, skipped) =
+            discover(&p, split).with_context(|| format!("reading {}", p.display()))?;
+        if let Some(m) = modality {
+            for it in &mut items {
+                if let Item::File { modality, .. } = it {
+                    *modality = Some(m);
+                }
+            }
+        }
+        if skipped > 0 {
+            eprintln!(
+                "note: skipped {skipped} file(s) of unknown type under {}",
+                p.display()
+            );
+        }
+        lists.push(items);
+    }
+    crate::with_backend!(e.device, |B, dev| {
+        let (vit, cfg) = resolve_model::<B>(model, &dev, e.seed)?;
+        let job = EmbedJob {
+            read: &opts,
+            pool: e.pool,
+            batch: e.batch.max(1),
+            strict: e.strict,
+        };
+        let mut out = Vec::new();
+        for items in lists {
+            let emb = embed_items::<B>(&vit, &cfg.preprocess, items, &job, &dev)?;
+            for (id, why) in emb.failed.iter().take(10) {
+                eprintln!("skipped {id}: {why}");
+            }
+            out.push(emb);
+        }
+        Ok(out)
+    })
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IndexItem {
+    pub id: String,
+    pub modality: String,
+    pub labels: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IndexInfo {
+    /// As resolved when built: an absolute path for model directories and checkpoints.
+    pub model: String,
+    pub pool: Pool,
+    pub seed: u64,
+    pub dim: usize,
+    pub items: Vec<IndexItem>,
+}
+
+fn item(m: &Meta) -> IndexItem {
+    IndexItem {
+        id: m.id.clone(),
+        modality: m.modality.name().to_string(),
+        labels: m.labels.clone(),
+    }
+}
+
+fn model_spec(m: &str) -> String {
+    std::fs::canonicalize(m)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| m.to_string())
+}
+
+#[derive(Args, Debug)]
+pub struct IndexBuildArgs {
+    /// Model directory, public checkpoint or preset name.
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub enc: EncodeArgs,
+    /// Files, folders, manifests or npz files (repeatable).
+    #[arg(long, required = true)]
+    pub input: Vec<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+pub fn build_cmd(a: &IndexBuildArgs) -> Result<()> {
+    let parts = embed_inputs(&a.enc, &a.model, &a.input, &a.read, a.read.split)?;
+    let dim = parts.iter().map(|p| p.values.ncols()).max().unwrap_or(0);
+    let metas: Vec<&Meta> = parts.iter().flat_map(|p| p.metas.iter()).collect();
+    if metas.is_empty() {
+        bail!("no readable image in the inputs");
+    }
+    let rows: Vec<f32> = parts
+        .iter()
+        .flat_map(|p| p.values.iter().copied())
+        .collect();
+    let values = Array2::from_shape_vec((metas.len(), dim), rows).expect("n × d");
+    let info = IndexInfo {
+        model: model_spec(&a.model),
+        pool: a.enc.pool,
+        seed: a.enc.seed,
+        dim,
+        items: metas.iter().map(|m| item(m)).collect(),
+    };
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let npy = a.out.join("embeddings.npy");
+    let tmp = a.out.join("embeddings.npy.tmp");
+    ndarray_npy::write_npy(&tmp, &values).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &npy)?;
+    let tmp = a.out.join("index.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string(&info)?)?;
+    std::fs::rename(&tmp, a.out.join("index.json"))?;
+    eprintln!(
+        "index of {} images ({dim}-d) written to {}",
+        info.items.len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn open_index(dir: &Path) -> Result<(IndexInfo, Array2<f32>)> {
+    let p = dir.join("index.json");
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("{}: not an index (no index.json)", dir.display()))?;
+    let info: IndexInfo =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid index", p.display()))?;
+    let npy = dir.join("embeddings.npy");
+    let values: Array2<f32> =
+        ndarray_npy::read_npy(&npy).with_context(|| format!("reading {}", npy.display()))?;
+    if values.dim() != (info.items.len(), info.dim) {
+        bail!(
+            "{}: holds {:?} embeddings but index.json lists {} items of dimension {}",
+            npy.display(),
+            values.dim(),
+            info.items.len(),
+            info.dim
+        );
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        bail!("{}: contains NaN or infinite values", npy.display());
+    }
+    Ok((info, values))
+}
+
+#[derive(Args, Debug)]
+pub struct RetrieveArgs {
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Query image(s): a file or folder.
+    #[arg(long)]
+    pub query: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+pub fn retrieve_cmd(a: &RetrieveArgs) -> Result<()> {
+    let (info, values) = open_index(&a.index)?;
+    let enc = EncodeArgs {
+        pool: info.pool,
+        batch: 32,
+        seed: info.seed,
+        strict: false,
+        device: a.device,
+    };
+    let q = embed_inputs(
+        &enc,
+        &info.model,
+        std::slice::from_ref(&a.query),
+        &a.read,
+        a.read.split,
+    )?
+    .remove(0);
+    if q.metas.is_empty() {
+        bail!("{}: no readable query image", a.query.display());
+    }
+    if q.values.ncols() != info.dim {
+        bail!(
+            "query embeddings are {}-d but the index holds {}-d ones",
+            q.values.ncols(),
+            info.dim
+        );
+    }
+    let gallery = Gallery::new(values.view(), None);
+    let hits = gallery.search(q.values.view(), a.k);
+    let mut out = Vec::new();
+    for (m, h) in q.metas.iter().zip(&hits) {
+        let results: Vec<serde_json::Value> = h
+            .iter()
+            .map(|&(i, s)| {
+                let it = &info.items[i];
+                serde_json::json!({ "id": it.id, "score": s, "labels": it.labels, "modality": it.modality })
+            })
+            .collect();
+        if !a.json {
+            println!("{}:", m.id);
+            for (r, &(i, s)) in h.iter().enumerate() {
+                let it = &info.items[i];
+                println!(
+                    "  {:>3}  {s:.4}  {}  labels {:?}  {}",
+                    r + 1,
+                    it.id,
+                    it.labels,
+                    it.modality
+                );
+            }
+        }
+        out.push(serde_json::json!({ "query": m.id, "results": results }));
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct RetrievalBenchArgs {
+    /// Model directory, public checkpoint or preset name.
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub enc: EncodeArgs,
+    /// Labelled gallery: npz (read at --gallery-split), manifest or folder.
+    #[arg(long)]
+    pub gallery: PathBuf,
+    #[arg(long, default_value = "train", value_parser = Split::parse)]
+    pub gallery_split: Split,
+    /// Labelled queries (default: the gallery file at --query-split).
+    #[arg(long)]
+    pub queries: Option<PathBuf>,
+    #[arg(long, default_value = "test", value_parser = Split::parse)]
+    pub query_split: Split,
+    #[arg(long, value_delimiter = ',', default_value = "1,5,10")]
+    pub k: Vec<usize>,
+    /// Writes OUT.md and OUT.json.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+pub fn bench_cmd(a: &RetrievalBenchArgs) -> Result<()> {
+    if a.k.is_empty() || a.k.contains(&0) {
+        bail!("--k needs positive cut-offs, e.g. 1,5,10");
+    }
+    let g = embed_inputs(
+        &a.enc,
+        &a.model,
+        std::slice::from_ref(&a.gallery),
+        &a.read,
+        a.gallery_split,
+    )?
+    .remove(0);
+    let qpath = a.queries.clone().unwrap_or_else(|| a.gallery.clone());
+    let q = embed_inputs(
+        &a.enc,
+        &a.model,
+        std::slice::from_ref(&qpath),
+        &a.read,
+        a.query_split,
+    )?
+    .remove(0);
+    for (name, e) in [("gallery", &g), ("queries", &q)] {
+        if e.metas.is_empty() {
+            bail!("the {name} hold no readable image");
+        }
+        if let Some(m) = e.metas.iter().find(|m| m.labels.is_empty()) {
+            bail!(
+                "{}: {name} item without a label (retrieval is scored by label)",
+                m.id
+            );
+        }
+    }
+    let kmax = *a.k.iter().max().expect("non-empty");
+    let gallery = Gallery::new(g.values.view(), None);
+    let ranked: Vec<Vec<usize>> = gallery
+        .search(q.values.view(), kmax)
+        .into_iter()
+        .map(|r| r.into_iter().map(|x| x.0).collect())
+        .collect();
+    let ql: Vec<&Vec<i64>> = q.metas.iter().map(|m| &m.labels).collect();
+    let gl: Vec<&Vec<i64>> = g.metas.iter().map(|m| &m.labels).collect();
+    let scores = retrieval_scores(&ranked, &ql, &gl, &a.k);
+    let mut md = format!(
+        "omnirad `{}` ({:?} pooling): {} queries ({} {}) against {} gallery images ({} {}), cosine, {} search.\n\n| k | Recall@k | P@k | mAP@k |\n|---|---|---|---|\n",
+        a.model,
+        a.enc.pool,
+        q.metas.len(),
+        qpath.display(),
+        a.query_split.name(),
+        g.metas.len(),
+        a.gallery.display(),
+        a.gallery_split.name(),
+        if gallery.is_approximate() { "HNSW" } else { "exact" }
+    );
+    for s in &scores {
+        md += &format!(
+            "| {} | {:.3} | {:.3} | {:.3} |\n",
+            s.k, s.recall, s.precision, s.map
+        );
+    }
+    print!("{md}");
+    if let Some(out) = &a.out {
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(out.with_extension("md"), &md)?;
+        std::fs::write(
+            out.with_extension("json"),
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": a.model, "queries": q.metas.len(), "gallery": g.metas.len(), "scores": scores
+            }))?,
+        )?;
+    }
+    Ok(())
+}
