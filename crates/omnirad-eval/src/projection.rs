@@ -1,8 +1,9 @@
-//! 2-D projections of embeddings for plots: PCA, t-SNE (bhtsne, Barnes-Hut) and UMAP (umap-rs
-//! on a cosine k-NN graph). All start from L2-normalised rows; t-SNE and UMAP are initialised
-//! from the PCA projection (as scikit-learn's t-SNE and umap-learn's spectral start aim to be:
-//! a global layout first), which makes t-SNE deterministic. UMAP's negative sampling draws from
-//! a thread RNG, so its layout differs slightly between runs; the metrics never use it.
+//! 2-D projections of embeddings for plots: PCA, t-SNE (bhtsne, Barnes-Hut) and UMAP
+//! (umap-rs's fuzzy graph on a cosine k-NN, our layout step). All start from L2-normalised rows;
+//! t-SNE and UMAP are initialised from the PCA projection (scikit-learn's t-SNE `init="pca"`;
+//! umap-learn's spectral start plays the same role: a global layout first). UMAP's layout is
+//! seeded and deterministic; bhtsne's parallel gradient sums may differ in the last digits
+//! between runs. The quality metrics never use the projections.
 
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use serde::{Deserialize, Serialize};
@@ -120,15 +121,19 @@ pub fn project(embeddings: ArrayView2<f32>, how: Projection) -> Array2<f64> {
                 .expect("n × 2")
         }
         Projection::Umap => {
-            let k = 15.min(n - 1);
-            let nb = knn_cosine(&x, k);
-            let idx = Array2::from_shape_fn((n, k), |(i, j)| nb[i][j].0 as u32);
+            // umap-learn's k-NN lists start with the point itself (distance 0); 15 in all.
+            let k = 15.min(n);
+            let nb = knn_cosine(&x, k - 1);
+            let entry = |i: usize, j: usize| if j == 0 { (i, 1.0) } else { nb[i][j - 1] };
+            let idx = Array2::from_shape_fn((n, k), |(i, j)| entry(i, j).0 as u32);
             // Euclidean distance between unit vectors, √(2 − 2·cos), as UMAP's graph expects a metric.
             let dist = Array2::from_shape_fn((n, k), |(i, j)| {
-                (2.0 - 2.0 * nb[i][j].1).max(0.0).sqrt() as f32
+                (2.0 - 2.0 * entry(i, j).1).max(0.0).sqrt() as f32
             });
             let data = x.mapv(|v| v as f32);
-            let init = Array2::from_shape_vec((n, 2), scaled_init(&pca, 10.0)).expect("n × 2");
+            // umap-learn scales its initial layout into a box of side 10.
+            let m = pca.iter().fold(1e-12f64, |a, v| a.max(v.abs()));
+            let init = pca.mapv(|v| (v / m * 10.0) as f32);
             let config = umap_rs::UmapConfig {
                 n_components: 2,
                 graph: umap_rs::GraphParams {
@@ -137,11 +142,89 @@ pub fn project(embeddings: ArrayView2<f32>, how: Projection) -> Array2<f64> {
                 },
                 ..Default::default()
             };
-            let model =
-                umap_rs::Umap::new(config).fit(data.view(), idx.view(), dist.view(), init.view());
-            model.into_embedding().mapv(f64::from)
+            let manifold =
+                umap_rs::Umap::new(config).learn_manifold(data.view(), idx.view(), dist.view());
+            let (a, b) = manifold.curve_params();
+            let mut edges = Vec::new();
+            for (i, row) in manifold.graph().outer_iterator().enumerate() {
+                for (j, &w) in row.iter() {
+                    edges.push((i, j, w as f64));
+                }
+            }
+            umap_layout(&edges, init.mapv(f64::from), a as f64, b as f64, 500, 0)
         }
     }
+}
+
+/// UMAP's layout optimisation (umap-learn `optimize_layout_euclidean`, fit mode): edges sampled
+/// in proportion to their weight pull their ends together, 5 random points per sample push the
+/// head away, step size 1 → 0 linearly, gradients clipped at ±4. Written here because umap-rs
+/// 0.4.5's gradient divides by a·d^(2b+2) + 1 instead of a·d^(2b) + 1 (an extra squared
+/// distance), which scatters clusters (see the layout test); its graph construction is used.
+fn umap_layout(
+    edges: &[(usize, usize, f64)],
+    mut y: Array2<f64>,
+    a: f64,
+    b: f64,
+    epochs: usize,
+    seed: u64,
+) -> Array2<f64> {
+    use rand::{Rng, SeedableRng};
+    let wmax = edges.iter().fold(0.0f64, |m, e| m.max(e.2));
+    let edges: Vec<_> = edges
+        .iter()
+        .filter(|e| e.2 >= wmax / epochs as f64 && e.0 != e.1)
+        .collect();
+    let n = y.nrows();
+    let per_sample: Vec<f64> = edges.iter().map(|e| wmax / e.2).collect();
+    let neg_rate = 5.0;
+    let per_negative: Vec<f64> = per_sample.iter().map(|p| p / neg_rate).collect();
+    let mut next = per_sample.clone();
+    let mut next_neg = per_negative.clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let clip = |g: f64| g.clamp(-4.0, 4.0);
+    for epoch in 0..epochs {
+        let alpha = 1.0 - epoch as f64 / epochs as f64;
+        let now = epoch as f64;
+        for (e, &&(j, k, _)) in edges.iter().enumerate() {
+            if next[e] > now {
+                continue;
+            }
+            let d2 = (y[[j, 0]] - y[[k, 0]]).powi(2) + (y[[j, 1]] - y[[k, 1]]).powi(2);
+            if d2 > 0.0 {
+                let g = -2.0 * a * b * d2.powf(b - 1.0) / (a * d2.powf(b) + 1.0);
+                for c in 0..2 {
+                    let step = clip(g * (y[[j, c]] - y[[k, c]])) * alpha;
+                    y[[j, c]] += step;
+                    y[[k, c]] -= step;
+                }
+            }
+            next[e] += per_sample[e];
+            let negatives = ((now - next_neg[e]) / per_negative[e]).max(0.0) as usize;
+            for _ in 0..negatives {
+                let k = rng.random_range(0..n);
+                if k == j {
+                    continue;
+                }
+                let d2 = (y[[j, 0]] - y[[k, 0]]).powi(2) + (y[[j, 1]] - y[[k, 1]]).powi(2);
+                let g = if d2 > 0.0 {
+                    2.0 * b / ((0.001 + d2) * (a * d2.powf(b) + 1.0))
+                } else {
+                    0.0
+                };
+                for c in 0..2 {
+                    let step = if g > 0.0 {
+                        clip(g * (y[[j, c]] - y[[k, c]]))
+                    } else {
+                        4.0
+                    };
+                    y[[j, c]] += step * alpha;
+                }
+            }
+            next_neg[e] += negatives as f64 * per_negative[e];
+        }
+    }
+    y
 }
 
 #[cfg(test)]
@@ -166,5 +249,48 @@ mod tests {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
         assert!(p.column(1).iter().all(|v| v.abs() < 0.2));
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Three separated groups stay separated in every 2-D layout.
+    #[test]
+    fn layouts_keep_groups_apart() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let (n, d) = (150, 16);
+        let labels: Vec<usize> = (0..n).map(|i| i % 3).collect();
+        let x = Array2::from_shape_fn((n, d), |(i, j)| {
+            let centre = if j % 3 == labels[i] { 3.0 } else { 0.0 };
+            centre + rng.random_range(-1.0f32..1.0)
+        });
+        for how in [Projection::Pca, Projection::Tsne, Projection::Umap] {
+            let p = project(x.view(), how);
+            // Euclidean neighbours in the plane (cosine is not a distance in 2-D).
+            let mut pur = 0.0;
+            for i in 0..n {
+                let mut dists: Vec<(usize, f64)> = (0..n)
+                    .filter(|&j| j != i)
+                    .map(|j| {
+                        (
+                            j,
+                            (p[[i, 0]] - p[[j, 0]]).powi(2) + (p[[i, 1]] - p[[j, 1]]).powi(2),
+                        )
+                    })
+                    .collect();
+                dists.sort_by(|a, b| a.1.total_cmp(&b.1));
+                pur += dists[..10]
+                    .iter()
+                    .filter(|(j, _)| labels[*j] == labels[i])
+                    .count() as f64
+                    / 10.0;
+            }
+            let pur = pur / n as f64;
+            eprintln!("{how:?}: 2-D k-NN purity {pur}");
+            assert!(pur > 0.9, "{how:?}: {pur}");
+        }
     }
 }

@@ -64,12 +64,26 @@ struct Groups {
     dataset: String,
 }
 
-fn dataset_name(p: &Path) -> String {
-    let (p, _) = crate::retrieve::input_spec(p);
-    p.file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("input")
-        .to_string()
+/// The input's file or folder name, with its parent when two inputs share a name
+/// (drive/training/images and drive/testing/images → training/images, testing/images).
+fn dataset_name(p: &Path, all: &[PathBuf]) -> String {
+    let base = |p: &Path| {
+        let (p, _) = crate::retrieve::input_spec(p);
+        let name = |q: &Path| {
+            q.file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("input")
+                .to_string()
+        };
+        let parent = p.parent().map(name).unwrap_or_default();
+        (name(&p), format!("{parent}/{}", name(&p)))
+    };
+    let (short, long) = base(p);
+    if all.iter().filter(|q| base(q).0 == short).count() > 1 {
+        long
+    } else {
+        short
+    }
 }
 
 #[derive(Serialize)]
@@ -102,7 +116,7 @@ pub fn run(a: &VizArgs) -> Result<()> {
                 idx.truncate(a.max_per_input);
                 idx.sort();
             }
-            let ds = dataset_name(input);
+            let ds = dataset_name(input, &a.input);
             for i in idx {
                 let m = &e.metas[i];
                 values.push(e.values.row(i).to_owned());
