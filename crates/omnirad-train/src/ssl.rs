@@ -13,7 +13,7 @@
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use omnirad_model::dino_head::l2_normalize;
 use omnirad_model::{DinoHead, DinoHeadConfig, Train, Vit, VitConfig};
 use serde::{Deserialize, Serialize};
@@ -133,10 +133,6 @@ pub struct SslTrainer<B: Backend> {
     pub device: B::Device,
 }
 
-fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_scalar().elem::<f64>()
-}
-
 impl<B: Backend> SslTrainer<B> {
     /// Teacher = student at the start, as in DINOv2.
     pub fn new(
@@ -218,7 +214,7 @@ impl<B: Backend> SslTrainer<B> {
         let t_cls = self.teacher_targets(t_cls_logits, temp, false);
         let t_patch = t_patch_logits.map(|l| self.teacher_targets(l, temp, true));
 
-        let stats = collapse_stats(&t_cls);
+        let collapse = collapse_stats(&t_cls);
 
         // Student: masked global crops + local crops.
         let x_s = Tensor::<Train<B>, 4>::from_data(
@@ -297,13 +293,34 @@ impl<B: Backend> SslTrainer<B> {
         let total = dino.clone() * self.loss.dino_weight
             + ibot.clone() * self.loss.ibot_weight
             + koleo.clone() * self.loss.koleo_weight;
+        // One device→host read for all seven statistics: on a GPU each read is a sync.
+        let [entropy, entropy_of_mean] = collapse;
+        let d = s_out.cls.dims()[1] as f64;
+        let v: Vec<f64> = Tensor::cat(
+            vec![
+                total.clone().inner(),
+                dino.inner(),
+                ibot.inner(),
+                koleo.inner(),
+                entropy,
+                entropy_of_mean,
+                embedding_std(s_out.cls.inner()),
+            ],
+            0,
+        )
+        .into_data()
+        .convert::<f64>()
+        .to_vec()
+        .expect("f64");
         let stats = StepStats {
-            loss: scalar(total.clone().inner()),
-            dino: scalar(dino.inner()),
-            ibot: scalar(ibot.inner()),
-            koleo: scalar(koleo.inner()),
-            embedding_std: embedding_std(s_out.cls.inner()),
-            ..stats
+            loss: v[0],
+            dino: v[1],
+            ibot: v[2],
+            koleo: v[3],
+            teacher_entropy: v[4],
+            prototypes_used: v[5].exp(),
+            embedding_std: v[6] * d.sqrt(),
+            ..StepStats::default()
         };
         (total, stats)
     }
@@ -390,22 +407,21 @@ fn heads_forward<B: Backend>(
     }
 }
 
-fn collapse_stats<B: Backend>(p: &Tensor<B, 2>) -> StepStats {
+/// Mean teacher entropy and the entropy of the mean teacher distribution (its exp: the number
+/// of prototypes in use), each [1].
+fn collapse_stats<B: Backend>(p: &Tensor<B, 2>) -> [Tensor<B, 1>; 2] {
     let entropy = |p: Tensor<B, 2>| (p.clone() * (p + 1e-12).log()).sum_dim(1).neg();
-    let h = scalar(entropy(p.clone()).mean());
-    let h_mean = scalar(entropy(p.clone().mean_dim(0)).mean());
-    StepStats {
-        teacher_entropy: h,
-        prototypes_used: h_mean.exp(),
-        ..Default::default()
-    }
+    [
+        entropy(p.clone()).mean(),
+        entropy(p.clone().mean_dim(0)).mean(),
+    ]
 }
 
-fn embedding_std<B: Backend>(x: Tensor<B, 2>) -> f64 {
-    let [_, d] = x.dims();
+/// Mean per-dimension std of the ℓ2-normalised class tokens, [1]; × √D gives ~1 when spread.
+fn embedding_std<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 1> {
     let z = l2_normalize(x, 1e-8);
     let var = (z.clone() - z.mean_dim(0)).powi_scalar(2).mean_dim(0);
-    scalar(var.sqrt().mean()) * (d as f64).sqrt()
+    var.sqrt().mean()
 }
 
 fn add_stats(acc: &mut StepStats, s: &StepStats, w: f64) {
