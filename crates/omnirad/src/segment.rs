@@ -13,6 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use burn::module::Module;
 use burn::tensor::backend::Backend;
 use clap::{Args, Subcommand};
 use ndarray::{Array2, Array3};
@@ -218,10 +219,24 @@ fn fit<B: Backend>(
     history: Option<&Path>,
 ) -> Result<(omnirad_train::segment::SegResult<B>, SegScores)> {
     check_size(tc.size, cfg)?;
+    if tc.epochs == 0 || tc.batch == 0 {
+        bail!("--epochs and --batch must be at least 1");
+    }
     if splits.train.is_empty() {
         bail!("no training pairs");
     }
     let model = build(vit, head, cfg.vit.in_chans, tc.seed, dev);
+    eprintln!(
+        "{:?} head: {} parameters (encoder {}, {})",
+        head.kind,
+        model.head.num_params(),
+        model.backbone.num_params(),
+        if tc.backbone_lr > 0.0 {
+            "fine-tuned"
+        } else {
+            "frozen"
+        }
+    );
     let mut hist = match history {
         Some(p) => {
             Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)

@@ -991,6 +991,11 @@ fn segment_errors_are_clear() {
     );
     let (ok, _, err) = run(&["--window", "sliding", "--size", "32", "--overlap", "32"]);
     assert!(!ok && err.contains("--overlap 32 must be smaller"), "{err}");
+    let (ok, _, err) = run(&["--epochs", "0"]);
+    assert!(
+        !ok && err.contains("--epochs and --batch must be at least 1"),
+        "{err}"
+    );
     let (ok, _, err) = run(&["--layers", "5"]);
     assert!(!ok && err.contains("below the depth 2"), "{err}");
     let (ok, _, err) = omnirad(&[
