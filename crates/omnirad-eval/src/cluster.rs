@@ -42,18 +42,24 @@ pub fn encode<T: std::hash::Hash + Eq + Clone>(labels: &[T]) -> (Vec<usize>, usi
     (v, ids.len())
 }
 
+/// Cosine similarities of row i to every row, one row at a time: O(N) memory rather than the
+/// N×N matrix, so tens of thousands of embeddings fit.
+fn row_sims(x: &Array2<f64>, i: usize) -> ndarray::Array1<f64> {
+    x.dot(&x.row(i))
+}
+
 pub fn silhouette_cosine(x: &Array2<f64>, labels: &[usize]) -> f64 {
     let g = labels.iter().max().map_or(0, |m| m + 1);
     let n = x.nrows();
-    let sims = x.dot(&x.t());
     let s: Vec<f64> = (0..n)
         .into_par_iter()
         .map(|i| {
+            let sims = row_sims(x, i);
             let mut sum = vec![0.0; g];
             let mut cnt = vec![0usize; g];
             for j in 0..n {
                 if j != i {
-                    sum[labels[j]] += 1.0 - sims[[i, j]];
+                    sum[labels[j]] += 1.0 - sims[j];
                     cnt[labels[j]] += 1;
                 }
             }
@@ -136,12 +142,10 @@ pub fn davies_bouldin(x: &Array2<f64>, labels: &[usize]) -> f64 {
 
 /// Indices of each row's `k` most cosine-similar other rows, most similar first.
 pub fn knn_cosine(x: &Array2<f64>, k: usize) -> Vec<Vec<(usize, f64)>> {
-    let sims = x.dot(&x.t());
     (0..x.nrows())
         .into_par_iter()
         .map(|i| {
-            let mut v: Vec<(usize, f64)> = sims
-                .row(i)
+            let mut v: Vec<(usize, f64)> = row_sims(x, i)
                 .iter()
                 .copied()
                 .enumerate()

@@ -76,11 +76,11 @@ impl Gallery {
                 })
                 .collect();
         }
-        let sims = q.dot(&self.x.t());
+        // Row by row: O(gallery) memory per query, however many queries there are.
         (0..q.nrows())
             .into_par_iter()
             .map(|i| {
-                let mut v: Vec<(usize, f64)> = sims.row(i).iter().copied().enumerate().collect();
+                let mut v: Vec<(usize, f64)> = self.x.dot(&q.row(i)).into_iter().enumerate().collect();
                 if k > 0 && k < v.len() {
                     v.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
                 }
