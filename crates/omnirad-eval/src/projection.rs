@@ -1,5 +1,6 @@
 //! 2-D projections of embeddings for plots: PCA, t-SNE (bhtsne, Barnes-Hut) and UMAP
-//! (umap-rs's fuzzy graph on a cosine k-NN, our layout step). All start from L2-normalised rows;
+//! (umap-rs's fuzzy graph on a cosine k-NN, exact or from HNSW above 20 000 points; our layout
+//! step). All start from L2-normalised rows;
 //! t-SNE and UMAP are initialised from the PCA projection (scikit-learn's t-SNE `init="pca"`;
 //! umap-learn's spectral start plays the same role: a global layout first). UMAP's layout is
 //! seeded and deterministic; bhtsne's parallel gradient sums may differ in the last digits
@@ -123,7 +124,17 @@ pub fn project(embeddings: ArrayView2<f32>, how: Projection) -> Array2<f64> {
         Projection::Umap => {
             // umap-learn's k-NN lists start with the point itself (distance 0); 15 in all.
             let k = 15.min(n);
-            let nb = knn_cosine(&x, k - 1);
+            let nb = if n > crate::retrieval::EXACT_LIMIT {
+                // Large sets: neighbours from an HNSW graph (the point itself dropped).
+                crate::retrieval::Gallery::new(embeddings, Some(true))
+                    .search(embeddings, k)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| r.into_iter().filter(|e| e.0 != i).take(k - 1).collect())
+                    .collect()
+            } else {
+                knn_cosine(&x, k - 1)
+            };
             let entry = |i: usize, j: usize| if j == 0 { (i, 1.0) } else { nb[i][j - 1] };
             let idx = Array2::from_shape_fn((n, k), |(i, j)| entry(i, j).0 as u32);
             // Euclidean distance between unit vectors, √(2 − 2·cos), as UMAP's graph expects a metric.

@@ -80,7 +80,8 @@ impl Gallery {
         (0..q.nrows())
             .into_par_iter()
             .map(|i| {
-                let mut v: Vec<(usize, f64)> = self.x.dot(&q.row(i)).into_iter().enumerate().collect();
+                let mut v: Vec<(usize, f64)> =
+                    self.x.dot(&q.row(i)).into_iter().enumerate().collect();
                 if k > 0 && k < v.len() {
                     v.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
                 }
