@@ -255,6 +255,9 @@ pub fn load_npz_split(path: &Path, split: Split) -> Result<Vec<SegSample>> {
     Ok(out)
 }
 
+/// Items that could not be read: (file, reason).
+pub type Failures = Vec<(String, String)>;
+
 /// Train / val / test samples and how they were split.
 pub struct SegSplits {
     pub train: Vec<SegSample>,
@@ -262,16 +265,12 @@ pub struct SegSplits {
     pub test: Vec<SegSample>,
     /// One line for reports, e.g. "official npz splits" or "seeded 70/10/20 split of 780 pairs".
     pub protocol: String,
-    /// Items that could not be read: (file, reason).
-    pub failed: Vec<(String, String)>,
+    pub failed: Failures,
 }
 
 /// Reads pairs in parallel; unreadable ones are returned as failures, or the first is an error
 /// when `strict`.
-pub fn load_pairs(
-    pairs: &[SegPair],
-    strict: bool,
-) -> Result<(Vec<SegSample>, Vec<(String, String)>)> {
+pub fn load_pairs(pairs: &[SegPair], strict: bool) -> Result<(Vec<SegSample>, Failures)> {
     let loaded: Vec<_> = pairs.par_iter().map(|p| (p, p.load())).collect();
     let mut ok = Vec::new();
     let mut failed = Vec::new();

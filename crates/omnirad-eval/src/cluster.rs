@@ -223,9 +223,9 @@ pub fn kmeans(x: &Array2<f64>, k: usize, restarts: usize, seed: u64) -> Vec<usiz
             assign = new;
             let (nc, cnt) = centroids(x, &assign, k);
             // An emptied cluster keeps its old centre.
-            for j in 0..k {
-                if cnt[j] > 0 {
-                    c.row_mut(j).assign(&nc.row(j));
+            for ((mut row, new_row), &m) in c.rows_mut().into_iter().zip(nc.rows()).zip(&cnt) {
+                if m > 0 {
+                    row.assign(&new_row);
                 }
             }
             if !changed {

@@ -95,7 +95,10 @@ impl SegHeadConfig {
                 self.layers
             ));
         }
-        if self.width % 8 != 0 || self.conv_width % 8 != 0 || self.conv_width == 0 {
+        if !self.width.is_multiple_of(8)
+            || !self.conv_width.is_multiple_of(8)
+            || self.conv_width == 0
+        {
             return Err("width and conv_width must be positive multiples of 8".into());
         }
         Ok(())

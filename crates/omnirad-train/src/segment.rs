@@ -260,6 +260,7 @@ pub struct SegResult<B: Backend> {
 
 /// Trains the head (and the encoder when `cfg.backbone_lr > 0`) on `train`; keeps the epoch
 /// with the best val Dice (ties to the later epoch).
+#[allow(clippy::too_many_arguments)]
 pub fn train<B: Backend>(
     model: Segmenter<B>,
     train: &[SegSample],

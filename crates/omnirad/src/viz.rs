@@ -206,8 +206,8 @@ pub fn run(a: &VizArgs) -> Result<()> {
             .map(|(m, c, xy)| (title(m), c, &xy[k].1))
             .collect();
         let stem = a.out.join(format!("{:?}", p).to_lowercase());
-        scatter(&data, p.name(), &stem.with_extension("png"), &font, false)?;
-        scatter(&data, p.name(), &stem.with_extension("svg"), &font, true)?;
+        scatter(&data, p.name(), &stem.with_extension("png"), font, false)?;
+        scatter(&data, p.name(), &stem.with_extension("svg"), font, true)?;
     }
     let mut md = format!(
         "Embedding quality ({} pooling; {} images per input at most; k = {}). Silhouette (cosine) and NMI/ARI of k-means: higher is better; Davies–Bouldin: lower is better.\n\n| model | grouping | groups | silhouette | Davies–Bouldin | k-NN purity | NMI | ARI |\n|---|---|---|---|---|---|---|---|\n",
