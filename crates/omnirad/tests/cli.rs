@@ -868,11 +868,13 @@ fn segment_train_eval_predict_on_busi() {
         "eval Dice {a} vs training-time test Dice {t}"
     );
     assert_eq!(s["images"], b["test"]["images"]);
-    // predict: a folder with one image and one corrupt file → one mask, one overlay, one skip.
+    // predict: a folder with a PNG, a DICOM and a corrupt file → two masks and overlays, one skip.
     let input = d.join("in");
     std::fs::create_dir_all(&input).unwrap();
     std::fs::copy(busi.join("malignant (1).png"), input.join("case.png")).unwrap();
     std::fs::write(input.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    // DICOM in, masks out, at the slice's own size.
+    std::fs::copy(data("dicom-pydicom/CT_small.dcm"), input.join("ct.dcm")).unwrap();
     let masks = d.join("masks");
     let (ok, _, err) = omnirad(&[
         "segment",
@@ -894,6 +896,8 @@ fn segment_train_eval_predict_on_busi() {
     assert_eq!((m.width(), m.height()), (src.width(), src.height()));
     assert!(m.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
     assert!(masks.join("case_overlay.png").is_file());
+    let ct = image::open(masks.join("ct_mask.png")).unwrap();
+    assert_eq!((ct.width(), ct.height()), (128, 128));
     // --strict stops at the corrupt file.
     let (ok, _, err) = omnirad(&[
         "segment",
