@@ -143,3 +143,79 @@ fn adapter_learns_busi_lesions() {
     );
     assert!(after.dice > 0.4, "train Dice {}", after.dice);
 }
+
+/// Three classes (background, bright squares, dark squares): every class is learned. Synthetic,
+/// because ../shared/data holds no multi-class masks.
+#[test]
+fn adapter_learns_several_classes() {
+    use omnirad_data::seg::SegSample;
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let samples: Vec<SegSample> = (0..32)
+        .map(|_| {
+            let mut img = ndarray::Array3::from_elem((1, 32, 32), 0.5f32);
+            let mut mask = ndarray::Array2::<u8>::zeros((32, 32));
+            for class in [1u8, 2] {
+                let (y, x) = (rng.random_range(0..22), rng.random_range(0..22));
+                for yy in y..y + 10 {
+                    for xx in x..x + 10 {
+                        mask[[yy, xx]] = class;
+                        img[[0, yy, xx]] = if class == 1 { 0.9 } else { 0.1 };
+                    }
+                }
+            }
+            img.mapv_inplace(|v| (v + rng.random_range(-0.05..0.05)).clamp(0.0, 1.0));
+            SegSample {
+                image: omnirad_data::Image {
+                    data: img,
+                    meta: Default::default(),
+                },
+                mask,
+                fov: None,
+            }
+        })
+        .collect();
+    let (vit, pre) = pico();
+    let dev = Default::default();
+    let model = build(
+        vit,
+        &SegHeadConfig::new(SegHeadKind::Adapter, 3, 2),
+        3,
+        0,
+        &dev,
+    );
+    let cfg = SegTrainConfig {
+        epochs: 10,
+        lr: 3e-3,
+        size: 32,
+        warmup_epochs: 1,
+        ..SegTrainConfig::default()
+    };
+    let r = train(
+        model,
+        &samples[..24],
+        &samples[24..],
+        3,
+        &pre,
+        &cfg,
+        &dev,
+        |_| {},
+    );
+    let s = evaluate(
+        &r.model,
+        &samples[24..],
+        3,
+        32,
+        SegWindow::Resize,
+        &pre,
+        8,
+        &dev,
+        |_, _| {},
+    );
+    eprintln!("per-class Dice {:?}", s.dice_per_class);
+    assert!(
+        s.dice_per_class[1] > 0.7 && s.dice_per_class[2] > 0.7,
+        "{:?}",
+        s.dice_per_class
+    );
+}
