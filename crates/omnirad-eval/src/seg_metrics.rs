@@ -14,7 +14,7 @@
 //!   DRIVE/CHASE vessel papers report.
 
 use ndarray::{ArrayView2, Zip};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Pixel counts of one class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -90,7 +90,7 @@ pub fn class_counts(
 }
 
 /// Everything `SegEvaluator::finish` reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SegScores {
     /// Mean over images of the mean foreground Dice.
     pub dice: f64,

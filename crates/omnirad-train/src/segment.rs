@@ -2,20 +2,25 @@
 //! lower learning rate): AdamW with warm-up + cosine, CE + soft Dice, joint image/mask
 //! augmentation, the epoch chosen by mean foreground Dice on the val split.
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use ndarray::{Array2, Array3, Axis};
 use omnirad_data::augment::sample_rng;
 use omnirad_data::preprocess::{normalize, to_channels};
 use omnirad_data::seg::{window_starts, SegSample, SegView, SegWindow};
 use omnirad_data::Preprocess;
 use omnirad_eval::{SegEvaluator, SegScores};
-use omnirad_model::{SegHeadConfig, Segmenter, Train, Vit};
+use omnirad_model::{
+    f32_tensors, write_f32_safetensors, ModelError, SegHeadConfig, Segmenter, Train, Vit,
+};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -239,7 +244,7 @@ pub fn evaluate<B: Backend>(
     e.finish()
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SegEpochLog {
     pub epoch: usize,
     pub train_loss: f64,
@@ -248,6 +253,26 @@ pub struct SegEpochLog {
     pub val_dice: f64,
     pub val_iou: f64,
     pub lr: f64,
+}
+
+/// The best epoch so far: its val score and model.
+#[derive(Clone)]
+pub struct SegBest<B: Backend> {
+    pub epoch: usize,
+    pub val: SegScores,
+    pub model: Segmenter<B>,
+}
+
+/// Everything needed to continue training after an epoch (what a checkpoint holds).
+#[derive(Clone)]
+pub struct SegState<B: Backend> {
+    /// Epochs completed.
+    pub epoch: usize,
+    pub step: usize,
+    pub model: Segmenter<B>,
+    pub opt: AdamW<B>,
+    pub best: Option<SegBest<B>>,
+    pub history: Vec<SegEpochLog>,
 }
 
 pub struct SegResult<B: Backend> {
@@ -259,7 +284,9 @@ pub struct SegResult<B: Backend> {
 }
 
 /// Trains the head (and the encoder when `cfg.backbone_lr > 0`) on `train`; keeps the epoch
-/// with the best val Dice (ties to the later epoch).
+/// with the best val Dice (ties to the later epoch). `resume` continues from a saved state
+/// exactly (views and batch order are functions of seed and epoch). After every epoch
+/// `on_epoch` sees the log and the state; returning false stops training there.
 #[allow(clippy::too_many_arguments)]
 pub fn train<B: Backend>(
     model: Segmenter<B>,
@@ -269,9 +296,18 @@ pub fn train<B: Backend>(
     pre: &Preprocess,
     cfg: &SegTrainConfig,
     dev: &B::Device,
-    mut on_epoch: impl FnMut(&SegEpochLog),
+    resume: Option<SegState<B>>,
+    mut on_epoch: impl FnMut(&SegEpochLog, &SegState<B>) -> bool,
 ) -> SegResult<B> {
-    let mut student = Segmenter::<Train<B>>::from_inner(model);
+    let state = resume.unwrap_or_else(|| SegState {
+        epoch: 0,
+        step: 0,
+        model,
+        opt: AdamW::<B>::new(0.9, 0.999, 1e-8),
+        best: None,
+        history: Vec::new(),
+    });
+    let mut student = Segmenter::<Train<B>>::from_inner(state.model);
     let frozen = cfg.backbone_lr <= 0.0;
     student = params::trainable_where(student, |p| !frozen || p.starts_with("head."));
     let per_epoch = train.len() * cfg.views_per_image.max(1);
@@ -279,7 +315,7 @@ pub fn train<B: Backend>(
     let total = cfg.epochs * steps_per_epoch;
     let lr = Cosine::new(cfg.lr, cfg.min_lr, total)
         .with_warmup((cfg.warmup_epochs * steps_per_epoch).min(total), 0.0);
-    let mut opt = AdamW::<B>::new(0.9, 0.999, 1e-8);
+    let mut opt = state.opt;
     let group = |p: &str| ParamGroup {
         lr_mult: if p.starts_with("backbone.") {
             cfg.backbone_lr
@@ -294,10 +330,14 @@ pub fn train<B: Backend>(
     };
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = (0..per_epoch).collect();
-    let mut best: Option<(f64, SegResult<B>)> = None;
-    let mut history = Vec::new();
-    let mut step = 0;
-    for epoch in 1..=cfg.epochs {
+    // Replay the shuffles of the epochs already done, so a resumed run sees the same batches.
+    for _ in 0..state.epoch {
+        order.shuffle(&mut rng);
+    }
+    let mut best = state.best;
+    let mut history = state.history;
+    let mut step = state.step;
+    for epoch in state.epoch + 1..=cfg.epochs {
         order.shuffle(&mut rng);
         let (mut sum, mut sum_ce, mut sum_dice) = (0.0, 0.0, 0.0);
         for chunk in order.chunks(cfg.batch.max(1)) {
@@ -313,9 +353,15 @@ pub fn train<B: Backend>(
             let (ce, dice) = ce_dice_loss(student.forward(x), y, valid);
             let loss = ce.clone() * cfg.ce_weight + dice.clone() * cfg.dice_weight;
             let n = chunk.len() as f64;
-            sum += loss.clone().into_scalar().elem::<f64>() * n;
-            sum_ce += ce.into_scalar().elem::<f64>() * n;
-            sum_dice += dice.into_scalar().elem::<f64>() * n;
+            // One read for the three logged values.
+            let v: Vec<f64> = Tensor::cat(vec![loss.clone().inner(), ce.inner(), dice.inner()], 0)
+                .into_data()
+                .convert::<f64>()
+                .to_vec()
+                .expect("f64");
+            sum += v[0] * n;
+            sum_ce += v[1] * n;
+            sum_dice += v[2] * n;
             let grads = GradientsParams::from_grads(loss.backward(), &student);
             let settings = StepSettings {
                 lr: lr.at(step),
@@ -347,21 +393,177 @@ pub fn train<B: Backend>(
             val_iou: scores.iou,
             lr: lr.at(step.saturating_sub(1)),
         };
-        on_epoch(&log);
-        history.push(log);
-        if best.as_ref().is_none_or(|(b, _)| scores.dice >= *b) {
-            best = Some((
-                scores.dice,
-                SegResult {
-                    model: inner,
-                    best_epoch: epoch,
-                    val: scores,
-                    history: Vec::new(),
-                },
-            ));
+        history.push(log.clone());
+        if best.as_ref().is_none_or(|b| scores.dice >= b.val.dice) {
+            best = Some(SegBest {
+                epoch,
+                val: scores,
+                model: inner.clone(),
+            });
+        }
+        let state = SegState {
+            epoch,
+            step,
+            model: inner,
+            opt: opt.clone(),
+            best: best.clone(),
+            history: history.clone(),
+        };
+        if !on_epoch(&log, &state) {
+            break;
         }
     }
-    let (_, mut r) = best.expect("at least one epoch");
-    r.history = history;
-    r
+    let b = best.expect("at least one epoch");
+    SegResult {
+        model: b.model,
+        best_epoch: b.epoch,
+        val: b.val,
+        history,
+    }
+}
+
+const FORMAT: &str = "omnirad-segment-1";
+
+fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().expect("f32 tensor")
+}
+
+/// Writes `state` to one safetensors file, atomically: current and best weights, AdamW moments,
+/// counters, best val scores and the history in the metadata.
+pub fn save_state<B: Backend>(path: &Path, s: &SegState<B>) -> Result<(), ModelError> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut add = |prefix: &str, m: &Segmenter<B>| {
+        for p in params::collect(m) {
+            tensors.push((format!("{prefix}{}", p.path), p.shape, host(p.value)));
+        }
+    };
+    add("model.", &s.model);
+    if let Some(b) = &s.best {
+        add("best.", &b.model);
+    }
+    let mut moments: Vec<_> = s.opt.state.iter().collect();
+    moments.sort_by(|a, b| a.0.cmp(b.0));
+    for (p, (m, v)) in moments {
+        let n = m.dims()[0];
+        tensors.push((format!("adam_m.{p}"), vec![n], host(m.clone())));
+        tensors.push((format!("adam_v.{p}"), vec![n], host(v.clone())));
+    }
+    let meta = serde_json::json!({
+        "format": FORMAT,
+        "epoch": s.epoch,
+        "step": s.step,
+        "adam_step": s.opt.step,
+        "best_epoch": s.best.as_ref().map(|b| b.epoch),
+        "best_val": s.best.as_ref().map(|b| &b.val),
+        "history": s.history,
+    });
+    let meta = HashMap::from([("omnirad".to_string(), meta.to_string())]);
+    write_f32_safetensors(path, &tensors, Some(meta))
+}
+
+/// Reads a state written by [`save_state`] into copies of `template` (the freshly built model:
+/// every parameter must be in the file with its shape).
+pub fn load_state<B: Backend>(
+    path: &Path,
+    template: &Segmenter<B>,
+    dev: &B::Device,
+) -> Result<SegState<B>, ModelError> {
+    let err = |reason: String| ModelError::Weights {
+        path: path.into(),
+        reason,
+    };
+    let data = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&data).map_err(|e| err(e.to_string()))?;
+    let meta: serde_json::Value = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("omnirad"))
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    if meta["format"] != FORMAT {
+        return Err(err(format!(
+            "not an omnirad segmentation checkpoint (format {})",
+            meta["format"]
+        )));
+    }
+    let num = |k: &str| {
+        meta[k]
+            .as_u64()
+            .ok_or_else(|| err(format!("metadata {k} missing")))
+    };
+    let (epoch, step, adam_step) = (
+        num("epoch")? as usize,
+        num("step")? as usize,
+        num("adam_step")?,
+    );
+    let history: Vec<SegEpochLog> = serde_json::from_value(meta["history"].clone())
+        .map_err(|e| err(format!("history: {e}")))?;
+    let mut tensors: HashMap<String, Tensor<B, 1>> = f32_tensors(&data, path)?
+        .into_iter()
+        .map(|(name, (_, v))| {
+            let n = v.len();
+            (name, Tensor::from_data(TensorData::new(v, [n]), dev))
+        })
+        .collect();
+    let mut missing = Vec::new();
+    let mut rebuild = |prefix: &str, tensors: &mut HashMap<String, Tensor<B, 1>>| {
+        params::replace(template.clone(), |p, old| {
+            match tensors.remove(&format!("{prefix}{p}")) {
+                Some(new) if new.dims() == old.dims() => new,
+                _ => {
+                    missing.push(format!("{prefix}{p}"));
+                    old
+                }
+            }
+        })
+    };
+    let model = rebuild("model.", &mut tensors);
+    let best = match meta["best_epoch"].as_u64() {
+        Some(e) => Some(SegBest {
+            epoch: e as usize,
+            val: serde_json::from_value(meta["best_val"].clone())
+                .map_err(|e| err(format!("best_val: {e}")))?,
+            model: rebuild("best.", &mut tensors),
+        }),
+        None => None,
+    };
+    if !missing.is_empty() {
+        return Err(err(format!(
+            "{} parameters missing or of another shape (different head or encoder?): {}",
+            missing.len(),
+            missing
+                .iter()
+                .take(6)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let mut opt = AdamW::<B>::new(0.9, 0.999, 1e-8);
+    opt.step = adam_step;
+    let keys: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.starts_with("adam_m."))
+        .cloned()
+        .collect();
+    for k in keys {
+        let p = k["adam_m.".len()..].to_string();
+        let m = tensors.remove(&k).expect("listed");
+        let v = tensors
+            .remove(&format!("adam_v.{p}"))
+            .ok_or_else(|| err(format!("adam_v.{p} missing")))?;
+        opt.state.insert(p, (m, v));
+    }
+    Ok(SegState {
+        epoch,
+        step,
+        model,
+        opt,
+        best,
+        history,
+    })
 }

@@ -8,7 +8,9 @@ use omnirad_data::seg::{open_splits, window_starts, SegWindow};
 use omnirad_data::Preprocess;
 use omnirad_model::{Cpu, SegHeadConfig, SegHeadKind, VitConfig};
 use omnirad_train::loss::ce_dice_loss;
-use omnirad_train::segment::{build, evaluate, predict_probs, train, SegTrainConfig};
+use omnirad_train::segment::{
+    build, evaluate, load_state, predict_probs, save_state, train, SegTrainConfig,
+};
 
 fn t4(v: Vec<f32>, s: [usize; 4]) -> Tensor<Cpu, 4> {
     Tensor::from_data(TensorData::new(v, s), &Default::default())
@@ -111,7 +113,17 @@ fn adapter_learns_busi_lesions() {
         &dev,
         |_, _| {},
     );
-    let r = train(model, &s.train, &s.val, 2, &pre, &cfg, &dev, |_| {});
+    let r = train(
+        model,
+        &s.train,
+        &s.val,
+        2,
+        &pre,
+        &cfg,
+        &dev,
+        None,
+        |_, _| true,
+    );
     let first = r.history.first().unwrap().train_loss;
     let last = r.history.last().unwrap().train_loss;
     assert!(last < 0.8 * first, "loss {first} → {last}");
@@ -199,7 +211,8 @@ fn adapter_learns_several_classes() {
         &pre,
         &cfg,
         &dev,
-        |_| {},
+        None,
+        |_, _| true,
     );
     let s = evaluate(
         &r.model,
@@ -218,4 +231,87 @@ fn adapter_learns_several_classes() {
         "{:?}",
         s.dice_per_class
     );
+}
+
+/// Stopping after an epoch, saving the state and resuming gives the same model as one run.
+#[test]
+fn resume_continues_exactly() {
+    let busi = data().join("busi-256/malignant");
+    let mut s = open_splits(&busi, None, 0, true).unwrap();
+    s.train.truncate(16);
+    s.val.truncate(4);
+    let (vit, pre) = pico();
+    let dev = Default::default();
+    let model = build(
+        vit,
+        &SegHeadConfig::new(SegHeadKind::Adapter, 2, 2),
+        3,
+        0,
+        &dev,
+    );
+    let cfg = SegTrainConfig {
+        epochs: 3,
+        size: 32,
+        warmup_epochs: 1,
+        ..SegTrainConfig::default()
+    };
+    let full = train(
+        model.clone(),
+        &s.train,
+        &s.val,
+        2,
+        &pre,
+        &cfg,
+        &dev,
+        None,
+        |_, _| true,
+    );
+    let dir = std::env::temp_dir().join(format!("omnirad-seg-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ckpt = dir.join("state.safetensors");
+    train(
+        model.clone(),
+        &s.train,
+        &s.val,
+        2,
+        &pre,
+        &cfg,
+        &dev,
+        None,
+        |log, st| {
+            save_state(&ckpt, st).unwrap();
+            log.epoch < 1
+        },
+    );
+    let state = load_state(&ckpt, &model, &dev).unwrap();
+    assert_eq!((state.epoch, state.history.len()), (1, 1));
+    let resumed = train(
+        model.clone(),
+        &s.train,
+        &s.val,
+        2,
+        &pre,
+        &cfg,
+        &dev,
+        Some(state),
+        |_, _| true,
+    );
+    assert_eq!(resumed.history.len(), 3);
+    for (a, b) in full.history.iter().zip(&resumed.history) {
+        assert_eq!(a.train_loss, b.train_loss, "epoch {}", a.epoch);
+    }
+    let w = |m: &omnirad_model::Segmenter<Cpu>| {
+        m.head
+            .fuse
+            .weight
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+    };
+    assert_eq!(w(&full.model), w(&resumed.model));
+    // A file of another kind is refused with its name.
+    std::fs::write(&ckpt, b"junk").unwrap();
+    let e = load_state(&ckpt, &model, &dev).err().unwrap().to_string();
+    assert!(e.contains("state.safetensors"), "{e}");
 }

@@ -86,7 +86,7 @@ enum Cmd {
     Viz(viz::VizArgs),
     /// The main job end to end on an embedded default (synthetic phantoms, or --data files).
     Demo(demo::DemoArgs),
-    /// Throughput measurements (see BENCHMARKS.md).
+    /// Benchmarks: throughput, and the MedMNIST / MedSegBench / retrieval protocols (see BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
         cmd: bench::BenchCmd,

@@ -6,6 +6,8 @@
 //! OUT/encoder/            the encoder as a model directory (fine-tuned when --backbone-lr > 0)
 //! OUT/head.safetensors    the head's weights (burn names)
 //! OUT/history.jsonl       per epoch: train loss terms, val Dice/IoU, lr
+//! OUT/run.json            the settings (a --resume must match them)
+//! OUT/checkpoint.safetensors  after every epoch: weights, best weights, AdamW moments
 //! OUT/overlays/           a few test images: ground truth (green) and prediction (red) outlines
 //! ```
 
@@ -25,7 +27,9 @@ use omnirad_model::{
     load_model_dir, load_module, save_model_dir, save_module, ModelConfig, SegHeadConfig,
     SegHeadKind, Segmenter, Vit,
 };
-use omnirad_train::segment::{argmax, build, evaluate, predict_probs, train, SegTrainConfig};
+use omnirad_train::segment::{
+    argmax, build, evaluate, load_state, predict_probs, save_state, train, SegTrainConfig,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::device::{parse_device, resolve_model, Device};
@@ -172,6 +176,12 @@ pub struct TrainArgs {
     /// Stop at the first unreadable pair instead of skipping and listing it.
     #[arg(long)]
     pub strict: bool,
+    /// Continue the run in --out from its last checkpoint (same settings required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this epoch (the checkpoint is kept; continue with --resume).
+    #[arg(long)]
+    pub stop_after: Option<usize>,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
 }
@@ -206,7 +216,16 @@ fn check_size(size: usize, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// Trains one head on `splits`, prints per-epoch progress, scores test.
+/// Where `segment train` keeps a run: `run.json` (settings), `history.jsonl` and the
+/// checkpoint written after every epoch.
+struct RunFiles<'a> {
+    dir: &'a Path,
+    resume: bool,
+    stop_after: Option<usize>,
+}
+
+/// Trains one head on `splits`, prints per-epoch progress, scores test. With `run`, checkpoints
+/// every epoch and resumes; returns None when stopped by `stop_after` before the last epoch.
 #[allow(clippy::too_many_arguments)]
 fn fit<B: Backend>(
     vit: Vit<B>,
@@ -216,8 +235,8 @@ fn fit<B: Backend>(
     tc: &SegTrainConfig,
     dev: &B::Device,
     mut on_test_image: impl FnMut(&SegSample, &Array2<u8>),
-    history: Option<&Path>,
-) -> Result<(omnirad_train::segment::SegResult<B>, SegScores)> {
+    run: Option<RunFiles>,
+) -> Result<Option<(omnirad_train::segment::SegResult<B>, SegScores)>> {
     check_size(tc.size, cfg)?;
     if tc.epochs == 0 || tc.batch == 0 {
         bail!("--epochs and --batch must be at least 1");
@@ -237,12 +256,43 @@ fn fit<B: Backend>(
             "frozen"
         }
     );
-    let mut hist = match history {
-        Some(p) => {
-            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+    let mut resume = None;
+    let mut hist = None;
+    let mut ckpt = None;
+    if let Some(r) = &run {
+        let settings = serde_json::json!({ "head": head, "train": tc, "encoder": cfg });
+        let run_json = r.dir.join("run.json");
+        let path = r.dir.join(CHECKPOINT);
+        if r.resume {
+            let before: serde_json::Value = std::fs::read_to_string(&run_json)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .with_context(|| {
+                    format!("--resume: no run in {} (run.json missing)", r.dir.display())
+                })?;
+            if before != settings {
+                bail!(
+                    "--resume: the settings differ from the run in {} (see its run.json)",
+                    r.dir.display()
+                );
+            }
+            let state = load_state(&path, &model, dev).context("--resume")?;
+            eprintln!("resuming after epoch {}", state.epoch);
+            resume = Some(state);
+        } else {
+            std::fs::write(&run_json, serde_json::to_string_pretty(&settings)?)?;
         }
-        None => None,
-    };
+        let hp = r.dir.join("history.jsonl");
+        let mut f =
+            std::fs::File::create(&hp).with_context(|| format!("creating {}", hp.display()))?;
+        for l in resume.iter().flat_map(|s| &s.history) {
+            writeln!(f, "{}", serde_json::to_string(l)?)?;
+        }
+        hist = Some(f);
+        ckpt = Some(path);
+    }
+    let stop_after = run.as_ref().and_then(|r| r.stop_after);
+    let mut save_error = None;
     let r = train(
         model,
         &splits.train,
@@ -251,16 +301,30 @@ fn fit<B: Backend>(
         &cfg.preprocess,
         tc,
         dev,
-        |l| {
+        resume,
+        |l, state| {
             eprintln!(
-            "epoch {:>3}: loss {:.4} (CE {:.4}, Dice loss {:.4}), val Dice {:.4} IoU {:.4}, lr {:.2e}",
-            l.epoch, l.train_loss, l.train_ce, l.train_dice_loss, l.val_dice, l.val_iou, l.lr
-        );
+                "epoch {:>3}: loss {:.4} (CE {:.4}, Dice loss {:.4}), val Dice {:.4} IoU {:.4}, lr {:.2e}",
+                l.epoch, l.train_loss, l.train_ce, l.train_dice_loss, l.val_dice, l.val_iou, l.lr
+            );
             if let Some(f) = hist.as_mut() {
                 let _ = writeln!(f, "{}", serde_json::to_string(l).unwrap_or_default());
             }
+            if let Some(p) = &ckpt {
+                if let Err(e) = save_state(p, state) {
+                    save_error = Some(e);
+                    return false;
+                }
+            }
+            stop_after.is_none_or(|n| l.epoch < n)
         },
     );
+    if let Some(e) = save_error {
+        return Err(e).context("writing the checkpoint");
+    }
+    if r.history.len() < tc.epochs {
+        return Ok(None);
+    }
     let test = evaluate(
         &r.model,
         &splits.test,
@@ -272,8 +336,10 @@ fn fit<B: Backend>(
         dev,
         &mut on_test_image,
     );
-    Ok((r, test))
+    Ok(Some((r, test)))
 }
+
+const CHECKPOINT: &str = "checkpoint.safetensors";
 
 fn scores_json(s: &SegScores) -> serde_json::Value {
     serde_json::to_value(s).unwrap_or_default()
@@ -299,7 +365,7 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
         let overlays = a.out.join("overlays");
         std::fs::create_dir_all(&overlays)?;
         let mut drawn = 0;
-        let (r, test) = fit(
+        let Some((r, test)) = fit(
             vit,
             &cfg,
             &splits,
@@ -315,8 +381,20 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
                     }
                 }
             },
-            Some(&a.out.join("history.jsonl")),
-        )?;
+            Some(RunFiles {
+                dir: &a.out,
+                resume: a.resume,
+                stop_after: a.stop_after,
+            }),
+        )?
+        else {
+            eprintln!(
+                "stopped after epoch {}; continue with --resume (checkpoint in {})",
+                a.stop_after.unwrap_or(0),
+                a.out.join(CHECKPOINT).display()
+            );
+            return Ok(());
+        };
         let bundle = SegBundle {
             kind: "segment".into(),
             data: a.data.display().to_string(),
@@ -706,7 +784,8 @@ pub fn bench_cmd(a: &MedSegBenchArgs) -> Result<()> {
                     &dev,
                     |_, _| {},
                     None,
-                )?;
+                )?
+                .expect("no stop without run files");
                 let frozen = if tc.backbone_lr > 0.0 {
                     "fine-tuned encoder"
                 } else {

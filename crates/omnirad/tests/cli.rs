@@ -1161,3 +1161,64 @@ fn viz_two_models_side_by_side_with_metrics() {
     ]);
     assert!(!ok && err.contains("one model or two"), "{err}");
 }
+
+#[test]
+fn segment_train_resumes_to_the_same_bundle() {
+    let d = tmp("seg-resume");
+    let busi = data("busi-256/malignant");
+    let run = |out: &str, extra: &[&str]| {
+        let out = d.join(out);
+        let mut args = vec![
+            "segment",
+            "train",
+            "--data",
+            busi.to_str().unwrap(),
+            "--model",
+            "vit_pico",
+            "--out",
+            out.to_str().unwrap(),
+            "--size",
+            "32",
+            "--epochs",
+            "3",
+            "--overlays",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        omnirad(&args)
+    };
+    let (ok, _, err) = run("full", &[]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run("parts", &["--stop-after", "1"]);
+    assert!(ok && err.contains("stopped after epoch 1"), "{err}");
+    assert!(!d.join("parts/segment.json").exists());
+    assert!(d.join("parts/checkpoint.safetensors").is_file());
+    // Other settings cannot continue this run.
+    let (ok, _, err) = run("parts", &["--resume", "--lr", "0.01"]);
+    assert!(!ok && err.contains("settings differ"), "{err}");
+    let (ok, _, err) = run("parts", &["--resume"]);
+    assert!(ok && err.contains("resuming after epoch 1"), "{err}");
+    // Same tensors (burn's header metadata comes in any order, so not byte-compared).
+    let tensors = |p: &str| -> Vec<(String, Vec<u8>)> {
+        let bytes = std::fs::read(d.join(p)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut v: Vec<_> = st
+            .tensors()
+            .into_iter()
+            .map(|(k, t)| (k, t.data().to_vec()))
+            .collect();
+        v.sort();
+        v
+    };
+    let (a, b) = (
+        tensors("full/head.safetensors"),
+        tensors("parts/head.safetensors"),
+    );
+    assert_eq!(a.len(), b.len());
+    assert!(a == b, "resumed head differs from the uninterrupted run's");
+    let text = |p: &str| std::fs::read_to_string(d.join(p)).unwrap();
+    assert!(
+        text("full/history.jsonl") == text("parts/history.jsonl"),
+        "histories differ"
+    );
+}
