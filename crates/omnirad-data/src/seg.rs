@@ -289,7 +289,7 @@ fn take<T: Clone>(v: &[T], idx: &[usize]) -> Vec<T> {
 }
 
 /// Seeded shuffle of 0..n cut into (train, val, test) by fractions.
-pub fn split_indices(n: usize, val: f64, test: f64, seed: u64) -> [Vec<usize>; 3] {
+fn split_indices(n: usize, val: f64, test: f64, seed: u64) -> [Vec<usize>; 3] {
     let mut idx: Vec<usize> = (0..n).collect();
     idx.shuffle(&mut StdRng::seed_from_u64(seed));
     let nt = ((n as f64 * test).round() as usize).min(n);
@@ -421,7 +421,7 @@ pub struct SegView {
 
 /// Nearest-neighbour resampling of a label map from the crop box (left, top, w, h) to
 /// `dw × dh`, sampling at pixel centres (labels must not be blended).
-pub fn resize_labels<T: Copy>(m: &Array2<T>, crop: [f64; 4], dw: usize, dh: usize) -> Array2<T> {
+fn resize_labels<T: Copy>(m: &Array2<T>, crop: [f64; 4], dw: usize, dh: usize) -> Array2<T> {
     let (h, w) = m.dim();
     let [l, t, cw, ch] = crop;
     Array2::from_shape_fn((dh, dw), |(y, x)| {
