@@ -264,7 +264,11 @@ fn targets<B: Backend>(
     Tensor::from_data(TensorData::new(v, [idx.len(), classes]), dev)
 }
 
-fn batch_tensor<B: Backend>(arrays: Vec<ndarray::Array3<f32>>, dev: &B::Device) -> Tensor<B, 4> {
+/// A host batch [N, C, H, W] from N equally sized [C, H, W] arrays.
+pub(crate) fn batch_tensor<B: Backend>(
+    arrays: Vec<ndarray::Array3<f32>>,
+    dev: &B::Device,
+) -> Tensor<B, 4> {
     let (c, h, w) = arrays[0].dim();
     let n = arrays.len();
     let v: Vec<f32> = arrays.into_iter().flat_map(|a| a.into_iter()).collect();

@@ -27,6 +27,7 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::finetune::batch_tensor;
 use crate::loss::ce_dice_loss;
 use crate::optim::{AdamW, ParamGroup, StepSettings};
 use crate::params;
@@ -98,13 +99,6 @@ fn input(v: &SegView, pre: &Preprocess) -> Array3<f32> {
     a
 }
 
-fn stack<B: Backend>(arrays: Vec<Array3<f32>>, dev: &B::Device) -> Tensor<B, 4> {
-    let (c, h, w) = arrays[0].dim();
-    let n = arrays.len();
-    let v: Vec<f32> = arrays.into_iter().flat_map(|a| a.into_iter()).collect();
-    Tensor::from_data(TensorData::new(v, [n, c, h, w]), dev)
-}
-
 /// One-hot targets [B, C, S, S] and valid weights [B, 1, S, S].
 fn targets<B: Backend>(
     views: &[SegView],
@@ -150,7 +144,7 @@ pub fn predict_probs<B: Backend>(
         |t: Tensor<B, 4>| -> Vec<f32> { t.into_data().convert::<f32>().to_vec().expect("f32") };
     match window {
         SegWindow::Resize => {
-            let x = stack::<B>(vec![input(&sample.resized(None, size), pre)], dev);
+            let x = batch_tensor::<B>(vec![input(&sample.resized(None, size), pre)], dev);
             let p = softmax(model.forward(x), 1);
             let p = interpolate(
                 p,
@@ -176,7 +170,7 @@ pub fn predict_probs<B: Backend>(
                     .iter()
                     .map(|&(t, l)| sample.window(t, l, size))
                     .collect();
-                let x = stack::<B>(views.iter().map(|v| input(v, pre)).collect(), dev);
+                let x = batch_tensor::<B>(views.iter().map(|v| input(v, pre)).collect(), dev);
                 let p = softmax(model.forward(x), 1);
                 let [n, c, _, _] = p.dims();
                 let p = Array3::from_shape_vec((n * c, size, size), to_host(p)).expect("shape");
@@ -348,7 +342,8 @@ pub fn train<B: Backend>(
                     train[k % train.len()].train_view(cfg.window, cfg.size, &mut r)
                 })
                 .collect();
-            let x = stack::<Train<B>>(views.par_iter().map(|v| input(v, pre)).collect(), dev);
+            let x =
+                batch_tensor::<Train<B>>(views.par_iter().map(|v| input(v, pre)).collect(), dev);
             let (y, valid) = targets::<Train<B>>(&views, classes, dev);
             let (ce, dice) = ce_dice_loss(student.forward(x), y, valid);
             let loss = ce.clone() * cfg.ce_weight + dice.clone() * cfg.dice_weight;
