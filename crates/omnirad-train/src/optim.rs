@@ -163,3 +163,89 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, '_, AB::InnerBackend> 
         Param::from_mapped_value(id, out, mapper)
     }
 }
+
+/// A flat tensor's values on the host.
+pub(crate) fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().expect("f32 tensor")
+}
+
+/// Checkpoint I/O shared by pretraining and segmentation: the moments as flat host tensors, and
+/// a checkpoint file read back as its `omnirad` metadata plus every tensor by name.
+impl<B: Backend> AdamW<B> {
+    /// (`adam_m.<path>` / `adam_v.<path>`, values), sorted by path so files are reproducible.
+    pub fn moment_entries(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut paths: Vec<&String> = self.state.keys().collect();
+        paths.sort();
+        let mut out = Vec::new();
+        for p in paths {
+            let (m, v) = &self.state[p];
+            out.push((format!("adam_m.{p}"), m.dims().to_vec(), host(m.clone())));
+            out.push((format!("adam_v.{p}"), v.dims().to_vec(), host(v.clone())));
+        }
+        out
+    }
+
+    /// Takes the `adam_m.*` / `adam_v.*` tensors out of `tensors` as the optimiser state.
+    pub fn restore_moments(
+        &mut self,
+        step: u64,
+        tensors: &mut HashMap<String, Tensor<B, 1>>,
+    ) -> Result<(), String> {
+        self.step = step;
+        self.state.clear();
+        let keys: Vec<String> = tensors
+            .keys()
+            .filter(|k| k.starts_with("adam_m."))
+            .cloned()
+            .collect();
+        for k in keys {
+            let p = k["adam_m.".len()..].to_string();
+            let m = tensors.remove(&k).expect("listed");
+            let v = tensors
+                .remove(&format!("adam_v.{p}"))
+                .ok_or_else(|| format!("adam_v.{p} missing"))?;
+            self.state.insert(p, (m, v));
+        }
+        Ok(())
+    }
+}
+
+/// A checkpoint written with `write_f32_safetensors`: its `omnirad` metadata (checked to carry
+/// `format`; `what` names the kind in the error) and every tensor, flat, on `dev`.
+pub fn read_checkpoint<B: Backend>(
+    data: &[u8],
+    path: &std::path::Path,
+    format: &str,
+    what: &str,
+    dev: &B::Device,
+) -> Result<(serde_json::Value, HashMap<String, Tensor<B, 1>>), omnirad_model::ModelError> {
+    let err = |reason: String| omnirad_model::ModelError::Weights {
+        path: path.into(),
+        reason,
+    };
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(data).map_err(|e| err(e.to_string()))?;
+    let meta: serde_json::Value = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("omnirad"))
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    if meta["format"] != format {
+        return Err(err(format!(
+            "not an omnirad {what} checkpoint (format {})",
+            meta["format"]
+        )));
+    }
+    let tensors = omnirad_model::f32_tensors(data, path)?
+        .into_iter()
+        .map(|(name, (_, v))| {
+            let n = v.len();
+            (
+                name,
+                Tensor::from_data(burn::tensor::TensorData::new(v, [n]), dev),
+            )
+        })
+        .collect();
+    Ok((meta, tensors))
+}

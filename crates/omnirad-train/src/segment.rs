@@ -18,9 +18,7 @@ use omnirad_data::preprocess::{normalize, to_channels};
 use omnirad_data::seg::{window_starts, SegSample, SegView, SegWindow};
 use omnirad_data::Preprocess;
 use omnirad_eval::{SegEvaluator, SegScores};
-use omnirad_model::{
-    f32_tensors, write_f32_safetensors, ModelError, SegHeadConfig, Segmenter, Train, Vit,
-};
+use omnirad_model::{write_f32_safetensors, ModelError, SegHeadConfig, Segmenter, Train, Vit};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -29,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::finetune::batch_tensor;
 use crate::loss::ce_dice_loss;
-use crate::optim::{AdamW, ParamGroup, StepSettings};
+use crate::optim::{host, read_checkpoint, AdamW, ParamGroup, StepSettings};
 use crate::params;
 use crate::schedule::Cosine;
 
@@ -419,10 +417,6 @@ pub fn train<B: Backend>(
 
 const FORMAT: &str = "omnirad-segment-1";
 
-fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec().expect("f32 tensor")
-}
-
 /// Writes `state` to one safetensors file, atomically: current and best weights, AdamW moments,
 /// counters, best val scores and the history in the metadata.
 pub fn save_state<B: Backend>(path: &Path, s: &SegState<B>) -> Result<(), ModelError> {
@@ -436,13 +430,7 @@ pub fn save_state<B: Backend>(path: &Path, s: &SegState<B>) -> Result<(), ModelE
     if let Some(b) = &s.best {
         add("best.", &b.model);
     }
-    let mut moments: Vec<_> = s.opt.state.iter().collect();
-    moments.sort_by(|a, b| a.0.cmp(b.0));
-    for (p, (m, v)) in moments {
-        let n = m.dims()[0];
-        tensors.push((format!("adam_m.{p}"), vec![n], host(m.clone())));
-        tensors.push((format!("adam_v.{p}"), vec![n], host(v.clone())));
-    }
+    tensors.extend(s.opt.moment_entries());
     let meta = serde_json::json!({
         "format": FORMAT,
         "epoch": s.epoch,
@@ -471,20 +459,7 @@ pub fn load_state<B: Backend>(
         path: path.into(),
         source,
     })?;
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&data).map_err(|e| err(e.to_string()))?;
-    let meta: serde_json::Value = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("omnirad"))
-        .and_then(|s| serde_json::from_str(s).ok())
-        .unwrap_or_default();
-    if meta["format"] != FORMAT {
-        return Err(err(format!(
-            "not an omnirad segmentation checkpoint (format {})",
-            meta["format"]
-        )));
-    }
+    let (meta, mut tensors) = read_checkpoint::<B>(&data, path, FORMAT, "segmentation", dev)?;
     let num = |k: &str| {
         meta[k]
             .as_u64()
@@ -497,13 +472,6 @@ pub fn load_state<B: Backend>(
     );
     let history: Vec<SegEpochLog> = serde_json::from_value(meta["history"].clone())
         .map_err(|e| err(format!("history: {e}")))?;
-    let mut tensors: HashMap<String, Tensor<B, 1>> = f32_tensors(&data, path)?
-        .into_iter()
-        .map(|(name, (_, v))| {
-            let n = v.len();
-            (name, Tensor::from_data(TensorData::new(v, [n]), dev))
-        })
-        .collect();
     let mut missing = Vec::new();
     let mut rebuild = |prefix: &str, tensors: &mut HashMap<String, Tensor<B, 1>>| {
         params::replace(template.clone(), |p, old| {
@@ -539,20 +507,7 @@ pub fn load_state<B: Backend>(
         )));
     }
     let mut opt = AdamW::<B>::new(0.9, 0.999, 1e-8);
-    opt.step = adam_step;
-    let keys: Vec<String> = tensors
-        .keys()
-        .filter(|k| k.starts_with("adam_m."))
-        .cloned()
-        .collect();
-    for k in keys {
-        let p = k["adam_m.".len()..].to_string();
-        let m = tensors.remove(&k).expect("listed");
-        let v = tensors
-            .remove(&format!("adam_v.{p}"))
-            .ok_or_else(|| err(format!("adam_v.{p} missing")))?;
-        opt.state.insert(p, (m, v));
-    }
+    opt.restore_moments(adam_step, &mut tensors).map_err(err)?;
     Ok(SegState {
         epoch,
         step,

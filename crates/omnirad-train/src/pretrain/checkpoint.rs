@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
-use omnirad_model::{f32_tensors, write_f32_safetensors, ModelError};
+use burn::tensor::Tensor;
+use omnirad_model::{write_f32_safetensors, ModelError};
 
+use crate::optim::{host, read_checkpoint};
 use crate::params;
 use crate::ssl::{trainable_student, SslModel, SslTrainer};
 
@@ -28,10 +29,6 @@ pub enum CheckpointError {
     File(#[from] ModelError),
 }
 
-fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec().expect("f32 tensor")
-}
-
 /// Writes `path` atomically.
 pub fn save_checkpoint<B: Backend>(
     path: &Path,
@@ -47,11 +44,7 @@ pub fn save_checkpoint<B: Backend>(
             tensors.push((format!("{prefix}{}", p.path), p.shape, host(p.value)));
         }
     }
-    for (path, (m, v)) in &t.opt.state {
-        let n = m.dims()[0];
-        tensors.push((format!("adam_m.{path}"), vec![n], host(m.clone())));
-        tensors.push((format!("adam_v.{path}"), vec![n], host(v.clone())));
-    }
+    tensors.extend(t.opt.moment_entries());
     for (name, c) in [
         ("center.dino", &t.dino_center),
         ("center.ibot", &t.ibot_center),
@@ -80,20 +73,8 @@ pub fn load_checkpoint<B: Backend>(
         path: path.into(),
         source,
     })?;
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&data).map_err(|e| fmt(e.to_string()))?;
-    let meta: serde_json::Value = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("omnirad"))
-        .and_then(|s| serde_json::from_str(s).ok())
-        .unwrap_or_default();
-    if meta["format"] != FORMAT {
-        return Err(fmt(format!(
-            "not an omnirad pretraining checkpoint (format {})",
-            meta["format"]
-        )));
-    }
+    let dev = t.device.clone();
+    let (meta, mut tensors) = read_checkpoint::<B>(&data, path, FORMAT, "pretraining", &dev)?;
     let num = |k: &str| {
         meta[k]
             .as_u64()
@@ -101,14 +82,6 @@ pub fn load_checkpoint<B: Backend>(
     };
     let step = num("step")? as usize;
     let adam_step = num("adam_step")?;
-    let dev = t.device.clone();
-    let mut tensors: HashMap<String, Tensor<B, 1>> = f32_tensors(&data, path)?
-        .into_iter()
-        .map(|(name, (_, v))| {
-            let n = v.len();
-            (name, Tensor::from_data(TensorData::new(v, [n]), &dev))
-        })
-        .collect();
     let mut missing = Vec::new();
     let mut take = |prefix: &str, path: &str, old: Tensor<B, 1>| match tensors
         .remove(&format!("{prefix}{path}"))
@@ -136,21 +109,9 @@ pub fn load_checkpoint<B: Backend>(
     }
     t.student = trainable_student(student);
     t.teacher = teacher;
-    t.opt.step = adam_step;
-    t.opt.state.clear();
-    let moments: Vec<String> = tensors
-        .keys()
-        .filter(|k| k.starts_with("adam_m."))
-        .cloned()
-        .collect();
-    for k in moments {
-        let path = k["adam_m.".len()..].to_string();
-        let m = tensors.remove(&k).expect("listed");
-        let v = tensors
-            .remove(&format!("adam_v.{path}"))
-            .ok_or_else(|| fmt(format!("adam_v.{path} missing")))?;
-        t.opt.state.insert(path, (m, v));
-    }
+    t.opt
+        .restore_moments(adam_step, &mut tensors)
+        .map_err(fmt)?;
     for (name, c) in [
         ("center.dino", &mut t.dino_center),
         ("center.ibot", &mut t.ibot_center),
