@@ -129,9 +129,11 @@ fn lora_starts_as_identity_and_merges_exactly() {
     use burn::tensor::backend::Backend;
     let dev = Default::default();
     omnirad_model::Cpu::seed(&dev, 3);
-    let vit = omnirad_model::VitConfig::preset("vit_pico")
-        .unwrap()
-        .init::<omnirad_model::Cpu>(&dev);
+    // Without LayerScale: at 1e-5 it shrinks the adapters' effect below the 1e-3 this test
+    // needs to see, depending on which random draws this test gets from the shared RNG.
+    let mut cfg = omnirad_model::VitConfig::preset("vit_pico").unwrap();
+    cfg.layer_scale_init = None;
+    let vit = cfg.init::<omnirad_model::Cpu>(&dev);
     let x = burn::tensor::Tensor::<omnirad_model::Cpu, 4>::random(
         [2, 3, 32, 32],
         burn::tensor::Distribution::Default,
