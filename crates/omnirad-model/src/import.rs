@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::io::{ModelConfig, ModelError};
-use crate::vit::{PosInterp, VitConfig};
+use crate::vit::{Ffn, PosInterp, VitConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -165,12 +165,6 @@ fn hf_to_timm(t: Tensors, path: &Path) -> Result<Tensors, ModelError> {
     let mut out = Tensors::new();
     let mut qkv: BTreeMap<(String, String), [Option<Tensor>; 3]> = BTreeMap::new();
     for (k, v) in t {
-        if k.contains("weights_in") || k.contains("weights_out") {
-            return Err(err(
-                path,
-                format!("SwiGLU MLP ('{k}', DINOv2 giant) is not supported yet"),
-            ));
-        }
         let name = if let Some(rest) = k.strip_prefix("embeddings.") {
             match rest {
                 "cls_token" => "cls_token".to_string(),
@@ -199,6 +193,8 @@ fn hf_to_timm(t: Tensors, path: &Path) -> Result<Tensors, ModelError> {
             }
             let rest = rest
                 .replace("attention.output.dense.", "attn.proj.")
+                .replace("mlp.weights_in.", "mlp.fc1.")
+                .replace("mlp.weights_out.", "mlp.fc2.")
                 .replace("layer_scale1.lambda1", "ls1.gamma")
                 .replace("layer_scale2.lambda1", "ls2.gamma");
             format!("blocks.{i}.{rest}")
@@ -224,8 +220,9 @@ fn hf_to_timm(t: Tensors, path: &Path) -> Result<Tensors, ModelError> {
     Ok(out)
 }
 
-/// The original DINOv2 code names registers `register_tokens` and may chunk blocks
-/// (`blocks.{chunk}.{i}.`); timm names are `reg_token` and `blocks.{i}.`.
+/// The original DINOv2 code names registers `register_tokens`, may chunk blocks
+/// (`blocks.{chunk}.{i}.`) and calls SwiGLU's projections `w12` / `w3`; timm names are
+/// `reg_token`, `blocks.{i}.` and `fc1` / `fc2`.
 fn dinov2_to_timm(t: Tensors) -> Tensors {
     t.into_iter()
         .map(|(k, v)| {
@@ -244,9 +241,56 @@ fn dinov2_to_timm(t: Tensors) -> Tensors {
             } else {
                 k
             };
+            let k = k
+                .replace(".mlp.w12.", ".mlp.fc1.")
+                .replace(".mlp.w3.", ".mlp.fc2.");
             (k, v)
         })
         .collect()
+}
+
+fn is_square(n: usize) -> Option<usize> {
+    let g = (n as f64).sqrt().round() as usize;
+    (g > 0 && g * g == n).then_some(g)
+}
+
+/// Brings a timm position table to DINOv2's `[cls | grid]` form. timm tables may also cover the
+/// registers (`1 + R + g²` rows) or nothing but the grid (`no_embed_class`, `g²` rows). Prefix
+/// tokens are constants, so their positions fold exactly into them: register positions are added
+/// to `reg_token`, and a missing class position is a zero row. Forms are tried in that order.
+fn fold_prefix_positions(t: &mut Tensors, path: &Path) -> Result<(), ModelError> {
+    let (shape, pos) = t
+        .get("pos_embed")
+        .cloned()
+        .ok_or_else(|| err(path, "missing tensor 'pos_embed'"))?;
+    let [1, n, d] = shape[..] else {
+        return Err(err(
+            path,
+            format!("pos_embed has shape {shape:?}, expected [1, N, D]"),
+        ));
+    };
+    let r = t.get("reg_token").map(|(s, _)| s[1]).unwrap_or(0);
+    let folded = if r > 0 && n > 1 + r && is_square(n - 1 - r).is_some() {
+        let reg = t.get_mut("reg_token").expect("checked above");
+        for (v, p) in reg.1.iter_mut().zip(&pos[d..(1 + r) * d]) {
+            *v += p;
+        }
+        [&pos[..d], &pos[(1 + r) * d..]].concat()
+    } else if n > 1 && is_square(n - 1).is_some() {
+        return Ok(());
+    } else if is_square(n).is_some() {
+        [vec![0.0; d], pos].concat()
+    } else {
+        return Err(err(
+            path,
+            format!(
+                "pos_embed has {n} positions: not a square grid with or without prefix positions"
+            ),
+        ));
+    };
+    let rows = folded.len() / d;
+    t.insert("pos_embed".into(), (vec![1, rows, d], folded));
+    Ok(())
 }
 
 fn shape_of<'a>(t: &'a Tensors, k: &str, path: &Path) -> Result<&'a [usize], ModelError> {
@@ -271,10 +315,12 @@ fn infer_config(
     }
     let (d, c, p) = (pw[0], pw[1], pw[2]);
     let n = shape_of(t, "pos_embed", path)?[1];
-    let g = ((n.saturating_sub(1)) as f64).sqrt().round() as usize;
-    if g * g + 1 != n {
-        return Err(err(path, format!("pos_embed has {n} positions: only tables with a class-token position (1 + g²) are supported")));
-    }
+    let g = is_square(n.saturating_sub(1)).ok_or_else(|| {
+        err(
+            path,
+            format!("pos_embed has {n} positions, expected a class position and a square grid"),
+        )
+    })?;
     let depth = t
         .keys()
         .filter_map(|k| {
@@ -287,7 +333,19 @@ fn infer_config(
         .max()
         .map(|m| m + 1)
         .unwrap_or(0);
-    let hidden = shape_of(t, "blocks.0.mlp.fc1.weight", path)?[0];
+    let fc1 = shape_of(t, "blocks.0.mlp.fc1.weight", path)?[0];
+    let hidden = shape_of(t, "blocks.0.mlp.fc2.weight", path)?[1];
+    // A packed SwiGLU projects to twice the width its output layer reads.
+    let ffn = if fc1 == 2 * hidden {
+        Ffn::SwiGlu
+    } else if fc1 == hidden {
+        Ffn::Mlp
+    } else {
+        return Err(err(
+            path,
+            format!("blocks.0.mlp: fc1 gives {fc1} features but fc2 reads {hidden}"),
+        ));
+    };
     // timm and DINOv2 files do not record the head count; all released ViTs use 64-dim heads.
     let heads = match heads {
         Some(h) => h,
@@ -307,6 +365,7 @@ fn infer_config(
         depth,
         num_heads: heads,
         mlp_ratio: hidden as f64 / d as f64,
+        ffn,
         qkv_bias: t.contains_key("blocks.0.attn.qkv.bias"),
         layer_scale_init: t.contains_key("blocks.0.ls1.gamma").then_some(1e-5),
         num_registers: t.get("reg_token").map(|(s, _)| s[1]).unwrap_or(0),
@@ -425,6 +484,9 @@ pub fn import_checkpoint(
         Layout::Hf => hf_to_timm(raw, &weights)?,
         Layout::Timm | Layout::Dinov2 => dinov2_to_timm(raw),
     };
+    if layout == Layout::Timm {
+        fold_prefix_positions(&mut t, &weights)?;
+    }
     let hf_heads = hf_config
         .as_ref()
         .and_then(|c| c.get("num_attention_heads"))

@@ -4,6 +4,8 @@
 //! x ─ patch_embed ─┬─ [cls | reg… | patches] + pos_embed ─ blocks × depth ─ norm ─┬─ cls token
 //!                  │    (pos_embed is bicubic-resized to the input's patch grid)    └─ patch tokens
 //! block(x) = x + drop_path(ls1 · attn(norm1(x)));  x + drop_path(ls2 · mlp(norm2(x)))
+//! mlp(x)   = fc2(gelu(fc1(x)))                 (Ffn::Mlp)
+//!          = fc2(silu(a) ⊙ b), [a | b] = fc1(x)  (Ffn::SwiGlu, DINOv2 giant)
 //! ```
 //! Parameter names follow timm (`patch_embed.proj`, `blocks.{i}.attn.qkv`, `ls1.gamma`, …) so
 //! `model.safetensors` written by [`crate::io`] is readable by timm's `VisionTransformer`.
@@ -15,7 +17,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
     Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
-use burn::tensor::activation::gelu;
+use burn::tensor::activation::{gelu, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -32,7 +34,10 @@ pub struct VitConfig {
     pub embed_dim: usize,
     pub depth: usize,
     pub num_heads: usize,
+    /// Hidden width of the MLP over `embed_dim` (for SwiGLU: the gated width, half of fc1's).
     pub mlp_ratio: f64,
+    #[serde(default)]
+    pub ffn: Ffn,
     pub qkv_bias: bool,
     /// Initial LayerScale value; `None` disables LayerScale (DINO v1, plain timm ViTs).
     pub layer_scale_init: Option<f64>,
@@ -65,9 +70,21 @@ pub enum PosInterp {
     BicubicDinov2Offset,
 }
 
+/// The block's feed-forward network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ffn {
+    /// Linear-GELU-linear (ViT, DINOv2 S/B/L).
+    #[default]
+    Mlp,
+    /// SwiGLU (Shazeer 2020) with one packed input projection, as DINOv2's `SwiGLUFFNFused`,
+    /// HF's `Dinov2SwiGLUFFN` and timm's `SwiGLUPacked` store it.
+    SwiGlu,
+}
+
 /// Named presets, as in timm / DINOv2.
 pub const PRESETS: &[&str] = &[
-    "vit_pico", "vit_tiny", "vit_s16", "vit_s14", "vit_b16", "vit_b14", "vit_l14",
+    "vit_pico", "vit_tiny", "vit_s16", "vit_s14", "vit_b16", "vit_b14", "vit_l14", "vit_g14",
 ];
 
 impl VitConfig {
@@ -86,6 +103,7 @@ impl VitConfig {
             depth,
             num_heads: heads,
             mlp_ratio: 4.0,
+            ffn: Ffn::Mlp,
             qkv_bias: true,
             layer_scale_init: Some(1e-5),
             num_registers: 0,
@@ -97,7 +115,8 @@ impl VitConfig {
     }
 
     /// `vit_pico` is a test/demo size (dim 64, depth 2, 32 px); the others match timm's
-    /// `vit_{tiny,small,base,large}_patch{16,14}` (patch-14 ones at DINOv2's 224 crop).
+    /// `vit_{tiny,small,base,large}_patch{16,14}` (patch-14 ones at DINOv2's 224 crop);
+    /// `vit_g14` is DINOv2's giant (SwiGLU of gated width 4096).
     pub fn preset(name: &str) -> Option<Self> {
         Some(match name {
             "vit_pico" => Self::base(32, 4, 64, 2, 2),
@@ -107,6 +126,11 @@ impl VitConfig {
             "vit_b16" => Self::base(224, 16, 768, 12, 12),
             "vit_b14" => Self::base(224, 14, 768, 12, 12),
             "vit_l14" => Self::base(224, 14, 1024, 24, 16),
+            "vit_g14" => Self {
+                mlp_ratio: 4096.0 / 1536.0,
+                ffn: Ffn::SwiGlu,
+                ..Self::base(224, 14, 1536, 40, 24)
+            },
             _ => return None,
         })
     }
@@ -157,7 +181,13 @@ impl VitConfig {
                 } else {
                     self.drop_path_rate
                 };
-                let hidden = (d as f64 * self.mlp_ratio) as usize;
+                // Rounded, not truncated: ratios read back from a checkpoint (4096/1536) must
+                // give the stored width again.
+                let hidden = (d as f64 * self.mlp_ratio).round() as usize;
+                let fc1_out = match self.ffn {
+                    Ffn::Mlp => hidden,
+                    Ffn::SwiGlu => 2 * hidden,
+                };
                 let ln = || {
                     LayerNormConfig::new(d)
                         .with_epsilon(self.norm_eps)
@@ -186,8 +216,9 @@ impl VitConfig {
                     ls1: ls(self.layer_scale_init),
                     norm2: ln(),
                     mlp: Mlp {
-                        fc1: lin(d, hidden, true),
+                        fc1: lin(d, fc1_out, true),
                         fc2: lin(hidden, d, true),
+                        swiglu: self.ffn == Ffn::SwiGlu,
                     },
                     ls2: ls(self.layer_scale_init),
                     drop_path: dp,
@@ -314,11 +345,20 @@ impl<B: Backend> Attention<B> {
 pub struct Mlp<B: Backend> {
     pub fc1: Linear<B>,
     pub fc2: Linear<B>,
+    /// [`Ffn::SwiGlu`]: fc1 holds the SiLU half first, then the linear half.
+    pub swiglu: bool,
 }
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc2.forward(gelu(self.fc1.forward(x)))
+        let h = self.fc1.forward(x);
+        let h = if self.swiglu {
+            let half = h.dims()[2] / 2;
+            silu(h.clone().narrow(2, 0, half)) * h.narrow(2, half, half)
+        } else {
+            gelu(h)
+        };
+        self.fc2.forward(h)
     }
 }
 

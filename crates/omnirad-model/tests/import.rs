@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Tensor, TensorData};
-use omnirad_model::{import_checkpoint, load_imported, Cpu, PosInterp};
+use omnirad_model::{import_checkpoint, load_imported, Cpu, Ffn, PosInterp};
 use safetensors::SafeTensors;
 
 fn fixture(name: &str) -> PathBuf {
@@ -35,12 +35,14 @@ fn rel_err(ours: Vec<f32>, reference: &[f32]) -> f32 {
         / scale
 }
 
+/// Class token, patch tokens and block-0 output at both sizes within 1e-4 relative error.
 fn check(name: &str, heads: Option<usize>, want: PosInterp) {
     let imp = import_checkpoint(&fixture(name), None, heads).unwrap();
     assert_eq!(imp.config.vit.pos_interp, want);
     let dev = Default::default();
     let model = load_imported::<Cpu>(&imp, false, &dev).unwrap();
-    let bytes = std::fs::read(fixture(&format!("{name}_io.safetensors"))).unwrap();
+    let io_name = format!("{}_io.safetensors", name.trim_end_matches(".pth"));
+    let bytes = std::fs::read(fixture(&io_name)).unwrap();
     let io = SafeTensors::deserialize(&bytes).unwrap();
     for tag in ["native", "interp"] {
         let (shape, x) = tensor(&io, &format!("x_{tag}"));
@@ -90,6 +92,49 @@ fn timm_patch16_matches_timm() {
 #[test]
 fn timm_patch14_matches_timm() {
     check("timm_p14", Some(2), PosInterp::BicubicAntialias);
+}
+
+#[test]
+fn hf_dinov2_swiglu_matches_transformers() {
+    let imp = import_checkpoint(&fixture("hf_dinov2_swiglu"), None, None).unwrap();
+    // HF's Dinov2SwiGLUFFN: hidden 4·32 → (⌊128·2/3⌋ + 7) / 8 · 8 = 88 gated features.
+    assert_eq!(imp.config.vit.ffn, Ffn::SwiGlu);
+    assert_eq!(imp.config.vit.mlp_ratio * 32.0, 88.0);
+    check("hf_dinov2_swiglu", None, PosInterp::Bicubic);
+}
+
+#[test]
+fn timm_giant_layout_with_registers_and_no_class_position_matches_timm() {
+    let imp = import_checkpoint(&fixture("timm_p14_reg_swiglu"), None, Some(2)).unwrap();
+    let v = &imp.config.vit;
+    assert_eq!((v.ffn, v.num_registers, v.img_size), (Ffn::SwiGlu, 4, 56));
+    check("timm_p14_reg_swiglu", Some(2), PosInterp::BicubicAntialias);
+}
+
+#[test]
+fn timm_position_table_over_prefix_tokens_matches_timm() {
+    let imp = import_checkpoint(&fixture("timm_p16_reg_prefixpos"), None, Some(2)).unwrap();
+    assert_eq!(
+        (imp.config.vit.num_registers, imp.config.vit.img_size),
+        (2, 48)
+    );
+    check(
+        "timm_p16_reg_prefixpos",
+        Some(2),
+        PosInterp::BicubicAntialias,
+    );
+}
+
+#[test]
+fn original_dinov2_code_matches_including_its_interpolation_offset() {
+    let imp = import_checkpoint(&fixture("dinov2_reg_swiglu.pth"), None, Some(2)).unwrap();
+    let v = &imp.config.vit;
+    assert_eq!((v.ffn, v.num_registers, v.depth), (Ffn::SwiGlu, 4, 2));
+    check(
+        "dinov2_reg_swiglu.pth",
+        Some(2),
+        PosInterp::BicubicDinov2Offset,
+    );
 }
 
 #[test]

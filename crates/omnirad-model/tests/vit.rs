@@ -1,5 +1,5 @@
 use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
-use omnirad_model::{load_model_dir, save_model_dir, Cpu, ModelConfig, VitConfig};
+use omnirad_model::{load_model_dir, save_model_dir, Cpu, Ffn, ModelConfig, VitConfig};
 
 fn tiny(registers: usize) -> VitConfig {
     VitConfig {
@@ -169,4 +169,38 @@ fn lora_starts_as_identity_and_merges_exactly() {
     for (a, b) in m.iter().zip(&with) {
         assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
     }
+}
+
+#[test]
+fn swiglu_model_saves_in_timm_packed_layout_and_reimports() {
+    let dev = Default::default();
+    let cfg = VitConfig {
+        ffn: Ffn::SwiGlu,
+        mlp_ratio: 88.0 / 64.0,
+        ..tiny(4)
+    };
+    let vit = cfg.init::<Cpu>(&dev);
+    let dir = std::env::temp_dir().join(format!("omnirad-swiglu-{}", std::process::id()));
+    let mc = ModelConfig::new(cfg.clone(), Default::default());
+    save_model_dir(&vit, &mc, &dir).unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(
+        st.tensor("blocks.1.mlp.fc1.weight").unwrap().shape(),
+        [176, 64]
+    );
+    assert_eq!(
+        st.tensor("blocks.1.mlp.fc2.weight").unwrap().shape(),
+        [64, 88]
+    );
+    let imp =
+        omnirad_model::import_checkpoint(&dir.join("model.safetensors"), None, Some(2)).unwrap();
+    assert_eq!(imp.config.vit.ffn, Ffn::SwiGlu);
+    assert_eq!(imp.config.vit.num_registers, 4);
+    let back = omnirad_model::load_imported::<Cpu>(&imp, false, &dev).unwrap();
+    let x = Tensor::<Cpu, 4>::random([2, 3, 32, 32], Distribution::Normal(0.0, 1.0), &dev);
+    vit.forward(x.clone())
+        .into_data()
+        .assert_approx_eq::<f32>(&back.forward(x).into_data(), Tolerance::absolute(1e-6));
+    std::fs::remove_dir_all(&dir).ok();
 }

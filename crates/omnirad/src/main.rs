@@ -190,13 +190,15 @@ fn convert(
         .with_context(|| format!("writing {}", out.display()))?;
     let v = &imp.config.vit;
     println!(
-        "{} → {}: ViT dim {} depth {} heads {} patch {} ({}px native, {} registers, position resampling {:?})",
+        "{} → {}: ViT dim {} depth {} heads {} patch {} {:?} width {} ({}px native, {} registers, position resampling {:?})",
         input.display(),
         out.display(),
         v.embed_dim,
         v.depth,
         v.num_heads,
         v.patch_size,
+        v.ffn,
+        (v.embed_dim as f64 * v.mlp_ratio).round(),
         v.img_size,
         v.num_registers,
         v.pos_interp
