@@ -559,6 +559,13 @@ pub fn import_dino_head<B: burn::tensor::backend::Backend>(
             None if k.starts_with("mlp.") || k.starts_with("last_layer.") => k,
             None => continue,
         };
+        // torch.nn.utils.parametrizations.weight_norm names g and v original0 / original1;
+        // a one-layer head's MLP is a bare Linear (`mlp.weight`).
+        let name = name
+            .replace("parametrizations.weight.original0", "weight_g")
+            .replace("parametrizations.weight.original1", "weight_v")
+            .replace("mlp.weight", "mlp.0.weight")
+            .replace("mlp.bias", "mlp.0.bias");
         t.insert(name, v);
     }
     let get = |k: &str| {

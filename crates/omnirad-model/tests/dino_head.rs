@@ -115,3 +115,82 @@ fn training_checkpoint_head_is_read_from_the_teacher() {
         .to_string();
     assert!(e.contains("mlp"), "{e}");
 }
+
+/// DINOv2's own `DINOHead` (make_fixtures.py): RAD-DINO's file layout and torch's newer
+/// parametrized weight-norm names give the reference logits.
+#[test]
+fn dinov2_head_matches_the_reference_code() {
+    let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let bytes = std::fs::read(fx.join("dino_head_io.safetensors")).unwrap();
+    let io = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let read = |k: &str| -> Vec<f32> {
+        io.tensor(k)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let (x, want) = (read("x"), read("logits"));
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for file in ["dino_head", "dino_head_parametrized.safetensors"] {
+        let (head, cfg) = import_dino_head::<B>(&fx.join(file), &Default::default()).unwrap();
+        assert_eq!(
+            (
+                cfg.in_dim,
+                cfg.hidden_dim,
+                cfg.bottleneck_dim,
+                cfg.out_dim,
+                cfg.nlayers
+            ),
+            (32, 40, 16, 48, 3)
+        );
+        let got: Vec<f32> = head
+            .forward(t2(x.clone(), [4, 32]))
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+            / scale;
+        assert!(err < 1e-4, "{file}: relative error {err}");
+    }
+}
+
+#[test]
+fn one_layer_head_with_a_bare_linear_mlp_reads() {
+    // DINOv2's `_build_mlp` returns a bare Linear for nlayers = 1: keys `mlp.weight` / `mlp.bias`.
+    let cfg = DinoHeadConfig {
+        in_dim: 8,
+        out_dim: 12,
+        hidden_dim: 0,
+        bottleneck_dim: 6,
+        nlayers: 1,
+    };
+    let head = cfg.init::<B>(&Default::default());
+    let dir = std::env::temp_dir().join(format!("omnirad-dinohead1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ours = dir.join("ours.safetensors");
+    save_dino_head(&head, &ours).unwrap();
+    let bytes = std::fs::read(&ours).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k.replace("mlp.0.", "mlp."), v))
+        .collect();
+    let file = dir.join("bare.safetensors");
+    std::fs::write(&file, safetensors::serialize(renamed, None).unwrap()).unwrap();
+    let (back, bcfg) = import_dino_head::<B>(&file, &Default::default()).unwrap();
+    assert_eq!(bcfg, cfg);
+    let x = Tensor::<B, 2>::random([3, 8], Distribution::Default, &Default::default());
+    let (a, b): (Vec<f32>, Vec<f32>) = (
+        head.forward(x.clone()).into_data().to_vec().unwrap(),
+        back.forward(x).into_data().to_vec().unwrap(),
+    );
+    assert_eq!(a, b);
+    std::fs::remove_dir_all(&dir).ok();
+}
