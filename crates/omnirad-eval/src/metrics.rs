@@ -85,31 +85,30 @@ pub fn evaluate(task: TaskKind, labels: ArrayView2<i64>, scores: ArrayView2<f64>
             );
             aucs.extend(roc_auc(&truth, &s));
         }
-        let f1: Vec<f64> = (0..c)
-            .map(|l| {
-                let (mut tp, mut fp, mut fnn) = (0, 0, 0);
-                for i in 0..n {
-                    match (labels[[i, l]] == 1, scores[[i, l]] > 0.5) {
-                        (true, true) => tp += 1,
-                        (false, true) => fp += 1,
-                        (true, false) => fnn += 1,
-                        _ => {}
-                    }
+        // Per label at the 0.5 threshold; a ratio with an empty denominator is 0.
+        let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let (mut precision, mut recall, mut f1) = (vec![], vec![], vec![]);
+        for l in 0..c {
+            let (mut tp, mut fp, mut fnn) = (0, 0, 0);
+            for i in 0..n {
+                match (labels[[i, l]] == 1, scores[[i, l]] > 0.5) {
+                    (true, true) => tp += 1,
+                    (false, true) => fp += 1,
+                    (true, false) => fnn += 1,
+                    _ => {}
                 }
-                if 2 * tp + fp + fnn == 0 {
-                    0.0
-                } else {
-                    2.0 * tp as f64 / (2 * tp + fp + fnn) as f64
-                }
-            })
-            .collect();
+            }
+            precision.push(ratio(tp, tp + fp));
+            recall.push(ratio(tp, tp + fnn));
+            f1.push(ratio(2 * tp, 2 * tp + fp + fnn));
+        }
         return Metrics {
             acc: accs.iter().sum::<f64>() / c as f64,
             auc: aucs.iter().sum::<f64>() / aucs.len().max(1) as f64,
             auc_classes: aucs.len(),
             macro_f1: f1.iter().sum::<f64>() / c as f64,
-            precision: vec![],
-            recall: vec![],
+            precision,
+            recall,
             confusion: vec![],
         };
     }
@@ -233,5 +232,11 @@ mod tests {
         assert!((m.auc - (1.0 + 0.75) / 2.0).abs() < 1e-12);
         // Label accuracies at 0.5: label0 4/4, label1: preds 0,1,0,0 vs 0,1,1,0 -> 3/4.
         assert!((m.acc - 0.875).abs() < 1e-12);
+        // Label 1 at 0.5: tp 1, fp 0, fn 1 -> precision 1, recall 1/2, F1 2/3; label 0 perfect.
+        assert_eq!(
+            (m.precision.clone(), m.recall.clone()),
+            (vec![1.0, 1.0], vec![1.0, 0.5])
+        );
+        assert!((m.macro_f1 - (1.0 + 2.0 / 3.0) / 2.0).abs() < 1e-12);
     }
 }

@@ -15,7 +15,7 @@ pub use io::{
     write_f32_safetensors, ModelConfig, ModelError,
 };
 pub use seg::{SegHead, SegHeadConfig, SegHeadKind, Segmenter};
-pub use vit::{Ffn, PosInterp, Vit, VitConfig, VitOutput};
+pub use vit::{Ffn, PosInterp, Precision, Vit, VitConfig, VitOutput};
 
 /// The CPU backend (pure Rust, SIMD + threads).
 pub type Cpu = burn::backend::Flex<f32, i32>;

@@ -11,6 +11,11 @@
 //! `model.safetensors` written by [`crate::io`] is readable by timm's `VisionTransformer`.
 //! Registers follow DINOv2-with-registers: they sit between the class token and the patches
 //! and receive no position embedding.
+//!
+//! [`Precision::Bf16`] is mixed precision by hand (burn 0.21 has no autocast): parameters stay
+//! f32 (so the optimizer updates f32 master weights), the block's linears and attention run on
+//! bf16 casts, and LayerNorm, GELU, softmax statistics inside attention, residual sums and
+//! everything after the encoder stay f32.
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -21,7 +26,7 @@ use burn::tensor::activation::{gelu, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Distribution, Tensor, TensorData};
+use burn::tensor::{Distribution, FloatDType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 /// Architecture of a ViT. Presets: [`VitConfig::preset`].
@@ -68,6 +73,46 @@ pub enum PosInterp {
     /// The original DINOv2 code: bicubic by the scale factor
     /// (n + 0.1) / g rather than to the size n, no antialiasing.
     BicubicDinov2Offset,
+}
+
+/// Arithmetic precision of the encoder's matmuls and attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// bf16 matmuls and attention on f32 master weights (see the module docs).
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown precision '{s}' (f32, bf16)")),
+        }
+    }
+}
+
+/// `x·W + b` with the matmul in `p`; the result is in `p` too (the caller casts back).
+fn linear<B: Backend>(l: &Linear<B>, x: Tensor<B, 3>, p: Precision) -> Tensor<B, 3> {
+    match p {
+        Precision::F32 => l.forward(x),
+        Precision::Bf16 => {
+            let bf = FloatDType::BF16;
+            let y = x.cast(bf).matmul(l.weight.val().cast(bf).unsqueeze());
+            match &l.bias {
+                Some(b) => y + b.val().cast(bf).unsqueeze(),
+                None => y,
+            }
+        }
+    }
+}
+
+fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.cast(FloatDType::F32)
 }
 
 /// The block's feed-forward network.
@@ -212,6 +257,7 @@ impl VitConfig {
                         num_heads: self.num_heads,
                         qkv_lora: None,
                         proj_lora: None,
+                        precision: Precision::F32,
                     },
                     ls1: ls(self.layer_scale_init),
                     norm2: ln(),
@@ -219,6 +265,7 @@ impl VitConfig {
                         fc1: lin(d, fc1_out, true),
                         fc2: lin(hidden, d, true),
                         swiglu: self.ffn == Ffn::SwiGlu,
+                        precision: Precision::F32,
                     },
                     ls2: ls(self.layer_scale_init),
                     drop_path: dp,
@@ -259,6 +306,8 @@ pub struct Attention<B: Backend> {
     /// Low-rank adapters for parameter-efficient fine-tuning; merged away before saving.
     pub qkv_lora: Option<Lora<B>>,
     pub proj_lora: Option<Lora<B>>,
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 /// LoRA (Hu et al. 2022): a frozen linear W plus a trained low-rank update,
@@ -313,10 +362,16 @@ impl<B: Backend> Lora<B> {
     }
 }
 
-fn with_lora<B: Backend>(l: &Linear<B>, lora: &Option<Lora<B>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+/// The adapter's low-rank path stays f32: it is small, and it is what trains.
+fn with_lora<B: Backend>(
+    l: &Linear<B>,
+    lora: &Option<Lora<B>>,
+    x: Tensor<B, 3>,
+    p: Precision,
+) -> Tensor<B, 3> {
     match lora {
-        Some(a) => l.forward(x.clone()) + a.forward(x),
-        None => l.forward(x),
+        Some(a) => to_f32(linear(l, x.clone(), p)) + a.forward(x),
+        None => linear(l, x, p),
     }
 }
 
@@ -325,19 +380,25 @@ impl<B: Backend> Attention<B> {
         let [b, n, d] = x.dims();
         let h = self.num_heads;
         // [B, N, 3D] -> [3, B, H, N, D/H]
-        let qkv = with_lora(&self.qkv, &self.qkv_lora, x)
-            .reshape([b, n, 3, h, d / h])
-            .permute([2, 0, 3, 1, 4]);
+        let p = self.precision;
+        let qkv = with_lora(&self.qkv, &self.qkv_lora, x, p);
+        let qkv = match p {
+            Precision::F32 => qkv,
+            Precision::Bf16 => qkv.cast(FloatDType::BF16),
+        }
+        .reshape([b, n, 3, h, d / h])
+        .permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
         let k = qkv.clone().narrow(0, 1, 1).squeeze_dim::<4>(0);
         let v = qkv.narrow(0, 2, 1).squeeze_dim::<4>(0);
         // burn's fused op (flash kernels where the backend has them); scale = 1/sqrt(D/H).
         let out = attention(q, k, v, None, None, AttentionModuleOptions::default());
-        with_lora(
+        to_f32(with_lora(
             &self.proj,
             &self.proj_lora,
             out.swap_dims(1, 2).reshape([b, n, d]),
-        )
+            p,
+        ))
     }
 }
 
@@ -347,18 +408,22 @@ pub struct Mlp<B: Backend> {
     pub fc2: Linear<B>,
     /// [`Ffn::SwiGlu`]: fc1 holds the SiLU half first, then the linear half.
     pub swiglu: bool,
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.fc1.forward(x);
+        let p = self.precision;
+        // The activation in f32 (on GPU the casts fuse into its kernel).
+        let h = to_f32(linear(&self.fc1, x, p));
         let h = if self.swiglu {
             let half = h.dims()[2] / 2;
             silu(h.clone().narrow(2, 0, half)) * h.narrow(2, half, half)
         } else {
             gelu(h)
         };
-        self.fc2.forward(h)
+        to_f32(linear(&self.fc2, h, p))
     }
 }
 
@@ -604,6 +669,15 @@ impl<B: Backend> Vit<B> {
             b.attn.qkv_lora = Some(Lora::new(i, o, rank, alpha, dropout, device));
             let (i, o) = (b.attn.proj.weight.dims()[0], b.attn.proj.weight.dims()[1]);
             b.attn.proj_lora = Some(Lora::new(i, o, rank, alpha, dropout, device));
+        }
+        self
+    }
+
+    /// Runs the blocks' matmuls and attention in `p` (parameters stay f32).
+    pub fn with_precision(mut self, p: Precision) -> Self {
+        for b in &mut self.blocks {
+            b.attn.precision = p;
+            b.mlp.precision = p;
         }
         self
     }

@@ -204,3 +204,25 @@ fn swiglu_model_saves_in_timm_packed_layout_and_reimports() {
         .assert_approx_eq::<f32>(&back.forward(x).into_data(), Tolerance::absolute(1e-6));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn bf16_forward_stays_close_to_f32() {
+    let dev = Default::default();
+    let vit = tiny(2).init::<Cpu>(&dev);
+    let x = Tensor::<Cpu, 4>::random([2, 3, 32, 32], Distribution::Normal(0.0, 1.0), &dev);
+    let full: Vec<f32> = vit.forward(x.clone()).into_data().to_vec().unwrap();
+    let out = vit
+        .with_precision(omnirad_model::Precision::Bf16)
+        .forward(x);
+    assert_eq!(out.dtype(), burn::tensor::DType::F32);
+    let half: Vec<f32> = out.into_data().to_vec().unwrap();
+    let scale = full.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = full
+        .iter()
+        .zip(&half)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+        / scale;
+    // bf16 keeps 8 bits of mantissa: errors of a few 1e-3, never zero.
+    assert!(err > 1e-5 && err < 3e-2, "relative error {err}");
+}

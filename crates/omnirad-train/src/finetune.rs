@@ -17,7 +17,7 @@ use omnirad_data::augment::{sample_rng, Augment};
 use omnirad_data::preprocess::{normalize, to_channels};
 use omnirad_data::{Image, Preprocess};
 use omnirad_eval::{evaluate, Metrics, TaskKind};
-use omnirad_model::{Train, Vit};
+use omnirad_model::{Precision, Train, Vit};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -90,6 +90,9 @@ pub struct FinetuneConfig {
     /// Train the head alone on the frozen encoder (a probe that sees augmented images).
     #[serde(default)]
     pub frozen: bool,
+    /// The encoder's matmul/attention precision; weights and optimizer state stay f32.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,6 +132,7 @@ impl Default for FinetuneConfig {
             seed: 0,
             lora: None,
             frozen: false,
+            precision: Precision::F32,
         }
     }
 }
@@ -344,6 +348,7 @@ pub fn finetune<B: Backend>(
     let classes = model.head.weight.dims()[1];
     let depth = model.backbone.blocks.len();
     let mut model = model;
+    model.backbone = model.backbone.with_precision(cfg.precision);
     for b in &mut model.backbone.blocks {
         b.drop_path = if cfg.frozen { 0.0 } else { cfg.drop_path };
     }

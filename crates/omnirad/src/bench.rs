@@ -4,14 +4,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
 use clap::Subcommand;
 use omnirad_data::loader::load_batch;
 use omnirad_data::{discover, Preprocess};
 use serde_json::json;
 
-use crate::device::{parse_device, resolve_model, Device};
 use crate::ReadArgs;
 
 #[derive(Subcommand)]
@@ -37,21 +34,9 @@ pub enum BenchCmd {
     Medsegbench(crate::segment::MedSegBenchArgs),
     /// Image-to-image retrieval by label: Recall@k, P@k, mAP@k of a query set against a gallery.
     Retrieval(crate::retrieve::RetrievalBenchArgs),
-    /// Encoder forward images/s on random input (median over steps after warm-up).
-    Embed {
-        #[arg(long, default_value = "vit_s16")]
-        model: String,
-        #[arg(long, default_value_t = 224)]
-        img: usize,
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        #[arg(long, default_value = "cpu", value_parser = parse_device)]
-        device: Device,
-    },
+    /// Step speed on random input: inference, fine-tuning or pretraining; f32 or bf16.
+    #[command(alias = "embed")]
+    Speed(crate::speed::SpeedArgs),
 }
 
 /// Decodes every item and makes two augmented, normalised global views per image; returns the
@@ -90,40 +75,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn embed_bench<B: Backend>(
-    model: &str,
-    img: usize,
-    batch: usize,
-    steps: usize,
-    warmup: usize,
-    device: &B::Device,
-) -> Result<serde_json::Value> {
-    let t_start = Instant::now();
-    let (vit, cfg) = resolve_model::<B>(model, device, 0)?;
-    let x = Tensor::<B, 4>::random(
-        [batch, cfg.vit.in_chans, img, img],
-        Distribution::Normal(0.0, 1.0),
-        device,
-    );
-    let mut first = None;
-    let mut times = Vec::new();
-    for i in 0..warmup + steps {
-        let t = Instant::now();
-        let out = vit.forward(x.clone());
-        let _ = out.into_data(); // forces the device to finish
-        let dt = t.elapsed().as_secs_f64();
-        first.get_or_insert(t_start.elapsed().as_secs_f64());
-        if i >= warmup {
-            times.push(dt);
-        }
-    }
-    let ms = median(times) * 1e3;
-    Ok(
-        json!({ "bench": "embed", "model": model, "img": img, "batch": batch, "ms_per_batch": ms,
-               "img_per_s": batch as f64 / ms * 1e3, "time_to_first_batch_s": first, "threads": rayon::current_num_threads() }),
-    )
-}
-
 pub fn run(cmd: BenchCmd) -> Result<()> {
     let v = match cmd {
         BenchCmd::Decode {
@@ -159,23 +110,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Medmnist(a) => return crate::medmnist_bench::run(&a),
         BenchCmd::Medsegbench(a) => return crate::segment::bench_cmd(&a),
         BenchCmd::Retrieval(a) => return crate::retrieve::bench_cmd(&a),
-        BenchCmd::Embed {
-            model,
-            img,
-            batch,
-            steps,
-            warmup,
-            device,
-        } => {
-            crate::with_backend!(device, |B, dev| embed_bench::<B>(
-                &model,
-                img,
-                batch,
-                steps.max(1),
-                warmup,
-                &dev
-            )?)
-        }
+        BenchCmd::Speed(a) => crate::speed::run(&a)?,
     };
     println!("{}", serde_json::to_string(&v)?);
     Ok(())

@@ -35,6 +35,7 @@ macro_rules! with_backend {
             }
             #[cfg(feature = "cuda")]
             $crate::device::Device::Cuda(i) => {
+                $crate::device::kernel_cache();
                 type $B = omnirad_model::Cuda;
                 let $dev = burn::backend::cuda::CudaDevice::new(i);
                 $body
@@ -47,6 +48,48 @@ macro_rules! with_backend {
             }
         }
     };
+}
+
+/// Where compiled CUDA kernels and autotune results are kept between runs, so only the first
+/// run of a shape pays for NVRTC compilation and autotuning (minutes on a fresh machine):
+/// `$OMNIRAD_KERNEL_CACHE`, else `$XDG_CACHE_HOME/omnirad/cubecl` or `~/.cache/omnirad/cubecl`.
+/// A `cubecl.toml` / `burn.toml` in the working directory or above it takes precedence (then
+/// `None`). CubeCL itself caches no compiled kernels unless configured to.
+#[cfg(feature = "cuda")]
+pub fn kernel_cache() -> Option<std::path::PathBuf> {
+    use cubecl::config::cache::CacheConfig;
+    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    use std::path::PathBuf;
+    static CACHE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    CACHE
+        .get_or_init(|| {
+            let mut dir = std::env::current_dir().ok()?;
+            loop {
+                let files = ["cubecl.toml", "CubeCL.toml", "burn.toml", "Burn.toml"];
+                if files.iter().any(|f| dir.join(f).is_file()) {
+                    return None;
+                }
+                if !dir.pop() {
+                    break;
+                }
+            }
+            let path = std::env::var_os("OMNIRAD_KERNEL_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    let base = std::env::var_os("XDG_CACHE_HOME")
+                        .map(PathBuf::from)
+                        .or_else(|| {
+                            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache"))
+                        })?;
+                    Some(base.join("omnirad").join("cubecl"))
+                })?;
+            let mut cfg = CubeClRuntimeConfig::default().override_from_env();
+            cfg.compilation.cache = Some(CacheConfig::File(path.clone()));
+            cfg.autotune.cache = CacheConfig::File(path.clone());
+            CubeClRuntimeConfig::set(cfg);
+            Some(path)
+        })
+        .clone()
 }
 
 fn is_model_dir(path: &Path) -> bool {

@@ -44,6 +44,9 @@ pub struct EmbedArgs {
     pub batch: usize,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
+    /// Encoder matmul/attention precision: bf16 for speed on GPUs (outputs stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: omnirad_model::Precision,
     /// Seed for preset (random-init) models.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -275,6 +278,7 @@ pub fn run(a: &EmbedArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let e = crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
+        let vit = vit.with_precision(a.dtype);
         let job = EmbedJob {
             read: &read,
             pool: a.pool,

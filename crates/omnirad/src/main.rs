@@ -10,6 +10,7 @@ mod medmnist_bench;
 mod pretrain;
 mod retrieve;
 mod segment;
+mod speed;
 mod viz;
 
 use std::path::PathBuf;
@@ -86,6 +87,8 @@ enum Cmd {
     Viz(viz::VizArgs),
     /// The main job end to end on an embedded default (synthetic phantoms, or --data files).
     Demo(demo::DemoArgs),
+    /// Compile and autotune the GPU kernels of the given steps once, into the persistent kernel cache.
+    Warmup(speed::WarmupArgs),
     /// Benchmarks: throughput, and the MedMNIST / MedSegBench / retrieval protocols (see BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -168,6 +171,7 @@ fn main() -> Result<()> {
         } => retrieve::build_cmd(&a),
         Cmd::Retrieve(a) => retrieve::retrieve_cmd(&a),
         Cmd::Viz(a) => viz::run(&a),
+        Cmd::Warmup(a) => speed::warmup(&a),
         Cmd::Bench { cmd } => bench::run(cmd),
     }
 }

@@ -55,6 +55,9 @@ pub struct MedMnistArgs {
     pub epochs: Option<usize>,
     #[arg(long, default_value_t = 16)]
     pub lora_rank: usize,
+    /// Fine-tuning / LoRA: encoder matmul and attention precision (bf16 = mixed precision).
+    #[arg(long, default_value = "f32")]
+    pub dtype: omnirad_model::Precision,
     /// Val-split score that picks the epoch (linear, mlp, lora, finetune): macro-f1, acc, auc, loss.
     #[arg(long, default_value = "macro-f1", value_parser = omnirad_train::finetune::Selection::parse)]
     pub select: omnirad_train::finetune::Selection,
@@ -225,6 +228,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         seed,
                         cls_mean: a.pool == Pool::ClsMean,
                         select: a.select,
+                        precision: a.dtype,
                         ..Default::default()
                     };
                     if a.mode == Mode::Lora {
@@ -348,7 +352,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
     println!("{md}");
     if let Some(out) = &a.out {
         let j = json!({
-            "model": a.model, "mode": format!("{:?}", a.mode).to_lowercase(), "k": a.k, "seeds": a.seeds, "file_size": a.size,
+            "model": a.model, "mode": format!("{:?}", a.mode).to_lowercase(), "dtype": format!("{:?}", a.dtype).to_lowercase(), "k": a.k, "seeds": a.seeds, "file_size": a.size,
             "results": rows.iter().map(|r| json!({ "dataset": r.name, "input": format!("{}px resized to {}px", a.size, r.model_size), "runs": r.runs })).collect::<Vec<_>>(),
         });
         std::fs::write(out.with_extension("md"), &md)
@@ -371,6 +375,9 @@ fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
             Mode::Mlp => format!("MLP probe (hidden {})", a.hidden),
             Mode::Finetune => "full fine-tuning, linear head".to_string(),
             Mode::Lora => format!("LoRA (rank {}) on attention + linear head, encoder frozen", a.lora_rank),
+        } + match (a.mode, a.dtype) {
+            (Mode::Finetune | Mode::Lora, omnirad_model::Precision::Bf16) => " (bf16 mixed precision)",
+            _ => "",
         },
         format!("{:?}", a.pool).to_lowercase(),
         a.size,

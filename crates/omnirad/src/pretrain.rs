@@ -111,6 +111,7 @@ fn build_encoder<B: Backend>(cfg: &PretrainConfig, dev: &B::Device) -> Result<(V
             (c.init::<B>(dev), c)
         }
     };
+    vit = vit.with_precision(cfg.model.precision);
     // Stochastic depth is a training setting: applied to imported encoders too.
     let depth = vit.blocks.len();
     for (i, b) in vit.blocks.iter_mut().enumerate() {

@@ -1221,3 +1221,142 @@ fn segment_train_resumes_to_the_same_bundle() {
         "histories differ"
     );
 }
+
+/// An npz in the official MedMNIST layout (uint8 images, uint8 labels [N, L]) with images whose
+/// brightness follows the first label, so every split has every class.
+fn write_medmnist_like(path: &std::path::Path, rgb: bool, classes: usize, multi_label: bool) {
+    use ndarray::{Array2, ArrayD, IxDyn};
+    let f = std::fs::File::create(path).unwrap();
+    let mut w = ndarray_npy::NpzWriter::new(f);
+    for (split, n) in [("train", 42usize), ("val", 14), ("test", 14)] {
+        let cols = if multi_label { classes } else { 1 };
+        let labels = Array2::<u8>::from_shape_fn((n, cols), |(i, j)| {
+            if multi_label {
+                ((i + j) % 3 == 0) as u8
+            } else {
+                (i % classes) as u8
+            }
+        });
+        let shape: Vec<usize> = if rgb {
+            vec![n, 28, 28, 3]
+        } else {
+            vec![n, 28, 28]
+        };
+        let images = ArrayD::<u8>::from_shape_fn(IxDyn(&shape), |ix| {
+            let c = labels[[ix[0], 0]] as usize;
+            (40 + 150 * c / classes.max(2) + (ix[1] * 7 + ix[2] * 3) % 50) as u8
+        });
+        w.add_array(format!("{split}_images"), &images).unwrap();
+        w.add_array(format!("{split}_labels"), &labels).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn bench_medmnist_handles_rgb_multiclass_and_multilabel_files() {
+    // DermaMNIST (RGB, 7 classes) and ChestMNIST (grey, 14 labels, multi-label) in the official
+    // layout: the names pick the task, channels and class count.
+    let d = tmp("mm-formats");
+    std::fs::create_dir_all(&d).unwrap();
+    write_medmnist_like(&d.join("dermamnist.npz"), true, 7, false);
+    write_medmnist_like(&d.join("chestmnist.npz"), false, 14, true);
+    for mode in ["knn", "finetune"] {
+        let out = d.join(format!("t-{mode}"));
+        let (ok, stdout, err) = omnirad(&[
+            "bench",
+            "medmnist",
+            "--data",
+            d.to_str().unwrap(),
+            "--datasets",
+            "dermamnist,chestmnist",
+            "--model",
+            "vit_pico",
+            "--mode",
+            mode,
+            "--epochs",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{mode}: {err}");
+        assert!(
+            stdout.contains("| dermamnist |") && stdout.contains("| chestmnist |"),
+            "{stdout}"
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+                .unwrap();
+        for (r, classes) in j["results"].as_array().unwrap().iter().zip([7, 14]) {
+            let m = &r["runs"][0];
+            for k in ["acc", "auc", "macro_f1"] {
+                let v = m[k].as_f64().unwrap();
+                assert!(
+                    (0.0..=1.0).contains(&v),
+                    "{mode} {}: {k} = {v}",
+                    r["dataset"]
+                );
+            }
+            assert_eq!(m["recall"].as_array().unwrap().len(), classes, "{m}");
+            // MedMNIST's multi-label AUC averages over all 14 labels.
+            assert_eq!(m["auc_classes"].as_u64().unwrap() as usize, classes, "{m}");
+        }
+    }
+}
+
+#[test]
+fn bench_speed_modes_report_timings_and_warmup_runs() {
+    for (mode, dtype) in [("infer", "bf16"), ("finetune", "f32"), ("pretrain", "f32")] {
+        let (ok, stdout, err) = omnirad(&[
+            "bench",
+            "speed",
+            "--model",
+            "vit_pico",
+            "--img",
+            "32",
+            "--batch",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--mode",
+            mode,
+            "--dtype",
+            dtype,
+            "--prototypes",
+            "64",
+        ]);
+        assert!(ok, "{mode}: {err}");
+        let j: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(
+            (j["mode"].as_str(), j["dtype"].as_str()),
+            (Some(mode), Some(dtype))
+        );
+        let ms = j["ms_per_step"].as_f64().unwrap();
+        assert!(
+            ms > 0.0 && (j["img_per_s"].as_f64().unwrap() - 4e3 / ms).abs() < 1e-6,
+            "{j}"
+        );
+        assert!(j["time_to_first_step_s"].as_f64().unwrap() > 0.0, "{j}");
+        assert!(j["peak_rss_bytes"].as_u64().unwrap() > 0, "{j}");
+    }
+    let (ok, _, err) = omnirad(&["bench", "speed", "--model", "vit_pico", "--dtype", "fp8"]);
+    assert!(!ok && err.contains("unknown precision 'fp8'"), "{err}");
+    let (ok, _, err) = omnirad(&[
+        "warmup",
+        "--model",
+        "vit_pico",
+        "--img",
+        "32",
+        "--batch",
+        "2",
+        "--modes",
+        "infer,finetune",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        ok && err.contains("warmup Finetune: first step after"),
+        "{err}"
+    );
+}

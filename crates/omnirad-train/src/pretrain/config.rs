@@ -57,6 +57,9 @@ pub struct ModelSection {
     /// LayerScale initial value; 0 disables LayerScale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_scale_init: Option<f64>,
+    /// `bf16`: the encoder's matmuls and attention in bf16 on f32 weights (GPU mixed precision).
+    #[serde(default)]
+    pub precision: omnirad_model::Precision,
 }
 
 impl ModelSection {
@@ -244,6 +247,7 @@ impl PretrainConfig {
                 img_size: None,
                 num_registers: None,
                 layer_scale_init: None,
+                precision: Default::default(),
             },
             head: HeadSection {
                 init: None,
