@@ -111,8 +111,13 @@ fn linear<B: Backend>(l: &Linear<B>, x: Tensor<B, 3>, p: Precision) -> Tensor<B,
     }
 }
 
+/// Back to f32; a no-op (no graph node, no kernel) when already f32.
 fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    x.cast(FloatDType::F32)
+    if x.dtype() == burn::tensor::DType::F32 {
+        x
+    } else {
+        x.cast(FloatDType::F32)
+    }
 }
 
 /// The block's feed-forward network.
