@@ -55,7 +55,7 @@ pub struct MedMnistArgs {
     pub epochs: Option<usize>,
     #[arg(long, default_value_t = 16)]
     pub lora_rank: usize,
-    /// Fine-tuning / LoRA: encoder matmul and attention precision (bf16 = mixed precision).
+    /// Encoder matmul and attention precision, all modes (bf16 = mixed precision on f32 weights).
     #[arg(long, default_value = "f32")]
     pub dtype: omnirad_model::Precision,
     /// Val-split score that picks the epoch (linear, mlp, lora, finetune): macro-f1, acc, auc, loss.
@@ -119,6 +119,11 @@ fn cache_key(
         stamp(file),
         split.name()
     );
+    // f32 keys stay as they were, so existing caches remain valid.
+    let text = match a.dtype {
+        omnirad_model::Precision::F32 => text,
+        p => format!("{text}|{p:?}"),
+    };
     let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("data");
     format!("{name}-{}-{:x}", split.name(), Md5::digest(text.as_bytes()))
 }
@@ -218,6 +223,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
     }
     let rows = crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
+        let vit = vit.with_precision(a.dtype);
         let mut rows = Vec::new();
         for (info, file) in &plan {
             if matches!(a.mode, Mode::Finetune | Mode::Lora) {
@@ -375,9 +381,9 @@ fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
             Mode::Mlp => format!("MLP probe (hidden {})", a.hidden),
             Mode::Finetune => "full fine-tuning, linear head".to_string(),
             Mode::Lora => format!("LoRA (rank {}) on attention + linear head, encoder frozen", a.lora_rank),
-        } + match (a.mode, a.dtype) {
-            (Mode::Finetune | Mode::Lora, omnirad_model::Precision::Bf16) => " (bf16 mixed precision)",
-            _ => "",
+        } + match a.dtype {
+            omnirad_model::Precision::Bf16 => " (bf16 mixed precision)",
+            omnirad_model::Precision::F32 => "",
         },
         format!("{:?}", a.pool).to_lowercase(),
         a.size,

@@ -35,6 +35,9 @@ pub struct EncodeArgs {
     pub strict: bool,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
+    /// Encoder matmul/attention precision: bf16 = mixed precision on f32 weights (for GPUs).
+    #[arg(long, default_value = "f32")]
+    pub dtype: omnirad_model::Precision,
 }
 
 /// An input path with an optional `=MODALITY` suffix (`drive/images=fundus`) that sets the
@@ -81,6 +84,7 @@ pub fn embed_inputs(
     }
     crate::with_backend!(e.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(model, &dev, e.seed)?;
+        let vit = vit.with_precision(e.dtype);
         let job = EmbedJob {
             read: &opts,
             pool: e.pool,
@@ -231,6 +235,7 @@ pub fn retrieve_cmd(a: &RetrieveArgs) -> Result<()> {
         seed: info.seed,
         strict: false,
         device: a.device,
+        dtype: Default::default(),
     };
     let q = embed_inputs(
         &enc,

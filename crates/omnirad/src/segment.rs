@@ -54,6 +54,9 @@ fn parse_window(s: &str) -> Result<String, String> {
 
 #[derive(Args, Debug, Clone)]
 pub struct HeadArgs {
+    /// Encoder matmul/attention precision: bf16 = mixed precision on f32 weights (for GPUs).
+    #[arg(long, default_value = "f32")]
+    pub dtype: omnirad_model::Precision,
     /// adapter (multi-layer ViT taps + CNN detail branch + U-Net decoder) or linear (per patch).
     #[arg(long, default_value = "adapter", value_parser = SegHeadKind::parse)]
     pub head: SegHeadKind,
@@ -359,6 +362,7 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
     );
     crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.head.seed)?;
+        let vit = vit.with_precision(a.head.dtype);
         let head = a.head.head_config(a.head.head, classes, vit.blocks.len())?;
         let tc = a.head.train_config(a.head.window("resize")?);
         std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
@@ -737,6 +741,7 @@ pub fn bench_cmd(a: &MedSegBenchArgs) -> Result<()> {
     let mut protocols = Vec::new();
     crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.head.seed)?;
+        let vit = vit.with_precision(a.head.dtype);
         for (name, (path, default_window)) in &plan {
             let splits = open_splits(path, None, a.head.seed, false)?;
             report_failed(&splits);
