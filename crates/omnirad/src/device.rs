@@ -92,6 +92,18 @@ pub fn kernel_cache() -> Option<std::path::PathBuf> {
         .clone()
 }
 
+/// `cfg` with its preprocessing resizing to `size` (when given), checked against the patch size.
+pub fn with_input_size(mut cfg: ModelConfig, size: Option<usize>) -> Result<ModelConfig> {
+    if let Some(s) = size {
+        let p = cfg.vit.patch_size;
+        if s == 0 || !s.is_multiple_of(p) {
+            bail!("--input-size {s} is not a positive multiple of the encoder's patch size {p}");
+        }
+        cfg.preprocess.size = s;
+    }
+    Ok(cfg)
+}
+
 fn is_model_dir(path: &Path) -> bool {
     let cfg = std::fs::read_to_string(path.join("config.json")).unwrap_or_default();
     serde_json::from_str::<serde_json::Value>(&cfg)

@@ -115,6 +115,10 @@ pub struct FinetuneArgs {
     /// Encoder: model directory, public checkpoint, or preset (random init).
     #[arg(long)]
     pub model: String,
+    /// Resize inputs to this side instead of the encoder's own (a multiple of its patch size;
+    /// the position table is resampled): more tokens per image for small-image datasets.
+    #[arg(long)]
+    pub input_size: Option<usize>,
     /// Bundle directory to write.
     #[arg(long)]
     pub out: PathBuf,
@@ -241,6 +245,7 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
     }
     crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
+        let cfg = crate::device::with_input_size(cfg, a.input_size)?;
         let o = run_on_npz::<B>(vit, &cfg, &a.data, &ft, &dev, true)?;
         eprintln!(
             "{}: epoch {} selected by val {:?}; test ACC {:.3} AUC {:.3} macro-F1 {:.3}",

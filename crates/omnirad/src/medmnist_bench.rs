@@ -46,6 +46,10 @@ pub struct MedMnistArgs {
     /// Which official file to read: 28 (MedMNIST v2) or 64/128/224 (MedMNIST+).
     #[arg(long, default_value_t = 28)]
     pub size: usize,
+    /// Resize inputs to this side instead of the encoder's own (a multiple of its patch size;
+    /// the position table is resampled): more tokens per image for small-image datasets.
+    #[arg(long)]
+    pub input_size: Option<usize>,
     #[arg(long, value_enum, default_value = "cls")]
     pub pool: Pool,
     #[arg(long, default_value_t = 20)]
@@ -223,6 +227,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
     }
     let rows = crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
+        let cfg = crate::device::with_input_size(cfg, a.input_size)?;
         let vit = vit.with_precision(a.dtype);
         let mut rows = Vec::new();
         for (info, file) in &plan {

@@ -1301,6 +1301,30 @@ fn bench_medmnist_handles_rgb_multiclass_and_multilabel_files() {
             assert_eq!(m["auc_classes"].as_u64().unwrap() as usize, classes, "{m}");
         }
     }
+    // Another input size: the table says which; sizes off the patch grid are refused.
+    for (size, ok_expected) in [("36", true), ("30", false)] {
+        let (ok, stdout, err) = omnirad(&[
+            "bench",
+            "medmnist",
+            "--data",
+            d.to_str().unwrap(),
+            "--datasets",
+            "dermamnist",
+            "--model",
+            "vit_pico",
+            "--input-size",
+            size,
+        ]);
+        assert_eq!(ok, ok_expected, "{err}");
+        if ok {
+            assert!(stdout.contains("28px files resized to 36px"), "{stdout}");
+        } else {
+            assert!(
+                err.contains("--input-size 30 is not a positive multiple"),
+                "{err}"
+            );
+        }
+    }
 }
 
 #[test]
