@@ -134,6 +134,12 @@ fn random<B: Backend>(shape: [usize; 4], dev: &B::Device) -> Tensor<B, 4> {
 fn run_mode<B: Backend>(a: &SpeedArgs, dev: &B::Device) -> Result<serde_json::Value> {
     let start = Instant::now();
     let (vit, cfg) = resolve_model::<B>(&a.model, dev, 0)?;
+    anyhow::ensure!(
+        a.img > 0 && a.img % cfg.vit.patch_size == 0,
+        "--img {} is not a positive multiple of the patch size {}",
+        a.img,
+        cfg.vit.patch_size
+    );
     let vit = vit.with_precision(a.dtype);
     let depth = vit.blocks.len();
     let shape = [a.batch, cfg.vit.in_chans, a.img, a.img];
@@ -214,7 +220,7 @@ fn run_mode<B: Backend>(a: &SpeedArgs, dev: &B::Device) -> Result<serde_json::Va
 fn pretrain_batch(a: &SpeedArgs, channels: usize, patch: usize) -> SslBatch {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let mut normal =
+    let mut uniform =
         |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
     let n_global = 2 * a.batch;
     let local = ((a.img * 96 / 224) / patch).max(1) * patch;
@@ -227,9 +233,9 @@ fn pretrain_batch(a: &SpeedArgs, channels: usize, patch: usize) -> SslBatch {
         batch: a.batch,
         n_global: 2,
         n_local: a.locals,
-        globals: normal(n_global * channels * a.img * a.img),
+        globals: uniform(n_global * channels * a.img * a.img),
         global_shape: [n_global, channels, a.img, a.img],
-        locals: normal(n_local * channels * local * local),
+        locals: uniform(n_local * channels * local * local),
         local_shape: [n_local, channels, local, local],
         masks,
     }
