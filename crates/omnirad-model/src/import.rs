@@ -402,6 +402,8 @@ fn serialize(t: &Tensors) -> Vec<u8> {
     safetensors::serialize(views, None).expect("serialisable")
 }
 
+/// Mean/std and input size from HF's `preprocessor_config.json`, or from the `pretrained_cfg`
+/// of a timm hub `config.json` (OmniRad, RadioDino releases); ImageNet defaults otherwise.
 fn read_preprocessing(dir: &Path, size: usize, channels: usize) -> omnirad_data::Preprocess {
     use omnirad_data::{Normalize, Preprocess};
     let mut pre = Preprocess {
@@ -409,6 +411,30 @@ fn read_preprocessing(dir: &Path, size: usize, channels: usize) -> omnirad_data:
         channels,
         ..Preprocess::default()
     };
+    let timm = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("pretrained_cfg").cloned());
+    if let Some(c) = timm {
+        let floats = |k: &str| -> Option<Vec<f32>> {
+            c.get(k)?
+                .as_array()?
+                .iter()
+                .map(|x| x.as_f64().map(|x| x as f32))
+                .collect()
+        };
+        if let (Some(mean), Some(std)) = (floats("mean"), floats("std")) {
+            pre.normalize = Normalize::Custom { mean, std };
+        }
+        if let Some(s) = c
+            .get("input_size")
+            .and_then(|s| s.get(1))
+            .and_then(|s| s.as_u64())
+        {
+            pre.size = s as usize;
+        }
+        return pre;
+    }
     let Ok(text) = std::fs::read_to_string(dir.join("preprocessor_config.json")) else {
         return pre;
     };

@@ -104,10 +104,12 @@ pub fn with_input_size(mut cfg: ModelConfig, size: Option<usize>) -> Result<Mode
     Ok(cfg)
 }
 
+/// An omnirad model directory, as opposed to a downloaded checkpoint folder: timm hub
+/// `config.json` files also have an `architecture` (a timm model name) but no `vit` section.
 fn is_model_dir(path: &Path) -> bool {
     let cfg = std::fs::read_to_string(path.join("config.json")).unwrap_or_default();
     serde_json::from_str::<serde_json::Value>(&cfg)
-        .map(|v| v.get("architecture").is_some())
+        .map(|v| v.get("architecture").is_some() && v.get("vit").is_some_and(|s| s.is_object()))
         .unwrap_or(false)
 }
 

@@ -1384,3 +1384,50 @@ fn bench_speed_modes_report_timings_and_warmup_runs() {
         "{err}"
     );
 }
+
+#[test]
+fn timm_hub_folder_is_imported_with_its_preprocessing() {
+    // A timm hub download (OmniRad, RadioDino): model.safetensors + a config.json whose
+    // `architecture` is a timm model name and whose `pretrained_cfg` holds mean/std/input size.
+    let d = tmp("timm-hub");
+    let hub = d.join("hub");
+    std::fs::create_dir_all(&hub).unwrap();
+    std::fs::copy(
+        fixture("timm_p16/model.safetensors"),
+        hub.join("model.safetensors"),
+    )
+    .unwrap();
+    let cfg = r#"{"architecture": "vit_small_patch16_224", "num_classes": 0,
+        "pretrained_cfg": {"input_size": [3, 48, 48], "interpolation": "bicubic",
+                           "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}"#;
+    std::fs::write(hub.join("config.json"), cfg).unwrap();
+    let out = d.join("model");
+    let (ok, _, err) = omnirad(&[
+        "convert",
+        hub.to_str().unwrap(),
+        "--heads",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(c["preprocess"]["size"], 48, "{c}");
+    assert_eq!(c["preprocess"]["normalize"]["mean"][0], 0.5, "{c}");
+    assert_eq!(c["preprocess"]["normalize"]["std"][2], 0.25, "{c}");
+    // Used directly, the folder is imported (width 32 needs --heads), not read as a model dir.
+    let (ok, _, err) = omnirad(&[
+        "embed",
+        "--model",
+        hub.to_str().unwrap(),
+        "--input",
+        data("busi-256/benign/benign (1).png").to_str().unwrap(),
+        "--out",
+        d.join("e.npy").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("pass --heads") && !err.contains("architecture"),
+        "{err}"
+    );
+}
