@@ -64,6 +64,15 @@ fn argmax(row: ArrayView1<f64>) -> usize {
         .0
 }
 
+/// a / b, and 0 for an empty denominator (a class never predicted has precision 0).
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
 /// `labels`: [N] class ids for single-label tasks, [N, L] 0/1 for multi-label (as a 2D array
 /// with one column for single-label). `scores`: [N, C] probabilities.
 pub fn evaluate(task: TaskKind, labels: ArrayView2<i64>, scores: ArrayView2<f64>) -> Metrics {
@@ -85,8 +94,7 @@ pub fn evaluate(task: TaskKind, labels: ArrayView2<i64>, scores: ArrayView2<f64>
             );
             aucs.extend(roc_auc(&truth, &s));
         }
-        // Per label at the 0.5 threshold; a ratio with an empty denominator is 0.
-        let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        // Per label at the 0.5 threshold.
         let (mut precision, mut recall, mut f1) = (vec![], vec![], vec![]);
         for l in 0..c {
             let (mut tp, mut fp, mut fnn) = (0, 0, 0);
@@ -130,7 +138,6 @@ pub fn evaluate(task: TaskKind, labels: ArrayView2<i64>, scores: ArrayView2<f64>
         let tp = confusion[k][k];
         let fp: usize = (0..c).filter(|&t| t != k).map(|t| confusion[t][k]).sum();
         let fnn: usize = (0..c).filter(|&p| p != k).map(|p| confusion[k][p]).sum();
-        let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         precision.push(ratio(tp, tp + fp));
         recall.push(ratio(tp, tp + fnn));
         f1.push(ratio(2 * tp, 2 * tp + fp + fnn));

@@ -135,7 +135,7 @@ fn run_mode<B: Backend>(a: &SpeedArgs, dev: &B::Device) -> Result<serde_json::Va
     let start = Instant::now();
     let (vit, cfg) = resolve_model::<B>(&a.model, dev, 0)?;
     anyhow::ensure!(
-        a.img > 0 && a.img % cfg.vit.patch_size == 0,
+        a.img > 0 && a.img.is_multiple_of(cfg.vit.patch_size),
         "--img {} is not a positive multiple of the patch size {}",
         a.img,
         cfg.vit.patch_size
