@@ -587,3 +587,39 @@ fn teacher_starts_as_an_exact_copy_of_the_student() {
         );
     }
 }
+
+#[test]
+fn bf16_pretraining_steps_track_f32_and_keep_their_precision() {
+    use omnirad_model::Precision;
+    let m = tiny_model(7);
+    let mut b = random_batch(8, 4, 2, false);
+    let mut rng = StdRng::seed_from_u64(10);
+    b.masks = BlockMasking::new(8, 8).batch(8, 0.5, (0.1, 0.5), &mut rng);
+    let v = omnirad_train::ssl::StepValues {
+        lr: 1e-3,
+        weight_decay: 0.04,
+        momentum: 0.99,
+        teacher_temp: 0.04,
+        freeze_last_layer: false,
+    };
+    let group = |p: &str| param_group(p, 2, 1.0, 1.0);
+    let run = |p: Precision| {
+        let model = SslModel {
+            backbone: m.backbone.clone().with_precision(p),
+            ..m.clone()
+        };
+        let mut t = SslTrainer::new(model, LossConfig::default(), Some(3.0), &Default::default());
+        let losses: Vec<f64> = (0..3)
+            .map(|i| t.step(&[b.clone()], &v, &group, i).loss)
+            .collect();
+        // The precision survives the optimiser step and the EMA update.
+        assert_eq!(t.student.valid().backbone.blocks[0].mlp.precision, p);
+        assert_eq!(t.teacher.backbone.blocks[1].attn.precision, p);
+        losses
+    };
+    let (full, half) = (run(Precision::F32), run(Precision::Bf16));
+    for (a, h) in full.iter().zip(&half) {
+        assert!(close(*h, *a, 0.02), "f32 {full:?} vs bf16 {half:?}");
+    }
+    assert_ne!(full, half, "bf16 made no difference");
+}
