@@ -26,6 +26,9 @@ pub struct Gallery {
     hnsw: Option<Hnsw<'static, f32, DistCosine>>,
 }
 
+/// Items inserted one by one before the parallel insertion starts.
+const SERIAL_SEED: usize = 1024;
+
 impl Gallery {
     /// `approximate`: None picks HNSW above [`EXACT_LIMIT`] items.
     pub fn new(embeddings: ArrayView2<f32>, approximate: Option<bool>) -> Self {
@@ -39,7 +42,13 @@ impl Gallery {
                 .map(|r| r.iter().map(|&v| v as f32).collect())
                 .collect();
             let data: Vec<(&Vec<f32>, usize)> = rows.iter().zip(0..).collect();
-            h.parallel_insert(&data);
+            // Concurrent insertion into a near-empty graph can leave early points unlinked (seen:
+            // an item unreachable in a 4-item gallery); a serial seed makes the graph connected.
+            let seed = data.len().min(SERIAL_SEED);
+            for (v, id) in &data[..seed] {
+                h.insert((v.as_slice(), *id));
+            }
+            h.parallel_insert(&data[seed..]);
             h
         });
         Self { x, hnsw }
