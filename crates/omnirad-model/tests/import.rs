@@ -241,3 +241,41 @@ fn corrupt_or_non_finite_checkpoints_are_clear_errors() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn position_tables_that_fit_no_grid_are_clear_errors() {
+    // timm_p16's tensors with 7 positions: neither g², 1 + g² nor (no registers) 1 + R + g².
+    let bytes = std::fs::read(fixture("timm_p16/model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let pos: Vec<u8> = vec![0u8; 7 * 32 * 4];
+    let tensors: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            if k == "pos_embed" {
+                let bad = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    vec![1, 7, 32],
+                    &pos,
+                )
+                .unwrap();
+                (k, bad)
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("omnirad-import-pos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("badpos.safetensors");
+    std::fs::write(&f, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    let e = import_checkpoint(&f, None, Some(2))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("badpos.safetensors") && e.contains("pos_embed has 7 positions"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -6,7 +6,9 @@ use omnirad_data::augment::Augment;
 use omnirad_data::{Image, Meta, Preprocess};
 use omnirad_eval::TaskKind;
 use omnirad_model::{Cpu, VitConfig};
-use omnirad_train::finetune::{finetune, Classifier, FinetuneConfig, LabelledImages, LoraConfig};
+use omnirad_train::finetune::{
+    finetune, Classifier, FinetuneConfig, FinetuneResult, LabelledImages, LoraConfig,
+};
 use omnirad_train::params;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -41,32 +43,27 @@ fn snapshot(m: &Classifier<B>) -> Snapshot {
         .collect()
 }
 
-fn run(lora: Option<LoraConfig>, frozen: bool) -> (Snapshot, Snapshot, f64) {
-    let dev = Default::default();
-    B::seed(&dev, 7);
-    let mut vc = VitConfig::preset("vit_pico").unwrap();
-    vc.layer_scale_init = None;
-    let vit = vc.init::<B>(&dev);
-    let model = Classifier::new(vit, 2, false, 0.0, 0, &dev);
-    let before = snapshot(&model);
-    let (tr, ytr) = images(64, 1);
-    let (va, yva) = images(32, 2);
-    let cfg = FinetuneConfig {
+/// The tests' small fine-tuning settings (4 epochs, batch 16, lr 3e-3, no warm-up or drop-path).
+fn small_cfg() -> FinetuneConfig {
+    FinetuneConfig {
         epochs: 4,
         batch: 16,
         lr: 3e-3,
         warmup_epochs: 0,
         drop_path: 0.0,
-        lora,
-        frozen,
         ..Default::default()
-    };
+    }
+}
+
+/// Fine-tunes `model` on 64 training and 32 validation images drawn from `seeds`.
+fn train(model: Classifier<B>, cfg: &FinetuneConfig, seeds: (u64, u64)) -> FinetuneResult<B> {
+    let (tr, ytr) = images(64, seeds.0);
+    let (va, yva) = images(32, seeds.1);
     let pre = Preprocess {
         size: 32,
         ..Default::default()
     };
-    let aug = Augment::finetune(32);
-    let r = finetune(
+    finetune(
         model,
         LabelledImages {
             images: &tr,
@@ -77,12 +74,28 @@ fn run(lora: Option<LoraConfig>, frozen: bool) -> (Snapshot, Snapshot, f64) {
             labels: yva.view(),
         },
         TaskKind::Binary,
-        &aug,
+        &Augment::finetune(32),
         &pre,
-        &cfg,
-        &dev,
+        cfg,
+        &Default::default(),
         |_| {},
-    );
+    )
+}
+
+fn run(lora: Option<LoraConfig>, frozen: bool) -> (Snapshot, Snapshot, f64) {
+    let dev = Default::default();
+    B::seed(&dev, 7);
+    let mut vc = VitConfig::preset("vit_pico").unwrap();
+    vc.layer_scale_init = None;
+    let vit = vc.init::<B>(&dev);
+    let model = Classifier::new(vit, 2, false, 0.0, 0, &dev);
+    let before = snapshot(&model);
+    let cfg = FinetuneConfig {
+        lora,
+        frozen,
+        ..small_cfg()
+    };
+    let r = train(model, &cfg, (1, 2));
     (before, snapshot(&r.model), r.val.acc)
 }
 
@@ -136,39 +149,11 @@ fn curve(
     model: Classifier<B>,
     precision: omnirad_model::Precision,
 ) -> (Vec<f64>, Vec<burn::tensor::DType>, Snapshot) {
-    let dev = Default::default();
-    let (tr, ytr) = images(64, 3);
-    let (va, yva) = images(32, 4);
     let cfg = FinetuneConfig {
-        epochs: 4,
-        batch: 16,
-        lr: 3e-3,
-        warmup_epochs: 0,
-        drop_path: 0.0,
         precision,
-        ..Default::default()
+        ..small_cfg()
     };
-    let pre = Preprocess {
-        size: 32,
-        ..Default::default()
-    };
-    let r = finetune(
-        model,
-        LabelledImages {
-            images: &tr,
-            labels: ytr.view(),
-        },
-        LabelledImages {
-            images: &va,
-            labels: yva.view(),
-        },
-        TaskKind::Binary,
-        &Augment::finetune(32),
-        &pre,
-        &cfg,
-        &dev,
-        |_| {},
-    );
+    let r = train(model, &cfg, (3, 4));
     let dtypes = params::collect(&r.model.backbone)
         .into_iter()
         .map(|p| p.value.dtype())

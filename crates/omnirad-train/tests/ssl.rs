@@ -368,6 +368,17 @@ fn adamw_first_step_and_global_clip() {
     assert!(opt.state.contains_key("backbone.cls_token"));
 }
 
+/// lr 1e-3, weight decay 0.04, momentum 0.99, teacher temperature 0.04.
+fn step_values() -> omnirad_train::ssl::StepValues {
+    omnirad_train::ssl::StepValues {
+        lr: 1e-3,
+        weight_decay: 0.04,
+        momentum: 0.99,
+        teacher_temp: 0.04,
+        freeze_last_layer: false,
+    }
+}
+
 fn random_batch(seed: u64, n: usize, ng: usize, swap: bool) -> SslBatch {
     let mut rng = StdRng::seed_from_u64(seed);
     let per = 3 * 32 * 32;
@@ -432,13 +443,7 @@ fn ibot_ignores_unmasked_tokens_and_training_lowers_the_loss() {
     b.masks = BlockMasking::new(8, 8).batch(8, 0.5, (0.1, 0.5), &mut rng);
     assert!(t.losses(&b, 0.04).ibot > 0.0);
     // A few steps on one batch reduce the total loss.
-    let v = omnirad_train::ssl::StepValues {
-        lr: 1e-3,
-        weight_decay: 0.04,
-        momentum: 0.99,
-        teacher_temp: 0.04,
-        freeze_last_layer: false,
-    };
+    let v = step_values();
     let group = |p: &str| param_group(p, 2, 0.9, 0.2);
     let first = t.step(std::slice::from_ref(&b), &v, &group, 0).loss;
     let mut last = first;
@@ -595,13 +600,7 @@ fn bf16_pretraining_steps_track_f32_and_keep_their_precision() {
     let mut b = random_batch(8, 4, 2, false);
     let mut rng = StdRng::seed_from_u64(10);
     b.masks = BlockMasking::new(8, 8).batch(8, 0.5, (0.1, 0.5), &mut rng);
-    let v = omnirad_train::ssl::StepValues {
-        lr: 1e-3,
-        weight_decay: 0.04,
-        momentum: 0.99,
-        teacher_temp: 0.04,
-        freeze_last_layer: false,
-    };
+    let v = step_values();
     let group = |p: &str| param_group(p, 2, 1.0, 1.0);
     let run = |p: Precision| {
         let model = SslModel {

@@ -18,6 +18,7 @@ use omnirad_train::pretrain::param_group;
 use omnirad_train::ssl::{LossConfig, SslBatch, SslModel, SslTrainer, StepValues};
 use serde_json::json;
 
+use crate::bench::median;
 use crate::device::{parse_device, resolve_model, Device};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -58,11 +59,6 @@ pub struct SpeedArgs {
     prototypes: usize,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: Device,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), bytes.

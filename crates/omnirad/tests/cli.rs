@@ -1366,6 +1366,11 @@ fn bench_speed_modes_report_timings_and_warmup_runs() {
     }
     let (ok, _, err) = omnirad(&["bench", "speed", "--model", "vit_pico", "--dtype", "fp8"]);
     assert!(!ok && err.contains("unknown precision 'fp8'"), "{err}");
+    let (ok, _, err) = omnirad(&["bench", "speed", "--model", "vit_pico", "--img", "30"]);
+    assert!(
+        !ok && err.contains("--img 30 is not a positive multiple"),
+        "{err}"
+    );
     let (ok, _, err) = omnirad(&[
         "warmup",
         "--model",
