@@ -22,5 +22,11 @@ pub type Cpu = burn::backend::Flex<f32, i32>;
 /// The NVIDIA backend (CubeCL, kernels JIT-compiled through NVRTC; fusion + autotune).
 #[cfg(feature = "cuda")]
 pub type Cuda = burn::backend::Cuda<f32, i32>;
-/// A backend with gradients, for training.
-pub type Train<B> = burn::backend::Autodiff<B>;
+/// A backend with gradients, for training. `C` decides which activations the backward pass
+/// keeps: all of them ([`NoCheckpointing`]), or only the outputs of compute-bound ops, recomputing
+/// norms, activations and elementwise ops from them ([`BalancedCheckpointing`]: less memory for
+/// a few % more time, so larger batches fit).
+pub type Train<B, C = NoCheckpointing> = burn::backend::Autodiff<B, C>;
+pub use burn::backend::autodiff::checkpoint::strategy::{
+    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+};

@@ -17,7 +17,9 @@ use omnirad_data::augment::{sample_rng, Augment};
 use omnirad_data::preprocess::{normalize, to_channels};
 use omnirad_data::{Image, Preprocess};
 use omnirad_eval::{evaluate, Metrics, TaskKind};
-use omnirad_model::{Precision, Train, Vit};
+use omnirad_model::{
+    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing, Precision, Train, Vit,
+};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -93,6 +95,10 @@ pub struct FinetuneConfig {
     /// The encoder's matmul/attention precision; weights and optimizer state stay f32.
     #[serde(default)]
     pub precision: Precision,
+    /// Recompute memory-bound activations in the backward pass instead of keeping them
+    /// ([`omnirad_model::BalancedCheckpointing`]): same gradients, less memory, a little slower.
+    #[serde(default)]
+    pub grad_checkpoint: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +139,7 @@ impl Default for FinetuneConfig {
             lora: None,
             frozen: false,
             precision: Precision::F32,
+            grad_checkpoint: false,
         }
     }
 }
@@ -342,6 +349,30 @@ pub fn finetune<B: Backend>(
     pre: &Preprocess,
     cfg: &FinetuneConfig,
     dev: &B::Device,
+    on_epoch: impl FnMut(&EpochLog),
+) -> FinetuneResult<B> {
+    if cfg.grad_checkpoint {
+        finetune_with::<B, BalancedCheckpointing>(
+            model, train, val, task, augment, pre, cfg, dev, on_epoch,
+        )
+    } else {
+        finetune_with::<B, NoCheckpointing>(
+            model, train, val, task, augment, pre, cfg, dev, on_epoch,
+        )
+    }
+}
+
+/// [`finetune`] with the autodiff checkpointing strategy `C`.
+#[allow(clippy::too_many_arguments)]
+fn finetune_with<B: Backend, C: CheckpointStrategy>(
+    model: Classifier<B>,
+    train: LabelledImages,
+    val: LabelledImages,
+    task: TaskKind,
+    augment: &Augment,
+    pre: &Preprocess,
+    cfg: &FinetuneConfig,
+    dev: &B::Device,
     mut on_epoch: impl FnMut(&EpochLog),
 ) -> FinetuneResult<B> {
     let multi = task == TaskKind::MultiLabel;
@@ -356,7 +387,7 @@ pub fn finetune<B: Backend>(
         B::seed(dev, cfg.seed ^ 0x4c4f_5241);
         model.backbone = model.backbone.add_lora(l.rank, l.alpha, l.dropout, dev);
     }
-    let mut student = Classifier::<Train<B>>::from_inner(model);
+    let mut student = Classifier::<Train<B, C>>::from_inner(model);
     student = if cfg.frozen {
         params::trainable_where(student, |p| p.starts_with("head."))
     } else if cfg.lora.is_some() {
@@ -393,8 +424,8 @@ pub fn finetune<B: Backend>(
                 dev,
                 cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
-            let x = batch_tensor::<Train<B>>(arrays, dev);
-            let y = targets::<Train<B>>(train.labels, chunk, classes, multi, dev);
+            let x = batch_tensor::<Train<B, C>>(arrays, dev);
+            let y = targets::<Train<B, C>>(train.labels, chunk, classes, multi, dev);
             let loss = classification_loss(student.forward(x, true), y, multi, cfg.label_smoothing);
             loss_sum += loss.clone().into_scalar().elem::<f64>() * chunk.len() as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &student);

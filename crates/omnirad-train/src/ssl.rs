@@ -15,7 +15,9 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use omnirad_model::dino_head::l2_normalize;
-use omnirad_model::{DinoHead, DinoHeadConfig, Train, Vit, VitConfig};
+use omnirad_model::{
+    CheckpointStrategy, DinoHead, DinoHeadConfig, NoCheckpointing, Train, Vit, VitConfig,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -122,8 +124,10 @@ pub struct StepStats {
     pub embedding_std: f64,
 }
 
-pub struct SslTrainer<B: Backend> {
-    pub student: SslModel<Train<B>>,
+/// Student (with gradients), EMA teacher, optimizer and centres. `C`: which activations the
+/// student's backward pass keeps (see [`Train`]).
+pub struct SslTrainer<B: Backend, C: CheckpointStrategy = NoCheckpointing> {
+    pub student: SslModel<Train<B, C>>,
     pub teacher: SslModel<B>,
     pub opt: AdamW<B>,
     pub dino_center: Center<B>,
@@ -136,6 +140,18 @@ pub struct SslTrainer<B: Backend> {
 impl<B: Backend> SslTrainer<B> {
     /// Teacher = student at the start, as in DINOv2.
     pub fn new(
+        student: SslModel<B>,
+        loss: LossConfig,
+        clip: Option<f64>,
+        device: &B::Device,
+    ) -> Self {
+        Self::with_strategy(student, loss, clip, device)
+    }
+}
+
+impl<B: Backend, C: CheckpointStrategy> SslTrainer<B, C> {
+    /// [`SslTrainer::new`] with the checkpointing strategy `C`.
+    pub fn with_strategy(
         student: SslModel<B>,
         loss: LossConfig,
         clip: Option<f64>,
@@ -171,7 +187,7 @@ impl<B: Backend> SslTrainer<B> {
     }
 
     /// Loss terms of one micro-batch (with gradients) and the collapse statistics.
-    fn forward(&mut self, b: &SslBatch, temp: f64) -> (Tensor<Train<B>, 1>, StepStats) {
+    fn forward(&mut self, b: &SslBatch, temp: f64) -> (Tensor<Train<B, C>, 1>, StepStats) {
         let dev = self.device.clone();
         let (n, ng, nl) = (b.batch, b.n_global, b.n_local);
         let n_img = n * ng;
@@ -217,13 +233,13 @@ impl<B: Backend> SslTrainer<B> {
         let collapse = collapse_stats(&t_cls);
 
         // Student: masked global crops + local crops.
-        let x_s = Tensor::<Train<B>, 4>::from_data(
+        let x_s = Tensor::<Train<B, C>, 4>::from_data(
             TensorData::new(b.globals.clone(), b.global_shape),
             &dev,
         );
         let mask = use_ibot.then(|| {
             let flat: Vec<f32> = b.masks.iter().flatten().map(|&m| m as u8 as f32).collect();
-            Tensor::<Train<B>, 2>::from_data(TensorData::new(flat, [n_img, np]), &dev)
+            Tensor::<Train<B, C>, 2>::from_data(TensorData::new(flat, [n_img, np]), &dev)
         });
         let s_out = self.student.backbone.forward_features(x_s, mask, &[], true);
         let s_patch = (n_masked > 0).then(|| {
@@ -237,9 +253,9 @@ impl<B: Backend> SslTrainer<B> {
             heads_forward(&self.student, s_out.cls.clone(), s_patch);
 
         let st = self.loss.student_temp;
-        let t_chunks: Vec<Tensor<Train<B>, 2>> = Tensor::from_inner(t_cls).chunk(ng, 0);
+        let t_chunks: Vec<Tensor<Train<B, C>, 2>> = Tensor::from_inner(t_cls).chunk(ng, 0);
         let s_chunks = s_cls_logits.chunk(ng, 0);
-        let mut dino = Tensor::<Train<B>, 1>::zeros([1], &dev);
+        let mut dino = Tensor::<Train<B, C>, 1>::zeros([1], &dev);
         let mut pairs = 0;
         for (i, s) in s_chunks.iter().enumerate() {
             for (j, t) in t_chunks.iter().enumerate() {
@@ -250,7 +266,7 @@ impl<B: Backend> SslTrainer<B> {
             }
         }
         if nl > 0 {
-            let x_l = Tensor::<Train<B>, 4>::from_data(
+            let x_l = Tensor::<Train<B, C>, 4>::from_data(
                 TensorData::new(b.locals.clone(), b.local_shape),
                 &dev,
             );
@@ -271,7 +287,7 @@ impl<B: Backend> SslTrainer<B> {
         let ibot = match (s_patch_logits, t_patch) {
             (Some(s), Some(t)) => {
                 let w =
-                    Tensor::<Train<B>, 1>::from_data(TensorData::new(weights, [n_masked]), &dev);
+                    Tensor::<Train<B, C>, 1>::from_data(TensorData::new(weights, [n_masked]), &dev);
                 ibot_patch_loss(s, Tensor::from_inner(t), w, n_img, st)
             }
             _ => Tensor::zeros([1], &dev),
@@ -337,7 +353,7 @@ impl<B: Backend> SslTrainer<B> {
         // Stochastic depth draws from the backend RNG: seed it per step so a resumed run
         // repeats the same draws.
         B::seed(&self.device, seed);
-        let mut acc = GradientsAccumulator::<SslModel<Train<B>>>::new();
+        let mut acc = GradientsAccumulator::<SslModel<Train<B, C>>>::new();
         let mut sum = StepStats::default();
         for b in micro {
             let (loss, s) = self.forward(b, v.teacher_temp);
@@ -384,8 +400,10 @@ impl<B: Backend> SslTrainer<B> {
 }
 
 /// The autodiff student for `inner`, every parameter trainable.
-pub fn trainable_student<B: Backend>(inner: SslModel<B>) -> SslModel<Train<B>> {
-    params::trainable(SslModel::<Train<B>>::from_inner(inner))
+pub fn trainable_student<B: Backend, C: CheckpointStrategy>(
+    inner: SslModel<B>,
+) -> SslModel<Train<B, C>> {
+    params::trainable(SslModel::<Train<B, C>>::from_inner(inner))
 }
 
 /// Class-token logits, and patch logits through the iBOT head (or the shared DINO head in one

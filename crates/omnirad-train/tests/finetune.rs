@@ -15,6 +15,13 @@ use rand::{Rng, SeedableRng};
 
 type B = Cpu;
 
+/// burn-flex's random generator is one per process: tests that draw from it (initialisation,
+/// dropout, stochastic depth) take turns, so a test's draws do not depend on the others.
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Dark vs bright noise images, 32 px: easy, so the tests are about what moves.
 fn images(n: usize, seed: u64) -> (Vec<Image>, Array2<i64>) {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -101,6 +108,7 @@ fn run(lora: Option<LoraConfig>, frozen: bool) -> (Snapshot, Snapshot, f64) {
 
 #[test]
 fn full_finetuning_moves_the_encoder_and_learns() {
+    let _rng = rng_lock();
     let (before, after, acc) = run(None, false);
     assert!(acc > 0.9, "val acc {acc}");
     let moved = before
@@ -117,6 +125,7 @@ fn full_finetuning_moves_the_encoder_and_learns() {
 
 #[test]
 fn lora_trains_only_attention_adapters_and_merges_them() {
+    let _rng = rng_lock();
     let lora = LoraConfig {
         rank: 4,
         alpha: 8.0,
@@ -138,6 +147,7 @@ fn lora_trains_only_attention_adapters_and_merges_them() {
 
 #[test]
 fn frozen_probe_trains_the_head_only() {
+    let _rng = rng_lock();
     let (before, after, acc) = run(None, true);
     assert!(acc > 0.9, "val acc {acc}");
     assert_eq!(before, after);
@@ -164,6 +174,7 @@ fn curve(
 
 #[test]
 fn bf16_mixed_precision_follows_the_f32_loss_curve_on_f32_weights() {
+    let _rng = rng_lock();
     use omnirad_model::Precision;
     // One initial model for both runs: tests in this binary share the backend RNG.
     let mut vc = VitConfig::preset("vit_pico").unwrap();
@@ -193,4 +204,49 @@ fn bf16_mixed_precision_follows_the_f32_loss_curve_on_f32_weights() {
     // bf16 really ran: the trained weights differ from the f32 run's.
     assert!(f32_w.iter().zip(&bf16_w).any(|(a, b)| a.1 != b.1));
     println!("f32 {f32_loss:?}\nbf16 {bf16_loss:?}");
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_fine_tuning() {
+    let _rng = rng_lock();
+    let dev = Default::default();
+    B::seed(&dev, 21);
+    let mut vc = VitConfig::preset("vit_pico").unwrap();
+    vc.layer_scale_init = None;
+    let model = Classifier::new(vc.init::<B>(&dev), 2, false, 0.2, 0, &dev);
+    params::materialize(&model);
+    // Dropout and stochastic depth draw random masks: recomputed activations must reuse them.
+    let cfg = FinetuneConfig {
+        epochs: 2,
+        drop_path: 0.2,
+        dropout: 0.2,
+        ..small_cfg()
+    };
+    let keep = train(model.clone(), &cfg, (3, 4));
+    let recompute = train(
+        model,
+        &FinetuneConfig {
+            grad_checkpoint: true,
+            ..cfg
+        },
+        (3, 4),
+    );
+    for (a, b) in keep.history.iter().zip(&recompute.history) {
+        let rel = (a.train_loss - b.train_loss).abs() / a.train_loss;
+        assert!(
+            rel < 1e-5,
+            "epoch {}: {} vs {}",
+            a.epoch,
+            a.train_loss,
+            b.train_loss
+        );
+    }
+    for ((path, a), (_, b)) in snapshot(&keep.model)
+        .iter()
+        .zip(&snapshot(&recompute.model))
+    {
+        let scale = a.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-5 * scale, "{path}: differs by {diff}");
+    }
 }

@@ -622,3 +622,50 @@ fn bf16_pretraining_steps_track_f32_and_keep_their_precision() {
     }
     assert_ne!(full, half, "bf16 made no difference");
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_pretraining_steps() {
+    use omnirad_model::BalancedCheckpointing;
+    // No stochastic depth: other tests draw from the same process-wide generator in parallel
+    // (random masks under recomputation are covered by the fine-tuning test).
+    let m = tiny_model(12);
+    let mut b = random_batch(13, 4, 2, false);
+    let mut rng = StdRng::seed_from_u64(14);
+    b.masks = BlockMasking::new(8, 8).batch(8, 0.5, (0.1, 0.5), &mut rng);
+    let v = step_values();
+    let group = |p: &str| param_group(p, 2, 1.0, 1.0);
+    let dev = Default::default();
+    let mut keep = SslTrainer::new(m.clone(), LossConfig::default(), Some(3.0), &dev);
+    let mut recompute = SslTrainer::<B, BalancedCheckpointing>::with_strategy(
+        m,
+        LossConfig::default(),
+        Some(3.0),
+        &dev,
+    );
+    for i in 0..3 {
+        let (a, c) = (
+            keep.step(&[b.clone()], &v, &group, i),
+            recompute.step(&[b.clone()], &v, &group, i),
+        );
+        for (x, y) in [
+            (a.loss, c.loss),
+            (a.grad_norm, c.grad_norm),
+            (a.ibot, c.ibot),
+        ] {
+            assert!(close(x, y, 1e-5), "step {i}: {a:?} vs {c:?}");
+        }
+    }
+    let (s1, s2) = (
+        params::collect(&keep.student.valid()),
+        params::collect(&recompute.student.valid()),
+    );
+    for (p, q) in s1.into_iter().zip(s2) {
+        let diff = (p.value.clone() - q.value)
+            .abs()
+            .max()
+            .into_scalar()
+            .elem::<f64>();
+        let scale = p.value.abs().max().into_scalar().elem::<f64>().max(1e-3);
+        assert!(diff <= 1e-5 * scale, "{}: differs by {diff}", p.path);
+    }
+}

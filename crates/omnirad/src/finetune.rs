@@ -75,6 +75,10 @@ pub struct TrainArgs {
     /// on CPU it is slower).
     #[arg(long, default_value = "f32")]
     pub dtype: omnirad_model::Precision,
+    /// Recompute norms, activations and elementwise ops in the backward pass instead of keeping
+    /// them: the same gradients with less memory (larger batches), a few % slower.
+    #[arg(long)]
+    pub grad_checkpoint: bool,
 }
 
 impl TrainArgs {
@@ -103,6 +107,7 @@ impl TrainArgs {
                 }),
             frozen: false,
             precision: self.dtype,
+            grad_checkpoint: self.grad_checkpoint,
         }
     }
 }

@@ -62,6 +62,10 @@ pub struct MedMnistArgs {
     /// Encoder matmul and attention precision, all modes (bf16 = mixed precision on f32 weights).
     #[arg(long, default_value = "f32")]
     pub dtype: omnirad_model::Precision,
+    /// Fine-tune / LoRA: recompute memory-bound activations in the backward pass (less memory,
+    /// the same gradients).
+    #[arg(long)]
+    pub grad_checkpoint: bool,
     /// Val-split score that picks the epoch (linear, mlp, lora, finetune): macro-f1, acc, auc, loss.
     #[arg(long, default_value = "macro-f1", value_parser = omnirad_train::finetune::Selection::parse)]
     pub select: omnirad_train::finetune::Selection,
@@ -240,6 +244,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         cls_mean: a.pool == Pool::ClsMean,
                         select: a.select,
                         precision: a.dtype,
+                        grad_checkpoint: a.grad_checkpoint,
                         ..Default::default()
                     };
                     if a.mode == Mode::Lora {

@@ -24,8 +24,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use omnirad_data::{Preprocess, ResizeMode};
 use omnirad_model::{
-    import_dino_head, save_dino_head, save_model_dir, DinoHeadConfig, ModelConfig, Vit, VitConfig,
-    DINO_HEAD_FILE,
+    import_dino_head, save_dino_head, save_model_dir, BalancedCheckpointing, CheckpointStrategy,
+    DinoHeadConfig, ModelConfig, NoCheckpointing, Vit, VitConfig, DINO_HEAD_FILE,
 };
 use omnirad_train::pretrain::{
     load_checkpoint, param_group, save_checkpoint, PretrainConfig, PretrainData, Schedules,
@@ -96,7 +96,11 @@ pub fn run(a: &PretrainArgs) -> Result<()> {
         write_atomic(&resolved, cfg.to_toml().as_bytes())?;
         cfg
     };
-    crate::with_backend!(a.device, |B, dev| train::<B>(a, &cfg, &dev))
+    crate::with_backend!(a.device, |B, dev| if cfg.optim.grad_checkpoint {
+        train::<B, BalancedCheckpointing>(a, &cfg, &dev)
+    } else {
+        train::<B, NoCheckpointing>(a, &cfg, &dev)
+    })
 }
 
 fn build_encoder<B: Backend>(cfg: &PretrainConfig, dev: &B::Device) -> Result<(Vit<B>, VitConfig)> {
@@ -124,7 +128,11 @@ fn build_encoder<B: Backend>(cfg: &PretrainConfig, dev: &B::Device) -> Result<(V
     Ok((vit, vit_cfg))
 }
 
-fn train<B: Backend>(a: &PretrainArgs, cfg: &PretrainConfig, dev: &B::Device) -> Result<()> {
+fn train<B: Backend, C: CheckpointStrategy>(
+    a: &PretrainArgs,
+    cfg: &PretrainConfig,
+    dev: &B::Device,
+) -> Result<()> {
     let (vit, vit_cfg) = build_encoder::<B>(cfg, dev)?;
     let depth = vit.blocks.len();
     let mut head = DinoHeadConfig {
@@ -168,7 +176,7 @@ fn train<B: Backend>(a: &PretrainArgs, cfg: &PretrainConfig, dev: &B::Device) ->
         backbone: vit,
     };
     let clip = (cfg.optim.clip_grad > 0.0).then_some(cfg.optim.clip_grad);
-    let mut trainer = SslTrainer::new(model, cfg.loss.clone(), clip, dev);
+    let mut trainer = SslTrainer::<B, C>::with_strategy(model, cfg.loss.clone(), clip, dev);
 
     let data = Arc::new(PretrainData::open(
         cfg,

@@ -10,7 +10,10 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use clap::{Args, ValueEnum};
-use omnirad_model::{DinoHeadConfig, Precision, Train};
+use omnirad_model::{
+    BalancedCheckpointing, CheckpointStrategy, DinoHeadConfig, NoCheckpointing, Precision, Train,
+    Vit,
+};
 use omnirad_train::finetune::{classification_loss, Classifier};
 use omnirad_train::optim::{AdamW, StepSettings};
 use omnirad_train::params;
@@ -57,6 +60,10 @@ pub struct SpeedArgs {
     /// Pretrain mode: DINO head prototypes (DINOv2: 65536).
     #[arg(long, default_value_t = 65536)]
     prototypes: usize,
+    /// Finetune and pretrain modes: recompute memory-bound activations (norms, GELU, elementwise ops) in the
+    /// backward pass instead of keeping them (burn's balanced checkpointing).
+    #[arg(long)]
+    grad_checkpoint: bool,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: Device,
 }
@@ -137,9 +144,7 @@ fn run_mode<B: Backend>(a: &SpeedArgs, dev: &B::Device) -> Result<serde_json::Va
         cfg.vit.patch_size
     );
     let vit = vit.with_precision(a.dtype);
-    let depth = vit.blocks.len();
     let shape = [a.batch, cfg.vit.in_chans, a.img, a.img];
-    let group = |p: &str| param_group(p, depth, 0.75, 1.0);
     let mut timing = match a.mode {
         SpeedMode::Infer => {
             let x = random::<B>(shape, dev);
@@ -148,67 +153,97 @@ fn run_mode<B: Backend>(a: &SpeedArgs, dev: &B::Device) -> Result<serde_json::Va
                 Ok(())
             })?
         }
-        SpeedMode::Finetune => {
-            let mut model = params::trainable(Classifier::<Train<B>>::from_inner(Classifier::new(
-                vit, 10, false, 0.0, 0, dev,
-            )));
-            let mut opt = AdamW::<B>::new(0.9, 0.999, 1e-8);
-            let x = random::<Train<B>>(shape, dev);
-            let y = Tensor::<Train<B>, 2>::zeros([a.batch, 10], dev)
-                .slice_assign([0..a.batch, 0..1], Tensor::ones([a.batch, 1], dev));
-            time_steps(start, a.warmup, a.steps, &a.device, || {
-                let loss =
-                    classification_loss(model.forward(x.clone(), true), y.clone(), false, 0.1);
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                let s = StepSettings {
-                    lr: 1e-5,
-                    weight_decay: 0.05,
-                    clip: Some(1.0),
-                    group: &group,
-                };
-                model = opt.step(model.clone(), grads, &s).0;
-                // Reading a parameter back waits for the update.
-                let _ = model.head.bias.as_ref().map(|b| b.val().into_data());
-                Ok(())
-            })?
+        SpeedMode::Finetune if a.grad_checkpoint => {
+            finetune_steps::<B, BalancedCheckpointing>(a, vit, shape, start, dev)?
+        }
+        SpeedMode::Finetune => finetune_steps::<B, NoCheckpointing>(a, vit, shape, start, dev)?,
+        SpeedMode::Pretrain if a.grad_checkpoint => {
+            pretrain_steps::<B, BalancedCheckpointing>(a, vit, cfg.vit.patch_size, start, dev)?
         }
         SpeedMode::Pretrain => {
-            let d = vit.embed_dim();
-            let head = DinoHeadConfig {
-                in_dim: d,
-                out_dim: a.prototypes,
-                hidden_dim: 2048,
-                bottleneck_dim: 256,
-                nlayers: 3,
-            };
-            let model = SslModel {
-                dino_head: head.init(dev),
-                ibot_head: None,
-                backbone: vit,
-            };
-            let mut trainer = SslTrainer::new(model, LossConfig::default(), Some(3.0), dev);
-            let batch = pretrain_batch(a, cfg.vit.in_chans, cfg.vit.patch_size);
-            let v = StepValues {
-                lr: 1e-4,
-                weight_decay: 0.04,
-                momentum: 0.996,
-                teacher_temp: 0.07,
-                freeze_last_layer: false,
-            };
-            let group = |p: &str| param_group(p, depth, 0.9, 0.2);
-            let mut seed = 0;
-            time_steps(start, a.warmup, a.steps, &a.device, || {
-                seed += 1;
-                // The step reads its loss statistics back, so it has finished when it returns.
-                let s = trainer.step(std::slice::from_ref(&batch), &v, &group, seed);
-                anyhow::ensure!(s.loss.is_finite(), "pretraining loss is {}", s.loss);
-                Ok(())
-            })?
+            pretrain_steps::<B, NoCheckpointing>(a, vit, cfg.vit.patch_size, start, dev)?
         }
     };
     let ms = timing["ms_per_step"].as_f64().unwrap_or(f64::NAN);
     timing["img_per_s"] = json!(a.batch as f64 / ms * 1e3);
     Ok(timing)
+}
+
+/// Classifier forward + cross-entropy + backward + AdamW (layer-wise LR decay, clipping).
+fn finetune_steps<B: Backend, C: CheckpointStrategy>(
+    a: &SpeedArgs,
+    vit: Vit<B>,
+    shape: [usize; 4],
+    start: Instant,
+    dev: &B::Device,
+) -> Result<serde_json::Value> {
+    let depth = vit.blocks.len();
+    let group = |p: &str| param_group(p, depth, 0.75, 1.0);
+    let mut model = params::trainable(Classifier::<Train<B, C>>::from_inner(Classifier::new(
+        vit, 10, false, 0.0, 0, dev,
+    )));
+    let mut opt = AdamW::<B>::new(0.9, 0.999, 1e-8);
+    let x = random::<Train<B, C>>(shape, dev);
+    let y = Tensor::<Train<B, C>, 2>::zeros([a.batch, 10], dev)
+        .slice_assign([0..a.batch, 0..1], Tensor::ones([a.batch, 1], dev));
+    time_steps(start, a.warmup, a.steps, &a.device, || {
+        let loss = classification_loss(model.forward(x.clone(), true), y.clone(), false, 0.1);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let s = StepSettings {
+            lr: 1e-5,
+            weight_decay: 0.05,
+            clip: Some(1.0),
+            group: &group,
+        };
+        model = opt.step(model.clone(), grads, &s).0;
+        // Reading a parameter back waits for the update.
+        let _ = model.head.bias.as_ref().map(|b| b.val().into_data());
+        Ok(())
+    })
+}
+
+/// Student on masked global crops (+ locals), teacher on the globals, DINO + iBOT + KoLeo,
+/// backward, AdamW, EMA teacher update.
+fn pretrain_steps<B: Backend, C: CheckpointStrategy>(
+    a: &SpeedArgs,
+    vit: Vit<B>,
+    patch: usize,
+    start: Instant,
+    dev: &B::Device,
+) -> Result<serde_json::Value> {
+    let depth = vit.blocks.len();
+    let channels = vit.patch_embed.proj.weight.dims()[1];
+    let head = DinoHeadConfig {
+        in_dim: vit.embed_dim(),
+        out_dim: a.prototypes,
+        hidden_dim: 2048,
+        bottleneck_dim: 256,
+        nlayers: 3,
+    };
+    let model = SslModel {
+        dino_head: head.init(dev),
+        ibot_head: None,
+        backbone: vit,
+    };
+    let mut trainer =
+        SslTrainer::<B, C>::with_strategy(model, LossConfig::default(), Some(3.0), dev);
+    let batch = pretrain_batch(a, channels, patch);
+    let v = StepValues {
+        lr: 1e-4,
+        weight_decay: 0.04,
+        momentum: 0.996,
+        teacher_temp: 0.07,
+        freeze_last_layer: false,
+    };
+    let group = |p: &str| param_group(p, depth, 0.9, 0.2);
+    let mut seed = 0;
+    time_steps(start, a.warmup, a.steps, &a.device, || {
+        seed += 1;
+        // The step reads its loss statistics back, so it has finished when it returns.
+        let s = trainer.step(std::slice::from_ref(&batch), &v, &group, seed);
+        anyhow::ensure!(s.loss.is_finite(), "pretraining loss is {}", s.loss);
+        Ok(())
+    })
 }
 
 /// Random crops in the layout the data loader makes: 2 globals per image (half of them with
@@ -249,6 +284,9 @@ pub fn run(a: &SpeedArgs) -> Result<serde_json::Value> {
         "device": format!("{:?}", a.device),
         "threads": rayon::current_num_threads(),
     });
+    if a.mode != SpeedMode::Infer {
+        v["grad_checkpoint"] = json!(a.grad_checkpoint);
+    }
     if a.mode == SpeedMode::Pretrain {
         v["locals"] = json!(a.locals);
         v["prototypes"] = json!(a.prototypes);
@@ -297,6 +335,7 @@ pub fn warmup(a: &WarmupArgs) -> Result<()> {
             dtype: a.dtype,
             locals: 0,
             prototypes: a.prototypes,
+            grad_checkpoint: false,
             device: a.device,
         };
         let v = run(&s)?;

@@ -1329,8 +1329,14 @@ fn bench_medmnist_handles_rgb_multiclass_and_multilabel_files() {
 
 #[test]
 fn bench_speed_modes_report_timings_and_warmup_runs() {
-    for (mode, dtype) in [("infer", "bf16"), ("finetune", "f32"), ("pretrain", "f32")] {
-        let (ok, stdout, err) = omnirad(&[
+    let modes = [
+        ("infer", "bf16", false),
+        ("finetune", "f32", false),
+        ("finetune", "f32", true),
+        ("pretrain", "f32", true),
+    ];
+    for (mode, dtype, ckpt) in modes {
+        let mut args = vec![
             "bench",
             "speed",
             "--model",
@@ -1349,12 +1355,20 @@ fn bench_speed_modes_report_timings_and_warmup_runs() {
             dtype,
             "--prototypes",
             "64",
-        ]);
+        ];
+        if ckpt {
+            args.push("--grad-checkpoint");
+        }
+        let (ok, stdout, err) = omnirad(&args);
         assert!(ok, "{mode}: {err}");
         let j: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
         assert_eq!(
             (j["mode"].as_str(), j["dtype"].as_str()),
             (Some(mode), Some(dtype))
+        );
+        assert_eq!(
+            j["grad_checkpoint"].as_bool(),
+            (mode != "infer").then_some(ckpt)
         );
         let ms = j["ms_per_step"].as_f64().unwrap();
         assert!(

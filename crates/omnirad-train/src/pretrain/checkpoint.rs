@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
-use omnirad_model::{write_f32_safetensors, ModelError};
+use omnirad_model::{write_f32_safetensors, CheckpointStrategy, ModelError};
 
 use crate::optim::{host, read_checkpoint};
 use crate::params;
@@ -30,9 +30,9 @@ pub enum CheckpointError {
 }
 
 /// Writes `path` atomically.
-pub fn save_checkpoint<B: Backend>(
+pub fn save_checkpoint<B: Backend, C: CheckpointStrategy>(
     path: &Path,
-    t: &SslTrainer<B>,
+    t: &SslTrainer<B, C>,
     step: usize,
 ) -> Result<(), CheckpointError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
@@ -61,9 +61,9 @@ pub fn save_checkpoint<B: Backend>(
 
 /// Restores `t` from `path`; returns the step to continue from. Every parameter of the current
 /// model must be in the file with the same shape.
-pub fn load_checkpoint<B: Backend>(
+pub fn load_checkpoint<B: Backend, C: CheckpointStrategy>(
     path: &Path,
-    t: &mut SslTrainer<B>,
+    t: &mut SslTrainer<B, C>,
 ) -> Result<usize, CheckpointError> {
     let fmt = |msg: String| CheckpointError::Format {
         path: path.into(),

@@ -175,6 +175,10 @@ pub struct OptimSection {
     pub freeze_last_layer_epochs: f64,
     pub layer_decay: f64,
     pub patch_embed_lr_mult: f64,
+    /// Recompute the student's memory-bound activations (norms, GELU, elementwise ops) in the
+    /// backward pass instead of keeping them: the same step with less memory, a few % slower.
+    #[serde(default)]
+    pub grad_checkpoint: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -295,6 +299,7 @@ impl PretrainConfig {
                 freeze_last_layer_epochs: 1.0,
                 layer_decay: 0.9,
                 patch_embed_lr_mult: 0.2,
+                grad_checkpoint: false,
             },
             data: DataSection {
                 sources: Vec::new(),
