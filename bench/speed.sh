@@ -3,6 +3,7 @@
 # on the same machine, same architecture, same batch, one JSON line per run.
 #   DEVICE=cuda MODEL=vit_s16 IMG=224 BATCH=64 STEPS=20 bench/speed.sh > runs/speed.jsonl
 # On the GPU machine also set COMPILE=--compile. CPU defaults are small enough for 2 cores.
+# GRAD_CKPT=--grad-checkpoint trains with activation recomputation on both sides.
 set -e
 cd "$(dirname "$0")/.."
 B=${OMNIRAD:-./target/release/omnirad}
@@ -17,8 +18,8 @@ MODES=${MODES:-infer finetune pretrain}
 for mode in $MODES; do
   for dtype in f32 bf16; do
     $B bench speed --model $MODEL --mode $mode --img $IMG --batch $BATCH --steps $STEPS \
-      --warmup $WARMUP --dtype $dtype --device $DEVICE 2>/dev/null
+      --warmup $WARMUP --dtype $dtype --device $DEVICE $GRAD_CKPT 2>/dev/null
   done
   $PY bench/torch_reference.py --model $MODEL --mode $mode --img $IMG --batch $BATCH \
-    --steps $STEPS --warmup $WARMUP --device $DEVICE $COMPILE 2>/dev/null
+    --steps $STEPS --warmup $WARMUP --device $DEVICE $COMPILE $GRAD_CKPT 2>/dev/null
 done

@@ -10,8 +10,10 @@ qkv bias, pre-norm, exact GELU) and times one step on random input, as omnirad d
 One JSON line per precision: fp32, tf32, bf16 autocast + SDPA (timm's fused attention), and with
 --compile bf16 + torch.compile. Median ms per step after warm-up, images/s, peak memory (GPU:
 max_memory_allocated; CPU: peak RSS of the process).
+--grad-checkpoint recomputes every block in the backward pass (timm's set_grad_checkpointing;
+omnirad's --grad-checkpoint recomputes only memory-bound ops, so their memory differs).
 Usage: python bench/torch_reference.py --model vit_s16 --mode finetune --img 224 --batch 64
-       [--device cpu] [--locals 8] [--compile]
+       [--device cpu] [--locals 8] [--compile] [--grad-checkpoint]
 """
 import argparse
 import copy
@@ -20,6 +22,7 @@ import resource
 import time
 
 import timm
+from timm.models._manipulate import checkpoint_seq
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +66,8 @@ def tokens(vit, x, mask=None):
     if mask is not None:
         t = torch.where(mask.view(t.shape[:3])[..., None], vit.mask_token.to(t.dtype), t)
     t = vit._pos_embed(t)
+    if vit.grad_checkpointing and torch.is_grad_enabled():  # as timm's forward_features
+        return vit.norm(checkpoint_seq(vit.blocks, t))
     return vit.norm(vit.blocks(t))
 
 
@@ -121,6 +126,7 @@ def peak_mem_mib(dev):
 
 def make_step(a, dev, bf16, compile_):
     vit = build(a.model, a.img).to(dev)
+    vit.set_grad_checkpointing(a.grad_checkpoint)
     patch = PRESETS[a.model][0]
     x = torch.randn(a.batch, 3, a.img, a.img, device=dev)
     amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16)
@@ -189,6 +195,7 @@ def run(a, dev, name, tf32, bf16, compile_):
     print(json.dumps({"impl": "pytorch", "precision": name, "mode": a.mode, "model": a.model, "img": a.img,
                       "batch": a.batch, "device": dev, "ms_per_step": ms, "img_per_s": a.batch / ms * 1e3,
                       "time_to_first_step_s": first, "peak_mem_mib": peak_mem_mib(dev),
+                      "grad_checkpoint": a.grad_checkpoint,
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__}),
           flush=True)
 
@@ -206,6 +213,7 @@ def main():
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--precisions", default="fp32,tf32,bf16", help="subset of fp32,tf32,bf16")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--grad-checkpoint", action="store_true")
     a = p.parse_args()
     torch.manual_seed(0)
     modes = {"fp32": (False, False), "tf32": (True, False), "bf16": (True, True)}

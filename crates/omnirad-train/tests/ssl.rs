@@ -669,3 +669,22 @@ fn gradient_checkpointing_gives_the_same_pretraining_steps() {
         assert!(diff <= 1e-5 * scale, "{}: differs by {diff}", p.path);
     }
 }
+
+#[test]
+fn shipped_pretraining_configs_load_and_find_their_data() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut dims = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let cfg = PretrainConfig::load(&path, None).unwrap_or_else(|e| panic!("{e}"));
+            for s in &cfg.data.sources {
+                assert!(s.path.is_file(), "{}: {} missing", path.display(), s.path.display());
+            }
+            let v = cfg.model.vit().unwrap();
+            dims.push((v.embed_dim, v.depth));
+        }
+    }
+    dims.sort();
+    assert_eq!(dims, [(64, 2), (96, 4)], "configs/ holds the pico and small recipes");
+}
