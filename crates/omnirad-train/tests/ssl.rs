@@ -679,12 +679,21 @@ fn shipped_pretraining_configs_load_and_find_their_data() {
         if path.extension().is_some_and(|e| e == "toml") {
             let cfg = PretrainConfig::load(&path, None).unwrap_or_else(|e| panic!("{e}"));
             for s in &cfg.data.sources {
-                assert!(s.path.is_file(), "{}: {} missing", path.display(), s.path.display());
+                assert!(
+                    s.path.is_file(),
+                    "{}: {} missing",
+                    path.display(),
+                    s.path.display()
+                );
             }
             let v = cfg.model.vit().unwrap();
             dims.push((v.embed_dim, v.depth));
         }
     }
     dims.sort();
-    assert_eq!(dims, [(64, 2), (96, 4)], "configs/ holds the pico and small recipes");
+    assert_eq!(
+        dims,
+        [(64, 2), (96, 4)],
+        "configs/ holds the pico and small recipes"
+    );
 }
