@@ -60,8 +60,8 @@ pub struct SpeedArgs {
     /// Pretrain mode: DINO head prototypes (DINOv2: 65536).
     #[arg(long, default_value_t = 65536)]
     prototypes: usize,
-    /// Finetune and pretrain modes: recompute memory-bound activations (norms, GELU, elementwise ops) in the
-    /// backward pass instead of keeping them (burn's balanced checkpointing).
+    /// Finetune and pretrain modes: recompute memory-bound activations (norms, GELU,
+    /// elementwise ops) in the backward pass instead of keeping them (balanced checkpointing).
     #[arg(long)]
     grad_checkpoint: bool,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
