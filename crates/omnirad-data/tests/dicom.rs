@@ -172,7 +172,7 @@ fn truncated_and_non_dicom_files_are_clear_errors() {
     let cut = dir.join("truncated.dcm");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let res = DicomFile::open(&cut).and_then(|f| f.modality_frames());
-    let msg = res.err().expect("truncated file must fail").to_string();
+    let msg = res.expect_err("truncated file must fail").to_string();
     assert!(msg.contains("truncated.dcm"), "{msg}");
 
     let txt = dir.join("notes.dcm");

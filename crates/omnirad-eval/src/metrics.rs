@@ -134,6 +134,8 @@ pub fn evaluate(task: TaskKind, labels: ArrayView2<i64>, scores: ArrayView2<f64>
         confusion[t][p] += 1;
     }
     let (mut precision, mut recall, mut f1) = (vec![], vec![], vec![]);
+    // Class k's row and column of the confusion matrix: an index reads clearer than iterators.
+    #[allow(clippy::needless_range_loop)]
     for k in 0..c {
         let tp = confusion[k][k];
         let fp: usize = (0..c).filter(|&t| t != k).map(|t| confusion[t][k]).sum();
