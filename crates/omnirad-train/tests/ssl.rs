@@ -593,13 +593,19 @@ fn teacher_starts_as_an_exact_copy_of_the_student() {
     }
 }
 
+/// Four images × 2 global crops with DINOv2 block masks (probability 0.5, ratio 0.1–0.5).
+fn masked_batch(seed: u64, mask_seed: u64) -> SslBatch {
+    let mut b = random_batch(seed, 4, 2, false);
+    let mut rng = StdRng::seed_from_u64(mask_seed);
+    b.masks = BlockMasking::new(8, 8).batch(8, 0.5, (0.1, 0.5), &mut rng);
+    b
+}
+
 #[test]
 fn bf16_pretraining_steps_track_f32_and_keep_their_precision() {
     use omnirad_model::Precision;
     let m = tiny_model(7);
-    let mut b = random_batch(8, 4, 2, false);
-    let mut rng = StdRng::seed_from_u64(10);
-    b.masks = BlockMasking::new(8, 8).batch(8, 0.5, (0.1, 0.5), &mut rng);
+    let b = masked_batch(8, 10);
     let v = step_values();
     let group = |p: &str| param_group(p, 2, 1.0, 1.0);
     let run = |p: Precision| {
@@ -629,9 +635,7 @@ fn gradient_checkpointing_gives_the_same_pretraining_steps() {
     // No stochastic depth: other tests draw from the same process-wide generator in parallel
     // (random masks under recomputation are covered by the fine-tuning test).
     let m = tiny_model(12);
-    let mut b = random_batch(13, 4, 2, false);
-    let mut rng = StdRng::seed_from_u64(14);
-    b.masks = BlockMasking::new(8, 8).batch(8, 0.5, (0.1, 0.5), &mut rng);
+    let b = masked_batch(13, 14);
     let v = step_values();
     let group = |p: &str| param_group(p, 2, 1.0, 1.0);
     let dev = Default::default();
