@@ -1,5 +1,6 @@
 //! Encoders, heads and weight I/O, generic over burn's `Backend`.
 
+pub mod attention;
 pub mod dino_head;
 pub mod import;
 pub mod io;

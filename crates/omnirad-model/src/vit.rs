@@ -24,10 +24,10 @@ use burn::nn::{
 };
 use burn::tensor::activation::{gelu, silu};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, FloatDType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+
+use crate::attention::attention;
 
 /// Architecture of a ViT. Presets: [`VitConfig::preset`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -396,8 +396,8 @@ impl<B: Backend> Attention<B> {
         let q = qkv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
         let k = qkv.clone().narrow(0, 1, 1).squeeze_dim::<4>(0);
         let v = qkv.narrow(0, 2, 1).squeeze_dim::<4>(0);
-        // burn's fused op (flash kernels where the backend has them); scale = 1/sqrt(D/H).
-        let out = attention(q, k, v, None, None, AttentionModuleOptions::default());
+        // Fused in the forward pass also when training (see `crate::attention`).
+        let out = attention(q, k, v);
         to_f32(with_lora(
             &self.proj,
             &self.proj_lora,

@@ -1,0 +1,247 @@
+//! Scaled dot-product attention whose forward pass stays fused under autodiff.
+//!
+//! ```text
+//! forward:   S = s·Q·Kᵀ,  P = softmax(S),  O = P·V                  (s = 1/√d_head)
+//! backward:  dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),
+//!            dQ = s·dS·K,  dK = s·dSᵀ·Q                             (P recomputed from Q, K)
+//! ```
+//! burn 0.21's `Autodiff` backend runs `module::attention` as its unfused fallback (matmul,
+//! max, exp, sum, div, matmul) and keeps three or four [B, H, N, N] tensors per block for the
+//! backward pass. Here the forward pass is the inner backend's own attention (CubeCL's flash
+//! kernel on CUDA, burn-flex's fused loop on CPU) and the backward pass keeps only Q, K and V,
+//! recomputing P once — the memory profile of FlashAttention's backward, with burn's matmuls.
+//!
+//! burn offers no extension point for autodiff ops short of a new backend trait on every model
+//! type, so [`attention`] recognises the autodiff backends omnirad builds (over [`crate::Cpu`] and
+//! `Cuda`) by type and registers the op on their graph; any other backend gets burn's op.
+
+use std::any::{Any, TypeId};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::Autodiff;
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
+use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
+
+/// softmax(Q·Kᵀ/√d)·V for [B, H, N, d] inputs (no mask, no bias).
+pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+    let qkv = (q, k, v);
+    let qkv = match on_autodiff_of::<B, crate::Cpu>(qkv) {
+        Ok(out) => return out,
+        Err(qkv) => qkv,
+    };
+    #[cfg(feature = "cuda")]
+    let qkv = match on_autodiff_of::<B, crate::Cuda>(qkv) {
+        Ok(out) => return out,
+        Err(qkv) => qkv,
+    };
+    let (q, k, v) = qkv;
+    burn::tensor::module::attention(q, k, v, None, None, AttentionModuleOptions::default())
+}
+
+type Qkv<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+
+/// Runs the fused op when `B` is `Autodiff<I, _>` (whatever its checkpointing strategy: the
+/// tensor type does not depend on it); hands the inputs back otherwise.
+fn on_autodiff_of<B: Backend, I: Backend>(qkv: Qkv<B>) -> Result<Tensor<B, 4>, Qkv<B>> {
+    if TypeId::of::<B::FloatTensorPrimitive>() != TypeId::of::<FloatTensor<Autodiff<I>>>() {
+        return Err(qkv);
+    }
+    let (q, k, v) = qkv;
+    let prim = |t: Tensor<B, 4>| -> FloatTensor<Autodiff<I>> { cast(t.into_primitive().tensor()) };
+    let out = forward::<I>(prim(q), prim(k), prim(v));
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(cast(out))))
+}
+
+/// A move between two names of the same type (checked by `TypeId` above).
+fn cast<T: 'static, U: 'static>(t: T) -> U {
+    *(Box::new(t) as Box<dyn Any>)
+        .downcast::<U>()
+        .expect("attention: primitive types checked equal")
+}
+
+fn inner<I: Backend>(t: FloatTensor<I>) -> Tensor<I, 4> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn forward<I: Backend>(
+    q: FloatTensor<Autodiff<I>>,
+    k: FloatTensor<Autodiff<I>>,
+    v: FloatTensor<Autodiff<I>>,
+) -> FloatTensor<Autodiff<I>> {
+    let out = burn::tensor::module::attention(
+        inner::<I>(q.primitive.clone()),
+        inner::<I>(k.primitive.clone()),
+        inner::<I>(v.primitive.clone()),
+        None,
+        None,
+        AttentionModuleOptions::default(),
+    )
+    .into_primitive()
+    .tensor();
+    // Compute-bound, so the checkpointing strategy never recomputes it: any `C` prepares it alike.
+    let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+    match AttentionBackward
+        .prepare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let state = (
+                prep.checkpoint(&q),
+                prep.checkpoint(&k),
+                prep.checkpoint(&v),
+            );
+            prep.finish(state, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<I: Backend> Backward<I, 3> for AttentionBackward {
+    type State = (NodeId, NodeId, NodeId);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let (q, k, v) = ops.state;
+        let q = inner::<I>(ckpt.retrieve_node_output(q));
+        let k = inner::<I>(ckpt.retrieve_node_output(k));
+        let v = inner::<I>(ckpt.retrieve_node_output(v));
+        let d_out = inner::<I>(grads.consume::<I>(&ops.node));
+        let [dq, dk, dv] = gradients(q, k, v, d_out);
+        for (parent, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
+            if let Some(node) = parent {
+                grads.register::<I>(node.id, g.into_primitive().tensor());
+            }
+        }
+    }
+}
+
+/// The backward formulas of the module doc. Softmax and its Jacobian product run in f32 even
+/// for bf16 inputs (as the fused kernels' statistics do); the matmuls run in the input dtype.
+fn gradients<I: Backend>(
+    q: Tensor<I, 4>,
+    k: Tensor<I, 4>,
+    v: Tensor<I, 4>,
+    d_out: Tensor<I, 4>,
+) -> [Tensor<I, 4>; 3] {
+    let dtype = q.dtype();
+    let low = |t: Tensor<I, 4>| match dtype {
+        DType::BF16 => t.cast(FloatDType::BF16),
+        DType::F16 => t.cast(FloatDType::F16),
+        _ => t,
+    };
+    let scale = 1.0 / (q.dims()[3] as f64).sqrt();
+    let scores = q.clone().matmul(k.clone().swap_dims(2, 3));
+    let p = softmax(scores.cast(FloatDType::F32) * scale, 3);
+    let d_out = d_out.cast(dtype);
+    let dv = low(p.clone()).swap_dims(2, 3).matmul(d_out.clone());
+    let dp = d_out.matmul(v.swap_dims(2, 3)).cast(FloatDType::F32);
+    let row = (dp.clone() * p.clone()).sum_dim(3);
+    let ds = low(p * (dp - row) * scale);
+    let dq = ds.clone().matmul(k);
+    let dk = ds.swap_dims(2, 3).matmul(q);
+    [dq, dk, dv]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BalancedCheckpointing, CheckpointStrategy, Cpu, NoCheckpointing};
+    use burn::tensor::{TensorData, Tolerance};
+
+    type Ad<C> = Autodiff<Cpu, C>;
+
+    /// Deterministic values without burn's process-wide RNG, which other tests draw from.
+    fn random(shape: [usize; 4], seed: u64) -> Tensor<Cpu, 4> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| {
+                (1.7 * (i as f32 * 0.618 + seed as f32 * 2.3).sin())
+                    .tan()
+                    .clamp(-3.0, 3.0)
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    }
+
+    /// Output and input gradients of `f` under a random linear loss Σ O ⊙ W.
+    fn run<C: CheckpointStrategy>(
+        f: impl Fn(Tensor<Ad<C>, 4>, Tensor<Ad<C>, 4>, Tensor<Ad<C>, 4>) -> Tensor<Ad<C>, 4>,
+        shape: [usize; 4],
+    ) -> [Tensor<Cpu, 4>; 4] {
+        let [q, k, v, w] = [1, 2, 3, 4].map(|s| Tensor::<Ad<C>, 4>::from_inner(random(shape, s)));
+        let [q, k, v] = [q, k, v].map(|t| t.require_grad());
+        // A nonlinearity after the op, so its gradient is not the same at every position.
+        let out = f(q.clone(), k.clone(), v.clone());
+        let grads = (out.clone().tanh() * w).sum().backward();
+        [
+            out.inner(),
+            q.grad(&grads).unwrap(),
+            k.grad(&grads).unwrap(),
+            v.grad(&grads).unwrap(),
+        ]
+    }
+
+    fn unfused<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+        let s = 1.0 / (q.dims()[3] as f64).sqrt();
+        softmax(q.matmul(k.swap_dims(2, 3)) * s, 3).matmul(v)
+    }
+
+    fn same_as_unfused<C: CheckpointStrategy>(shape: [usize; 4]) {
+        let fused = run::<C>(attention, shape);
+        let reference = run::<C>(unfused, shape);
+        for (name, (a, b)) in ["out", "dq", "dk", "dv"]
+            .iter()
+            .zip(fused.into_iter().zip(reference))
+        {
+            let scale = b.clone().abs().max().into_scalar();
+            assert!(scale > 1e-3, "{name}: degenerate reference");
+            let err = (a - b).abs().max().into_scalar() / scale;
+            assert!(
+                err < 1e-5,
+                "{name}: max error {err} relative to max |ref| {scale}"
+            );
+        }
+    }
+
+    #[test]
+    fn gradients_match_the_unfused_graph() {
+        same_as_unfused::<NoCheckpointing>([2, 3, 17, 8]);
+    }
+
+    #[test]
+    fn gradients_match_under_recomputation_and_on_the_flash_path() {
+        // 600² scores exceed burn-flex's naive budget, so its tiled (flash) kernel runs.
+        same_as_unfused::<BalancedCheckpointing>([1, 2, 600, 16]);
+    }
+
+    #[test]
+    fn bf16_inputs_keep_their_dtype_and_stay_close() {
+        let to_bf16 = |t: Tensor<Ad<NoCheckpointing>, 4>| t.cast(FloatDType::BF16);
+        let [out, dq, ..] = run::<NoCheckpointing>(
+            |q, k, v| attention(to_bf16(q), to_bf16(k), to_bf16(v)).cast(FloatDType::F32),
+            [1, 2, 16, 8],
+        );
+        let [ref_out, ref_dq, ..] = run::<NoCheckpointing>(unfused, [1, 2, 16, 8]);
+        out.into_data()
+            .assert_approx_eq::<f32>(&ref_out.into_data(), Tolerance::absolute(0.05));
+        dq.into_data()
+            .assert_approx_eq::<f32>(&ref_dq.into_data(), Tolerance::absolute(0.05));
+    }
+
+    #[test]
+    fn without_gradients_it_is_burns_op() {
+        let [q, k, v] = [1, 2, 3].map(|s| random([2, 2, 9, 4], s));
+        let a = attention(q.clone(), k.clone(), v.clone());
+        let b = unfused(q, k, v);
+        a.into_data()
+            .assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(1e-5));
+    }
+}
