@@ -99,6 +99,11 @@ pub struct FinetuneConfig {
     /// ([`omnirad_model::BalancedCheckpointing`]): same gradients, less memory, a little slower.
     #[serde(default)]
     pub grad_checkpoint: bool,
+    /// LP-FT (Kumar et al. 2022): train the head alone on the frozen encoder for this many
+    /// epochs first, so full fine-tuning starts from a fitted head instead of a random one whose
+    /// large early gradients distort the pretrained features. 0 = plain fine-tuning.
+    #[serde(default)]
+    pub head_epochs: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +145,7 @@ impl Default for FinetuneConfig {
             frozen: false,
             precision: Precision::F32,
             grad_checkpoint: false,
+            head_epochs: 0,
         }
     }
 }
@@ -213,6 +219,7 @@ impl<B: Backend> Classifier<B> {
 }
 
 /// A split in memory: images and labels [N, 1] (class ids) or [N, C] (0/1 flags).
+#[derive(Clone, Copy)]
 pub struct LabelledImages<'a> {
     pub images: &'a [Image],
     pub labels: ArrayView2<'a, i64>,
@@ -337,8 +344,9 @@ pub fn predict<B: Backend>(
 }
 
 /// Trains `model` on `train`, scoring `val` after every epoch; returns the model of the epoch
-/// `cfg.select` likes best. `augment` makes the training views; `pre` the evaluation inputs
-/// (and the channel count / normalisation of the training views).
+/// `cfg.select` likes best (among the full fine-tuning epochs when `cfg.head_epochs` > 0; the
+/// history and epoch numbers include the head-only epochs). `augment` makes the training views;
+/// `pre` the evaluation inputs (and the channel count / normalisation of the training views).
 #[allow(clippy::too_many_arguments)]
 pub fn finetune<B: Backend>(
     model: Classifier<B>,
@@ -349,7 +357,72 @@ pub fn finetune<B: Backend>(
     pre: &Preprocess,
     cfg: &FinetuneConfig,
     dev: &B::Device,
-    on_epoch: impl FnMut(&EpochLog),
+    mut on_epoch: impl FnMut(&EpochLog),
+) -> FinetuneResult<B> {
+    let on_epoch: &mut dyn FnMut(&EpochLog) = &mut on_epoch;
+    if cfg.head_epochs == 0 || cfg.frozen || cfg.lora.is_some() {
+        return phase(model, train, val, task, augment, pre, cfg, dev, on_epoch);
+    }
+    let probe = FinetuneConfig {
+        epochs: cfg.head_epochs,
+        warmup_epochs: cfg.warmup_epochs.min(cfg.head_epochs),
+        frozen: true,
+        head_epochs: 0,
+        ..cfg.clone()
+    };
+    let full = FinetuneConfig {
+        head_epochs: 0,
+        ..cfg.clone()
+    };
+    let first = phase(
+        model,
+        train,
+        val,
+        task,
+        augment,
+        pre,
+        &probe,
+        dev,
+        &mut *on_epoch,
+    );
+    let offset = cfg.head_epochs;
+    let mut shifted = |log: &EpochLog| {
+        on_epoch(&EpochLog {
+            epoch: log.epoch + offset,
+            ..log.clone()
+        })
+    };
+    let mut r = phase(
+        first.model,
+        train,
+        val,
+        task,
+        augment,
+        pre,
+        &full,
+        dev,
+        &mut shifted,
+    );
+    r.best_epoch += offset;
+    for log in &mut r.history {
+        log.epoch += offset;
+    }
+    r.history.splice(0..0, first.history);
+    r
+}
+
+/// One training run, with the autodiff checkpointing strategy `cfg` asks for.
+#[allow(clippy::too_many_arguments)]
+fn phase<B: Backend>(
+    model: Classifier<B>,
+    train: LabelledImages,
+    val: LabelledImages,
+    task: TaskKind,
+    augment: &Augment,
+    pre: &Preprocess,
+    cfg: &FinetuneConfig,
+    dev: &B::Device,
+    on_epoch: &mut dyn FnMut(&EpochLog),
 ) -> FinetuneResult<B> {
     if cfg.grad_checkpoint {
         finetune_with::<B, BalancedCheckpointing>(

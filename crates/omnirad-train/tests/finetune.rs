@@ -250,3 +250,43 @@ fn gradient_checkpointing_gives_the_same_fine_tuning() {
         assert!(diff <= 1e-5 * scale, "{path}: differs by {diff}");
     }
 }
+
+#[test]
+fn head_epochs_probe_first_then_fine_tune_everything() {
+    let _rng = rng_lock();
+    let dev = Default::default();
+    B::seed(&dev, 5);
+    let mut vc = VitConfig::preset("vit_pico").unwrap();
+    vc.layer_scale_init = None;
+    let model = Classifier::new(vc.init::<B>(&dev), 2, false, 0.0, 0, &dev);
+    params::materialize(&model);
+    let before = snapshot(&model);
+    let probe = train(
+        model.clone(),
+        &FinetuneConfig {
+            epochs: 2,
+            frozen: true,
+            ..small_cfg()
+        },
+        (1, 2),
+    );
+    let lp_ft = train(
+        model,
+        &FinetuneConfig {
+            epochs: 2,
+            head_epochs: 2,
+            ..small_cfg()
+        },
+        (1, 2),
+    );
+    // The first two epochs are exactly the head-only probe; numbering continues after them.
+    let epochs: Vec<_> = lp_ft.history.iter().map(|h| h.epoch).collect();
+    assert_eq!(epochs, [1, 2, 3, 4]);
+    for (a, b) in probe.history.iter().zip(&lp_ft.history[..2]) {
+        assert_eq!(a.train_loss, b.train_loss, "epoch {}", a.epoch);
+    }
+    // The model comes from the full fine-tuning epochs, which moved the encoder.
+    assert!(lp_ft.best_epoch > 2, "best epoch {}", lp_ft.best_epoch);
+    assert_ne!(snapshot(&lp_ft.model), before);
+    assert!(lp_ft.val.acc > 0.9, "val acc {}", lp_ft.val.acc);
+}

@@ -79,6 +79,9 @@ pub struct TrainArgs {
     /// them: the same gradients with less memory (larger batches), a few % slower.
     #[arg(long)]
     pub grad_checkpoint: bool,
+    /// LP-FT: train the head alone on the frozen encoder for N epochs before fine-tuning it all.
+    #[arg(long, default_value_t = 0)]
+    pub head_epochs: usize,
 }
 
 impl TrainArgs {
@@ -108,6 +111,7 @@ impl TrainArgs {
             frozen: false,
             precision: self.dtype,
             grad_checkpoint: self.grad_checkpoint,
+            head_epochs: self.head_epochs,
         }
     }
 }

@@ -75,6 +75,9 @@ pub struct MedMnistArgs {
     /// Peak learning rate; default 1e-3 (linear, mlp, lora) / 5e-4 (finetune).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Fine-tuning: train the head alone for N epochs first (LP-FT).
+    #[arg(long, default_value_t = 0)]
+    pub head_epochs: usize,
     /// Linear probe repeats with seeds seed, seed+1, …; the table shows mean ± std.
     #[arg(long, default_value_t = 1)]
     pub seeds: u64,
@@ -245,6 +248,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         select: a.select,
                         precision: a.dtype,
                         grad_checkpoint: a.grad_checkpoint,
+                        head_epochs: a.head_epochs,
                         ..Default::default()
                     };
                     if a.mode == Mode::Lora {
