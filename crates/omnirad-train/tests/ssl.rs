@@ -615,7 +615,7 @@ fn bf16_pretraining_steps_track_f32_and_keep_their_precision() {
         };
         let mut t = SslTrainer::new(model, LossConfig::default(), Some(3.0), &Default::default());
         let losses: Vec<f64> = (0..3)
-            .map(|i| t.step(&[b.clone()], &v, &group, i).loss)
+            .map(|i| t.step(std::slice::from_ref(&b), &v, &group, i).loss)
             .collect();
         // The precision survives the optimiser step and the EMA update.
         assert_eq!(t.student.valid().backbone.blocks[0].mlp.precision, p);
@@ -648,8 +648,8 @@ fn gradient_checkpointing_gives_the_same_pretraining_steps() {
     );
     for i in 0..3 {
         let (a, c) = (
-            keep.step(&[b.clone()], &v, &group, i),
-            recompute.step(&[b.clone()], &v, &group, i),
+            keep.step(std::slice::from_ref(&b), &v, &group, i),
+            recompute.step(std::slice::from_ref(&b), &v, &group, i),
         );
         for (x, y) in [
             (a.loss, c.loss),
