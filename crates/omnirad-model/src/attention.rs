@@ -25,7 +25,7 @@ use burn::backend::Autodiff;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
-use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
+use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
 
 /// softmax(Q·Kᵀ/√d)·V for [B, H, N, d] inputs (no mask, no bias).
 pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -132,11 +132,7 @@ fn gradients<I: Backend>(
     d_out: Tensor<I, 4>,
 ) -> [Tensor<I, 4>; 3] {
     let dtype = q.dtype();
-    let low = |t: Tensor<I, 4>| match dtype {
-        DType::BF16 => t.cast(FloatDType::BF16),
-        DType::F16 => t.cast(FloatDType::F16),
-        _ => t,
-    };
+    let low = |t: Tensor<I, 4>| t.cast(dtype);
     let scale = 1.0 / (q.dims()[3] as f64).sqrt();
     let scores = q.clone().matmul(k.clone().swap_dims(2, 3));
     let p = softmax(scores.cast(FloatDType::F32) * scale, 3);
