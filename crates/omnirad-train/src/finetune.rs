@@ -370,6 +370,8 @@ pub fn finetune<B: Backend>(
         head_epochs: 0,
         ..cfg.clone()
     };
+    // Both phases draw order and views from `cfg.seed` (head epoch k and full epoch k see the
+    // same views), so a run stays reproducible from its one seed.
     let full = FinetuneConfig {
         head_epochs: 0,
         ..cfg.clone()
