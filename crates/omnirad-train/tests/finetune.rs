@@ -50,6 +50,18 @@ fn snapshot(m: &Classifier<B>) -> Snapshot {
         .collect()
 }
 
+/// A binary `vit_pico` classifier (no LayerScale) drawn from `seed`, materialised so that its
+/// clones hold the same weights.
+fn pico(seed: u64, dropout: f64) -> Classifier<B> {
+    let dev = Default::default();
+    B::seed(&dev, seed);
+    let mut vc = VitConfig::preset("vit_pico").unwrap();
+    vc.layer_scale_init = None;
+    let model = Classifier::new(vc.init::<B>(&dev), 2, false, dropout, 0, &dev);
+    params::materialize(&model);
+    model
+}
+
 /// The tests' small fine-tuning settings (4 epochs, batch 16, lr 3e-3, no warm-up or drop-path).
 fn small_cfg() -> FinetuneConfig {
     FinetuneConfig {
@@ -90,12 +102,7 @@ fn train(model: Classifier<B>, cfg: &FinetuneConfig, seeds: (u64, u64)) -> Finet
 }
 
 fn run(lora: Option<LoraConfig>, frozen: bool) -> (Snapshot, Snapshot, f64) {
-    let dev = Default::default();
-    B::seed(&dev, 7);
-    let mut vc = VitConfig::preset("vit_pico").unwrap();
-    vc.layer_scale_init = None;
-    let vit = vc.init::<B>(&dev);
-    let model = Classifier::new(vit, 2, false, 0.0, 0, &dev);
+    let model = pico(7, 0.0);
     let before = snapshot(&model);
     let cfg = FinetuneConfig {
         lora,
@@ -209,12 +216,7 @@ fn bf16_mixed_precision_follows_the_f32_loss_curve_on_f32_weights() {
 #[test]
 fn gradient_checkpointing_gives_the_same_fine_tuning() {
     let _rng = rng_lock();
-    let dev = Default::default();
-    B::seed(&dev, 21);
-    let mut vc = VitConfig::preset("vit_pico").unwrap();
-    vc.layer_scale_init = None;
-    let model = Classifier::new(vc.init::<B>(&dev), 2, false, 0.2, 0, &dev);
-    params::materialize(&model);
+    let model = pico(21, 0.2);
     // Dropout and stochastic depth draw random masks: recomputed activations must reuse them.
     let cfg = FinetuneConfig {
         epochs: 2,
@@ -254,12 +256,7 @@ fn gradient_checkpointing_gives_the_same_fine_tuning() {
 #[test]
 fn head_epochs_probe_first_then_fine_tune_everything() {
     let _rng = rng_lock();
-    let dev = Default::default();
-    B::seed(&dev, 5);
-    let mut vc = VitConfig::preset("vit_pico").unwrap();
-    vc.layer_scale_init = None;
-    let model = Classifier::new(vc.init::<B>(&dev), 2, false, 0.0, 0, &dev);
-    params::materialize(&model);
+    let model = pico(5, 0.0);
     let before = snapshot(&model);
     let probe = train(
         model.clone(),
