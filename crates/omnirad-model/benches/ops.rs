@@ -38,7 +38,10 @@ fn main() {
             AttentionModuleOptions::default(),
         )
     });
-    t("gelu 1536", || gelu(h.clone()).unsqueeze());
+    t("gelu 1536 (burn-flex)", || gelu(h.clone()).unsqueeze());
+    t("gelu 1536 (omnirad)", || {
+        omnirad_model::gelu(h.clone()).unsqueeze()
+    });
     t("conv patch", || conv.forward(img.clone()));
     t("permute+reshape", || {
         x.clone()

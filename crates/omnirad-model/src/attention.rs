@@ -15,8 +15,6 @@
 //! type, so [`attention`] recognises the autodiff backends omnirad builds (over [`crate::Cpu`] and
 //! `Cuda`) by type and registers the op on their graph; any other backend gets burn's op.
 
-use std::any::{Any, TypeId};
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -26,6 +24,8 @@ use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
+
+use crate::{cast_same, is_same};
 
 /// softmax(Q·Kᵀ/√d)·V for [B, H, N, d] inputs (no mask, no bias).
 pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -48,20 +48,14 @@ type Qkv<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
 /// Runs the fused op when `B` is `Autodiff<I, _>` (whatever its checkpointing strategy: the
 /// tensor type does not depend on it); hands the inputs back otherwise.
 fn on_autodiff_of<B: Backend, I: Backend>(qkv: Qkv<B>) -> Result<Tensor<B, 4>, Qkv<B>> {
-    if TypeId::of::<B::FloatTensorPrimitive>() != TypeId::of::<FloatTensor<Autodiff<I>>>() {
+    if !is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<I>>>() {
         return Err(qkv);
     }
     let (q, k, v) = qkv;
-    let prim = |t: Tensor<B, 4>| -> FloatTensor<Autodiff<I>> { cast(t.into_primitive().tensor()) };
-    let out = forward::<I>(prim(q), prim(k), prim(v));
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(cast(out))))
-}
-
-/// A move between two names of the same type (checked by `TypeId` above).
-fn cast<T: 'static, U: 'static>(t: T) -> U {
-    *(Box::new(t) as Box<dyn Any>)
-        .downcast::<U>()
-        .expect("attention: primitive types checked equal")
+    let prim =
+        |t: Tensor<B, 4>| -> FloatTensor<Autodiff<I>> { cast_same(t.into_primitive().tensor()) };
+    let out = cast_same(forward::<I>(prim(q), prim(k), prim(v)));
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
 fn inner<I: Backend>(t: FloatTensor<I>) -> Tensor<I, 4> {

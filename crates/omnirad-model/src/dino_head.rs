@@ -7,9 +7,9 @@
 //! Parameter names follow DINOv2 (`mlp.{i}`, `last_layer.weight_g`, `last_layer.weight_v`), with
 //! `mlp` indices counting linears only (PyTorch's Sequential also counts the GELUs: 0, 2, 4).
 
+use crate::gelu::gelu;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
-use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use serde::{Deserialize, Serialize};

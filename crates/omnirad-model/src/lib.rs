@@ -2,12 +2,14 @@
 
 pub mod attention;
 pub mod dino_head;
+pub mod gelu;
 pub mod import;
 pub mod io;
 pub mod seg;
 pub mod vit;
 
 pub use dino_head::{DinoHead, DinoHeadConfig};
+pub use gelu::gelu;
 pub use import::{
     f32_tensors, import_checkpoint, import_dino_head, Imported, Layout, DINO_HEAD_FILE,
 };
@@ -31,3 +33,16 @@ pub type Train<B, C = NoCheckpointing> = burn::backend::Autodiff<B, C>;
 pub use burn::backend::autodiff::checkpoint::strategy::{
     BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
 };
+
+/// Whether two type names are the same type: how the custom ops recognise the backends they
+/// have kernels for (burn has no extension point for them).
+fn is_same<T: 'static, U: 'static>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>()
+}
+
+/// A move between two names of one type (callers check [`is_same`] first).
+fn cast_same<T: 'static, U: 'static>(t: T) -> U {
+    *(Box::new(t) as Box<dyn std::any::Any>)
+        .downcast::<U>()
+        .expect("cast_same: types checked equal")
+}

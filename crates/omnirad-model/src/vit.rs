@@ -22,12 +22,13 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
     Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
-use burn::tensor::activation::{gelu, silu};
+use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, FloatDType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::attention::attention;
+use crate::gelu::gelu;
 
 /// Architecture of a ViT. Presets: [`VitConfig::preset`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

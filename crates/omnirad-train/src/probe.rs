@@ -9,11 +9,12 @@ use burn::module::Param;
 use burn::module::{AutodiffModule, Module};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::activation::{gelu, log_softmax, sigmoid, softmax, softplus};
+use burn::tensor::activation::{log_softmax, sigmoid, softmax, softplus};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use omnirad_eval::{evaluate, Metrics, TaskKind};
+use omnirad_model::gelu;
 
 use crate::finetune::{probability_loss, Selection};
 use rand::rngs::StdRng;

@@ -1,0 +1,388 @@
+//! GELU with a vectorised CPU kernel.
+//!
+//! ```text
+//! gelu(x)  = x·Φ(x),            Φ(x) = ½·erfc(−x/√2)
+//! gelu'(x) = Φ(x) + x·φ(x),     φ(x) = exp(−x²/2)/√(2π)
+//! ```
+//! burn-flex 0.21 runs GELU and its backward one element at a time on one thread through libm's
+//! scalar `erff`; on ViT-S/16 that made GELU the largest op of a block (BENCHMARKS.md). Here
+//! erfc is Numerical Recipes' Chebyshev fit (`erfcc`: relative error below 1.2e-7 on the whole
+//! line, so the negative tail keeps its relative accuracy) and exp a Cephes-style polynomial, both
+//! branch-free, so the loop vectorises (AVX-512 or AVX2 picked at run time) and rayon splits it.
+//!
+//! Under autodiff the op keeps only its input and is marked memory-bound with a recompute rule,
+//! as burn's own GELU; the graph is prepared with `BalancedCheckpointing`, so the output that the
+//! next matmul's backward needs is recomputed from the input rather than stored: one
+//! [tokens, 4·dim] tensor less per block, for one more (cheap) GELU pass. The op is registered on
+//! `Autodiff<Cpu>` graphs only (recognised by type, as in [`crate::attention`]); other backends,
+//! CUDA included, keep burn's fused GELU.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
+use burn::backend::autodiff::checkpoint::state::BackwardStates;
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::flex::FlexTensor;
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{ActivationOps, FloatTensor};
+use burn::tensor::{DType, Tensor, TensorData, TensorMetadata, TensorPrimitive};
+use rayon::prelude::*;
+
+use crate::{cast_same, is_same, Cpu};
+
+/// `x·Φ(x)` elementwise (the exact, erf-based GELU, not the tanh approximation).
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let prim = x.into_primitive().tensor();
+    let out = if is_same::<B::FloatTensorPrimitive, FlexTensor>() {
+        cast_same(forward(cast_same(prim)))
+    } else if is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<Cpu>>>() {
+        cast_same(autodiff_forward(cast_same(prim)))
+    } else {
+        B::gelu(prim)
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+fn autodiff_forward(x: FloatTensor<Autodiff<Cpu>>) -> FloatTensor<Autodiff<Cpu>> {
+    let out = forward(x.primitive.clone());
+    match GeluBackward
+        .prepare::<BalancedCheckpointing>([x.node.clone()])
+        .memory_bound()
+        .retro_forward(RetroGelu(x.node.id))
+        .parents([&x])
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let state = prep.checkpoint(&x);
+            prep.finish(state, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+#[derive(Debug)]
+struct RetroGelu(NodeId);
+
+impl RetroForward for RetroGelu {
+    fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
+        let x = states.get_state::<FlexTensor>(&self.0);
+        states.save(out_node, forward(x))
+    }
+}
+
+#[derive(Debug)]
+struct GeluBackward;
+
+impl Backward<Cpu, 1> for GeluBackward {
+    type State = NodeId;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let x = ckpt.retrieve_node_output::<FlexTensor>(ops.state);
+        let d_out = grads.consume::<Cpu>(&ops.node);
+        let [parent] = ops.parents;
+        if let Some(node) = parent {
+            grads.register::<Cpu>(node.id, backward(x, d_out));
+        }
+    }
+}
+
+/// Elements per rayon task: large enough to amortise scheduling, small enough to share work.
+const CHUNK: usize = 16 * 1024;
+
+fn forward(x: FlexTensor) -> FlexTensor {
+    if x.dtype() != DType::F32 {
+        return Cpu::gelu(x);
+    }
+    let mut x = if x.is_contiguous() {
+        x
+    } else {
+        x.to_contiguous()
+    };
+    let (start, end) = x.layout().contiguous_offsets().expect("contiguous");
+    if let Some(storage) = x.try_storage_mut::<f32>() {
+        storage[start..end]
+            .par_chunks_mut(CHUNK)
+            .for_each(kernels::gelu);
+        return x;
+    }
+    let mut out = x.as_slice::<f32>().expect("contiguous f32").to_vec();
+    out.par_chunks_mut(CHUNK).for_each(kernels::gelu);
+    FlexTensor::from_data(TensorData::new(out, x.shape()))
+}
+
+fn backward(x: FlexTensor, d_out: FlexTensor) -> FlexTensor {
+    if x.dtype() != DType::F32 || d_out.dtype() != DType::F32 {
+        return Cpu::gelu_backward(x, d_out);
+    }
+    let x = if x.is_contiguous() {
+        x
+    } else {
+        x.to_contiguous()
+    };
+    let xs = x.as_slice::<f32>().expect("contiguous f32");
+    let apply = |grad: &mut [f32]| {
+        grad.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(|(g, x)| kernels::gelu_grad(x, g))
+    };
+    let mut d_out = if d_out.is_contiguous() {
+        d_out
+    } else {
+        d_out.to_contiguous()
+    };
+    let (start, end) = d_out.layout().contiguous_offsets().expect("contiguous");
+    if let Some(storage) = d_out.try_storage_mut::<f32>() {
+        apply(&mut storage[start..end]);
+        return d_out;
+    }
+    let mut grad = d_out.as_slice::<f32>().expect("contiguous f32").to_vec();
+    apply(&mut grad);
+    FlexTensor::from_data(TensorData::new(grad, x.shape()))
+}
+
+/// The elementwise math, written branch-free so that LLVM vectorises the loops.
+mod kernels {
+    use std::f32::consts::{FRAC_1_SQRT_2, LN_2, LOG2_E};
+
+    /// exp(x) for x ≤ 0 with about 2 ulp error (Cephes `expf`: x = n·ln2 + r, |r| ≤ ln2/2,
+    /// a degree-6 polynomial for e^r, 2ⁿ from the exponent bits); 0 below −87, where the
+    /// result would be denormal.
+    #[inline(always)]
+    fn exp_neg(x: f32) -> f32 {
+        // 1.5·2²³: adding it rounds to an integer held in the low mantissa bits.
+        const ROUND: f32 = 12_582_912.0;
+        let underflow = x < -87.0;
+        let x = x.max(-87.0);
+        let k = x * LOG2_E + ROUND;
+        let n = k - ROUND;
+        // ln 2 split in two so that n·ln2_hi is exact.
+        let r = x - n * 0.693_359_4 - n * (LN_2 - 0.693_359_4);
+        let p = 1.987_569_2e-4;
+        let p = p * r + 1.398_199_9e-3;
+        let p = p * r + 8.333_452e-3;
+        let p = p * r + 4.166_579_6e-2;
+        let p = p * r + 1.666_666_5e-1;
+        let p = p * r + 0.5;
+        let er = p * r * r + r + 1.0;
+        let n = (k.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+        let e = er * f32::from_bits(((n + 127) as u32) << 23);
+        if underflow {
+            0.0
+        } else {
+            e
+        }
+    }
+
+    /// Φ(x) = ½·erfc(−x/√2), with erfc(z) for z ≥ 0 from Numerical Recipes' `erfcc`.
+    #[inline(always)]
+    fn cdf(x: f32) -> f32 {
+        let z = x.abs() * FRAC_1_SQRT_2;
+        let t = 1.0 / (1.0 + 0.5 * z);
+        let p = 0.170_872_77;
+        let p = p * t - 0.822_152_23;
+        let p = p * t + 1.488_515_9;
+        let p = p * t - 1.135_204;
+        let p = p * t + 0.278_868_07;
+        let p = p * t - 0.186_288_06;
+        let p = p * t + 0.096_784_18;
+        let p = p * t + 0.374_091_96;
+        let p = p * t + 1.000_023_7;
+        let p = p * t - 1.265_512_2;
+        let half_erfc = 0.5 * t * exp_neg(p - z * z);
+        if x < 0.0 {
+            half_erfc
+        } else {
+            1.0 - half_erfc
+        }
+    }
+
+    #[inline(always)]
+    fn gelu1(x: f32) -> f32 {
+        x * cdf(x)
+    }
+
+    #[inline(always)]
+    fn gelu_grad1(x: f32, g: f32) -> f32 {
+        // 1/√(2π)
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        g * (cdf(x) + x * INV_SQRT_2PI * exp_neg(-0.5 * x * x))
+    }
+
+    /// One body per instruction set, chosen at run time (the release build targets baseline
+    /// x86-64; a dependency for two `target_feature` copies would be more code than this).
+    macro_rules! dispatch {
+        ($(#[$doc:meta])* $name:ident ($($arg:ident: $ty:ty),*) $body:block) => {
+            $(#[$doc])*
+            pub fn $name($($arg: $ty),*) {
+                #[inline(always)]
+                fn portable($($arg: $ty),*) $body
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f")]
+                    fn avx512($($arg: $ty),*) { portable($($arg),*) }
+                    #[target_feature(enable = "avx2,fma")]
+                    fn avx2($($arg: $ty),*) { portable($($arg),*) }
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: the CPU has the feature, checked just above.
+                        return unsafe { avx512($($arg),*) };
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: as above.
+                        return unsafe { avx2($($arg),*) };
+                    }
+                }
+                portable($($arg),*)
+            }
+        };
+    }
+
+    dispatch! {
+        /// `x ← gelu(x)`.
+        gelu(x: &mut [f32]) {
+            for v in x.iter_mut() {
+                *v = gelu1(*v);
+            }
+        }
+    }
+
+    dispatch! {
+        /// `g ← g·gelu'(x)`.
+        gelu_grad(x: &[f32], g: &mut [f32]) {
+            for (g, &x) in g.iter_mut().zip(x) {
+                *g = gelu_grad1(x, *g);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
+
+    /// x·½·erfc(−x/√2) in f64, through libm.
+    fn reference(x: f64) -> f64 {
+        x * 0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)
+    }
+
+    fn reference_grad(x: f64) -> f64 {
+        let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        0.5 * libm::erfc(-x / std::f64::consts::SQRT_2) + x * pdf
+    }
+
+    #[test]
+    fn kernel_matches_f64_erfc_to_a_few_ulp_including_the_negative_tail() {
+        let xs: Vec<f32> = (-120_000..=120_000).map(|i| i as f32 * 1e-4).collect();
+        let mut ys = xs.clone();
+        kernels::gelu(&mut ys);
+        let mut gs = vec![1.0f32; xs.len()];
+        kernels::gelu_grad(&xs, &mut gs);
+        // Relative errors; gelu' crosses zero at −0.75 between terms of size 0.2, so there its
+        // error is taken relative to 1 (its range is [−0.13, 1.13]). For x < −3 the f32
+        // rounding of x² inside exp costs about x²·1e-7 relative, so the bound is looser there
+        // (burn's libm path computes 1 + erf(x/√2) and has no correct digit below −5.5).
+        let err =
+            |got: f32, want: f64, floor: f64| (got as f64 - want).abs() / want.abs().max(floor);
+        let worst = |pick: &dyn Fn(f32) -> bool, floor: f64| {
+            let (mut w, mut wg) = ((0f64, 0f32), (0f64, 0f32));
+            for ((&x, &y), &g) in xs.iter().zip(&ys).zip(&gs).filter(|((&x, _), _)| pick(x)) {
+                let (e, eg) = (
+                    err(y, reference(x as f64), 1e-30),
+                    err(g, reference_grad(x as f64), floor),
+                );
+                if e > w.0 {
+                    w = (e, x);
+                }
+                if eg > wg.0 {
+                    wg = (eg, x);
+                }
+            }
+            (w, wg)
+        };
+        let ((core, at), (core_grad, at_grad)) = worst(&|x| x >= -3.0, 1.0);
+        assert!(core < 2e-6, "gelu: relative error {core:e} at x = {at}");
+        assert!(
+            core_grad < 2e-6,
+            "gelu': relative error {core_grad:e} at {at_grad}"
+        );
+        let ((tail, at), (tail_grad, _)) = worst(&|x| x < -3.0, 1e-30);
+        assert!(
+            tail < 3e-5,
+            "gelu tail: relative error {tail:e} at x = {at}"
+        );
+        assert!(tail_grad < 3e-5, "gelu' tail: relative error {tail_grad:e}");
+        // Far tails: exact 0 / x, no NaN; NaN stays NaN.
+        let mut t = [-200.0f32, -20.0, 20.0, 200.0, f32::NAN];
+        kernels::gelu(&mut t);
+        assert_eq!(&t[..4], &[0.0, 0.0, 20.0, 200.0][..]);
+        assert!(t[4].is_nan());
+    }
+
+    /// Deterministic values without burn's process-wide RNG, which other tests draw from.
+    fn values<B: Backend, const D: usize>(shape: [usize; D], scale: f32) -> Tensor<B, D> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| scale * (1.3 * (i as f32 * 0.618).sin()).tan().clamp(-3.0, 3.0))
+            .collect();
+        Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    }
+
+    fn assert_close<const D: usize>(a: Tensor<Cpu, D>, b: Tensor<Cpu, D>, what: &str) {
+        let scale = b.clone().abs().max().into_scalar();
+        let err = (a - b).abs().max().into_scalar() / scale;
+        assert!(
+            err < 1e-5,
+            "{what}: max error {err} relative to max |ref| {scale}"
+        );
+    }
+
+    #[test]
+    fn cpu_tensor_matches_burns_gelu_on_every_layout() {
+        let x = values::<Cpu, 3>([3, 50, 700], 3.0);
+        let want = burn::tensor::activation::gelu(x.clone());
+        let before = x.to_data();
+        // Shared input (must not be written through), a transposed view, a narrowed one (non-zero
+        // offset) and a uniquely owned one (written in place).
+        assert_close(gelu(x.clone()), want.clone(), "shared");
+        let t = |x: Tensor<Cpu, 3>| x.swap_dims(1, 2);
+        assert_close(gelu(t(x.clone())), t(want.clone()), "transposed");
+        let n = |x: Tensor<Cpu, 3>| x.narrow(2, 5, 600);
+        assert_close(gelu(n(x.clone())), n(want.clone()), "narrowed");
+        assert_close(gelu(x.clone() * 1.0), want, "owned");
+        x.into_data().assert_eq(&before, true);
+    }
+
+    /// Output and gradients equal burn's GELU inside a small graph, under both checkpointing
+    /// strategies (the op recomputes its output from its input when the next matmul needs it).
+    fn grads_match_burn<C: CheckpointStrategy>() {
+        type Ad<C> = Autodiff<Cpu, C>;
+        let x = values::<Ad<C>, 2>([40, 300], 2.0);
+        let w = values::<Ad<C>, 2>([300, 30], 0.1);
+        let run = |act: fn(Tensor<Ad<C>, 2>) -> Tensor<Ad<C>, 2>| {
+            let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
+            let y = act(x.clone().mul_scalar(1.5)).matmul(w.clone());
+            let grads = (y.clone() * y.clone()).sum().backward();
+            [y.inner(), x.grad(&grads).unwrap(), w.grad(&grads).unwrap()]
+        };
+        let want = run(burn::tensor::activation::gelu);
+        let got = run(gelu);
+        for (name, (a, b)) in ["out", "dx", "dw"].iter().zip(got.into_iter().zip(want)) {
+            assert_close(a, b, name);
+        }
+    }
+
+    #[test]
+    fn autodiff_matches_burn_without_checkpointing() {
+        grads_match_burn::<NoCheckpointing>();
+    }
+
+    #[test]
+    fn autodiff_matches_burn_with_balanced_checkpointing() {
+        grads_match_burn::<BalancedCheckpointing>();
+    }
+}
