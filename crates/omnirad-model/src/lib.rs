@@ -5,6 +5,7 @@ pub mod dino_head;
 pub mod gelu;
 pub mod import;
 pub mod io;
+pub mod permute;
 pub mod seg;
 pub mod vit;
 

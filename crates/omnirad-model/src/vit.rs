@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attention::attention;
 use crate::gelu::gelu;
+use crate::permute::permute_contiguous;
 
 /// Architecture of a ViT. Presets: [`VitConfig::preset`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -385,26 +386,22 @@ impl<B: Backend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, n, d] = x.dims();
         let h = self.num_heads;
-        // [B, N, 3D] -> [3, B, H, N, D/H]
+        // [B, N, 3D] -> [3·B, H, N, D/H]
         let p = self.precision;
         let qkv = with_lora(&self.qkv, &self.qkv_lora, x, p);
         let qkv = match p {
             Precision::F32 => qkv,
             Precision::Bf16 => qkv.cast(FloatDType::BF16),
         }
-        .reshape([b, n, 3, h, d / h])
-        .permute([2, 0, 3, 1, 4]);
-        let q = qkv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
-        let k = qkv.clone().narrow(0, 1, 1).squeeze_dim::<4>(0);
-        let v = qkv.narrow(0, 2, 1).squeeze_dim::<4>(0);
+        .reshape([b, n, 3, h, d / h]);
+        // One contiguous [3·B, H, N, d/h] copy, so q, k and v are views (a squeeze would copy).
+        let qkv = permute_contiguous(qkv, [2, 0, 3, 1, 4]).reshape([3 * b, h, n, d / h]);
+        let q = qkv.clone().narrow(0, 0, b);
+        let k = qkv.clone().narrow(0, b, b);
+        let v = qkv.narrow(0, 2 * b, b);
         // Fused in the forward pass also when training (see `crate::attention`).
-        let out = attention(q, k, v);
-        to_f32(with_lora(
-            &self.proj,
-            &self.proj_lora,
-            out.swap_dims(1, 2).reshape([b, n, d]),
-            p,
-        ))
+        let out = permute_contiguous(attention(q, k, v), [0, 2, 1, 3]).reshape([b, n, d]);
+        to_f32(with_lora(&self.proj, &self.proj_lora, out, p))
     }
 }
 
