@@ -146,7 +146,8 @@ mod tests {
         let x = values::<Ad<C>, 3>([2, 5, 24]);
         let w = values::<Ad<C>, 3>([3, 2, 20]).reshape([3 * 2 * 4, 5, 1]) * 0.5 + 0.1;
         let axes = [2, 0, 3, 1, 4];
-        let run = |permute: fn(Tensor<Ad<C>, 5>, [usize; 5]) -> Tensor<Ad<C>, 5>| {
+        type Permute<C> = fn(Tensor<Ad<C>, 5>, [usize; 5]) -> Tensor<Ad<C>, 5>;
+        let run = |permute: Permute<C>| {
             let x = x.clone().require_grad();
             let p = permute(x.clone().reshape([2, 5, 3, 4, 2]), axes).reshape([24, 5, 2]);
             // Heads split as in attention: narrow, not squeeze.
