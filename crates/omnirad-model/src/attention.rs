@@ -143,30 +143,17 @@ fn gradients<I: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BalancedCheckpointing, CheckpointStrategy, Cpu, NoCheckpointing};
-    use burn::tensor::{TensorData, Tolerance};
+    use crate::{test_values, BalancedCheckpointing, CheckpointStrategy, Cpu, NoCheckpointing};
+    use burn::tensor::Tolerance;
 
     type Ad<C> = Autodiff<Cpu, C>;
-
-    /// Deterministic values without burn's process-wide RNG, which other tests draw from.
-    fn random(shape: [usize; 4], seed: u64) -> Tensor<Cpu, 4> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| {
-                (1.7 * (i as f32 * 0.618 + seed as f32 * 2.3).sin())
-                    .tan()
-                    .clamp(-3.0, 3.0)
-            })
-            .collect();
-        Tensor::from_data(TensorData::new(v, shape), &Default::default())
-    }
 
     /// Output and input gradients of `f` under a random linear loss Σ O ⊙ W.
     fn run<C: CheckpointStrategy>(
         f: impl Fn(Tensor<Ad<C>, 4>, Tensor<Ad<C>, 4>, Tensor<Ad<C>, 4>) -> Tensor<Ad<C>, 4>,
         shape: [usize; 4],
     ) -> [Tensor<Cpu, 4>; 4] {
-        let [q, k, v, w] = [1, 2, 3, 4].map(|s| Tensor::<Ad<C>, 4>::from_inner(random(shape, s)));
+        let [q, k, v, w] = [1, 2, 3, 4].map(|s| test_values::<Ad<C>, 4>(shape, s));
         let [q, k, v] = [q, k, v].map(|t| t.require_grad());
         // A nonlinearity after the op, so its gradient is not the same at every position.
         let out = f(q.clone(), k.clone(), v.clone());
@@ -228,7 +215,7 @@ mod tests {
 
     #[test]
     fn without_gradients_it_is_burns_op() {
-        let [q, k, v] = [1, 2, 3].map(|s| random([2, 2, 9, 4], s));
+        let [q, k, v] = [1, 2, 3].map(|s| test_values::<Cpu, 4>([2, 2, 9, 4], s));
         let a = attention(q.clone(), k.clone(), v.clone());
         let b = unfused(q, k, v);
         a.into_data()

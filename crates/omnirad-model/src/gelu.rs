@@ -263,7 +263,7 @@ mod kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
+    use crate::{test_values, BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 
     /// x·½·erfc(−x/√2) in f64, through libm.
     fn reference(x: f64) -> f64 {
@@ -323,15 +323,6 @@ mod tests {
         assert!(t[4].is_nan());
     }
 
-    /// Deterministic values without burn's process-wide RNG, which other tests draw from.
-    fn values<B: Backend, const D: usize>(shape: [usize; D], scale: f32) -> Tensor<B, D> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| scale * (1.3 * (i as f32 * 0.618).sin()).tan().clamp(-3.0, 3.0))
-            .collect();
-        Tensor::from_data(TensorData::new(v, shape), &Default::default())
-    }
-
     fn assert_close<const D: usize>(a: Tensor<Cpu, D>, b: Tensor<Cpu, D>, what: &str) {
         let scale = b.clone().abs().max().into_scalar();
         let err = (a - b).abs().max().into_scalar() / scale;
@@ -343,7 +334,7 @@ mod tests {
 
     #[test]
     fn cpu_tensor_matches_burns_gelu_on_every_layout() {
-        let x = values::<Cpu, 3>([3, 50, 700], 3.0);
+        let x = test_values::<Cpu, 3>([3, 50, 700], 1) * 3.0;
         let want = burn::tensor::activation::gelu(x.clone());
         let before = x.to_data();
         // Shared input (must not be written through), a transposed view, a narrowed one (non-zero
@@ -361,8 +352,8 @@ mod tests {
     /// strategies (the op recomputes its output from its input when the next matmul needs it).
     fn grads_match_burn<C: CheckpointStrategy>() {
         type Ad<C> = Autodiff<Cpu, C>;
-        let x = values::<Ad<C>, 2>([40, 300], 2.0);
-        let w = values::<Ad<C>, 2>([300, 30], 0.1);
+        let x = test_values::<Ad<C>, 2>([40, 300], 1) * 2.0;
+        let w = test_values::<Ad<C>, 2>([300, 30], 2) * 0.1;
         let run = |act: fn(Tensor<Ad<C>, 2>) -> Tensor<Ad<C>, 2>| {
             let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
             let y = act(x.clone().mul_scalar(1.5)).matmul(w.clone());

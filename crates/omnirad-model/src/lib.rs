@@ -47,3 +47,21 @@ fn cast_same<T: 'static, U: 'static>(t: T) -> U {
         .downcast::<U>()
         .expect("cast_same: types checked equal")
 }
+
+/// Deterministic test values in [−3, 3], varied enough for gradient checks, drawn without burn's
+/// process-wide RNG (other tests in the process draw from it and expect their own sequence).
+#[cfg(test)]
+fn test_values<B: burn::tensor::backend::Backend, const D: usize>(
+    shape: [usize; D],
+    seed: u64,
+) -> burn::tensor::Tensor<B, D> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            (1.7 * (i as f32 * 0.618 + seed as f32 * 2.3).sin())
+                .tan()
+                .clamp(-3.0, 3.0)
+        })
+        .collect();
+    burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, shape), &Default::default())
+}

@@ -112,18 +112,11 @@ fn copy(x: &FlexTensor, axes: &[usize]) -> FlexTensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BalancedCheckpointing, CheckpointStrategy};
-
-    /// Deterministic values without burn's process-wide RNG, which other tests draw from.
-    fn values<B: Backend, const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.618).sin()).collect();
-        Tensor::from_data(TensorData::new(v, shape), &Default::default())
-    }
+    use crate::{test_values, BalancedCheckpointing, CheckpointStrategy};
 
     #[test]
     fn equals_burns_permute_for_contiguous_strided_and_offset_inputs() {
-        let x = values::<Cpu, 5>([2, 7, 3, 4, 8]);
+        let x = test_values::<Cpu, 5>([2, 7, 3, 4, 8], 1);
         let axes = [2, 0, 3, 1, 4];
         let check = |x: Tensor<Cpu, 5>| {
             let got = permute_contiguous(x.clone(), axes);
@@ -143,8 +136,8 @@ mod tests {
 
     fn grads_match_burn<C: CheckpointStrategy>() {
         type Ad<C> = Autodiff<Cpu, C>;
-        let x = values::<Ad<C>, 3>([2, 5, 24]);
-        let w = values::<Ad<C>, 3>([3, 2, 20]).reshape([3 * 2 * 4, 5, 1]) * 0.5 + 0.1;
+        let x = test_values::<Ad<C>, 3>([2, 5, 24], 1);
+        let w = test_values::<Ad<C>, 3>([3, 2, 20], 2).reshape([3 * 2 * 4, 5, 1]) * 0.5 + 0.1;
         let axes = [2, 0, 3, 1, 4];
         type Permute<C> = fn(Tensor<Ad<C>, 5>, [usize; 5]) -> Tensor<Ad<C>, 5>;
         let run = |permute: Permute<C>| {
