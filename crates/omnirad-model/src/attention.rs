@@ -143,7 +143,9 @@ fn gradients<I: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{test_values, BalancedCheckpointing, CheckpointStrategy, Cpu, NoCheckpointing};
+    use crate::{
+        assert_close, test_values, BalancedCheckpointing, CheckpointStrategy, Cpu, NoCheckpointing,
+    };
     use burn::tensor::Tolerance;
 
     type Ad<C> = Autodiff<Cpu, C>;
@@ -180,11 +182,7 @@ mod tests {
         {
             let scale = b.clone().abs().max().into_scalar();
             assert!(scale > 1e-3, "{name}: degenerate reference");
-            let err = (a - b).abs().max().into_scalar() / scale;
-            assert!(
-                err < 1e-5,
-                "{name}: max error {err} relative to max |ref| {scale}"
-            );
+            assert_close(a, b, name);
         }
     }
 

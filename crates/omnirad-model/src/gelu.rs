@@ -96,51 +96,42 @@ fn forward(x: FlexTensor) -> FlexTensor {
     if x.dtype() != DType::F32 {
         return Cpu::gelu(x);
     }
-    let mut x = if x.is_contiguous() {
-        x
-    } else {
-        x.to_contiguous()
-    };
-    let (start, end) = x.layout().contiguous_offsets().expect("contiguous");
-    if let Some(storage) = x.try_storage_mut::<f32>() {
-        storage[start..end]
-            .par_chunks_mut(CHUNK)
-            .for_each(kernels::gelu);
-        return x;
-    }
-    let mut out = x.as_slice::<f32>().expect("contiguous f32").to_vec();
-    out.par_chunks_mut(CHUNK).for_each(kernels::gelu);
-    FlexTensor::from_data(TensorData::new(out, x.shape()))
+    map_f32(x, |v| v.par_chunks_mut(CHUNK).for_each(kernels::gelu))
 }
 
 fn backward(x: FlexTensor, d_out: FlexTensor) -> FlexTensor {
     if x.dtype() != DType::F32 || d_out.dtype() != DType::F32 {
         return Cpu::gelu_backward(x, d_out);
     }
-    let x = if x.is_contiguous() {
-        x
-    } else {
-        x.to_contiguous()
-    };
+    let x = contiguous(x);
     let xs = x.as_slice::<f32>().expect("contiguous f32");
-    let apply = |grad: &mut [f32]| {
+    map_f32(d_out, |grad| {
         grad.par_chunks_mut(CHUNK)
             .zip(xs.par_chunks(CHUNK))
             .for_each(|(g, x)| kernels::gelu_grad(x, g))
-    };
-    let mut d_out = if d_out.is_contiguous() {
-        d_out
+    })
+}
+
+/// `t` itself when contiguous (also at an offset), else a contiguous copy.
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.is_contiguous() {
+        t
     } else {
-        d_out.to_contiguous()
-    };
-    let (start, end) = d_out.layout().contiguous_offsets().expect("contiguous");
-    if let Some(storage) = d_out.try_storage_mut::<f32>() {
-        apply(&mut storage[start..end]);
-        return d_out;
+        t.to_contiguous()
     }
-    let mut grad = d_out.as_slice::<f32>().expect("contiguous f32").to_vec();
-    apply(&mut grad);
-    FlexTensor::from_data(TensorData::new(grad, x.shape()))
+}
+
+/// Applies `f` to the f32 values of `t`: in place when `t` owns its buffer, else on a copy.
+fn map_f32(t: FlexTensor, f: impl Fn(&mut [f32])) -> FlexTensor {
+    let mut t = contiguous(t);
+    let (start, end) = t.layout().contiguous_offsets().expect("contiguous");
+    if let Some(storage) = t.try_storage_mut::<f32>() {
+        f(&mut storage[start..end]);
+        return t;
+    }
+    let mut out = t.as_slice::<f32>().expect("contiguous f32").to_vec();
+    f(&mut out);
+    FlexTensor::from_data(TensorData::new(out, t.shape()))
 }
 
 /// The elementwise math, written branch-free so that LLVM vectorises the loops.
@@ -263,7 +254,9 @@ mod kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{test_values, BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
+    use crate::{
+        assert_close, test_values, BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+    };
 
     /// x·½·erfc(−x/√2) in f64, through libm.
     fn reference(x: f64) -> f64 {
@@ -321,15 +314,6 @@ mod tests {
         kernels::gelu(&mut t);
         assert_eq!(&t[..4], &[0.0, 0.0, 20.0, 200.0][..]);
         assert!(t[4].is_nan());
-    }
-
-    fn assert_close<const D: usize>(a: Tensor<Cpu, D>, b: Tensor<Cpu, D>, what: &str) {
-        let scale = b.clone().abs().max().into_scalar();
-        let err = (a - b).abs().max().into_scalar() / scale;
-        assert!(
-            err < 1e-5,
-            "{what}: max error {err} relative to max |ref| {scale}"
-        );
     }
 
     #[test]

@@ -65,3 +65,18 @@ fn test_values<B: burn::tensor::backend::Backend, const D: usize>(
         .collect();
     burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, shape), &Default::default())
 }
+
+/// `a` equals `b` to 1e-5 relative to the largest |b|.
+#[cfg(test)]
+fn assert_close<const D: usize>(
+    a: burn::tensor::Tensor<Cpu, D>,
+    b: burn::tensor::Tensor<Cpu, D>,
+    what: &str,
+) {
+    let scale = b.clone().abs().max().into_scalar();
+    let err = (a - b).abs().max().into_scalar() / scale;
+    assert!(
+        err < 1e-5,
+        "{what}: max error {err} relative to max |ref| {scale}"
+    );
+}
