@@ -89,8 +89,12 @@ pub fn run(a: &PretrainArgs) -> Result<()> {
             );
         }
         let mut cfg = PretrainConfig::load(path, a.preset.as_deref())?;
-        if a.init.is_some() {
-            cfg.model.init = a.init.clone();
+        if let Some(init) = &a.init {
+            // Kept absolute in OUT/config.toml so `--resume` finds it from any folder.
+            cfg.model.init = Some(match std::path::absolute(init) {
+                Ok(p) if p.exists() => p.display().to_string(),
+                _ => init.clone(),
+            });
         }
         std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
         write_atomic(&resolved, cfg.to_toml().as_bytes())?;

@@ -1,6 +1,6 @@
 //! The binary as a user runs it, on the real files in ../shared/data.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn data(rel: &str) -> PathBuf {
@@ -24,7 +24,12 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn omnirad(args: &[&str]) -> (bool, String, String) {
+    omnirad_in(Path::new("."), args)
+}
+
+fn omnirad_in(cwd: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_omnirad"))
+        .current_dir(cwd)
         .args(args)
         .env("CI", "1")
         .output()
@@ -555,20 +560,41 @@ fn pretrain_a_few_steps_lowers_the_loss_and_exports_the_teacher() {
 fn pretrain_resume_is_bit_identical() {
     let d = tmp("resume");
     let cfg = tiny_pretrain_config(&d, 6, "");
-    let (a, b) = (d.join("a"), d.join("b"));
-    let run = |extra: &[&str], out: &PathBuf| {
-        let mut args = vec!["pretrain", "--out", out.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        let (ok, _, err) = omnirad(&args);
-        assert!(ok, "{err}");
-    };
-    run(&["--config", cfg.to_str().unwrap()], &a);
-    run(
-        &["--config", cfg.to_str().unwrap(), "--stop-after", "3"],
-        &b,
+    // The interrupted run is started the way users do: from a working folder, with the config,
+    // its data sources and the run folder all given as relative paths, and resumed from elsewhere.
+    std::fs::create_dir_all(d.join("work/configs")).unwrap();
+    for f in ["pneumoniamnist.npz", "breastmnist.npz"] {
+        std::os::unix::fs::symlink(data(&format!("medmnist/{f}")), d.join("work").join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replace(data("medmnist").to_str().unwrap(), "..");
+    assert_eq!(text.matches("path = \"../").count(), 2, "{text}");
+    std::fs::write(d.join("work/configs/pretrain.toml"), text).unwrap();
+    let (a, b) = (d.join("a"), d.join("work/runs/b"));
+    let (ok, _, err) = omnirad(&[
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        a.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = omnirad_in(
+        &d.join("work"),
+        &[
+            "pretrain",
+            "--config",
+            "configs/pretrain.toml",
+            "--out",
+            "runs/b",
+            "--stop-after",
+            "3",
+        ],
     );
+    assert!(ok, "{err}");
     assert_eq!(metrics(&b).len(), 3);
-    run(&["--resume"], &b);
+    let (ok, _, err) = omnirad(&["pretrain", "--out", b.to_str().unwrap(), "--resume"]);
+    assert!(ok, "{err}");
     let ckpt = |r: &PathBuf| std::fs::read(r.join("checkpoint.safetensors")).unwrap();
     assert!(
         ckpt(&a) == ckpt(&b),

@@ -337,7 +337,8 @@ impl PretrainConfig {
     }
 
     /// Reads `path` over its preset (`preset_override` wins over the file's `preset`). Relative
-    /// source and weight paths are taken relative to the file's folder.
+    /// source and weight paths are taken relative to the file's folder and made absolute, so the
+    /// resolved copy a run keeps in its own folder (read again by `--resume`) still finds them.
     pub fn load(path: &Path, preset_override: Option<&str>) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.into(),
@@ -366,7 +367,9 @@ impl PretrainConfig {
         let mut cfg: Self = merged
             .try_into()
             .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        let dir = std::path::absolute(dir.unwrap_or(Path::new(".")))
+            .map_err(|e| parse_err(format!("resolving its folder: {e}")))?;
         for s in &mut cfg.data.sources {
             if s.path.is_relative() {
                 s.path = dir.join(&s.path);
