@@ -54,6 +54,15 @@ impl Selection {
         }
     }
 
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MacroF1 => "macro-F1",
+            Self::Acc => "ACC",
+            Self::Auc => "AUC",
+            Self::Loss => "loss",
+        }
+    }
+
     /// Higher is better.
     pub fn score(self, m: &Metrics, loss: f64) -> f64 {
         match self {

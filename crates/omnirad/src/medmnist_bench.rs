@@ -269,8 +269,11 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         false,
                     )?;
                     eprintln!(
-                        "{} seed {seed}: fine-tuning chose epoch {} (val macro-F1 {:.3})",
-                        info.name, o.result.best_epoch, o.result.val.macro_f1
+                        "{} seed {seed}: fine-tuning chose epoch {} by val {} ({})",
+                        info.name,
+                        o.result.best_epoch,
+                        a.select.name(),
+                        val_summary(&o.result.val)
                     );
                     runs.push(o.test);
                 }
@@ -356,8 +359,12 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                                 &dev,
                             );
                             eprintln!(
-                                "{} seed {seed}: {:?} probe chose epoch {} (val macro-F1 {:.3})",
-                                info.name, a.mode, r.best_epoch, r.val.macro_f1
+                                "{} seed {seed}: {:?} probe chose epoch {} by val {} ({})",
+                                info.name,
+                                a.mode,
+                                r.best_epoch,
+                                a.select.name(),
+                                val_summary(&r.val)
                             );
                             evaluate(task, yte.view(), r.test_scores.view())
                         })
@@ -373,6 +380,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
     if let Some(out) = &a.out {
         let j = json!({
             "model": a.model, "mode": format!("{:?}", a.mode).to_lowercase(), "dtype": format!("{:?}", a.dtype).to_lowercase(), "k": a.k, "seeds": a.seeds, "file_size": a.size,
+            "pool": format!("{:?}", a.pool).to_lowercase(), "select": a.select.name(),
             "results": rows.iter().map(|r| json!({ "dataset": r.name, "input": format!("{}px resized to {}px", a.size, r.model_size), "runs": r.runs })).collect::<Vec<_>>(),
         });
         std::fs::write(out.with_extension("md"), &md)
@@ -385,16 +393,30 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
     Ok(())
 }
 
+fn val_summary(m: &Metrics) -> String {
+    format!(
+        "val ACC {:.3} AUC {:.3} macro-F1 {:.3}",
+        m.acc, m.auc, m.macro_f1
+    )
+}
+
 fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
+    let split = match a.mode {
+        Mode::Knn => "Test split.".to_string(),
+        _ => format!("Test split at the epoch chosen by val {}.", a.select.name()),
+    };
     let mut s = format!(
-        "omnirad `{}`, {}, {} features; input {}px files resized to {}px (bicubic). Test split.\n\n",
+        "omnirad `{}`, {}, {} features; input {}px files resized to {}px (bicubic). {split}\n\n",
         a.model,
         match a.mode {
             Mode::Knn => format!("k-NN probe (k = {})", a.k),
             Mode::Linear => "linear probe".to_string(),
             Mode::Mlp => format!("MLP probe (hidden {})", a.hidden),
             Mode::Finetune => "full fine-tuning, linear head".to_string(),
-            Mode::Lora => format!("LoRA (rank {}) on attention + linear head, encoder frozen", a.lora_rank),
+            Mode::Lora => format!(
+                "LoRA (rank {}) on attention + linear head, encoder frozen",
+                a.lora_rank
+            ),
         } + match a.dtype {
             omnirad_model::Precision::Bf16 => " (bf16 mixed precision)",
             omnirad_model::Precision::F32 => "",
