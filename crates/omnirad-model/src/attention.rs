@@ -27,9 +27,16 @@ use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
 
 use crate::{cast_same, is_same};
 
-/// softmax(Q·Kᵀ/√d)·V for [B, H, N, d] inputs (no mask, no bias).
-pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
-    let qkv = (q, k, v);
+/// softmax(Q·Kᵀ/√d)·V (no mask, no bias) with Q, K and V stacked on the batch axis: `qkv` is
+/// [3·B, H, N, d] (Q, then K, then V), the output [B, H, N, d]. Taken packed so that the
+/// backward pass writes dQ, dK and dV into one tensor: three `narrow`s would each zero-fill a
+/// gradient the size of all three and add them up.
+pub fn attention<B: Backend>(qkv: Tensor<B, 4>) -> Tensor<B, 4> {
+    assert_eq!(
+        qkv.dims()[0] % 3,
+        0,
+        "attention: qkv's first axis must be 3·B"
+    );
     let qkv = match on_autodiff_of::<B, crate::Cpu>(qkv) {
         Ok(out) => return out,
         Err(qkv) => qkv,
@@ -39,22 +46,23 @@ pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) 
         Ok(out) => return out,
         Err(qkv) => qkv,
     };
-    let (q, k, v) = qkv;
+    let [q, k, v] = split(qkv);
     burn::tensor::module::attention(q, k, v, None, None, AttentionModuleOptions::default())
 }
 
-type Qkv<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+/// Q, K, V as views of the packed tensor.
+fn split<B: Backend>(qkv: Tensor<B, 4>) -> [Tensor<B, 4>; 3] {
+    let b = qkv.dims()[0] / 3;
+    [0, 1, 2].map(|i| qkv.clone().narrow(0, i * b, b))
+}
 
 /// Runs the fused op when `B` is `Autodiff<I, _>` (whatever its checkpointing strategy: the
-/// tensor type does not depend on it); hands the inputs back otherwise.
-fn on_autodiff_of<B: Backend, I: Backend>(qkv: Qkv<B>) -> Result<Tensor<B, 4>, Qkv<B>> {
+/// tensor type does not depend on it); hands the input back otherwise.
+fn on_autodiff_of<B: Backend, I: Backend>(qkv: Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     if !is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<I>>>() {
         return Err(qkv);
     }
-    let (q, k, v) = qkv;
-    let prim =
-        |t: Tensor<B, 4>| -> FloatTensor<Autodiff<I>> { cast_same(t.into_primitive().tensor()) };
-    let out = cast_same(forward::<I>(prim(q), prim(k), prim(v)));
+    let out = cast_same(forward::<I>(cast_same(qkv.into_primitive().tensor())));
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
@@ -62,34 +70,22 @@ fn inner<I: Backend>(t: FloatTensor<I>) -> Tensor<I, 4> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-fn forward<I: Backend>(
-    q: FloatTensor<Autodiff<I>>,
-    k: FloatTensor<Autodiff<I>>,
-    v: FloatTensor<Autodiff<I>>,
-) -> FloatTensor<Autodiff<I>> {
-    let out = burn::tensor::module::attention(
-        inner::<I>(q.primitive.clone()),
-        inner::<I>(k.primitive.clone()),
-        inner::<I>(v.primitive.clone()),
-        None,
-        None,
-        AttentionModuleOptions::default(),
-    )
-    .into_primitive()
-    .tensor();
+fn forward<I: Backend>(qkv: FloatTensor<Autodiff<I>>) -> FloatTensor<Autodiff<I>> {
+    let [q, k, v] = split(inner::<I>(qkv.primitive.clone()));
+    let out =
+        burn::tensor::module::attention(q, k, v, None, None, AttentionModuleOptions::default())
+            .into_primitive()
+            .tensor();
     // Compute-bound, so the checkpointing strategy never recomputes it: any `C` prepares it alike.
-    let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
     match AttentionBackward
-        .prepare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>(nodes)
+        .prepare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>([qkv
+            .node
+            .clone()])
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(mut prep) => {
-            let state = (
-                prep.checkpoint(&q),
-                prep.checkpoint(&k),
-                prep.checkpoint(&v),
-            );
+            let state = prep.checkpoint(&qkv);
             prep.finish(state, out)
         }
         OpsKind::UnTracked(prep) => prep.finish(out),
@@ -99,20 +95,15 @@ fn forward<I: Backend>(
 #[derive(Debug)]
 struct AttentionBackward;
 
-impl<I: Backend> Backward<I, 3> for AttentionBackward {
-    type State = (NodeId, NodeId, NodeId);
+impl<I: Backend> Backward<I, 1> for AttentionBackward {
+    type State = NodeId;
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
-        let (q, k, v) = ops.state;
-        let q = inner::<I>(ckpt.retrieve_node_output(q));
-        let k = inner::<I>(ckpt.retrieve_node_output(k));
-        let v = inner::<I>(ckpt.retrieve_node_output(v));
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let [q, k, v] = split(inner::<I>(ckpt.retrieve_node_output(ops.state)));
         let d_out = inner::<I>(grads.consume::<I>(&ops.node));
-        let [dq, dk, dv] = gradients(q, k, v, d_out);
-        for (parent, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
-            if let Some(node) = parent {
-                grads.register::<I>(node.id, g.into_primitive().tensor());
-            }
+        if let [Some(node)] = ops.parents {
+            let d_qkv = Tensor::cat(gradients(q, k, v, d_out).to_vec(), 0);
+            grads.register::<I>(node.id, d_qkv.into_primitive().tensor());
         }
     }
 }
@@ -173,8 +164,12 @@ mod tests {
         softmax(q.matmul(k.swap_dims(2, 3)) * s, 3).matmul(v)
     }
 
+    fn packed<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+        attention(Tensor::cat(vec![q, k, v], 0))
+    }
+
     fn same_as_unfused<C: CheckpointStrategy>(shape: [usize; 4]) {
-        let fused = run::<C>(attention, shape);
+        let fused = run::<C>(packed, shape);
         let reference = run::<C>(unfused, shape);
         for (name, (a, b)) in ["out", "dq", "dk", "dv"]
             .iter()
@@ -201,7 +196,7 @@ mod tests {
     fn bf16_inputs_keep_their_dtype_and_stay_close() {
         let to_bf16 = |t: Tensor<Ad<NoCheckpointing>, 4>| t.cast(FloatDType::BF16);
         let [out, dq, ..] = run::<NoCheckpointing>(
-            |q, k, v| attention(to_bf16(q), to_bf16(k), to_bf16(v)).cast(FloatDType::F32),
+            |q, k, v| packed(to_bf16(q), to_bf16(k), to_bf16(v)).cast(FloatDType::F32),
             [1, 2, 16, 8],
         );
         let [ref_out, ref_dq, ..] = run::<NoCheckpointing>(unfused, [1, 2, 16, 8]);
@@ -214,7 +209,7 @@ mod tests {
     #[test]
     fn without_gradients_it_is_burns_op() {
         let [q, k, v] = [1, 2, 3].map(|s| test_values::<Cpu, 4>([2, 2, 9, 4], s));
-        let a = attention(q.clone(), k.clone(), v.clone());
+        let a = packed(q.clone(), k.clone(), v.clone());
         let b = unfused(q, k, v);
         a.into_data()
             .assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(1e-5));

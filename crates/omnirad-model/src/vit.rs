@@ -394,13 +394,10 @@ impl<B: Backend> Attention<B> {
             Precision::Bf16 => qkv.cast(FloatDType::BF16),
         }
         .reshape([b, n, 3, h, d / h]);
-        // One contiguous [3·B, H, N, d/h] copy, so q, k and v are views (a squeeze would copy).
+        // One contiguous [3·B, H, N, d/h] copy: q, k and v are views of it (a squeeze would copy).
         let qkv = permute_contiguous(qkv, [2, 0, 3, 1, 4]).reshape([3 * b, h, n, d / h]);
-        let q = qkv.clone().narrow(0, 0, b);
-        let k = qkv.clone().narrow(0, b, b);
-        let v = qkv.narrow(0, 2 * b, b);
         // Fused in the forward pass also when training (see `crate::attention`).
-        let out = permute_contiguous(attention(q, k, v), [0, 2, 1, 3]).reshape([b, n, d]);
+        let out = permute_contiguous(attention(qkv), [0, 2, 1, 3]).reshape([b, n, d]);
         to_f32(with_lora(&self.proj, &self.proj_lora, out, p))
     }
 }
