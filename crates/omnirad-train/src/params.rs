@@ -83,6 +83,19 @@ where
     })
 }
 
+/// θ_t ← m·θ_t + (1 − m)·θ_s for every parameter of `target` that `source` has under the same
+/// path (the others are kept): the DINO teacher update and fine-tuning's weight average.
+pub fn ema<B: Backend, M: Module<B>>(target: M, source: &M, m: f64) -> M {
+    let source: std::collections::HashMap<String, Tensor<B, 1>> = collect(source)
+        .into_iter()
+        .map(|p| (p.path, p.value))
+        .collect();
+    replace(target, |path, t| match source.get(path) {
+        Some(s) => t * m + s.clone() * (1.0 - m),
+        None => t,
+    })
+}
+
 /// Marks every float parameter as trainable. Needed after `from_inner`: parameters made with
 /// `Param::from_tensor` on a non-autodiff backend (tokens, position table, LayerScale, …) carry
 /// `require_grad = false` into the autodiff module and would silently never train.

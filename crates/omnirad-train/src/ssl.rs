@@ -19,7 +19,6 @@ use omnirad_model::{
     CheckpointStrategy, DinoHead, DinoHeadConfig, NoCheckpointing, Train, Vit, VitConfig,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 
 use crate::loss::{cross_entropy, ibot_patch_loss, koleo_loss, sinkhorn_knopp, Center};
 use crate::optim::{AdamW, ParamGroup, StepSettings};
@@ -387,15 +386,7 @@ impl<B: Backend, C: CheckpointStrategy> SslTrainer<B, C> {
 
     /// θ_t ← m·θ_t + (1 − m)·θ_s for every parameter (backbone and heads).
     pub fn update_teacher(&mut self, m: f64) {
-        let student: HashMap<String, Tensor<B, 1>> = params::collect(&self.student.valid())
-            .into_iter()
-            .map(|p| (p.path, p.value))
-            .collect();
-        let teacher = self.teacher.clone();
-        self.teacher = params::replace(teacher, |path, t| match student.get(path) {
-            Some(s) => t * m + s.clone() * (1.0 - m),
-            None => t,
-        });
+        self.teacher = params::ema(self.teacher.clone(), &self.student.valid(), m);
     }
 }
 

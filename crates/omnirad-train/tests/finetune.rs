@@ -243,14 +243,53 @@ fn gradient_checkpointing_gives_the_same_fine_tuning() {
             b.train_loss
         );
     }
-    for ((path, a), (_, b)) in snapshot(&keep.model)
-        .iter()
-        .zip(&snapshot(&recompute.model))
-    {
+    assert_close(&keep.model, &recompute.model, 1e-5);
+}
+
+/// Every encoder parameter of `a` and `b` agrees within `rel` of the tensor's largest value.
+fn assert_close(a: &Classifier<B>, b: &Classifier<B>, rel: f32) {
+    for ((path, a), (_, b)) in snapshot(a).iter().zip(&snapshot(b)) {
         let scale = a.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
         let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(diff <= 1e-5 * scale, "{path}: differs by {diff}");
+        assert!(diff <= rel * scale, "{path}: differs by {diff}");
     }
+}
+
+#[test]
+fn weight_ema_scores_an_average_and_leaves_training_alone() {
+    let _rng = rng_lock();
+    let model = pico(9, 0.0);
+    let with = |ema| FinetuneConfig { ema, ..small_cfg() };
+    let plain = train(model.clone(), &with(None), (1, 2));
+    let averaged = train(model.clone(), &with(Some(0.9)), (1, 2));
+    // A vanishing decay makes the average the current weights: plain fine-tuning again.
+    let current = train(model, &with(Some(1e-9)), (1, 2));
+    assert_close(&plain.model, &current.model, 1e-5);
+    assert_eq!(plain.best_epoch, current.best_epoch);
+    for ((p, a), c) in plain
+        .history
+        .iter()
+        .zip(&averaged.history)
+        .zip(&current.history)
+    {
+        // The average is only scored: the optimised weights, hence the training losses, are
+        // the same in all three runs.
+        assert_eq!(p.train_loss, a.train_loss, "epoch {}", p.epoch);
+        assert_eq!(p.train_loss, c.train_loss, "epoch {}", p.epoch);
+        assert!((p.val_loss - c.val_loss).abs() < 1e-5, "epoch {}", p.epoch);
+    }
+    // ... but what is scored and returned with decay 0.9 is another model, which still learnt.
+    let moved = plain
+        .history
+        .iter()
+        .zip(&averaged.history)
+        .any(|(p, a)| (p.val_loss - a.val_loss).abs() > 1e-4);
+    assert!(
+        moved,
+        "the EMA run scored the same models as plain fine-tuning"
+    );
+    assert_ne!(snapshot(&plain.model), snapshot(&averaged.model));
+    assert!(averaged.val.acc > 0.9, "val acc {}", averaged.val.acc);
 }
 
 #[test]

@@ -78,6 +78,9 @@ pub struct MedMnistArgs {
     /// Fine-tuning: train the head alone for N epochs first (LP-FT).
     #[arg(long, default_value_t = 0)]
     pub head_epochs: usize,
+    /// Fine-tuning / LoRA: score and select an EMA of the weights with this decay per step.
+    #[arg(long, value_parser = crate::finetune::parse_ema)]
+    pub ema: Option<f64>,
     /// Linear probe repeats with seeds seed, seed+1, …; the table shows mean ± std.
     #[arg(long, default_value_t = 1)]
     pub seeds: u64,
@@ -249,6 +252,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         precision: a.dtype,
                         grad_checkpoint: a.grad_checkpoint,
                         head_epochs: a.head_epochs,
+                        ema: a.ema,
                         ..Default::default()
                     };
                     if a.mode == Mode::Lora {
@@ -400,6 +404,25 @@ fn val_summary(m: &Metrics) -> String {
     )
 }
 
+/// Fine-tuning's epochs and the options that change what is scored, for the table's caption.
+fn schedule(a: &MedMnistArgs) -> String {
+    if !matches!(a.mode, Mode::Finetune | Mode::Lora) {
+        return String::new();
+    }
+    let mut s = format!(
+        ", {} epochs",
+        a.epochs
+            .unwrap_or(omnirad_train::finetune::FinetuneConfig::default().epochs)
+    );
+    if a.head_epochs > 0 && a.mode == Mode::Finetune {
+        s += &format!(" after {} head-only", a.head_epochs);
+    }
+    if let Some(d) = a.ema {
+        s += &format!(", weight EMA {d}");
+    }
+    s
+}
+
 fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
     let split = match a.mode {
         Mode::Knn => "Test split.".to_string(),
@@ -420,7 +443,7 @@ fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
         } + match a.dtype {
             omnirad_model::Precision::Bf16 => " (bf16 mixed precision)",
             omnirad_model::Precision::F32 => "",
-        },
+        } + &schedule(a),
         format!("{:?}", a.pool).to_lowercase(),
         a.size,
         rows.first().map(|r| r.model_size).unwrap_or(0)
