@@ -99,18 +99,25 @@ impl std::str::FromStr for Precision {
 }
 
 /// `x·W + b` with the matmul in `p`; the result is in `p` too (the caller casts back).
+/// The tokens of all images are one [B·N, D] matrix: on a [B, N, D] input burn's weight gradient
+/// is B per-image products [D_in, D_out], each allocated, then summed — one GEMM over all
+/// tokens writes a B-th of that memory.
 fn linear<B: Backend>(l: &Linear<B>, x: Tensor<B, 3>, p: Precision) -> Tensor<B, 3> {
-    match p {
+    let [b, n, d] = x.dims();
+    let x = x.reshape([b * n, d]);
+    let y = match p {
         Precision::F32 => l.forward(x),
         Precision::Bf16 => {
             let bf = FloatDType::BF16;
-            let y = x.cast(bf).matmul(l.weight.val().cast(bf).unsqueeze());
+            let y = x.cast(bf).matmul(l.weight.val().cast(bf));
             match &l.bias {
                 Some(b) => y + b.val().cast(bf).unsqueeze(),
                 None => y,
             }
         }
-    }
+    };
+    let out = y.dims()[1];
+    y.reshape([b, n, out])
 }
 
 /// Back to f32; a no-op (no graph node, no kernel) when already f32.

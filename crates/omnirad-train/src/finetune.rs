@@ -77,6 +77,11 @@ impl Selection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FinetuneConfig {
     pub epochs: usize,
+    /// Train for at least this many optimizer steps: on a small set the epochs rise to
+    /// ⌈min_steps / steps per epoch⌉ (BreastMNIST's 546 images give 9 steps an epoch, and 20
+    /// epochs of them left it under-trained; BENCHMARKS.md). 0 = exactly `epochs`.
+    #[serde(default)]
+    pub min_steps: usize,
     pub batch: usize,
     /// Peak learning rate (after warm-up), for the head and the last block.
     pub lr: f64,
@@ -138,10 +143,16 @@ impl Default for LoraConfig {
     }
 }
 
+/// BreastMNIST fine-tuned best with about 1800 steps (200 epochs of 9; BENCHMARKS.md). At the
+/// default batch of 64, sets of 5760 images and more keep their 20 epochs (PneumoniaMNIST's 4708
+/// get 25).
+pub const DEFAULT_MIN_STEPS: usize = 1800;
+
 impl Default for FinetuneConfig {
     fn default() -> Self {
         Self {
             epochs: 20,
+            min_steps: DEFAULT_MIN_STEPS,
             batch: 64,
             lr: 5e-4,
             min_lr: 1e-6,
@@ -380,6 +391,7 @@ pub fn finetune<B: Backend>(
     }
     let probe = FinetuneConfig {
         epochs: cfg.head_epochs,
+        min_steps: 0,
         warmup_epochs: cfg.warmup_epochs.min(cfg.head_epochs),
         frozen: true,
         head_epochs: 0,
@@ -486,7 +498,10 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
         params::trainable(student)
     };
     let steps_per_epoch = train.images.len().div_ceil(cfg.batch.max(1));
-    let total = cfg.epochs * steps_per_epoch;
+    let epochs = cfg
+        .epochs
+        .max(cfg.min_steps.div_ceil(steps_per_epoch.max(1)));
+    let total = epochs * steps_per_epoch;
     let lr = Cosine::new(cfg.lr, cfg.min_lr, total)
         .with_warmup((cfg.warmup_epochs * steps_per_epoch).min(total), 0.0);
     let mut opt = AdamW::<B>::new(0.9, 0.999, 1e-8);
@@ -498,7 +513,7 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
     let mut step = 0;
     params::materialize(&student);
     let mut average = cfg.ema.map(|_| student.valid());
-    for epoch in 1..=cfg.epochs {
+    for epoch in 1..=epochs {
         order.shuffle(&mut rng);
         let mut loss_sum = 0.0;
         for chunk in order.chunks(cfg.batch.max(1)) {

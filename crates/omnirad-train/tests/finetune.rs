@@ -66,6 +66,7 @@ fn pico(seed: u64, dropout: f64) -> Classifier<B> {
 fn small_cfg() -> FinetuneConfig {
     FinetuneConfig {
         epochs: 4,
+        min_steps: 0,
         batch: 16,
         lr: 3e-3,
         warmup_epochs: 0,
@@ -325,4 +326,32 @@ fn head_epochs_probe_first_then_fine_tune_everything() {
     assert!(lp_ft.best_epoch > 2, "best epoch {}", lp_ft.best_epoch);
     assert_ne!(snapshot(&lp_ft.model), before);
     assert!(lp_ft.val.acc > 0.9, "val acc {}", lp_ft.val.acc);
+}
+
+#[test]
+fn min_steps_lengthens_training_on_small_sets() {
+    let _rng = rng_lock();
+    let model = pico(3, 0.0);
+    // 64 images in batches of 16 are 4 steps an epoch: 10 steps take 3 epochs, and the
+    // learning-rate schedule spans all three (it is mid-way down the cosine after the second).
+    let cfg = FinetuneConfig {
+        epochs: 1,
+        min_steps: 10,
+        ..small_cfg()
+    };
+    let r = train(model.clone(), &cfg, (1, 2));
+    assert_eq!(r.history.len(), 3);
+    assert!(r.history[1].lr > 0.1 * cfg.lr, "lr {}", r.history[1].lr);
+    // Enough steps already: the epochs stay; LP-FT's head-only phase is not stretched.
+    let r = train(
+        model,
+        &FinetuneConfig {
+            epochs: 2,
+            min_steps: 8,
+            head_epochs: 1,
+            ..small_cfg()
+        },
+        (1, 2),
+    );
+    assert_eq!(r.history.len(), 3);
 }

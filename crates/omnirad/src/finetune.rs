@@ -37,8 +37,10 @@ use crate::ReadArgs;
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
-    #[arg(long, default_value_t = 20)]
-    pub epochs: usize,
+    /// Epochs; by default 20, or more on small sets so that training makes at least 1800
+    /// optimizer steps (BreastMNIST: 200).
+    #[arg(long)]
+    pub epochs: Option<usize>,
     #[arg(long, default_value_t = 5e-4)]
     pub lr: f64,
     #[arg(long, default_value_t = 64)]
@@ -100,8 +102,14 @@ pub fn parse_ema(s: &str) -> Result<f64, String> {
 
 impl TrainArgs {
     pub fn config(&self, seed: u64) -> FinetuneConfig {
+        let default = FinetuneConfig::default();
         FinetuneConfig {
-            epochs: self.epochs,
+            epochs: self.epochs.unwrap_or(default.epochs),
+            min_steps: if self.epochs.is_some() {
+                0
+            } else {
+                default.min_steps
+            },
             batch: self.batch,
             lr: self.lr,
             min_lr: 1e-6,

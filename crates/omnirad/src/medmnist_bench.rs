@@ -54,7 +54,8 @@ pub struct MedMnistArgs {
     pub pool: Pool,
     #[arg(long, default_value_t = 20)]
     pub k: usize,
-    /// Linear probe / fine-tuning epochs (the val split picks the best); default 60 / 20.
+    /// Linear probe / fine-tuning epochs (the val split picks the best); default 60 / 20, and
+    /// fine-tuning makes at least 1800 optimizer steps unless this is given (BreastMNIST: 200).
     #[arg(long)]
     pub epochs: Option<usize>,
     #[arg(long, default_value_t = 16)]
@@ -262,7 +263,10 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         });
                         ft.lr = 1e-3;
                     }
-                    ft.epochs = a.epochs.unwrap_or(ft.epochs);
+                    if let Some(e) = a.epochs {
+                        ft.epochs = e;
+                        ft.min_steps = 0;
+                    }
                     ft.lr = a.lr.unwrap_or(ft.lr);
                     let o = crate::finetune::run_on_npz::<B>(
                         vit.clone(),
@@ -409,11 +413,11 @@ fn schedule(a: &MedMnistArgs) -> String {
     if !matches!(a.mode, Mode::Finetune | Mode::Lora) {
         return String::new();
     }
-    let mut s = format!(
-        ", {} epochs",
-        a.epochs
-            .unwrap_or(omnirad_train::finetune::FinetuneConfig::default().epochs)
-    );
+    let d = omnirad_train::finetune::FinetuneConfig::default();
+    let mut s = match a.epochs {
+        Some(e) => format!(", {e} epochs"),
+        None => format!(", {} epochs or {} steps if more", d.epochs, d.min_steps),
+    };
     if a.head_epochs > 0 && a.mode == Mode::Finetune {
         s += &format!(" after {} head-only", a.head_epochs);
     }
