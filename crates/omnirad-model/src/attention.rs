@@ -8,12 +8,16 @@
 //! burn 0.21's `Autodiff` backend runs `module::attention` as its unfused fallback (matmul,
 //! max, exp, sum, div, matmul) and keeps three or four [B, H, N, N] tensors per block for the
 //! backward pass. Here the forward pass is the inner backend's own attention (CubeCL's flash
-//! kernel on CUDA, burn-flex's fused loop on CPU) and the backward pass keeps only Q, K and V,
+//! kernel on CUDA, [`cpu`] below on CPU) and the backward pass keeps only Q, K and V,
 //! recomputing P once — the memory profile of FlashAttention's backward, with burn's matmuls.
 //!
 //! burn offers no extension point for autodiff ops short of a new backend trait on every model
 //! type, so [`attention`] recognises the autodiff backends omnirad builds (over [`crate::Cpu`] and
 //! `Cuda`) by type and registers the op on their graph; any other backend gets burn's op.
+//!
+//! On the CPU backend the f32 forward pass is omnirad's own ([`cpu`]): burn-flex 0.21 computes
+//! one (image, head) pair after another on one thread, which was a fifth of ViT-S/16 inference
+//! time on two cores (BENCHMARKS.md) and would be most of it on sixteen.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
@@ -23,7 +27,7 @@ use burn::backend::Autodiff;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
-use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
 
 use crate::{cast_same, is_same};
 
@@ -46,8 +50,20 @@ pub fn attention<B: Backend>(qkv: Tensor<B, 4>) -> Tensor<B, 4> {
         Ok(out) => return out,
         Err(qkv) => qkv,
     };
-    let [q, k, v] = split(qkv);
+    let out = inner_forward::<B>(qkv.into_primitive().tensor());
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// The forward pass without autodiff: [`cpu::forward`] for f32 on the CPU backend, the
+/// backend's own attention otherwise.
+fn inner_forward<I: Backend>(qkv: FloatTensor<I>) -> FloatTensor<I> {
+    if is_same::<FloatTensor<I>, burn::backend::flex::FlexTensor>() && qkv.dtype() == DType::F32 {
+        return cast_same(cpu::forward(cast_same(qkv)));
+    }
+    let [q, k, v] = split(inner::<I>(qkv));
     burn::tensor::module::attention(q, k, v, None, None, AttentionModuleOptions::default())
+        .into_primitive()
+        .tensor()
 }
 
 /// Q, K, V as views of the packed tensor.
@@ -71,11 +87,7 @@ fn inner<I: Backend>(t: FloatTensor<I>) -> Tensor<I, 4> {
 }
 
 fn forward<I: Backend>(qkv: FloatTensor<Autodiff<I>>) -> FloatTensor<Autodiff<I>> {
-    let [q, k, v] = split(inner::<I>(qkv.primitive.clone()));
-    let out =
-        burn::tensor::module::attention(q, k, v, None, None, AttentionModuleOptions::default())
-            .into_primitive()
-            .tensor();
+    let out = inner_forward::<I>(qkv.primitive.clone());
     // Compute-bound, so the checkpointing strategy never recomputes it: any `C` prepares it alike.
     match AttentionBackward
         .prepare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>([qkv
@@ -99,12 +111,21 @@ impl<I: Backend> Backward<I, 1> for AttentionBackward {
     type State = NodeId;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
-        let [q, k, v] = split(inner::<I>(ckpt.retrieve_node_output(ops.state)));
-        let d_out = inner::<I>(grads.consume::<I>(&ops.node));
-        if let [Some(node)] = ops.parents {
-            let d_qkv = Tensor::cat(gradients(q, k, v, d_out).to_vec(), 0);
-            grads.register::<I>(node.id, d_qkv.into_primitive().tensor());
-        }
+        let qkv: FloatTensor<I> = ckpt.retrieve_node_output(ops.state);
+        let d_out = grads.consume::<I>(&ops.node);
+        let [Some(node)] = ops.parents else { return };
+        let d_qkv = if is_same::<FloatTensor<I>, burn::backend::flex::FlexTensor>()
+            && qkv.dtype() == DType::F32
+            && d_out.dtype() == DType::F32
+        {
+            cast_same(cpu::backward(cast_same(qkv), cast_same(d_out)))
+        } else {
+            let [q, k, v] = split(inner::<I>(qkv));
+            Tensor::cat(gradients(q, k, v, inner::<I>(d_out)).to_vec(), 0)
+                .into_primitive()
+                .tensor()
+        };
+        grads.register::<I>(node.id, d_qkv);
     }
 }
 
@@ -129,6 +150,250 @@ fn gradients<I: Backend>(
     let dq = ds.clone().matmul(k);
     let dk = ds.swap_dims(2, 3).matmul(q);
     [dq, dk, dv]
+}
+
+/// The f32 passes on the CPU backend, with single-threaded `gemm` calls (the library burn-flex
+/// uses) in rayon tasks and the softmax on the vectorised exp of [`crate::simd`]. The forward
+/// pass splits every (image, head) into blocks of query rows; the backward pass takes one task
+/// per (image, head), walking its query-row blocks so that dK and dV accumulate without locks,
+/// and never holds more than two [rows, N] blocks of P and dP per task.
+mod cpu {
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::{TensorData, TensorMetadata};
+    use gemm::Parallelism;
+    use rayon::prelude::*;
+
+    /// Query rows per task: enough rows for gemm's microkernel, and a batch of one image still
+    /// splits over many cores (ViT-S/16: 6 heads × 4 blocks of its 197 tokens).
+    const ROWS: usize = 64;
+
+    /// A row-major [rows, cols] matrix in a slice, or its transpose (read through swapped
+    /// strides, no copy).
+    #[derive(Clone, Copy)]
+    struct Mat<'a> {
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+    }
+
+    impl<'a> Mat<'a> {
+        fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+            assert_eq!(data.len(), rows * cols, "Mat: slice length");
+            Self {
+                data,
+                rows,
+                cols,
+                transposed: false,
+            }
+        }
+
+        fn t(self) -> Self {
+            Self {
+                transposed: !self.transposed,
+                ..self
+            }
+        }
+
+        /// Logical (rows, cols) and (column stride, row stride).
+        fn layout(&self) -> ((usize, usize), (isize, isize)) {
+            let c = self.cols as isize;
+            if self.transposed {
+                ((self.cols, self.rows), (c, 1))
+            } else {
+                ((self.rows, self.cols), (1, c))
+            }
+        }
+    }
+
+    /// `dst` [m, n] ← β·A·B, or `dst` += β·A·B when `acc`; one thread (the callers' rayon tasks
+    /// are the parallelism).
+    fn mm(dst: &mut [f32], acc: bool, a: Mat, b: Mat, beta: f32) {
+        let ((m, k), (a_cs, a_rs)) = a.layout();
+        let ((k2, n), (b_cs, b_rs)) = b.layout();
+        assert!(k == k2 && dst.len() == m * n, "mm: shapes");
+        // SAFETY: `Mat::new` and the assert tie every shape and stride to its slice's length.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                acc,
+                a.data.as_ptr(),
+                a_cs,
+                a_rs,
+                b.data.as_ptr(),
+                b_cs,
+                b_rs,
+                1.0,
+                beta,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    }
+
+    fn contiguous(t: FlexTensor) -> FlexTensor {
+        if t.is_contiguous() {
+            t
+        } else {
+            t.to_contiguous()
+        }
+    }
+
+    /// `qkv` [3·B, H, N, d] → [B, H, N, d].
+    pub(super) fn forward(qkv: FlexTensor) -> FlexTensor {
+        let [b3, h, n, d] = qkv.shape().dims::<4>();
+        let qkv = contiguous(qkv);
+        let x = qkv.as_slice::<f32>().expect("contiguous f32");
+        let (head, part) = (n * d, b3 / 3 * h * n * d);
+        let mut out = vec![0f32; part];
+        if part > 0 {
+            let (q, kv) = x.split_at(part);
+            let (k, v) = kv.split_at(part);
+            let scale = 1.0 / (d as f32).sqrt();
+            out.par_chunks_mut(head).enumerate().for_each(|(i, o)| {
+                let span = i * head..(i + 1) * head;
+                let (q, k, v) = (&q[span.clone()], &k[span.clone()], &v[span]);
+                o.par_chunks_mut(ROWS * d).enumerate().for_each(|(r, o)| {
+                    let rows = o.len() / d;
+                    let q = Mat::new(&q[r * ROWS * d..][..rows * d], rows, d);
+                    let mut p = vec![0f32; rows * n];
+                    mm(&mut p, false, q, Mat::new(k, n, d).t(), scale);
+                    kernels::softmax_rows(&mut p, n);
+                    mm(o, false, Mat::new(&p, rows, n), Mat::new(v, n, d), 1.0);
+                });
+            });
+        }
+        FlexTensor::from_data(TensorData::new(out, [b3 / 3, h, n, d]))
+    }
+
+    /// `qkv` [3·B, H, N, d] and dO [B, H, N, d] → dQ, dK, dV packed as `qkv` (module doc's
+    /// formulas, P recomputed block by block).
+    pub(super) fn backward(qkv: FlexTensor, d_out: FlexTensor) -> FlexTensor {
+        let [b3, h, n, d] = qkv.shape().dims::<4>();
+        let (qkv, d_out) = (contiguous(qkv), contiguous(d_out));
+        let x = qkv.as_slice::<f32>().expect("contiguous f32");
+        let g = d_out.as_slice::<f32>().expect("contiguous f32");
+        let (head, part) = (n * d, b3 / 3 * h * n * d);
+        let mut grad = vec![0f32; 3 * part];
+        if part > 0 {
+            let (q, kv) = x.split_at(part);
+            let (k, v) = kv.split_at(part);
+            let (gq, gkv) = grad.split_at_mut(part);
+            let (gk, gv) = gkv.split_at_mut(part);
+            let scale = 1.0 / (d as f32).sqrt();
+            gq.par_chunks_mut(head)
+                .zip(gk.par_chunks_mut(head))
+                .zip(gv.par_chunks_mut(head))
+                .enumerate()
+                .for_each(|(i, ((dq, dk), dv))| {
+                    let span = i * head..(i + 1) * head;
+                    let k = Mat::new(&k[span.clone()], n, d);
+                    let v = Mat::new(&v[span.clone()], n, d);
+                    let (q, g) = (&q[span.clone()], &g[span]);
+                    let mut p = vec![0f32; ROWS.min(n) * n];
+                    let mut dp = vec![0f32; ROWS.min(n) * n];
+                    for r0 in (0..n).step_by(ROWS) {
+                        let rows = ROWS.min(n - r0);
+                        let block = r0 * d..(r0 + rows) * d;
+                        let q_r = Mat::new(&q[block.clone()], rows, d);
+                        let g_r = Mat::new(&g[block.clone()], rows, d);
+                        let (p, dp) = (&mut p[..rows * n], &mut dp[..rows * n]);
+                        // dK and dV sum over the blocks.
+                        let acc = r0 > 0;
+                        mm(p, false, q_r, k.t(), scale);
+                        kernels::softmax_rows(p, n);
+                        mm(dv, acc, Mat::new(p, rows, n).t(), g_r, 1.0);
+                        mm(dp, false, g_r, v.t(), 1.0);
+                        // dS = s·P ⊙ (dP − rowsum(dP ⊙ P)), in place of dP.
+                        kernels::softmax_grad_rows(p, dp, n, scale);
+                        mm(&mut dq[block], false, Mat::new(dp, rows, n), k, 1.0);
+                        mm(dk, acc, Mat::new(dp, rows, n).t(), q_r, 1.0);
+                    }
+                });
+        }
+        FlexTensor::from_data(TensorData::new(grad, [b3, h, n, d]))
+    }
+
+    mod kernels {
+        use crate::simd::{dispatch, exp_neg};
+
+        dispatch! {
+            /// Each `n`-long row of `s` ← softmax(row); a row holding NaN or ±∞ becomes NaN, as
+            /// burn's softmax makes it (`exp_neg` would clamp NaN to a tiny finite value).
+            softmax_rows(s: &mut [f32], n: usize) {
+                const L: usize = 16;
+                for row in s.chunks_exact_mut(n) {
+                    // Lane-wise max (and a NaN detector: x·0 is NaN only for NaN and ±∞), so the
+                    // reductions vectorise.
+                    let mut max = [f32::NEG_INFINITY; L];
+                    let mut bad = [0f32; L];
+                    let mut chunks = row.chunks_exact(L);
+                    for c in &mut chunks {
+                        for i in 0..L {
+                            max[i] = if c[i] > max[i] { c[i] } else { max[i] };
+                            bad[i] += c[i] * 0.0;
+                        }
+                    }
+                    for (i, &x) in chunks.remainder().iter().enumerate() {
+                        max[i] = if x > max[i] { x } else { max[i] };
+                        bad[i] += x * 0.0;
+                    }
+                    if bad.iter().sum::<f32>().is_nan() {
+                        row.fill(f32::NAN);
+                        continue;
+                    }
+                    let m = max.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+                    let mut sum = [0f32; L];
+                    let mut chunks = row.chunks_exact_mut(L);
+                    for c in &mut chunks {
+                        for i in 0..L {
+                            c[i] = exp_neg(c[i] - m);
+                            sum[i] += c[i];
+                        }
+                    }
+                    for (i, x) in chunks.into_remainder().iter_mut().enumerate() {
+                        *x = exp_neg(*x - m);
+                        sum[i] += *x;
+                    }
+                    let inv = 1.0 / sum.iter().sum::<f32>();
+                    for x in row.iter_mut() {
+                        *x *= inv;
+                    }
+                }
+            }
+        }
+
+        dispatch! {
+            /// Row by row, `dp` ← s·p ⊙ (dp − Σ dp ⊙ p): the gradient of the scores through the
+            /// softmax, scaled for S = s·Q·Kᵀ.
+            softmax_grad_rows(p: &[f32], dp: &mut [f32], n: usize, s: f32) {
+                const L: usize = 16;
+                for (p, dp) in p.chunks_exact(n).zip(dp.chunks_exact_mut(n)) {
+                    let mut acc = [0f32; L];
+                    let (mut pc, mut gc) = (p.chunks_exact(L), dp.chunks_exact(L));
+                    for (a, b) in (&mut pc).zip(&mut gc) {
+                        for i in 0..L {
+                            acc[i] += a[i] * b[i];
+                        }
+                    }
+                    for (i, (a, b)) in pc.remainder().iter().zip(gc.remainder()).enumerate() {
+                        acc[i] += a * b;
+                    }
+                    let dot: f32 = acc.iter().sum();
+                    for (g, &p) in dp.iter_mut().zip(p) {
+                        *g = s * p * (*g - dot);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -207,8 +472,24 @@ mod tests {
     }
 
     #[test]
-    fn without_gradients_it_is_burns_op() {
-        let [q, k, v] = [1, 2, 3].map(|s| test_values::<Cpu, 4>([2, 2, 9, 4], s));
+    fn a_nan_query_makes_its_own_output_row_nan_and_no_other() {
+        let [q, k, v] = [1, 2, 3].map(|s| test_values::<Cpu, 4>([1, 2, 70, 4], s));
+        // Row 66 lies in the second block of query rows.
+        let q = q.slice_assign(
+            [0..1, 1..2, 66..67, 2..3],
+            Tensor::full([1, 1, 1, 1], f32::NAN, &Default::default()),
+        );
+        let out = packed(q, k, v).into_data().to_vec::<f32>().unwrap();
+        for (i, row) in out.chunks(4).enumerate() {
+            let nan = i == 70 + 66;
+            assert!(row.iter().all(|x| x.is_nan() == nan), "row {i}: {row:?}");
+        }
+    }
+
+    #[test]
+    fn without_gradients_it_matches_the_unfused_graph() {
+        // 130 query rows: three blocks, the last one short.
+        let [q, k, v] = [1, 2, 3].map(|s| test_values::<Cpu, 4>([2, 2, 130, 4], s));
         let a = packed(q.clone(), k.clone(), v.clone());
         let b = unfused(q, k, v);
         a.into_data()

@@ -136,36 +136,9 @@ fn map_f32(t: FlexTensor, f: impl Fn(&mut [f32])) -> FlexTensor {
 
 /// The elementwise math, written branch-free so that LLVM vectorises the loops.
 mod kernels {
-    use std::f32::consts::{FRAC_1_SQRT_2, LN_2, LOG2_E};
+    use std::f32::consts::FRAC_1_SQRT_2;
 
-    /// exp(x) for x ≤ 0 with about 2 ulp error (Cephes `expf`: x = n·ln2 + r, |r| ≤ ln2/2,
-    /// a degree-6 polynomial for e^r, 2ⁿ from the exponent bits); 0 below −87, where the
-    /// result would be denormal.
-    #[inline(always)]
-    fn exp_neg(x: f32) -> f32 {
-        // 1.5·2²³: adding it rounds to an integer held in the low mantissa bits.
-        const ROUND: f32 = 12_582_912.0;
-        let underflow = x < -87.0;
-        let x = x.max(-87.0);
-        let k = x * LOG2_E + ROUND;
-        let n = k - ROUND;
-        // ln 2 split in two so that n·ln2_hi is exact.
-        let r = x - n * 0.693_359_4 - n * (LN_2 - 0.693_359_4);
-        let p = 1.987_569_2e-4;
-        let p = p * r + 1.398_199_9e-3;
-        let p = p * r + 8.333_452e-3;
-        let p = p * r + 4.166_579_6e-2;
-        let p = p * r + 1.666_666_5e-1;
-        let p = p * r + 0.5;
-        let er = p * r * r + r + 1.0;
-        let n = (k.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-        let e = er * f32::from_bits(((n + 127) as u32) << 23);
-        if underflow {
-            0.0
-        } else {
-            e
-        }
-    }
+    use crate::simd::{dispatch, exp_neg};
 
     /// Φ(x) = ½·erfc(−x/√2), with erfc(z) for z ≥ 0 from Numerical Recipes' `erfcc`.
     #[inline(always)]
@@ -200,36 +173,6 @@ mod kernels {
         // 1/√(2π)
         const INV_SQRT_2PI: f32 = 0.398_942_3;
         g * (cdf(x) + x * INV_SQRT_2PI * exp_neg(-0.5 * x * x))
-    }
-
-    /// One body per instruction set, chosen at run time (the release build targets baseline
-    /// x86-64; a dependency for two `target_feature` copies would be more code than this).
-    macro_rules! dispatch {
-        ($(#[$doc:meta])* $name:ident ($($arg:ident: $ty:ty),*) $body:block) => {
-            $(#[$doc])*
-            pub fn $name($($arg: $ty),*) {
-                #[inline(always)]
-                fn portable($($arg: $ty),*) $body
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx512f")]
-                    fn avx512($($arg: $ty),*) { portable($($arg),*) }
-                    #[target_feature(enable = "avx2,fma")]
-                    fn avx2($($arg: $ty),*) { portable($($arg),*) }
-                    if std::arch::is_x86_feature_detected!("avx512f") {
-                        // SAFETY: the CPU has the feature, checked just above.
-                        return unsafe { avx512($($arg),*) };
-                    }
-                    if std::arch::is_x86_feature_detected!("avx2")
-                        && std::arch::is_x86_feature_detected!("fma")
-                    {
-                        // SAFETY: as above.
-                        return unsafe { avx2($($arg),*) };
-                    }
-                }
-                portable($($arg),*)
-            }
-        };
     }
 
     dispatch! {

@@ -7,6 +7,7 @@ pub mod import;
 pub mod io;
 pub mod permute;
 pub mod seg;
+mod simd;
 pub mod vit;
 
 pub use dino_head::{DinoHead, DinoHeadConfig};
