@@ -120,7 +120,8 @@ pub struct FinetuneConfig {
     pub head_epochs: usize,
     /// Score, select and return an exponential moving average of the weights with this decay
     /// per step (timm's model EMA, with its warm-up: decay min(d, (1 + t)/(10 + t)) at step t).
-    /// On small sets the average is a less noisy model than the last step's weights. None = off.
+    /// A smoother model than the last step's weights (on BreastMNIST it did not score better
+    /// with 0.995; BENCHMARKS.md). None = off.
     #[serde(default)]
     pub ema: Option<f64>,
 }
@@ -173,6 +174,15 @@ impl Default for FinetuneConfig {
             head_epochs: 0,
             ema: None,
         }
+    }
+}
+
+impl FinetuneConfig {
+    /// The epochs a training set of `n` images gets: `epochs`, or more when they would make
+    /// fewer than `min_steps` optimizer steps.
+    pub fn epochs_for(&self, n: usize) -> usize {
+        let steps_per_epoch = n.div_ceil(self.batch.max(1)).max(1);
+        self.epochs.max(self.min_steps.div_ceil(steps_per_epoch))
     }
 }
 
@@ -498,9 +508,7 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
         params::trainable(student)
     };
     let steps_per_epoch = train.images.len().div_ceil(cfg.batch.max(1));
-    let epochs = cfg
-        .epochs
-        .max(cfg.min_steps.div_ceil(steps_per_epoch.max(1)));
+    let epochs = cfg.epochs_for(train.images.len());
     let total = epochs * steps_per_epoch;
     let lr = Cosine::new(cfg.lr, cfg.min_lr, total)
         .with_warmup((cfg.warmup_epochs * steps_per_epoch).min(total), 0.0);

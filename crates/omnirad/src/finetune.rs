@@ -85,7 +85,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub head_epochs: usize,
     /// Score, select and save an exponential moving average of the weights with this decay per
-    /// step (e.g. 0.998; timm's model EMA): steadier on small sets.
+    /// step (e.g. 0.998; timm's model EMA).
     #[arg(long, value_parser = parse_ema)]
     pub ema: Option<f64>,
 }
@@ -229,6 +229,19 @@ pub fn run_on_npz<B: Backend>(
     let model = Classifier::new(vit, classes, ft.cls_mean, ft.dropout, ft.seed, dev);
     let pre = &cfg.preprocess;
     let augment = Augment::finetune(pre.size);
+    if verbose {
+        let (n, epochs) = (tr.0.len(), ft.epochs_for(tr.0.len()));
+        eprintln!(
+            "{}: {n} training images, {} steps an epoch, {epochs} epochs{}",
+            info.name,
+            n.div_ceil(ft.batch.max(1)),
+            if epochs > ft.epochs {
+                format!(" (at least {} steps; --epochs sets them)", ft.min_steps)
+            } else {
+                String::new()
+            }
+        );
+    }
     let result = finetune(
         model,
         LabelledImages {
