@@ -15,9 +15,10 @@
 //! type, so [`attention`] recognises the autodiff backends omnirad builds (over [`crate::Cpu`] and
 //! `Cuda`) by type and registers the op on their graph; any other backend gets burn's op.
 //!
-//! On the CPU backend the f32 forward pass is omnirad's own ([`cpu`]): burn-flex 0.21 computes
-//! one (image, head) pair after another on one thread, which was a fifth of ViT-S/16 inference
-//! time on two cores (BENCHMARKS.md) and would be most of it on sixteen.
+//! On the CPU backend both f32 passes are omnirad's own ([`cpu`]): burn-flex 0.21 computes
+//! attention one (image, head) pair after another on one thread, which was a fifth of ViT-S/16
+//! inference time on two cores (BENCHMARKS.md) and would be most of it on sixteen, and the
+//! backward pass through burn's ops materialises P, dP and dS for the whole batch.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
