@@ -58,7 +58,7 @@ pub fn attention<B: Backend>(qkv: Tensor<B, 4>) -> Tensor<B, 4> {
 /// The forward pass without autodiff: [`cpu::forward`] for f32 on the CPU backend, the
 /// backend's own attention otherwise.
 fn inner_forward<I: Backend>(qkv: FloatTensor<I>) -> FloatTensor<I> {
-    if is_same::<FloatTensor<I>, burn::backend::flex::FlexTensor>() && qkv.dtype() == DType::F32 {
+    if cpu_f32::<I>(&[&qkv]) {
         return cast_same(cpu::forward(cast_same(qkv)));
     }
     let [q, k, v] = split(inner::<I>(qkv));
@@ -115,10 +115,7 @@ impl<I: Backend> Backward<I, 1> for AttentionBackward {
         let qkv: FloatTensor<I> = ckpt.retrieve_node_output(ops.state);
         let d_out = grads.consume::<I>(&ops.node);
         let [Some(node)] = ops.parents else { return };
-        let d_qkv = if is_same::<FloatTensor<I>, burn::backend::flex::FlexTensor>()
-            && qkv.dtype() == DType::F32
-            && d_out.dtype() == DType::F32
-        {
+        let d_qkv = if cpu_f32::<I>(&[&qkv, &d_out]) {
             cast_same(cpu::backward(cast_same(qkv), cast_same(d_out)))
         } else {
             let [q, k, v] = split(inner::<I>(qkv));
@@ -128,6 +125,12 @@ impl<I: Backend> Backward<I, 1> for AttentionBackward {
         };
         grads.register::<I>(node.id, d_qkv);
     }
+}
+
+/// Whether [`cpu`]'s kernels take these: f32 tensors of the CPU backend.
+fn cpu_f32<I: Backend>(ts: &[&FloatTensor<I>]) -> bool {
+    is_same::<FloatTensor<I>, burn::backend::flex::FlexTensor>()
+        && ts.iter().all(|t| t.dtype() == DType::F32)
 }
 
 /// The backward formulas of the module doc. Softmax and its Jacobian product run in f32 even

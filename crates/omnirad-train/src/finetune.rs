@@ -178,6 +178,14 @@ impl Default for FinetuneConfig {
 }
 
 impl FinetuneConfig {
+    /// Epochs the user chose are run exactly (no step floor); None keeps the defaults.
+    pub fn set_epochs(&mut self, epochs: Option<usize>) {
+        if let Some(e) = epochs {
+            self.epochs = e;
+            self.min_steps = 0;
+        }
+    }
+
     /// The epochs a training set of `n` images gets: `epochs`, or more when they would make
     /// fewer than `min_steps` optimizer steps.
     pub fn epochs_for(&self, n: usize) -> usize {
@@ -519,8 +527,10 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
     let mut best: Option<(f64, FinetuneResult<B>)> = None;
     let mut history = Vec::new();
     let mut step = 0;
-    params::materialize(&student);
-    let mut average = cfg.ema.map(|_| student.valid());
+    let mut average = cfg.ema.map(|_| {
+        params::materialize(&student);
+        student.valid()
+    });
     for epoch in 1..=epochs {
         order.shuffle(&mut rng);
         let mut loss_sum = 0.0;

@@ -275,8 +275,17 @@ fn weight_ema_scores_an_average_and_leaves_training_alone() {
     {
         // The average is only scored: the optimised weights, hence the training losses, are
         // the same in all three runs.
-        assert_eq!(p.train_loss, a.train_loss, "epoch {}", p.epoch);
-        assert_eq!(p.train_loss, c.train_loss, "epoch {}", p.epoch);
+        // (Within 1e-6, not bit for bit: rayon's reductions may split differently per run.)
+        for other in [a, c] {
+            let rel = (p.train_loss - other.train_loss).abs() / p.train_loss;
+            assert!(
+                rel < 1e-6,
+                "epoch {}: {} vs {}",
+                p.epoch,
+                p.train_loss,
+                other.train_loss
+            );
+        }
         assert!((p.val_loss - c.val_loss).abs() < 1e-5, "epoch {}", p.epoch);
     }
     // ... but what is scored and returned with decay 0.9 is another model, which still learnt.

@@ -102,14 +102,7 @@ pub fn parse_ema(s: &str) -> Result<f64, String> {
 
 impl TrainArgs {
     pub fn config(&self, seed: u64) -> FinetuneConfig {
-        let default = FinetuneConfig::default();
-        FinetuneConfig {
-            epochs: self.epochs.unwrap_or(default.epochs),
-            min_steps: if self.epochs.is_some() {
-                0
-            } else {
-                default.min_steps
-            },
+        let mut cfg = FinetuneConfig {
             batch: self.batch,
             lr: self.lr,
             min_lr: 1e-6,
@@ -135,7 +128,10 @@ impl TrainArgs {
             grad_checkpoint: self.grad_checkpoint,
             head_epochs: self.head_epochs,
             ema: self.ema,
-        }
+            ..FinetuneConfig::default()
+        };
+        cfg.set_epochs(self.epochs);
+        cfg
     }
 }
 

@@ -263,10 +263,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         });
                         ft.lr = 1e-3;
                     }
-                    if let Some(e) = a.epochs {
-                        ft.epochs = e;
-                        ft.min_steps = 0;
-                    }
+                    ft.set_epochs(a.epochs);
                     ft.lr = a.lr.unwrap_or(ft.lr);
                     let o = crate::finetune::run_on_npz::<B>(
                         vit.clone(),

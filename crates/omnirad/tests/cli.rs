@@ -746,6 +746,22 @@ fn finetune_writes_a_bundle_that_predicts() {
         d.join("x").to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("not a MedMNIST file name"), "{err}");
+    // An EMA decay outside (0, 1).
+    let (ok, _, err) = omnirad(&[
+        "finetune",
+        "--data",
+        data("medmnist/breastmnist.npz").to_str().unwrap(),
+        "--model",
+        "vit_pico",
+        "--out",
+        d.join("x").to_str().unwrap(),
+        "--ema",
+        "1.5",
+    ]);
+    assert!(
+        !ok && err.contains("EMA decay must be a number in (0, 1)"),
+        "{err}"
+    );
     let (ok, _, err) = omnirad(&[
         "predict",
         "--model",
