@@ -164,91 +164,18 @@ fn gradients<I: Backend>(
 mod cpu {
     use burn::backend::flex::FlexTensor;
     use burn::tensor::{TensorData, TensorMetadata};
-    use gemm::Parallelism;
     use rayon::prelude::*;
+
+    use crate::cpu_gemm::{contiguous, Mat};
+
+    /// One thread: the rayon tasks over heads and row blocks are the parallelism.
+    fn mm(dst: &mut [f32], acc: bool, a: Mat, b: Mat, beta: f32) {
+        crate::cpu_gemm::mm(dst, acc, a, b, beta, gemm::Parallelism::None)
+    }
 
     /// Query rows per task: enough rows for gemm's microkernel, and a batch of one image still
     /// splits over many cores (ViT-S/16: 6 heads × 4 blocks of its 197 tokens).
     const ROWS: usize = 64;
-
-    /// A row-major [rows, cols] matrix in a slice, or its transpose (read through swapped
-    /// strides, no copy).
-    #[derive(Clone, Copy)]
-    struct Mat<'a> {
-        data: &'a [f32],
-        rows: usize,
-        cols: usize,
-        transposed: bool,
-    }
-
-    impl<'a> Mat<'a> {
-        fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
-            assert_eq!(data.len(), rows * cols, "Mat: slice length");
-            Self {
-                data,
-                rows,
-                cols,
-                transposed: false,
-            }
-        }
-
-        fn t(self) -> Self {
-            Self {
-                transposed: !self.transposed,
-                ..self
-            }
-        }
-
-        /// Logical (rows, cols) and (column stride, row stride).
-        fn layout(&self) -> ((usize, usize), (isize, isize)) {
-            let c = self.cols as isize;
-            if self.transposed {
-                ((self.cols, self.rows), (c, 1))
-            } else {
-                ((self.rows, self.cols), (1, c))
-            }
-        }
-    }
-
-    /// `dst` [m, n] ← β·A·B, or `dst` += β·A·B when `acc`; one thread (the callers' rayon tasks
-    /// are the parallelism).
-    fn mm(dst: &mut [f32], acc: bool, a: Mat, b: Mat, beta: f32) {
-        let ((m, k), (a_cs, a_rs)) = a.layout();
-        let ((k2, n), (b_cs, b_rs)) = b.layout();
-        assert!(k == k2 && dst.len() == m * n, "mm: shapes");
-        // SAFETY: `Mat::new` and the assert tie every shape and stride to its slice's length.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                n as isize,
-                acc,
-                a.data.as_ptr(),
-                a_cs,
-                a_rs,
-                b.data.as_ptr(),
-                b_cs,
-                b_rs,
-                1.0,
-                beta,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
-        }
-    }
-
-    fn contiguous(t: FlexTensor) -> FlexTensor {
-        if t.is_contiguous() {
-            t
-        } else {
-            t.to_contiguous()
-        }
-    }
 
     /// `qkv` [3·B, H, N, d] → [B, H, N, d].
     pub(super) fn forward(qkv: FlexTensor) -> FlexTensor {

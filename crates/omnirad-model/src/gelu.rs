@@ -31,6 +31,7 @@ use burn::tensor::ops::{ActivationOps, FloatTensor};
 use burn::tensor::{DType, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 use rayon::prelude::*;
 
+use crate::cpu_gemm::contiguous;
 use crate::{cast_same, is_same, Cpu};
 
 /// `x·Φ(x)` elementwise (the exact, erf-based GELU, not the tanh approximation).
@@ -110,15 +111,6 @@ fn backward(x: FlexTensor, d_out: FlexTensor) -> FlexTensor {
             .zip(xs.par_chunks(CHUNK))
             .for_each(|(g, x)| kernels::gelu_grad(x, g))
     })
-}
-
-/// `t` itself when contiguous (also at an offset), else a contiguous copy.
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.is_contiguous() {
-        t
-    } else {
-        t.to_contiguous()
-    }
 }
 
 /// Applies `f` to the f32 values of `t`: in place when `t` owns its buffer, else on a copy.

@@ -1,10 +1,12 @@
 //! Encoders, heads and weight I/O, generic over burn's `Backend`.
 
 pub mod attention;
+mod cpu_gemm;
 pub mod dino_head;
 pub mod gelu;
 pub mod import;
 pub mod io;
+pub mod linear;
 pub mod permute;
 pub mod seg;
 mod simd;

@@ -106,7 +106,10 @@ fn linear<B: Backend>(l: &Linear<B>, x: Tensor<B, 3>, p: Precision) -> Tensor<B,
     let [b, n, d] = x.dims();
     let x = x.reshape([b * n, d]);
     let y = match p {
-        Precision::F32 => l.forward(x),
+        Precision::F32 => match &l.bias {
+            Some(b) => crate::linear::linear(x, l.weight.val(), b.val()),
+            None => l.forward(x),
+        },
         Precision::Bf16 => {
             let bf = FloatDType::BF16;
             let y = x.cast(bf).matmul(l.weight.val().cast(bf));

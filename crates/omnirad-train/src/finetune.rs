@@ -5,6 +5,10 @@
 //! Loss: single-label — cross-entropy with label smoothing ε,
 //!   L = −(1/N) Σ_i Σ_c q_ic · log softmax(z_i)_c,   q_ic = (1 − ε)·[c = y_i] + ε/C;
 //! multi-label — binary cross-entropy with logits, L = (1/(N·C)) Σ softplus(z) − y·z.
+//!
+//! Mixup (Zhang et al. 2018, timm's batch mode): with λ ~ Beta(α, α) drawn per batch, image k is
+//! blended with image n−1−k of the same batch, x̃_k = λ·x_k + (1 − λ)·x_{n−1−k}, and its target
+//! row the same way, ỹ_k = λ·y_k + (1 − λ)·y_{n−1−k}, before smoothing.
 
 use burn::module::{AutodiffModule, Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
@@ -12,7 +16,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::activation::{log_softmax, sigmoid, softmax, softplus};
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
-use ndarray::{Array2, ArrayView2};
+use ndarray::{s, Array2, Array3, ArrayView2};
 use omnirad_data::augment::{sample_rng, Augment};
 use omnirad_data::preprocess::{normalize, to_channels};
 use omnirad_data::{Image, Preprocess};
@@ -23,6 +27,7 @@ use omnirad_model::{
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use rand_distr::{Beta, Distribution};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -124,6 +129,13 @@ pub struct FinetuneConfig {
     /// with 0.995; BENCHMARKS.md). None = off.
     #[serde(default)]
     pub ema: Option<f64>,
+    /// Mixup's α (module doc); 0 = off.
+    #[serde(default)]
+    pub mixup: f64,
+    /// Score val/test (and `omnirad predict`) on the mean of the probabilities for the image and
+    /// its left–right mirror (the training views are mirrored half the time).
+    #[serde(default)]
+    pub tta: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,6 +185,8 @@ impl Default for FinetuneConfig {
             grad_checkpoint: false,
             head_epochs: 0,
             ema: None,
+            mixup: 0.0,
+            tta: false,
         }
     }
 }
@@ -303,27 +317,28 @@ pub fn classification_loss<B: Backend>(
     }
 }
 
-fn targets<B: Backend>(
-    labels: ArrayView2<i64>,
-    idx: &[usize],
-    classes: usize,
-    multi: bool,
-    dev: &B::Device,
-) -> Tensor<B, 2> {
-    let v: Vec<f32> = idx
-        .iter()
-        .flat_map(|&i| {
-            (0..classes).map(move |c| {
-                let hit = if multi {
-                    labels[[i, c]] == 1
-                } else {
-                    labels[[i, 0]] == c as i64
-                };
-                hit as u8 as f32
-            })
-        })
-        .collect();
-    Tensor::from_data(TensorData::new(v, [idx.len(), classes]), dev)
+/// Target rows [n, classes]: one-hot class ids, or the 0/1 flags of multi-label sets.
+fn targets(labels: ArrayView2<i64>, idx: &[usize], classes: usize, multi: bool) -> Array2<f32> {
+    Array2::from_shape_fn((idx.len(), classes), |(k, c)| {
+        let i = idx[k];
+        let hit = if multi {
+            labels[[i, c]] == 1
+        } else {
+            labels[[i, 0]] == c as i64
+        };
+        hit as u8 as f32
+    })
+}
+
+/// Mixup of the module doc, in place: row k of `x` and `y` becomes λ·row k + (1 − λ)·row n−1−k.
+fn mixup(x: &mut [Array3<f32>], y: &mut Array2<f32>, lambda: f32) {
+    let (x0, y0) = (x.to_vec(), y.clone());
+    let blend = |a: &mut f32, &b: &f32| *a = lambda * *a + (1.0 - lambda) * b;
+    for (k, xk) in x.iter_mut().enumerate() {
+        let j = x0.len() - 1 - k;
+        xk.zip_mut_with(&x0[j], blend);
+        y.row_mut(k).zip_mut_with(&y0.row(j), blend);
+    }
 }
 
 /// A host batch [N, C, H, W] from N equally sized [C, H, W] arrays.
@@ -360,29 +375,36 @@ pub fn probability_loss(scores: ArrayView2<f64>, labels: ArrayView2<i64>, multi:
     total / n as f64
 }
 
-/// Class probabilities [N, C] for `images` (resized and normalised by `pre`).
+/// Class probabilities [N, C] for `images` (resized and normalised by `pre`); with `tta`, the
+/// mean over each image and its left–right mirror.
 pub fn predict<B: Backend>(
     model: &Classifier<B>,
     images: &[Image],
     pre: &Preprocess,
     multi: bool,
     batch: usize,
+    tta: bool,
     dev: &B::Device,
 ) -> Array2<f64> {
     let mut out = Vec::new();
     let mut classes = 0;
+    let host = |p: Tensor<B, 2>| p.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
     for chunk in images.chunks(batch.max(1)) {
         let arrays: Vec<_> = chunk.par_iter().map(|im| pre.apply(im)).collect();
+        let mirrored: Option<Vec<_>> = tta.then(|| {
+            arrays
+                .iter()
+                .map(|a| a.slice(s![.., .., ..;-1]).to_owned())
+                .collect()
+        });
         let p = model.probabilities(batch_tensor::<B>(arrays, dev), multi);
         classes = p.dims()[1];
-        out.extend(
-            p.into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .expect("f32")
-                .into_iter()
-                .map(f64::from),
-        );
+        let mut p = host(p);
+        if let Some(m) = mirrored {
+            let q = host(model.probabilities(batch_tensor::<B>(m, dev), multi));
+            p.iter_mut().zip(q).for_each(|(a, b)| *a = 0.5 * (*a + b));
+        }
+        out.extend(p.into_iter().map(f64::from));
     }
     Array2::from_shape_vec((images.len(), classes), out).expect("n × classes")
 }
@@ -549,8 +571,19 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
                 dev,
                 cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
+            let mut arrays = arrays;
+            let mut y = targets(train.labels, chunk, classes, multi);
+            if cfg.mixup > 0.0 {
+                // Its own stream, so switching mixup on leaves order and views as they were.
+                let mut r = StdRng::seed_from_u64(cfg.seed ^ 0x4d49_5855 ^ step as u64);
+                let beta = Beta::new(cfg.mixup, cfg.mixup).expect("mixup α > 0");
+                mixup(&mut arrays, &mut y, beta.sample(&mut r) as f32);
+            }
             let x = batch_tensor::<Train<B, C>>(arrays, dev);
-            let y = targets::<Train<B, C>>(train.labels, chunk, classes, multi, dev);
+            let y = Tensor::from_data(
+                TensorData::new(y.into_raw_vec_and_offset().0, [chunk.len(), classes]),
+                dev,
+            );
             let loss = classification_loss(student.forward(x, true), y, multi, cfg.label_smoothing);
             loss_sum += loss.clone().into_scalar().elem::<f64>() * chunk.len() as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &student);
@@ -568,7 +601,7 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
             }
         }
         let inner = average.clone().unwrap_or_else(|| student.valid());
-        let scores = predict(&inner, val.images, pre, multi, cfg.batch, dev);
+        let scores = predict(&inner, val.images, pre, multi, cfg.batch, cfg.tta, dev);
         let m = evaluate(task, val.labels, scores.view());
         let val_loss = probability_loss(scores.view(), val.labels, multi);
         let log = EpochLog {
@@ -598,4 +631,24 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
     r.history = history;
     r.model.backbone = r.model.backbone.merge_lora();
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixup_blends_each_row_with_its_mirror_in_the_batch() {
+        let mut x: Vec<Array3<f32>> = [1.0, 2.0, 4.0]
+            .iter()
+            .map(|&v| Array3::from_elem((1, 2, 2), v))
+            .collect();
+        let mut y = ndarray::array![[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]];
+        mixup(&mut x, &mut y, 0.25);
+        // Row 0 pairs with row 2, row 1 (the middle of an odd batch) with itself.
+        assert!(x[0].iter().all(|&v| v == 0.25 * 1.0 + 0.75 * 4.0));
+        assert!(x[1].iter().all(|&v| v == 2.0));
+        assert!(x[2].iter().all(|&v| v == 0.25 * 4.0 + 0.75 * 1.0));
+        assert_eq!(y, ndarray::array![[0.25, 0.75], [0.0, 1.0], [0.75, 0.25]]);
+    }
 }

@@ -7,7 +7,7 @@ use omnirad_data::{Image, Meta, Preprocess};
 use omnirad_eval::TaskKind;
 use omnirad_model::{Cpu, VitConfig};
 use omnirad_train::finetune::{
-    finetune, Classifier, FinetuneConfig, FinetuneResult, LabelledImages, LoraConfig,
+    finetune, predict, Classifier, FinetuneConfig, FinetuneResult, LabelledImages, LoraConfig,
 };
 use omnirad_train::params;
 use rand::rngs::StdRng;
@@ -363,4 +363,70 @@ fn min_steps_lengthens_training_on_small_sets() {
         (1, 2),
     );
     assert_eq!(r.history.len(), 3);
+}
+
+#[test]
+fn mixup_trains_on_blended_batches_and_still_learns() {
+    let _rng = rng_lock();
+    let model = pico(11, 0.0);
+    let with = |mixup| FinetuneConfig {
+        mixup,
+        ..small_cfg()
+    };
+    let plain = train(model.clone(), &with(0.0), (1, 2));
+    let mixed = train(model.clone(), &with(0.4), (1, 2));
+    let again = train(model, &with(0.4), (1, 2));
+    for ((p, m), a) in plain.history.iter().zip(&mixed.history).zip(&again.history) {
+        // Blended targets cannot be fitted as tightly as one-hot ones.
+        assert!(
+            m.train_loss > p.train_loss,
+            "epoch {}: mixup {} vs plain {}",
+            p.epoch,
+            m.train_loss,
+            p.train_loss
+        );
+        // λ comes from the seed: a rerun blends the same way.
+        assert!((m.train_loss - a.train_loss).abs() <= 1e-6 * m.train_loss);
+    }
+    assert!(mixed.val.acc > 0.9, "val acc {}", mixed.val.acc);
+}
+
+#[test]
+fn mirror_tta_averages_the_image_and_its_left_right_mirror() {
+    let _rng = rng_lock();
+    let model = pico(12, 0.0);
+    let (imgs, _) = images(6, 3);
+    // A ramp across the columns makes each image and its mirror differ.
+    let imgs: Vec<Image> = imgs
+        .into_iter()
+        .map(|mut im| {
+            im.data
+                .indexed_iter_mut()
+                .for_each(|((_, _, x), v)| *v += x as f32 / 64.0);
+            im
+        })
+        .collect();
+    let mirrored: Vec<Image> = imgs
+        .iter()
+        .map(|im| Image {
+            data: Array3::from_shape_fn((1, 32, 32), |(c, y, x)| im.data[[c, y, 31 - x]]),
+            meta: Meta::default(),
+        })
+        .collect();
+    let pre = Preprocess {
+        size: 32,
+        ..Default::default()
+    };
+    let dev = Default::default();
+    let p = |im: &[Image], tta| predict(&model, im, &pre, false, 4, tta, &dev);
+    let (plain, flipped, tta) = (p(&imgs, false), p(&mirrored, false), p(&imgs, true));
+    assert!((&plain - &flipped).iter().any(|d| d.abs() > 1e-4));
+    for ((a, b), t) in plain.iter().zip(&flipped).zip(&tta) {
+        assert!((0.5 * (a + b) - t).abs() < 1e-6, "{a} {b} {t}");
+    }
+    // The mean of an image and its mirror is the same from either side.
+    let tta_of_mirrored = p(&mirrored, true);
+    for (t, m) in tta.iter().zip(&tta_of_mirrored) {
+        assert!((t - m).abs() < 1e-6);
+    }
 }

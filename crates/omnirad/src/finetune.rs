@@ -88,6 +88,23 @@ pub struct TrainArgs {
     /// step (e.g. 0.998; timm's model EMA).
     #[arg(long, value_parser = parse_ema)]
     pub ema: Option<f64>,
+    /// Mixup with Beta(α, α) blending weights (0 = off; timm uses 0.8).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_mixup)]
+    pub mixup: f64,
+    /// Score val and test, and later `omnirad predict`, on the mean over each image and its
+    /// left–right mirror.
+    #[arg(long)]
+    pub tta: bool,
+}
+
+/// Mixup's α: a finite number ≥ 0.
+pub fn parse_mixup(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(a) if a.is_finite() && a >= 0.0 => Ok(a),
+        _ => Err(format!(
+            "'{s}': mixup's α must be a number ≥ 0 (0 = off), e.g. 0.8"
+        )),
+    }
 }
 
 /// An EMA decay: strictly between 0 and 1.
@@ -128,6 +145,8 @@ impl TrainArgs {
             grad_checkpoint: self.grad_checkpoint,
             head_epochs: self.head_epochs,
             ema: self.ema,
+            mixup: self.mixup,
+            tta: self.tta,
             ..FinetuneConfig::default()
         };
         cfg.set_epochs(self.epochs);
@@ -268,6 +287,7 @@ pub fn run_on_npz<B: Backend>(
         pre,
         task == TaskKind::MultiLabel,
         ft.batch,
+        ft.tta,
         dev,
     );
     let test = evaluate(task, te.1.view(), scores.view());
@@ -438,7 +458,15 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
             bail!("{}: no readable images", a.input.display());
         }
         let multi = bundle.task == "multilabel";
-        let p = predict(&model, &images, &cfg.preprocess, multi, a.batch, &dev);
+        let p = predict(
+            &model,
+            &images,
+            &cfg.preprocess,
+            multi,
+            a.batch,
+            bundle.finetune.tta,
+            &dev,
+        );
         let mut csv = String::from("id");
         for c in 0..bundle.classes {
             csv.push_str(&format!(",p_{c}"));

@@ -82,6 +82,12 @@ pub struct MedMnistArgs {
     /// Fine-tuning / LoRA: score and select an EMA of the weights with this decay per step.
     #[arg(long, value_parser = crate::finetune::parse_ema)]
     pub ema: Option<f64>,
+    /// Fine-tuning / LoRA: mixup with Beta(α, α) blending weights (0 = off; timm uses 0.8).
+    #[arg(long, default_value_t = 0.0, value_parser = crate::finetune::parse_mixup)]
+    pub mixup: f64,
+    /// Fine-tuning / LoRA: score val and test on the mean over each image and its mirror.
+    #[arg(long)]
+    pub tta: bool,
     /// Linear probe repeats with seeds seed, seed+1, …; the table shows mean ± std.
     #[arg(long, default_value_t = 1)]
     pub seeds: u64,
@@ -254,6 +260,8 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         grad_checkpoint: a.grad_checkpoint,
                         head_epochs: a.head_epochs,
                         ema: a.ema,
+                        mixup: a.mixup,
+                        tta: a.tta,
                         ..Default::default()
                     };
                     if a.mode == Mode::Lora {
@@ -420,6 +428,12 @@ fn schedule(a: &MedMnistArgs) -> String {
     }
     if let Some(d) = a.ema {
         s += &format!(", weight EMA {d}");
+    }
+    if a.mixup > 0.0 {
+        s += &format!(", mixup α {}", a.mixup);
+    }
+    if a.tta {
+        s += ", scored with mirror TTA";
     }
     s
 }

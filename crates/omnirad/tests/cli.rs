@@ -762,6 +762,21 @@ fn finetune_writes_a_bundle_that_predicts() {
         !ok && err.contains("EMA decay must be a number in (0, 1)"),
         "{err}"
     );
+    // A negative mixup α.
+    let (ok, _, err) = omnirad(&[
+        "finetune",
+        "--data",
+        data("medmnist/breastmnist.npz").to_str().unwrap(),
+        "--model",
+        "vit_pico",
+        "--out",
+        d.join("x").to_str().unwrap(),
+        "--mixup=-1",
+    ]);
+    assert!(
+        !ok && err.contains("mixup's α must be a number ≥ 0"),
+        "{err}"
+    );
     let (ok, _, err) = omnirad(&[
         "predict",
         "--model",

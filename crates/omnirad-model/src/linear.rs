@@ -1,0 +1,282 @@
+//! `x·W + b` with CPU f32 kernels (W in burn's `Linear` layout, [d_in, d_out]).
+//!
+//! ```text
+//! forward:   Y = X·W + 1·bᵀ
+//! backward:  dX = dY·Wᵀ,  dW = Xᵀ·dY,  db = Σ_rows dY
+//! ```
+//! burn-flex 0.21 allocates every matmul output zero-filled and then copies it once more
+//! (`FlexTensor::empty` re-aligns a `Vec<u8>` through `Bytes::from_bytes_vec`), then adds the
+//! bias in a third pass over the output: 7 % of a ViT-S/16 fine-tuning step on two cores
+//! (BENCHMARKS.md). Here the output starts as the bias rows and one `gemm` call accumulates X·W
+//! into it; the backward pass writes dX and dW into fresh buffers that burn takes without a copy.
+//! As burn's matmul, the op keeps X only when W trains and W only when X needs a gradient.
+//!
+//! The kernels run for f32 tensors of the CPU backend, with and without autodiff (recognised by
+//! type, as in [`crate::attention`]); any other backend or dtype gets burn's `matmul` + add.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::flex::FlexTensor;
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+
+use crate::{cast_same, is_same, Cpu};
+
+/// `x` [M, d_in] · `w` [d_in, d_out] + `b` [d_out] → [M, d_out].
+pub fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>) -> Tensor<B, 2> {
+    let f32s = [x.dtype(), w.dtype(), b.dtype()]
+        .iter()
+        .all(|&d| d == DType::F32);
+    let flex = is_same::<B::FloatTensorPrimitive, FlexTensor>();
+    let autodiff = is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<Cpu>>>();
+    if !f32s || !(flex || autodiff) {
+        return x.matmul(w) + b.unsqueeze();
+    }
+    let [x, w, b] = [
+        x.into_primitive().tensor(),
+        w.into_primitive().tensor(),
+        b.into_primitive().tensor(),
+    ];
+    let out = if flex {
+        cast_same(cpu::forward(cast_same(x), cast_same(w), cast_same(b)))
+    } else {
+        cast_same(autodiff_forward(cast_same(x), cast_same(w), cast_same(b)))
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+type AdTensor = FloatTensor<Autodiff<Cpu>>;
+
+fn autodiff_forward(x: AdTensor, w: AdTensor, b: AdTensor) -> AdTensor {
+    let out = cpu::forward(
+        x.primitive.clone(),
+        w.primitive.clone(),
+        b.primitive.clone(),
+    );
+    let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
+    // Compute-bound: no checkpointing strategy recomputes it, so any prepares it alike.
+    match LinearBackward
+        .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone(), b.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let x_state = w_tracked.then(|| prep.checkpoint(&x));
+            let w_state = x_tracked.then(|| prep.checkpoint(&w));
+            prep.finish((x_state, w_state), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+#[derive(Debug)]
+struct LinearBackward;
+
+impl Backward<Cpu, 3> for LinearBackward {
+    type State = (Option<NodeId>, Option<NodeId>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let (x_state, w_state) = ops.state;
+        let x = x_state.map(|id| ckpt.retrieve_node_output::<FlexTensor>(id));
+        let w = w_state.map(|id| ckpt.retrieve_node_output::<FlexTensor>(id));
+        let d_out = grads.consume::<Cpu>(&ops.node);
+        let [px, pw, pb] = ops.parents;
+        if let Some(node) = pb {
+            grads.register::<Cpu>(node.id, cpu::bias_grad(&d_out));
+        }
+        if let (Some(node), Some(x)) = (pw, x) {
+            grads.register::<Cpu>(node.id, cpu::weight_grad(x, &d_out));
+        }
+        if let (Some(node), Some(w)) = (px, w) {
+            grads.register::<Cpu>(node.id, cpu::input_grad(&d_out, w));
+        }
+    }
+}
+
+/// The formulas of the module doc on f32 slices; gemm splits each product over rayon's threads.
+mod cpu {
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::{DType, TensorData, TensorMetadata};
+    use rayon::prelude::*;
+
+    use crate::cpu_gemm::{contiguous, mm, Mat, Parallelism};
+
+    /// All threads (0 = rayon's pool), as burn-flex for products of this size.
+    const ALL: Parallelism = Parallelism::Rayon(0);
+
+    /// The f32 values of a contiguous copy (or `t` itself) and its [rows, cols].
+    fn matrix(t: &FlexTensor) -> (FlexTensor, usize, usize) {
+        assert_eq!(t.dtype(), DType::F32, "linear: f32 expected");
+        let [r, c] = t.shape().dims::<2>();
+        (contiguous(t.clone()), r, c)
+    }
+
+    fn f32s(t: &FlexTensor) -> &[f32] {
+        t.as_slice::<f32>().expect("contiguous f32")
+    }
+
+    pub(super) fn forward(x: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
+        let (x, m, k) = matrix(&x);
+        let (w, k2, n) = matrix(&w);
+        let b = contiguous(b);
+        assert!(k == k2 && b.shape().num_elements() == n, "linear: shapes");
+        let mut y = vec![0f32; m * n];
+        if n > 0 {
+            y.par_chunks_mut(n)
+                .for_each(|row| row.copy_from_slice(f32s(&b)));
+        }
+        mm(
+            &mut y,
+            true,
+            Mat::new(f32s(&x), m, k),
+            Mat::new(f32s(&w), k, n),
+            1.0,
+            ALL,
+        );
+        FlexTensor::from_data(TensorData::new(y, [m, n]))
+    }
+
+    /// dX = dY·Wᵀ.
+    pub(super) fn input_grad(d_out: &FlexTensor, w: FlexTensor) -> FlexTensor {
+        let (g, m, n) = matrix(d_out);
+        let (w, k, _) = matrix(&w);
+        let mut dx = vec![0f32; m * k];
+        mm(
+            &mut dx,
+            false,
+            Mat::new(f32s(&g), m, n),
+            Mat::new(f32s(&w), k, n).t(),
+            1.0,
+            ALL,
+        );
+        FlexTensor::from_data(TensorData::new(dx, [m, k]))
+    }
+
+    /// dW = Xᵀ·dY.
+    pub(super) fn weight_grad(x: FlexTensor, d_out: &FlexTensor) -> FlexTensor {
+        let (g, m, n) = matrix(d_out);
+        let (x, _, k) = matrix(&x);
+        let mut dw = vec![0f32; k * n];
+        mm(
+            &mut dw,
+            false,
+            Mat::new(f32s(&x), m, k).t(),
+            Mat::new(f32s(&g), m, n),
+            1.0,
+            ALL,
+        );
+        FlexTensor::from_data(TensorData::new(dw, [k, n]))
+    }
+
+    /// db = Σ_rows dY: partial sums over fixed blocks of rows, added in block order, so the
+    /// result does not depend on how rayon schedules the blocks (resumed runs stay bit-identical).
+    pub(super) fn bias_grad(d_out: &FlexTensor) -> FlexTensor {
+        let (g, _, n) = matrix(d_out);
+        let mut db = vec![0f32; n];
+        if n > 0 {
+            let partials: Vec<Vec<f32>> = f32s(&g)
+                .par_chunks(64 * n)
+                .map(|rows| {
+                    let mut acc = vec![0f32; n];
+                    for row in rows.chunks_exact(n) {
+                        acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+                    }
+                    acc
+                })
+                .collect();
+            for p in &partials {
+                db.iter_mut().zip(p).for_each(|(a, &v)| *a += v);
+            }
+        }
+        FlexTensor::from_data(TensorData::new(db, [n]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_values;
+    use burn::tensor::Tolerance;
+
+    type Ad = Autodiff<Cpu>;
+
+    fn burn_linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>) -> Tensor<B, 2> {
+        x.matmul(w) + b.unsqueeze()
+    }
+
+    /// Output and all three gradients against burn's matmul + add, on a shape with a row count
+    /// that is no multiple of anything (and a weight read through a transposed view).
+    #[test]
+    fn matches_burn_matmul_and_its_gradients() {
+        let (m, k, n) = (197, 48, 72);
+        let run = |f: fn(Tensor<Ad, 2>, Tensor<Ad, 2>, Tensor<Ad, 1>) -> Tensor<Ad, 2>| {
+            let x = test_values::<Ad, 2>([m, k], 1).require_grad();
+            let wt = test_values::<Ad, 2>([n, k], 2).require_grad();
+            let b = test_values::<Ad, 1>([n], 3).require_grad();
+            let y = f(x.clone(), wt.clone().transpose(), b.clone());
+            // A weighted sum, so every output element gets its own gradient.
+            let weights = test_values::<Ad, 2>([m, n], 4);
+            let g = (y.clone() * weights).sum().backward();
+            let grad = |t: &Tensor<Ad, 2>| t.grad(&g).unwrap().into_data();
+            (
+                y.into_data(),
+                grad(&x),
+                grad(&wt),
+                b.grad(&g).unwrap().into_data(),
+            )
+        };
+        let ours = run(linear);
+        let reference = run(burn_linear);
+        let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-5);
+        ours.0.assert_approx_eq::<f32>(&reference.0, tol);
+        ours.1.assert_approx_eq::<f32>(&reference.1, tol);
+        ours.2.assert_approx_eq::<f32>(&reference.2, tol);
+        ours.3.assert_approx_eq::<f32>(&reference.3, tol);
+    }
+
+    #[test]
+    fn without_autodiff_and_with_a_frozen_weight_it_matches_too() {
+        let dev = burn::backend::flex::FlexDevice;
+        let x = test_values::<Cpu, 2>([5, 7], 5);
+        let w = test_values::<Cpu, 2>([7, 3], 6);
+        let b = test_values::<Cpu, 1>([3], 7);
+        let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-5);
+        linear(x.clone(), w.clone(), b.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &burn_linear(x.clone(), w.clone(), b.clone()).into_data(),
+                tol,
+            );
+        // Only X trains (LoRA and probes freeze the encoder's weights, the reverse of this).
+        let xa = Tensor::<Ad, 2>::from_data(x.into_data(), &dev).require_grad();
+        let wa = Tensor::<Ad, 2>::from_data(w.into_data(), &dev);
+        let ba = Tensor::<Ad, 1>::from_data(b.into_data(), &dev);
+        let g = linear(xa.clone(), wa.clone(), ba.clone()).sum().backward();
+        let ours = xa.grad(&g).unwrap().into_data();
+        assert!(wa.grad(&g).is_none());
+        let g = burn_linear(xa.clone(), wa, ba).sum().backward();
+        ours.assert_approx_eq::<f32>(&xa.grad(&g).unwrap().into_data(), tol);
+    }
+
+    #[test]
+    fn a_nan_input_row_makes_its_own_output_row_nan_and_no_other() {
+        let mut v = test_values::<Cpu, 2>([4, 8], 8)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        v[8 + 3] = f32::NAN;
+        let dev = Default::default();
+        let x = Tensor::<Cpu, 2>::from_data(burn::tensor::TensorData::new(v, [4, 8]), &dev);
+        let y = linear(x, test_values([8, 5], 9), test_values([5], 10));
+        let y = y.into_data().to_vec::<f32>().unwrap();
+        for (i, row) in y.chunks(5).enumerate() {
+            assert_eq!(row.iter().all(|v| v.is_nan()), i == 1, "row {i}: {row:?}");
+            assert!(i == 1 || row.iter().all(|v| v.is_finite()));
+        }
+    }
+}
