@@ -38,14 +38,14 @@ pub use burn::backend::autodiff::checkpoint::strategy::{
     BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
 };
 
-/// Whether two type names are the same type: how the custom ops recognise the backends they
-/// have kernels for (burn has no extension point for them).
-fn is_same<T: 'static, U: 'static>() -> bool {
+/// Whether two type names are the same type: how the custom ops (here and in omnirad-train's
+/// optimizer) recognise the backends they have kernels for (burn has no extension point for them).
+pub fn is_same<T: 'static, U: 'static>() -> bool {
     std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>()
 }
 
 /// A move between two names of one type (callers check [`is_same`] first).
-fn cast_same<T: 'static, U: 'static>(t: T) -> U {
+pub fn cast_same<T: 'static, U: 'static>(t: T) -> U {
     *(Box::new(t) as Box<dyn std::any::Any>)
         .downcast::<U>()
         .expect("cast_same: types checked equal")

@@ -13,10 +13,12 @@
 
 use std::collections::HashMap;
 
+use burn::backend::flex::FlexTensor;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{DType, ElementConversion, Shape, Tensor, TensorPrimitive};
+use omnirad_model::{cast_same, is_same};
 
 /// How one parameter is treated, decided from its path.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -140,27 +142,137 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, '_, AB::InnerBackend> 
         let require_grad = tensor.is_require_grad();
         let shape = tensor.dims();
         let n = shape.iter().product::<usize>();
-        let p = tensor.inner().reshape([n]);
-        let g = grad.reshape([n]) * self.scale;
         let opt = &mut *self.opt;
-        let (b1, b2) = (opt.beta1, opt.beta2);
-        let (m, v) = match opt.state.remove(&path) {
-            Some((m, v)) => (
-                m * b1 + g.clone() * (1.0 - b1),
-                v * b2 + g.powi_scalar(2) * (1.0 - b2),
-            ),
-            None => (g.clone() * (1.0 - b1), g.powi_scalar(2) * (1.0 - b2)),
-        };
         let t = opt.step as i32;
-        let m_hat = m.clone() / (1.0 - b1.powi(t));
-        let v_hat = v.clone() / (1.0 - b2.powi(t));
-        let p = p * (1.0 - lr * wd) - m_hat / (v_hat.sqrt() + opt.eps) * lr;
+        let c = Coeffs {
+            scale: self.scale,
+            beta1: opt.beta1,
+            beta2: opt.beta2,
+            bias1: 1.0 - opt.beta1.powi(t),
+            bias2: 1.0 - opt.beta2.powi(t),
+            lr,
+            decay: 1.0 - lr * wd,
+            eps: opt.eps,
+        };
+        let state = opt.state.remove(&path);
+        let (p, m, v) = update(tensor.inner().reshape([n]), grad.reshape([n]), state, &c);
         opt.state.insert(path, (m, v));
         let mut out = Tensor::from_inner(p.reshape(shape));
         if require_grad {
             out = out.require_grad();
         }
         Param::from_mapped_value(id, out, mapper)
+    }
+}
+
+/// The scalars of one parameter's update in the module doc's formula: `scale` is the clipping
+/// factor, `bias1`/`bias2` are 1 − β₁ᵗ and 1 − β₂ᵗ, `decay` is 1 − η·λ.
+struct Coeffs {
+    scale: f64,
+    beta1: f64,
+    beta2: f64,
+    bias1: f64,
+    bias2: f64,
+    lr: f64,
+    decay: f64,
+    eps: f64,
+}
+
+/// One AdamW update of a flat parameter `p` with gradient `g` and moments `state` (`None`: zero
+/// moments, the first step); returns the new (θ, m, v). On the CPU backend in f32 it is one
+/// parallel pass that updates θ, m and v in place (θ is copied first while another reference to
+/// it lives); as the formula's 16 tensor ops, burn-flex ran each on one thread into a fresh
+/// output. Elsewhere (CUDA, where burn fuses elementwise ops) the same formula as tensor ops.
+fn update<B: Backend>(
+    p: Tensor<B, 1>,
+    g: Tensor<B, 1>,
+    state: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    c: &Coeffs,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    let f32s = [
+        Some(&p),
+        Some(&g),
+        state.as_ref().map(|s| &s.0),
+        state.as_ref().map(|s| &s.1),
+    ]
+    .iter()
+    .flatten()
+    .all(|t| t.dtype() == DType::F32);
+    if f32s && is_same::<B::FloatTensorPrimitive, FlexTensor>() {
+        let prim = |t: Tensor<B, 1>| -> FlexTensor { cast_same(t.into_primitive().tensor()) };
+        let back =
+            |t: FlexTensor| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(cast_same(t)));
+        let (m, v) = match state {
+            Some((m, v)) => (prim(m), prim(v)),
+            None => {
+                let zeros = || FlexTensor::zeros(Shape::new([p.dims()[0]]), DType::F32);
+                (zeros(), zeros())
+            }
+        };
+        let (p, m, v) = cpu::update(prim(p), &prim(g), m, v, c);
+        return (back(p), back(m), back(v));
+    }
+    let g = g * c.scale;
+    let (m, v) = match state {
+        Some((m, v)) => (
+            m * c.beta1 + g.clone() * (1.0 - c.beta1),
+            v * c.beta2 + g.powi_scalar(2) * (1.0 - c.beta2),
+        ),
+        None => (
+            g.clone() * (1.0 - c.beta1),
+            g.powi_scalar(2) * (1.0 - c.beta2),
+        ),
+    };
+    let m_hat = m.clone() / c.bias1;
+    let v_hat = v.clone() / c.bias2;
+    let p = p * c.decay - m_hat / (v_hat.sqrt() + c.eps) * c.lr;
+    (p, m, v)
+}
+
+mod cpu {
+    use burn::backend::flex::FlexTensor;
+    use rayon::prelude::*;
+
+    use super::Coeffs;
+
+    /// Elements per rayon task: large enough to amortise scheduling, small enough to share a
+    /// ViT-S/16's largest matrices (590k values) between cores.
+    const CHUNK: usize = 1 << 14;
+
+    /// The module doc's formula element by element, in f32 with the scalars rounded to f32 as
+    /// burn's scalar ops round them.
+    pub(super) fn update(
+        p: FlexTensor,
+        g: &FlexTensor,
+        m: FlexTensor,
+        v: FlexTensor,
+        c: &Coeffs,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        // Contiguous tensors covering their whole buffers, so `storage` is exactly the values;
+        // `storage_mut` copies only a buffer with another owner.
+        let (mut p, mut m, mut v) = (p.to_contiguous(), m.to_contiguous(), v.to_contiguous());
+        let g = g.to_contiguous();
+        let g = g.storage::<f32>();
+        let [scale, b1, b2, bias1, bias2, lr, decay, eps] = [
+            c.scale, c.beta1, c.beta2, c.bias1, c.bias2, c.lr, c.decay, c.eps,
+        ]
+        .map(|x| x as f32);
+        let (one_b1, one_b2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+        p.storage_mut::<f32>()
+            .par_chunks_mut(CHUNK)
+            .zip(m.storage_mut::<f32>().par_chunks_mut(CHUNK))
+            .zip(v.storage_mut::<f32>().par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                let values = p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g);
+                for (((p, m), v), &g) in values {
+                    let g = g * scale;
+                    *m = *m * b1 + g * one_b1;
+                    *v = *v * b2 + g * g * one_b2;
+                    *p = *p * decay - (*m / bias1) / ((*v / bias2).sqrt() + eps) * lr;
+                }
+            });
+        (p, m, v)
     }
 }
 
@@ -248,4 +360,54 @@ pub fn read_checkpoint<B: Backend>(
         })
         .collect();
     Ok((meta, tensors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Autodiff;
+    use burn::tensor::{TensorData, Tolerance};
+    use omnirad_model::Cpu;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn values<B: Backend>(n: usize, seed: u64) -> Tensor<B, 1> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_data(TensorData::new(v, [n]), &Default::default())
+    }
+
+    /// Three steps from zero moments, with clipping and weight decay, on a length that is no
+    /// multiple of the kernel's chunk: the CPU kernel (Flex) against the tensor formula (which
+    /// the autodiff backend's primitive type takes).
+    #[test]
+    fn cpu_kernel_matches_the_tensor_formula() {
+        type Ad = Autodiff<Cpu>;
+        let n = 3 * (1 << 14) + 77;
+        let (mut p, mut p_ad) = (values::<Cpu>(n, 1), values::<Ad>(n, 1));
+        let (mut s, mut s_ad) = (None, None);
+        for t in 1..=3 {
+            let c = Coeffs {
+                scale: 0.5,
+                beta1: 0.9,
+                beta2: 0.999,
+                bias1: 1.0 - 0.9f64.powi(t),
+                bias2: 1.0 - 0.999f64.powi(t),
+                lr: 1e-2,
+                decay: 1.0 - 1e-2 * 0.05,
+                eps: 1e-8,
+            };
+            let (p1, m, v) = update(p, values::<Cpu>(n, 10 + t as u64), s, &c);
+            let (p1_ad, m_ad, v_ad) = update(p_ad, values::<Ad>(n, 10 + t as u64), s_ad, &c);
+            let tol = Tolerance::<f32>::rel_abs(1e-6, 1e-7);
+            let host = |t: Tensor<Ad, 1>| TensorData::new(super::host(t), [n]);
+            for (a, b) in [(&p1, p1_ad.clone()), (&m, m_ad.clone()), (&v, v_ad.clone())] {
+                TensorData::new(super::host(a.clone()), [n]).assert_approx_eq::<f32>(&host(b), tol);
+            }
+            (p, p_ad, s, s_ad) = (p1, p1_ad, Some((m, v)), Some((m_ad, v_ad)));
+        }
+        assert!(host(p.clone() - values::<Cpu>(n, 1))
+            .iter()
+            .any(|d| d.abs() > 1e-3));
+    }
 }
