@@ -6,6 +6,7 @@ pub mod dino_head;
 pub mod gelu;
 pub mod import;
 pub mod io;
+pub mod layer_norm;
 pub mod linear;
 pub mod permute;
 pub mod seg;

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attention::attention;
 use crate::gelu::gelu;
+use crate::layer_norm::layer_norm;
 use crate::permute::permute_contiguous;
 
 /// Architecture of a ViT. Presets: [`VitConfig::preset`].
@@ -286,6 +287,7 @@ impl VitConfig {
                     },
                     ls2: ls(self.layer_scale_init),
                     drop_path: dp,
+                    norm_eps: self.norm_eps,
                 }
             })
             .collect();
@@ -303,6 +305,7 @@ impl VitConfig {
             norm: LayerNormConfig::new(d)
                 .with_epsilon(self.norm_eps)
                 .init(device),
+            norm_eps: self.norm_eps,
             patch_size: self.patch_size,
             num_registers: self.num_registers,
             pos_interp: self.pos_interp,
@@ -458,6 +461,8 @@ pub struct Block<B: Backend> {
     pub mlp: Mlp<B>,
     pub ls2: Option<LayerScale<B>>,
     pub drop_path: f64,
+    /// ε of `norm1` and `norm2` (burn's `LayerNorm` keeps its own private).
+    pub norm_eps: f64,
 }
 
 impl<B: Backend> Block<B> {
@@ -466,9 +471,10 @@ impl<B: Backend> Block<B> {
             Some(ls) => ls.forward(y),
             None => y,
         };
-        let y = scale(&self.ls1, self.attn.forward(self.norm1.forward(x.clone())));
+        let norm = |ln, x| layer_norm(x, ln, self.norm_eps);
+        let y = scale(&self.ls1, self.attn.forward(norm(&self.norm1, x.clone())));
         let x = x + self.drop_path(y, training);
-        let y = scale(&self.ls2, self.mlp.forward(self.norm2.forward(x.clone())));
+        let y = scale(&self.ls2, self.mlp.forward(norm(&self.norm2, x.clone())));
         x.clone() + self.drop_path(y, training)
     }
 
@@ -509,6 +515,8 @@ pub struct Vit<B: Backend> {
     pub mask_token: Param<Tensor<B, 2>>,
     pub blocks: Vec<Block<B>>,
     pub norm: LayerNorm<B>,
+    /// ε of `norm`.
+    pub norm_eps: f64,
     pub patch_size: usize,
     pub num_registers: usize,
     pub pos_interp: PosInterp,
@@ -660,7 +668,7 @@ impl<B: Backend> Vit<B> {
                 intermediates.push(x.clone());
             }
         }
-        let x = self.norm.forward(x);
+        let x = layer_norm(x, &self.norm, self.norm_eps);
         let [b, n, d] = x.dims();
         let r = self.num_registers;
         VitOutput {
