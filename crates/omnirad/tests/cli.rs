@@ -746,33 +746,29 @@ fn finetune_writes_a_bundle_that_predicts() {
         d.join("x").to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("not a MedMNIST file name"), "{err}");
+    // Fine-tuning BreastMNIST with one bad option.
+    let (npz, out) = (data("medmnist/breastmnist.npz"), d.join("x"));
+    let finetune_with = |extra: &[&str]| {
+        let mut args = vec![
+            "finetune",
+            "--data",
+            npz.to_str().unwrap(),
+            "--model",
+            "vit_pico",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        omnirad(&args)
+    };
     // An EMA decay outside (0, 1).
-    let (ok, _, err) = omnirad(&[
-        "finetune",
-        "--data",
-        data("medmnist/breastmnist.npz").to_str().unwrap(),
-        "--model",
-        "vit_pico",
-        "--out",
-        d.join("x").to_str().unwrap(),
-        "--ema",
-        "1.5",
-    ]);
+    let (ok, _, err) = finetune_with(&["--ema", "1.5"]);
     assert!(
         !ok && err.contains("EMA decay must be a number in (0, 1)"),
         "{err}"
     );
     // A negative mixup α.
-    let (ok, _, err) = omnirad(&[
-        "finetune",
-        "--data",
-        data("medmnist/breastmnist.npz").to_str().unwrap(),
-        "--model",
-        "vit_pico",
-        "--out",
-        d.join("x").to_str().unwrap(),
-        "--mixup=-1",
-    ]);
+    let (ok, _, err) = finetune_with(&["--mixup=-1"]);
     assert!(
         !ok && err.contains("mixup's α must be a number ≥ 0"),
         "{err}"
