@@ -82,13 +82,11 @@ pub struct WeightNormLinear<B: Backend> {
 
 impl<B: Backend> WeightNormLinear<B> {
     pub fn weight(&self) -> Tensor<B, 2> {
-        let v = self.weight_v.val();
-        let norm = v.clone().powi_scalar(2).sum_dim(1).sqrt();
-        v * (self.weight_g.val() / norm)
+        crate::weight_norm::weight(self.weight_g.val(), self.weight_v.val())
     }
 
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        x.matmul(self.weight().transpose())
+        crate::weight_norm::weight_norm_linear(x, self.weight_g.val(), self.weight_v.val())
     }
 }
 
@@ -110,7 +108,10 @@ impl<B: Backend> DinoHead<B> {
         let n = self.mlp.len();
         let mut x = x;
         for (i, l) in self.mlp.iter().enumerate() {
-            x = l.forward(x);
+            x = match &l.bias {
+                Some(b) => crate::linear::linear(x, l.weight.val(), b.val()),
+                None => l.forward(x),
+            };
             if i + 1 < n {
                 x = gelu(x);
             }

@@ -10,8 +10,9 @@ pub mod layer_norm;
 pub mod linear;
 pub mod permute;
 pub mod seg;
-mod simd;
+pub mod simd;
 pub mod vit;
+pub mod weight_norm;
 
 pub use dino_head::{DinoHead, DinoHeadConfig};
 pub use gelu::gelu;

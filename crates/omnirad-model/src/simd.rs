@@ -1,5 +1,6 @@
 //! Branch-free f32 kernels that LLVM vectorises, compiled for AVX-512 and AVX2 and picked at run
-//! time (the release build targets baseline x86-64): GELU and attention's softmax share them.
+//! time (the release build targets baseline x86-64): GELU, attention's softmax and the DINO/iBOT
+//! loss (omnirad-train) share them.
 
 use std::f32::consts::{LN_2, LOG2_E};
 
@@ -7,7 +8,7 @@ use std::f32::consts::{LN_2, LOG2_E};
 /// a degree-6 polynomial for e^r, 2ⁿ from the exponent bits); 0 below −87, where the
 /// result would be denormal.
 #[inline(always)]
-pub(crate) fn exp_neg(x: f32) -> f32 {
+pub fn exp_neg(x: f32) -> f32 {
     // 1.5·2²³: adding it rounds to an integer held in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     let underflow = x < -87.0;
@@ -34,7 +35,9 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
 
 /// One body per instruction set, chosen at run time (the release build targets baseline
 /// x86-64; a dependency for two `target_feature` copies would be more code than this).
-macro_rules! dispatch {
+#[doc(hidden)]
+#[macro_export]
+macro_rules! simd_dispatch {
     ($(#[$doc:meta])* $name:ident ($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$doc])*
         pub fn $name($($arg: $ty),*) {
@@ -62,4 +65,4 @@ macro_rules! dispatch {
     };
 }
 
-pub(crate) use dispatch;
+pub use crate::simd_dispatch as dispatch;

@@ -14,9 +14,11 @@
 //! divides by the number of pairs; DINOv2's own normaliser (N_g(N_g−1) + max(N_g·N_l, 1)) gives the
 //! global-only (OmniRad) recipe a weight of 2/3 instead of 1, which we do not copy.
 
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+
+use super::soft_cross_entropy;
 
 /// −mean_b Σ_k p_t·log softmax(s/τ_s): a scalar [1].
 pub fn cross_entropy<B: Backend>(
@@ -24,8 +26,7 @@ pub fn cross_entropy<B: Backend>(
     teacher_probs: Tensor<B, 2>,
     student_temp: f64,
 ) -> Tensor<B, 1> {
-    let lsm = log_softmax(student_logits / student_temp, 1);
-    (teacher_probs * lsm).sum_dim(1).mean().neg()
+    soft_cross_entropy(student_logits, teacher_probs, student_temp).mean()
 }
 
 /// Sinkhorn-Knopp teacher targets [B, K] for teacher logits [B, K].

@@ -8,9 +8,10 @@
 //! N_img counts every global-crop image, masked or not, so each image contributes the mean over
 //! its own masked tokens and images without masks contribute zero. Unmasked tokens never enter.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+
+use super::soft_cross_entropy;
 
 /// `weights` [M] are w_j; the result is a scalar [1].
 pub fn ibot_patch_loss<B: Backend>(
@@ -20,7 +21,6 @@ pub fn ibot_patch_loss<B: Backend>(
     n_images: usize,
     student_temp: f64,
 ) -> Tensor<B, 1> {
-    let lsm = log_softmax(student_logits / student_temp, 1);
-    let per_token = (teacher_probs * lsm).sum_dim(1).squeeze_dim::<1>(1);
-    (per_token * weights).sum().neg() / n_images as f64
+    let per_token = soft_cross_entropy(student_logits, teacher_probs, student_temp);
+    (per_token * weights).sum() / n_images as f64
 }
