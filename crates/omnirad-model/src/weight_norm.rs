@@ -244,21 +244,22 @@ mod tests {
         z.matmul(weight(g, v).transpose())
     }
 
+    type Op<B> = fn(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>;
+
     /// Y and the gradients of Z, g and v under a weighted sum, against burn's tensor ops.
     fn check<C: CheckpointStrategy>(m: usize, d: usize, k: usize) {
         type Ad<C> = Autodiff<Cpu, C>;
-        let run =
-            |f: fn(Tensor<Ad<C>, 2>, Tensor<Ad<C>, 2>, Tensor<Ad<C>, 2>) -> Tensor<Ad<C>, 2>| {
-                let z = test_values::<Ad<C>, 2>([m, d], 1).require_grad();
-                // g away from 0, as DINO's (1 at init).
-                let g = (test_values::<Ad<C>, 2>([k, 1], 2) * 0.1 + 1.0).require_grad();
-                let v = test_values::<Ad<C>, 2>([k, d], 3).require_grad();
-                let y = f(z.clone(), g.clone(), v.clone());
-                let weights = test_values::<Ad<C>, 2>([m, k], 4);
-                let grads = (y.clone() * weights).sum().backward();
-                let grad = |t: &Tensor<Ad<C>, 2>| t.grad(&grads).unwrap().into_data();
-                (y.into_data(), grad(&z), grad(&g), grad(&v))
-            };
+        let run = |f: Op<Ad<C>>| {
+            let z = test_values::<Ad<C>, 2>([m, d], 1).require_grad();
+            // g away from 0, as DINO's (1 at init).
+            let g = (test_values::<Ad<C>, 2>([k, 1], 2) * 0.1 + 1.0).require_grad();
+            let v = test_values::<Ad<C>, 2>([k, d], 3).require_grad();
+            let y = f(z.clone(), g.clone(), v.clone());
+            let weights = test_values::<Ad<C>, 2>([m, k], 4);
+            let grads = (y.clone() * weights).sum().backward();
+            let grad = |t: &Tensor<Ad<C>, 2>| t.grad(&grads).unwrap().into_data();
+            (y.into_data(), grad(&z), grad(&g), grad(&v))
+        };
         let ours = run(weight_norm_linear);
         let reference = run(reference);
         let tol = Tolerance::<f32>::rel_abs(1e-4, 1e-5);
@@ -291,7 +292,7 @@ mod tests {
             Tensor::<Ad, 2>::from_inner(v),
         );
         let w = test_values::<Ad, 2>([6, 10], 8);
-        let grad = |f: fn(Tensor<Ad, 2>, Tensor<Ad, 2>, Tensor<Ad, 2>) -> Tensor<Ad, 2>| {
+        let grad = |f: Op<Ad>| {
             let g = (f(za.clone(), ga.clone(), va.clone()) * w.clone())
                 .sum()
                 .backward();

@@ -31,21 +31,19 @@ use omnirad_model::{cast_same, is_same, Cpu};
 /// ℓ_n of the module doc for every row: [N].
 pub fn soft_cross_entropy<B: Backend>(
     logits: Tensor<B, 2>,
-    targets: Tensor<B, 2>,
+    mut targets: Tensor<B, 2>,
     temp: f64,
 ) -> Tensor<B, 1> {
     let f32s = logits.dtype() == DType::F32 && targets.dtype() == DType::F32;
     if f32s && is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<Cpu>>>() {
-        let s: AdTensor = cast_same(logits.into_primitive().tensor());
         let p: AdTensor = cast_same(targets.into_primitive().tensor());
-        match autodiff_forward(s, p, temp) {
-            Ok(out) => return Tensor::from_primitive(TensorPrimitive::Float(cast_same(out))),
-            Err((s, p)) => {
-                let back =
-                    |t: AdTensor| Tensor::from_primitive(TensorPrimitive::Float(cast_same(t)));
-                return reference(back(s), back(p), temp);
-            }
+        // The op gives the targets no gradient: targets on the graph take the tensor ops.
+        if p.node.requirement.is_none() {
+            let s = cast_same(logits.into_primitive().tensor());
+            let out = autodiff_forward(s, p, temp);
+            return Tensor::from_primitive(TensorPrimitive::Float(cast_same(out)));
         }
+        targets = Tensor::from_primitive(TensorPrimitive::Float(cast_same(p)));
     }
     reference(logits, targets, temp)
 }
@@ -58,12 +56,7 @@ fn reference<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 2>, temp: f64)
 
 type AdTensor = FloatTensor<Autodiff<Cpu>>;
 
-/// The op on the autodiff graph; hands the tensors back when the targets are on the graph too
-/// (the op gives them no gradient).
-fn autodiff_forward(s: AdTensor, p: AdTensor, temp: f64) -> Result<AdTensor, (AdTensor, AdTensor)> {
-    if !p.node.requirement.is_none() {
-        return Err((s, p));
-    }
+fn autodiff_forward(s: AdTensor, p: AdTensor, temp: f64) -> AdTensor {
     let inv_t = (1.0 / temp) as f32;
     let (loss, stats) = cpu::forward(&s.primitive, &p.primitive, inv_t);
     // Compute-bound as far as checkpointing goes: its output is N values, nothing to recompute.
@@ -75,9 +68,9 @@ fn autodiff_forward(s: AdTensor, p: AdTensor, temp: f64) -> Result<AdTensor, (Ad
     {
         OpsKind::Tracked(mut prep) => {
             let state = (prep.checkpoint(&s), p.primitive.clone(), stats);
-            Ok(prep.finish(state, loss))
+            prep.finish(state, loss)
         }
-        OpsKind::UnTracked(prep) => Ok(prep.finish(loss)),
+        OpsKind::UnTracked(prep) => prep.finish(loss),
     }
 }
 
