@@ -697,7 +697,7 @@ fn shipped_pretraining_configs_load_and_find_their_data() {
     dims.sort();
     assert_eq!(
         dims,
-        [(64, 2), (96, 4)],
-        "configs/ holds the pico and small recipes"
+        [(64, 2), (64, 2), (96, 4)],
+        "configs/ holds the pico recipe, its BreastMNIST continuation and the small recipe"
     );
 }
