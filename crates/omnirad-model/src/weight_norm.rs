@@ -10,7 +10,8 @@
 //! weight norm is four passes over W forward and about as many backward, and burn-flex zero-fills
 //! and then re-copies every matmul output, all on the calling thread. Here W is built by one rayon
 //! pass, each product is one `gemm` call into a fresh buffer, and dv overwrites dW in the pass that
-//! computes dg. W and ‖v‖ are kept for the backward pass (burn's matmul keeps W too).
+//! computes dg. As burn's matmul, the op keeps W only when Z needs a gradient, and Z only when the
+//! layer trains.
 //!
 //! The kernels run for f32 tensors of the CPU backend, with and without autodiff (recognised by
 //! type, as in [`crate::linear`]); any other backend or dtype gets the tensor ops.
@@ -65,7 +66,7 @@ type AdTensor = FloatTensor<Autodiff<Cpu>>;
 
 fn autodiff_forward(z: AdTensor, g: AdTensor, v: AdTensor) -> AdTensor {
     let (out, w, norms) = cpu::forward(&z.primitive, &g.primitive, &v.primitive);
-    let weights_train = g.is_tracked() || v.is_tracked();
+    let (input_trains, weights_train) = (z.is_tracked(), g.is_tracked() || v.is_tracked());
     // Compute-bound: no checkpointing strategy recomputes it, so any prepares it alike.
     match WeightNormBackward
         .prepare::<NoCheckpointing>([z.node.clone(), g.node.clone(), v.node.clone()])
@@ -76,7 +77,7 @@ fn autodiff_forward(z: AdTensor, g: AdTensor, v: AdTensor) -> AdTensor {
             let state = State {
                 z: weights_train.then(|| prep.checkpoint(&z)),
                 v: weights_train.then(|| (v.primitive.clone(), g.primitive.clone(), norms)),
-                w,
+                w: input_trains.then_some(w),
             };
             prep.finish(state, out)
         }
@@ -90,7 +91,8 @@ struct State {
     z: Option<NodeId>,
     /// v, g and ‖v‖ per row, when g or v trains.
     v: Option<(FlexTensor, FlexTensor, Vec<f32>)>,
-    w: FlexTensor,
+    /// W, when Z needs a gradient.
+    w: Option<FlexTensor>,
 }
 
 #[derive(Debug)]
@@ -103,7 +105,7 @@ impl Backward<Cpu, 3> for WeightNormBackward {
         let State { z, v, w } = ops.state;
         let d_out = grads.consume::<Cpu>(&ops.node);
         let [pz, pg, pv] = ops.parents;
-        if let Some(node) = pz {
+        if let (Some(node), Some(w)) = (pz, w) {
             grads.register::<Cpu>(node.id, cpu::input_grad(&d_out, &w));
         }
         if let (Some(z), Some((v, g, norms))) = (z, v) {
