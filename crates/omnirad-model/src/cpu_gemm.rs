@@ -74,6 +74,21 @@ pub fn mm(dst: &mut [f32], acc: bool, a: Mat, b: Mat, beta: f32, par: Parallelis
     }
 }
 
+/// All threads (0 = rayon's pool), as burn-flex for products of this size.
+pub const ALL: Parallelism = Parallelism::Rayon(0);
+
+/// A 2-D f32 tensor as a contiguous tensor (itself or a copy) and its [rows, cols].
+pub fn matrix(t: &FlexTensor) -> (FlexTensor, usize, usize) {
+    assert_eq!(t.dtype(), burn::tensor::DType::F32, "f32 tensor expected");
+    let [r, c] = burn::tensor::TensorMetadata::shape(t).dims::<2>();
+    (contiguous(t.clone()), r, c)
+}
+
+/// The values of a contiguous f32 tensor.
+pub fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32")
+}
+
 /// `t` itself when contiguous (also at an offset), else a contiguous copy.
 pub fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.is_contiguous() {

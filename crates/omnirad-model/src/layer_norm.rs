@@ -131,7 +131,7 @@ mod cpu {
     use burn::tensor::{DType, TensorData, TensorMetadata};
     use rayon::prelude::*;
 
-    use crate::cpu_gemm::contiguous;
+    use crate::cpu_gemm::{contiguous, f32s};
 
     const ROWS: usize = 32;
 
@@ -141,10 +141,6 @@ mod cpu {
         let shape = t.shape();
         let d = shape[shape.num_dims() - 1];
         (contiguous(t.clone()), shape.num_elements() / d.max(1), d)
-    }
-
-    fn f32s(t: &FlexTensor) -> &[f32] {
-        t.as_slice::<f32>().expect("contiguous f32")
     }
 
     /// (μ, σ) of one row, in two passes as burn's decomposition computes them.

@@ -101,24 +101,10 @@ impl Backward<Cpu, 3> for LinearBackward {
 /// The formulas of the module doc on f32 slices; gemm splits each product over rayon's threads.
 mod cpu {
     use burn::backend::flex::FlexTensor;
-    use burn::tensor::{DType, TensorData, TensorMetadata};
+    use burn::tensor::{TensorData, TensorMetadata};
     use rayon::prelude::*;
 
-    use crate::cpu_gemm::{contiguous, mm, Mat, Parallelism};
-
-    /// All threads (0 = rayon's pool), as burn-flex for products of this size.
-    const ALL: Parallelism = Parallelism::Rayon(0);
-
-    /// The f32 values of a contiguous copy (or `t` itself) and its [rows, cols].
-    fn matrix(t: &FlexTensor) -> (FlexTensor, usize, usize) {
-        assert_eq!(t.dtype(), DType::F32, "linear: f32 expected");
-        let [r, c] = t.shape().dims::<2>();
-        (contiguous(t.clone()), r, c)
-    }
-
-    fn f32s(t: &FlexTensor) -> &[f32] {
-        t.as_slice::<f32>().expect("contiguous f32")
-    }
+    use crate::cpu_gemm::{contiguous, f32s, matrix, mm, Mat, ALL};
 
     pub(super) fn forward(x: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
         let (x, m, k) = matrix(&x);

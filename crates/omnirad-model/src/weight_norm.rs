@@ -124,22 +124,10 @@ impl Backward<Cpu, 3> for WeightNormBackward {
 /// The formulas of the module doc on f32 slices; gemm splits each product over rayon's threads.
 mod cpu {
     use burn::backend::flex::FlexTensor;
-    use burn::tensor::{DType, TensorData, TensorMetadata};
+    use burn::tensor::TensorData;
     use rayon::prelude::*;
 
-    use crate::cpu_gemm::{contiguous, mm, Mat, Parallelism};
-
-    const ALL: Parallelism = Parallelism::Rayon(0);
-
-    fn matrix(t: &FlexTensor) -> (FlexTensor, usize, usize) {
-        assert_eq!(t.dtype(), DType::F32, "weight_norm_linear: f32 expected");
-        let [r, c] = t.shape().dims::<2>();
-        (contiguous(t.clone()), r, c)
-    }
-
-    fn f32s(t: &FlexTensor) -> &[f32] {
-        t.as_slice::<f32>().expect("contiguous f32")
-    }
+    use crate::cpu_gemm::{f32s, matrix, mm, Mat, ALL};
 
     /// (Y, W, ‖v‖ per row).
     pub(super) fn forward(
