@@ -1,9 +1,11 @@
 //! Per-op CPU timings of one ViT-S/16 block at batch 8 (`cargo bench -p omnirad-model --bench ops`):
-//! tells where CPU inference time goes (see BENCHMARKS.md).
+//! tells where CPU inference time goes, and the GEMM rate of the block's linears (see
+//! BENCHMARKS.md).
 use burn::nn::{conv::Conv2dConfig, LayerNormConfig, LinearConfig};
 use burn::tensor::{
     activation::gelu, module::attention, ops::AttentionModuleOptions, Distribution, Tensor,
 };
+use omnirad_model::linear::linear;
 use omnirad_model::Cpu;
 use std::time::Instant;
 /// Median-free quick timing: one warm-up call, then the mean of 3.
@@ -15,7 +17,39 @@ fn t<F: FnMut() -> Tensor<Cpu, 4>>(name: &str, mut f: F) {
     }
     println!("{name}: {:.1} ms", s.elapsed().as_secs_f64() * 1e3 / 3.0);
 }
+/// The linear op (one GEMM into bias rows) at the [B·N, D] shapes of ViT-S/16 at batch 8, best
+/// of 5 calls: the GEMM rate the training step's products can reach on this machine.
+fn linear_rates() {
+    let d = Default::default();
+    let m = 8 * 197;
+    for (name, k, n) in [
+        ("qkv", 384, 1152),
+        ("proj", 384, 384),
+        ("fc1", 384, 1536),
+        ("fc2", 1536, 384),
+    ] {
+        let x = Tensor::<Cpu, 2>::random([m, k], Distribution::Normal(0., 1.), &d);
+        let w = Tensor::<Cpu, 2>::random([k, n], Distribution::Normal(0., 1.), &d);
+        let b = Tensor::<Cpu, 1>::zeros([n], &d);
+        let run = || linear(x.clone(), w.clone(), b.clone()).into_data();
+        let _ = run();
+        let best = (0..5)
+            .map(|_| {
+                let s = Instant::now();
+                let _ = run();
+                s.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min);
+        let gflops = 2.0 * (m * k * n) as f64 / best / 1e9;
+        println!(
+            "linear {name} [{m}, {k}]·[{k}, {n}]: {:.2} ms, {gflops:.0} GFLOP/s",
+            best * 1e3
+        );
+    }
+}
+
 fn main() {
+    linear_rates();
     let d = Default::default();
     let x = Tensor::<Cpu, 3>::random([8, 197, 384], Distribution::Normal(0., 1.), &d);
     let lin = LinearConfig::new(384, 1152).init::<Cpu>(&d);

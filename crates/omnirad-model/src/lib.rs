@@ -9,6 +9,7 @@ pub mod io;
 pub mod layer_norm;
 pub mod linear;
 pub mod permute;
+pub mod residual;
 pub mod seg;
 pub mod simd;
 pub mod vit;

@@ -31,6 +31,7 @@ use crate::attention::attention;
 use crate::gelu::gelu;
 use crate::layer_norm::layer_norm;
 use crate::permute::permute_contiguous;
+use crate::residual::residual;
 
 /// Architecture of a ViT. Presets: [`VitConfig::preset`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -446,12 +447,6 @@ pub struct LayerScale<B: Backend> {
     pub gamma: Param<Tensor<B, 1>>,
 }
 
-impl<B: Backend> LayerScale<B> {
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        x * self.gamma.val().unsqueeze::<3>()
-    }
-}
-
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
     pub norm1: LayerNorm<B>,
@@ -467,15 +462,13 @@ pub struct Block<B: Backend> {
 
 impl<B: Backend> Block<B> {
     pub fn forward(&self, x: Tensor<B, 3>, training: bool) -> Tensor<B, 3> {
-        let scale = |ls: &Option<LayerScale<B>>, y| match ls {
-            Some(ls) => ls.forward(y),
-            None => y,
-        };
+        let gamma = |ls: &Option<LayerScale<B>>| ls.as_ref().map(|ls| ls.gamma.val());
         let norm = |ln, x| layer_norm(x, ln, self.norm_eps);
-        let y = scale(&self.ls1, self.attn.forward(norm(&self.norm1, x.clone())));
-        let x = x + self.drop_path(y, training);
-        let y = scale(&self.ls2, self.mlp.forward(norm(&self.norm2, x.clone())));
-        x.clone() + self.drop_path(y, training)
+        // drop_path(γ·y) = γ·drop_path(y): the mask goes on y, so that x + γ·y stays one op.
+        let y = self.attn.forward(norm(&self.norm1, x.clone()));
+        let x = residual(x, self.drop_path(y, training), gamma(&self.ls1));
+        let y = self.mlp.forward(norm(&self.norm2, x.clone()));
+        residual(x, self.drop_path(y, training), gamma(&self.ls2))
     }
 
     /// Stochastic depth (Huang et al. 2016): drop the whole residual of a sample with

@@ -184,18 +184,9 @@ fn curve(
 fn bf16_mixed_precision_follows_the_f32_loss_curve_on_f32_weights() {
     let _rng = rng_lock();
     use omnirad_model::Precision;
-    // One initial model for both runs: tests in this binary share the backend RNG.
-    let mut vc = VitConfig::preset("vit_pico").unwrap();
-    vc.layer_scale_init = None;
-    let model = Classifier::new(
-        vc.init::<B>(&Default::default()),
-        2,
-        false,
-        0.0,
-        0,
-        &Default::default(),
-    );
-    params::materialize(&model);
+    // One seeded initial model for both runs (unseeded, it depended on which tests took the
+    // backend RNG before this one, and one draw in ten left the 5 % band).
+    let model = pico(5, 0.0);
     let (f32_loss, _, f32_w) = curve(model.clone(), Precision::F32);
     let (bf16_loss, dtypes, bf16_w) = curve(model, Precision::Bf16);
     assert!(
