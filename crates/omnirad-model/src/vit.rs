@@ -17,6 +17,8 @@
 //! bf16 casts, and LayerNorm, GELU, softmax statistics inside attention, residual sums and
 //! everything after the encoder stay f32.
 
+use burn::backend::flex::FlexTensor;
+use burn::backend::Autodiff;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
@@ -24,7 +26,8 @@ use burn::nn::{
 };
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, FloatDType, Tensor, TensorData};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Distribution, FloatDType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::attention::attention;
@@ -32,6 +35,7 @@ use crate::gelu::gelu;
 use crate::layer_norm::layer_norm;
 use crate::permute::permute_contiguous;
 use crate::residual::residual;
+use crate::{is_same, Cpu};
 
 /// Architecture of a ViT. Presets: [`VitConfig::preset`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -317,6 +321,42 @@ impl VitConfig {
 #[derive(Module, Debug)]
 pub struct PatchEmbed<B: Backend> {
     pub proj: Conv2d<B>,
+}
+
+impl<B: Backend> PatchEmbed<B> {
+    /// [B, C, H, W] → [B, h·w, D]: the stride-p, p×p convolution over non-overlapping patches
+    /// (a remainder of H or W beyond whole patches is ignored, as the convolution does).
+    ///
+    /// On the CPU backend it runs as what it is, one GEMM over all patches: the image is cut into
+    /// [B·h·w, C·p·p] rows (a row-copy permutation) and multiplied by the weight as a [C·p·p, D]
+    /// matrix. burn-flex's convolution, and its weight gradient in particular, go through
+    /// element-by-element strided copies, and its [B, D, h, w] output needs one more to become
+    /// tokens: 1/8 of a `vit_pico` fine-tuning step at 32 px (BENCHMARKS.md). Other backends keep
+    /// burn's convolution.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 3> {
+        let cpu = is_same::<B::FloatTensorPrimitive, FlexTensor>()
+            || is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<Cpu>>>();
+        let weight = self.proj.weight.val();
+        let [d, c, p, _] = weight.dims();
+        let [b, _, ih, iw] = x.dims();
+        let (h, w) = (ih / p, iw / p);
+        if !cpu || x.dtype() != DType::F32 {
+            return self.proj.forward(x).flatten::<3>(2, 3).swap_dims(1, 2);
+        }
+        let x = if (ih, iw) == (h * p, w * p) {
+            x
+        } else {
+            x.narrow(2, 0, h * p).narrow(3, 0, w * p)
+        };
+        let rows = permute_contiguous(x.reshape([b, c, h, p, w, p]), [0, 2, 4, 1, 3, 5])
+            .reshape([b * h * w, c * p * p]);
+        let bias = match &self.proj.bias {
+            Some(bias) => bias.val(),
+            None => Tensor::zeros([d], &weight.device()),
+        };
+        let wmat = weight.reshape([d, c * p * p]).transpose();
+        crate::linear::linear(rows, wmat, bias).reshape([b, h * w, d])
+    }
 }
 
 #[derive(Module, Debug)]
@@ -617,12 +657,7 @@ impl<B: Backend> Vit<B> {
         let [b, _, ih, iw] = x.dims();
         let (h, w) = (ih / self.patch_size, iw / self.patch_size);
         let d = self.embed_dim();
-        let patches = self
-            .patch_embed
-            .proj
-            .forward(x)
-            .flatten::<3>(2, 3)
-            .swap_dims(1, 2);
+        let patches = self.patch_embed.forward(x);
         let patches = match mask {
             Some(m) => {
                 let m = m.unsqueeze_dim::<3>(2);

@@ -226,3 +226,49 @@ fn bf16_forward_stays_close_to_f32() {
     // bf16 keeps 8 bits of mantissa: errors of a few 1e-3, never zero.
     assert!(err > 1e-5 && err < 3e-2, "relative error {err}");
 }
+
+/// The patch embedding's GEMM path equals burn's convolution, values and the gradients of the
+/// image, weight and bias, including a size with a remainder beyond whole patches.
+#[test]
+fn patch_embedding_matches_the_convolution() {
+    use burn::backend::Autodiff;
+    type Ad = Autodiff<Cpu>;
+    let dev = Default::default();
+    let vit = tiny(0).init::<Ad>(&dev);
+    let pe = &vit.patch_embed;
+    for (h, w) in [(32, 32), (35, 30)] {
+        let x = Tensor::<Ad, 4>::random([2, 3, h, w], Distribution::Normal(0.0, 1.0), &dev)
+            .require_grad();
+        let v = Tensor::<Ad, 3>::random([2, (h / 4) * (w / 4), 64], Distribution::Default, &dev);
+        let run = |ours: bool| {
+            let y = if ours {
+                pe.forward(x.clone())
+            } else {
+                pe.proj
+                    .forward(x.clone())
+                    .flatten::<3>(2, 3)
+                    .swap_dims(1, 2)
+            };
+            let g = (y.clone() * v.clone()).sum().backward();
+            let bias = pe.proj.bias.as_ref().unwrap().val();
+            [
+                y.inner().flatten::<1>(0, 2),
+                x.grad(&g).unwrap().flatten::<1>(0, 3),
+                pe.proj.weight.val().grad(&g).unwrap().flatten::<1>(0, 3),
+                bias.grad(&g).unwrap(),
+            ]
+        };
+        let (ours, conv) = (run(true), run(false));
+        for (name, (a, b)) in ["y", "dx", "dW", "db"]
+            .iter()
+            .zip(ours.into_iter().zip(conv))
+        {
+            let scale = b.clone().abs().max().into_scalar();
+            let err = (a - b).abs().max().into_scalar() / scale;
+            assert!(
+                err < 1e-5,
+                "{h}×{w} {name}: max error {err} relative to {scale}"
+            );
+        }
+    }
+}
