@@ -5,7 +5,7 @@ use burn::nn::{conv::Conv2dConfig, LayerNormConfig, LinearConfig};
 use burn::tensor::{
     activation::gelu, module::attention, ops::AttentionModuleOptions, Distribution, Tensor,
 };
-use omnirad_model::linear::linear;
+use omnirad_model::linear::{linear, linear_bf16};
 use omnirad_model::Cpu;
 use std::time::Instant;
 /// Median-free quick timing: one warm-up call, then the mean of 3.
@@ -18,7 +18,8 @@ fn t<F: FnMut() -> Tensor<Cpu, 4>>(name: &str, mut f: F) {
     println!("{name}: {:.1} ms", s.elapsed().as_secs_f64() * 1e3 / 3.0);
 }
 /// The linear op (one GEMM into bias rows) at the [B·N, D] shapes of ViT-S/16 at batch 8, best
-/// of 5 calls: the GEMM rate the training step's products can reach on this machine.
+/// of 5 calls, in f32 and with bf16 products: the GEMM rates the training step's products can
+/// reach on this machine (bf16 includes rounding the operands and widening the result).
 fn linear_rates() {
     let d = Default::default();
     let m = 8 * 197;
@@ -31,19 +32,23 @@ fn linear_rates() {
         let x = Tensor::<Cpu, 2>::random([m, k], Distribution::Normal(0., 1.), &d);
         let w = Tensor::<Cpu, 2>::random([k, n], Distribution::Normal(0., 1.), &d);
         let b = Tensor::<Cpu, 1>::zeros([n], &d);
-        let run = || linear(x.clone(), w.clone(), b.clone()).into_data();
-        let _ = run();
-        let best = (0..5)
-            .map(|_| {
-                let s = Instant::now();
-                let _ = run();
-                s.elapsed().as_secs_f64()
-            })
-            .fold(f64::MAX, f64::min);
-        let gflops = 2.0 * (m * k * n) as f64 / best / 1e9;
+        let rate = |op: fn(Tensor<Cpu, 2>, Tensor<Cpu, 2>, Tensor<Cpu, 1>) -> Tensor<Cpu, 2>| {
+            let run = || op(x.clone(), w.clone(), b.clone()).into_data();
+            let _ = run();
+            let best = (0..5)
+                .map(|_| {
+                    let s = Instant::now();
+                    let _ = run();
+                    s.elapsed().as_secs_f64()
+                })
+                .fold(f64::MAX, f64::min);
+            (best * 1e3, 2.0 * (m * k * n) as f64 / best / 1e9)
+        };
+        let (f32_ms, f32_rate) = rate(linear);
+        let (bf16_ms, bf16_rate) = rate(linear_bf16);
         println!(
-            "linear {name} [{m}, {k}]·[{k}, {n}]: {:.2} ms, {gflops:.0} GFLOP/s",
-            best * 1e3
+            "linear {name} [{m}, {k}]·[{k}, {n}]: f32 {f32_ms:.2} ms, {f32_rate:.0} GFLOP/s; \
+             bf16 products {bf16_ms:.2} ms, {bf16_rate:.0} GFLOP/s"
         );
     }
 }

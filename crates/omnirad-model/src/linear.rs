@@ -13,6 +13,9 @@
 //!
 //! The kernels run for f32 tensors of the CPU backend, with and without autodiff (recognised by
 //! type, as in [`crate::attention`]); any other backend or dtype gets burn's `matmul` + add.
+//! [`linear_bf16`] is the same op with its three products in bf16 ([`crate::cpu_gemm::mm_bf16`]):
+//! burn-flex has no native bf16 arithmetic (a bf16 tensor there is converted to f32 and back
+//! around every op), so on the CPU mixed precision keeps f32 tensors and narrows inside the GEMM.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -23,44 +26,78 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
 
 use crate::{cast_same, is_same, Cpu};
 
 /// `x` [M, d_in] · `w` [d_in, d_out] + `b` [d_out] → [M, d_out].
 pub fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>) -> Tensor<B, 2> {
-    let f32s = [x.dtype(), w.dtype(), b.dtype()]
-        .iter()
-        .all(|&d| d == DType::F32);
-    let flex = is_same::<B::FloatTensorPrimitive, FlexTensor>();
-    let autodiff = is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<Cpu>>>();
-    if !f32s || !(flex || autodiff) {
+    if !f32_on_cpu::<B>([x.dtype(), w.dtype(), b.dtype()]) {
         return x.matmul(w) + b.unsqueeze();
     }
+    op(x, w, b, Gemm::F32)
+}
+
+/// [`linear`] with its products in bf16 and f32 accumulation, on f32 tensors (the result too,
+/// its values rounded to bf16 before the bias is added). Backends other than the CPU's run
+/// burn's matmul on bf16 casts.
+pub fn linear_bf16<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>) -> Tensor<B, 2> {
+    if !f32_on_cpu::<B>([x.dtype(), w.dtype(), b.dtype()]) {
+        let bf = FloatDType::BF16;
+        let y = x.cast(bf).matmul(w.cast(bf)) + b.cast(bf).unsqueeze();
+        return y.cast(FloatDType::F32);
+    }
+    op(x, w, b, Gemm::Bf16)
+}
+
+/// Whether `B` is the CPU backend (with or without autodiff), where these kernels run.
+pub fn cpu_kernels<B: Backend>() -> bool {
+    is_same::<B::FloatTensorPrimitive, FlexTensor>()
+        || is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<Cpu>>>()
+}
+
+fn f32_on_cpu<B: Backend>(dtypes: [DType; 3]) -> bool {
+    cpu_kernels::<B>() && dtypes.iter().all(|&d| d == DType::F32)
+}
+
+/// The arithmetic of the op's three products.
+#[derive(Debug, Clone, Copy)]
+enum Gemm {
+    F32,
+    Bf16,
+}
+
+fn op<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>, g: Gemm) -> Tensor<B, 2> {
     let [x, w, b] = [
         x.into_primitive().tensor(),
         w.into_primitive().tensor(),
         b.into_primitive().tensor(),
     ];
-    let out = if flex {
-        cast_same(cpu::forward(cast_same(x), cast_same(w), cast_same(b)))
+    let out = if is_same::<B::FloatTensorPrimitive, FlexTensor>() {
+        cast_same(cpu::forward(cast_same(x), cast_same(w), cast_same(b), g))
     } else {
-        cast_same(autodiff_forward(cast_same(x), cast_same(w), cast_same(b)))
+        cast_same(autodiff_forward(
+            cast_same(x),
+            cast_same(w),
+            cast_same(b),
+            g,
+        ))
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 type AdTensor = FloatTensor<Autodiff<Cpu>>;
 
-fn autodiff_forward(x: AdTensor, w: AdTensor, b: AdTensor) -> AdTensor {
+fn autodiff_forward(x: AdTensor, w: AdTensor, b: AdTensor, g: Gemm) -> AdTensor {
     let out = cpu::forward(
         x.primitive.clone(),
         w.primitive.clone(),
         b.primitive.clone(),
+        g,
     );
     let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
     // Compute-bound: no checkpointing strategy recomputes it, so any prepares it alike.
-    match LinearBackward
+    match LinearBackward(g)
         .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone(), b.node.clone()])
         .compute_bound()
         .stateful()
@@ -75,7 +112,7 @@ fn autodiff_forward(x: AdTensor, w: AdTensor, b: AdTensor) -> AdTensor {
 }
 
 #[derive(Debug)]
-struct LinearBackward;
+struct LinearBackward(Gemm);
 
 impl Backward<Cpu, 3> for LinearBackward {
     type State = (Option<NodeId>, Option<NodeId>);
@@ -90,10 +127,10 @@ impl Backward<Cpu, 3> for LinearBackward {
             grads.register::<Cpu>(node.id, cpu::bias_grad(&d_out));
         }
         if let (Some(node), Some(x)) = (pw, x) {
-            grads.register::<Cpu>(node.id, cpu::weight_grad(x, &d_out));
+            grads.register::<Cpu>(node.id, cpu::weight_grad(x, &d_out, self.0));
         }
         if let (Some(node), Some(w)) = (px, w) {
-            grads.register::<Cpu>(node.id, cpu::input_grad(&d_out, w));
+            grads.register::<Cpu>(node.id, cpu::input_grad(&d_out, w, self.0));
         }
     }
 }
@@ -104,57 +141,60 @@ mod cpu {
     use burn::tensor::{TensorData, TensorMetadata};
     use rayon::prelude::*;
 
-    use crate::cpu_gemm::{contiguous, f32s, matrix, mm, Mat, ALL};
+    use super::Gemm;
+    use crate::cpu_gemm::{contiguous, f32s, matrix, mm, mm_bf16, Mat, ALL};
 
-    pub(super) fn forward(x: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
+    /// A·B [m, n] + `bias` on every row, in the arithmetic `g`.
+    fn product(a: Mat, b: Mat, bias: Option<&[f32]>, g: Gemm) -> Vec<f32> {
+        if let Gemm::Bf16 = g {
+            return mm_bf16(a, b, bias);
+        }
+        let (m, n) = (a.shape().0, b.shape().1);
+        let mut y = vec![0f32; m * n];
+        if let (Some(bias), true) = (bias, n > 0) {
+            y.par_chunks_mut(n)
+                .for_each(|row| row.copy_from_slice(bias));
+        }
+        mm(&mut y, bias.is_some(), a, b, 1.0, ALL);
+        y
+    }
+
+    pub(super) fn forward(x: FlexTensor, w: FlexTensor, b: FlexTensor, g: Gemm) -> FlexTensor {
         let (x, m, k) = matrix(&x);
         let (w, k2, n) = matrix(&w);
         let b = contiguous(b);
         assert!(k == k2 && b.shape().num_elements() == n, "linear: shapes");
-        let mut y = vec![0f32; m * n];
-        if n > 0 {
-            y.par_chunks_mut(n)
-                .for_each(|row| row.copy_from_slice(f32s(&b)));
-        }
-        mm(
-            &mut y,
-            true,
+        let y = product(
             Mat::new(f32s(&x), m, k),
             Mat::new(f32s(&w), k, n),
-            1.0,
-            ALL,
+            Some(f32s(&b)),
+            g,
         );
         FlexTensor::from_data(TensorData::new(y, [m, n]))
     }
 
     /// dX = dY·Wᵀ.
-    pub(super) fn input_grad(d_out: &FlexTensor, w: FlexTensor) -> FlexTensor {
-        let (g, m, n) = matrix(d_out);
+    pub(super) fn input_grad(d_out: &FlexTensor, w: FlexTensor, g: Gemm) -> FlexTensor {
+        let (dy, m, n) = matrix(d_out);
         let (w, k, _) = matrix(&w);
-        let mut dx = vec![0f32; m * k];
-        mm(
-            &mut dx,
-            false,
-            Mat::new(f32s(&g), m, n),
+        let dx = product(
+            Mat::new(f32s(&dy), m, n),
             Mat::new(f32s(&w), k, n).t(),
-            1.0,
-            ALL,
+            None,
+            g,
         );
         FlexTensor::from_data(TensorData::new(dx, [m, k]))
     }
 
     /// dW = Xᵀ·dY.
-    pub(super) fn weight_grad(x: FlexTensor, d_out: &FlexTensor) -> FlexTensor {
-        let (g, m, n) = matrix(d_out);
+    pub(super) fn weight_grad(x: FlexTensor, d_out: &FlexTensor, g: Gemm) -> FlexTensor {
+        let (dy, m, n) = matrix(d_out);
         let (x, _, k) = matrix(&x);
-        let mut dw = vec![0f32; k * n];
-        mm(
-            &mut dw,
-            false,
+        let dw = product(
             Mat::new(f32s(&x), m, k).t(),
-            Mat::new(f32s(&g), m, n),
-            1.0,
-            ALL,
+            Mat::new(f32s(&dy), m, n),
+            None,
+            g,
         );
         FlexTensor::from_data(TensorData::new(dw, [k, n]))
     }
@@ -223,6 +263,89 @@ mod tests {
         ours.1.assert_approx_eq::<f32>(&reference.1, tol);
         ours.2.assert_approx_eq::<f32>(&reference.2, tol);
         ours.3.assert_approx_eq::<f32>(&reference.3, tol);
+    }
+
+    /// The bf16 op against its definition computed in f64: operands rounded to bf16, exact
+    /// products and sums, the result rounded to bf16 (then the bias added in f32). The op sums
+    /// in f32, so a result next to a rounding boundary may land one bf16 step away: the bound is
+    /// one step (at most 2⁻⁷ of the result's magnitude). Forward, dX and dW; and unlike f32.
+    #[test]
+    fn bf16_products_round_their_operands_and_their_result_to_bf16() {
+        use half::bf16;
+        let (m, k, n) = (67, 300, 40);
+        let r = |v: f32| bf16::from_f32(v).to_f32() as f64;
+        // C = round(Σ_l round(A[i,l])·round(B[l,j])) for A [rows, depth], B [depth, cols].
+        let reference = |a: &[f32], b: &[f32], rows: usize, depth: usize, cols: usize| {
+            let mut c = vec![0f64; rows * cols];
+            for i in 0..rows {
+                for j in 0..cols {
+                    let s: f64 = (0..depth)
+                        .map(|l| r(a[i * depth + l]) * r(b[l * cols + j]))
+                        .sum();
+                    c[i * cols + j] = r(s as f32);
+                }
+            }
+            c
+        };
+        let transpose = |v: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+            (0..rows * cols)
+                .map(|i| v[(i % rows) * cols + i / rows])
+                .collect()
+        };
+        let vals = |t: Tensor<Ad, 2>| t.into_data().to_vec::<f32>().unwrap();
+        let x = test_values::<Ad, 2>([m, k], 11).require_grad();
+        let w = test_values::<Ad, 2>([k, n], 12).require_grad();
+        let b = test_values::<Ad, 1>([n], 13).require_grad();
+        let dy = test_values::<Ad, 2>([m, n], 14);
+        let y = linear_bf16(x.clone(), w.clone(), b.clone());
+        let g = (y.clone() * dy.clone()).sum().backward();
+        let (xv, wv, bv, dyv) = (
+            vals(x.clone()),
+            vals(w.clone()),
+            b.clone().into_data().to_vec::<f32>().unwrap(),
+            vals(dy),
+        );
+        let check = |name: &str, ours: Vec<f32>, want: Vec<f64>, bias: &dyn Fn(usize) -> f64| {
+            for (i, (o, w)) in ours.iter().zip(&want).enumerate() {
+                let err = (*o as f64 - (w + bias(i))).abs();
+                assert!(
+                    err <= w.abs() / 128.0 + 1e-6,
+                    "{name}[{i}]: {o} vs {}",
+                    w + bias(i)
+                );
+            }
+        };
+        check("y", vals(y.clone()), reference(&xv, &wv, m, k, n), &|i| {
+            bv[i % n] as f64
+        });
+        let dx = x.grad(&g).unwrap().into_data().to_vec::<f32>().unwrap();
+        check(
+            "dx",
+            dx,
+            reference(&dyv, &transpose(&wv, k, n), m, n, k),
+            &|_| 0.0,
+        );
+        let dw = w.grad(&g).unwrap().into_data().to_vec::<f32>().unwrap();
+        check(
+            "dw",
+            dw,
+            reference(&transpose(&xv, m, k), &dyv, k, m, n),
+            &|_| 0.0,
+        );
+        // The bias gradient is a sum of f32 rows, as in the f32 op.
+        let db = b.grad(&g).unwrap().into_data().to_vec::<f32>().unwrap();
+        for (j, d) in db.iter().enumerate() {
+            let want: f32 = (0..m).map(|i| dyv[i * n + j]).sum();
+            assert!((d - want).abs() <= 1e-4 * want.abs().max(1.0), "db[{j}]");
+        }
+        // And it is not the f32 op: bf16 rounding moves the result.
+        let full = vals(linear(x, w, b));
+        let moved = full.iter().zip(&vals(y)).filter(|(a, b)| a != b).count();
+        assert!(
+            moved > m * n / 2,
+            "only {moved} of {} outputs differ from f32",
+            m * n
+        );
     }
 
     #[test]

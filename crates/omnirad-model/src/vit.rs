@@ -15,7 +15,9 @@
 //! [`Precision::Bf16`] is mixed precision by hand (burn 0.21 has no autocast): parameters stay
 //! f32 (so the optimizer updates f32 master weights), the block's linears and attention run on
 //! bf16 casts, and LayerNorm, GELU, softmax statistics inside attention, residual sums and
-//! everything after the encoder stay f32.
+//! everything after the encoder stay f32. On the CPU backend tensors stay f32 throughout and
+//! the linears' products round their operands to bf16 inside the GEMM
+//! ([`crate::linear::linear_bf16`]); attention stays f32 there.
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Autodiff;
@@ -116,6 +118,10 @@ fn linear<B: Backend>(l: &Linear<B>, x: Tensor<B, 3>, p: Precision) -> Tensor<B,
             Some(b) => crate::linear::linear(x, l.weight.val(), b.val()),
             None => l.forward(x),
         },
+        Precision::Bf16 if bf16_in_gemm::<B>() && l.bias.is_some() => {
+            let b = l.bias.as_ref().map(|b| b.val()).unwrap();
+            crate::linear::linear_bf16(x, l.weight.val(), b)
+        }
         Precision::Bf16 => {
             let bf = FloatDType::BF16;
             let y = x.cast(bf).matmul(l.weight.val().cast(bf));
@@ -127,6 +133,11 @@ fn linear<B: Backend>(l: &Linear<B>, x: Tensor<B, 3>, p: Precision) -> Tensor<B,
     };
     let out = y.dims()[1];
     y.reshape([b, n, out])
+}
+
+/// Mixed precision on `B` rounds to bf16 inside the CPU GEMMs rather than casting tensors.
+fn bf16_in_gemm<B: Backend>() -> bool {
+    crate::linear::cpu_kernels::<B>()
 }
 
 /// Back to f32; a no-op (no graph node, no kernel) when already f32.
@@ -444,8 +455,8 @@ impl<B: Backend> Attention<B> {
         let p = self.precision;
         let qkv = with_lora(&self.qkv, &self.qkv_lora, x, p);
         let qkv = match p {
-            Precision::F32 => qkv,
-            Precision::Bf16 => qkv.cast(FloatDType::BF16),
+            Precision::Bf16 if !bf16_in_gemm::<B>() => qkv.cast(FloatDType::BF16),
+            _ => qkv,
         }
         .reshape([b, n, 3, h, d / h]);
         // One contiguous [3·B, H, N, d/h] copy: q, k and v are views of it (a squeeze would copy).
