@@ -1,5 +1,6 @@
 //! Matrix products on slices of the CPU backend's f32 tensors, through `gemm` (the library
-//! burn-flex itself calls), for omnirad's CPU kernels ([`crate::attention`], [`crate::linear`]).
+//! burn-flex itself calls) and, for bf16 products, gemmkit; for omnirad's CPU kernels
+//! ([`crate::attention`], [`crate::linear`]).
 
 use burn::backend::flex::FlexTensor;
 pub use gemm::Parallelism;
@@ -101,28 +102,32 @@ pub fn mm_bf16(a: Mat, b: Mat, bias: Option<&[f32]>) -> Vec<f32> {
     };
     let (a16, b16) = (round(a.data), round(b.data));
     let mut c: Vec<bf16> = Vec::with_capacity(m * n);
-    // SAFETY: the shapes and strides of A and B are tied to their slices by `Mat::new`, C is
-    // the [m, n] row-major capacity just reserved, and with β = 0 gemmkit writes every element
-    // of C without reading it, so C is initialised when its length is set.
-    unsafe {
-        gemmkit::gemm_unchecked(
-            m,
-            k,
-            n,
-            bf16::ONE,
-            a16.as_ptr(),
-            a_rs,
-            a_cs,
-            b16.as_ptr(),
-            b_rs,
-            b_cs,
-            bf16::ZERO,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-            gemmkit::Parallelism::Rayon(0),
-        );
-        c.set_len(m * n);
+    if k == 0 {
+        c.resize(m * n, bf16::ZERO); // empty sums
+    } else {
+        // SAFETY: the shapes and strides of A and B are tied to their slices by `Mat::new`, C
+        // is the [m, n] row-major capacity just reserved, and with β = 0 gemmkit writes every
+        // element of C without reading it, so C is initialised when its length is set.
+        unsafe {
+            gemmkit::gemm_unchecked(
+                m,
+                k,
+                n,
+                bf16::ONE,
+                a16.as_ptr(),
+                a_rs,
+                a_cs,
+                b16.as_ptr(),
+                b_rs,
+                b_cs,
+                bf16::ZERO,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+                gemmkit::Parallelism::Rayon(0),
+            );
+            c.set_len(m * n);
+        }
     }
     // Rows in blocks, written once each (no zero-fill first).
     let rows = (1 << 14) / n + 1;

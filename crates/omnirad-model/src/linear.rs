@@ -346,6 +346,15 @@ mod tests {
             "only {moved} of {} outputs differ from f32",
             m * n
         );
+        // An empty inner dimension: every row is the bias.
+        let bias = test_values::<Cpu, 1>([4], 15);
+        let y = linear_bf16(
+            test_values::<Cpu, 2>([3, 0], 16),
+            test_values([0, 4], 17),
+            bias.clone(),
+        );
+        let rows: Vec<f32> = bias.into_data().to_vec::<f32>().unwrap().repeat(3);
+        assert_eq!(y.into_data().to_vec::<f32>().unwrap(), rows);
     }
 
     #[test]
