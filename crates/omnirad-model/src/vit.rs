@@ -106,23 +106,21 @@ impl std::str::FromStr for Precision {
     }
 }
 
-/// `x·W + b` with the matmul in `p`; the result is in `p` too (the caller casts back).
+/// `x·W + b` with the matmul in `p`; the result is in `p` too, except on the CPU, where it is
+/// f32 (the caller casts back).
 /// The tokens of all images are one [B·N, D] matrix: on a [B, N, D] input burn's weight gradient
 /// is B per-image products [D_in, D_out], each allocated, then summed — one GEMM over all
 /// tokens writes a B-th of that memory.
 fn linear<B: Backend>(l: &Linear<B>, x: Tensor<B, 3>, p: Precision) -> Tensor<B, 3> {
     let [b, n, d] = x.dims();
     let x = x.reshape([b * n, d]);
-    let y = match p {
-        Precision::F32 => match &l.bias {
-            Some(b) => crate::linear::linear(x, l.weight.val(), b.val()),
-            None => l.forward(x),
-        },
-        Precision::Bf16 if bf16_in_gemm::<B>() && l.bias.is_some() => {
-            let b = l.bias.as_ref().map(|b| b.val()).unwrap();
-            crate::linear::linear_bf16(x, l.weight.val(), b)
+    let y = match (p, &l.bias) {
+        (Precision::F32, Some(b)) => crate::linear::linear(x, l.weight.val(), b.val()),
+        (Precision::F32, None) => l.forward(x),
+        (Precision::Bf16, Some(b)) if bf16_in_gemm::<B>() => {
+            crate::linear::linear_bf16(x, l.weight.val(), b.val())
         }
-        Precision::Bf16 => {
+        (Precision::Bf16, _) => {
             let bf = FloatDType::BF16;
             let y = x.cast(bf).matmul(l.weight.val().cast(bf));
             match &l.bias {
