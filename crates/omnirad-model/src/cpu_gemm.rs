@@ -152,6 +152,15 @@ pub fn mm_bf16(a: Mat, b: Mat, bias: Option<&[f32]>) -> Vec<f32> {
     out
 }
 
+/// Whether the CPU multiplies bf16 natively (AVX-512 BF16), which makes [`mm_bf16`] faster
+/// than f32 products; without it gemmkit widens to f32 in its kernel.
+pub fn native_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512bf16");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// All threads (0 = rayon's pool), as burn-flex for products of this size.
 pub const ALL: Parallelism = Parallelism::Rayon(0);
 

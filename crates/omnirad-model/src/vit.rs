@@ -730,6 +730,15 @@ impl<B: Backend> Vit<B> {
 
     /// Runs the blocks' matmuls and attention in `p` (parameters stay f32).
     pub fn with_precision(mut self, p: Precision) -> Self {
+        if p == Precision::Bf16 && bf16_in_gemm::<B>() && !crate::cpu_gemm::native_bf16() {
+            static NOTE: std::sync::Once = std::sync::Once::new();
+            NOTE.call_once(|| {
+                eprintln!(
+                    "note: this CPU has no AVX-512 BF16, so bf16 products are widened to f32 \
+                     inside the GEMM and run slower than f32 (BENCHMARKS.md: about 0.9×)"
+                )
+            });
+        }
         for b in &mut self.blocks {
             b.attn.precision = p;
             b.mlp.precision = p;
