@@ -390,11 +390,13 @@ mod tests {
         v[8 + 3] = f32::NAN;
         let dev = Default::default();
         let x = Tensor::<Cpu, 2>::from_data(burn::tensor::TensorData::new(v, [4, 8]), &dev);
-        let y = linear(x, test_values([8, 5], 9), test_values([5], 10));
-        let y = y.into_data().to_vec::<f32>().unwrap();
-        for (i, row) in y.chunks(5).enumerate() {
-            assert_eq!(row.iter().all(|v| v.is_nan()), i == 1, "row {i}: {row:?}");
-            assert!(i == 1 || row.iter().all(|v| v.is_finite()));
+        for op in [linear::<Cpu>, linear_bf16::<Cpu>] {
+            let y = op(x.clone(), test_values([8, 5], 9), test_values([5], 10));
+            let y = y.into_data().to_vec::<f32>().unwrap();
+            for (i, row) in y.chunks(5).enumerate() {
+                assert_eq!(row.iter().all(|v| v.is_nan()), i == 1, "row {i}: {row:?}");
+                assert!(i == 1 || row.iter().all(|v| v.is_finite()));
+            }
         }
     }
 }
