@@ -2,21 +2,31 @@
 //! burn-flex itself calls) and, for bf16 products, gemmkit; for omnirad's CPU kernels
 //! ([`crate::attention`], [`crate::linear`]).
 
+use std::borrow::Cow;
+
 use burn::backend::flex::FlexTensor;
 pub use gemm::Parallelism;
+use gemmkit::bf16;
+use rayon::prelude::*;
 
 /// A row-major [rows, cols] matrix in a slice, or its transpose (read through swapped strides,
 /// no copy).
-#[derive(Clone, Copy)]
-pub struct Mat<'a> {
-    data: &'a [f32],
+pub struct Mat<'a, T = f32> {
+    data: &'a [T],
     rows: usize,
     cols: usize,
     transposed: bool,
 }
 
-impl<'a> Mat<'a> {
-    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+impl<T> Clone for Mat<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Mat<'_, T> {}
+
+impl<'a, T> Mat<'a, T> {
+    pub fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "Mat: slice length");
         Self {
             data,
@@ -80,79 +90,111 @@ pub fn mm(dst: &mut [f32], acc: bool, a: Mat, b: Mat, beta: f32, par: Parallelis
     }
 }
 
-/// A·B [m, n] (row-major) with A and B rounded to bf16 and the products summed in f32 (AVX-512
-/// BF16's `vdpbf16ps` where the CPU has it: about twice the f32 rate), the sum rounded to bf16
-/// once — the arithmetic of a PyTorch autocast matmul — then widened to f32 with `bias` added
-/// to every row. gemmkit because the `gemm` crate has no bf16; its output is bf16.
-pub fn mm_bf16(a: Mat, b: Mat, bias: Option<&[f32]>) -> Vec<f32> {
-    use gemmkit::bf16;
-    use rayon::prelude::*;
-    let ((m, k), (a_cs, a_rs)) = a.layout();
-    let ((k2, n), (b_cs, b_rs)) = b.layout();
-    assert!(k == k2, "mm_bf16: shapes");
-    assert!(bias.is_none_or(|b| b.len() == n), "mm_bf16: bias length");
-    if m * n == 0 {
-        return Vec::new();
-    }
-    let round = |v: &[f32]| -> Vec<bf16> {
-        v.par_iter()
-            .with_min_len(1 << 14)
-            .map(|&v| bf16::from_f32(v))
-            .collect()
-    };
-    let (a16, b16) = (round(a.data), round(b.data));
-    let mut c: Vec<bf16> = Vec::with_capacity(m * n);
-    if k == 0 {
-        c.resize(m * n, bf16::ZERO); // empty sums
-    } else {
-        // SAFETY: the shapes and strides of A and B are tied to their slices by `Mat::new`, C
-        // is the [m, n] row-major capacity just reserved, and with β = 0 gemmkit writes every
-        // element of C without reading it, so C is initialised when its length is set.
-        unsafe {
-            gemmkit::gemm_unchecked(
-                m,
-                k,
-                n,
-                bf16::ONE,
-                a16.as_ptr(),
-                a_rs,
-                a_cs,
-                b16.as_ptr(),
-                b_rs,
-                b_cs,
-                bf16::ZERO,
-                c.as_mut_ptr(),
-                n as isize,
-                1,
-                gemmkit::Parallelism::Rayon(0),
-            );
-            c.set_len(m * n);
-        }
-    }
-    // Rows in blocks, written once each (no zero-fill first).
-    let rows = (1 << 14) / n + 1;
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    out.spare_capacity_mut()
-        .par_chunks_mut(rows * n)
-        .zip(c.par_chunks(rows * n))
-        .for_each(|(o, c)| {
-            for (o, c) in o.chunks_mut(n).zip(c.chunks(n)) {
-                match bias {
-                    Some(b) => o.iter_mut().zip(c).zip(b).for_each(|((o, c), b)| {
-                        o.write(c.to_f32() + b);
-                    }),
-                    None => o.iter_mut().zip(c).for_each(|(o, c)| {
-                        o.write(c.to_f32());
-                    }),
-                }
-            }
-        });
-    // SAFETY: the blocks above cover all m·n elements.
-    unsafe { out.set_len(m * n) };
-    out
+/// An element type of the CPU products: f32 through `gemm`, or bf16 through gemmkit (the
+/// `gemm` crate has no bf16) with the products summed in f32 (AVX-512 BF16's `vdpbf16ps` where
+/// the CPU has it: about twice the f32 rate) and the sum rounded to bf16 once — the arithmetic
+/// of a PyTorch autocast matmul.
+pub trait Operand: Clone + Send + Sync + 'static {
+    /// f32 values as this type: f32 borrowed as they are, bf16 rounded (once, for every
+    /// product that reads them).
+    fn from_f32s(v: &[f32]) -> Cow<'_, [Self]>;
+
+    /// A·B [m, n] (row-major, f32) with `bias` added to every row.
+    fn product(a: Mat<Self>, b: Mat<Self>, bias: Option<&[f32]>) -> Vec<f32>;
 }
 
-/// Whether the CPU multiplies bf16 natively (AVX-512 BF16), which makes [`mm_bf16`] faster
+impl Operand for f32 {
+    fn from_f32s(v: &[f32]) -> Cow<'_, [f32]> {
+        Cow::Borrowed(v)
+    }
+
+    fn product(a: Mat, b: Mat, bias: Option<&[f32]>) -> Vec<f32> {
+        let (m, n) = (a.shape().0, b.shape().1);
+        let mut y = vec![0f32; m * n];
+        if let (Some(bias), true) = (bias, n > 0) {
+            y.par_chunks_mut(n)
+                .for_each(|row| row.copy_from_slice(bias));
+        }
+        mm(&mut y, bias.is_some(), a, b, 1.0, ALL);
+        y
+    }
+}
+
+impl Operand for bf16 {
+    fn from_f32s(v: &[f32]) -> Cow<'_, [bf16]> {
+        Cow::Owned(
+            v.par_iter()
+                .with_min_len(1 << 14)
+                .map(|&v| bf16::from_f32(v))
+                .collect(),
+        )
+    }
+
+    /// gemmkit's output is bf16; it is widened here, the bias added in f32.
+    fn product(a: Mat<bf16>, b: Mat<bf16>, bias: Option<&[f32]>) -> Vec<f32> {
+        let ((m, k), (a_cs, a_rs)) = a.layout();
+        let ((k2, n), (b_cs, b_rs)) = b.layout();
+        assert!(k == k2, "bf16 product: shapes");
+        assert!(
+            bias.is_none_or(|b| b.len() == n),
+            "bf16 product: bias length"
+        );
+        if m * n == 0 {
+            return Vec::new();
+        }
+        let mut c: Vec<bf16> = Vec::with_capacity(m * n);
+        if k == 0 {
+            c.resize(m * n, bf16::ZERO); // empty sums
+        } else {
+            // SAFETY: the shapes and strides of A and B are tied to their slices by `Mat::new`,
+            // C is the [m, n] row-major capacity just reserved, and with β = 0 gemmkit writes
+            // every element of C without reading it, so C is initialised when its length is set.
+            unsafe {
+                gemmkit::gemm_unchecked(
+                    m,
+                    k,
+                    n,
+                    bf16::ONE,
+                    a.data.as_ptr(),
+                    a_rs,
+                    a_cs,
+                    b.data.as_ptr(),
+                    b_rs,
+                    b_cs,
+                    bf16::ZERO,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                    gemmkit::Parallelism::Rayon(0),
+                );
+                c.set_len(m * n);
+            }
+        }
+        // Rows in blocks, written once each (no zero-fill first).
+        let rows = (1 << 14) / n + 1;
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        out.spare_capacity_mut()
+            .par_chunks_mut(rows * n)
+            .zip(c.par_chunks(rows * n))
+            .for_each(|(o, c)| {
+                for (o, c) in o.chunks_mut(n).zip(c.chunks(n)) {
+                    match bias {
+                        Some(b) => o.iter_mut().zip(c).zip(b).for_each(|((o, c), b)| {
+                            o.write(c.to_f32() + b);
+                        }),
+                        None => o.iter_mut().zip(c).for_each(|(o, c)| {
+                            o.write(c.to_f32());
+                        }),
+                    }
+                }
+            });
+        // SAFETY: the blocks above cover all m·n elements.
+        unsafe { out.set_len(m * n) };
+        out
+    }
+}
+
+/// Whether the CPU multiplies bf16 natively (AVX-512 BF16), which makes bf16 [`Operand::product`]s faster
 /// than f32 products; without it gemmkit widens to f32 in its kernel.
 pub fn native_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]

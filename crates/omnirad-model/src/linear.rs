@@ -13,7 +13,7 @@
 //!
 //! The kernels run for f32 tensors of the CPU backend, with and without autodiff (recognised by
 //! type, as in [`crate::attention`]); any other backend or dtype gets burn's `matmul` + add.
-//! [`linear_bf16`] is the same op with its three products in bf16 ([`crate::cpu_gemm::mm_bf16`]):
+//! [`linear_bf16`] is the same op with its three products in bf16 ([`crate::cpu_gemm::Operand`]):
 //! burn-flex has no native bf16 arithmetic (a bf16 tensor there is converted to f32 and back
 //! around every op), so on the CPU mixed precision keeps f32 tensors and narrows inside the GEMM.
 
@@ -126,11 +126,14 @@ impl Backward<Cpu, 3> for LinearBackward {
         if let Some(node) = pb {
             grads.register::<Cpu>(node.id, cpu::bias_grad(&d_out));
         }
-        if let (Some(node), Some(x)) = (pw, x) {
-            grads.register::<Cpu>(node.id, cpu::weight_grad(x, &d_out, self.0));
+        let x = x.filter(|_| pw.is_some());
+        let w = w.filter(|_| px.is_some());
+        let (dw, dx) = cpu::grads(x, w, &d_out, self.0);
+        if let (Some(node), Some(dw)) = (pw, dw) {
+            grads.register::<Cpu>(node.id, dw);
         }
-        if let (Some(node), Some(w)) = (px, w) {
-            grads.register::<Cpu>(node.id, cpu::input_grad(&d_out, w, self.0));
+        if let (Some(node), Some(dx)) = (px, dx) {
+            grads.register::<Cpu>(node.id, dx);
         }
     }
 }
@@ -142,61 +145,62 @@ mod cpu {
     use rayon::prelude::*;
 
     use super::Gemm;
-    use crate::cpu_gemm::{contiguous, f32s, matrix, mm, mm_bf16, Mat, ALL};
+    use crate::cpu_gemm::{contiguous, f32s, matrix, Mat, Operand};
+    use gemmkit::bf16;
 
-    /// A·B [m, n] + `bias` on every row, in the arithmetic `g`.
-    fn product(a: Mat, b: Mat, bias: Option<&[f32]>, g: Gemm) -> Vec<f32> {
-        if let Gemm::Bf16 = g {
-            return mm_bf16(a, b, bias);
+    /// Y = X·W + b in the arithmetic `g`.
+    pub(super) fn forward(x: FlexTensor, w: FlexTensor, b: FlexTensor, g: Gemm) -> FlexTensor {
+        match g {
+            Gemm::F32 => forward_as::<f32>(x, w, b),
+            Gemm::Bf16 => forward_as::<bf16>(x, w, b),
         }
-        let (m, n) = (a.shape().0, b.shape().1);
-        let mut y = vec![0f32; m * n];
-        if let (Some(bias), true) = (bias, n > 0) {
-            y.par_chunks_mut(n)
-                .for_each(|row| row.copy_from_slice(bias));
-        }
-        mm(&mut y, bias.is_some(), a, b, 1.0, ALL);
-        y
     }
 
-    pub(super) fn forward(x: FlexTensor, w: FlexTensor, b: FlexTensor, g: Gemm) -> FlexTensor {
+    fn forward_as<T: Operand>(x: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
         let (x, m, k) = matrix(&x);
         let (w, k2, n) = matrix(&w);
         let b = contiguous(b);
         assert!(k == k2 && b.shape().num_elements() == n, "linear: shapes");
-        let y = product(
-            Mat::new(f32s(&x), m, k),
-            Mat::new(f32s(&w), k, n),
-            Some(f32s(&b)),
-            g,
-        );
+        let (x, w) = (T::from_f32s(f32s(&x)), T::from_f32s(f32s(&w)));
+        let y = T::product(Mat::new(&x, m, k), Mat::new(&w, k, n), Some(f32s(&b)));
         FlexTensor::from_data(TensorData::new(y, [m, n]))
     }
 
-    /// dX = dY·Wᵀ.
-    pub(super) fn input_grad(d_out: &FlexTensor, w: FlexTensor, g: Gemm) -> FlexTensor {
-        let (dy, m, n) = matrix(d_out);
-        let (w, k, _) = matrix(&w);
-        let dx = product(
-            Mat::new(f32s(&dy), m, n),
-            Mat::new(f32s(&w), k, n).t(),
-            None,
-            g,
-        );
-        FlexTensor::from_data(TensorData::new(dx, [m, k]))
+    /// dW = Xᵀ·dY when `x` is given and dX = dY·Wᵀ when `w` is, in the arithmetic `g`.
+    pub(super) fn grads(
+        x: Option<FlexTensor>,
+        w: Option<FlexTensor>,
+        d_out: &FlexTensor,
+        g: Gemm,
+    ) -> (Option<FlexTensor>, Option<FlexTensor>) {
+        match g {
+            Gemm::F32 => grads_as::<f32>(x, w, d_out),
+            Gemm::Bf16 => grads_as::<bf16>(x, w, d_out),
+        }
     }
 
-    /// dW = Xᵀ·dY.
-    pub(super) fn weight_grad(x: FlexTensor, d_out: &FlexTensor, g: Gemm) -> FlexTensor {
+    /// [`grads`] with dY converted to `T` once for both products.
+    fn grads_as<T: Operand>(
+        x: Option<FlexTensor>,
+        w: Option<FlexTensor>,
+        d_out: &FlexTensor,
+    ) -> (Option<FlexTensor>, Option<FlexTensor>) {
         let (dy, m, n) = matrix(d_out);
-        let (x, _, k) = matrix(&x);
-        let dw = product(
-            Mat::new(f32s(&x), m, k).t(),
-            Mat::new(f32s(&dy), m, n),
-            None,
-            g,
-        );
-        FlexTensor::from_data(TensorData::new(dw, [k, n]))
+        let dy = T::from_f32s(f32s(&dy));
+        let dy = Mat::new(&dy, m, n);
+        let dw = x.map(|x| {
+            let (x, _, k) = matrix(&x);
+            let x = T::from_f32s(f32s(&x));
+            let dw = T::product(Mat::new(&x, m, k).t(), dy, None);
+            FlexTensor::from_data(TensorData::new(dw, [k, n]))
+        });
+        let dx = w.map(|w| {
+            let (w, k, _) = matrix(&w);
+            let w = T::from_f32s(f32s(&w));
+            let dx = T::product(dy, Mat::new(&w, k, n).t(), None);
+            FlexTensor::from_data(TensorData::new(dx, [m, k]))
+        });
+        (dw, dx)
     }
 
     /// db = Σ_rows dY: partial sums over fixed blocks of rows, added in block order, so the
