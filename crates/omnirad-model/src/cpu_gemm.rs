@@ -122,12 +122,14 @@ impl Operand for f32 {
 
 impl Operand for bf16 {
     fn from_f32s(v: &[f32]) -> Cow<'_, [bf16]> {
-        Cow::Owned(
-            v.par_iter()
-                .with_min_len(1 << 14)
-                .map(|&v| bf16::from_f32(v))
-                .collect(),
-        )
+        let mut out: Vec<bf16> = Vec::with_capacity(v.len());
+        out.spare_capacity_mut()
+            .par_chunks_mut(BLOCK)
+            .zip(v.par_chunks(BLOCK))
+            .for_each(|(o, v)| kernels::narrow(v, o));
+        // SAFETY: the blocks above write all `v.len()` elements.
+        unsafe { out.set_len(v.len()) };
+        Cow::Owned(out)
     }
 
     /// gemmkit's output is bf16; it is widened here, the bias added in f32.
@@ -171,26 +173,64 @@ impl Operand for bf16 {
             }
         }
         // Rows in blocks, written once each (no zero-fill first).
-        let rows = (1 << 14) / n + 1;
+        let rows = BLOCK / n + 1;
+        let zeros = vec![0f32; if bias.is_some() { 0 } else { n }];
+        let bias = bias.unwrap_or(&zeros);
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
         out.spare_capacity_mut()
             .par_chunks_mut(rows * n)
             .zip(c.par_chunks(rows * n))
             .for_each(|(o, c)| {
                 for (o, c) in o.chunks_mut(n).zip(c.chunks(n)) {
-                    match bias {
-                        Some(b) => o.iter_mut().zip(c).zip(b).for_each(|((o, c), b)| {
-                            o.write(c.to_f32() + b);
-                        }),
-                        None => o.iter_mut().zip(c).for_each(|(o, c)| {
-                            o.write(c.to_f32());
-                        }),
-                    }
+                    kernels::widen_add(c, bias, o);
                 }
             });
         // SAFETY: the blocks above cover all m·n elements.
         unsafe { out.set_len(m * n) };
         out
+    }
+}
+
+/// Elements per rayon task of the elementwise conversions.
+const BLOCK: usize = 1 << 14;
+
+/// The bf16 conversions, branch-free so that LLVM vectorises them (`half`'s `from_f32` compiles
+/// to two elements per step in the baseline x86-64 build: 8 % of a bf16 fine-tuning step).
+mod kernels {
+    use std::mem::MaybeUninit;
+
+    use gemmkit::bf16;
+
+    use crate::simd::dispatch;
+
+    /// f32 bits → bf16 bits, rounded to nearest even; a NaN stays a (quiet) NaN. The same
+    /// values as `bf16::from_f32`.
+    #[inline(always)]
+    pub(super) fn narrow1(x: f32) -> u16 {
+        let b = x.to_bits();
+        let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+        let nan = b & 0x7FFF_FFFF > 0x7F80_0000;
+        (if nan { (b >> 16) | 0x40 } else { rounded }) as u16
+    }
+
+    dispatch! {
+        /// `out ← bf16(x)`.
+        narrow(x: &[f32], out: &mut [MaybeUninit<bf16>]) {
+            assert_eq!(x.len(), out.len());
+            for (o, &x) in out.iter_mut().zip(x) {
+                o.write(bf16::from_bits(narrow1(x)));
+            }
+        }
+    }
+
+    dispatch! {
+        /// `out ← f32(c) + bias`.
+        widen_add(c: &[bf16], bias: &[f32], out: &mut [MaybeUninit<f32>]) {
+            assert!(c.len() == out.len() && bias.len() == out.len());
+            for ((o, c), b) in out.iter_mut().zip(c).zip(bias) {
+                o.write(f32::from_bits((c.to_bits() as u32) << 16) + b);
+            }
+        }
     }
 }
 
@@ -224,5 +264,47 @@ pub fn contiguous(t: FlexTensor) -> FlexTensor {
         t
     } else {
         t.to_contiguous()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vectorised rounding gives `half`'s values (round to nearest even, NaN kept) on a
+    /// sweep through all f32 bit patterns and on every rounding tie's neighbourhood.
+    #[test]
+    fn narrowing_matches_half_bit_for_bit() {
+        let mut bits: Vec<u32> = (0..=u32::MAX).step_by(9_973).collect();
+        for hi in [
+            0x3F80_u32, 0x3F81, 0x7F7F, 0x7F80, 0x0000, 0x8001, 0xFF80, 0x7FC0,
+        ] {
+            for lo in [0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF] {
+                bits.push(hi << 16 | lo);
+            }
+        }
+        let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let ours = bf16::from_f32s(&x);
+        for (i, (&x, o)) in x.iter().zip(ours.iter()).enumerate() {
+            assert_eq!(
+                o.to_bits(),
+                bf16::from_f32(x).to_bits(),
+                "{:#010x}",
+                bits[i]
+            );
+        }
+    }
+
+    /// A bf16 product's result is widened exactly and gets the bias once.
+    #[test]
+    fn widening_adds_the_bias_once() {
+        let a = [bf16::from_f32(-1.0), bf16::from_f32(2.0)];
+        let b = [bf16::from_f32(0.25), bf16::from_f32(0.5)];
+        let (a, b) = (Mat::new(&a, 2, 1), Mat::new(&b, 1, 2));
+        assert_eq!(bf16::product(a, b, None), [-0.25, -0.5, 0.5, 1.0]);
+        assert_eq!(
+            bf16::product(a, b, Some(&[1.0, 3.0])),
+            [0.75, 2.5, 1.5, 4.0]
+        );
     }
 }
