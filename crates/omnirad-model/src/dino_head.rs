@@ -8,6 +8,7 @@
 //! `mlp` indices counting linears only (PyTorch's Sequential also counts the GELUs: 0, 2, 4).
 
 use crate::gelu::gelu;
+use crate::Precision;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
@@ -68,6 +69,7 @@ impl DinoHeadConfig {
                     device,
                 )),
             },
+            precision: Precision::F32,
         }
     }
 }
@@ -94,6 +96,9 @@ impl<B: Backend> WeightNormLinear<B> {
 pub struct DinoHead<B: Backend> {
     pub mlp: Vec<Linear<B>>,
     pub last_layer: WeightNormLinear<B>,
+    /// Of the linears' products; GELU, the ℓ2 normalisation and the weight norm stay f32.
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 /// `F.normalize(x, dim=-1, eps)`: x / max(‖x‖, eps).
@@ -108,15 +113,32 @@ impl<B: Backend> DinoHead<B> {
         let n = self.mlp.len();
         let mut x = x;
         for (i, l) in self.mlp.iter().enumerate() {
-            x = match &l.bias {
-                Some(b) => crate::linear::linear(x, l.weight.val(), b.val()),
-                None => l.forward(x),
+            x = match (&l.bias, self.precision) {
+                (Some(b), Precision::F32) => crate::linear::linear(x, l.weight.val(), b.val()),
+                (Some(b), Precision::Bf16) => {
+                    crate::linear::linear_bf16(x, l.weight.val(), b.val())
+                }
+                (None, _) => l.forward(x),
             };
             if i + 1 < n {
                 x = gelu(x);
             }
         }
-        self.last_layer.forward(l2_normalize(x, 1e-12))
+        let z = l2_normalize(x, 1e-12);
+        let (g, v) = (
+            self.last_layer.weight_g.val(),
+            self.last_layer.weight_v.val(),
+        );
+        match self.precision {
+            Precision::F32 => crate::weight_norm::weight_norm_linear(z, g, v),
+            Precision::Bf16 => crate::weight_norm::weight_norm_linear_bf16(z, g, v),
+        }
+    }
+
+    /// Runs the linears' products in `p` (parameters stay f32).
+    pub fn with_precision(mut self, p: Precision) -> Self {
+        self.precision = p;
+        self
     }
 
     pub fn out_dim(&self) -> usize {

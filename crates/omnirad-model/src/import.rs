@@ -679,6 +679,7 @@ pub fn import_dino_head<B: burn::tensor::backend::Backend>(
                 device,
             )),
         },
+        precision: Default::default(),
     };
     Ok((head, cfg))
 }

@@ -28,14 +28,14 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
 
-use crate::{cast_same, is_same, Cpu};
+use crate::{cast_same, is_same, Cpu, Precision};
 
 /// `x` [M, d_in] · `w` [d_in, d_out] + `b` [d_out] → [M, d_out].
 pub fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>) -> Tensor<B, 2> {
     if !f32_on_cpu::<B>([x.dtype(), w.dtype(), b.dtype()]) {
         return x.matmul(w) + b.unsqueeze();
     }
-    op(x, w, b, Gemm::F32)
+    op(x, w, b, Precision::F32)
 }
 
 /// [`linear`] with its products in bf16 and f32 accumulation, on f32 tensors (the result too,
@@ -47,7 +47,7 @@ pub fn linear_bf16<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>
         let y = x.cast(bf).matmul(w.cast(bf)) + b.cast(bf).unsqueeze();
         return y.cast(FloatDType::F32);
     }
-    op(x, w, b, Gemm::Bf16)
+    op(x, w, b, Precision::Bf16)
 }
 
 /// Whether `B` is the CPU backend (with or without autodiff), where these kernels run.
@@ -60,14 +60,7 @@ fn f32_on_cpu<B: Backend>(dtypes: [DType; 3]) -> bool {
     cpu_kernels::<B>() && dtypes.iter().all(|&d| d == DType::F32)
 }
 
-/// The arithmetic of the op's three products.
-#[derive(Debug, Clone, Copy)]
-enum Gemm {
-    F32,
-    Bf16,
-}
-
-fn op<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>, g: Gemm) -> Tensor<B, 2> {
+fn op<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>, g: Precision) -> Tensor<B, 2> {
     let [x, w, b] = [
         x.into_primitive().tensor(),
         w.into_primitive().tensor(),
@@ -88,7 +81,7 @@ fn op<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>, g: Gemm) ->
 
 type AdTensor = FloatTensor<Autodiff<Cpu>>;
 
-fn autodiff_forward(x: AdTensor, w: AdTensor, b: AdTensor, g: Gemm) -> AdTensor {
+fn autodiff_forward(x: AdTensor, w: AdTensor, b: AdTensor, g: Precision) -> AdTensor {
     let out = cpu::forward(
         x.primitive.clone(),
         w.primitive.clone(),
@@ -112,7 +105,7 @@ fn autodiff_forward(x: AdTensor, w: AdTensor, b: AdTensor, g: Gemm) -> AdTensor 
 }
 
 #[derive(Debug)]
-struct LinearBackward(Gemm);
+struct LinearBackward(Precision);
 
 impl Backward<Cpu, 3> for LinearBackward {
     type State = (Option<NodeId>, Option<NodeId>);
@@ -144,15 +137,15 @@ mod cpu {
     use burn::tensor::{TensorData, TensorMetadata};
     use rayon::prelude::*;
 
-    use super::Gemm;
     use crate::cpu_gemm::{contiguous, f32s, matrix, Mat, Operand};
+    use crate::Precision;
     use gemmkit::bf16;
 
     /// Y = X·W + b in the arithmetic `g`.
-    pub(super) fn forward(x: FlexTensor, w: FlexTensor, b: FlexTensor, g: Gemm) -> FlexTensor {
+    pub(super) fn forward(x: FlexTensor, w: FlexTensor, b: FlexTensor, g: Precision) -> FlexTensor {
         match g {
-            Gemm::F32 => forward_as::<f32>(x, w, b),
-            Gemm::Bf16 => forward_as::<bf16>(x, w, b),
+            Precision::F32 => forward_as::<f32>(x, w, b),
+            Precision::Bf16 => forward_as::<bf16>(x, w, b),
         }
     }
 
@@ -171,11 +164,11 @@ mod cpu {
         x: Option<FlexTensor>,
         w: Option<FlexTensor>,
         d_out: &FlexTensor,
-        g: Gemm,
+        g: Precision,
     ) -> (Option<FlexTensor>, Option<FlexTensor>) {
         match g {
-            Gemm::F32 => grads_as::<f32>(x, w, d_out),
-            Gemm::Bf16 => grads_as::<bf16>(x, w, d_out),
+            Precision::F32 => grads_as::<f32>(x, w, d_out),
+            Precision::Bf16 => grads_as::<bf16>(x, w, d_out),
         }
     }
 

@@ -17,7 +17,8 @@
 //! bf16 casts, and LayerNorm, GELU, softmax statistics inside attention, residual sums and
 //! everything after the encoder stay f32. On the CPU backend tensors stay f32 throughout and
 //! the linears' products round their operands to bf16 inside the GEMM
-//! ([`crate::linear::linear_bf16`]); attention stays f32 there.
+//! ([`crate::linear::linear_bf16`]); attention stays f32 there. The DINO head has the same
+//! switch ([`crate::DinoHead::with_precision`]).
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Autodiff;

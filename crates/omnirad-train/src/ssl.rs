@@ -16,7 +16,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use omnirad_model::dino_head::l2_normalize;
 use omnirad_model::{
-    CheckpointStrategy, DinoHead, DinoHeadConfig, NoCheckpointing, Train, Vit, VitConfig,
+    CheckpointStrategy, DinoHead, DinoHeadConfig, NoCheckpointing, Precision, Train, Vit, VitConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +43,15 @@ impl<B: Backend> SslModel<B> {
             backbone: vit.init(device),
             dino_head: head.init(device),
             ibot_head: separate_ibot_head.then(|| head.init(device)),
+        }
+    }
+
+    /// Runs the encoder's and the heads' products in `p` (parameters stay f32).
+    pub fn with_precision(self, p: Precision) -> Self {
+        Self {
+            backbone: self.backbone.with_precision(p),
+            dino_head: self.dino_head.with_precision(p),
+            ibot_head: self.ibot_head.map(|h| h.with_precision(p)),
         }
     }
 }

@@ -609,10 +609,7 @@ fn bf16_pretraining_steps_track_f32_and_keep_their_precision() {
     let v = step_values();
     let group = |p: &str| param_group(p, 2, 1.0, 1.0);
     let run = |p: Precision| {
-        let model = SslModel {
-            backbone: m.backbone.clone().with_precision(p),
-            ..m.clone()
-        };
+        let model = m.clone().with_precision(p);
         let mut t = SslTrainer::new(model, LossConfig::default(), Some(3.0), &Default::default());
         let losses: Vec<f64> = (0..3)
             .map(|i| t.step(std::slice::from_ref(&b), &v, &group, i).loss)
@@ -620,6 +617,8 @@ fn bf16_pretraining_steps_track_f32_and_keep_their_precision() {
         // The precision survives the optimiser step and the EMA update.
         assert_eq!(t.student.valid().backbone.blocks[0].mlp.precision, p);
         assert_eq!(t.teacher.backbone.blocks[1].attn.precision, p);
+        assert_eq!(t.teacher.dino_head.precision, p);
+        assert_eq!(t.student.valid().dino_head.precision, p);
         losses
     };
     let (full, half) = (run(Precision::F32), run(Precision::Bf16));

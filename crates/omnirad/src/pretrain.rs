@@ -119,7 +119,6 @@ fn build_encoder<B: Backend>(cfg: &PretrainConfig, dev: &B::Device) -> Result<(V
             (c.init::<B>(dev), c)
         }
     };
-    vit = vit.with_precision(cfg.model.precision);
     // Stochastic depth is a training setting: applied to imported encoders too.
     let depth = vit.blocks.len();
     for (i, b) in vit.blocks.iter_mut().enumerate() {
@@ -178,7 +177,8 @@ fn train<B: Backend, C: CheckpointStrategy>(
         ibot_head: cfg.head.separate_ibot_head.then(|| head.init(dev)),
         dino_head,
         backbone: vit,
-    };
+    }
+    .with_precision(cfg.model.precision);
     let clip = (cfg.optim.clip_grad > 0.0).then_some(cfg.optim.clip_grad);
     let mut trainer = SslTrainer::<B, C>::with_strategy(model, cfg.loss.clone(), clip, dev);
 

@@ -224,7 +224,8 @@ fn pretrain_steps<B: Backend, C: CheckpointStrategy>(
         dino_head: head.init(dev),
         ibot_head: None,
         backbone: vit,
-    };
+    }
+    .with_precision(a.dtype);
     let mut trainer =
         SslTrainer::<B, C>::with_strategy(model, LossConfig::default(), Some(3.0), dev);
     let batch = pretrain_batch(a, channels, patch);

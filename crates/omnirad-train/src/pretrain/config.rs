@@ -57,7 +57,8 @@ pub struct ModelSection {
     /// LayerScale initial value; 0 disables LayerScale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_scale_init: Option<f64>,
-    /// `bf16`: the encoder's matmuls and attention in bf16 on f32 weights (GPU mixed precision).
+    /// `bf16`: the encoder's matmuls and attention and the heads' linears in bf16 on f32
+    /// weights (mixed precision).
     #[serde(default)]
     pub precision: omnirad_model::Precision,
 }
