@@ -166,7 +166,9 @@ mod cpu {
     use burn::tensor::{TensorData, TensorMetadata};
     use rayon::prelude::*;
 
-    use crate::cpu_gemm::{contiguous, Mat};
+    use std::mem::MaybeUninit;
+
+    use crate::cpu_gemm::{contiguous, mm_new, mm_uninit, written, Mat, Parallelism};
 
     /// One thread: the rayon tasks over heads and row blocks are the parallelism.
     fn mm(dst: &mut [f32], acc: bool, a: Mat, b: Mat, beta: f32) {
@@ -183,24 +185,28 @@ mod cpu {
         let qkv = contiguous(qkv);
         let x = qkv.as_slice::<f32>().expect("contiguous f32");
         let (head, part) = (n * d, b3 / 3 * h * n * d);
-        let mut out = vec![0f32; part];
-        if part > 0 {
-            let (q, kv) = x.split_at(part);
-            let (k, v) = kv.split_at(part);
-            let scale = 1.0 / (d as f32).sqrt();
+        let (q, kv) = x.split_at(part);
+        let (k, v) = kv.split_at(part);
+        let scale = 1.0 / (d as f32).sqrt();
+        let write = |out: &mut [MaybeUninit<f32>]| {
+            if part == 0 {
+                return;
+            }
             out.par_chunks_mut(head).enumerate().for_each(|(i, o)| {
                 let span = i * head..(i + 1) * head;
                 let (q, k, v) = (&q[span.clone()], &k[span.clone()], &v[span]);
                 o.par_chunks_mut(ROWS * d).enumerate().for_each(|(r, o)| {
                     let rows = o.len() / d;
                     let q = Mat::new(&q[r * ROWS * d..][..rows * d], rows, d);
-                    let mut p = vec![0f32; rows * n];
-                    mm(&mut p, false, q, Mat::new(k, n, d).t(), scale);
+                    let mut p = mm_new(q, Mat::new(k, n, d).t(), scale, Parallelism::None);
                     kernels::softmax_rows(&mut p, n);
-                    mm(o, false, Mat::new(&p, rows, n), Mat::new(v, n, d), 1.0);
+                    let (p, v) = (Mat::new(&p, rows, n), Mat::new(v, n, d));
+                    mm_uninit(o, p, v, 1.0, Parallelism::None);
                 });
-            });
-        }
+            })
+        };
+        // SAFETY: the row blocks of every (image, head) cover all `part` elements.
+        let out = unsafe { written(part, write) };
         FlexTensor::from_data(TensorData::new(out, [b3 / 3, h, n, d]))
     }
 

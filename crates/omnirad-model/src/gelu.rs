@@ -125,18 +125,15 @@ fn map_f32(t: FlexTensor, f: impl Fn(usize, &mut [f32]) + Sync) -> FlexTensor {
             .for_each(|(i, v)| f(i, v));
         return t;
     }
-    let mut out = vec![0f32; t.shape().num_elements()];
-    out.par_chunks_mut(CHUNK)
-        .zip(
-            t.as_slice::<f32>()
-                .expect("contiguous f32")
-                .par_chunks(CHUNK),
-        )
-        .enumerate()
-        .for_each(|(i, (o, x))| {
-            o.copy_from_slice(x);
-            f(i, o)
-        });
+    let x = t.as_slice::<f32>().expect("contiguous f32");
+    let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(i, (o, x))| f(i, o.write_copy_of_slice(x)))
+    };
+    // SAFETY: the chunks of `x` cover the output.
+    let out = unsafe { crate::cpu_gemm::written(x.len(), write) };
     FlexTensor::from_data(TensorData::new(out, t.shape()))
 }
 

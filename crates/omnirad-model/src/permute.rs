@@ -19,6 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use crate::{cast_same, is_same, Cpu};
 
@@ -89,8 +90,10 @@ fn copy(x: &FlexTensor, axes: &[usize]) -> FlexTensor {
     let row = *shape.last().expect("at least one axis");
     let n: usize = shape.iter().product();
     let (src, start) = (x.storage::<f32>(), layout.start_offset() as isize);
-    let mut out = vec![0f32; n];
-    if row > 0 {
+    let write = |out: &mut [MaybeUninit<f32>]| {
+        if row == 0 {
+            return;
+        }
         out.par_chunks_mut(row * ROWS_PER_TASK)
             .enumerate()
             .for_each(|(task, chunk)| {
@@ -102,10 +105,12 @@ fn copy(x: &FlexTensor, axes: &[usize]) -> FlexTensor {
                         rest /= shape[d];
                     }
                     let at = at as usize;
-                    dst.copy_from_slice(&src[at..at + row]);
+                    dst.write_copy_of_slice(&src[at..at + row]);
                 }
             });
-    }
+    };
+    // SAFETY: the tasks write every row of the output.
+    let out = unsafe { crate::cpu_gemm::written(n, write) };
     FlexTensor::from_data(TensorData::new(out, shape))
 }
 

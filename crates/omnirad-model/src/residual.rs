@@ -166,7 +166,9 @@ mod cpu {
     use burn::tensor::{DType, TensorData, TensorMetadata};
     use rayon::prelude::*;
 
-    use crate::cpu_gemm::{contiguous, f32s};
+    use std::mem::MaybeUninit;
+
+    use crate::cpu_gemm::{contiguous, f32s, written};
 
     const ROWS: usize = 32;
 
@@ -194,26 +196,29 @@ mod cpu {
         let d = row_len(x, gamma);
         let (x, y) = (contiguous_f32(x), contiguous_f32(y));
         let gamma = gamma.map(contiguous_f32);
-        let mut z = vec![0f32; x.shape().num_elements()];
-        let blocks = z
-            .par_chunks_mut(ROWS * d)
-            .zip(f32s(&x).par_chunks(ROWS * d))
-            .zip(f32s(&y).par_chunks(ROWS * d));
-        match &gamma {
-            Some(g) => blocks.for_each(|((zs, xs), ys)| {
-                let rows = zs.chunks_mut(d).zip(xs.chunks(d)).zip(ys.chunks(d));
-                for ((z, x), y) in rows {
-                    for (((z, &x), &y), &g) in z.iter_mut().zip(x).zip(y).zip(f32s(g)) {
-                        *z = x + g * y;
+        let write = |z: &mut [MaybeUninit<f32>]| {
+            let blocks = z
+                .par_chunks_mut(ROWS * d)
+                .zip(f32s(&x).par_chunks(ROWS * d))
+                .zip(f32s(&y).par_chunks(ROWS * d));
+            match &gamma {
+                Some(g) => blocks.for_each(|((zs, xs), ys)| {
+                    let rows = zs.chunks_mut(d).zip(xs.chunks(d)).zip(ys.chunks(d));
+                    for ((z, x), y) in rows {
+                        for (((z, &x), &y), &g) in z.iter_mut().zip(x).zip(y).zip(f32s(g)) {
+                            z.write(x + g * y);
+                        }
                     }
-                }
-            }),
-            None => blocks.for_each(|((zs, xs), ys)| {
-                for ((z, &x), &y) in zs.iter_mut().zip(xs).zip(ys) {
-                    *z = x + y;
-                }
-            }),
-        }
+                }),
+                None => blocks.for_each(|((zs, xs), ys)| {
+                    for ((z, &x), &y) in zs.iter_mut().zip(xs).zip(ys) {
+                        z.write(x + y);
+                    }
+                }),
+            }
+        };
+        // SAFETY: x, y and z have the same length, so the blocks write every element.
+        let z = unsafe { written(x.shape().num_elements(), write) };
         FlexTensor::from_data(TensorData::new(z, x.shape()))
     }
 
