@@ -1,6 +1,7 @@
 //! Matrix products on slices of the CPU backend's f32 tensors, through `gemm` (the library
 //! burn-flex itself calls) and, for bf16 products, gemmkit; for omnirad's CPU kernels
-//! ([`crate::attention`], [`crate::linear`]).
+//! ([`crate::attention`], [`crate::linear`]). Also [`written`]: outputs allocated without a
+//! zero-fill, which the elementwise kernels use too.
 
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
