@@ -188,13 +188,14 @@ impl Operand for bf16 {
         if m * n == 0 {
             return Vec::new();
         }
-        let mut c: Vec<bf16> = Vec::with_capacity(m * n);
-        if k == 0 {
-            c.resize(m * n, bf16::ZERO); // empty sums
-        } else {
+        let product = |c: &mut [MaybeUninit<bf16>]| {
+            if k == 0 {
+                c.fill(MaybeUninit::new(bf16::ZERO)); // empty sums
+                return;
+            }
             // SAFETY: the shapes and strides of A and B are tied to their slices by `Mat::new`,
-            // C is the [m, n] row-major capacity just reserved, and with β = 0 gemmkit writes
-            // every element of C without reading it, so C is initialised when its length is set.
+            // C is the [m, n] row-major slice given, and with β = 0 gemmkit writes every
+            // element of C without reading it.
             unsafe {
                 gemmkit::gemm_unchecked(
                     m,
@@ -208,14 +209,15 @@ impl Operand for bf16 {
                     b_rs,
                     b_cs,
                     bf16::ZERO,
-                    c.as_mut_ptr(),
+                    c.as_mut_ptr().cast(),
                     n as isize,
                     1,
                     gemmkit::Parallelism::Rayon(0),
-                );
-                c.set_len(m * n);
+                )
             }
-        }
+        };
+        // SAFETY: both branches write all m·n elements.
+        let c = unsafe { written(m * n, product) };
         let rows = BLOCK / n + 1;
         let zeros = vec![0f32; if bias.is_some() { 0 } else { n }];
         let bias = bias.unwrap_or(&zeros);
