@@ -10,7 +10,7 @@
 //!   F1_c = 2·TP/(2·TP + FP + FN), 0 when the denominator is 0; mean over all classes.
 
 use ndarray::{Array2, ArrayView1, ArrayView2};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum TaskKind {
@@ -19,7 +19,7 @@ pub enum TaskKind {
     MultiLabel,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Metrics {
     pub acc: f64,
     pub auc: f64,

@@ -10,6 +10,9 @@
 //! blended with image n−1−k of the same batch, x̃_k = λ·x_k + (1 − λ)·x_{n−1−k}, and its target
 //! row the same way, ỹ_k = λ·y_k + (1 − λ)·y_{n−1−k}, before smoothing.
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use burn::module::{AutodiffModule, Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::optim::GradientsParams;
@@ -22,7 +25,8 @@ use omnirad_data::preprocess::{normalize, to_channels};
 use omnirad_data::{Image, Preprocess};
 use omnirad_eval::{evaluate, Metrics, TaskKind};
 use omnirad_model::{
-    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing, Precision, Train, Vit,
+    write_f32_safetensors, BalancedCheckpointing, CheckpointStrategy, ModelError, NoCheckpointing,
+    Precision, Train, Vit,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -31,7 +35,7 @@ use rand_distr::{Beta, Distribution};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{AdamW, StepSettings};
+use crate::optim::{host, read_checkpoint, AdamW, StepSettings};
 use crate::params;
 use crate::pretrain::param_group;
 use crate::schedule::Cosine;
@@ -283,7 +287,7 @@ pub struct LabelledImages<'a> {
     pub labels: ArrayView2<'a, i64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochLog {
     pub epoch: usize,
     pub train_loss: f64,
@@ -409,10 +413,48 @@ pub fn predict<B: Backend>(
     Array2::from_shape_vec((images.len(), classes), out).expect("n × classes")
 }
 
+/// The best epoch of a phase so far: its val metrics and model.
+#[derive(Clone)]
+pub struct FinetuneBest<B: Backend> {
+    /// 1-based, numbered as the history numbers epochs (head-only epochs first).
+    pub epoch: usize,
+    pub val: Metrics,
+    pub model: Classifier<B>,
+}
+
+/// Everything needed to continue a fine-tuning run after an epoch (what a checkpoint holds).
+#[derive(Clone)]
+pub struct FinetuneState<B: Backend> {
+    /// In LP-FT's head-only phase (`cfg.head_epochs` > 0), whose epochs come first.
+    pub head_phase: bool,
+    /// Epochs completed in this phase.
+    pub epoch: usize,
+    /// Optimizer steps in this phase.
+    pub step: usize,
+    /// The weights being trained (LoRA adapters not merged).
+    pub model: Classifier<B>,
+    pub opt: AdamW<B>,
+    /// The weight EMA (`cfg.ema`).
+    pub average: Option<Classifier<B>>,
+    pub best: Option<FinetuneBest<B>>,
+    /// Every epoch so far, both phases.
+    pub history: Vec<EpochLog>,
+}
+
+/// Where a phase starts: afresh after the `earlier` epochs, or from a saved state.
+struct Start<B: Backend> {
+    head_phase: bool,
+    earlier: Vec<EpochLog>,
+    resume: Option<FinetuneState<B>>,
+}
+
 /// Trains `model` on `train`, scoring `val` after every epoch; returns the model of the epoch
 /// `cfg.select` likes best (among the full fine-tuning epochs when `cfg.head_epochs` > 0; the
 /// history and epoch numbers include the head-only epochs). `augment` makes the training views;
 /// `pre` the evaluation inputs (and the channel count / normalisation of the training views).
+/// `resume` continues from a saved state exactly (order, views, dropout and mixup draws are
+/// functions of seed, epoch and step). After every epoch `on_epoch` sees the log and the state;
+/// returning false stops training there (then the result is None).
 #[allow(clippy::too_many_arguments)]
 pub fn finetune<B: Backend>(
     model: Classifier<B>,
@@ -423,88 +465,70 @@ pub fn finetune<B: Backend>(
     pre: &Preprocess,
     cfg: &FinetuneConfig,
     dev: &B::Device,
-    mut on_epoch: impl FnMut(&EpochLog),
-) -> FinetuneResult<B> {
-    let on_epoch: &mut dyn FnMut(&EpochLog) = &mut on_epoch;
-    if cfg.head_epochs == 0 || cfg.frozen || cfg.lora.is_some() {
-        return phase(model, train, val, task, augment, pre, cfg, dev, on_epoch);
-    }
-    let probe = FinetuneConfig {
-        epochs: cfg.head_epochs,
-        min_steps: 0,
-        warmup_epochs: cfg.warmup_epochs.min(cfg.head_epochs),
-        frozen: true,
-        head_epochs: 0,
-        ..cfg.clone()
+    resume: Option<FinetuneState<B>>,
+    mut on_epoch: impl FnMut(&EpochLog, &FinetuneState<B>) -> bool,
+) -> Option<FinetuneResult<B>> {
+    let on_epoch: &mut dyn FnMut(&EpochLog, &FinetuneState<B>) -> bool = &mut on_epoch;
+    let mut phase = |model, cfg: &FinetuneConfig, start| {
+        if cfg.grad_checkpoint {
+            finetune_with::<B, BalancedCheckpointing>(
+                model, train, val, task, augment, pre, cfg, dev, start, on_epoch,
+            )
+        } else {
+            finetune_with::<B, NoCheckpointing>(
+                model, train, val, task, augment, pre, cfg, dev, start, on_epoch,
+            )
+        }
     };
+    if cfg.head_epochs == 0 || cfg.frozen || cfg.lora.is_some() {
+        let start = Start {
+            head_phase: false,
+            earlier: Vec::new(),
+            resume,
+        };
+        return phase(model, cfg, start);
+    }
     // Both phases draw order and views from `cfg.seed` (head epoch k and full epoch k see the
     // same views), so a run stays reproducible from its one seed.
     let full = FinetuneConfig {
         head_epochs: 0,
         ..cfg.clone()
     };
-    let first = phase(
-        model,
-        train,
-        val,
-        task,
-        augment,
-        pre,
-        &probe,
-        dev,
-        &mut *on_epoch,
-    );
-    let offset = cfg.head_epochs;
-    let mut shifted = |log: &EpochLog| {
-        on_epoch(&EpochLog {
-            epoch: log.epoch + offset,
-            ..log.clone()
-        })
+    let (model, start) = match resume {
+        Some(s) if !s.head_phase => (
+            model,
+            Start {
+                head_phase: false,
+                earlier: Vec::new(),
+                resume: Some(s),
+            },
+        ),
+        resume => {
+            let probe = FinetuneConfig {
+                epochs: cfg.head_epochs,
+                min_steps: 0,
+                warmup_epochs: cfg.warmup_epochs.min(cfg.head_epochs),
+                frozen: true,
+                ..full.clone()
+            };
+            let start = Start {
+                head_phase: true,
+                earlier: Vec::new(),
+                resume,
+            };
+            let first = phase(model, &probe, start)?;
+            let start = Start {
+                head_phase: false,
+                earlier: first.history,
+                resume: None,
+            };
+            (first.model, start)
+        }
     };
-    let mut r = phase(
-        first.model,
-        train,
-        val,
-        task,
-        augment,
-        pre,
-        &full,
-        dev,
-        &mut shifted,
-    );
-    r.best_epoch += offset;
-    for log in &mut r.history {
-        log.epoch += offset;
-    }
-    r.history.splice(0..0, first.history);
-    r
+    phase(model, &full, start)
 }
 
-/// One training run, with the autodiff checkpointing strategy `cfg` asks for.
-#[allow(clippy::too_many_arguments)]
-fn phase<B: Backend>(
-    model: Classifier<B>,
-    train: LabelledImages,
-    val: LabelledImages,
-    task: TaskKind,
-    augment: &Augment,
-    pre: &Preprocess,
-    cfg: &FinetuneConfig,
-    dev: &B::Device,
-    on_epoch: &mut dyn FnMut(&EpochLog),
-) -> FinetuneResult<B> {
-    if cfg.grad_checkpoint {
-        finetune_with::<B, BalancedCheckpointing>(
-            model, train, val, task, augment, pre, cfg, dev, on_epoch,
-        )
-    } else {
-        finetune_with::<B, NoCheckpointing>(
-            model, train, val, task, augment, pre, cfg, dev, on_epoch,
-        )
-    }
-}
-
-/// [`finetune`] with the autodiff checkpointing strategy `C`.
+/// One phase of [`finetune`] with the autodiff checkpointing strategy `C`.
 #[allow(clippy::too_many_arguments)]
 fn finetune_with<B: Backend, C: CheckpointStrategy>(
     model: Classifier<B>,
@@ -515,19 +539,35 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
     pre: &Preprocess,
     cfg: &FinetuneConfig,
     dev: &B::Device,
-    mut on_epoch: impl FnMut(&EpochLog),
-) -> FinetuneResult<B> {
+    start: Start<B>,
+    on_epoch: &mut dyn FnMut(&EpochLog, &FinetuneState<B>) -> bool,
+) -> Option<FinetuneResult<B>> {
     let multi = task == TaskKind::MultiLabel;
     let classes = model.head.weight.dims()[1];
     let depth = model.backbone.blocks.len();
-    let mut model = model;
+    // Epochs of an earlier phase come first in the numbering.
+    let offset = match &start.resume {
+        Some(s) => s.history.len() - s.epoch,
+        None => start.earlier.len(),
+    };
+    let (mut model, done, mut step, mut opt, mut best, mut history, resumed_average) =
+        match start.resume {
+            Some(s) => (
+                s.model, s.epoch, s.step, s.opt, s.best, s.history, s.average,
+            ),
+            None => {
+                let mut model = model;
+                if let Some(l) = &cfg.lora {
+                    B::seed(dev, cfg.seed ^ 0x4c4f_5241);
+                    model.backbone = model.backbone.add_lora(l.rank, l.alpha, l.dropout, dev);
+                }
+                let opt = AdamW::<B>::new(0.9, 0.999, 1e-8);
+                (model, 0, 0, opt, None, start.earlier, None)
+            }
+        };
     model.backbone = model.backbone.with_precision(cfg.precision);
     for b in &mut model.backbone.blocks {
         b.drop_path = if cfg.frozen { 0.0 } else { cfg.drop_path };
-    }
-    if let Some(l) = &cfg.lora {
-        B::seed(dev, cfg.seed ^ 0x4c4f_5241);
-        model.backbone = model.backbone.add_lora(l.rank, l.alpha, l.dropout, dev);
     }
     let mut student = Classifier::<Train<B, C>>::from_inner(model);
     student = if cfg.frozen {
@@ -542,18 +582,20 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
     let total = epochs * steps_per_epoch;
     let lr = Cosine::new(cfg.lr, cfg.min_lr, total)
         .with_warmup((cfg.warmup_epochs * steps_per_epoch).min(total), 0.0);
-    let mut opt = AdamW::<B>::new(0.9, 0.999, 1e-8);
     let group = |p: &str| param_group(p, depth, cfg.layer_decay, 1.0);
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = (0..train.images.len()).collect();
-    let mut best: Option<(f64, FinetuneResult<B>)> = None;
-    let mut history = Vec::new();
-    let mut step = 0;
-    let mut average = cfg.ema.map(|_| {
-        params::materialize(&student);
-        student.valid()
+    // Replay the shuffles of the epochs already done, so a resumed run sees the same batches.
+    for _ in 0..done {
+        order.shuffle(&mut rng);
+    }
+    let mut average = resumed_average.or_else(|| {
+        cfg.ema.map(|_| {
+            params::materialize(&student);
+            student.valid()
+        })
     });
-    for epoch in 1..=epochs {
+    for epoch in done + 1..=epochs {
         order.shuffle(&mut rng);
         let mut loss_sum = 0.0;
         for chunk in order.chunks(cfg.batch.max(1)) {
@@ -605,32 +647,178 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
         let m = evaluate(task, val.labels, scores.view());
         let val_loss = probability_loss(scores.view(), val.labels, multi);
         let log = EpochLog {
-            epoch,
+            epoch: epoch + offset,
             train_loss: loss_sum / train.images.len() as f64,
             val_loss,
             val: m.clone(),
             lr: lr.at(step.saturating_sub(1)),
         };
-        on_epoch(&log);
-        history.push(log);
+        history.push(log.clone());
         let score = cfg.select.score(&m, val_loss);
         // Ties go to the later epoch, as OmniRad's `>=`.
-        if best.as_ref().is_none_or(|(b, _)| score >= *b) {
-            best = Some((
-                score,
-                FinetuneResult {
-                    model: inner,
-                    best_epoch: epoch,
-                    val: m,
-                    history: Vec::new(),
-                },
-            ));
+        if best
+            .as_ref()
+            .is_none_or(|b| score >= selection_score(cfg, &history, b.epoch))
+        {
+            best = Some(FinetuneBest {
+                epoch: epoch + offset,
+                val: m,
+                model: inner,
+            });
+        }
+        let state = FinetuneState {
+            head_phase: start.head_phase,
+            epoch,
+            step,
+            model: student.valid(),
+            opt: opt.clone(),
+            average: average.clone(),
+            best: best.clone(),
+            history: history.clone(),
+        };
+        if !on_epoch(&log, &state) {
+            return None;
         }
     }
-    let (_, mut r) = best.expect("at least one epoch");
-    r.history = history;
-    r.model.backbone = r.model.backbone.merge_lora();
-    r
+    let best = best.expect("at least one epoch");
+    Some(FinetuneResult {
+        model: Classifier {
+            backbone: best.model.backbone.merge_lora(),
+            ..best.model
+        },
+        best_epoch: best.epoch,
+        val: best.val,
+        history,
+    })
+}
+
+/// `cfg.select`'s score of the logged epoch `epoch` (1-based, as numbered in `history`).
+fn selection_score(cfg: &FinetuneConfig, history: &[EpochLog], epoch: usize) -> f64 {
+    let log = &history[epoch - 1];
+    cfg.select.score(&log.val, log.val_loss)
+}
+
+const FORMAT: &str = "omnirad-finetune-1";
+
+/// Writes `state` to one safetensors file, atomically: current, best and averaged weights,
+/// AdamW moments, and the counters and history in the metadata.
+pub fn save_state<B: Backend>(path: &Path, s: &FinetuneState<B>) -> Result<(), ModelError> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut add = |prefix: &str, m: &Classifier<B>| {
+        for p in params::collect(m) {
+            tensors.push((format!("{prefix}{}", p.path), p.shape, host(p.value)));
+        }
+    };
+    add("model.", &s.model);
+    if let Some(b) = &s.best {
+        add("best.", &b.model);
+    }
+    if let Some(a) = &s.average {
+        add("average.", a);
+    }
+    tensors.extend(s.opt.moment_entries());
+    let meta = serde_json::json!({
+        "format": FORMAT,
+        "head_phase": s.head_phase,
+        "epoch": s.epoch,
+        "step": s.step,
+        "adam_step": s.opt.step,
+        "best_epoch": s.best.as_ref().map(|b| b.epoch),
+        "history": s.history,
+    });
+    let meta = HashMap::from([("omnirad".to_string(), meta.to_string())]);
+    write_f32_safetensors(path, &tensors, Some(meta))
+}
+
+/// Reads a state written by [`save_state`] into copies of `template` (the classifier the run
+/// started from; `cfg` adds its LoRA adapters): every parameter must be in the file.
+pub fn load_state<B: Backend>(
+    path: &Path,
+    template: &Classifier<B>,
+    cfg: &FinetuneConfig,
+    dev: &B::Device,
+) -> Result<FinetuneState<B>, ModelError> {
+    let err = |reason: String| ModelError::Weights {
+        path: path.into(),
+        reason,
+    };
+    let data = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let (meta, mut tensors) = read_checkpoint::<B>(&data, path, FORMAT, "fine-tuning", dev)?;
+    let num = |k: &str| {
+        meta[k]
+            .as_u64()
+            .ok_or_else(|| err(format!("metadata {k} missing")))
+    };
+    let (epoch, step, adam_step) = (
+        num("epoch")? as usize,
+        num("step")? as usize,
+        num("adam_step")?,
+    );
+    let head_phase = meta["head_phase"]
+        .as_bool()
+        .ok_or_else(|| err("metadata head_phase missing".into()))?;
+    let history: Vec<EpochLog> = serde_json::from_value(meta["history"].clone())
+        .map_err(|e| err(format!("history: {e}")))?;
+    if epoch == 0 || epoch > history.len() {
+        return Err(err(format!(
+            "epoch {epoch} does not fit a history of {} epochs",
+            history.len()
+        )));
+    }
+    let mut template = template.clone();
+    if let Some(l) = cfg.lora.as_ref().filter(|_| !head_phase) {
+        template.backbone = template.backbone.add_lora(l.rank, l.alpha, l.dropout, dev);
+    }
+    let mut missing = Vec::new();
+    let mut rebuild = |prefix: &str| {
+        params::replace(template.clone(), |p, old| {
+            match tensors.remove(&format!("{prefix}{p}")) {
+                Some(new) if new.dims() == old.dims() => new,
+                _ => {
+                    missing.push(format!("{prefix}{p}"));
+                    old
+                }
+            }
+        })
+    };
+    let model = rebuild("model.");
+    let best = match meta["best_epoch"].as_u64() {
+        Some(e) if (1..=history.len()).contains(&(e as usize)) => Some(FinetuneBest {
+            epoch: e as usize,
+            val: history[e as usize - 1].val.clone(),
+            model: rebuild("best."),
+        }),
+        Some(e) => return Err(err(format!("best epoch {e} is not in the history"))),
+        None => None,
+    };
+    let average = cfg.ema.map(|_| rebuild("average."));
+    if !missing.is_empty() {
+        return Err(err(format!(
+            "{} parameters missing or of another shape (another model, head or LoRA rank?): {}",
+            missing.len(),
+            missing
+                .iter()
+                .take(6)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let mut opt = AdamW::<B>::new(0.9, 0.999, 1e-8);
+    opt.restore_moments(adam_step, &mut tensors).map_err(err)?;
+    Ok(FinetuneState {
+        head_phase,
+        epoch,
+        step,
+        model,
+        opt,
+        average,
+        best,
+        history,
+    })
 }
 
 #[cfg(test)]

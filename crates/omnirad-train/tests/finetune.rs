@@ -7,7 +7,8 @@ use omnirad_data::{Image, Meta, Preprocess};
 use omnirad_eval::TaskKind;
 use omnirad_model::{Cpu, VitConfig};
 use omnirad_train::finetune::{
-    finetune, predict, Classifier, FinetuneConfig, FinetuneResult, LabelledImages, LoraConfig,
+    finetune, load_state, predict, save_state, Classifier, EpochLog, FinetuneConfig,
+    FinetuneResult, FinetuneState, LabelledImages, LoraConfig,
 };
 use omnirad_train::params;
 use rand::rngs::StdRng;
@@ -77,6 +78,17 @@ fn small_cfg() -> FinetuneConfig {
 
 /// Fine-tunes `model` on 64 training and 32 validation images drawn from `seeds`.
 fn train(model: Classifier<B>, cfg: &FinetuneConfig, seeds: (u64, u64)) -> FinetuneResult<B> {
+    train_from(model, cfg, seeds, None, |_, _| true).expect("runs to the end")
+}
+
+/// [`train`] from a saved state, with a say after every epoch.
+fn train_from(
+    model: Classifier<B>,
+    cfg: &FinetuneConfig,
+    seeds: (u64, u64),
+    resume: Option<FinetuneState<B>>,
+    on_epoch: impl FnMut(&EpochLog, &FinetuneState<B>) -> bool,
+) -> Option<FinetuneResult<B>> {
     let (tr, ytr) = images(64, seeds.0);
     let (va, yva) = images(32, seeds.1);
     let pre = Preprocess {
@@ -98,7 +110,8 @@ fn train(model: Classifier<B>, cfg: &FinetuneConfig, seeds: (u64, u64)) -> Finet
         &pre,
         cfg,
         &Default::default(),
-        |_| {},
+        resume,
+        on_epoch,
     )
 }
 
@@ -420,4 +433,107 @@ fn mirror_tta_averages_the_image_and_its_left_right_mirror() {
     for (t, m) in tta.iter().zip(&tta_of_mirrored) {
         assert!((t - m).abs() < 1e-6);
     }
+}
+
+/// Stops a run after epoch `stop`, saves its state to a file, loads it and continues: the
+/// result is the uninterrupted run's — history, selected epoch, encoder and head, bit for bit.
+fn resumes_exactly(name: &str, cfg: &FinetuneConfig, dropout: f64, stop: usize) {
+    let whole = train(pico(3, dropout), cfg, (1, 2));
+    let path = std::env::temp_dir().join(format!(
+        "omnirad-ft-resume-{name}-{}.safetensors",
+        std::process::id()
+    ));
+    let stopped = train_from(pico(3, dropout), cfg, (1, 2), None, |log, state| {
+        if log.epoch < stop {
+            return true;
+        }
+        save_state(&path, state).unwrap();
+        false
+    });
+    assert!(stopped.is_none(), "{name}: stopping returns no result");
+    let state = load_state(&path, &pico(3, dropout), cfg, &Default::default()).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(state.history.len(), stop, "{name}");
+    let resumed = train_from(pico(3, dropout), cfg, (1, 2), Some(state), |_, _| true).unwrap();
+    let losses = |r: &FinetuneResult<B>| -> Vec<(usize, f64, f64)> {
+        r.history
+            .iter()
+            .map(|h| (h.epoch, h.train_loss, h.val_loss))
+            .collect()
+    };
+    assert_eq!(losses(&resumed), losses(&whole), "{name}");
+    assert_eq!(resumed.best_epoch, whole.best_epoch, "{name}");
+    assert!(
+        snapshot(&resumed.model) == snapshot(&whole.model),
+        "{name}: encoder differs"
+    );
+    let head = |m: &Classifier<B>| m.head.weight.val().into_data().to_vec::<f32>().unwrap();
+    assert_eq!(
+        head(&resumed.model),
+        head(&whole.model),
+        "{name}: head differs"
+    );
+}
+
+#[test]
+fn a_stopped_run_resumes_to_the_same_model() {
+    let _rng = rng_lock();
+    // Dropout and stochastic depth draw from the backend's generator: resumed steps must draw
+    // what the uninterrupted run drew.
+    let plain = FinetuneConfig {
+        drop_path: 0.1,
+        ..small_cfg()
+    };
+    resumes_exactly("plain", &plain, 0.2, 2);
+    // LP-FT stopped inside the head-only phase, and inside the full phase.
+    let lp_ft = FinetuneConfig {
+        epochs: 2,
+        head_epochs: 2,
+        ..small_cfg()
+    };
+    resumes_exactly("lp-ft-head", &lp_ft, 0.0, 1);
+    resumes_exactly("lp-ft-full", &lp_ft, 0.0, 3);
+    // LoRA adapters, the weight average and mixup's draws all come back.
+    let lora = FinetuneConfig {
+        lora: Some(LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+        }),
+        ema: Some(0.9),
+        mixup: 0.4,
+        ..small_cfg()
+    };
+    resumes_exactly("lora-ema-mixup", &lora, 0.0, 2);
+}
+
+#[test]
+fn a_checkpoint_of_another_model_is_refused() {
+    let _rng = rng_lock();
+    let cfg = FinetuneConfig {
+        epochs: 1,
+        ..small_cfg()
+    };
+    let path = std::env::temp_dir().join(format!(
+        "omnirad-ft-other-{}.safetensors",
+        std::process::id()
+    ));
+    train_from(pico(3, 0.0), &cfg, (1, 2), None, |_, state| {
+        save_state(&path, state).unwrap();
+        true
+    });
+    // The same run with LoRA adapters expects tensors the file does not have.
+    let lora = FinetuneConfig {
+        lora: Some(LoraConfig::default()),
+        ..cfg
+    };
+    let err = load_state(&path, &pico(3, 0.0), &lora, &Default::default())
+        .err()
+        .expect("refused")
+        .to_string();
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        err.contains("parameters missing or of another shape") && err.contains("_lora."),
+        "{err}"
+    );
 }

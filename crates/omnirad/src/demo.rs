@@ -135,7 +135,7 @@ fn write_phantoms(dir: &Path, per: usize, seed: u64) -> Result<PathBuf> {
         }
     }
     let path = dir.join("phantoms.csv");
-    std::fs::write(&path, manifest)?;
+    crate::atomic::write(&path, manifest)?;
     Ok(path)
 }
 

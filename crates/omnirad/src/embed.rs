@@ -159,13 +159,6 @@ pub fn embed_items<B: Backend>(
     })
 }
 
-fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    write(&tmp)?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-}
-
 fn sidecar(out: &Path, suffix: &str) -> PathBuf {
     let stem = out.with_extension("");
     PathBuf::from(format!("{}.{suffix}", stem.display()))
@@ -187,12 +180,12 @@ pub fn write_embeddings(out: &Path, e: &Embeddings) -> Result<()> {
     let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
     match ext {
         "npy" => {
-            atomic_write(out, |p| {
+            crate::atomic::write_with(out, |p| {
                 ndarray_npy::write_npy(p, &e.values)
                     .with_context(|| format!("writing {}", p.display()))
             })?;
             let meta = sidecar(out, "meta.csv");
-            atomic_write(&meta, |p| {
+            crate::atomic::write_with(&meta, |p| {
                 let mut f = std::io::BufWriter::new(std::fs::File::create(p)?);
                 writeln!(f, "index,id,modality,anatomy,labels")?;
                 for (i, m) in e.metas.iter().enumerate() {
@@ -211,13 +204,13 @@ pub fn write_embeddings(out: &Path, e: &Embeddings) -> Result<()> {
             if l > 0 && e.metas.iter().all(|m| m.labels.len() == l) {
                 let labels =
                     Array2::from_shape_fn((e.metas.len(), l), |(i, j)| e.metas[i].labels[j]);
-                atomic_write(&sidecar(out, "labels.npy"), |p| {
+                crate::atomic::write_with(&sidecar(out, "labels.npy"), |p| {
                     ndarray_npy::write_npy(p, &labels)
                         .with_context(|| format!("writing {}", p.display()))
                 })?;
             }
         }
-        "csv" => atomic_write(out, |p| {
+        "csv" => crate::atomic::write_with(out, |p| {
             let mut f = std::io::BufWriter::new(std::fs::File::create(p)?);
             let d = e.values.ncols();
             write!(f, "id,modality,labels")?;
@@ -239,14 +232,12 @@ pub fn write_embeddings(out: &Path, e: &Embeddings) -> Result<()> {
         _ => bail!("{}: output must end in .npy or .csv", out.display()),
     }
     if !e.failed.is_empty() {
-        atomic_write(&sidecar(out, "failed.txt"), |p| {
-            let text: String = e
-                .failed
-                .iter()
-                .map(|(id, err)| format!("{id}\t{err}\n"))
-                .collect();
-            std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))
-        })?;
+        let text: String = e
+            .failed
+            .iter()
+            .map(|(id, err)| format!("{id}\t{err}\n"))
+            .collect();
+        crate::atomic::write(&sidecar(out, "failed.txt"), text)?;
     }
     Ok(())
 }

@@ -8,10 +8,12 @@
 //! OUT/encoder/           the fine-tuned encoder as a model directory (usable with --model)
 //! OUT/head.safetensors   linear head, PyTorch layout: weight [C, D], bias [C]
 //! OUT/history.jsonl      per epoch: train loss, val loss, val metrics, lr
+//! OUT/run.json           the settings (a --resume must match them)
+//! OUT/checkpoint.safetensors  after every epoch until the bundle is written: weights, best and
+//!                        averaged weights, AdamW moments
 //! ```
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -28,11 +30,13 @@ use omnirad_model::{
     f32_tensors, load_model_dir, save_model_dir, write_f32_safetensors, ModelConfig, Vit,
 };
 use omnirad_train::finetune::{
-    finetune, predict, Classifier, FinetuneConfig, FinetuneResult, LabelledImages, Selection,
+    finetune, load_state, predict, save_state, Classifier, FinetuneConfig, FinetuneResult,
+    LabelledImages, Selection,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::device::{parse_device, resolve_model, Device};
+use crate::run_dir::RunDir;
 use crate::ReadArgs;
 
 #[derive(Args, Debug, Clone)]
@@ -169,6 +173,12 @@ pub struct FinetuneArgs {
     /// Bundle directory to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// Continue the run in --out from its last checkpoint (same settings required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this epoch (the checkpoint is kept; continue with --resume).
+    #[arg(long)]
+    pub stop_after: Option<usize>,
     #[command(flatten)]
     pub train: TrainArgs,
     #[arg(long, default_value_t = 0)]
@@ -221,7 +231,8 @@ pub struct Outcome<B: Backend> {
     pub test: Metrics,
 }
 
-/// Fine-tunes `vit` on `file`'s train split, selects on val, scores test.
+/// Fine-tunes `vit` on `file`'s train split, selects on val, scores test. With `run`,
+/// checkpoints every epoch and resumes; returns None when stopped by its `stop_after`.
 pub fn run_on_npz<B: Backend>(
     vit: Vit<B>,
     cfg: &ModelConfig,
@@ -229,7 +240,8 @@ pub fn run_on_npz<B: Backend>(
     ft: &FinetuneConfig,
     dev: &B::Device,
     verbose: bool,
-) -> Result<Outcome<B>> {
+    run: Option<&RunDir>,
+) -> Result<Option<Outcome<B>>> {
     let info = dataset_of(file)?;
     let load = |s: Split| -> Result<(Vec<omnirad_data::Image>, Array2<i64>)> {
         let split = NpzSplit::load(file, s)?;
@@ -257,6 +269,18 @@ pub fn run_on_npz<B: Backend>(
             }
         );
     }
+    let mut resume = None;
+    let mut hist = None;
+    if let Some(r) = run {
+        r.start(&serde_json::json!({ "data": file, "finetune": ft, "encoder": cfg }))?;
+        if r.resume {
+            let state = load_state(&r.checkpoint(), &model, ft, dev).context("--resume")?;
+            eprintln!("resuming after epoch {}", state.history.len());
+            resume = Some(state);
+        }
+        hist = Some(r.history(resume.as_ref().map_or(&[][..], |s| &s.history))?);
+    }
+    let mut save_error = None;
     let result = finetune(
         model,
         LabelledImages {
@@ -272,15 +296,31 @@ pub fn run_on_npz<B: Backend>(
         pre,
         ft,
         dev,
-        |e| {
+        resume,
+        |e, state| {
             if verbose {
                 eprintln!(
                     "{} epoch {:>3}: train loss {:.4}  val loss {:.4}  val ACC {:.3} AUC {:.3} macro-F1 {:.3}  lr {:.2e}",
                     info.name, e.epoch, e.train_loss, e.val_loss, e.val.acc, e.val.auc, e.val.macro_f1, e.lr
                 );
             }
+            let Some(r) = run else { return true };
+            if let Some(h) = hist.as_mut() {
+                h.push(e);
+            }
+            if let Err(err) = save_state(&r.checkpoint(), state) {
+                save_error = Some(err);
+                return false;
+            }
+            r.go_on(e.epoch)
         },
     );
+    if let Some(e) = save_error {
+        return Err(e).context("writing the checkpoint");
+    }
+    let Some(result) = result else {
+        return Ok(None);
+    };
     let scores = predict(
         &result.model,
         &te.0,
@@ -291,7 +331,7 @@ pub fn run_on_npz<B: Backend>(
         dev,
     );
     let test = evaluate(task, te.1.view(), scores.view());
-    Ok(Outcome { result, test })
+    Ok(Some(Outcome { result, test }))
 }
 
 /// `frozen`: `omnirad probe` — only the head trains.
@@ -307,7 +347,15 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
     crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
         let cfg = crate::device::with_input_size(cfg, a.input_size)?;
-        let o = run_on_npz::<B>(vit, &cfg, &a.data, &ft, &dev, true)?;
+        let run = RunDir {
+            dir: &a.out,
+            resume: a.resume,
+            stop_after: a.stop_after,
+        };
+        let Some(o) = run_on_npz::<B>(vit, &cfg, &a.data, &ft, &dev, true, Some(&run))? else {
+            eprintln!("{}", run.stopped_message());
+            return Ok(());
+        };
         eprintln!(
             "{}: epoch {} selected by val {:?}; test ACC {:.3} AUC {:.3} macro-F1 {:.3}",
             info.name, o.result.best_epoch, ft.select, o.test.acc, o.test.auc, o.test.macro_f1
@@ -324,10 +372,7 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
             finetune: ft.clone(),
         };
         save_bundle(&a.out, &o.result.model, &cfg, &bundle)?;
-        let mut h = std::fs::File::create(a.out.join("history.jsonl"))?;
-        for e in &o.result.history {
-            writeln!(h, "{}", serde_json::to_string(e)?)?;
-        }
+        run.finish();
         println!("{}", serde_json::to_string_pretty(&bundle.test)?);
         eprintln!("bundle written to {}", a.out.display());
         Ok(())
@@ -357,9 +402,7 @@ fn save_bundle<B: Backend>(
         ],
         None,
     )?;
-    let tmp = out.join("bundle.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(b)?)?;
-    std::fs::rename(&tmp, out.join("bundle.json"))?;
+    crate::atomic::write(&out.join("bundle.json"), serde_json::to_string_pretty(b)?)?;
     Ok(())
 }
 
@@ -481,9 +524,7 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
         }
         match &a.out {
             Some(out) => {
-                let tmp = PathBuf::from(format!("{}.tmp", out.display()));
-                std::fs::write(&tmp, &csv).with_context(|| format!("writing {}", tmp.display()))?;
-                std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+                crate::atomic::write(out, &csv)?;
                 eprintln!("{} predictions written to {}", ids.len(), out.display());
             }
             None => print!("{csv}"),

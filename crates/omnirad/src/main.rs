@@ -1,5 +1,6 @@
 //! `omnirad`: read medical images, run radiology foundation models, write what they produce.
 
+mod atomic;
 mod bench;
 mod demo;
 mod device;
@@ -9,6 +10,7 @@ mod info;
 mod medmnist_bench;
 mod pretrain;
 mod retrieve;
+mod run_dir;
 mod segment;
 mod speed;
 mod viz;

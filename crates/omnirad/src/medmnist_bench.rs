@@ -31,7 +31,7 @@ pub enum Mode {
     Lora,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct MedMnistArgs {
     /// Folder holding the official `{name}.npz` / `{name}_{size}.npz` files.
     #[arg(long)]
@@ -101,7 +101,8 @@ pub struct MedMnistArgs {
     /// file are unchanged (probes then train in seconds).
     #[arg(long)]
     pub cache: Option<PathBuf>,
-    /// Write the table as OUT.md and OUT.json.
+    /// Write the table as OUT.md and OUT.json, and each finished run (dataset, seed) to
+    /// OUT.runs.jsonl as it ends: the same command run again reuses those and trains only the rest.
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -115,20 +116,7 @@ fn cache_key(
     split: Split,
 ) -> String {
     use md5::{Digest, Md5};
-    let stamp = |p: &Path| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| format!("{}:{:?}", m.len(), m.modified().ok()))
-    };
-    let model = Path::new(&a.model);
-    let model_files: Vec<_> = if model.is_dir() {
-        ["config.json", "model.safetensors", "pytorch_model.bin"]
-            .iter()
-            .map(|f| stamp(&model.join(f)))
-            .collect()
-    } else {
-        vec![stamp(model)]
-    };
+    let model_files = model_stamps(&a.model);
     let text = format!(
         "{}|{:?}|{}|{}|{:?}|{}|{:?}|{}",
         a.model,
@@ -147,6 +135,134 @@ fn cache_key(
     };
     let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("data");
     format!("{name}-{}-{:x}", split.name(), Md5::digest(text.as_bytes()))
+}
+
+/// A file's size and modification time, standing in for its content.
+fn stamp(p: &Path) -> Option<String> {
+    std::fs::metadata(p)
+        .ok()
+        .map(|m| format!("{}:{:?}", m.len(), m.modified().ok()))
+}
+
+/// [`stamp`]s of the files a `--model` argument reads (none for a preset name).
+fn model_stamps(model: &str) -> Vec<Option<String>> {
+    let model = Path::new(model);
+    if model.is_dir() {
+        ["config.json", "model.safetensors", "pytorch_model.bin"]
+            .iter()
+            .map(|f| stamp(&model.join(f)))
+            .collect()
+    } else {
+        vec![stamp(model)]
+    }
+}
+
+/// `--out`'s finished runs, one JSON line per (dataset, seed) in OUT.runs.jsonl. A line is
+/// reused only under the same key: every argument but the dataset list, seed count, output and
+/// cache paths, plus the model's and data file's stamps and the run's seed.
+struct RunLog {
+    path: Option<PathBuf>,
+    settings: String,
+    done: Vec<Finished>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Finished {
+    key: String,
+    dataset: String,
+    seed: u64,
+    metrics: Metrics,
+}
+
+impl RunLog {
+    fn open(a: &MedMnistArgs) -> Result<Self> {
+        let settings = MedMnistArgs {
+            datasets: vec![],
+            seeds: 0,
+            out: None,
+            cache: None,
+            ..a.clone()
+        };
+        let settings = format!("{settings:?}|{:?}", model_stamps(&a.model));
+        let Some(out) = &a.out else {
+            return Ok(Self {
+                path: None,
+                settings,
+                done: vec![],
+            });
+        };
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let path = out.with_extension("runs.jsonl");
+        let mut done = Vec::new();
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            for (i, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                match serde_json::from_str::<Finished>(line) {
+                    Ok(f) => done.push(f),
+                    Err(e) => eprintln!(
+                        "{} line {}: not a finished run ({e}); ignored",
+                        path.display(),
+                        i + 1
+                    ),
+                }
+            }
+        }
+        Ok(Self {
+            path: Some(path),
+            settings,
+            done,
+        })
+    }
+
+    fn key(&self, file: &Path, seed: u64) -> String {
+        use md5::{Digest, Md5};
+        let text = format!(
+            "{}|{}|{:?}|{seed}",
+            self.settings,
+            file.display(),
+            stamp(file)
+        );
+        format!("{:x}", Md5::digest(text.as_bytes()))
+    }
+
+    /// The metrics of an earlier run of `dataset` with this seed and these settings.
+    fn get(&self, dataset: &str, file: &Path, seed: u64) -> Option<Metrics> {
+        let key = self.key(file, seed);
+        let f = self.done.iter().find(|f| f.key == key)?;
+        eprintln!(
+            "{dataset} seed {seed}: finished earlier ({}): test ACC {:.3} AUC {:.3} macro-F1 {:.3}",
+            self.path.as_ref()?.display(),
+            f.metrics.acc,
+            f.metrics.auc,
+            f.metrics.macro_f1
+        );
+        Some(f.metrics.clone())
+    }
+
+    fn record(&mut self, dataset: &str, file: &Path, seed: u64, metrics: &Metrics) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let key = self.key(file, seed);
+        self.done.retain(|f| f.key != key);
+        self.done.push(Finished {
+            key,
+            dataset: dataset.to_string(),
+            seed,
+            metrics: metrics.clone(),
+        });
+        let mut text = String::new();
+        for f in &self.done {
+            text += &serde_json::to_string(f)?;
+            text.push('\n');
+        }
+        crate::atomic::write(path, text)
+    }
 }
 
 fn read_cached(stem: &Path) -> Result<Embeddings> {
@@ -242,15 +358,28 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
         }
         plan.push((info, file));
     }
+    let mut log = RunLog::open(a)?;
+    let seeds: Vec<u64> = match a.mode {
+        // k-NN is deterministic: one run.
+        Mode::Knn => vec![a.seed],
+        _ => (a.seed..a.seed + a.seeds.max(1)).collect(),
+    };
     let rows = crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
         let cfg = crate::device::with_input_size(cfg, a.input_size)?;
         let vit = vit.with_precision(a.dtype);
         let mut rows = Vec::new();
         for (info, file) in &plan {
+            let mut runs = Vec::new();
+            let mut todo = Vec::new();
+            for &seed in &seeds {
+                match log.get(info.name, file, seed) {
+                    Some(m) => runs.push((seed, m)),
+                    None => todo.push(seed),
+                }
+            }
             if matches!(a.mode, Mode::Finetune | Mode::Lora) {
-                let mut runs = Vec::new();
-                for seed in a.seed..a.seed + a.seeds.max(1) {
+                for seed in todo {
                     let mut ft = omnirad_train::finetune::FinetuneConfig {
                         batch: a.batch,
                         seed,
@@ -280,7 +409,9 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         &ft,
                         &dev,
                         false,
-                    )?;
+                        None,
+                    )?
+                    .expect("without a run directory nothing stops training early");
                     eprintln!(
                         "{} seed {seed}: fine-tuning chose epoch {} by val {} ({})",
                         info.name,
@@ -288,70 +419,72 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         a.select.name(),
                         val_summary(&o.result.val)
                     );
-                    runs.push(o.test);
+                    log.record(info.name, file, seed, &o.test)?;
+                    runs.push((seed, o.test));
                 }
-                rows.push(row(info.name, runs, cfg.preprocess.size));
-                continue;
-            }
-            let embed = |split: Split| -> Result<Embeddings> {
-                let key = a
-                    .cache
-                    .as_ref()
-                    .map(|dir| dir.join(cache_key(a, &cfg, file, split)));
-                if let Some(hit) = key.as_ref().and_then(|k| read_cached(k).ok()) {
-                    return Ok(hit);
-                }
-                let read = ReadOptions {
-                    split,
-                    ..Default::default()
-                };
-                let (items, _) = discover(file, split)?;
-                let job = EmbedJob {
-                    read: &read,
-                    pool: a.pool,
-                    batch: a.batch,
-                    strict: true,
-                };
-                let e = embed_items::<B>(&vit, &cfg.preprocess, items, &job, &dev)?;
-                if let Some(k) = &key {
-                    write_embeddings(&k.with_extension("npy"), &e)?;
-                }
-                Ok(e)
-            };
-            let (train, test) = (embed(Split::Train)?, embed(Split::Test)?);
-            let labels = |e: &Embeddings| {
-                let l = e.metas[0].labels.len();
-                Array2::from_shape_fn((e.metas.len(), l), |(i, j)| e.metas[i].labels[j])
-            };
-            let multi = info.task == Task::MultiLabel;
-            let task = match info.task {
-                Task::Binary => TaskKind::Binary,
-                Task::MultiLabel => TaskKind::MultiLabel,
-                Task::MultiClass | Task::Ordinal => TaskKind::MultiClass,
-            };
-            let (ytr, yte) = (labels(&train), labels(&test));
-            let runs: Vec<Metrics> = match a.mode {
-                Mode::Knn => {
-                    let knn = KnnConfig {
-                        k: a.k,
+            } else if !todo.is_empty() {
+                let embed = |split: Split| -> Result<Embeddings> {
+                    let key = a
+                        .cache
+                        .as_ref()
+                        .map(|dir| dir.join(cache_key(a, &cfg, file, split)));
+                    if let Some(hit) = key.as_ref().and_then(|k| read_cached(k).ok()) {
+                        return Ok(hit);
+                    }
+                    let read = ReadOptions {
+                        split,
                         ..Default::default()
                     };
-                    let scores = knn_scores(
-                        train.values.view(),
-                        ytr.view(),
-                        test.values.view(),
-                        info.num_classes(),
-                        multi,
-                        knn,
-                    );
-                    vec![evaluate(task, yte.view(), scores.view())]
-                }
-                Mode::Finetune | Mode::Lora => unreachable!("fine-tuning returned above"),
-                Mode::Linear | Mode::Mlp => {
-                    let val = embed(Split::Val)?;
-                    let yva = labels(&val);
-                    (a.seed..a.seed + a.seeds.max(1))
-                        .map(|seed| {
+                    let (items, _) = discover(file, split)?;
+                    let job = EmbedJob {
+                        read: &read,
+                        pool: a.pool,
+                        batch: a.batch,
+                        strict: true,
+                    };
+                    let e = embed_items::<B>(&vit, &cfg.preprocess, items, &job, &dev)?;
+                    if let Some(k) = &key {
+                        write_embeddings(&k.with_extension("npy"), &e)?;
+                    }
+                    Ok(e)
+                };
+                let (train, test) = (embed(Split::Train)?, embed(Split::Test)?);
+                let labels = |e: &Embeddings| {
+                    let l = e.metas[0].labels.len();
+                    Array2::from_shape_fn((e.metas.len(), l), |(i, j)| e.metas[i].labels[j])
+                };
+                let multi = info.task == Task::MultiLabel;
+                let task = match info.task {
+                    Task::Binary => TaskKind::Binary,
+                    Task::MultiLabel => TaskKind::MultiLabel,
+                    Task::MultiClass | Task::Ordinal => TaskKind::MultiClass,
+                };
+                let (ytr, yte) = (labels(&train), labels(&test));
+                let val = match a.mode {
+                    Mode::Linear | Mode::Mlp => {
+                        let e = embed(Split::Val)?;
+                        let y = labels(&e);
+                        Some((e, y))
+                    }
+                    _ => None,
+                };
+                for seed in todo {
+                    let scores = match &val {
+                        None => {
+                            let knn = KnnConfig {
+                                k: a.k,
+                                ..Default::default()
+                            };
+                            knn_scores(
+                                train.values.view(),
+                                ytr.view(),
+                                test.values.view(),
+                                info.num_classes(),
+                                multi,
+                                knn,
+                            )
+                        }
+                        Some((val, yva)) => {
                             let mut cfg = ProbeConfig {
                                 seed,
                                 select: a.select,
@@ -379,11 +512,16 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                                 a.select.name(),
                                 val_summary(&r.val)
                             );
-                            evaluate(task, yte.view(), r.test_scores.view())
-                        })
-                        .collect()
+                            r.test_scores
+                        }
+                    };
+                    let m = evaluate(task, yte.view(), scores.view());
+                    log.record(info.name, file, seed, &m)?;
+                    runs.push((seed, m));
                 }
-            };
+            }
+            runs.sort_by_key(|(seed, _)| *seed);
+            let runs = runs.into_iter().map(|(_, m)| m).collect();
             rows.push(row(info.name, runs, cfg.preprocess.size));
         }
         rows
@@ -396,10 +534,9 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
             "pool": format!("{:?}", a.pool).to_lowercase(), "select": a.select.name(),
             "results": rows.iter().map(|r| json!({ "dataset": r.name, "input": format!("{}px resized to {}px", a.size, r.model_size), "runs": r.runs })).collect::<Vec<_>>(),
         });
-        std::fs::write(out.with_extension("md"), &md)
-            .with_context(|| format!("writing {}", out.display()))?;
-        std::fs::write(
-            out.with_extension("json"),
+        crate::atomic::write(&out.with_extension("md"), &md)?;
+        crate::atomic::write(
+            &out.with_extension("json"),
             serde_json::to_string_pretty(&j)?,
         )?;
     }

@@ -97,7 +97,7 @@ pub fn run(a: &PretrainArgs) -> Result<()> {
             });
         }
         std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-        write_atomic(&resolved, cfg.to_toml().as_bytes())?;
+        crate::atomic::write(&resolved, cfg.to_toml().as_bytes())?;
         cfg
     };
     crate::with_backend!(a.device, |B, dev| if cfg.optim.grad_checkpoint {
@@ -363,16 +363,10 @@ fn open_log(path: &Path, start: usize) -> Result<std::io::BufWriter<std::fs::Fil
             .collect(),
         Err(_) => String::new(),
     };
-    write_atomic(path, kept.as_bytes())?;
+    crate::atomic::write(path, kept.as_bytes())?;
     let f = std::fs::OpenOptions::new()
         .append(true)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     Ok(std::io::BufWriter::new(f))
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }

@@ -171,12 +171,10 @@ pub fn build_cmd(a: &IndexBuildArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let npy = a.out.join("embeddings.npy");
-    let tmp = a.out.join("embeddings.npy.tmp");
-    ndarray_npy::write_npy(&tmp, &values).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &npy)?;
-    let tmp = a.out.join("index.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string(&info)?)?;
-    std::fs::rename(&tmp, a.out.join("index.json"))?;
+    crate::atomic::write_with(&npy, |tmp| {
+        ndarray_npy::write_npy(tmp, &values).with_context(|| format!("writing {}", tmp.display()))
+    })?;
+    crate::atomic::write(&a.out.join("index.json"), serde_json::to_string(&info)?)?;
     eprintln!(
         "index of {} images ({dim}-d) written to {}",
         info.items.len(),
@@ -378,9 +376,9 @@ pub fn bench_cmd(a: &RetrievalBenchArgs) -> Result<()> {
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        std::fs::write(out.with_extension("md"), &md)?;
-        std::fs::write(
-            out.with_extension("json"),
+        crate::atomic::write(&out.with_extension("md"), &md)?;
+        crate::atomic::write(
+            &out.with_extension("json"),
             serde_json::to_string_pretty(&serde_json::json!({
                 "model": a.model, "queries": q.metas.len(), "gallery": g.metas.len(), "scores": scores
             }))?,

@@ -11,7 +11,6 @@
 //! OUT/overlays/           a few test images: ground truth (green) and prediction (red) outlines
 //! ```
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -33,6 +32,7 @@ use omnirad_train::segment::{
 use serde::{Deserialize, Serialize};
 
 use crate::device::{parse_device, resolve_model, Device};
+use crate::run_dir::RunDir;
 use crate::ReadArgs;
 
 #[derive(Subcommand)]
@@ -219,14 +219,6 @@ fn check_size(size: usize, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// Where `segment train` keeps a run: `run.json` (settings), `history.jsonl` and the
-/// checkpoint written after every epoch.
-struct RunFiles<'a> {
-    dir: &'a Path,
-    resume: bool,
-    stop_after: Option<usize>,
-}
-
 /// Trains one head on `splits`, prints per-epoch progress, scores test. With `run`, checkpoints
 /// every epoch and resumes; returns None when stopped by `stop_after` before the last epoch.
 #[allow(clippy::too_many_arguments)]
@@ -238,7 +230,7 @@ fn fit<B: Backend>(
     tc: &SegTrainConfig,
     dev: &B::Device,
     mut on_test_image: impl FnMut(&SegSample, &Array2<u8>),
-    run: Option<RunFiles>,
+    run: Option<&RunDir>,
 ) -> Result<Option<(omnirad_train::segment::SegResult<B>, SegScores)>> {
     check_size(tc.size, cfg)?;
     if tc.epochs == 0 || tc.batch == 0 {
@@ -261,40 +253,15 @@ fn fit<B: Backend>(
     );
     let mut resume = None;
     let mut hist = None;
-    let mut ckpt = None;
-    if let Some(r) = &run {
-        let settings = serde_json::json!({ "head": head, "train": tc, "encoder": cfg });
-        let run_json = r.dir.join("run.json");
-        let path = r.dir.join(CHECKPOINT);
+    if let Some(r) = run {
+        r.start(&serde_json::json!({ "head": head, "train": tc, "encoder": cfg }))?;
         if r.resume {
-            let before: serde_json::Value = std::fs::read_to_string(&run_json)
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .with_context(|| {
-                    format!("--resume: no run in {} (run.json missing)", r.dir.display())
-                })?;
-            if before != settings {
-                bail!(
-                    "--resume: the settings differ from the run in {} (see its run.json)",
-                    r.dir.display()
-                );
-            }
-            let state = load_state(&path, &model, dev).context("--resume")?;
+            let state = load_state(&r.checkpoint(), &model, dev).context("--resume")?;
             eprintln!("resuming after epoch {}", state.epoch);
             resume = Some(state);
-        } else {
-            std::fs::write(&run_json, serde_json::to_string_pretty(&settings)?)?;
         }
-        let hp = r.dir.join("history.jsonl");
-        let mut f =
-            std::fs::File::create(&hp).with_context(|| format!("creating {}", hp.display()))?;
-        for l in resume.iter().flat_map(|s| &s.history) {
-            writeln!(f, "{}", serde_json::to_string(l)?)?;
-        }
-        hist = Some(f);
-        ckpt = Some(path);
+        hist = Some(r.history(resume.as_ref().map_or(&[][..], |s| &s.history))?);
     }
-    let stop_after = run.as_ref().and_then(|r| r.stop_after);
     let mut save_error = None;
     let r = train(
         model,
@@ -310,16 +277,15 @@ fn fit<B: Backend>(
                 "epoch {:>3}: loss {:.4} (CE {:.4}, Dice loss {:.4}), val Dice {:.4} IoU {:.4}, lr {:.2e}",
                 l.epoch, l.train_loss, l.train_ce, l.train_dice_loss, l.val_dice, l.val_iou, l.lr
             );
-            if let Some(f) = hist.as_mut() {
-                let _ = writeln!(f, "{}", serde_json::to_string(l).unwrap_or_default());
+            let Some(r) = run else { return true };
+            if let Some(h) = hist.as_mut() {
+                h.push(l);
             }
-            if let Some(p) = &ckpt {
-                if let Err(e) = save_state(p, state) {
-                    save_error = Some(e);
-                    return false;
-                }
+            if let Err(e) = save_state(&r.checkpoint(), state) {
+                save_error = Some(e);
+                return false;
             }
-            stop_after.is_none_or(|n| l.epoch < n)
+            r.go_on(l.epoch)
         },
     );
     if let Some(e) = save_error {
@@ -341,8 +307,6 @@ fn fit<B: Backend>(
     );
     Ok(Some((r, test)))
 }
-
-const CHECKPOINT: &str = "checkpoint.safetensors";
 
 fn scores_json(s: &SegScores) -> serde_json::Value {
     serde_json::to_value(s).unwrap_or_default()
@@ -369,6 +333,11 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
         let overlays = a.out.join("overlays");
         std::fs::create_dir_all(&overlays)?;
         let mut drawn = 0;
+        let run = RunDir {
+            dir: &a.out,
+            resume: a.resume,
+            stop_after: a.stop_after,
+        };
         let Some((r, test)) = fit(
             vit,
             &cfg,
@@ -385,18 +354,10 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
                     }
                 }
             },
-            Some(RunFiles {
-                dir: &a.out,
-                resume: a.resume,
-                stop_after: a.stop_after,
-            }),
+            Some(&run),
         )?
         else {
-            eprintln!(
-                "stopped after epoch {}; continue with --resume (checkpoint in {})",
-                a.stop_after.unwrap_or(0),
-                a.out.join(CHECKPOINT).display()
-            );
+            eprintln!("{}", run.stopped_message());
             return Ok(());
         };
         let bundle = SegBundle {
@@ -410,6 +371,7 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
             test: scores_json(&test),
         };
         save_bundle(&a.out, &r.model, &cfg, &bundle)?;
+        run.finish();
         println!(
             "test: Dice {:.4} (pooled {:.4}), IoU {:.4} over {} images; epoch {} chosen on val Dice {:.4}",
             test.dice, test.dice_pooled, test.iou, test.images, r.best_epoch, r.val.dice
@@ -444,9 +406,7 @@ fn save_bundle<B: Backend>(
 ) -> Result<()> {
     save_model_dir(&m.backbone, cfg, &out.join("encoder"))?;
     save_module(&m.head, &out.join("head.safetensors"))?;
-    let tmp = out.join("segment.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(b)?)?;
-    std::fs::rename(&tmp, out.join("segment.json"))?;
+    crate::atomic::write(&out.join("segment.json"), serde_json::to_string_pretty(b)?)?;
     Ok(())
 }
 
@@ -623,11 +583,10 @@ fn save_png<P: image::PixelWithColorType<Subpixel = u8>>(
 where
     [P::Subpixel]: image::EncodableLayout,
 {
-    let tmp = path.with_extension("png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    crate::atomic::write_with(path, |tmp| {
+        img.save_with_format(tmp, image::ImageFormat::Png)
+            .with_context(|| format!("writing {}", tmp.display()))
+    })
 }
 
 /// Pixels of class ≥ 1 with a 4-neighbour of another class (or the image edge).
@@ -833,12 +792,7 @@ pub fn bench_cmd(a: &MedSegBenchArgs) -> Result<()> {
     }
     print!("{md}");
     if let Some(out) = &a.out {
-        let write = |p: PathBuf, s: String| -> Result<()> {
-            let tmp = p.with_extension("tmp");
-            std::fs::write(&tmp, s).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))?;
-            Ok(())
-        };
+        let write = |p: PathBuf, s: String| crate::atomic::write(&p, s);
         write(out.with_extension("md"), md)?;
         write(
             out.with_extension("json"),

@@ -229,9 +229,9 @@ pub fn run(a: &VizArgs) -> Result<()> {
         );
     }
     print!("{md}");
-    std::fs::write(a.out.join("metrics.md"), &md)?;
-    std::fs::write(
-        a.out.join("metrics.json"),
+    crate::atomic::write(&a.out.join("metrics.md"), &md)?;
+    crate::atomic::write(
+        &a.out.join("metrics.json"),
         serde_json::to_string_pretty(&rows)?,
     )?;
     eprintln!("plots and metrics written to {}", a.out.display());
@@ -306,15 +306,15 @@ fn scatter(
     svg: bool,
 ) -> Result<()> {
     let (w, h) = (720 * panels.len() as u32, 640);
-    let tmp = path.with_extension("tmp");
-    if svg {
-        draw_panels(
-            SVGBackend::new(&tmp, (w, h)).into_drawing_area(),
-            panels,
-            axis,
-            font,
-        )?;
-    } else {
+    crate::atomic::write_with(path, |tmp| {
+        if svg {
+            return draw_panels(
+                SVGBackend::new(tmp, (w, h)).into_drawing_area(),
+                panels,
+                axis,
+                font,
+            );
+        }
         let mut buf = vec![0u8; (w * h * 3) as usize];
         draw_panels(
             BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area(),
@@ -323,11 +323,9 @@ fn scatter(
             font,
         )?;
         let img = image::RgbImage::from_raw(w, h, buf).expect("w × h × 3 buffer");
-        img.save_with_format(&tmp, image::ImageFormat::Png)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+        img.save_with_format(tmp, image::ImageFormat::Png)
+            .with_context(|| format!("writing {}", tmp.display()))
+    })
 }
 
 fn draw_panels<DB: DrawingBackend>(

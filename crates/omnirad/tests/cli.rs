@@ -418,6 +418,85 @@ fn bench_medmnist_reuses_cached_features() {
     );
 }
 
+#[test]
+fn bench_medmnist_out_keeps_finished_runs_for_a_rerun() {
+    let d = tmp("mmresume");
+    let out = d.join("sub").join("table");
+    let log = d.join("sub").join("table.runs.jsonl");
+    let dir = data("medmnist");
+    let args = |epochs: &'static str| {
+        [
+            "bench",
+            "medmnist",
+            "--data",
+            dir.to_str().unwrap(),
+            "--datasets",
+            "breastmnist",
+            "--model",
+            "vit_pico",
+            "--mode",
+            "linear",
+            "--epochs",
+            epochs,
+            "--seeds",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+    };
+    let run = |epochs| {
+        let a = args(epochs);
+        let (ok, _, err) = omnirad(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "{err}");
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+                .unwrap();
+        let accs: Vec<f64> = j["results"][0]["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["acc"].as_f64().unwrap())
+            .collect();
+        (accs, err)
+    };
+    let (first, _) = run("3");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["seed"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [0, 1]
+    );
+    // An interrupted job: seed 0 never finished, a line was cut short, seed 1 is on record (its
+    // ACC marked so a reuse shows).
+    let mut seed1 = lines[1].clone();
+    seed1["metrics"]["acc"] = serde_json::json!(0.0123);
+    std::fs::write(&log, format!("{seed1}\n{{\"key\": \"ab\n")).unwrap();
+    let (again, err) = run("3");
+    assert_eq!(again, [first[0], 0.0123], "{err}");
+    assert!(
+        err.contains("breastmnist seed 1: finished earlier"),
+        "{err}"
+    );
+    assert!(
+        err.contains("table.runs.jsonl line 2: not a finished run"),
+        "{err}"
+    );
+    // Other settings are other runs.
+    let (other, err) = run("4");
+    assert!(
+        other[1] != 0.0123 && !err.contains("finished earlier"),
+        "{err}"
+    );
+}
+
 /// A pretraining config small enough for CI: vit_pico at 32 px on the two MedMNIST train splits.
 fn tiny_pretrain_config(dir: &std::path::Path, steps: usize, extra: &str) -> PathBuf {
     let cfg = dir.join("pretrain.toml");
@@ -1273,6 +1352,58 @@ fn segment_train_resumes_to_the_same_bundle() {
         text("full/history.jsonl") == text("parts/history.jsonl"),
         "histories differ"
     );
+    // A finished run keeps its bundle, not its checkpoint.
+    assert!(!d.join("parts/checkpoint.safetensors").exists());
+}
+
+#[test]
+fn finetune_resumes_to_the_same_bundle() {
+    let d = tmp("ft-resume");
+    let npz = data("medmnist/breastmnist.npz");
+    let run = |out: &str, extra: &[&str]| {
+        let out = d.join(out);
+        let mut args = vec![
+            "finetune",
+            "--data",
+            npz.to_str().unwrap(),
+            "--model",
+            "vit_pico",
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "3",
+            "--head-epochs",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        omnirad(&args)
+    };
+    let (ok, _, err) = run("full", &[]);
+    assert!(ok, "{err}");
+    // Stopped inside the full fine-tuning phase (epoch 1 is the head-only one).
+    let (ok, _, err) = run("parts", &["--stop-after", "2"]);
+    assert!(ok && err.contains("stopped after epoch 2"), "{err}");
+    assert!(!d.join("parts/bundle.json").exists());
+    assert!(d.join("parts/checkpoint.safetensors").is_file());
+    let (ok, _, err) = run("parts", &["--resume", "--lr", "0.01"]);
+    assert!(!ok && err.contains("settings differ"), "{err}");
+    let (ok, _, err) = run("parts", &["--resume"]);
+    assert!(ok && err.contains("resuming after epoch 2"), "{err}");
+    assert!(!d.join("parts/checkpoint.safetensors").exists());
+    let text = |p: &str| std::fs::read_to_string(d.join(p)).unwrap();
+    assert_eq!(text("full/history.jsonl").lines().count(), 4);
+    assert!(
+        text("full/history.jsonl") == text("parts/history.jsonl"),
+        "histories differ"
+    );
+    let bytes = |p: &str| std::fs::read(d.join(p)).unwrap();
+    assert!(
+        bytes("full/head.safetensors") == bytes("parts/head.safetensors"),
+        "resumed head differs from the uninterrupted run's"
+    );
+    // Nothing to resume in a fresh directory.
+    let (ok, _, err) = run("none", &["--resume"]);
+    assert!(!ok && err.contains("no run in"), "{err}");
 }
 
 /// An npz in the official MedMNIST layout (uint8 images, uint8 labels [N, L]) with images whose
