@@ -142,3 +142,23 @@ pub fn resolve_model<B: Backend>(
     omnirad_train::params::materialize(&model);
     Ok((model, cfg))
 }
+
+/// A file's size and modification time, standing in for its content in cache and resume keys.
+pub fn stamp(p: &Path) -> Option<String> {
+    std::fs::metadata(p)
+        .ok()
+        .map(|m| format!("{}:{:?}", m.len(), m.modified().ok()))
+}
+
+/// [`stamp`]s of the files a `--model` argument reads (none for a preset name).
+pub fn model_stamps(model: &str) -> Vec<Option<String>> {
+    let model = Path::new(model);
+    if model.is_dir() {
+        ["config.json", "model.safetensors", "pytorch_model.bin"]
+            .iter()
+            .map(|f| stamp(&model.join(f)))
+            .collect()
+    } else {
+        vec![stamp(model)]
+    }
+}

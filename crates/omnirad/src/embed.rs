@@ -14,7 +14,8 @@ use omnirad_data::loader::batches;
 use omnirad_data::{discover, Item, Meta, Preprocess, ReadOptions};
 use omnirad_model::Vit;
 
-use crate::device::{parse_device, resolve_model, Device};
+use crate::device::{model_stamps, parse_device, resolve_model, Device};
+use crate::embed_parts::{Done, Parts};
 use crate::ReadArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -53,6 +54,10 @@ pub struct EmbedArgs {
     /// Stop at the first unreadable item instead of skipping and listing it.
     #[arg(long)]
     pub strict: bool,
+    /// Stop after this many input items (for time-sliced jobs): finished batches stay in
+    /// OUT.parts/, and the same command run again continues after them, as it does after a kill.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
     #[command(flatten)]
     pub read: ReadArgs,
 }
@@ -82,7 +87,6 @@ pub fn pool<B: Backend>(vit: &Vit<B>, x: Tensor<B, 4>, pool: Pool) -> Tensor<B, 
     }
 }
 
-/// Embeds every image of every item; unreadable items are collected (or, with `strict`, fatal).
 /// How to run an embedding job over a list of items.
 pub struct EmbedJob<'a> {
     pub read: &'a ReadOptions,
@@ -92,6 +96,7 @@ pub struct EmbedJob<'a> {
     pub strict: bool,
 }
 
+/// Embeds every image of every item; unreadable items are collected (or, with `strict`, fatal).
 pub fn embed_items<B: Backend>(
     vit: &Vit<B>,
     pre: &Preprocess,
@@ -99,8 +104,39 @@ pub fn embed_items<B: Backend>(
     job: &EmbedJob,
     device: &B::Device,
 ) -> Result<Embeddings> {
+    let e = embed_resumable(vit, pre, items, job, None, device)?;
+    Ok(e.expect("only parts stop a job early"))
+}
+
+/// [`embed_items`] keeping finished batches in `parts`: continues after the items that earlier
+/// runs finished; None when stopped by `parts.stop_after` before the last item.
+pub fn embed_resumable<B: Backend>(
+    vit: &Vit<B>,
+    pre: &Preprocess,
+    items: Vec<Item>,
+    job: &EmbedJob,
+    parts: Option<&Parts>,
+    device: &B::Device,
+) -> Result<Option<Embeddings>> {
     let (read, mode, batch, strict) = (job.read, job.pool, job.batch, job.strict);
     let n = items.len();
+    let key = parts.map(|p| p.key(&items)).unwrap_or_default();
+    let done = match parts {
+        Some(p) => p.load(&key)?,
+        None => Done::default(),
+    };
+    if done.items > 0 {
+        eprintln!(
+            "continuing after {} of {n} items (finished parts in {})",
+            done.items,
+            parts
+                .map(|p| p.dir.display().to_string())
+                .unwrap_or_default()
+        );
+    }
+    let end = parts
+        .and_then(|p| p.stop_after)
+        .map_or(n, |s| s.clamp(done.items, n));
     let bar = ProgressBar::new(n as u64).with_style(
         ProgressStyle::with_template(
             "{spinner} embed [{bar:30}] {pos}/{len} items {per_sec} eta {eta}",
@@ -111,12 +147,41 @@ pub fn embed_items<B: Backend>(
     if std::env::var_os("CI").is_some() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let items = Arc::new(items);
-    let rx = batches(items.clone(), batch, read.clone(), pre.clone(), 2);
-    let (mut values, mut metas, mut failed, mut dim) = (Vec::new(), Vec::new(), Vec::new(), 0);
-    let mut done = 0;
+    bar.set_position(done.items as u64);
+    let todo: Vec<Item> = items.into_iter().take(end).skip(done.items).collect();
+    let rx = batches(Arc::new(todo), batch, read.clone(), pre.clone(), 2);
+    let Done {
+        items: mut pos,
+        mut dim,
+        mut values,
+        mut metas,
+        mut failed,
+    } = done;
+    // Where the part not yet on disk starts: item, value, meta and failure positions.
+    let mut unsaved = (pos, values.len(), metas.len(), failed.len());
+    let mut saved_at = std::time::Instant::now();
+    // Every 30 s, and when stopping.
+    let mut save = |stop: bool, pos: usize, dim, values: &[f32], metas: &[Meta], failed: &[_]| {
+        let due = stop || saved_at.elapsed() >= std::time::Duration::from_secs(30);
+        let Some(p) = parts.filter(|_| due && pos > unsaved.0) else {
+            return Ok(());
+        };
+        let (i, v, m, f) = unsaved;
+        p.write(
+            &key,
+            i,
+            pos - i,
+            dim,
+            &values[v..],
+            &metas[m..],
+            &failed[f..],
+        )?;
+        unsaved = (pos, values.len(), metas.len(), failed.len());
+        saved_at = std::time::Instant::now();
+        anyhow::Ok(())
+    };
     for b in rx {
-        done += b.items;
+        pos += b.items;
         if strict {
             if let Some((id, err)) = b.failed.first() {
                 bail!("{id}: {err}");
@@ -148,15 +213,21 @@ pub fn embed_items<B: Backend>(
             }
             metas.extend(b.metas);
         }
-        bar.set_position(done as u64);
+        bar.set_position(pos as u64);
+        save(false, pos, dim, &values, &metas, &failed)?;
+    }
+    if end < n {
+        save(true, pos, dim, &values, &metas, &failed)?;
+        bar.finish_and_clear();
+        return Ok(None);
     }
     bar.finish_and_clear();
     let values = Array2::from_shape_vec((metas.len(), dim), values).expect("one row per image");
-    Ok(Embeddings {
+    Ok(Some(Embeddings {
         values,
         metas,
         failed,
-    })
+    }))
 }
 
 fn sidecar(out: &Path, suffix: &str) -> PathBuf {
@@ -267,6 +338,20 @@ pub fn run(a: &EmbedArgs) -> Result<()> {
         );
     }
     let t0 = std::time::Instant::now();
+    let parts = Parts {
+        dir: crate::embed_parts::dir_for(&a.out),
+        settings: format!(
+            "{}|{:?}|{:?}|{:?}|{}|{:?}|{:?}",
+            a.model,
+            model_stamps(&a.model),
+            a.pool,
+            a.dtype,
+            a.seed,
+            a.device,
+            read
+        ),
+        stop_after: a.stop_after,
+    };
     let e = crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
         let vit = vit.with_precision(a.dtype);
@@ -276,9 +361,18 @@ pub fn run(a: &EmbedArgs) -> Result<()> {
             batch: a.batch,
             strict: a.strict,
         };
-        embed_items::<B>(&vit, &cfg.preprocess, items, &job, &dev)?
+        embed_resumable::<B>(&vit, &cfg.preprocess, items, &job, Some(&parts), &dev)?
     });
+    let Some(e) = e else {
+        eprintln!(
+            "stopped after {} items; run the same command again to continue (finished parts in {})",
+            a.stop_after.unwrap_or(0),
+            parts.dir.display()
+        );
+        return Ok(());
+    };
     write_embeddings(&a.out, &e)?;
+    parts.remove();
     eprintln!(
         "embedded {} image(s) → {} ({}×{}) in {:.1}s",
         e.metas.len(),

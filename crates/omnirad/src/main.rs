@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod device;
 mod embed;
+mod embed_parts;
 mod finetune;
 mod info;
 mod medmnist_bench;

@@ -16,7 +16,7 @@ use omnirad_eval::{evaluate, knn_scores, KnnConfig, Metrics, TaskKind};
 use omnirad_train::{linear_probe, ProbeConfig};
 use serde_json::json;
 
-use crate::device::{parse_device, resolve_model, Device};
+use crate::device::{model_stamps, parse_device, resolve_model, stamp, Device};
 use crate::embed::{embed_items, write_embeddings, EmbedJob, Embeddings, Pool};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -135,26 +135,6 @@ fn cache_key(
     };
     let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("data");
     format!("{name}-{}-{:x}", split.name(), Md5::digest(text.as_bytes()))
-}
-
-/// A file's size and modification time, standing in for its content.
-fn stamp(p: &Path) -> Option<String> {
-    std::fs::metadata(p)
-        .ok()
-        .map(|m| format!("{}:{:?}", m.len(), m.modified().ok()))
-}
-
-/// [`stamp`]s of the files a `--model` argument reads (none for a preset name).
-fn model_stamps(model: &str) -> Vec<Option<String>> {
-    let model = Path::new(model);
-    if model.is_dir() {
-        ["config.json", "model.safetensors", "pytorch_model.bin"]
-            .iter()
-            .map(|f| stamp(&model.join(f)))
-            .collect()
-    } else {
-        vec![stamp(model)]
-    }
 }
 
 /// `--out`'s finished runs, one JSON line per (dataset, seed) in OUT.runs.jsonl. A line is

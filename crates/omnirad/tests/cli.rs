@@ -90,6 +90,62 @@ fn embed_a_dicom_folder_skips_and_lists_bad_files() {
 }
 
 #[test]
+fn embed_stopped_or_interrupted_continues_to_the_same_output() {
+    let d = tmp("dcm-parts");
+    let dicoms = data("dicom-pydicom");
+    let run = |out: &str, extra: &[&str]| {
+        let out = d.join(out);
+        let mut args = vec![
+            "embed",
+            "--model",
+            "vit_pico",
+            "--input",
+            dicoms.to_str().unwrap(),
+            "--batch",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        omnirad(&args)
+    };
+    let (ok, _, err) = run("whole.npy", &[]);
+    assert!(ok, "{err}");
+    // Three slices: mid-batch, across the bad files, then the rest.
+    let (ok, _, err) = run("parts.npy", &["--stop-after", "7"]);
+    assert!(ok && err.contains("stopped after 7 items"), "{err}");
+    assert!(!d.join("parts.npy").exists());
+    assert!(d.join("parts.npy.parts").is_dir());
+    let (ok, _, err) = run("parts.npy", &["--stop-after", "15"]);
+    assert!(ok && err.contains("continuing after 7 of"), "{err}");
+    let (ok, _, err) = run("parts.npy", &[]);
+    assert!(ok && err.contains("continuing after 15 of"), "{err}");
+    assert!(!d.join("parts.npy.parts").exists(), "parts are removed");
+    for f in ["npy", "meta.csv", "failed.txt"] {
+        let read = |stem: &str| std::fs::read(d.join(format!("{stem}.{f}"))).unwrap();
+        assert!(read("whole") == read("parts"), "{f} differs");
+    }
+    // Parts of another job (other pooling) are not mixed in.
+    let (ok, _, err) = run("other.npy", &["--stop-after", "5"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run("other.npy", &["--pool", "mean"]);
+    assert!(
+        ok && err.contains("parts of another embedding job"),
+        "{err}"
+    );
+    let rows = |p: &str| {
+        let a: ndarray::Array2<f32> = ndarray_npy::read_npy(d.join(p)).unwrap();
+        a
+    };
+    let (other, whole) = (rows("other.npy"), rows("whole.npy"));
+    assert_eq!(other.dim(), whole.dim());
+    assert!(
+        other.row(0) != whole.row(0),
+        "mean pooling, not the class token"
+    );
+}
+
+#[test]
 fn embed_an_npz_split_with_labels_and_csv_output() {
     let d = tmp("npz");
     let out = d.join("breast.npy");
