@@ -4,6 +4,7 @@
 //! ```text
 //! INDEX/index.json       model, pooling, dimension, and per item: id, modality, labels
 //! INDEX/embeddings.npy   [N, D] f32
+//! INDEX/parts/           while building: finished batches, so a stopped build continues
 //! ```
 //! Search is exact (one matrix product) up to 20 000 items and through an HNSW graph above,
 //! built when the index is opened (hnsw_rs).
@@ -13,12 +14,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ndarray::Array2;
-use omnirad_data::{discover, Item, Meta, Modality, Split};
+use omnirad_data::{discover, Item, Meta, Modality, ReadOptions, Split};
 use omnirad_eval::retrieval::{retrieval_scores, Gallery};
 use serde::{Deserialize, Serialize};
 
-use crate::device::{parse_device, resolve_model, Device};
-use crate::embed::{embed_items, EmbedJob, Embeddings, Pool};
+use crate::device::{model_stamps, parse_device, resolve_model, Device};
+use crate::embed::{embed_items, embed_resumable, EmbedJob, Embeddings, Pool};
+use crate::embed_parts::Parts;
 use crate::ReadArgs;
 
 #[derive(Args, Debug)]
@@ -52,16 +54,8 @@ pub fn input_spec(p: &Path) -> (PathBuf, Option<Modality>) {
     }
 }
 
-/// Embeds everything under `inputs` (npz files read at `split`).
-pub fn embed_inputs(
-    e: &EncodeArgs,
-    model: &str,
-    inputs: &[PathBuf],
-    read: &ReadArgs,
-    split: Split,
-) -> Result<Vec<Embeddings>> {
-    let mut opts = read.options();
-    opts.split = split;
+/// The items under each of `inputs` (npz files read at `split`).
+fn discover_inputs(inputs: &[PathBuf], split: Split) -> Result<Vec<Vec<Item>>> {
     let mut lists: Vec<Vec<Item>> = Vec::new();
     for spec in inputs {
         let (p, modality) = input_spec(spec);
@@ -82,21 +76,43 @@ pub fn embed_inputs(
         }
         lists.push(items);
     }
+    Ok(lists)
+}
+
+fn encode_job<'a>(e: &EncodeArgs, opts: &'a ReadOptions) -> EmbedJob<'a> {
+    EmbedJob {
+        read: opts,
+        pool: e.pool,
+        batch: e.batch.max(1),
+        strict: e.strict,
+    }
+}
+
+fn report_skipped(emb: &Embeddings) {
+    for (id, why) in emb.failed.iter().take(10) {
+        eprintln!("skipped {id}: {why}");
+    }
+}
+
+/// Embeds everything under `inputs` (npz files read at `split`), one result per input.
+pub fn embed_inputs(
+    e: &EncodeArgs,
+    model: &str,
+    inputs: &[PathBuf],
+    read: &ReadArgs,
+    split: Split,
+) -> Result<Vec<Embeddings>> {
+    let mut opts = read.options();
+    opts.split = split;
+    let lists = discover_inputs(inputs, split)?;
     crate::with_backend!(e.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(model, &dev, e.seed)?;
         let vit = vit.with_precision(e.dtype);
-        let job = EmbedJob {
-            read: &opts,
-            pool: e.pool,
-            batch: e.batch.max(1),
-            strict: e.strict,
-        };
+        let job = encode_job(e, &opts);
         let mut out = Vec::new();
         for items in lists {
             let emb = embed_items::<B>(&vit, &cfg.preprocess, items, &job, &dev)?;
-            for (id, why) in emb.failed.iter().take(10) {
-                eprintln!("skipped {id}: {why}");
-            }
+            report_skipped(&emb);
             out.push(emb);
         }
         Ok(out)
@@ -146,28 +162,60 @@ pub struct IndexBuildArgs {
     pub input: Vec<PathBuf>,
     #[arg(long)]
     pub out: PathBuf,
+    /// Stop after this many input items (for time-sliced jobs): finished batches stay in
+    /// OUT/parts/, and the same command run again continues after them, as it does after a kill.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
     #[command(flatten)]
     pub read: ReadArgs,
 }
 
 pub fn build_cmd(a: &IndexBuildArgs) -> Result<()> {
-    let parts = embed_inputs(&a.enc, &a.model, &a.input, &a.read, a.read.split)?;
-    let dim = parts.iter().map(|p| p.values.ncols()).max().unwrap_or(0);
-    let metas: Vec<&Meta> = parts.iter().flat_map(|p| p.metas.iter()).collect();
+    let items: Vec<Item> = discover_inputs(&a.input, a.read.split)?
+        .into_iter()
+        .flatten()
+        .collect();
+    let opts = a.read.options();
+    let parts = Parts {
+        dir: a.out.join("parts"),
+        settings: format!(
+            "{}|{:?}|{:?}|{:?}|{}|{:?}|{:?}",
+            a.model,
+            model_stamps(&a.model),
+            a.enc.pool,
+            a.enc.dtype,
+            a.enc.seed,
+            a.enc.device,
+            opts
+        ),
+        stop_after: a.stop_after,
+    };
+    let emb = crate::with_backend!(a.enc.device, |B, dev| {
+        let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.enc.seed)?;
+        let vit = vit.with_precision(a.enc.dtype);
+        let job = encode_job(&a.enc, &opts);
+        embed_resumable::<B>(&vit, &cfg.preprocess, items, &job, Some(&parts), &dev)?
+    });
+    let Some(emb) = emb else {
+        eprintln!(
+            "stopped after {} items; run the same command again to continue (finished parts in {})",
+            a.stop_after.unwrap_or(0),
+            parts.dir.display()
+        );
+        return Ok(());
+    };
+    report_skipped(&emb);
+    let (values, metas) = (emb.values, emb.metas);
     if metas.is_empty() {
         bail!("no readable image in the inputs");
     }
-    let rows: Vec<f32> = parts
-        .iter()
-        .flat_map(|p| p.values.iter().copied())
-        .collect();
-    let values = Array2::from_shape_vec((metas.len(), dim), rows).expect("n × d");
+    let dim = values.ncols();
     let info = IndexInfo {
         model: model_spec(&a.model),
         pool: a.enc.pool,
         seed: a.enc.seed,
         dim,
-        items: metas.iter().map(|m| item(m)).collect(),
+        items: metas.iter().map(item).collect(),
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let npy = a.out.join("embeddings.npy");
@@ -175,6 +223,7 @@ pub fn build_cmd(a: &IndexBuildArgs) -> Result<()> {
         ndarray_npy::write_npy(tmp, &values).with_context(|| format!("writing {}", tmp.display()))
     })?;
     crate::atomic::write(&a.out.join("index.json"), serde_json::to_string(&info)?)?;
+    parts.remove();
     eprintln!(
         "index of {} images ({dim}-d) written to {}",
         info.items.len(),

@@ -1229,6 +1229,42 @@ fn index_retrieve_and_bench_retrieval() {
         idx.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
+    // The same index built in two slices (as after a stop or a kill) is the same index.
+    let build = |extra: &[&str]| {
+        let mut args = vec![
+            "index",
+            "build",
+            "--model",
+            "vit_pico",
+            "--input",
+            breast.to_str().unwrap(),
+            "--split",
+            "test",
+            "--batch",
+            "16",
+            "--out",
+        ];
+        let out = d.join("idx2");
+        args.push(out.to_str().unwrap());
+        args.extend_from_slice(extra);
+        omnirad(&args)
+    };
+    let (ok, _, err) = build(&["--stop-after", "40"]);
+    assert!(ok && err.contains("stopped after 40 items"), "{err}");
+    assert!(!d.join("idx2/index.json").exists());
+    let (ok, _, err) = build(&[]);
+    assert!(
+        ok && err.contains("continuing after 40 of 156 items"),
+        "{err}"
+    );
+    assert!(!d.join("idx2/parts").exists());
+    for f in ["index.json", "embeddings.npy"] {
+        let a = std::fs::read(idx.join(f)).unwrap();
+        assert!(
+            a == std::fs::read(d.join("idx2").join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
     // Every test image, queried against an index of the test split, finds itself first.
     let (ok, out, err) = omnirad(&[
         "retrieve",
