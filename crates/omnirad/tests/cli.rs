@@ -1493,9 +1493,16 @@ fn finetune_resumes_to_the_same_bundle() {
         bytes("full/head.safetensors") == bytes("parts/head.safetensors"),
         "resumed head differs from the uninterrupted run's"
     );
-    // Nothing to resume in a fresh directory.
+    // Nothing to resume in a fresh directory; a cut-short checkpoint is named.
     let (ok, _, err) = run("none", &["--resume"]);
     assert!(!ok && err.contains("no run in"), "{err}");
+    let (ok, _, err) = run("cut", &["--stop-after", "1"]);
+    assert!(ok, "{err}");
+    let ckpt = d.join("cut/checkpoint.safetensors");
+    let bytes = std::fs::read(&ckpt).unwrap();
+    std::fs::write(&ckpt, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, _, err) = run("cut", &["--resume"]);
+    assert!(!ok && err.contains("cut/checkpoint.safetensors"), "{err}");
 }
 
 /// An npz in the official MedMNIST layout (uint8 images, uint8 labels [N, L]) with images whose
