@@ -10,7 +10,6 @@
 //! blended with image n−1−k of the same batch, x̃_k = λ·x_k + (1 − λ)·x_{n−1−k}, and its target
 //! row the same way, ỹ_k = λ·y_k + (1 − λ)·y_{n−1−k}, before smoothing.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use burn::module::{AutodiffModule, Module, Param};
@@ -25,8 +24,7 @@ use omnirad_data::preprocess::{normalize, to_channels};
 use omnirad_data::{Image, Preprocess};
 use omnirad_eval::{evaluate, Metrics, TaskKind};
 use omnirad_model::{
-    write_f32_safetensors, BalancedCheckpointing, CheckpointStrategy, ModelError, NoCheckpointing,
-    Precision, Train, Vit,
+    BalancedCheckpointing, CheckpointStrategy, ModelError, NoCheckpointing, Precision, Train, Vit,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -35,10 +33,11 @@ use rand_distr::{Beta, Distribution};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{host, read_checkpoint, AdamW, StepSettings};
+use crate::optim::{AdamW, StepSettings};
 use crate::params;
 use crate::pretrain::param_group;
 use crate::schedule::Cosine;
+use crate::state_file::{StateReader, StateWriter};
 
 /// What the val split is scored by when choosing the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -703,31 +702,23 @@ const FORMAT: &str = "omnirad-finetune-1";
 /// Writes `state` to one safetensors file, atomically: current, best and averaged weights,
 /// AdamW moments, and the counters and history in the metadata.
 pub fn save_state<B: Backend>(path: &Path, s: &FinetuneState<B>) -> Result<(), ModelError> {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    let mut add = |prefix: &str, m: &Classifier<B>| {
-        for p in params::collect(m) {
-            tensors.push((format!("{prefix}{}", p.path), p.shape, host(p.value)));
-        }
-    };
-    add("model.", &s.model);
+    let mut w = StateWriter::default();
+    w.module("model.", &s.model);
     if let Some(b) = &s.best {
-        add("best.", &b.model);
+        w.module("best.", &b.model);
     }
     if let Some(a) = &s.average {
-        add("average.", a);
+        w.module("average.", a);
     }
-    tensors.extend(s.opt.moment_entries());
+    w.adam(&s.opt);
     let meta = serde_json::json!({
-        "format": FORMAT,
         "head_phase": s.head_phase,
         "epoch": s.epoch,
         "step": s.step,
-        "adam_step": s.opt.step,
         "best_epoch": s.best.as_ref().map(|b| b.epoch),
         "history": s.history,
     });
-    let meta = HashMap::from([("omnirad".to_string(), meta.to_string())]);
-    write_f32_safetensors(path, &tensors, Some(meta))
+    w.write(path, FORMAT, &s.opt, meta)
 }
 
 /// Reads a state written by [`save_state`] into copies of `template` (the classifier the run
@@ -738,33 +729,15 @@ pub fn load_state<B: Backend>(
     cfg: &FinetuneConfig,
     dev: &B::Device,
 ) -> Result<FinetuneState<B>, ModelError> {
-    let err = |reason: String| ModelError::Weights {
-        path: path.into(),
-        reason,
-    };
-    let data = std::fs::read(path).map_err(|source| ModelError::Io {
-        path: path.into(),
-        source,
-    })?;
-    let (meta, mut tensors) = read_checkpoint::<B>(&data, path, FORMAT, "fine-tuning", dev)?;
-    let num = |k: &str| {
-        meta[k]
-            .as_u64()
-            .ok_or_else(|| err(format!("metadata {k} missing")))
-    };
-    let (epoch, step, adam_step) = (
-        num("epoch")? as usize,
-        num("step")? as usize,
-        num("adam_step")?,
-    );
-    let head_phase = meta["head_phase"]
-        .as_bool()
-        .ok_or_else(|| err("metadata head_phase missing".into()))?;
-    let history: Vec<EpochLog> = serde_json::from_value(meta["history"].clone())
-        .map_err(|e| err(format!("history: {e}")))?;
-    if epoch == 0 || epoch > history.len() {
-        return Err(err(format!(
-            "epoch {epoch} does not fit a history of {} epochs",
+    let mut r = StateReader::<B>::open(path, FORMAT, "fine-tuning", dev)?;
+    let (epoch, step) = (r.num("epoch")? as usize, r.num("step")? as usize);
+    let head_phase: bool = r.field("head_phase")?;
+    let history: Vec<EpochLog> = r.field("history")?;
+    let best_epoch: Option<usize> = r.field("best_epoch")?;
+    let fits = |e: usize| (1..=history.len()).contains(&e);
+    if !fits(epoch) || best_epoch.is_some_and(|e| !fits(e)) {
+        return Err(r.error(format!(
+            "epoch {epoch} or best epoch {best_epoch:?} is not in the history of {} epochs",
             history.len()
         )));
     }
@@ -772,43 +745,15 @@ pub fn load_state<B: Backend>(
     if let Some(l) = cfg.lora.as_ref().filter(|_| !head_phase) {
         template.backbone = template.backbone.add_lora(l.rank, l.alpha, l.dropout, dev);
     }
-    let mut missing = Vec::new();
-    let mut rebuild = |prefix: &str| {
-        params::replace(template.clone(), |p, old| {
-            match tensors.remove(&format!("{prefix}{p}")) {
-                Some(new) if new.dims() == old.dims() => new,
-                _ => {
-                    missing.push(format!("{prefix}{p}"));
-                    old
-                }
-            }
-        })
-    };
-    let model = rebuild("model.");
-    let best = match meta["best_epoch"].as_u64() {
-        Some(e) if (1..=history.len()).contains(&(e as usize)) => Some(FinetuneBest {
-            epoch: e as usize,
-            val: history[e as usize - 1].val.clone(),
-            model: rebuild("best."),
-        }),
-        Some(e) => return Err(err(format!("best epoch {e} is not in the history"))),
-        None => None,
-    };
-    let average = cfg.ema.map(|_| rebuild("average."));
-    if !missing.is_empty() {
-        return Err(err(format!(
-            "{} parameters missing or of another shape (another model, head or LoRA rank?): {}",
-            missing.len(),
-            missing
-                .iter()
-                .take(6)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
+    let model = r.module("model.", template.clone());
+    let best = best_epoch.map(|e| FinetuneBest {
+        epoch: e,
+        val: history[e - 1].val.clone(),
+        model: r.module("best.", template.clone()),
+    });
+    let average = cfg.ema.map(|_| r.module("average.", template));
     let mut opt = AdamW::<B>::new(0.9, 0.999, 1e-8);
-    opt.restore_moments(adam_step, &mut tensors).map_err(err)?;
+    r.finish(&mut opt, "another model, head or LoRA rank")?;
     Ok(FinetuneState {
         head_phase,
         epoch,

@@ -14,5 +14,6 @@ pub mod probe;
 pub mod schedule;
 pub mod segment;
 pub mod ssl;
+pub mod state_file;
 
 pub use probe::{linear_probe, ProbeConfig, ProbeHead, ProbeResult};

@@ -2,7 +2,6 @@
 //! lower learning rate): AdamW with warm-up + cosine, CE + soft Dice, joint image/mask
 //! augmentation, the epoch chosen by mean foreground Dice on the val split.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use burn::module::AutodiffModule;
@@ -18,7 +17,7 @@ use omnirad_data::preprocess::{normalize, to_channels};
 use omnirad_data::seg::{window_starts, SegSample, SegView, SegWindow};
 use omnirad_data::Preprocess;
 use omnirad_eval::{SegEvaluator, SegScores};
-use omnirad_model::{write_f32_safetensors, ModelError, SegHeadConfig, Segmenter, Train, Vit};
+use omnirad_model::{ModelError, SegHeadConfig, Segmenter, Train, Vit};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -27,9 +26,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::finetune::batch_tensor;
 use crate::loss::ce_dice_loss;
-use crate::optim::{host, read_checkpoint, AdamW, ParamGroup, StepSettings};
+use crate::optim::{AdamW, ParamGroup, StepSettings};
 use crate::params;
 use crate::schedule::Cosine;
+use crate::state_file::{StateReader, StateWriter};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SegTrainConfig {
@@ -420,28 +420,20 @@ const FORMAT: &str = "omnirad-segment-1";
 /// Writes `state` to one safetensors file, atomically: current and best weights, AdamW moments,
 /// counters, best val scores and the history in the metadata.
 pub fn save_state<B: Backend>(path: &Path, s: &SegState<B>) -> Result<(), ModelError> {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    let mut add = |prefix: &str, m: &Segmenter<B>| {
-        for p in params::collect(m) {
-            tensors.push((format!("{prefix}{}", p.path), p.shape, host(p.value)));
-        }
-    };
-    add("model.", &s.model);
+    let mut w = StateWriter::default();
+    w.module("model.", &s.model);
     if let Some(b) = &s.best {
-        add("best.", &b.model);
+        w.module("best.", &b.model);
     }
-    tensors.extend(s.opt.moment_entries());
+    w.adam(&s.opt);
     let meta = serde_json::json!({
-        "format": FORMAT,
         "epoch": s.epoch,
         "step": s.step,
-        "adam_step": s.opt.step,
         "best_epoch": s.best.as_ref().map(|b| b.epoch),
         "best_val": s.best.as_ref().map(|b| &b.val),
         "history": s.history,
     });
-    let meta = HashMap::from([("omnirad".to_string(), meta.to_string())]);
-    write_f32_safetensors(path, &tensors, Some(meta))
+    w.write(path, FORMAT, &s.opt, meta)
 }
 
 /// Reads a state written by [`save_state`] into copies of `template` (the freshly built model:
@@ -451,63 +443,20 @@ pub fn load_state<B: Backend>(
     template: &Segmenter<B>,
     dev: &B::Device,
 ) -> Result<SegState<B>, ModelError> {
-    let err = |reason: String| ModelError::Weights {
-        path: path.into(),
-        reason,
-    };
-    let data = std::fs::read(path).map_err(|source| ModelError::Io {
-        path: path.into(),
-        source,
-    })?;
-    let (meta, mut tensors) = read_checkpoint::<B>(&data, path, FORMAT, "segmentation", dev)?;
-    let num = |k: &str| {
-        meta[k]
-            .as_u64()
-            .ok_or_else(|| err(format!("metadata {k} missing")))
-    };
-    let (epoch, step, adam_step) = (
-        num("epoch")? as usize,
-        num("step")? as usize,
-        num("adam_step")?,
-    );
-    let history: Vec<SegEpochLog> = serde_json::from_value(meta["history"].clone())
-        .map_err(|e| err(format!("history: {e}")))?;
-    let mut missing = Vec::new();
-    let mut rebuild = |prefix: &str, tensors: &mut HashMap<String, Tensor<B, 1>>| {
-        params::replace(template.clone(), |p, old| {
-            match tensors.remove(&format!("{prefix}{p}")) {
-                Some(new) if new.dims() == old.dims() => new,
-                _ => {
-                    missing.push(format!("{prefix}{p}"));
-                    old
-                }
-            }
-        })
-    };
-    let model = rebuild("model.", &mut tensors);
-    let best = match meta["best_epoch"].as_u64() {
-        Some(e) => Some(SegBest {
-            epoch: e as usize,
-            val: serde_json::from_value(meta["best_val"].clone())
-                .map_err(|e| err(format!("best_val: {e}")))?,
-            model: rebuild("best.", &mut tensors),
+    let mut r = StateReader::<B>::open(path, FORMAT, "segmentation", dev)?;
+    let (epoch, step) = (r.num("epoch")? as usize, r.num("step")? as usize);
+    let history: Vec<SegEpochLog> = r.field("history")?;
+    let model = r.module("model.", template.clone());
+    let best = match r.field::<Option<usize>>("best_epoch")? {
+        Some(epoch) => Some(SegBest {
+            epoch,
+            val: r.field("best_val")?,
+            model: r.module("best.", template.clone()),
         }),
         None => None,
     };
-    if !missing.is_empty() {
-        return Err(err(format!(
-            "{} parameters missing or of another shape (different head or encoder?): {}",
-            missing.len(),
-            missing
-                .iter()
-                .take(6)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
     let mut opt = AdamW::<B>::new(0.9, 0.999, 1e-8);
-    opt.restore_moments(adam_step, &mut tensors).map_err(err)?;
+    r.finish(&mut opt, "different head or encoder")?;
     Ok(SegState {
         epoch,
         step,

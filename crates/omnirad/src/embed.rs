@@ -364,11 +364,7 @@ pub fn run(a: &EmbedArgs) -> Result<()> {
         embed_resumable::<B>(&vit, &cfg.preprocess, items, &job, Some(&parts), &dev)?
     });
     let Some(e) = e else {
-        eprintln!(
-            "stopped after {} items; run the same command again to continue (finished parts in {})",
-            a.stop_after.unwrap_or(0),
-            parts.dir.display()
-        );
+        eprintln!("{}", parts.stopped_message());
         return Ok(());
     };
     write_embeddings(&a.out, &e)?;

@@ -147,6 +147,14 @@ impl Parts {
         crate::atomic::write(&self.file(first, "json"), serde_json::to_string(&info)?)
     }
 
+    pub fn stopped_message(&self) -> String {
+        format!(
+            "stopped after {} items; run the same command again to continue (finished parts in {})",
+            self.stop_after.unwrap_or(0),
+            self.dir.display()
+        )
+    }
+
     /// After the outputs are written.
     pub fn remove(&self) {
         let _ = std::fs::remove_dir_all(&self.dir);

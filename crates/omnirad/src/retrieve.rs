@@ -197,11 +197,7 @@ pub fn build_cmd(a: &IndexBuildArgs) -> Result<()> {
         embed_resumable::<B>(&vit, &cfg.preprocess, items, &job, Some(&parts), &dev)?
     });
     let Some(emb) = emb else {
-        eprintln!(
-            "stopped after {} items; run the same command again to continue (finished parts in {})",
-            a.stop_after.unwrap_or(0),
-            parts.dir.display()
-        );
+        eprintln!("{}", parts.stopped_message());
         return Ok(());
     };
     report_skipped(&emb);

@@ -4,6 +4,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 
-pub use checkpoint::{load_checkpoint, save_checkpoint, CheckpointError};
+pub use checkpoint::{load_checkpoint, save_checkpoint};
 pub use config::{param_group, PretrainConfig, Schedules};
 pub use data::PretrainData;
