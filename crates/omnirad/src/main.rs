@@ -12,6 +12,7 @@ mod medmnist_bench;
 mod pretrain;
 mod retrieve;
 mod run_dir;
+mod run_log;
 mod segment;
 mod speed;
 mod viz;

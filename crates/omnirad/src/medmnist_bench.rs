@@ -18,6 +18,7 @@ use serde_json::json;
 
 use crate::device::{model_stamps, parse_device, resolve_model, stamp, Device};
 use crate::embed::{embed_items, write_embeddings, EmbedJob, Embeddings, Pool};
+use crate::run_log::RunLog;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -137,112 +138,25 @@ fn cache_key(
     format!("{name}-{}-{:x}", split.name(), Md5::digest(text.as_bytes()))
 }
 
-/// `--out`'s finished runs, one JSON line per (dataset, seed) in OUT.runs.jsonl. A line is
-/// reused only under the same key: every argument but the dataset list, seed count, output and
-/// cache paths, plus the model's and data file's stamps and the run's seed.
-struct RunLog {
-    path: Option<PathBuf>,
-    settings: String,
-    done: Vec<Finished>,
+/// The run log's settings: every argument but the dataset list, seed count, output and cache
+/// paths, and the model files' stamps.
+fn log_settings(a: &MedMnistArgs) -> String {
+    let settings = MedMnistArgs {
+        datasets: vec![],
+        seeds: 0,
+        out: None,
+        cache: None,
+        ..a.clone()
+    };
+    format!("{settings:?}|{:?}", model_stamps(&a.model))
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Finished {
-    key: String,
-    dataset: String,
-    seed: u64,
-    metrics: Metrics,
-}
-
-impl RunLog {
-    fn open(a: &MedMnistArgs) -> Result<Self> {
-        let settings = MedMnistArgs {
-            datasets: vec![],
-            seeds: 0,
-            out: None,
-            cache: None,
-            ..a.clone()
-        };
-        let settings = format!("{settings:?}|{:?}", model_stamps(&a.model));
-        let Some(out) = &a.out else {
-            return Ok(Self {
-                path: None,
-                settings,
-                done: vec![],
-            });
-        };
-        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let path = out.with_extension("runs.jsonl");
-        let mut done = Vec::new();
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            for (i, line) in text
-                .lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-            {
-                match serde_json::from_str::<Finished>(line) {
-                    Ok(f) => done.push(f),
-                    Err(e) => eprintln!(
-                        "{} line {}: not a finished run ({e}); ignored",
-                        path.display(),
-                        i + 1
-                    ),
-                }
-            }
-        }
-        Ok(Self {
-            path: Some(path),
-            settings,
-            done,
-        })
-    }
-
-    fn key(&self, file: &Path, seed: u64) -> String {
-        use md5::{Digest, Md5};
-        let text = format!(
-            "{}|{}|{:?}|{seed}",
-            self.settings,
-            file.display(),
-            stamp(file)
-        );
-        format!("{:x}", Md5::digest(text.as_bytes()))
-    }
-
-    /// The metrics of an earlier run of `dataset` with this seed and these settings.
-    fn get(&self, dataset: &str, file: &Path, seed: u64) -> Option<Metrics> {
-        let key = self.key(file, seed);
-        let f = self.done.iter().find(|f| f.key == key)?;
-        eprintln!(
-            "{dataset} seed {seed}: finished earlier ({}): test ACC {:.3} AUC {:.3} macro-F1 {:.3}",
-            self.path.as_ref()?.display(),
-            f.metrics.acc,
-            f.metrics.auc,
-            f.metrics.macro_f1
-        );
-        Some(f.metrics.clone())
-    }
-
-    fn record(&mut self, dataset: &str, file: &Path, seed: u64, metrics: &Metrics) -> Result<()> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let key = self.key(file, seed);
-        self.done.retain(|f| f.key != key);
-        self.done.push(Finished {
-            key,
-            dataset: dataset.to_string(),
-            seed,
-            metrics: metrics.clone(),
-        });
-        let mut text = String::new();
-        for f in &self.done {
-            text += &serde_json::to_string(f)?;
-            text.push('\n');
-        }
-        crate::atomic::write(path, text)
-    }
+/// A run's name and id in the log: dataset, data file and its stamp, seed.
+fn run_id(dataset: &str, file: &Path, seed: u64) -> (String, String) {
+    (
+        format!("{dataset} seed {seed}"),
+        format!("{}|{:?}|{seed}", file.display(), stamp(file)),
+    )
 }
 
 fn read_cached(stem: &Path) -> Result<Embeddings> {
@@ -338,7 +252,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
         }
         plan.push((info, file));
     }
-    let mut log = RunLog::open(a)?;
+    let mut log = RunLog::<Metrics>::open(a.out.as_deref(), log_settings(a))?;
     let seeds: Vec<u64> = match a.mode {
         // k-NN is deterministic: one run.
         Mode::Knn => vec![a.seed],
@@ -353,7 +267,8 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
             let mut runs = Vec::new();
             let mut todo = Vec::new();
             for &seed in &seeds {
-                match log.get(info.name, file, seed) {
+                let (run, id) = run_id(info.name, file, seed);
+                match log.get(&run, &id) {
                     Some(m) => runs.push((seed, m)),
                     None => todo.push(seed),
                 }
@@ -399,7 +314,8 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         a.select.name(),
                         val_summary(&o.result.val)
                     );
-                    log.record(info.name, file, seed, &o.test)?;
+                    let (run, id) = run_id(info.name, file, seed);
+                    log.record(&run, &id, &o.test)?;
                     runs.push((seed, o.test));
                 }
             } else if !todo.is_empty() {
@@ -496,7 +412,8 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         }
                     };
                     let m = evaluate(task, yte.view(), scores.view());
-                    log.record(info.name, file, seed, &m)?;
+                    let (run, id) = run_id(info.name, file, seed);
+                    log.record(&run, &id, &m)?;
                     runs.push((seed, m));
                 }
             }

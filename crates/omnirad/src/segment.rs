@@ -31,8 +31,9 @@ use omnirad_train::segment::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::device::{parse_device, resolve_model, Device};
+use crate::device::{model_stamps, parse_device, resolve_model, stamp, Device};
 use crate::run_dir::RunDir;
+use crate::run_log::RunLog;
 use crate::ReadArgs;
 
 #[derive(Subcommand)]
@@ -635,7 +636,7 @@ pub fn write_overlay(
     save_png(&img, path)
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct MedSegBenchArgs {
     /// Folder holding the datasets (drive/, chasedb1/, busi-256/ …, or <name>.npz).
     #[arg(long)]
@@ -649,7 +650,8 @@ pub struct MedSegBenchArgs {
     pub heads: Vec<SegHeadKind>,
     #[command(flatten)]
     pub head: HeadArgs,
-    /// Writes OUT.md and OUT.json.
+    /// Writes OUT.md and OUT.json, and each trained head's row to OUT.runs.jsonl as it ends: the
+    /// same command run again reuses those and trains only the rest.
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
@@ -680,7 +682,7 @@ fn dataset_path(root: &Path, name: &str) -> Result<(PathBuf, &'static str)> {
     )
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct BenchRow {
     dataset: String,
     method: String,
@@ -698,6 +700,14 @@ pub fn bench_cmd(a: &MedSegBenchArgs) -> Result<()> {
     }
     let mut rows = Vec::new();
     let mut protocols = Vec::new();
+    let settings = MedSegBenchArgs {
+        datasets: vec![],
+        heads: vec![],
+        out: None,
+        ..a.clone()
+    };
+    let settings = format!("{settings:?}|{:?}", model_stamps(&a.model));
+    let mut log = RunLog::<BenchRow>::open(a.out.as_deref(), settings)?;
     crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.head.seed)?;
         let vit = vit.with_precision(a.head.dtype);
@@ -737,8 +747,14 @@ pub fn bench_cmd(a: &MedSegBenchArgs) -> Result<()> {
                 best_epoch: 0,
             });
             for &kind in &a.heads {
+                let run = format!("{name}: the {kind:?} head");
+                let id = format!("{}|{:?}|{kind:?}", path.display(), stamp(path));
+                if let Some(row) = log.get(&run, &id) {
+                    rows.push(row);
+                    continue;
+                }
                 let head = a.head.head_config(kind, classes, vit.blocks.len())?;
-                eprintln!("{name}: training the {kind:?} head");
+                eprintln!("{run}: training");
                 let (r, test) = fit(
                     vit.clone(),
                     &cfg,
@@ -755,7 +771,7 @@ pub fn bench_cmd(a: &MedSegBenchArgs) -> Result<()> {
                 } else {
                     "frozen encoder"
                 };
-                rows.push(BenchRow {
+                let row = BenchRow {
                     dataset: name.clone(),
                     method: format!("{} head, {frozen}", format!("{kind:?}").to_lowercase()),
                     dice: test.dice,
@@ -763,7 +779,9 @@ pub fn bench_cmd(a: &MedSegBenchArgs) -> Result<()> {
                     iou: test.iou,
                     images: test.images,
                     best_epoch: r.best_epoch,
-                });
+                };
+                log.record(&run, &id, &row)?;
+                rows.push(row);
             }
         }
         Ok::<(), anyhow::Error>(())

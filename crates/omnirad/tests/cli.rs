@@ -526,14 +526,14 @@ fn bench_medmnist_out_keeps_finished_runs_for_a_rerun() {
     assert_eq!(
         lines
             .iter()
-            .map(|l| l["seed"].as_u64().unwrap())
+            .map(|l| l["run"].as_str().unwrap())
             .collect::<Vec<_>>(),
-        [0, 1]
+        ["breastmnist seed 0", "breastmnist seed 1"]
     );
     // An interrupted job: seed 0 never finished, a line was cut short, seed 1 is on record (its
     // ACC marked so a reuse shows).
     let mut seed1 = lines[1].clone();
-    seed1["metrics"]["acc"] = serde_json::json!(0.0123);
+    seed1["result"]["acc"] = serde_json::json!(0.0123);
     std::fs::write(&log, format!("{seed1}\n{{\"key\": \"ab\n")).unwrap();
     let (again, err) = run("3");
     assert_eq!(again, [first[0], 0.0123], "{err}");
@@ -1209,6 +1209,54 @@ fn segment_errors_are_clear() {
         busi.to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("not a segmentation bundle"), "{err}");
+}
+
+#[test]
+fn bench_medsegbench_out_keeps_trained_heads_for_a_rerun() {
+    let d = tmp("msb-resume");
+    let out = d.join("table");
+    let run = |heads: &str| {
+        omnirad(&[
+            "bench",
+            "medsegbench",
+            "--data",
+            data("").to_str().unwrap(),
+            "--datasets",
+            "busi",
+            "--model",
+            "vit_pico",
+            "--heads",
+            heads,
+            "--size",
+            "32",
+            "--epochs",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let (ok, first, err) = run("linear");
+    assert!(
+        ok && first.contains("| busi | linear head, frozen encoder |"),
+        "{err}"
+    );
+    // Rerun: the row comes from the log, not from training again.
+    let (ok, again, err) = run("linear");
+    assert!(
+        ok && err.contains("busi: the Linear head: finished earlier"),
+        "{err}"
+    );
+    assert!(!err.contains("training"), "{err}");
+    assert_eq!(first, again);
+    // A second head: the first is reused, the new one trained.
+    let (ok, both, err) = run("linear,adapter");
+    assert!(
+        ok && err.contains("busi: the Adapter head: training"),
+        "{err}"
+    );
+    let row = |t: &str, m: &str| t.lines().find(|l| l.contains(m)).map(String::from);
+    assert_eq!(row(&both, "linear head"), row(&first, "linear head"));
+    assert!(row(&both, "adapter head").is_some(), "{both}");
 }
 
 #[test]
