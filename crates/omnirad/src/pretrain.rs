@@ -9,6 +9,7 @@
 //! OUT/teacher/               the teacher encoder as a model directory, usable with --model,
 //!                            and its DINO head (dino_head.safetensors, DINOv2 layout) so
 //!                            `--init OUT/teacher` continues SSL with it
+//! OUT/teacher-stepN/       the same at every `run.keep_teacher_every`-th step, if set
 //! OUT/failed.txt             items that could not be read
 //! ```
 
@@ -328,11 +329,14 @@ fn train<B: Backend, C: CheckpointStrategy>(
         if done % cfg.run.checkpoint_every.max(1) == 0 || done == end {
             log.flush().context("writing metrics.jsonl")?;
             save_checkpoint(&ckpt, &trainer, done)?;
-            let teacher_dir = a.out.join("teacher");
-            save_model_dir(&trainer.teacher.backbone, &export, &teacher_dir)?;
-            save_dino_head(
-                &trainer.teacher.dino_head,
-                &teacher_dir.join(DINO_HEAD_FILE),
+            save_teacher(&trainer.teacher, &export, &a.out.join("teacher"))?;
+        }
+        let keep = cfg.run.keep_teacher_every;
+        if keep > 0 && done % keep == 0 {
+            save_teacher(
+                &trainer.teacher,
+                &export,
+                &a.out.join(format!("teacher-step{done}")),
             )?;
         }
     }
@@ -349,6 +353,13 @@ fn train<B: Backend, C: CheckpointStrategy>(
 
 /// metrics.jsonl without lines from `start` on (a resumed run rewrites the steps after its
 /// checkpoint), opened for appending.
+/// The teacher encoder as a model directory, with its DINO head so `--init DIR` continues SSL.
+fn save_teacher<B: Backend>(teacher: &SslModel<B>, export: &ModelConfig, dir: &Path) -> Result<()> {
+    save_model_dir(&teacher.backbone, export, dir)?;
+    save_dino_head(&teacher.dino_head, &dir.join(DINO_HEAD_FILE))?;
+    Ok(())
+}
+
 fn open_log(path: &Path, start: usize) -> Result<std::io::BufWriter<std::fs::File>> {
     let kept: String = match std::fs::read_to_string(path) {
         Ok(text) => text

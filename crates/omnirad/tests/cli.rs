@@ -606,7 +606,7 @@ fn metrics(run: &std::path::Path) -> Vec<serde_json::Value> {
 #[test]
 fn pretrain_a_few_steps_lowers_the_loss_and_exports_the_teacher() {
     let d = tmp("pretrain");
-    let cfg = tiny_pretrain_config(&d, 24, "");
+    let cfg = tiny_pretrain_config(&d, 24, "keep_teacher_every = 10");
     let run = d.join("run");
     let (ok, _, err) = omnirad(&[
         "pretrain",
@@ -648,6 +648,11 @@ fn pretrain_a_few_steps_lowers_the_loss_and_exports_the_teacher() {
     assert_eq!(m[0]["lr"].as_f64().unwrap(), 0.0);
     assert!((m[0]["teacher_temp"].as_f64().unwrap() - 0.04).abs() < 1e-12);
     assert!((m[23]["teacher_temp"].as_f64().unwrap() - 0.07).abs() < 1e-12);
+    // Teachers kept along the run: steps 10 and 20, each its own weights.
+    let weights = |dir: &str| std::fs::read(run.join(dir).join("model.safetensors")).unwrap();
+    assert!(weights("teacher-step10") != weights("teacher-step20"));
+    assert!(run.join("teacher-step20/dino_head.safetensors").is_file());
+    assert!(!run.join("teacher-step24").exists());
     // The resolved config is complete (preset values filled in) and the teacher embeds.
     let resolved = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(resolved.contains("koleo_weight = 0.1") && resolved.contains("prototypes = 256"));
@@ -1458,42 +1463,7 @@ fn segment_train_resumes_to_the_same_bundle() {
         args.extend_from_slice(extra);
         omnirad(&args)
     };
-    let (ok, _, err) = run("full", &[]);
-    assert!(ok, "{err}");
-    let (ok, _, err) = run("parts", &["--stop-after", "1"]);
-    assert!(ok && err.contains("stopped after epoch 1"), "{err}");
-    assert!(!d.join("parts/segment.json").exists());
-    assert!(d.join("parts/checkpoint.safetensors").is_file());
-    // Other settings cannot continue this run.
-    let (ok, _, err) = run("parts", &["--resume", "--lr", "0.01"]);
-    assert!(!ok && err.contains("settings differ"), "{err}");
-    let (ok, _, err) = run("parts", &["--resume"]);
-    assert!(ok && err.contains("resuming after epoch 1"), "{err}");
-    // Same tensors (burn's header metadata comes in any order, so not byte-compared).
-    let tensors = |p: &str| -> Vec<(String, Vec<u8>)> {
-        let bytes = std::fs::read(d.join(p)).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut v: Vec<_> = st
-            .tensors()
-            .into_iter()
-            .map(|(k, t)| (k, t.data().to_vec()))
-            .collect();
-        v.sort();
-        v
-    };
-    let (a, b) = (
-        tensors("full/head.safetensors"),
-        tensors("parts/head.safetensors"),
-    );
-    assert_eq!(a.len(), b.len());
-    assert!(a == b, "resumed head differs from the uninterrupted run's");
-    let text = |p: &str| std::fs::read_to_string(d.join(p)).unwrap();
-    assert!(
-        text("full/history.jsonl") == text("parts/history.jsonl"),
-        "histories differ"
-    );
-    // A finished run keeps its bundle, not its checkpoint.
-    assert!(!d.join("parts/checkpoint.safetensors").exists());
+    resumes_like_an_uninterrupted_run(&d, run, 1, "segment.json");
 }
 
 #[test]
@@ -1518,29 +1488,10 @@ fn finetune_resumes_to_the_same_bundle() {
         args.extend_from_slice(extra);
         omnirad(&args)
     };
-    let (ok, _, err) = run("full", &[]);
-    assert!(ok, "{err}");
     // Stopped inside the full fine-tuning phase (epoch 1 is the head-only one).
-    let (ok, _, err) = run("parts", &["--stop-after", "2"]);
-    assert!(ok && err.contains("stopped after epoch 2"), "{err}");
-    assert!(!d.join("parts/bundle.json").exists());
-    assert!(d.join("parts/checkpoint.safetensors").is_file());
-    let (ok, _, err) = run("parts", &["--resume", "--lr", "0.01"]);
-    assert!(!ok && err.contains("settings differ"), "{err}");
-    let (ok, _, err) = run("parts", &["--resume"]);
-    assert!(ok && err.contains("resuming after epoch 2"), "{err}");
-    assert!(!d.join("parts/checkpoint.safetensors").exists());
-    let text = |p: &str| std::fs::read_to_string(d.join(p)).unwrap();
-    assert_eq!(text("full/history.jsonl").lines().count(), 4);
-    assert!(
-        text("full/history.jsonl") == text("parts/history.jsonl"),
-        "histories differ"
-    );
-    let bytes = |p: &str| std::fs::read(d.join(p)).unwrap();
-    assert!(
-        bytes("full/head.safetensors") == bytes("parts/head.safetensors"),
-        "resumed head differs from the uninterrupted run's"
-    );
+    resumes_like_an_uninterrupted_run(&d, run, 2, "bundle.json");
+    let history = std::fs::read_to_string(d.join("full/history.jsonl")).unwrap();
+    assert_eq!(history.lines().count(), 4);
     // Nothing to resume in a fresh directory; a cut-short checkpoint is named.
     let (ok, _, err) = run("none", &["--resume"]);
     assert!(!ok && err.contains("no run in"), "{err}");
@@ -1551,6 +1502,54 @@ fn finetune_resumes_to_the_same_bundle() {
     std::fs::write(&ckpt, &bytes[..bytes.len() / 2]).unwrap();
     let (ok, _, err) = run("cut", &["--resume"]);
     assert!(!ok && err.contains("cut/checkpoint.safetensors"), "{err}");
+}
+
+/// `run(out, extra args)` trains into `d/out`. A run stopped after epoch `stop` and resumed ends
+/// with the uninterrupted run's head and history, writes `finished` only at the end, refuses to
+/// continue under other settings, and removes its checkpoint when done.
+fn resumes_like_an_uninterrupted_run(
+    d: &Path,
+    run: impl Fn(&str, &[&str]) -> (bool, String, String),
+    stop: usize,
+    finished: &str,
+) {
+    let (ok, _, err) = run("full", &[]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run("parts", &["--stop-after", &stop.to_string()]);
+    assert!(
+        ok && err.contains(&format!("stopped after epoch {stop}")),
+        "{err}"
+    );
+    assert!(!d.join("parts").join(finished).exists());
+    assert!(d.join("parts/checkpoint.safetensors").is_file());
+    let (ok, _, err) = run("parts", &["--resume", "--lr", "0.01"]);
+    assert!(!ok && err.contains("settings differ"), "{err}");
+    let (ok, _, err) = run("parts", &["--resume"]);
+    assert!(
+        ok && err.contains(&format!("resuming after epoch {stop}")),
+        "{err}"
+    );
+    assert!(d.join("parts").join(finished).is_file());
+    assert!(!d.join("parts/checkpoint.safetensors").exists());
+    // Same tensors (burn's header metadata comes in any order, so not byte-compared).
+    let tensors = |run: &str| -> Vec<(String, Vec<u8>)> {
+        let bytes = std::fs::read(d.join(run).join("head.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut v: Vec<_> = st
+            .tensors()
+            .into_iter()
+            .map(|(k, t)| (k, t.data().to_vec()))
+            .collect();
+        v.sort();
+        v
+    };
+    let (a, b) = (tensors("full"), tensors("parts"));
+    assert!(
+        !a.is_empty() && a == b,
+        "resumed head differs from the uninterrupted run's"
+    );
+    let history = |run: &str| std::fs::read_to_string(d.join(run).join("history.jsonl")).unwrap();
+    assert!(history("full") == history("parts"), "histories differ");
 }
 
 /// An npz in the official MedMNIST layout (uint8 images, uint8 labels [N, L]) with images whose

@@ -216,6 +216,9 @@ pub struct DataSection {
 pub struct RunSection {
     pub seed: u64,
     pub checkpoint_every: usize,
+    /// Also keep the teacher of every N-th step in `OUT/teacher-stepN/` (0: only the latest), to
+    /// evaluate it along the run as DINOv2 does.
+    pub keep_teacher_every: usize,
     /// Collapse warnings fire when prototypes used or embedding std fall below these.
     pub min_prototypes_used: f64,
     pub min_embedding_std: f64,
@@ -310,6 +313,7 @@ impl PretrainConfig {
             run: RunSection {
                 seed: 0,
                 checkpoint_every: 500,
+                keep_teacher_every: 0,
                 min_prototypes_used: 2.0,
                 min_embedding_std: 0.05,
             },
