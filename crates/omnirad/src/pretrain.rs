@@ -9,7 +9,7 @@
 //! OUT/teacher/               the teacher encoder as a model directory, usable with --model,
 //!                            and its DINO head (dino_head.safetensors, DINOv2 layout) so
 //!                            `--init OUT/teacher` continues SSL with it
-//! OUT/teacher-stepN/       the same at every `run.keep_teacher_every`-th step, if set
+//! OUT/teacher-stepN/         the same at every `run.keep_teacher_every`-th step, if set
 //! OUT/failed.txt             items that could not be read
 //! ```
 
@@ -351,8 +351,6 @@ fn train<B: Backend, C: CheckpointStrategy>(
     Ok(())
 }
 
-/// metrics.jsonl without lines from `start` on (a resumed run rewrites the steps after its
-/// checkpoint), opened for appending.
 /// The teacher encoder as a model directory, with its DINO head so `--init DIR` continues SSL.
 fn save_teacher<B: Backend>(teacher: &SslModel<B>, export: &ModelConfig, dir: &Path) -> Result<()> {
     save_model_dir(&teacher.backbone, export, dir)?;
@@ -360,6 +358,8 @@ fn save_teacher<B: Backend>(teacher: &SslModel<B>, export: &ModelConfig, dir: &P
     Ok(())
 }
 
+/// metrics.jsonl without lines from `start` on (a resumed run rewrites the steps after its
+/// checkpoint), opened for appending.
 fn open_log(path: &Path, start: usize) -> Result<std::io::BufWriter<std::fs::File>> {
     let kept: String = match std::fs::read_to_string(path) {
         Ok(text) => text
