@@ -649,7 +649,7 @@ fn pretrain_a_few_steps_lowers_the_loss_and_exports_the_teacher() {
     assert!((m[0]["teacher_temp"].as_f64().unwrap() - 0.04).abs() < 1e-12);
     assert!((m[23]["teacher_temp"].as_f64().unwrap() - 0.07).abs() < 1e-12);
     // Teachers kept along the run: steps 10 and 20, each its own weights.
-    let weights = |dir: &str| std::fs::read(run.join(dir).join("model.safetensors")).unwrap();
+    let weights = |dir: &str| tensors(&run.join(dir).join("model.safetensors"));
     assert!(weights("teacher-step10") != weights("teacher-step20"));
     assert!(run.join("teacher-step20/dino_head.safetensors").is_file());
     assert!(!run.join("teacher-step24").exists());
@@ -1504,6 +1504,20 @@ fn finetune_resumes_to_the_same_bundle() {
     assert!(!ok && err.contains("cut/checkpoint.safetensors"), "{err}");
 }
 
+/// A safetensors file's tensors by name, to compare weights: burn writes the header's metadata in
+/// any order, so equal weights need not be equal bytes.
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| (k, t.data().to_vec()))
+        .collect();
+    v.sort();
+    v
+}
+
 /// `run(out, extra args)` trains into `d/out`. A run stopped after epoch `stop` and resumed ends
 /// with the uninterrupted run's head and history, writes `finished` only at the end, refuses to
 /// continue under other settings, and removes its checkpoint when done.
@@ -1531,19 +1545,8 @@ fn resumes_like_an_uninterrupted_run(
     );
     assert!(d.join("parts").join(finished).is_file());
     assert!(!d.join("parts/checkpoint.safetensors").exists());
-    // Same tensors (burn's header metadata comes in any order, so not byte-compared).
-    let tensors = |run: &str| -> Vec<(String, Vec<u8>)> {
-        let bytes = std::fs::read(d.join(run).join("head.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut v: Vec<_> = st
-            .tensors()
-            .into_iter()
-            .map(|(k, t)| (k, t.data().to_vec()))
-            .collect();
-        v.sort();
-        v
-    };
-    let (a, b) = (tensors("full"), tensors("parts"));
+    let head = |run: &str| tensors(&d.join(run).join("head.safetensors"));
+    let (a, b) = (head("full"), head("parts"));
     assert!(
         !a.is_empty() && a == b,
         "resumed head differs from the uninterrupted run's"
