@@ -398,6 +398,56 @@ fn bench_medmnist_knn_table_and_bad_names() {
         .map(|v| v.as_u64().unwrap())
         .sum();
     assert_eq!(total, 156);
+    // --eval-split val scores the 78 val images (21 malignant, 57 benign/normal) instead.
+    let (ok, stdout, err) = omnirad(&[
+        "bench",
+        "medmnist",
+        "--data",
+        dir.to_str().unwrap(),
+        "--datasets",
+        "breastmnist",
+        "--model",
+        "vit_pico",
+        "--eval-split",
+        "val",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok && stdout.contains("Val split"), "{err}{stdout}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("table.json")).unwrap()).unwrap();
+    assert_eq!(j["split"], "val");
+    let per_class: Vec<u64> = j["results"][0]["runs"][0]["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .sum()
+        })
+        .collect();
+    assert_eq!(per_class, [21, 57]);
+    let (ok, _, err) = omnirad(&[
+        "bench",
+        "medmnist",
+        "--data",
+        dir.to_str().unwrap(),
+        "--datasets",
+        "breastmnist",
+        "--model",
+        "vit_pico",
+        "--eval-split",
+        "val",
+        "--mode",
+        "linear",
+    ]);
+    assert!(
+        !ok && err.contains("--eval-split val is for --mode knn"),
+        "{err}"
+    );
     let (ok, _, err) = omnirad(&[
         "bench",
         "medmnist",
