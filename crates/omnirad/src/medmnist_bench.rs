@@ -7,12 +7,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use ndarray::Array2;
 use omnirad_data::medmnist::{MedMnistInfo, Task};
-use omnirad_data::{discover, ReadOptions, Split};
+use omnirad_data::{discover, Preprocess, ReadOptions, Split};
 use omnirad_eval::baselines::{MEDMNIST_PLUS_DINO_LINEAR, MEDMNIST_V2, MEDMNIST_V2_MODELS};
 use omnirad_eval::{evaluate, knn_scores, KnnConfig, Metrics, TaskKind};
+use omnirad_model::Vit;
 use omnirad_train::{linear_probe, ProbeConfig};
 use serde_json::json;
 
@@ -340,34 +342,15 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                     if let Some(hit) = key.as_ref().and_then(|k| read_cached(k).ok()) {
                         return Ok(hit);
                     }
-                    let read = ReadOptions {
-                        split,
-                        ..Default::default()
-                    };
-                    let (items, _) = discover(file, split)?;
-                    let job = EmbedJob {
-                        read: &read,
-                        pool: a.pool,
-                        batch: a.batch,
-                        strict: true,
-                    };
-                    let e = embed_items::<B>(&vit, &cfg.preprocess, items, &job, &dev)?;
+                    let e = embed_split(&vit, &cfg.preprocess, file, split, a.pool, a.batch, &dev)?;
                     if let Some(k) = &key {
                         write_embeddings(&k.with_extension("npy"), &e)?;
                     }
                     Ok(e)
                 };
                 let (train, test) = (embed(Split::Train)?, embed(a.eval_split)?);
-                let labels = |e: &Embeddings| {
-                    let l = e.metas[0].labels.len();
-                    Array2::from_shape_fn((e.metas.len(), l), |(i, j)| e.metas[i].labels[j])
-                };
                 let multi = info.task == Task::MultiLabel;
-                let task = match info.task {
-                    Task::Binary => TaskKind::Binary,
-                    Task::MultiLabel => TaskKind::MultiLabel,
-                    Task::MultiClass | Task::Ordinal => TaskKind::MultiClass,
-                };
+                let task = task_kind(info);
                 let (ytr, yte) = (labels(&train), labels(&test));
                 let val = match a.mode {
                     Mode::Linear | Mode::Mlp => {
@@ -451,6 +434,72 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Every image of one split of an official file, embedded (an unreadable image is an error).
+fn embed_split<B: Backend>(
+    vit: &Vit<B>,
+    pre: &Preprocess,
+    file: &Path,
+    split: Split,
+    pool: Pool,
+    batch: usize,
+    dev: &B::Device,
+) -> Result<Embeddings> {
+    let read = ReadOptions {
+        split,
+        ..Default::default()
+    };
+    let (items, _) = discover(file, split)?;
+    let job = EmbedJob {
+        read: &read,
+        pool,
+        batch,
+        strict: true,
+    };
+    embed_items::<B>(vit, pre, items, &job, dev)
+}
+
+fn labels(e: &Embeddings) -> Array2<i64> {
+    let l = e.metas.first().map_or(0, |m| m.labels.len());
+    Array2::from_shape_fn((e.metas.len(), l), |(i, j)| e.metas[i].labels[j])
+}
+
+fn task_kind(info: &MedMnistInfo) -> TaskKind {
+    match info.task {
+        Task::Binary => TaskKind::Binary,
+        Task::MultiLabel => TaskKind::MultiLabel,
+        Task::MultiClass | Task::Ordinal => TaskKind::MultiClass,
+    }
+}
+
+/// The k-NN probe (k = 20, class tokens) fitted on an official file's train split and scored
+/// on `split`: what `bench medmnist --mode knn --eval-split` reports for one dataset.
+pub fn knn_eval<B: Backend>(
+    vit: &Vit<B>,
+    pre: &Preprocess,
+    file: &Path,
+    split: Split,
+    dev: &B::Device,
+) -> Result<Metrics> {
+    let info = omnirad_data::medmnist::parse_file_name(file)
+        .map(|(info, _)| info)
+        .with_context(|| format!("{}: not an official MedMNIST file name", file.display()))?;
+    let embed = |split| embed_split(vit, pre, file, split, Pool::Cls, 64, dev);
+    let (train, eval) = (embed(Split::Train)?, embed(split)?);
+    let scores = knn_scores(
+        train.values.view(),
+        labels(&train).view(),
+        eval.values.view(),
+        info.num_classes(),
+        info.task == Task::MultiLabel,
+        KnnConfig::default(),
+    );
+    Ok(evaluate(
+        task_kind(info),
+        labels(&eval).view(),
+        scores.view(),
+    ))
 }
 
 fn val_summary(m: &Metrics) -> String {

@@ -10,6 +10,8 @@
 //!                            and its DINO head (dino_head.safetensors, DINOv2 layout) so
 //!                            `--init OUT/teacher` continues SSL with it
 //! OUT/teacher-stepN/         the same at every `run.keep_teacher_every`-th step, if set
+//! OUT/eval.jsonl             with `run.eval_knn`: each kept teacher's val k-NN scores
+//! OUT/teacher-best/          the kept teacher with the best mean val k-NN macro-F1 so far
 //! OUT/failed.txt             items that could not be read
 //! ```
 
@@ -257,6 +259,22 @@ fn train<B: Backend, C: CheckpointStrategy>(
 
     let metrics_path = a.out.join("metrics.jsonl");
     let mut log = open_log(&metrics_path, start)?;
+    // The eval log and the best score among the kept teachers before `start`.
+    let mut eval = if cfg.run.eval_knn.is_empty() {
+        None
+    } else {
+        if let Some(f) = cfg.run.eval_knn.iter().find(|f| !f.is_file()) {
+            bail!("run.eval_knn: {} not found", f.display());
+        }
+        let path = a.out.join("eval.jsonl");
+        let log = open_log(&path, start)?;
+        let best = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["score"].as_f64())
+            .reduce(f64::max);
+        Some((log, best))
+    };
     let mut failed_log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -338,6 +356,26 @@ fn train<B: Backend, C: CheckpointStrategy>(
                 &export,
                 &a.out.join(format!("teacher-step{done}")),
             )?;
+            if let Some((log, best)) = &mut eval {
+                let (line, score) = eval_teacher(
+                    &trainer.teacher.backbone,
+                    &export.preprocess,
+                    cfg,
+                    done,
+                    dev,
+                )?;
+                writeln!(log, "{line}")
+                    .and_then(|_| log.flush())
+                    .context("writing eval.jsonl")?;
+                bar.println(format!(
+                    "step {done}: val k-NN macro-F1 {score:.3} (mean over run.eval_knn)"
+                ));
+                // Ties go to the later, longer-trained teacher.
+                if best.is_none_or(|b| score >= b) {
+                    save_teacher(&trainer.teacher, &export, &a.out.join("teacher-best"))?;
+                    *best = Some(score);
+                }
+            }
         }
     }
     bar.finish();
@@ -358,7 +396,35 @@ fn save_teacher<B: Backend>(teacher: &SslModel<B>, export: &ModelConfig, dir: &P
     Ok(())
 }
 
-/// metrics.jsonl without lines from `start` on (a resumed run rewrites the steps after its
+/// A kept teacher's k-NN scores on the val split of every `run.eval_knn` file, as an
+/// eval.jsonl line, and their mean macro-F1 (the score `teacher-best/` is chosen by).
+fn eval_teacher<B: Backend>(
+    vit: &Vit<B>,
+    pre: &Preprocess,
+    cfg: &PretrainConfig,
+    step: usize,
+    dev: &B::Device,
+) -> Result<(serde_json::Value, f64)> {
+    let mut results = Vec::new();
+    for file in &cfg.run.eval_knn {
+        let m = crate::medmnist_bench::knn_eval(vit, pre, file, omnirad_data::Split::Val, dev)?;
+        results.push(serde_json::json!({
+            "file": file, "acc": m.acc, "auc": m.auc, "macro_f1": m.macro_f1,
+        }));
+    }
+    let score = results
+        .iter()
+        .map(|r| r["macro_f1"].as_f64().unwrap_or(0.0))
+        .sum::<f64>()
+        / results.len() as f64;
+    let line = serde_json::json!({
+        "step": step, "teacher": format!("teacher-step{step}"), "split": "val",
+        "score": score, "results": results,
+    });
+    Ok((line, score))
+}
+
+/// metrics.jsonl (or eval.jsonl) without lines from `start` on (a resumed run rewrites the steps after its
 /// checkpoint), opened for appending.
 fn open_log(path: &Path, start: usize) -> Result<std::io::BufWriter<std::fs::File>> {
     let kept: String = match std::fs::read_to_string(path) {

@@ -656,7 +656,12 @@ fn metrics(run: &std::path::Path) -> Vec<serde_json::Value> {
 #[test]
 fn pretrain_a_few_steps_lowers_the_loss_and_exports_the_teacher() {
     let d = tmp("pretrain");
-    let cfg = tiny_pretrain_config(&d, 24, "keep_teacher_every = 10");
+    let breast = data("medmnist/breastmnist.npz");
+    let keep = format!(
+        "keep_teacher_every = 10\neval_knn = [{:?}]",
+        breast.display()
+    );
+    let cfg = tiny_pretrain_config(&d, 24, &keep);
     let run = d.join("run");
     let (ok, _, err) = omnirad(&[
         "pretrain",
@@ -703,6 +708,57 @@ fn pretrain_a_few_steps_lowers_the_loss_and_exports_the_teacher() {
     assert!(weights("teacher-step10") != weights("teacher-step20"));
     assert!(run.join("teacher-step20/dino_head.safetensors").is_file());
     assert!(!run.join("teacher-step24").exists());
+    // Each kept teacher is scored on BreastMNIST's val split, as `bench medmnist --eval-split
+    // val` scores it from its folder, and the better one (ties: the later) is teacher-best.
+    let evals: Vec<serde_json::Value> = std::fs::read_to_string(run.join("eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        evals
+            .iter()
+            .map(|e| e["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [10, 20]
+    );
+    for e in &evals {
+        let teacher = run.join(e["teacher"].as_str().unwrap());
+        let table = d.join(format!("val-{}", e["step"]));
+        let (ok, _, err) = omnirad(&[
+            "bench",
+            "medmnist",
+            "--data",
+            data("medmnist").to_str().unwrap(),
+            "--datasets",
+            "breastmnist",
+            "--model",
+            teacher.to_str().unwrap(),
+            "--eval-split",
+            "val",
+            "--out",
+            table.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(table.with_extension("json")).unwrap())
+                .unwrap();
+        let bench = &j["results"][0]["runs"][0];
+        for k in ["acc", "auc", "macro_f1"] {
+            let (a, b) = (
+                e["results"][0][k].as_f64().unwrap(),
+                bench[k].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-9, "{k}: pretrain {a}, bench {b}");
+        }
+        assert_eq!(e["score"], e["results"][0]["macro_f1"]);
+    }
+    let best = if evals[0]["score"].as_f64() > evals[1]["score"].as_f64() {
+        "teacher-step10"
+    } else {
+        "teacher-step20"
+    };
+    assert!(weights("teacher-best") == weights(best));
     // The resolved config is complete (preset values filled in) and the teacher embeds.
     let resolved = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(resolved.contains("koleo_weight = 0.1") && resolved.contains("prototypes = 256"));
@@ -749,7 +805,11 @@ fn pretrain_a_few_steps_lowers_the_loss_and_exports_the_teacher() {
 #[test]
 fn pretrain_resume_is_bit_identical() {
     let d = tmp("resume");
-    let cfg = tiny_pretrain_config(&d, 6, "");
+    let keep = format!(
+        "keep_teacher_every = 2\neval_knn = [{:?}]",
+        data("medmnist/breastmnist.npz").display()
+    );
+    let cfg = tiny_pretrain_config(&d, 6, &keep);
     // The interrupted run is started the way users do: from a working folder, with the config,
     // its data sources and the run folder all given as relative paths, and resumed from elsewhere.
     std::fs::create_dir_all(d.join("work/configs")).unwrap();
@@ -758,7 +818,7 @@ fn pretrain_resume_is_bit_identical() {
     }
     let text = std::fs::read_to_string(&cfg).unwrap();
     let text = text.replace(data("medmnist").to_str().unwrap(), "..");
-    assert_eq!(text.matches("path = \"../").count(), 2, "{text}");
+    assert_eq!(text.matches("\"../").count(), 3, "{text}");
     std::fs::write(d.join("work/configs/pretrain.toml"), text).unwrap();
     let (a, b) = (d.join("a"), d.join("work/runs/b"));
     let (ok, _, err) = omnirad(&[
@@ -783,6 +843,11 @@ fn pretrain_resume_is_bit_identical() {
     );
     assert!(ok, "{err}");
     assert_eq!(metrics(&b).len(), 3);
+    // A line the killed run wrote after its last checkpoint is dropped, not counted as best.
+    let evals = b.join("eval.jsonl");
+    let mut text = std::fs::read_to_string(&evals).unwrap();
+    text += "{\"step\": 4, \"score\": 2.0}\n";
+    std::fs::write(&evals, text).unwrap();
     let (ok, _, err) = omnirad(&["pretrain", "--out", b.to_str().unwrap(), "--resume"]);
     assert!(ok, "{err}");
     let ckpt = |r: &PathBuf| std::fs::read(r.join("checkpoint.safetensors")).unwrap();
@@ -799,6 +864,23 @@ fn pretrain_resume_is_bit_identical() {
         metrics(&b).into_iter().map(strip).collect(),
     );
     assert_eq!(ma, mb);
+    // The kept teachers' scores and the best of them, as in the uninterrupted run (the data
+    // file is named by the path each run was given).
+    let evals = |r: &PathBuf| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(r.join("eval.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["results"][0].as_object_mut().unwrap().remove("file");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(evals(&a).len(), 3);
+    assert_eq!(evals(&a), evals(&b));
+    let best = |r: &PathBuf| tensors(&r.join("teacher-best/model.safetensors"));
+    assert!(best(&a) == best(&b));
 }
 
 #[test]
@@ -830,6 +912,31 @@ fn pretrain_config_errors_are_clear() {
     assert!(!ok && err.contains("simclr"), "{err}");
     let (ok, _, err) = omnirad(&["pretrain", "--out", out.to_str().unwrap(), "--resume"]);
     assert!(!ok && err.contains("nothing to resume"), "{err}");
+    for (extra, why) in [
+        (
+            "eval_knn = [\"x/breastmnist.npz\"]",
+            "set run.keep_teacher_every",
+        ),
+        (
+            "keep_teacher_every = 5\neval_knn = [\"scans.npz\"]",
+            "scans.npz is not named like an official 2D MedMNIST file",
+        ),
+        (
+            "keep_teacher_every = 5\neval_knn = [\"nowhere/breastmnist.npz\"]",
+            "nowhere/breastmnist.npz not found",
+        ),
+    ] {
+        let cfg = tiny_pretrain_config(&d, 2, extra);
+        let (ok, _, err) = omnirad(&[
+            "pretrain",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            d.join("run-eval").to_str().unwrap(),
+        ]);
+        assert!(!ok && err.contains(why), "{extra}: {err}");
+    }
+    let cfg = tiny_pretrain_config(&d, 2, "");
     // A source that does not exist is named.
     let text = std::fs::read_to_string(&cfg)
         .unwrap()

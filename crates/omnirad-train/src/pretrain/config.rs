@@ -219,6 +219,11 @@ pub struct RunSection {
     /// Also keep the teacher of every N-th step in `OUT/teacher-stepN/` (0: only the latest), to
     /// evaluate it along the run as DINOv2 does.
     pub keep_teacher_every: usize,
+    /// Official MedMNIST files on which every kept teacher is scored by the k-NN probe (fitted
+    /// on train, scored on val) into `OUT/eval.jsonl`; the best mean val macro-F1 so far is
+    /// kept in `OUT/teacher-best/`, so the checkpoint to fine-tune is chosen without reading test.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eval_knn: Vec<PathBuf>,
     /// Collapse warnings fire when prototypes used or embedding std fall below these.
     pub min_prototypes_used: f64,
     pub min_embedding_std: f64,
@@ -314,6 +319,7 @@ impl PretrainConfig {
                 seed: 0,
                 checkpoint_every: 500,
                 keep_teacher_every: 0,
+                eval_knn: Vec::new(),
                 min_prototypes_used: 2.0,
                 min_embedding_std: 0.05,
             },
@@ -380,6 +386,11 @@ impl PretrainConfig {
                 s.path = dir.join(&s.path);
             }
         }
+        for p in &mut cfg.run.eval_knn {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
         // Weights given as relative paths are found the same way (preset names stay as they are).
         for spec in [&mut cfg.model.init, &mut cfg.head.init]
             .into_iter()
@@ -416,6 +427,19 @@ impl PretrainConfig {
         }
         if self.data.sources.is_empty() {
             return Err("no [[data.sources]]".into());
+        }
+        if !self.run.eval_knn.is_empty() && self.run.keep_teacher_every == 0 {
+            return Err("run.eval_knn scores the kept teachers: set run.keep_teacher_every".into());
+        }
+        if let Some(p) =
+            self.run.eval_knn.iter().find(|p| {
+                omnirad_data::medmnist::parse_file_name(p).is_none_or(|(info, _)| info.is_3d)
+            })
+        {
+            return Err(format!(
+                "run.eval_knn: {} is not named like an official 2D MedMNIST file ({{name}}.npz or {{name}}_{{size}}.npz)",
+                p.display()
+            ));
         }
         if let Some(s) = self
             .data
