@@ -365,18 +365,18 @@ fn bench_medmnist_knn_table_and_bad_names() {
     let d = tmp("mm");
     let out = d.join("table");
     let dir = data("medmnist");
-    let (ok, stdout, err) = omnirad(&[
-        "bench",
-        "medmnist",
-        "--data",
-        dir.to_str().unwrap(),
-        "--datasets",
-        "breastmnist",
-        "--model",
-        "vit_pico",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let bench = |args: &[&str]| {
+        let fixed = [
+            "bench",
+            "medmnist",
+            "--data",
+            dir.to_str().unwrap(),
+            "--model",
+            "vit_pico",
+        ];
+        omnirad(&[&fixed[..], args].concat())
+    };
+    let (ok, stdout, err) = bench(&["--datasets", "breastmnist", "--out", out.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(
         stdout.contains("| breastmnist |") && stdout.contains("ResNet-18 (28) 0.901 / 0.863"),
@@ -399,15 +399,9 @@ fn bench_medmnist_knn_table_and_bad_names() {
         .sum();
     assert_eq!(total, 156);
     // --eval-split val scores the 78 val images (21 malignant, 57 benign/normal) instead.
-    let (ok, stdout, err) = omnirad(&[
-        "bench",
-        "medmnist",
-        "--data",
-        dir.to_str().unwrap(),
+    let (ok, stdout, err) = bench(&[
         "--datasets",
         "breastmnist",
-        "--model",
-        "vit_pico",
         "--eval-split",
         "val",
         "--out",
@@ -430,15 +424,9 @@ fn bench_medmnist_knn_table_and_bad_names() {
         })
         .collect();
     assert_eq!(per_class, [21, 57]);
-    let (ok, _, err) = omnirad(&[
-        "bench",
-        "medmnist",
-        "--data",
-        dir.to_str().unwrap(),
+    let (ok, _, err) = bench(&[
         "--datasets",
         "breastmnist",
-        "--model",
-        "vit_pico",
         "--eval-split",
         "val",
         "--mode",
@@ -448,27 +436,9 @@ fn bench_medmnist_knn_table_and_bad_names() {
         !ok && err.contains("--eval-split val is for --mode knn"),
         "{err}"
     );
-    let (ok, _, err) = omnirad(&[
-        "bench",
-        "medmnist",
-        "--data",
-        dir.to_str().unwrap(),
-        "--datasets",
-        "breastmnst",
-        "--model",
-        "vit_pico",
-    ]);
+    let (ok, _, err) = bench(&["--datasets", "breastmnst"]);
     assert!(!ok && err.contains("unknown dataset 'breastmnst'"), "{err}");
-    let (ok, _, err) = omnirad(&[
-        "bench",
-        "medmnist",
-        "--data",
-        dir.to_str().unwrap(),
-        "--datasets",
-        "bloodmnist",
-        "--model",
-        "vit_pico",
-    ]);
+    let (ok, _, err) = bench(&["--datasets", "bloodmnist"]);
     assert!(!ok && err.contains("bloodmnist.npz: not found"), "{err}");
 }
 
