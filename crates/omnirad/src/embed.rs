@@ -68,6 +68,15 @@ pub struct Embeddings {
     pub failed: Vec<(String, String)>,
 }
 
+impl Embeddings {
+    /// The items' labels as [N, L], when every item has the same number L ≥ 1 of them.
+    pub fn labels(&self) -> Option<Array2<i64>> {
+        let l = self.metas.first().map_or(0, |m| m.labels.len());
+        (l > 0 && self.metas.iter().all(|m| m.labels.len() == l))
+            .then(|| Array2::from_shape_fn((self.metas.len(), l), |(i, j)| self.metas[i].labels[j]))
+    }
+}
+
 /// Model input for a [N, C, S, S] host batch.
 pub fn to_tensor<B: Backend>(
     data: Vec<f32>,
@@ -271,10 +280,7 @@ pub fn write_embeddings(out: &Path, e: &Embeddings) -> Result<()> {
                 }
                 Ok(())
             })?;
-            let l = e.metas.first().map(|m| m.labels.len()).unwrap_or(0);
-            if l > 0 && e.metas.iter().all(|m| m.labels.len() == l) {
-                let labels =
-                    Array2::from_shape_fn((e.metas.len(), l), |(i, j)| e.metas[i].labels[j]);
+            if let Some(labels) = e.labels() {
                 crate::atomic::write_with(&sidecar(out, "labels.npy"), |p| {
                     ndarray_npy::write_npy(p, &labels)
                         .with_context(|| format!("writing {}", p.display()))

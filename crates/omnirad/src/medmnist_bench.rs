@@ -13,7 +13,7 @@ use ndarray::Array2;
 use omnirad_data::medmnist::{MedMnistInfo, Task};
 use omnirad_data::{discover, Preprocess, ReadOptions, Split};
 use omnirad_eval::baselines::{MEDMNIST_PLUS_DINO_LINEAR, MEDMNIST_V2, MEDMNIST_V2_MODELS};
-use omnirad_eval::{evaluate, knn_scores, KnnConfig, Metrics, TaskKind};
+use omnirad_eval::{evaluate, knn_scores, KnnConfig, Metrics};
 use omnirad_model::Vit;
 use omnirad_train::{linear_probe, ProbeConfig};
 use serde_json::json;
@@ -350,12 +350,12 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                 };
                 let (train, test) = (embed(Split::Train)?, embed(a.eval_split)?);
                 let multi = info.task == Task::MultiLabel;
-                let task = task_kind(info);
-                let (ytr, yte) = (labels(&train), labels(&test));
+                let task = crate::finetune::task_kind(info.task);
+                let (ytr, yte) = (labels(&train)?, labels(&test)?);
                 let val = match a.mode {
                     Mode::Linear | Mode::Mlp => {
                         let e = embed(Split::Val)?;
-                        let y = labels(&e);
+                        let y = labels(&e)?;
                         Some((e, y))
                     }
                     _ => None,
@@ -460,17 +460,8 @@ fn embed_split<B: Backend>(
     embed_items::<B>(vit, pre, items, &job, dev)
 }
 
-fn labels(e: &Embeddings) -> Array2<i64> {
-    let l = e.metas.first().map_or(0, |m| m.labels.len());
-    Array2::from_shape_fn((e.metas.len(), l), |(i, j)| e.metas[i].labels[j])
-}
-
-fn task_kind(info: &MedMnistInfo) -> TaskKind {
-    match info.task {
-        Task::Binary => TaskKind::Binary,
-        Task::MultiLabel => TaskKind::MultiLabel,
-        Task::MultiClass | Task::Ordinal => TaskKind::MultiClass,
-    }
+fn labels(e: &Embeddings) -> Result<Array2<i64>> {
+    e.labels().context("a split without labelled images")
 }
 
 /// The k-NN probe (k = 20, class tokens) fitted on an official file's train split and scored
@@ -489,15 +480,15 @@ pub fn knn_eval<B: Backend>(
     let (train, eval) = (embed(Split::Train)?, embed(split)?);
     let scores = knn_scores(
         train.values.view(),
-        labels(&train).view(),
+        labels(&train)?.view(),
         eval.values.view(),
         info.num_classes(),
         info.task == Task::MultiLabel,
         KnnConfig::default(),
     );
     Ok(evaluate(
-        task_kind(info),
-        labels(&eval).view(),
+        crate::finetune::task_kind(info.task),
+        labels(&eval)?.view(),
         scores.view(),
     ))
 }
