@@ -1,13 +1,17 @@
 //! MedMNIST v2 / MedMNIST+ `.npz` files: `{name}.npz` (28 px) and `{name}_{64,128,224}.npz`,
 //! keys `{train,val,test}_{images,labels}`; 2D grey/RGB and 3D volumes.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use md5::{Digest, Md5};
-use ndarray::{Array2, Array3, ArrayD, Axis, IxDyn};
+use ndarray::{Array2, Array3, ArrayD, ArrayView2, Axis, IxDyn};
 use ndarray_npy::NpzReader;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::error::{DataError, Result};
@@ -86,6 +90,48 @@ pub fn parse_file_name(path: &Path) -> Option<(&'static MedMnistInfo, usize)> {
         _ => (stem, 28),
     };
     MedMnistInfo::get(&name).map(|i| (i, size))
+}
+
+/// A seeded, stratified holdout of `n` of the items whose label rows are `labels`: each
+/// distinct label row gives its share of `n` (largest remainders, ties to the smaller label),
+/// drawn at random. Returns (rest, held), each ascending.
+///
+/// `bench medmnist --eval-split val` selects epochs on such a holdout of train, so that the
+/// official val split stays unseen until it is scored and can choose between encoders or
+/// settings without reading test.
+pub fn stratified_holdout(
+    labels: ArrayView2<i64>,
+    n: usize,
+    seed: u64,
+) -> (Vec<usize>, Vec<usize>) {
+    let total = labels.nrows();
+    let n = n.min(total);
+    let mut groups: BTreeMap<Vec<i64>, Vec<usize>> = BTreeMap::new();
+    for (i, row) in labels.rows().into_iter().enumerate() {
+        groups.entry(row.to_vec()).or_default().push(i);
+    }
+    let exact: Vec<f64> = groups
+        .values()
+        .map(|g| (n * g.len()) as f64 / total as f64)
+        .collect();
+    let mut quota: Vec<usize> = exact.iter().map(|q| q.floor() as usize).collect();
+    let mut by_remainder: Vec<usize> = (0..quota.len()).collect();
+    by_remainder
+        .sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    let short = n - quota.iter().sum::<usize>();
+    for &g in &by_remainder[..short] {
+        quota[g] += 1;
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut rest, mut held) = (Vec::new(), Vec::new());
+    for (mut g, q) in groups.into_values().zip(quota) {
+        g.shuffle(&mut rng);
+        held.extend_from_slice(&g[..q]);
+        rest.extend_from_slice(&g[q..]);
+    }
+    rest.sort_unstable();
+    held.sort_unstable();
+    (rest, held)
 }
 
 /// One split of an npz file, checked for consistency.

@@ -96,6 +96,38 @@ fn medmnist_md5_and_split_sizes() {
     assert_eq!(MedMnistInfo::get("chestmnist").unwrap().num_classes(), 14);
 }
 
+#[test]
+fn stratified_holdout_keeps_class_shares_and_follows_the_seed() {
+    use omnirad_data::medmnist::stratified_holdout;
+    let s = NpzSplit::load(data("medmnist/breastmnist.npz"), Split::Train).unwrap();
+    let counts = |idx: &[usize]| {
+        idx.iter().fold([0usize; 2], |mut c, &i| {
+            c[s.labels[[i, 0]] as usize] += 1;
+            c
+        })
+    };
+    let all: Vec<usize> = (0..s.len()).collect();
+    assert_eq!(counts(&all), [147, 399]);
+    let (rest, held) = stratified_holdout(s.labels.view(), 78, 0);
+    assert_eq!((rest.len(), held.len()), (468, 78));
+    // 78 × 147 / 546 = 21.0 and 78 × 399 / 546 = 57.0: the shares of train, exactly.
+    assert_eq!(counts(&held), [21, 57]);
+    let mut both: Vec<usize> = rest.iter().chain(&held).copied().collect();
+    both.sort_unstable();
+    assert_eq!(both, all, "rest and held partition train");
+    assert!(held.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(stratified_holdout(s.labels.view(), 78, 0).1, held);
+    let other = stratified_holdout(s.labels.view(), 78, 1).1;
+    assert_ne!(other, held);
+    assert_eq!(counts(&other), [21, 57]);
+    // Shares that do not divide evenly go to the largest remainders: 10 × 147 / 546 = 2.69,
+    // 10 × 399 / 546 = 7.31.
+    assert_eq!(
+        counts(&stratified_holdout(s.labels.view(), 10, 3).1),
+        [3, 7]
+    );
+}
+
 fn write_npz(path: &std::path::Path, arrays: Vec<(&str, ndarray::ArrayD<u8>)>) {
     let mut w = NpzWriter::new(std::fs::File::create(path).unwrap());
     for (k, a) in arrays {

@@ -21,9 +21,9 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
-use ndarray::Array2;
+use ndarray::{Array2, Axis};
 use omnirad_data::augment::Augment;
-use omnirad_data::medmnist::{parse_file_name, MedMnistInfo, NpzSplit, Task};
+use omnirad_data::medmnist::{parse_file_name, stratified_holdout, MedMnistInfo, NpzSplit, Task};
 use omnirad_data::{discover, Split};
 use omnirad_eval::{evaluate, Metrics, TaskKind};
 use omnirad_model::{
@@ -231,18 +231,21 @@ pub struct Outcome<B: Backend> {
     pub test: Metrics,
 }
 
-/// Fine-tunes `vit` on `file`'s train split, selects on val, scores test. With `run`,
-/// checkpoints every epoch and resumes; returns None when stopped by its `stop_after`.
+/// Fine-tunes `vit` on `file`'s train split, selects on val, scores test; with `score_on` =
+/// val, selects on a stratified holdout of train the size of val (seeded by `ft.seed`) and
+/// scores val. With `run`, prints each epoch, checkpoints it and resumes; returns None when
+/// stopped by its `stop_after`.
 pub fn run_on_npz<B: Backend>(
     vit: Vit<B>,
     cfg: &ModelConfig,
     file: &Path,
     ft: &FinetuneConfig,
     dev: &B::Device,
-    verbose: bool,
+    score_on: Split,
     run: Option<&RunDir>,
 ) -> Result<Option<Outcome<B>>> {
     let info = dataset_of(file)?;
+    let verbose = run.is_some();
     let load = |s: Split| -> Result<(Vec<omnirad_data::Image>, Array2<i64>)> {
         let split = NpzSplit::load(file, s)?;
         let images = split.images_2d()?;
@@ -250,7 +253,21 @@ pub fn run_on_npz<B: Backend>(
         let labels = Array2::from_shape_fn((split.len(), l), |(i, j)| split.meta(i).labels[j]);
         Ok((images, labels))
     };
-    let (tr, va, te) = (load(Split::Train)?, load(Split::Val)?, load(Split::Test)?);
+    let (tr, va, te) = match score_on {
+        Split::Test => (load(Split::Train)?, load(Split::Val)?, load(Split::Test)?),
+        Split::Val => {
+            let (train, val) = (load(Split::Train)?, load(Split::Val)?);
+            let (rest, held) = stratified_holdout(train.1.view(), val.0.len(), ft.seed);
+            let pick = |idx: &[usize]| {
+                (
+                    idx.iter().map(|&i| train.0[i].clone()).collect(),
+                    train.1.select(Axis(0), idx),
+                )
+            };
+            (pick(&rest), pick(&held), val)
+        }
+        Split::Train => bail!("fine-tuning trains on the train split; it cannot score it"),
+    };
     let task = task_kind(info.task);
     let classes = info.num_classes();
     let model = Classifier::new(vit, classes, ft.cls_mean, ft.dropout, ft.seed, dev);
@@ -352,7 +369,8 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
             resume: a.resume,
             stop_after: a.stop_after,
         };
-        let Some(o) = run_on_npz::<B>(vit, &cfg, &a.data, &ft, &dev, true, Some(&run))? else {
+        let Some(o) = run_on_npz::<B>(vit, &cfg, &a.data, &ft, &dev, Split::Test, Some(&run))?
+        else {
             eprintln!("{}", run.stopped_message());
             return Ok(());
         };

@@ -2,15 +2,17 @@
 //! frozen features, a probe on train, test metrics beside the published references.
 //! Modes: `knn` (DINO's weighted k-NN, k = 20, T = 0.07; needs no model selection), `linear` /
 //! `mlp` (a linear or one-hidden-layer probe on standardised features) and `finetune` (the whole encoder with a linear head);
-//! the last two choose their epoch on val by macro-F1.
+//! the last two choose their epoch on val by macro-F1. `--eval-split val` scores val instead,
+//! with the epoch chosen on a stratified holdout of train, to choose between encoders or
+//! settings without reading test.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
-use ndarray::Array2;
-use omnirad_data::medmnist::{MedMnistInfo, Task};
+use ndarray::{Array2, Axis};
+use omnirad_data::medmnist::{stratified_holdout, MedMnistInfo, Task};
 use omnirad_data::{discover, Preprocess, ReadOptions, Split};
 use omnirad_eval::baselines::{MEDMNIST_PLUS_DINO_LINEAR, MEDMNIST_V2, MEDMNIST_V2_MODELS};
 use omnirad_eval::{evaluate, knn_scores, KnnConfig, Metrics};
@@ -57,8 +59,9 @@ pub struct MedMnistArgs {
     pub pool: Pool,
     #[arg(long, default_value_t = 20)]
     pub k: usize,
-    /// k-NN: score this split (`val` to choose settings, such as which kept pretraining
-    /// teacher to fine-tune, without reading test; the other modes select their epoch on val).
+    /// Score this split. `val` chooses settings (which kept pretraining teacher or encoder to
+    /// fine-tune, a learning rate) without reading test; the modes that select an epoch then
+    /// select it on a stratified holdout of train the size of val (seeded per run), not on val.
     #[arg(long, default_value = "test", value_parser = Split::parse)]
     pub eval_split: Split,
     /// Linear probe / fine-tuning epochs (the val split picks the best); default 60 / 20, and
@@ -233,13 +236,8 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
     if a.datasets.is_empty() {
         bail!("--datasets is empty (e.g. --datasets breastmnist,pneumoniamnist)");
     }
-    match (a.eval_split, a.mode) {
-        (Split::Test, _) | (Split::Val, Mode::Knn) => {}
-        (Split::Train, _) => bail!("--eval-split train: the probes are fitted on train"),
-        (Split::Val, m) => bail!(
-            "--eval-split val is for --mode knn: {} selects its epoch on val, so its val score is not held out",
-            format!("{m:?}").to_lowercase()
-        ),
+    if a.eval_split == Split::Train {
+        bail!("--eval-split train: the probes are fitted on train");
     }
     let mut plan = Vec::new();
     for name in &a.datasets {
@@ -318,16 +316,17 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         file,
                         &ft,
                         &dev,
-                        false,
+                        a.eval_split,
                         None,
                     )?
                     .expect("without a run directory nothing stops training early");
                     eprintln!(
-                        "{} seed {seed}: fine-tuning chose epoch {} by val {} ({})",
+                        "{} seed {seed}: fine-tuning chose epoch {} by {} {} ({})",
                         info.name,
                         o.result.best_epoch,
+                        selection_split(a),
                         a.select.name(),
-                        val_summary(&o.result.val)
+                        selection_summary(a, &o.result.val)
                     );
                     let (run, id) = run_id(info.name, file, seed);
                     log.record(&run, &id, &o.test)?;
@@ -352,60 +351,72 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                 let multi = info.task == Task::MultiLabel;
                 let task = crate::finetune::task_kind(info.task);
                 let (ytr, yte) = (labels(&train)?, labels(&test)?);
+                // The probes' epoch-selection split: val, or (scoring val) a holdout of train.
                 let val = match a.mode {
-                    Mode::Linear | Mode::Mlp => {
+                    Mode::Linear | Mode::Mlp if a.eval_split == Split::Test => {
                         let e = embed(Split::Val)?;
                         let y = labels(&e)?;
-                        Some((e, y))
+                        Some((e.values, y))
                     }
                     _ => None,
                 };
                 for seed in todo {
-                    let scores = match &val {
-                        None => {
-                            let knn = KnnConfig {
-                                k: a.k,
-                                ..Default::default()
-                            };
-                            knn_scores(
-                                train.values.view(),
-                                ytr.view(),
-                                test.values.view(),
-                                info.num_classes(),
-                                multi,
-                                knn,
-                            )
-                        }
-                        Some((val, yva)) => {
-                            let mut cfg = ProbeConfig {
-                                seed,
-                                select: a.select,
-                                ..Default::default()
-                            };
-                            cfg.epochs = a.epochs.unwrap_or(cfg.epochs);
-                            cfg.lr = a.lr.unwrap_or(cfg.lr);
-                            if a.mode == Mode::Mlp {
-                                cfg.hidden = a.hidden;
+                    let scores = if a.mode == Mode::Knn {
+                        let knn = KnnConfig {
+                            k: a.k,
+                            ..Default::default()
+                        };
+                        knn_scores(
+                            train.values.view(),
+                            ytr.view(),
+                            test.values.view(),
+                            info.num_classes(),
+                            multi,
+                            knn,
+                        )
+                    } else {
+                        let (fit, select) = match &val {
+                            Some((x, y)) => {
+                                ((train.values.clone(), ytr.clone()), (x.clone(), y.clone()))
                             }
-                            let r = linear_probe::<omnirad_model::Train<B>>(
-                                (train.values.view(), ytr.view()),
-                                (val.values.view(), yva.view()),
-                                test.values.view(),
-                                info.num_classes(),
-                                task,
-                                &cfg,
-                                &dev,
-                            );
-                            eprintln!(
-                                "{} seed {seed}: {:?} probe chose epoch {} by val {} ({})",
-                                info.name,
-                                a.mode,
-                                r.best_epoch,
-                                a.select.name(),
-                                val_summary(&r.val)
-                            );
-                            r.test_scores
+                            None => {
+                                let (rest, held) =
+                                    stratified_holdout(ytr.view(), yte.nrows(), seed);
+                                let pick = |idx: &[usize]| {
+                                    (train.values.select(Axis(0), idx), ytr.select(Axis(0), idx))
+                                };
+                                (pick(&rest), pick(&held))
+                            }
+                        };
+                        let mut cfg = ProbeConfig {
+                            seed,
+                            select: a.select,
+                            ..Default::default()
+                        };
+                        cfg.epochs = a.epochs.unwrap_or(cfg.epochs);
+                        cfg.lr = a.lr.unwrap_or(cfg.lr);
+                        if a.mode == Mode::Mlp {
+                            cfg.hidden = a.hidden;
                         }
+                        let r = linear_probe::<omnirad_model::Train<B>>(
+                            (fit.0.view(), fit.1.view()),
+                            (select.0.view(), select.1.view()),
+                            test.values.view(),
+                            info.num_classes(),
+                            task,
+                            &cfg,
+                            &dev,
+                        );
+                        eprintln!(
+                            "{} seed {seed}: {:?} probe chose epoch {} by {} {} ({})",
+                            info.name,
+                            a.mode,
+                            r.best_epoch,
+                            selection_split(a),
+                            a.select.name(),
+                            selection_summary(a, &r.val)
+                        );
+                        r.test_scores
                     };
                     let m = evaluate(task, yte.view(), scores.view());
                     let (run, id) = run_id(info.name, file, seed);
@@ -493,10 +504,13 @@ pub fn knn_eval<B: Backend>(
     ))
 }
 
-fn val_summary(m: &Metrics) -> String {
+fn selection_summary(a: &MedMnistArgs, m: &Metrics) -> String {
     format!(
-        "val ACC {:.3} AUC {:.3} macro-F1 {:.3}",
-        m.acc, m.auc, m.macro_f1
+        "{} ACC {:.3} AUC {:.3} macro-F1 {:.3}",
+        selection_split(a),
+        m.acc,
+        m.auc,
+        m.macro_f1
     )
 }
 
@@ -525,12 +539,24 @@ fn schedule(a: &MedMnistArgs) -> String {
     s
 }
 
+/// Where the epoch-selecting modes select their epoch.
+fn selection_split(a: &MedMnistArgs) -> &'static str {
+    match a.eval_split {
+        Split::Val => "train-holdout",
+        _ => "val",
+    }
+}
+
 fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
-    let split = match a.mode {
-        Mode::Knn if a.eval_split == Split::Val => {
+    let split = match (a.mode, a.eval_split) {
+        (Mode::Knn, Split::Val) => {
             "Val split (the published references are test-split scores).".to_string()
         }
-        Mode::Knn => "Test split.".to_string(),
+        (Mode::Knn, _) => "Test split.".to_string(),
+        (_, Split::Val) => format!(
+            "Val split at the epoch chosen by {} on a stratified holdout of train the size of val, drawn per seed (the published references are test-split scores).",
+            a.select.name()
+        ),
         _ => format!("Test split at the epoch chosen by val {}.", a.select.name()),
     };
     let mut s = format!(

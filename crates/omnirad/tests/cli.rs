@@ -398,42 +398,47 @@ fn bench_medmnist_knn_table_and_bad_names() {
         .map(|v| v.as_u64().unwrap())
         .sum();
     assert_eq!(total, 156);
-    // --eval-split val scores the 78 val images (21 malignant, 57 benign/normal) instead.
-    let (ok, stdout, err) = bench(&[
-        "--datasets",
-        "breastmnist",
-        "--eval-split",
-        "val",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(ok && stdout.contains("Val split"), "{err}{stdout}");
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("table.json")).unwrap()).unwrap();
-    assert_eq!(j["split"], "val");
-    let per_class: Vec<u64> = j["results"][0]["runs"][0]["confusion"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap())
-                .sum()
-        })
-        .collect();
-    assert_eq!(per_class, [21, 57]);
-    let (ok, _, err) = bench(&[
-        "--datasets",
-        "breastmnist",
-        "--eval-split",
-        "val",
-        "--mode",
-        "linear",
-    ]);
+    // --eval-split val scores the 78 val images (21 malignant, 57 benign/normal) instead; the
+    // modes that select an epoch select it on a holdout of train, as the log says.
+    for mode in [
+        &["knn"][..],
+        &["linear", "--epochs", "5"],
+        &["finetune", "--epochs", "1"],
+    ] {
+        let (ok, stdout, err) = bench(
+            &[
+                &["--datasets", "breastmnist", "--eval-split", "val", "--mode"][..],
+                mode,
+                &["--out", out.to_str().unwrap()],
+            ]
+            .concat(),
+        );
+        assert!(ok && stdout.contains("Val split"), "{err}{stdout}");
+        assert_eq!(
+            err.contains("chose epoch") && err.contains("by train-holdout macro-F1"),
+            mode[0] != "knn",
+            "{err}"
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("table.json")).unwrap()).unwrap();
+        assert_eq!(j["split"], "val");
+        let per_class: Vec<u64> = j["results"][0]["runs"][0]["confusion"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap())
+                    .sum()
+            })
+            .collect();
+        assert_eq!(per_class, [21, 57], "{mode:?}");
+    }
+    let (ok, _, err) = bench(&["--datasets", "breastmnist", "--eval-split", "train"]);
     assert!(
-        !ok && err.contains("--eval-split val is for --mode knn"),
+        !ok && err.contains("the probes are fitted on train"),
         "{err}"
     );
     let (ok, _, err) = bench(&["--datasets", "breastmnst"]);
