@@ -128,6 +128,52 @@ fn stratified_holdout_keeps_class_shares_and_follows_the_seed() {
     );
 }
 
+#[test]
+fn stratified_folds_partition_train_with_class_shares() {
+    use omnirad_data::medmnist::stratified_folds;
+    let s = NpzSplit::load(data("medmnist/breastmnist.npz"), Split::Train).unwrap();
+    let counts = |idx: &[usize]| {
+        idx.iter().fold([0usize; 2], |mut c, &i| {
+            c[s.labels[[i, 0]] as usize] += 1;
+            c
+        })
+    };
+    let held = |seed| -> Vec<Vec<usize>> {
+        let pairs = stratified_folds(s.labels.view(), 5, seed);
+        for (rest, held) in &pairs {
+            let mut both: Vec<usize> = rest.iter().chain(held).copied().collect();
+            both.sort_unstable();
+            assert_eq!(
+                both,
+                (0..s.len()).collect::<Vec<_>>(),
+                "rest and held partition train"
+            );
+            assert!(rest.windows(2).all(|w| w[0] < w[1]));
+            assert!(held.windows(2).all(|w| w[0] < w[1]));
+        }
+        pairs.into_iter().map(|(_, held)| held).collect()
+    };
+    let folds = held(0);
+    // 147 malignant = 5 × 29 + 2, 399 benign = 5 × 79 + 4: dealt in turn, the benign images
+    // continue where the malignant ones stopped (the third fold).
+    let per_fold: Vec<[usize; 2]> = folds.iter().map(|f| counts(f)).collect();
+    assert_eq!(per_fold, [[30, 80], [30, 79], [29, 80], [29, 80], [29, 80]]);
+    let mut all: Vec<usize> = folds.concat();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..s.len()).collect::<Vec<_>>(),
+        "the folds partition train"
+    );
+    assert_eq!(held(0), folds);
+    let other = held(1);
+    assert_ne!(other, folds);
+    assert_eq!(
+        other.iter().map(|f| counts(f)).collect::<Vec<_>>(),
+        per_fold
+    );
+}
+
 fn write_npz(path: &std::path::Path, arrays: Vec<(&str, ndarray::ArrayD<u8>)>) {
     let mut w = NpzWriter::new(std::fs::File::create(path).unwrap());
     for (k, a) in arrays {

@@ -228,20 +228,36 @@ pub fn dataset_of(file: &Path) -> Result<&'static MedMnistInfo> {
 
 pub struct Outcome<B: Backend> {
     pub result: FinetuneResult<B>,
+    /// Metrics and class scores (one row per image, in order) of the scored images.
     pub test: Metrics,
+    pub scores: Array2<f64>,
 }
 
-/// Fine-tunes `vit` on `file`'s train split, selects on val, scores test; with `score_on` =
-/// val, selects on a stratified holdout of train the size of val (seeded by `ft.seed`) and
-/// scores val. With `run`, prints each epoch, checkpoints it and resumes; returns None when
-/// stopped by its `stop_after`.
+/// What `run_on_npz` trains on, selects the epoch on, and scores.
+#[derive(Clone, Copy, Debug)]
+pub enum Scored<'a> {
+    /// The official protocol: train on train, select on val, score test.
+    Test,
+    /// Train on train less a stratified holdout the size of val (drawn by the seed), select on
+    /// that holdout, score val: to choose between encoders or settings without reading test.
+    Val,
+    /// Train on the `rest` rows of train, select on val, score the `held` rows: one fold of a
+    /// cross-validation over train.
+    Fold {
+        rest: &'a [usize],
+        held: &'a [usize],
+    },
+}
+
+/// Fine-tunes `vit` on `file` as `scored` says. With `run`, prints each epoch, checkpoints it
+/// and resumes; returns None when stopped by its `stop_after`.
 pub fn run_on_npz<B: Backend>(
     vit: Vit<B>,
     cfg: &ModelConfig,
     file: &Path,
     ft: &FinetuneConfig,
     dev: &B::Device,
-    score_on: Split,
+    scored: Scored,
     run: Option<&RunDir>,
 ) -> Result<Option<Outcome<B>>> {
     let info = dataset_of(file)?;
@@ -253,20 +269,34 @@ pub fn run_on_npz<B: Backend>(
         let labels = Array2::from_shape_fn((split.len(), l), |(i, j)| split.meta(i).labels[j]);
         Ok((images, labels))
     };
-    let (tr, va, te) = match score_on {
-        Split::Test => (load(Split::Train)?, load(Split::Val)?, load(Split::Test)?),
-        Split::Val => {
+    let rows_of = |set: &(Vec<omnirad_data::Image>, Array2<i64>), idx: &[usize]| {
+        (
+            idx.iter().map(|&i| set.0[i].clone()).collect::<Vec<_>>(),
+            set.1.select(Axis(0), idx),
+        )
+    };
+    let (tr, va, te) = match scored {
+        Scored::Test => (load(Split::Train)?, load(Split::Val)?, load(Split::Test)?),
+        Scored::Val => {
             let (train, val) = (load(Split::Train)?, load(Split::Val)?);
             let (rest, held) = stratified_holdout(train.1.view(), val.0.len(), ft.seed);
-            let pick = |idx: &[usize]| {
-                (
-                    idx.iter().map(|&i| train.0[i].clone()).collect(),
-                    train.1.select(Axis(0), idx),
-                )
-            };
-            (pick(&rest), pick(&held), val)
+            (rows_of(&train, &rest), rows_of(&train, &held), val)
         }
-        Split::Train => bail!("fine-tuning trains on the train split; it cannot score it"),
+        Scored::Fold { rest, held } => {
+            let train = load(Split::Train)?;
+            if let Some(&i) = rest.iter().chain(held).find(|&&i| i >= train.0.len()) {
+                bail!(
+                    "{}: no train row {i} (train has {} images)",
+                    file.display(),
+                    train.0.len()
+                );
+            }
+            (
+                rows_of(&train, rest),
+                load(Split::Val)?,
+                rows_of(&train, held),
+            )
+        }
     };
     let task = task_kind(info.task);
     let classes = info.num_classes();
@@ -348,7 +378,11 @@ pub fn run_on_npz<B: Backend>(
         dev,
     );
     let test = evaluate(task, te.1.view(), scores.view());
-    Ok(Some(Outcome { result, test }))
+    Ok(Some(Outcome {
+        result,
+        test,
+        scores,
+    }))
 }
 
 /// `frozen`: `omnirad probe` — only the head trains.
@@ -369,7 +403,7 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
             resume: a.resume,
             stop_after: a.stop_after,
         };
-        let Some(o) = run_on_npz::<B>(vit, &cfg, &a.data, &ft, &dev, Split::Test, Some(&run))?
+        let Some(o) = run_on_npz::<B>(vit, &cfg, &a.data, &ft, &dev, Scored::Test, Some(&run))?
         else {
             eprintln!("{}", run.stopped_message());
             return Ok(());

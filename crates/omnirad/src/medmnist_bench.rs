@@ -4,15 +4,16 @@
 //! `mlp` (a linear or one-hidden-layer probe on standardised features) and `finetune` (the whole encoder with a linear head);
 //! the last two choose their epoch on val by macro-F1. `--eval-split val` scores val instead,
 //! with the epoch chosen on a stratified holdout of train, to choose between encoders or
-//! settings without reading test.
+//! settings without reading test; `--eval-split train --folds K` scores every train image by a
+//! model fitted on the other K − 1 stratified folds, for the same choice on more images.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
-use ndarray::{Array2, Axis};
-use omnirad_data::medmnist::{stratified_holdout, MedMnistInfo, Task};
+use ndarray::{Array2, ArrayView2, Axis};
+use omnirad_data::medmnist::{stratified_folds, stratified_holdout, MedMnistInfo, Task};
 use omnirad_data::{discover, Preprocess, ReadOptions, Split};
 use omnirad_eval::baselines::{MEDMNIST_PLUS_DINO_LINEAR, MEDMNIST_V2, MEDMNIST_V2_MODELS};
 use omnirad_eval::{evaluate, knn_scores, KnnConfig, Metrics};
@@ -22,6 +23,7 @@ use serde_json::json;
 
 use crate::device::{model_stamps, parse_device, resolve_model, stamp, Device};
 use crate::embed::{embed_items, write_embeddings, EmbedJob, Embeddings, Pool};
+use crate::finetune::Scored;
 use crate::run_log::RunLog;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -62,8 +64,15 @@ pub struct MedMnistArgs {
     /// Score this split. `val` chooses settings (which kept pretraining teacher or encoder to
     /// fine-tune, a learning rate) without reading test; the modes that select an epoch then
     /// select it on a stratified holdout of train the size of val (seeded per run), not on val.
+    /// `train` (with --folds) cross-validates over train instead.
     #[arg(long, default_value = "test", value_parser = Split::parse)]
     pub eval_split: Split,
+    /// With `--eval-split train`: K stratified folds of train (drawn per seed), each scored by
+    /// a probe or fine-tune fitted on the others with its epoch chosen on val; the scores of
+    /// all train images together. K times the held-out images of val, to choose between
+    /// encoders or settings without reading test.
+    #[arg(long)]
+    pub folds: Option<usize>,
     /// Linear probe / fine-tuning epochs (the val split picks the best); default 60 / 20, and
     /// fine-tuning makes at least 1800 optimizer steps unless this is given (BreastMNIST: 200).
     #[arg(long)]
@@ -217,10 +226,9 @@ fn summary(runs: &[Metrics], f: fn(&Metrics) -> f64) -> String {
 }
 
 /// A dataset's table row; its summary is printed as it is made.
-fn row(name: &str, runs: Vec<Metrics>, model_size: usize, split: Split) -> Row {
+fn row(name: &str, runs: Vec<Metrics>, model_size: usize, scored: &str) -> Row {
     eprintln!(
-        "{name}: {} ACC {} AUC {} macro-F1 {}",
-        split.name(),
+        "{name}: {scored} ACC {} AUC {} macro-F1 {}",
         summary(&runs, |m| m.acc),
         summary(&runs, |m| m.auc),
         summary(&runs, |m| m.macro_f1)
@@ -236,8 +244,13 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
     if a.datasets.is_empty() {
         bail!("--datasets is empty (e.g. --datasets breastmnist,pneumoniamnist)");
     }
-    if a.eval_split == Split::Train {
-        bail!("--eval-split train: the probes are fitted on train");
+    match (a.eval_split, a.folds) {
+        (Split::Train, Some(k)) if k >= 2 => {}
+        (Split::Train, _) => {
+            bail!("--eval-split train scores train by cross-validation: add --folds K (K >= 2)")
+        }
+        (_, Some(_)) => bail!("--folds cross-validates over train: add --eval-split train"),
+        _ => {}
     }
     let mut plan = Vec::new();
     for name in &a.datasets {
@@ -310,27 +323,58 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                     }
                     ft.set_epochs(a.epochs);
                     ft.lr = a.lr.unwrap_or(ft.lr);
-                    let o = crate::finetune::run_on_npz::<B>(
-                        vit.clone(),
-                        &cfg,
-                        file,
-                        &ft,
-                        &dev,
-                        a.eval_split,
-                        None,
-                    )?
-                    .expect("without a run directory nothing stops training early");
-                    eprintln!(
-                        "{} seed {seed}: fine-tuning chose epoch {} by {} {} ({})",
-                        info.name,
-                        o.result.best_epoch,
-                        selection_split(a),
-                        a.select.name(),
-                        selection_summary(a, &o.result.val)
-                    );
+                    let run_on = |scored| {
+                        crate::finetune::run_on_npz::<B>(
+                            vit.clone(),
+                            &cfg,
+                            file,
+                            &ft,
+                            &dev,
+                            scored,
+                            None,
+                        )
+                        .map(|o| o.expect("without a run directory nothing stops training early"))
+                    };
+                    let chose = |what: String, r: &omnirad_train::finetune::FinetuneResult<B>| {
+                        eprintln!(
+                            "{what}: fine-tuning chose epoch {} by {} {} ({})",
+                            r.best_epoch,
+                            selection_split(a),
+                            a.select.name(),
+                            selection_summary(a, &r.val)
+                        )
+                    };
+                    let m = match a.eval_split {
+                        Split::Train => {
+                            let y =
+                                omnirad_data::medmnist::NpzSplit::load(file, Split::Train)?.labels;
+                            let k = a.folds.unwrap_or(2);
+                            let folds = stratified_folds(y.view(), k, seed);
+                            let mut parts = Vec::new();
+                            for (f, (rest, held)) in folds.iter().enumerate() {
+                                let o = run_on(Scored::Fold { rest, held })?;
+                                chose(
+                                    format!("{} seed {seed} fold {}/{k}", info.name, f + 1),
+                                    &o.result,
+                                );
+                                parts.push((held, o.scores));
+                            }
+                            let task = crate::finetune::task_kind(info.task);
+                            evaluate(task, y.view(), out_of_fold(y.nrows(), parts).view())
+                        }
+                        s => {
+                            let o = run_on(if s == Split::Val {
+                                Scored::Val
+                            } else {
+                                Scored::Test
+                            })?;
+                            chose(format!("{} seed {seed}", info.name), &o.result);
+                            o.test
+                        }
+                    };
                     let (run, id) = run_id(info.name, file, seed);
-                    log.record(&run, &id, &o.test)?;
-                    runs.push((seed, o.test));
+                    log.record(&run, &id, &m)?;
+                    runs.push((seed, m));
                 }
             } else if !todo.is_empty() {
                 let embed = |split: Split| -> Result<Embeddings> {
@@ -347,13 +391,21 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                     }
                     Ok(e)
                 };
-                let (train, test) = (embed(Split::Train)?, embed(a.eval_split)?);
+                let train = embed(Split::Train)?;
+                let ytr = labels(&train)?;
+                let scored = match a.eval_split {
+                    Split::Train => None,
+                    s => {
+                        let e = embed(s)?;
+                        let y = labels(&e)?;
+                        Some((e.values, y))
+                    }
+                };
                 let multi = info.task == Task::MultiLabel;
                 let task = crate::finetune::task_kind(info.task);
-                let (ytr, yte) = (labels(&train)?, labels(&test)?);
-                // The probes' epoch-selection split: val, or (scoring val) a holdout of train.
-                let val = match a.mode {
-                    Mode::Linear | Mode::Mlp if a.eval_split == Split::Test => {
+                // The probes choose their epoch on val, or (scoring val) on a holdout of train.
+                let val = match (a.mode, a.eval_split) {
+                    (Mode::Linear | Mode::Mlp, Split::Test | Split::Train) => {
                         let e = embed(Split::Val)?;
                         let y = labels(&e)?;
                         Some((e.values, y))
@@ -361,31 +413,34 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                     _ => None,
                 };
                 for seed in todo {
-                    let scores = if a.mode == Mode::Knn {
-                        let knn = KnnConfig {
-                            k: a.k,
-                            ..Default::default()
+                    // Fitted on the `fit` rows of train, selecting on the `held` rows or val.
+                    let fit_and_score = |fit: &[usize],
+                                         held: Option<&[usize]>,
+                                         eval: ArrayView2<f32>,
+                                         what: &str| {
+                        let rows = |idx: &[usize]| {
+                            (train.values.select(Axis(0), idx), ytr.select(Axis(0), idx))
                         };
-                        knn_scores(
-                            train.values.view(),
-                            ytr.view(),
-                            test.values.view(),
-                            info.num_classes(),
-                            multi,
-                            knn,
-                        )
-                    } else {
-                        let (fit, select) = match &val {
-                            Some((x, y)) => {
-                                ((train.values.clone(), ytr.clone()), (x.clone(), y.clone()))
-                            }
-                            None => {
-                                let (rest, held) =
-                                    stratified_holdout(ytr.view(), yte.nrows(), seed);
-                                let pick = |idx: &[usize]| {
-                                    (train.values.select(Axis(0), idx), ytr.select(Axis(0), idx))
-                                };
-                                (pick(&rest), pick(&held))
+                        let (x, y) = rows(fit);
+                        if a.mode == Mode::Knn {
+                            let knn = KnnConfig {
+                                k: a.k,
+                                ..Default::default()
+                            };
+                            return knn_scores(
+                                x.view(),
+                                y.view(),
+                                eval,
+                                info.num_classes(),
+                                multi,
+                                knn,
+                            );
+                        }
+                        let (xs, ys) = match (held, &val) {
+                            (Some(h), _) => rows(h),
+                            (None, Some((x, y))) => (x.clone(), y.clone()),
+                            (None, None) => {
+                                unreachable!("the probes select on val or a holdout")
                             }
                         };
                         let mut cfg = ProbeConfig {
@@ -399,17 +454,16 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                             cfg.hidden = a.hidden;
                         }
                         let r = linear_probe::<omnirad_model::Train<B>>(
-                            (fit.0.view(), fit.1.view()),
-                            (select.0.view(), select.1.view()),
-                            test.values.view(),
+                            (x.view(), y.view()),
+                            (xs.view(), ys.view()),
+                            eval,
                             info.num_classes(),
                             task,
                             &cfg,
                             &dev,
                         );
                         eprintln!(
-                            "{} seed {seed}: {:?} probe chose epoch {} by {} {} ({})",
-                            info.name,
+                            "{what}: {:?} probe chose epoch {} by {} {} ({})",
                             a.mode,
                             r.best_epoch,
                             selection_split(a),
@@ -418,7 +472,33 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         );
                         r.test_scores
                     };
-                    let m = evaluate(task, yte.view(), scores.view());
+                    let what = format!("{} seed {seed}", info.name);
+                    let m = match &scored {
+                        Some((x, y)) => {
+                            let all: Vec<usize> = (0..ytr.nrows()).collect();
+                            let scores = if a.eval_split == Split::Val && a.mode != Mode::Knn {
+                                let (rest, held) = stratified_holdout(ytr.view(), y.nrows(), seed);
+                                fit_and_score(&rest, Some(&held), x.view(), &what)
+                            } else {
+                                fit_and_score(&all, None, x.view(), &what)
+                            };
+                            evaluate(task, y.view(), scores.view())
+                        }
+                        None => {
+                            let k = a.folds.unwrap_or(2);
+                            let folds = stratified_folds(ytr.view(), k, seed);
+                            let parts = folds
+                                .iter()
+                                .enumerate()
+                                .map(|(f, (rest, held))| {
+                                    let x = train.values.select(Axis(0), held);
+                                    let what = format!("{what} fold {}/{k}", f + 1);
+                                    (held, fit_and_score(rest, None, x.view(), &what))
+                                })
+                                .collect();
+                            evaluate(task, ytr.view(), out_of_fold(ytr.nrows(), parts).view())
+                        }
+                    };
                     let (run, id) = run_id(info.name, file, seed);
                     log.record(&run, &id, &m)?;
                     runs.push((seed, m));
@@ -426,7 +506,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
             }
             runs.sort_by_key(|(seed, _)| *seed);
             let runs = runs.into_iter().map(|(_, m)| m).collect();
-            rows.push(row(info.name, runs, cfg.preprocess.size, a.eval_split));
+            rows.push(row(info.name, runs, cfg.preprocess.size, &scored_name(a)));
         }
         rows
     });
@@ -435,7 +515,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
     if let Some(out) = &a.out {
         let j = json!({
             "model": a.model, "mode": format!("{:?}", a.mode).to_lowercase(), "dtype": format!("{:?}", a.dtype).to_lowercase(), "k": a.k, "seeds": a.seeds, "file_size": a.size,
-            "pool": format!("{:?}", a.pool).to_lowercase(), "select": a.select.name(), "split": a.eval_split.name(),
+            "pool": format!("{:?}", a.pool).to_lowercase(), "select": a.select.name(), "split": a.eval_split.name(), "folds": a.folds,
             "results": rows.iter().map(|r| json!({ "dataset": r.name, "input": format!("{}px resized to {}px", a.size, r.model_size), "runs": r.runs })).collect::<Vec<_>>(),
         });
         crate::atomic::write(&out.with_extension("md"), &md)?;
@@ -539,6 +619,26 @@ fn schedule(a: &MedMnistArgs) -> String {
     s
 }
 
+/// What the table scores: "test", "val" or "train, 5-fold cross-validated".
+fn scored_name(a: &MedMnistArgs) -> String {
+    match (a.eval_split, a.folds) {
+        (Split::Train, Some(k)) => format!("train, {k}-fold cross-validated"),
+        (s, _) => s.name().to_string(),
+    }
+}
+
+/// One score table for all n items from the folds' (rows, scores) pairs.
+fn out_of_fold(n: usize, parts: Vec<(&Vec<usize>, Array2<f64>)>) -> Array2<f64> {
+    let classes = parts.first().map_or(0, |(_, s)| s.ncols());
+    let mut out = Array2::zeros((n, classes));
+    for (rows, scores) in parts {
+        for (r, &i) in rows.iter().enumerate() {
+            out.row_mut(i).assign(&scores.row(r));
+        }
+    }
+    out
+}
+
 /// Where the epoch-selecting modes select their epoch.
 fn selection_split(a: &MedMnistArgs) -> &'static str {
     match a.eval_split {
@@ -552,7 +652,16 @@ fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
         (Mode::Knn, Split::Val) => {
             "Val split (the published references are test-split scores).".to_string()
         }
+        (Mode::Knn, Split::Train) => format!(
+            "Train split, {}-fold cross-validated: stratified folds drawn per seed, each scored by a k-NN on the others (the published references are test-split scores).",
+            a.folds.unwrap_or(2)
+        ),
         (Mode::Knn, _) => "Test split.".to_string(),
+        (_, Split::Train) => format!(
+            "Train split, {}-fold cross-validated: stratified folds drawn per seed, each scored by a model fitted on the others at the epoch chosen by val {} (the published references are test-split scores).",
+            a.folds.unwrap_or(2),
+            a.select.name()
+        ),
         (_, Split::Val) => format!(
             "Val split at the epoch chosen by {} on a stratified holdout of train the size of val, drawn per seed (the published references are test-split scores).",
             a.select.name()
@@ -617,4 +726,19 @@ fn table(a: &MedMnistArgs, rows: &[Row]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_fold_puts_each_folds_scores_on_its_rows() {
+        let (a, b) = (vec![1, 3], vec![0, 2, 4]);
+        let sa = ndarray::array![[0.1, 0.9], [0.3, 0.7]];
+        let sb = ndarray::array![[1.0, 0.0], [0.8, 0.2], [0.6, 0.4]];
+        let got = out_of_fold(5, vec![(&a, sa), (&b, sb)]);
+        let want = ndarray::array![[1.0, 0.0], [0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]];
+        assert_eq!(got, want);
+    }
 }
