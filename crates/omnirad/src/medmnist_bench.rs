@@ -70,7 +70,8 @@ pub struct MedMnistArgs {
     /// With `--eval-split train`: K stratified folds of train (drawn per seed), each scored by
     /// a probe or fine-tune fitted on the others with its epoch chosen on val; the scores of
     /// all train images together. K times the held-out images of val, to choose between
-    /// encoders or settings without reading test.
+    /// encoders or settings without reading test. (AUC over K models' pooled scores can run
+    /// lower than one model's when their scales differ; ACC and macro-F1 are unaffected.)
     #[arg(long)]
     pub folds: Option<usize>,
     /// Linear probe / fine-tuning epochs (the val split picks the best); default 60 / 20, and
