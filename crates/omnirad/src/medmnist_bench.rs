@@ -354,10 +354,9 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                             let mut parts = Vec::new();
                             for (f, (rest, held)) in folds.iter().enumerate() {
                                 let o = run_on(Scored::Fold { rest, held })?;
-                                chose(
-                                    format!("{} seed {seed} fold {}/{k}", info.name, f + 1),
-                                    &o.result,
-                                );
+                                let what = format!("{} seed {seed} fold {}/{k}", info.name, f + 1);
+                                chose(what.clone(), &o.result);
+                                fold_scored(&what, &o.test);
                                 parts.push((held, o.scores));
                             }
                             let task = crate::finetune::task_kind(info.task);
@@ -494,7 +493,10 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                                 .map(|(f, (rest, held))| {
                                     let x = train.values.select(Axis(0), held);
                                     let what = format!("{what} fold {}/{k}", f + 1);
-                                    (held, fit_and_score(rest, None, x.view(), &what))
+                                    let scores = fit_and_score(rest, None, x.view(), &what);
+                                    let y = ytr.select(Axis(0), held);
+                                    fold_scored(&what, &evaluate(task, y.view(), scores.view()));
+                                    (held, scores)
                                 })
                                 .collect();
                             evaluate(task, ytr.view(), out_of_fold(ytr.nrows(), parts).view())
@@ -626,6 +628,14 @@ fn scored_name(a: &MedMnistArgs) -> String {
         (Split::Train, Some(k)) => format!("train, {k}-fold cross-validated"),
         (s, _) => s.name().to_string(),
     }
+}
+
+/// A fold's own scores, printed: their spread, and AUC per model beside the pooled one.
+fn fold_scored(what: &str, m: &Metrics) {
+    eprintln!(
+        "{what}: held-out fold ACC {:.3} AUC {:.3} macro-F1 {:.3}",
+        m.acc, m.auc, m.macro_f1
+    );
 }
 
 /// One score table for all n items from the folds' (rows, scores) pairs.
