@@ -92,6 +92,15 @@ pub fn parse_file_name(path: &Path) -> Option<(&'static MedMnistInfo, usize)> {
     MedMnistInfo::get(&name).map(|i| (i, size))
 }
 
+/// Item indices per distinct label row, in label order.
+fn by_label_row(labels: ArrayView2<i64>) -> BTreeMap<Vec<i64>, Vec<usize>> {
+    let mut groups: BTreeMap<Vec<i64>, Vec<usize>> = BTreeMap::new();
+    for (i, row) in labels.rows().into_iter().enumerate() {
+        groups.entry(row.to_vec()).or_default().push(i);
+    }
+    groups
+}
+
 /// A seeded, stratified holdout of `n` of the items whose label rows are `labels`: each
 /// distinct label row gives its share of `n` (largest remainders, ties to the smaller label),
 /// drawn at random. Returns (rest, held), each ascending.
@@ -106,10 +115,7 @@ pub fn stratified_holdout(
 ) -> (Vec<usize>, Vec<usize>) {
     let total = labels.nrows();
     let n = n.min(total);
-    let mut groups: BTreeMap<Vec<i64>, Vec<usize>> = BTreeMap::new();
-    for (i, row) in labels.rows().into_iter().enumerate() {
-        groups.entry(row.to_vec()).or_default().push(i);
-    }
+    let groups = by_label_row(labels);
     let exact: Vec<f64> = groups
         .values()
         .map(|g| (n * g.len()) as f64 / total as f64)
@@ -147,10 +153,7 @@ pub fn stratified_folds(
     seed: u64,
 ) -> Vec<(Vec<usize>, Vec<usize>)> {
     let k = k.max(1);
-    let mut groups: BTreeMap<Vec<i64>, Vec<usize>> = BTreeMap::new();
-    for (i, row) in labels.rows().into_iter().enumerate() {
-        groups.entry(row.to_vec()).or_default().push(i);
-    }
+    let groups = by_label_row(labels);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut folds = vec![Vec::new(); k];
     let mut at = 0;
