@@ -96,26 +96,38 @@ fn medmnist_md5_and_split_sizes() {
     assert_eq!(MedMnistInfo::get("chestmnist").unwrap().num_classes(), 14);
 }
 
+/// Malignant and benign counts among `idx` of a BreastMNIST split.
+fn class_counts(s: &NpzSplit, idx: &[usize]) -> [usize; 2] {
+    idx.iter().fold([0; 2], |mut c, &i| {
+        c[s.labels[[i, 0]] as usize] += 1;
+        c
+    })
+}
+
+/// `rest` and `held` are ascending and together hold 0..n once each.
+fn assert_partition(rest: &[usize], held: &[usize], n: usize) {
+    assert!(rest.windows(2).all(|w| w[0] < w[1]) && held.windows(2).all(|w| w[0] < w[1]));
+    let mut both: Vec<usize> = rest.iter().chain(held).copied().collect();
+    both.sort_unstable();
+    assert_eq!(
+        both,
+        (0..n).collect::<Vec<_>>(),
+        "rest and held partition the split"
+    );
+}
+
 #[test]
 fn stratified_holdout_keeps_class_shares_and_follows_the_seed() {
     use omnirad_data::medmnist::stratified_holdout;
     let s = NpzSplit::load(data("medmnist/breastmnist.npz"), Split::Train).unwrap();
-    let counts = |idx: &[usize]| {
-        idx.iter().fold([0usize; 2], |mut c, &i| {
-            c[s.labels[[i, 0]] as usize] += 1;
-            c
-        })
-    };
+    let counts = |idx: &[usize]| class_counts(&s, idx);
     let all: Vec<usize> = (0..s.len()).collect();
     assert_eq!(counts(&all), [147, 399]);
     let (rest, held) = stratified_holdout(s.labels.view(), 78, 0);
     assert_eq!((rest.len(), held.len()), (468, 78));
     // 78 × 147 / 546 = 21.0 and 78 × 399 / 546 = 57.0: the shares of train, exactly.
     assert_eq!(counts(&held), [21, 57]);
-    let mut both: Vec<usize> = rest.iter().chain(&held).copied().collect();
-    both.sort_unstable();
-    assert_eq!(both, all, "rest and held partition train");
-    assert!(held.windows(2).all(|w| w[0] < w[1]));
+    assert_partition(&rest, &held, s.len());
     assert_eq!(stratified_holdout(s.labels.view(), 78, 0).1, held);
     let other = stratified_holdout(s.labels.view(), 78, 1).1;
     assert_ne!(other, held);
@@ -132,24 +144,11 @@ fn stratified_holdout_keeps_class_shares_and_follows_the_seed() {
 fn stratified_folds_partition_train_with_class_shares() {
     use omnirad_data::medmnist::stratified_folds;
     let s = NpzSplit::load(data("medmnist/breastmnist.npz"), Split::Train).unwrap();
-    let counts = |idx: &[usize]| {
-        idx.iter().fold([0usize; 2], |mut c, &i| {
-            c[s.labels[[i, 0]] as usize] += 1;
-            c
-        })
-    };
+    let counts = |idx: &[usize]| class_counts(&s, idx);
     let held = |seed| -> Vec<Vec<usize>> {
         let pairs = stratified_folds(s.labels.view(), 5, seed);
         for (rest, held) in &pairs {
-            let mut both: Vec<usize> = rest.iter().chain(held).copied().collect();
-            both.sort_unstable();
-            assert_eq!(
-                both,
-                (0..s.len()).collect::<Vec<_>>(),
-                "rest and held partition train"
-            );
-            assert!(rest.windows(2).all(|w| w[0] < w[1]));
-            assert!(held.windows(2).all(|w| w[0] < w[1]));
+            assert_partition(rest, held, s.len());
         }
         pairs.into_iter().map(|(_, held)| held).collect()
     };
