@@ -11,7 +11,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use ndarray::Array3;
 use serde::Serialize;
 
-use crate::error::{DataError, Result};
+use crate::error::{catch_decoder_panic, DataError, Result};
 use crate::image::{apply_window, percentile_normalize, Image, Meta, Modality};
 
 /// How raw (modality-LUT) values become [0, 1] intensities.
@@ -200,12 +200,14 @@ impl DicomFile {
                 value: format!("{ts_name} ({uid})"),
             });
         }
-        let pixels = self.obj.decode_pixel_data().map_err(|e| {
-            let bits = self.int_tag(tags::BITS_STORED).unwrap_or(0);
-            DataError::invalid(
-                &self.path,
-                format!("cannot decode {bits}-bit pixel data ({ts_name}): {e}"),
-            )
+        let pixels = catch_decoder_panic(&self.path, || {
+            self.obj.decode_pixel_data().map_err(|e| {
+                let bits = self.int_tag(tags::BITS_STORED).unwrap_or(0);
+                DataError::invalid(
+                    &self.path,
+                    format!("cannot decode {bits}-bit pixel data ({ts_name}): {e}"),
+                )
+            })
         })?;
         let (rows, cols) = (pixels.rows() as usize, pixels.columns() as usize);
         let spp = pixels.samples_per_pixel() as usize;
@@ -220,9 +222,11 @@ impl DicomFile {
             .with_voi_lut(VoiLutOption::Identity);
         (0..frames)
             .map(|f| {
-                let v: Vec<f32> = pixels
-                    .to_vec_frame_with_options(f, &opts)
-                    .map_err(|e| DataError::invalid(&self.path, format!("frame {f}: {e}")))?;
+                let v: Vec<f32> = catch_decoder_panic(&self.path, || {
+                    pixels
+                        .to_vec_frame_with_options(f, &opts)
+                        .map_err(|e| DataError::invalid(&self.path, format!("frame {f}: {e}")))
+                })?;
                 if v.len() != rows * cols * spp {
                     return Err(DataError::invalid(
                         &self.path,

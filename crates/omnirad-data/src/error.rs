@@ -51,3 +51,51 @@ impl DataError {
 }
 
 pub type Result<T> = std::result::Result<T, DataError>;
+
+/// Runs a third-party decoder on `path`'s data, turning a panic into an error naming the file.
+///
+/// Why: decoders index into their input without bounds checks on corrupt data (dicom-rs's RLE
+/// decoder panics on a truncated segment), and one panic must not end a batch job or print a
+/// backtrace location inside a dependency. The panic message is kept in the error; the default
+/// panic report is suppressed for panics caught here, and only here.
+pub(crate) fn catch_decoder_panic<T>(
+    path: &std::path::Path,
+    decode: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    QUIET_HOOK.call_once(|| {
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_DECODER.with(|d| d.get()) {
+                report(info);
+            }
+        }));
+    });
+    let outer = IN_DECODER.with(|d| d.replace(true));
+    let r = catch_unwind(AssertUnwindSafe(decode));
+    IN_DECODER.with(|d| d.set(outer));
+    r.unwrap_or_else(|payload| {
+        Err(DataError::invalid(
+            path,
+            format!(
+                "the decoder failed on corrupt or truncated data ({})",
+                panic_message(payload.as_ref())
+            ),
+        ))
+    })
+}
+
+static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
+
+thread_local! {
+    static IN_DECODER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The text of a panic payload (`panic!` with a literal gives `&str`, with formatting `String`).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}

@@ -1,11 +1,13 @@
 //! Batching: items are decoded and preprocessed in parallel (rayon) and batches are produced
 //! one ahead on a background thread, so decoding overlaps with the model's work.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::error::panic_message;
 use crate::image::Meta;
 use crate::preprocess::Preprocess;
 use crate::source::{Item, ReadOptions};
@@ -70,7 +72,17 @@ pub fn batches(
     let (tx, rx) = sync_channel(prefetch.max(1));
     std::thread::spawn(move || {
         for chunk in items.chunks(batch_items.max(1)) {
-            if tx.send(load_batch(chunk, &read, &pre)).is_err() {
+            // A panic here would end the stream early and look like a shorter dataset; report
+            // the chunk's items as failed instead, so the job counts them like unreadable files.
+            let batch = catch_unwind(AssertUnwindSafe(|| load_batch(chunk, &read, &pre)))
+                .unwrap_or_else(|payload| {
+                    let why = format!("internal error: {}", panic_message(payload.as_ref()));
+                    let mut b = load_batch(&[], &read, &pre);
+                    b.items = chunk.len();
+                    b.failed = chunk.iter().map(|it| (it.id(), why.clone())).collect();
+                    b
+                });
+            if tx.send(batch).is_err() {
                 break;
             }
         }

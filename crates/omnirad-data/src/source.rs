@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::dicom::{looks_like_dicom, DicomFile, Window};
-use crate::error::{DataError, Result};
+use crate::error::{catch_decoder_panic, DataError, Result};
 use crate::image::{Image, Meta, Modality};
 use crate::medmnist::{NpzSplit, Split};
 use crate::nifti::{is_nifti, NiftiVolume, SliceAxis, VolumeIntensity};
@@ -96,22 +96,25 @@ impl Item {
                 modality,
                 anatomy,
             } => {
-                let mut images = match file_kind(path) {
-                    Some(FileKind::Dicom) => DicomFile::open(path)?.images(&opts.window)?,
-                    Some(FileKind::Nifti) => NiftiVolume::open(path)?.slices(
-                        opts.slice_axis,
-                        opts.time,
-                        opts.volume_intensity,
-                    )?,
-                    Some(FileKind::Raster) => vec![read_raster(path)?],
-                    _ => {
-                        return Err(DataError::Unsupported {
-                            path: path.clone(),
-                            what: "file type",
-                            value: "not DICOM, NIfTI, PNG/JPEG/TIFF/GIF/BMP".into(),
-                        })
-                    }
-                };
+                // DICOM guards its own decoder; this covers the NIfTI and raster ones too.
+                let mut images = catch_decoder_panic(path, || {
+                    Ok(match file_kind(path) {
+                        Some(FileKind::Dicom) => DicomFile::open(path)?.images(&opts.window)?,
+                        Some(FileKind::Nifti) => NiftiVolume::open(path)?.slices(
+                            opts.slice_axis,
+                            opts.time,
+                            opts.volume_intensity,
+                        )?,
+                        Some(FileKind::Raster) => vec![read_raster(path)?],
+                        _ => {
+                            return Err(DataError::Unsupported {
+                                path: path.clone(),
+                                what: "file type",
+                                value: "not DICOM, NIfTI, PNG/JPEG/TIFF/GIF/BMP".into(),
+                            })
+                        }
+                    })
+                })?;
                 for im in &mut images {
                     if !labels.is_empty() {
                         im.meta.labels = labels.clone();

@@ -183,3 +183,52 @@ fn truncated_and_non_dicom_files_are_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn a_truncated_rle_file_fails_alone_in_a_folder() {
+    // dicom-rs's RLE decoder panics on a truncated segment; before the decoder was guarded,
+    // that panic killed the loader thread and the folder silently ended after the first batch.
+    let dir = tmpdir("dicom-rle-cut");
+    let rle = std::fs::read(data("dicom-pydicom/MR_small_RLE.dcm")).unwrap();
+    std::fs::write(dir.join("b_cut.dcm"), &rle[..4000]).unwrap();
+    for (name, src) in [("a.dcm", "CT_small.dcm"), ("c.dcm", "MR_small.dcm")] {
+        std::fs::copy(data(&format!("dicom-pydicom/{src}")), dir.join(name)).unwrap();
+    }
+
+    let err = DicomFile::open(dir.join("b_cut.dcm"))
+        .and_then(|f| f.modality_frames())
+        .expect_err("the decoder must fail");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("b_cut.dcm") && msg.contains("corrupt or truncated"),
+        "{msg}"
+    );
+
+    let (items, skipped) = omnirad_data::discover(&dir, omnirad_data::Split::Test).unwrap();
+    assert_eq!((items.len(), skipped), (3, 0));
+    let pre = omnirad_data::Preprocess {
+        size: 32,
+        ..Default::default()
+    };
+    let batches: Vec<_> = omnirad_data::loader::batches(
+        std::sync::Arc::new(items),
+        1,
+        omnirad_data::ReadOptions::default(),
+        pre,
+        2,
+    )
+    .iter()
+    .collect();
+    assert_eq!(batches.len(), 3, "one batch per item, none lost");
+    let loaded: Vec<_> = batches
+        .iter()
+        .flat_map(|b| b.metas.iter().map(|m| m.id.clone()))
+        .collect();
+    let failed: Vec<_> = batches.iter().flat_map(|b| b.failed.clone()).collect();
+    assert!(
+        loaded[0].ends_with("a.dcm") && loaded[1].ends_with("c.dcm"),
+        "{loaded:?}"
+    );
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0].0.ends_with("b_cut.dcm") && failed[0].1.contains("corrupt or truncated"));
+}

@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor};
 use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
 use omnirad_data::Preprocess;
 use serde::{Deserialize, Serialize};
@@ -146,6 +148,7 @@ pub fn load_module<B: Backend, M: ModuleSnapshot<B>>(
             .iter()
             .map(|p| format!("unexpected tensor '{p}'")),
     );
+    problems.extend(non_finite(&module));
     if !problems.is_empty() {
         return Err(ModelError::Weights {
             path: path.into(),
@@ -153,6 +156,39 @@ pub fn load_module<B: Backend, M: ModuleSnapshot<B>>(
         });
     }
     Ok(module)
+}
+
+/// "tensor 'P' has NaN/Inf values" for each such float parameter: a diverged run's checkpoint
+/// must not load and turn every later output into NaN far from its cause.
+fn non_finite<B: Backend, M: Module<B>>(module: &M) -> Vec<String> {
+    struct V {
+        path: Vec<String>,
+        bad: Vec<String>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for V {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            // 0 · x sums to NaN exactly when some x is NaN or ±Inf; one scalar per tensor.
+            let probe = (param.val() * 0.0).sum().into_scalar().elem::<f32>();
+            if !probe.is_finite() {
+                self.bad.push(format!(
+                    "tensor '{}' has NaN/Inf values",
+                    self.path.join(".")
+                ));
+            }
+        }
+    }
+    let mut v = V {
+        path: Vec::new(),
+        bad: Vec::new(),
+    };
+    module.visit(&mut v);
+    v.bad
 }
 
 pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelError> {
@@ -237,6 +273,7 @@ fn apply_weights<B: Backend>(
             .or_else(|| p.strip_suffix(".bias").map(|s| format!("{s}.beta")));
         alt.is_some_and(|a| res.applied.contains(&a))
     };
+    problems.extend(non_finite(&model));
     if !allow_partial {
         problems.extend(
             res.missing

@@ -101,6 +101,37 @@ fn model_directory_round_trip_and_bad_weights() {
             && st.tensor("reg_token").is_ok()
     );
 
+    // A diverged checkpoint (one NaN) does not load: the error names the file and the tensor.
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    let fc2 = tensors
+        .iter_mut()
+        .find(|t| t.0 == "blocks.1.mlp.fc2.bias")
+        .unwrap();
+    fc2.3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(k, d, s, b)| {
+            let v = safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap();
+            (k.clone(), v)
+        })
+        .collect();
+    let good = bytes.clone();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    let err = load_model_dir::<Cpu>(&dir, &dev).unwrap_err().to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("'blocks.1.mlp.fc2.bias' has NaN/Inf"),
+        "{err}"
+    );
+    std::fs::write(dir.join("model.safetensors"), good).unwrap();
+
     // A config that disagrees with the weights is a clear error naming the tensor.
     let wrong = ModelConfig::new(
         VitConfig {
