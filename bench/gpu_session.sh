@@ -1,19 +1,26 @@
 #!/bin/bash
-# Issue #8's GPU measurements, split into stages that each fit one 10-minute device call.
+# Issue #8's GPU measurements on one device lease.
 #
 # Here (no CUDA toolkit needed; NVRTC compiles the kernels on the GPU machine):
 #   CARGO_TARGET_DIR=/tmp/cuda-target cargo build --release --features cuda -p omnirad
 #   mkdir -p dist && strip -o dist/omnirad /tmp/cuda-target/release/omnirad && xz -f dist/omnirad
-# (dist/ is git-ignored). Then one device call per stage, carrying dist/:
-#   bench/gpu_session.sh cold    # time to first step with an empty kernel cache, then the f32 steps
-#   bench/gpu_session.sh omnirad # bf16, pretrain, --grad-checkpoint (warm cache)
-#   bench/gpu_session.sh torch   # bench/torch_reference.py: eager fp32 / TF32 / bf16+SDPA / compile
-# Each stage writes JSON lines to $OUT/<stage>.jsonl and the kernel cache to $OUT/kernels.tar.xz;
-# unpack that into dist/ here before the next call so later stages start warm.
+# (dist/ is git-ignored). A task gets 15 minutes of device time in all, the machine's start
+# included, so the default is one call that runs everything in order of importance and stops
+# each step at a shared deadline (BUDGET seconds, default 500):
+#   run(command="bench/gpu_session.sh all", carry=["dist"], timeout_s=560)
+# Order: time to first step on an empty kernel cache (warmup), the f32 steps, PyTorch eager
+# (fp32 / TF32 / bf16+SDPA), omnirad bf16, PyTorch torch.compile, pretraining, --grad-checkpoint.
+# The stages of the earlier 30-minute plan still run alone:
+#   bench/gpu_session.sh cold | omnirad | torch
+# Every stage writes JSON lines to $OUT/<stage>.jsonl as it goes (a step cut by the deadline
+# leaves the lines before it) and the kernel cache to $OUT/kernels.tar.xz; unpack that into
+# dist/kernels here so a later lease starts warm.
 # On a CPU (for checking this script): DEVICE=cpu BATCH=2 IMG=32 MODEL=vit_pico STEPS=2 ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?stage: cold | omnirad | torch}
+STAGE=${1:?stage: all | cold | omnirad | torch}
+BUDGET=${BUDGET:-500}
+T0=$(date +%s)
 OUT=${OUT:-runs/gpu}
 DEVICE=${DEVICE:-cuda}
 MODEL=${MODEL:-vit_s16}
@@ -33,17 +40,47 @@ if [ -f dist/kernels.tar.xz ] && [ "$STAGE" != cold ]; then
 fi
 log="$OUT/$STAGE.jsonl"
 : > "$log"
+# Runs a step with what is left of BUDGET; a step that fails or is cut is logged as such.
+bounded() {
+  local left=$((BUDGET - ($(date +%s) - T0)))
+  if [ $left -le 5 ]; then
+    note "{\"skipped\":\"$*\",\"why\":\"budget spent\"}"
+    return 0
+  fi
+  timeout $left "$@" || note "{\"failed\":\"$*\",\"rc\":$?}"  # rc 124: cut at the deadline
+}
+note() { echo "$1" >> "$log"; echo "$1" >&2; }
 speed() { # mode dtype [extra flags]
-  $B bench speed --model $MODEL --mode $1 --img $IMG --batch $BATCH --steps $STEPS --warmup 2 \
-    --dtype $2 --device $DEVICE "${@:3}" | tee -a "$log"
+  bounded $B bench speed --model $MODEL --mode $1 --img $IMG --batch $BATCH --steps $STEPS \
+    --warmup 2 --dtype $2 --device $DEVICE "${@:3}" | tee -a "$log"
+}
+torch_ref() { # mode [--compile]
+  bounded ${PYTHON:-python} bench/torch_reference.py --model $MODEL --mode $1 --img $IMG \
+    --batch $BATCH --steps $STEPS --warmup 2 --device $DEVICE "${@:2}" | tee -a "$log"
+}
+cold_start() { # a cache carried into `all` is measured as such instead of being emptied
+  local cache=cold
+  if [ "$STAGE" = all ] && [ -d dist/kernels ]; then cache=carried; else rm -rf dist/kernels; fi
+  local start=$(date +%s%N)
+  bounded $B warmup --model $MODEL --modes infer,finetune --img $IMG --batch $BATCH \
+    --device $DEVICE
+  local ms=$(( ($(date +%s%N) - start) / 1000000 ))
+  note "{\"bench\":\"warmup\",\"cache\":\"$cache\",\"wall_ms\":$ms}"
 }
 case $STAGE in
+  all)
+    cold_start
+    speed infer f32
+    speed finetune f32
+    for mode in infer finetune; do torch_ref $mode; done
+    for mode in infer finetune; do speed $mode bf16; done
+    for mode in infer finetune; do torch_ref $mode --precisions '' --compile; done
+    speed pretrain f32
+    torch_ref pretrain
+    speed finetune f32 --grad-checkpoint
+    ;;
   cold)
-    rm -rf dist/kernels
-    start=$(date +%s%N)
-    $B warmup --model $MODEL --modes infer,finetune --img $IMG --batch $BATCH --device $DEVICE
-    ms=$(( ($(date +%s%N) - start) / 1000000 ))
-    echo "{\"bench\":\"warmup\",\"cache\":\"cold\",\"wall_ms\":$ms}" | tee -a "$log"
+    cold_start
     speed infer f32
     speed finetune f32
     ;;
@@ -54,10 +91,7 @@ case $STAGE in
     speed pretrain bf16
     ;;
   torch)
-    for mode in infer finetune pretrain; do
-      ${PYTHON:-python} bench/torch_reference.py --model $MODEL --mode $mode --img $IMG \
-        --batch $BATCH --steps $STEPS --warmup 2 --device $DEVICE ${COMPILE---compile} | tee -a "$log"
-    done
+    for mode in infer finetune pretrain; do torch_ref $mode ${COMPILE---compile}; done
     ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac

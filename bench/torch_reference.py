@@ -217,7 +217,7 @@ def main():
     a = p.parse_args()
     torch.manual_seed(0)
     modes = {"fp32": (False, False), "tf32": (True, False), "bf16": (True, True)}
-    for name in a.precisions.split(","):
+    for name in filter(None, a.precisions.split(",")):  # --precisions "" --compile: compile only
         if a.device == "cpu" and name == "tf32":
             continue  # no TF32 on CPU
         tf32, bf16 = modes[name]
