@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array3, Array4, ArrayView3, Axis, Ix4};
 use nifti::{IntoNdArray, NiftiObject, ReaderOptions};
 
-use crate::error::{DataError, Result};
+use crate::error::{catch_decoder_panic, DataError, Result};
 use crate::image::{apply_window, percentiles, Image, Meta, Modality};
 
 /// Slicing axis in RAS+ voxel space.
@@ -68,9 +68,11 @@ impl NiftiVolume {
                 value: "NIfTI-2 (540-byte header); only NIfTI-1 is read".into(),
             });
         }
-        let obj = ReaderOptions::new()
-            .read_file(&path)
-            .map_err(|e| DataError::format(&path, "NIfTI", e))?;
+        let obj = catch_decoder_panic(&path, || {
+            ReaderOptions::new()
+                .read_file(&path)
+                .map_err(|e| DataError::format(&path, "NIfTI", e))
+        })?;
         let header = obj.header().clone();
         let dims = header
             .dim()
@@ -83,10 +85,11 @@ impl NiftiVolume {
                 value: format!("{}D (need 3D or 4D)", dims.len()),
             });
         }
-        let raw = obj
-            .into_volume()
-            .into_ndarray::<f32>()
-            .map_err(|e| DataError::format(&path, "NIfTI", e))?;
+        let raw = catch_decoder_panic(&path, || {
+            obj.into_volume()
+                .into_ndarray::<f32>()
+                .map_err(|e| DataError::format(&path, "NIfTI", e))
+        })?;
         let raw = if raw.ndim() == 3 {
             raw.insert_axis(Axis(3))
         } else {

@@ -96,25 +96,22 @@ impl Item {
                 modality,
                 anatomy,
             } => {
-                // DICOM guards its own decoder; this covers the NIfTI and raster ones too.
-                let mut images = catch_decoder_panic(path, || {
-                    Ok(match file_kind(path) {
-                        Some(FileKind::Dicom) => DicomFile::open(path)?.images(&opts.window)?,
-                        Some(FileKind::Nifti) => NiftiVolume::open(path)?.slices(
-                            opts.slice_axis,
-                            opts.time,
-                            opts.volume_intensity,
-                        )?,
-                        Some(FileKind::Raster) => vec![read_raster(path)?],
-                        _ => {
-                            return Err(DataError::Unsupported {
-                                path: path.clone(),
-                                what: "file type",
-                                value: "not DICOM, NIfTI, PNG/JPEG/TIFF/GIF/BMP".into(),
-                            })
-                        }
-                    })
-                })?;
+                let mut images = match file_kind(path) {
+                    Some(FileKind::Dicom) => DicomFile::open(path)?.images(&opts.window)?,
+                    Some(FileKind::Nifti) => NiftiVolume::open(path)?.slices(
+                        opts.slice_axis,
+                        opts.time,
+                        opts.volume_intensity,
+                    )?,
+                    Some(FileKind::Raster) => vec![read_raster(path)?],
+                    _ => {
+                        return Err(DataError::Unsupported {
+                            path: path.clone(),
+                            what: "file type",
+                            value: "not DICOM, NIfTI, PNG/JPEG/TIFF/GIF/BMP".into(),
+                        })
+                    }
+                };
                 for im in &mut images {
                     if !labels.is_empty() {
                         im.meta.labels = labels.clone();
@@ -265,12 +262,14 @@ pub fn read_manifest(path: &Path) -> Result<Vec<Item>> {
 
 /// PNG/JPEG/TIFF/GIF/BMP, 8 or 16 bit, grey or colour, to [0, 1]. Alpha is dropped.
 pub fn read_raster(path: &Path) -> Result<Image> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| DataError::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| DataError::io(path, e))?
-        .decode()
-        .map_err(|e| DataError::format(path, "image", e))?;
+    let img = catch_decoder_panic(path, || {
+        image::ImageReader::open(path)
+            .map_err(|e| DataError::io(path, e))?
+            .with_guessed_format()
+            .map_err(|e| DataError::io(path, e))?
+            .decode()
+            .map_err(|e| DataError::format(path, "image", e))
+    })?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     use image::ColorType as C;
     let data = match img.color() {
