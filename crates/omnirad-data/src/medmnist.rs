@@ -198,8 +198,18 @@ pub(crate) fn read_npz_array<T: ndarray_npy::ReadableElement>(
     npz: &mut NpzReader<BufReader<File>>,
     key: &str,
 ) -> Result<ArrayD<T>> {
+    use ndarray_npy::{ReadNpyError::WrongDescriptor, ReadNpzError::Npy};
     npz.by_name::<ndarray::OwnedRepr<T>, IxDyn>(key)
-        .map_err(|e| DataError::invalid(path, format!("array '{key}': {e}")))
+        .map_err(|e| {
+            let why = match e {
+                Npy(WrongDescriptor(d)) => format!(
+                    "holds {d} values, expected {} (MedMNIST-style files hold uint8 images)",
+                    std::any::type_name::<T>()
+                ),
+                e => e.to_string(),
+            };
+            DataError::invalid(path, format!("array '{key}': {why}"))
+        })
 }
 
 /// Integer labels in whichever integer dtype the file uses.

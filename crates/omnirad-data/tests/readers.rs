@@ -213,6 +213,19 @@ fn npz_with_missing_keys_or_wrong_labels_is_a_clear_error() {
     let e = NpzSplit::load(&p, Split::Test).unwrap_err().to_string();
     assert!(e.contains("label 7"), "{e}");
 
+    // Float images (a user's own export, say) are named as such, not as a bad descriptor.
+    let mut w = NpzWriter::new(std::fs::File::create(&p).unwrap());
+    w.add_array("test_images", &Array3::<f32>::zeros((5, 28, 28)))
+        .unwrap();
+    w.add_array("test_labels", &Array2::<u8>::zeros((5, 1)))
+        .unwrap();
+    w.finish().unwrap();
+    let e = NpzSplit::load(&p, Split::Test).unwrap_err().to_string();
+    assert!(
+        e.contains("breastmnist.npz") && e.contains("'<f4' values, expected u8"),
+        "{e}"
+    );
+
     std::fs::write(dir.join("junk.npz"), b"PK not really").unwrap();
     let e = NpzSplit::load(dir.join("junk.npz"), Split::Test).unwrap_err();
     assert!(matches!(e, DataError::Format { .. }), "{e}");
