@@ -16,7 +16,7 @@ use crate::error::{DataError, Result};
 use crate::image::{Image, Meta, Modality};
 use crate::medmnist::{open_npz, read_int_array, read_npz_array, Split};
 use crate::preprocess::resize_chw;
-use crate::source::read_raster;
+use crate::source::{file_kind, read_raster, FileKind};
 
 /// One image with its class-index mask and, where the dataset has one, a field-of-view mask
 /// (DRIVE) outside which pixels are excluded from metrics.
@@ -41,11 +41,12 @@ fn stem(p: &Path) -> String {
         .to_string()
 }
 
+/// The PNG/JPEG/TIFF/GIF/BMP files in `dir` (notes, CSVs and the like are not pairs' halves).
 fn files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| DataError::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
+        .filter(|p| p.is_file() && file_kind(p) == Some(FileKind::Raster))
         .collect();
     v.sort();
     Ok(v)
@@ -63,13 +64,11 @@ pub fn discover_pairs(dir: &Path) -> Result<Vec<SegPair>> {
             let id = s.split('_').next().unwrap_or("");
             let mask = dir.join("1st_manual").join(format!("{id}_manual1.gif"));
             let fov = dir.join("mask").join(format!("{s}_mask.gif"));
-            if mask.is_file() {
-                pairs.push(SegPair {
-                    image: img,
-                    mask,
-                    fov: fov.is_file().then_some(fov),
-                });
-            }
+            pairs.push(SegPair {
+                image: img,
+                mask,
+                fov: fov.is_file().then_some(fov),
+            });
         }
     } else if images.is_dir() && dir.join("masks").is_dir() {
         let masks: BTreeMap<String, PathBuf> = files(&dir.join("masks"))?
@@ -77,33 +76,38 @@ pub fn discover_pairs(dir: &Path) -> Result<Vec<SegPair>> {
             .map(|m| (stem(&m), m))
             .collect();
         for img in files(&images)? {
-            if let Some(m) = masks.get(&stem(&img)) {
-                pairs.push(SegPair {
-                    image: img,
-                    mask: m.clone(),
-                    fov: None,
-                });
-            }
+            let s = stem(&img);
+            let mask = masks
+                .get(&s)
+                .cloned()
+                .unwrap_or_else(|| dir.join("masks").join(format!("{s}.*")));
+            pairs.push(SegPair {
+                image: img,
+                mask,
+                fov: None,
+            });
         }
     } else {
         let all = files(dir)?;
         let by_stem: BTreeMap<String, PathBuf> = all.iter().map(|p| (stem(p), p.clone())).collect();
         for p in &all {
             let s = stem(p);
-            if s.ends_with("_mask") || s.ends_with("_1stHO") || s.ends_with("_2ndHO") {
+            let is_mask = ["_mask", "_1stHO", "_2ndHO"].iter().any(|m| s.ends_with(m))
+                // BUSI's second and third lesion masks: name_mask_1.png, name_mask_2.png
+                || s.rsplit_once("_mask_").is_some_and(|(_, n)| n.parse::<u32>().is_ok());
+            if is_mask {
                 continue;
             }
             // BUSI: name.png + name_mask.png; CHASE_DB1: Image_01L.jpg + Image_01L_1stHO.png
-            for suffix in ["_mask", "_1stHO"] {
-                if let Some(m) = by_stem.get(&format!("{s}{suffix}")) {
-                    pairs.push(SegPair {
-                        image: p.clone(),
-                        mask: m.clone(),
-                        fov: None,
-                    });
-                    break;
-                }
-            }
+            let mask = ["_mask", "_1stHO"]
+                .iter()
+                .find_map(|suffix| by_stem.get(&format!("{s}{suffix}")).cloned())
+                .unwrap_or_else(|| dir.join(format!("{s}_mask.*")));
+            pairs.push(SegPair {
+                image: p.clone(),
+                mask,
+                fov: None,
+            });
         }
         // BUSI keeps classes in sub-folders.
         for sub in std::fs::read_dir(dir)
@@ -116,10 +120,14 @@ pub fn discover_pairs(dir: &Path) -> Result<Vec<SegPair>> {
         }
         pairs.sort_by(|a, b| a.image.cmp(&b.image));
     }
-    if pairs.is_empty() {
-        return Err(DataError::Empty {
-            path: dir.to_path_buf(),
-        });
+    // Images without their mask stay in the list and fail when loaded, so that jobs report them
+    // (or stop, with --strict) rather than train on fewer pairs without a word; a folder with
+    // no mask at all is not a segmentation dataset.
+    if !pairs.iter().any(|p| p.mask.is_file()) {
+        return Err(DataError::invalid(
+            dir,
+            "no image/mask pairs found (layouts: DRIVE, CHASE_DB1, BUSI, images/ + masks/)",
+        ));
     }
     Ok(pairs)
 }
@@ -133,6 +141,12 @@ fn read_binary(path: &Path) -> Result<Array2<u8>> {
 impl SegPair {
     /// Loads the pair; mask pixels > 50% become class 1. Sizes must agree.
     pub fn load(&self) -> Result<SegSample> {
+        if !self.mask.is_file() {
+            return Err(DataError::invalid(
+                &self.image,
+                format!("no mask found (looked for {})", self.mask.display()),
+            ));
+        }
         let image = read_raster(&self.image)?;
         let mask = read_binary(&self.mask)?;
         let (h, w) = (image.height(), image.width());

@@ -401,3 +401,54 @@ fn segmentation_views_keep_image_and_mask_aligned() {
     let w = s.window(30, 50, 32);
     assert_eq!(w.valid.iter().filter(|&&ok| ok).count(), 10 * 10);
 }
+
+#[test]
+fn segmentation_images_without_a_mask_are_reported_not_dropped() {
+    let busi = data("busi-256/malignant");
+    let (a, b) = ("malignant (1)", "malignant (2)");
+    // images/ + masks/ with b's mask missing, and a note that is no image.
+    let dir = tmpdir("seg-unpaired");
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    std::fs::create_dir_all(dir.join("masks")).unwrap();
+    for n in [a, b] {
+        std::fs::copy(
+            busi.join(format!("{n}.png")),
+            dir.join(format!("images/{n}.png")),
+        )
+        .unwrap();
+    }
+    std::fs::copy(
+        busi.join(format!("{a}_mask.png")),
+        dir.join(format!("masks/{a}.png")),
+    )
+    .unwrap();
+    std::fs::write(dir.join("images/notes.txt"), "not an image").unwrap();
+    // The flat BUSI layout, the same gap.
+    let flat = tmpdir("seg-unpaired-flat");
+    for f in [
+        format!("{a}.png"),
+        format!("{a}_mask.png"),
+        format!("{b}.png"),
+    ] {
+        std::fs::copy(busi.join(&f), flat.join(&f)).unwrap();
+    }
+
+    for d in [&dir, &flat] {
+        let pairs = discover_pairs(d).unwrap();
+        assert_eq!(pairs.len(), 2, "{}", d.display());
+        let (ok, failed) = omnirad_data::seg::load_pairs(&pairs, false).unwrap();
+        assert_eq!(ok.len(), 1);
+        assert_eq!(failed.len(), 1);
+        assert!(
+            failed[0].0.ends_with(&format!("{b}.png")) && failed[0].1.contains("no mask found"),
+            "{failed:?}"
+        );
+        let e = omnirad_data::seg::load_pairs(&pairs, true).err().unwrap();
+        assert!(e.to_string().contains("no mask found"), "{e}");
+    }
+
+    // Images with no mask at all: not a segmentation dataset.
+    std::fs::remove_file(dir.join(format!("masks/{a}.png"))).unwrap();
+    let e = discover_pairs(&dir).unwrap_err().to_string();
+    assert!(e.contains("no image/mask pairs found"), "{e}");
+}
