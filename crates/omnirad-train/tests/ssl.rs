@@ -700,3 +700,50 @@ fn shipped_pretraining_configs_load_and_find_their_data() {
         "configs/ holds the pico recipe, its BreastMNIST continuation and the small recipe"
     );
 }
+
+#[test]
+fn out_of_range_optimiser_settings_are_config_errors() {
+    let tmp = std::env::temp_dir().join(format!("omnirad-cfg-range-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    // Every preset's own values are in range.
+    for name in ["dinov2", "omnirad", "xr0"] {
+        let path = tmp.join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!("preset = \"{name}\"\n[[data.sources]]\npath = \"any.npz\"\n"),
+        )
+        .unwrap();
+        PretrainConfig::load(&path, None).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let pico = std::fs::read_to_string(dir.join("medmnist-pico.toml")).unwrap();
+    for (from, to, want) in [
+        (
+            "base_lr = 2e-3",
+            "base_lr = nan",
+            "optim.base_lr = NaN must be > 0",
+        ),
+        (
+            "base_lr = 2e-3",
+            "base_lr = -1e-3",
+            "optim.base_lr = -0.001 must be > 0",
+        ),
+        (
+            "momentum_teacher = 0.99",
+            "momentum_teacher = 1.5",
+            "optim.momentum_teacher = 1.5 must be in [0, 1]",
+        ),
+        (
+            "teacher_temp = 0.04",
+            "teacher_temp = inf",
+            "optim.teacher_temp = inf must be > 0",
+        ),
+    ] {
+        assert!(pico.contains(from));
+        let path = tmp.join("bad.toml");
+        std::fs::write(&path, pico.replace(from, to)).unwrap();
+        let e = PretrainConfig::load(&path, None).err().unwrap().to_string();
+        assert!(e.contains("bad.toml") && e.contains(want), "{to}: {e}");
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+}

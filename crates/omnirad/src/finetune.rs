@@ -45,24 +45,24 @@ pub struct TrainArgs {
     /// optimizer steps (BreastMNIST: 200).
     #[arg(long)]
     pub epochs: Option<usize>,
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, default_value_t = 5e-4, value_parser = parse_positive)]
     pub lr: f64,
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = parse_non_negative)]
     pub weight_decay: f64,
-    #[arg(long, default_value_t = 0.75)]
+    #[arg(long, default_value_t = 0.75, value_parser = parse_layer_decay)]
     pub layer_decay: f64,
     #[arg(long, default_value_t = 2)]
     pub warmup_epochs: usize,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = parse_fraction)]
     pub label_smoothing: f64,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = parse_fraction)]
     pub drop_path: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
     pub dropout: f64,
     /// Global gradient-norm clip (0 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = parse_non_negative)]
     pub clip: f64,
     /// Val-split score that picks the epoch: macro-f1 (OmniRad), acc, auc or loss.
     #[arg(long, default_value = "macro-f1", value_parser = Selection::parse)]
@@ -73,9 +73,9 @@ pub struct TrainArgs {
     /// Train rank-R LoRA adapters on attention qkv/proj plus the head; the encoder stays frozen.
     #[arg(long)]
     pub lora_rank: Option<usize>,
-    #[arg(long, default_value_t = 32.0)]
+    #[arg(long, default_value_t = 32.0, value_parser = parse_positive)]
     pub lora_alpha: f64,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = parse_fraction)]
     pub lora_dropout: f64,
     /// Encoder matmul/attention precision: bf16 is mixed precision on f32 weights (a GPU speed-up;
     /// on CPU it is slower).
@@ -101,24 +101,54 @@ pub struct TrainArgs {
     pub tta: bool,
 }
 
+/// `s` as a finite number for which `ok` holds, else `what` (clap names the flag and value).
+/// Training options are checked here: a NaN or out-of-range value otherwise shows up only as
+/// NaN losses.
+fn number(s: &str, ok: impl Fn(f64) -> bool, what: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && ok(v) => Ok(v),
+        _ => Err(what.to_string()),
+    }
+}
+
+pub fn parse_positive(s: &str) -> Result<f64, String> {
+    number(s, |v| v > 0.0, "must be a number > 0")
+}
+
+pub fn parse_non_negative(s: &str) -> Result<f64, String> {
+    number(s, |v| v >= 0.0, "must be a number ≥ 0")
+}
+
+/// A probability or smoothing amount in [0, 1).
+pub fn parse_fraction(s: &str) -> Result<f64, String> {
+    number(s, |v| (0.0..1.0).contains(&v), "must be a number in [0, 1)")
+}
+
+/// Layer-wise LR decay in (0, 1] (1 = none).
+fn parse_layer_decay(s: &str) -> Result<f64, String> {
+    number(
+        s,
+        |v| v > 0.0 && v <= 1.0,
+        "must be a number in (0, 1] (1 = no decay)",
+    )
+}
+
 /// Mixup's α: a finite number ≥ 0.
 pub fn parse_mixup(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(a) if a.is_finite() && a >= 0.0 => Ok(a),
-        _ => Err(format!(
-            "'{s}': mixup's α must be a number ≥ 0 (0 = off), e.g. 0.8"
-        )),
-    }
+    number(
+        s,
+        |a| a >= 0.0,
+        "mixup's α must be a number ≥ 0 (0 = off), e.g. 0.8",
+    )
 }
 
 /// An EMA decay: strictly between 0 and 1.
 pub fn parse_ema(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(d) if d > 0.0 && d < 1.0 => Ok(d),
-        _ => Err(format!(
-            "'{s}': the EMA decay must be a number in (0, 1), e.g. 0.998"
-        )),
-    }
+    number(
+        s,
+        |d| d > 0.0 && d < 1.0,
+        "the EMA decay must be a number in (0, 1), e.g. 0.998",
+    )
 }
 
 impl TrainArgs {
@@ -328,6 +358,7 @@ pub fn run_on_npz<B: Backend>(
         hist = Some(r.history(resume.as_ref().map_or(&[][..], |s| &s.history))?);
     }
     let mut save_error = None;
+    let mut diverged = None;
     let result = finetune(
         model,
         LabelledImages {
@@ -351,6 +382,11 @@ pub fn run_on_npz<B: Backend>(
                     info.name, e.epoch, e.train_loss, e.val_loss, e.val.acc, e.val.auc, e.val.macro_f1, e.lr
                 );
             }
+            // NaN weights cannot recover, and a bundle of them would still score (at chance).
+            if !e.train_loss.is_finite() {
+                diverged = Some((e.epoch, e.train_loss));
+                return false;
+            }
             let Some(r) = run else { return true };
             if let Some(h) = hist.as_mut() {
                 h.push(e);
@@ -364,6 +400,18 @@ pub fn run_on_npz<B: Backend>(
     );
     if let Some(e) = save_error {
         return Err(e).context("writing the checkpoint");
+    }
+    if let Some((epoch, loss)) = diverged {
+        bail!(
+            "{}: training diverged in epoch {epoch} (train loss {loss}); lower --lr (now {}){}",
+            file.display(),
+            ft.lr,
+            if ft.clip > 0.0 {
+                ""
+            } else {
+                " or clip gradients (--clip 1)"
+            }
+        );
     }
     let Some(result) = result else {
         return Ok(None);

@@ -94,7 +94,7 @@ pub struct MedMnistArgs {
     #[arg(long, default_value_t = 256)]
     pub hidden: usize,
     /// Peak learning rate; default 1e-3 (linear, mlp, lora) / 5e-4 (finetune).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::finetune::parse_positive)]
     pub lr: Option<f64>,
     /// Fine-tuning: train the head alone for N epochs first (LP-FT).
     #[arg(long, default_value_t = 0)]

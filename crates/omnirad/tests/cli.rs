@@ -1071,6 +1071,23 @@ fn finetune_writes_a_bundle_that_predicts() {
         !ok && err.contains("mixup's α must be a number ≥ 0"),
         "{err}"
     );
+    // NaN or out-of-range training settings are refused before any work.
+    for (flag, value, want) in [
+        ("--lr", "nan", "must be a number > 0"),
+        ("--label-smoothing", "1", "must be a number in [0, 1)"),
+        ("--layer-decay", "0", "must be a number in (0, 1]"),
+        ("--weight-decay", "inf", "must be a number ≥ 0"),
+    ] {
+        let (ok, _, err) = finetune_with(&[flag, value]);
+        assert!(!ok && err.contains(flag) && err.contains(want), "{err}");
+    }
+    // A run that diverges stops with the reason instead of writing a bundle of NaN weights.
+    let (ok, _, err) = finetune_with(&["--epochs", "1", "--lr", "1e4", "--clip", "0"]);
+    assert!(
+        !ok && err.contains("training diverged in epoch 1") && err.contains("--clip 1"),
+        "{err}"
+    );
+    assert!(!out.join("bundle.json").exists());
     let (ok, _, err) = omnirad(&[
         "predict",
         "--model",
