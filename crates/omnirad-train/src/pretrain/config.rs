@@ -422,79 +422,39 @@ impl PretrainConfig {
                 "optim.batch_size, optim.accumulate and optim.epochs must be positive".into(),
             );
         }
-        let unit = |v: f64| (0.0..=1.0).contains(&v);
+        type Range = (fn(f64) -> bool, &'static str);
+        const POSITIVE: Range = (|v| v > 0.0, "> 0");
+        const NON_NEGATIVE: Range = (|v| v >= 0.0, ">= 0");
+        const UNIT: Range = (|v| (0.0..=1.0).contains(&v), "in [0, 1]");
+        const DECAY: Range = (|v| v > 0.0 && v <= 1.0, "in (0, 1]");
         let ranges = [
-            ("base_lr", o.base_lr, o.base_lr > 0.0, "> 0"),
-            ("min_lr", o.min_lr, o.min_lr >= 0.0, ">= 0"),
-            (
-                "warmup_epochs",
-                o.warmup_epochs,
-                o.warmup_epochs >= 0.0,
-                ">= 0",
-            ),
-            (
-                "weight_decay",
-                o.weight_decay,
-                o.weight_decay >= 0.0,
-                ">= 0",
-            ),
-            (
-                "weight_decay_end",
-                o.weight_decay_end,
-                o.weight_decay_end >= 0.0,
-                ">= 0",
-            ),
-            (
-                "momentum_teacher",
-                o.momentum_teacher,
-                unit(o.momentum_teacher),
-                "in [0, 1]",
-            ),
-            (
-                "momentum_teacher_end",
-                o.momentum_teacher_end,
-                unit(o.momentum_teacher_end),
-                "in [0, 1]",
-            ),
-            ("teacher_temp", o.teacher_temp, o.teacher_temp > 0.0, "> 0"),
-            (
-                "warmup_teacher_temp",
-                o.warmup_teacher_temp,
-                o.warmup_teacher_temp > 0.0,
-                "> 0",
-            ),
+            ("base_lr", o.base_lr, POSITIVE),
+            ("min_lr", o.min_lr, NON_NEGATIVE),
+            ("warmup_epochs", o.warmup_epochs, NON_NEGATIVE),
+            ("weight_decay", o.weight_decay, NON_NEGATIVE),
+            ("weight_decay_end", o.weight_decay_end, NON_NEGATIVE),
+            ("momentum_teacher", o.momentum_teacher, UNIT),
+            ("momentum_teacher_end", o.momentum_teacher_end, UNIT),
+            ("teacher_temp", o.teacher_temp, POSITIVE),
+            ("warmup_teacher_temp", o.warmup_teacher_temp, POSITIVE),
             (
                 "warmup_teacher_temp_epochs",
                 o.warmup_teacher_temp_epochs,
-                o.warmup_teacher_temp_epochs >= 0.0,
-                ">= 0",
+                NON_NEGATIVE,
             ),
-            (
-                "clip_grad",
-                o.clip_grad,
-                o.clip_grad >= 0.0,
-                ">= 0 (0: off)",
-            ),
+            ("clip_grad", o.clip_grad, NON_NEGATIVE),
             (
                 "freeze_last_layer_epochs",
                 o.freeze_last_layer_epochs,
-                o.freeze_last_layer_epochs >= 0.0,
-                ">= 0",
+                NON_NEGATIVE,
             ),
-            (
-                "layer_decay",
-                o.layer_decay,
-                o.layer_decay > 0.0 && o.layer_decay <= 1.0,
-                "in (0, 1]",
-            ),
-            (
-                "patch_embed_lr_mult",
-                o.patch_embed_lr_mult,
-                o.patch_embed_lr_mult >= 0.0,
-                ">= 0",
-            ),
+            ("layer_decay", o.layer_decay, DECAY),
+            ("patch_embed_lr_mult", o.patch_embed_lr_mult, NON_NEGATIVE),
         ];
-        if let Some((name, v, _, want)) = ranges.iter().find(|r| !(r.1.is_finite() && r.2)) {
+        if let Some((name, v, (_, want))) = ranges
+            .iter()
+            .find(|(_, v, (ok, _))| !(v.is_finite() && ok(*v)))
+        {
             return Err(format!("optim.{name} = {v} must be {want}"));
         }
         if self.model.init.is_none() {
