@@ -31,16 +31,8 @@ BUDGET=${BUDGET:-540}             # seconds for everything; fine-tuning gets wha
 FT_RESERVE=${FT_RESERVE:-180}     # seconds kept back from pretraining for fine-tuning
 T0=$(date +%s)
 mkdir -p "$OUT"
-if [ -f dist/omnirad.xz ]; then
-  B=/tmp/omnirad-gpu
-  xz -dc dist/omnirad.xz > $B && chmod +x $B
-else
-  B=${OMNIRAD:-./target/release/omnirad}
-fi
-export OMNIRAD_KERNEL_CACHE=$PWD/dist/kernels
-if [ -f dist/kernels.tar.xz ]; then
-  mkdir -p dist/kernels && tar -xJf dist/kernels.tar.xz -C dist/kernels
-fi
+source bench/gpu_env.sh
+unpack_kernels
 left() { echo $((BUDGET - ($(date +%s) - T0))); }
 run=$OUT/run
 cfg=$OUT/pretrain.toml
@@ -68,4 +60,4 @@ bench() { # mode [flags]
 bench finetune --seeds $SEEDS --pool cls-mean ${FT_EPOCHS:+--epochs $FT_EPOCHS}
 bench knn
 tar -cJf $OUT/teacher.tar.xz -C $run teacher
-[ -d dist/kernels ] && tar -cJf "$OUT/kernels.tar.xz" -C dist/kernels . || true
+pack_kernels

@@ -28,16 +28,8 @@ IMG=${IMG:-224}
 BATCH=${BATCH:-64}
 STEPS=${STEPS:-20}
 mkdir -p "$OUT"
-if [ -f dist/omnirad.xz ]; then
-  B=/tmp/omnirad-gpu
-  xz -dc dist/omnirad.xz > $B && chmod +x $B
-else
-  B=${OMNIRAD:-./target/release/omnirad}
-fi
-export OMNIRAD_KERNEL_CACHE=$PWD/dist/kernels
-if [ -f dist/kernels.tar.xz ] && [ "$STAGE" != cold ]; then
-  mkdir -p dist/kernels && tar -xJf dist/kernels.tar.xz -C dist/kernels
-fi
+source bench/gpu_env.sh
+[ "$STAGE" = cold ] || unpack_kernels
 log="$OUT/$STAGE.jsonl"
 : > "$log"
 # Runs a step with what is left of BUDGET; a step that fails or is cut is logged as such.
@@ -95,4 +87,4 @@ case $STAGE in
     ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
-[ -d dist/kernels ] && tar -cJf "$OUT/kernels.tar.xz" -C dist/kernels . || true
+pack_kernels
