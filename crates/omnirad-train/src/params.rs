@@ -96,6 +96,18 @@ pub fn ema<B: Backend, M: Module<B>>(target: M, source: &M, m: f64) -> M {
     })
 }
 
+/// The element-wise mean of modules of one architecture: a uniform model soup (Wortsman et al.
+/// 2022), one model with the inference cost of one.
+pub fn mean<B: Backend, M: Module<B>>(modules: Vec<M>) -> M {
+    let mut modules = modules.into_iter();
+    let mut soup = modules.next().expect("the mean of no modules");
+    for (j, m) in modules.enumerate() {
+        // Soup of j + 1 modules → soup of j + 2: weights (j + 1)/(j + 2) and 1/(j + 2).
+        soup = ema(soup, &m, (j + 1) as f64 / (j + 2) as f64);
+    }
+    soup
+}
+
 /// Marks every float parameter as trainable. Needed after `from_inner`: parameters made with
 /// `Param::from_tensor` on a non-autodiff backend (tokens, position table, LayerScale, …) carry
 /// `require_grad = false` into the autodiff module and would silently never train.
@@ -141,4 +153,49 @@ pub fn materialize<B: Backend, M: Module<B>>(module: &M) {
         }
     }
     module.visit(&mut V);
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::{Tensor, TensorData};
+    use omnirad_model::Cpu;
+
+    use super::*;
+
+    #[test]
+    fn mean_is_the_element_wise_average_of_every_parameter() {
+        let dev = Default::default();
+        let layer = |w: [f32; 4], b: [f32; 2]| {
+            let mut l: Linear<Cpu> = LinearConfig::new(2, 2).init(&dev);
+            l.weight =
+                Param::from_tensor(Tensor::from_data(TensorData::new(w.to_vec(), [2, 2]), &dev));
+            l.bias = Some(Param::from_tensor(Tensor::from_data(
+                TensorData::new(b.to_vec(), [2]),
+                &dev,
+            )));
+            l
+        };
+        let soup = mean(vec![
+            layer([1.0, 2.0, 3.0, 4.0], [0.0, 3.0]),
+            layer([4.0, 2.0, 0.0, -2.0], [3.0, 0.0]),
+            layer([1.0, 5.0, 3.0, 1.0], [6.0, -3.0]),
+        ]);
+        let values = |t: Tensor<Cpu, 1>| t.into_data().to_vec::<f32>().unwrap();
+        let got: Vec<(String, Vec<f32>)> = collect(&soup)
+            .into_iter()
+            .map(|p| (p.path, values(p.value)))
+            .collect();
+        assert_eq!(got.len(), 2);
+        for (path, v) in got {
+            let want = if path == "weight" {
+                vec![2.0, 3.0, 2.0, 1.0]
+            } else {
+                vec![3.0, 0.0]
+            };
+            for (a, b) in v.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-6, "{path}: {v:?} != {want:?}");
+            }
+        }
+    }
 }

@@ -24,7 +24,7 @@ use clap::Args;
 use ndarray::{Array2, Axis};
 use omnirad_data::augment::Augment;
 use omnirad_data::medmnist::{parse_file_name, stratified_holdout, MedMnistInfo, NpzSplit, Task};
-use omnirad_data::{discover, Split};
+use omnirad_data::{discover, Preprocess, Split};
 use omnirad_eval::{evaluate, Metrics, TaskKind};
 use omnirad_model::{
     f32_tensors, load_model_dir, save_model_dir, write_f32_safetensors, ModelConfig, Vit,
@@ -99,6 +99,11 @@ pub struct TrainArgs {
     /// left–right mirror.
     #[arg(long)]
     pub tta: bool,
+    /// A model soup: fine-tune N times from the same encoder and head init with seeds seed,
+    /// seed+1000, …, each at its val-selected epoch, and average the N models' weights into one
+    /// (N times the training, one model's inference).
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub soup: usize,
 }
 
 /// `s` as a finite number for which `ok` holds, else `what` (clap names the flag and value).
@@ -224,10 +229,14 @@ pub struct Bundle {
     pub task: String,
     pub classes: usize,
     pub cls_mean: bool,
+    /// The epoch val chose; 0 for a soup (its members' are in `soup`).
     pub best_epoch: usize,
     pub val: serde_json::Value,
     pub test: serde_json::Value,
     pub finetune: FinetuneConfig,
+    /// The fine-tunes a soup averages (`--soup N`); empty for one fine-tune.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub soup: Vec<Member>,
 }
 
 pub fn task_kind(t: Task) -> TaskKind {
@@ -257,10 +266,32 @@ pub fn dataset_of(file: &Path) -> Result<&'static MedMnistInfo> {
 }
 
 pub struct Outcome<B: Backend> {
-    pub result: FinetuneResult<B>,
+    /// The selected model, or a soup's average of its members' selected models.
+    pub model: Classifier<B>,
+    /// The fine-tunes `model` comes from: one, or a soup's members.
+    pub members: Vec<Member>,
+    /// `model`'s metrics on the selection split (val, or the holdout of `Scored::Val`).
+    pub val: Metrics,
     /// Metrics and class scores (one row per image, in order) of the scored images.
     pub test: Metrics,
     pub scores: Array2<f64>,
+}
+
+/// One fine-tune of an outcome: its seed, the epoch its selection split chose, and its scores there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Member {
+    pub seed: u64,
+    pub epoch: usize,
+    pub val: Metrics,
+    /// A soup member's own scores on the scored split, beside the soup's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<Metrics>,
+}
+
+/// Member `k` of a soup trains with seed `seed + 1000·k`: member 0 is the plain fine-tune of
+/// `seed`, and the soups of seeds 0, 1, 2, … share no member.
+pub fn member_seed(seed: u64, k: usize) -> u64 {
+    seed.wrapping_add(1000 * k as u64)
 }
 
 /// What `run_on_npz` trains on, selects the epoch on, and scores.
@@ -279,27 +310,32 @@ pub enum Scored<'a> {
     },
 }
 
-/// Fine-tunes `vit` on `file` as `scored` says. With `run`, prints each epoch, checkpoints it
-/// and resumes; returns None when stopped by its `stop_after`.
+type Rows = (Vec<omnirad_data::Image>, Array2<i64>);
+
+/// Fine-tunes `vit` on `file` as `scored` says, `soup` times (a uniform model soup: the members
+/// share the head init and differ in seed, [`member_seed`]; 0 or 1 = one fine-tune). With `run`,
+/// prints each epoch, checkpoints it and resumes (a soup's members each in `members/K/` of the
+/// run directory); returns None when stopped by its `stop_after`.
+#[allow(clippy::too_many_arguments)]
 pub fn run_on_npz<B: Backend>(
     vit: Vit<B>,
     cfg: &ModelConfig,
     file: &Path,
     ft: &FinetuneConfig,
+    soup: usize,
     dev: &B::Device,
     scored: Scored,
     run: Option<&RunDir>,
 ) -> Result<Option<Outcome<B>>> {
     let info = dataset_of(file)?;
-    let verbose = run.is_some();
-    let load = |s: Split| -> Result<(Vec<omnirad_data::Image>, Array2<i64>)> {
+    let load = |s: Split| -> Result<Rows> {
         let split = NpzSplit::load(file, s)?;
         let images = split.images_2d()?;
         let l = split.meta(0).labels.len();
         let labels = Array2::from_shape_fn((split.len(), l), |(i, j)| split.meta(i).labels[j]);
         Ok((images, labels))
     };
-    let rows_of = |set: &(Vec<omnirad_data::Image>, Array2<i64>), idx: &[usize]| {
+    let rows_of = |set: &Rows, idx: &[usize]| {
         (
             idx.iter().map(|&i| set.0[i].clone()).collect::<Vec<_>>(),
             set.1.select(Axis(0), idx),
@@ -329,27 +365,181 @@ pub fn run_on_npz<B: Backend>(
         }
     };
     let task = task_kind(info.task);
+    let multi = task == TaskKind::MultiLabel;
     let classes = info.num_classes();
     let model = Classifier::new(vit, classes, ft.cls_mean, ft.dropout, ft.seed, dev);
-    let pre = &cfg.preprocess;
-    let augment = Augment::finetune(pre.size);
-    if verbose {
-        let (n, epochs) = (tr.0.len(), ft.epochs_for(tr.0.len()));
+    let n = soup.max(1);
+    if let Some(r) = run {
+        let mut settings = serde_json::json!({ "data": file, "finetune": ft, "encoder": cfg });
+        if n > 1 {
+            settings["soup"] = n.into();
+        }
+        r.start(&settings)?;
+        let (images, epochs) = (tr.0.len(), ft.epochs_for(tr.0.len()));
         eprintln!(
-            "{}: {n} training images, {} steps an epoch, {epochs} epochs{}",
+            "{}: {images} training images, {} steps an epoch, {epochs} epochs{}{}",
             info.name,
-            n.div_ceil(ft.batch.max(1)),
+            images.div_ceil(ft.batch.max(1)),
             if epochs > ft.epochs {
                 format!(" (at least {} steps; --epochs sets them)", ft.min_steps)
+            } else {
+                String::new()
+            },
+            if n > 1 {
+                format!("; a soup of {n} fine-tunes")
             } else {
                 String::new()
             }
         );
     }
+    let data = Data {
+        file,
+        name: info.name,
+        train: &tr,
+        val: &va,
+        task,
+        augment: Augment::finetune(cfg.preprocess.size),
+        pre: &cfg.preprocess,
+    };
+    let mut members = Vec::new();
+    let mut models = Vec::new();
+    for k in 0..n {
+        let ft = FinetuneConfig {
+            seed: member_seed(ft.seed, k),
+            ..ft.clone()
+        };
+        let (mut member, picked) = if n == 1 {
+            let Some(r) = train_one(model.clone(), &data, &ft, dev, run)? else {
+                return Ok(None);
+            };
+            (member_of(&ft, &r), r.model)
+        } else {
+            match soup_member(model.clone(), &data, &ft, dev, run, k + 1)? {
+                Some(m) => m,
+                None => return Ok(None),
+            }
+        };
+        if n > 1 {
+            let s = predict(&picked, &te.0, data.pre, multi, ft.batch, ft.tta, dev);
+            let m = evaluate(task, te.1.view(), s.view());
+            let (chosen_on, scored_on) = match scored {
+                Scored::Test => ("val", "test"),
+                Scored::Val => ("train-holdout", "val"),
+                Scored::Fold { .. } => ("val", "held-out fold"),
+            };
+            eprintln!(
+                "{} soup member {}/{n} (seed {}): epoch {} chosen by {chosen_on} {:?} (ACC {:.3} AUC {:.3} macro-F1 {:.3}); alone on {scored_on} ACC {:.3} AUC {:.3} macro-F1 {:.3}",
+                info.name,
+                k + 1,
+                member.seed,
+                member.epoch,
+                ft.select,
+                member.val.acc,
+                member.val.auc,
+                member.val.macro_f1,
+                m.acc,
+                m.auc,
+                m.macro_f1
+            );
+            member.test = Some(m);
+        }
+        models.push(picked);
+        members.push(member);
+    }
+    let model = omnirad_train::params::mean(models);
+    let score = |rows: &Rows| {
+        let s = predict(&model, &rows.0, data.pre, multi, ft.batch, ft.tta, dev);
+        (evaluate(task, rows.1.view(), s.view()), s)
+    };
+    let val = if n == 1 {
+        members[0].val.clone()
+    } else {
+        score(&va).0
+    };
+    let (test, scores) = score(&te);
+    Ok(Some(Outcome {
+        model,
+        members,
+        val,
+        test,
+        scores,
+    }))
+}
+
+fn member_of<B: Backend>(ft: &FinetuneConfig, r: &FinetuneResult<B>) -> Member {
+    Member {
+        seed: ft.seed,
+        epoch: r.best_epoch,
+        val: r.val.clone(),
+        test: None,
+    }
+}
+
+/// The training side of [`run_on_npz`], shared by the members of a soup.
+struct Data<'a> {
+    file: &'a Path,
+    name: &'a str,
+    train: &'a Rows,
+    val: &'a Rows,
+    task: TaskKind,
+    augment: Augment,
+    pre: &'a Preprocess,
+}
+
+/// Member `k` (from 1) of a soup. With `run`, it trains in `members/K/` of the run directory
+/// (its own checkpoint and history) and leaves its selected model and scores there once done,
+/// so a resumed soup starts at the first unfinished member.
+fn soup_member<B: Backend>(
+    model: Classifier<B>,
+    data: &Data,
+    ft: &FinetuneConfig,
+    dev: &B::Device,
+    run: Option<&RunDir>,
+    k: usize,
+) -> Result<Option<(Member, Classifier<B>)>> {
+    let Some(r) = run else {
+        return Ok(train_one(model, data, ft, dev, None)?.map(|o| (member_of(ft, &o), o.model)));
+    };
+    let dir = r.dir.join("members").join(k.to_string());
+    let (weights, summary) = (dir.join("selected.safetensors"), dir.join("member.json"));
+    if r.resume && summary.is_file() {
+        let text = std::fs::read_to_string(&summary)
+            .with_context(|| format!("reading {}", summary.display()))?;
+        let member: Member = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a soup member's summary", summary.display()))?;
+        let model = omnirad_model::load_module(model, &weights)?;
+        eprintln!("soup member {k}: done before (epoch {})", member.epoch);
+        return Ok(Some((member, model)));
+    }
+    let member_run = RunDir {
+        dir: &dir,
+        // A member the stopped run had not reached starts afresh.
+        resume: r.resume && dir.join("run.json").is_file(),
+        stop_after: r.stop_after,
+    };
+    member_run.start(&serde_json::json!({ "finetune": ft }))?;
+    let Some(o) = train_one(model, data, ft, dev, Some(&member_run))? else {
+        return Ok(None);
+    };
+    let member = member_of(ft, &o);
+    omnirad_model::save_module(&o.model, &weights)?;
+    crate::atomic::write(&summary, serde_json::to_string_pretty(&member)?)?;
+    member_run.finish();
+    Ok(Some((member, o.model)))
+}
+
+/// One fine-tune of `model` on `data`. With `run`, prints each epoch, checkpoints it and
+/// resumes; None when stopped by its `stop_after`.
+fn train_one<B: Backend>(
+    model: Classifier<B>,
+    data: &Data,
+    ft: &FinetuneConfig,
+    dev: &B::Device,
+    run: Option<&RunDir>,
+) -> Result<Option<FinetuneResult<B>>> {
     let mut resume = None;
     let mut hist = None;
     if let Some(r) = run {
-        r.start(&serde_json::json!({ "data": file, "finetune": ft, "encoder": cfg }))?;
         if r.resume {
             let state = load_state(&r.checkpoint(), &model, ft, dev).context("--resume")?;
             eprintln!("resuming after epoch {}", state.history.len());
@@ -362,24 +552,24 @@ pub fn run_on_npz<B: Backend>(
     let result = finetune(
         model,
         LabelledImages {
-            images: &tr.0,
-            labels: tr.1.view(),
+            images: &data.train.0,
+            labels: data.train.1.view(),
         },
         LabelledImages {
-            images: &va.0,
-            labels: va.1.view(),
+            images: &data.val.0,
+            labels: data.val.1.view(),
         },
-        task,
-        &augment,
-        pre,
+        data.task,
+        &data.augment,
+        data.pre,
         ft,
         dev,
         resume,
         |e, state| {
-            if verbose {
+            if run.is_some() {
                 eprintln!(
                     "{} epoch {:>3}: train loss {:.4}  val loss {:.4}  val ACC {:.3} AUC {:.3} macro-F1 {:.3}  lr {:.2e}",
-                    info.name, e.epoch, e.train_loss, e.val_loss, e.val.acc, e.val.auc, e.val.macro_f1, e.lr
+                    data.name, e.epoch, e.train_loss, e.val_loss, e.val.acc, e.val.auc, e.val.macro_f1, e.lr
                 );
             }
             // NaN weights cannot recover, and a bundle of them would still score (at chance).
@@ -404,7 +594,7 @@ pub fn run_on_npz<B: Backend>(
     if let Some((epoch, loss)) = diverged {
         bail!(
             "{}: training diverged in epoch {epoch} (train loss {loss}); lower --lr (now {}){}",
-            file.display(),
+            data.file.display(),
             ft.lr,
             if ft.clip > 0.0 {
                 ""
@@ -413,24 +603,7 @@ pub fn run_on_npz<B: Backend>(
             }
         );
     }
-    let Some(result) = result else {
-        return Ok(None);
-    };
-    let scores = predict(
-        &result.model,
-        &te.0,
-        pre,
-        task == TaskKind::MultiLabel,
-        ft.batch,
-        ft.tta,
-        dev,
-    );
-    let test = evaluate(task, te.1.view(), scores.view());
-    Ok(Some(Outcome {
-        result,
-        test,
-        scores,
-    }))
+    Ok(result)
 }
 
 /// `frozen`: `omnirad probe` — only the head trains.
@@ -451,14 +624,35 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
             resume: a.resume,
             stop_after: a.stop_after,
         };
-        let Some(o) = run_on_npz::<B>(vit, &cfg, &a.data, &ft, &dev, Scored::Test, Some(&run))?
+        let soup = a.train.soup;
+        let Some(o) = run_on_npz::<B>(
+            vit,
+            &cfg,
+            &a.data,
+            &ft,
+            soup,
+            &dev,
+            Scored::Test,
+            Some(&run),
+        )?
         else {
-            eprintln!("{}", run.stopped_message());
+            match soup {
+                1 => eprintln!("{}", run.stopped_message()),
+                _ => eprintln!(
+                    "stopped after epoch {} of a soup member; continue with --resume (checkpoints in {})",
+                    a.stop_after.unwrap_or(0),
+                    a.out.join("members").display()
+                ),
+            }
             return Ok(());
         };
+        let chosen = match o.members.as_slice() {
+            [m] => format!("epoch {} selected by val {:?}", m.epoch, ft.select),
+            ms => format!("a soup of {} fine-tunes", ms.len()),
+        };
         eprintln!(
-            "{}: epoch {} selected by val {:?}; test ACC {:.3} AUC {:.3} macro-F1 {:.3}",
-            info.name, o.result.best_epoch, ft.select, o.test.acc, o.test.auc, o.test.macro_f1
+            "{}: {chosen}; test ACC {:.3} AUC {:.3} macro-F1 {:.3}",
+            info.name, o.test.acc, o.test.auc, o.test.macro_f1
         );
         let bundle = Bundle {
             kind: "classifier".into(),
@@ -466,13 +660,16 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
             task: format!("{:?}", info.task).to_lowercase(),
             classes: info.num_classes(),
             cls_mean: ft.cls_mean,
-            best_epoch: o.result.best_epoch,
-            val: serde_json::to_value(&o.result.val)?,
+            best_epoch: if soup > 1 { 0 } else { o.members[0].epoch },
+            val: serde_json::to_value(&o.val)?,
             test: serde_json::to_value(&o.test)?,
             finetune: ft.clone(),
+            soup: if soup > 1 { o.members } else { Vec::new() },
         };
-        save_bundle(&a.out, &o.result.model, &cfg, &bundle)?;
+        save_bundle(&a.out, &o.model, &cfg, &bundle)?;
         run.finish();
+        // The members' selected weights were kept only for a resume.
+        let _ = std::fs::remove_dir_all(a.out.join("members"));
         println!("{}", serde_json::to_string_pretty(&bundle.test)?);
         eprintln!("bundle written to {}", a.out.display());
         Ok(())

@@ -108,6 +108,10 @@ pub struct MedMnistArgs {
     /// Fine-tuning / LoRA: score val and test on the mean over each image and its mirror.
     #[arg(long)]
     pub tta: bool,
+    /// Fine-tuning / LoRA: per seed, a model soup of N fine-tunes (same head init, seeds seed,
+    /// seed+1000, …, each at its selected epoch, weights averaged into one model).
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub soup: usize,
     /// Linear probe repeats with seeds seed, seed+1, …; the table shows mean ± std.
     #[arg(long, default_value_t = 1)]
     pub seeds: u64,
@@ -330,20 +334,29 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                             &cfg,
                             file,
                             &ft,
+                            a.soup,
                             &dev,
                             scored,
                             None,
                         )
                         .map(|o| o.expect("without a run directory nothing stops training early"))
                     };
-                    let chose = |what: String, r: &omnirad_train::finetune::FinetuneResult<B>| {
-                        eprintln!(
+                    let chose = |what: String, o: &crate::finetune::Outcome<B>| match o
+                        .members
+                        .as_slice()
+                    {
+                        [m] => eprintln!(
                             "{what}: fine-tuning chose epoch {} by {} {} ({})",
-                            r.best_epoch,
+                            m.epoch,
                             selection_split(a),
                             a.select.name(),
-                            selection_summary(a, &r.val)
-                        )
+                            selection_summary(a, &m.val)
+                        ),
+                        ms => eprintln!(
+                            "{what}: soup of {} fine-tunes ({})",
+                            ms.len(),
+                            selection_summary(a, &o.val)
+                        ),
                     };
                     let m = match a.eval_split {
                         Split::Train => {
@@ -355,7 +368,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                             for (f, (rest, held)) in folds.iter().enumerate() {
                                 let o = run_on(Scored::Fold { rest, held })?;
                                 let what = format!("{} seed {seed} fold {}/{k}", info.name, f + 1);
-                                chose(what.clone(), &o.result);
+                                chose(what.clone(), &o);
                                 fold_scored(&what, &o.test);
                                 parts.push((held, o.scores));
                             }
@@ -368,7 +381,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                             } else {
                                 Scored::Test
                             })?;
-                            chose(format!("{} seed {seed}", info.name), &o.result);
+                            chose(format!("{} seed {seed}", info.name), &o);
                             o.test
                         }
                     };
@@ -618,6 +631,12 @@ fn schedule(a: &MedMnistArgs) -> String {
     }
     if a.tta {
         s += ", scored with mirror TTA";
+    }
+    if a.soup > 1 {
+        s += &format!(
+            ", a uniform soup of {} fine-tunes per seed (weights averaged; each at its selected epoch)",
+            a.soup
+        );
     }
     s
 }

@@ -463,6 +463,34 @@ fn bench_medmnist_knn_table_and_bad_names() {
             assert_eq!(per_class_got, per_class, "{split:?} {mode:?}");
         }
     }
+    // A soup of two one-epoch fine-tunes per seed: its members select on the seed's holdout.
+    let (ok, stdout, err) = bench(&[
+        "--datasets",
+        "breastmnist",
+        "--eval-split",
+        "val",
+        "--mode",
+        "finetune",
+        "--epochs",
+        "1",
+        "--soup",
+        "2",
+    ]);
+    assert!(
+        ok && stdout.contains("a uniform soup of 2 fine-tunes per seed")
+            && err.contains("soup member 2/2 (seed 1000): epoch 1")
+            && err.contains("breastmnist seed 0: soup of 2 fine-tunes (train-holdout ACC"),
+        "{err}{stdout}"
+    );
+    let (ok, _, err) = bench(&[
+        "--datasets",
+        "breastmnist",
+        "--mode",
+        "finetune",
+        "--soup",
+        "0",
+    ]);
+    assert!(!ok && err.contains("--soup"), "{err}");
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--eval-split", "train"]);
     assert!(!ok && err.contains("add --folds K"), "{err}");
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--folds", "5"]);
@@ -1677,6 +1705,68 @@ fn finetune_resumes_to_the_same_bundle() {
     std::fs::write(&ckpt, &bytes[..bytes.len() / 2]).unwrap();
     let (ok, _, err) = run("cut", &["--resume"]);
     assert!(!ok && err.contains("cut/checkpoint.safetensors"), "{err}");
+}
+
+#[test]
+fn finetune_soup_resumes_member_by_member_to_the_same_bundle() {
+    let d = tmp("ft-soup");
+    let npz = data("medmnist/breastmnist.npz");
+    let run = |out: &str, extra: &[&str]| {
+        let out = d.join(out);
+        let mut args = vec![
+            "finetune",
+            "--data",
+            npz.to_str().unwrap(),
+            "--model",
+            "vit_pico",
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        omnirad(&args)
+    };
+    let (ok, _, err) = run("full", &["--soup", "2"]);
+    assert!(ok, "{err}");
+    let bundle = |run: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join(run).join("bundle.json")).unwrap())
+            .unwrap()
+    };
+    let full = bundle("full");
+    let seeds: Vec<_> = full["soup"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seed"].clone())
+        .collect();
+    assert_eq!(seeds, [0, 1000]);
+    assert!(
+        !d.join("full/members").exists(),
+        "members kept after the bundle"
+    );
+    // Member 0 is the plain fine-tune of the seed.
+    let (ok, _, err) = run("plain", &[]);
+    assert!(ok, "{err}");
+    assert_eq!(full["soup"][0]["val"], bundle("plain")["val"]);
+    // Stopped at member 0's last epoch, then inside member 1, then finished: the same soup.
+    let (ok, _, err) = run("parts", &["--soup", "2", "--stop-after", "2"]);
+    assert!(ok && err.contains("stopped after epoch 2"), "{err}");
+    let (ok, _, err) = run("parts", &["--soup", "2", "--resume", "--stop-after", "1"]);
+    assert!(ok && err.contains("stopped after epoch 1"), "{err}");
+    assert!(d.join("parts/members/1/selected.safetensors").is_file());
+    assert!(d.join("parts/members/2/checkpoint.safetensors").is_file());
+    let (ok, _, err) = run("parts", &["--resume"]);
+    assert!(!ok && err.contains("settings differ"), "{err}");
+    let (ok, _, err) = run("parts", &["--soup", "2", "--resume"]);
+    assert!(ok && err.contains("soup member 1: done before"), "{err}");
+    assert_eq!(bundle("parts")["soup"], full["soup"]);
+    let head = |run: &str| tensors(&d.join(run).join("head.safetensors"));
+    assert!(head("full") == head("parts"), "resumed soup differs");
+    assert!(
+        head("full") != head("plain"),
+        "the soup is its first member"
+    );
 }
 
 /// A safetensors file's tensors by name, to compare weights: burn writes the header's metadata in
