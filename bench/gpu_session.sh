@@ -9,7 +9,10 @@
 # each step at a shared deadline (BUDGET seconds, default 500):
 #   run(command="bench/gpu_session.sh all", carry=["dist"], timeout_s=560)
 # Order: time to first step on an empty kernel cache (warmup), the f32 steps, PyTorch eager
-# (fp32 / TF32 / bf16+SDPA), omnirad bf16, PyTorch torch.compile, pretraining, --grad-checkpoint.
+# (fp32 / TF32 / bf16+SDPA), omnirad bf16, PyTorch torch.compile, pretraining, --grad-checkpoint,
+# then the host's 16 CPU cores: decode + augment throughput (whether the loader keeps up with
+# the GPU; needs the BUSI images: `ln -sfn ../shared/data .shared-data` here and
+# carry=["dist", ".shared-data/busi-256"], 32 MiB) and the CPU fine-tuning step beside PyTorch's.
 # The stages of the earlier 30-minute plan still run alone:
 #   bench/gpu_session.sh cold | omnirad | torch
 # Every stage writes JSON lines to $OUT/<stage>.jsonl as it goes (a step cut by the deadline
@@ -50,6 +53,18 @@ torch_ref() { # mode [--compile]
   bounded ${PYTHON:-python} bench/torch_reference.py --model $MODEL --mode $1 --img $IMG \
     --batch $BATCH --steps $STEPS --warmup 2 --device $DEVICE "${@:2}" | tee -a "$log"
 }
+host_cpu() { # the GPU machine's CPU side: the data loader's rate and the CPU kernels
+  if [ -d .shared-data/busi-256 ]; then
+    for views in "" --augment; do
+      bounded $B bench decode --input .shared-data/busi-256 --size $IMG --repeat 2 $views \
+        | tee -a "$log"
+    done
+  else
+    note '{"skipped":"bench decode","why":"no .shared-data/busi-256 carried"}'
+  fi
+  DEVICE=cpu BATCH=16 STEPS=5 speed finetune f32
+  DEVICE=cpu BATCH=16 STEPS=5 torch_ref finetune --precisions fp32
+}
 cold_start() { # a cache carried into `all` is measured as such instead of being emptied
   local cache=cold
   if [ "$STAGE" = all ] && [ -d dist/kernels ]; then cache=carried; else rm -rf dist/kernels; fi
@@ -70,6 +85,7 @@ case $STAGE in
     speed pretrain f32
     torch_ref pretrain
     speed finetune f32 --grad-checkpoint
+    host_cpu
     ;;
   cold)
     cold_start
