@@ -668,8 +668,15 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
         };
         save_bundle(&a.out, &o.model, &cfg, &bundle)?;
         run.finish();
-        // The members' selected weights were kept only for a resume.
-        let _ = std::fs::remove_dir_all(a.out.join("members"));
+        // A soup member's selected weights were kept only for a resume; its history stays.
+        for k in 1..=soup {
+            let _ = std::fs::remove_file(
+                a.out
+                    .join("members")
+                    .join(k.to_string())
+                    .join("selected.safetensors"),
+            );
+        }
         println!("{}", serde_json::to_string_pretty(&bundle.test)?);
         eprintln!("bundle written to {}", a.out.display());
         Ok(())

@@ -1741,11 +1741,11 @@ fn finetune_soup_resumes_member_by_member_to_the_same_bundle() {
         .map(|m| m["seed"].clone())
         .collect();
     assert_eq!(seeds, [0, 1000]);
-    assert!(
-        !d.join("full/members").exists(),
-        "members kept after the bundle"
-    );
-    // Member 0 is the plain fine-tune of the seed.
+    // The members' histories stay; their weights, kept for a resume, do not.
+    let history = std::fs::read_to_string(d.join("full/members/2/history.jsonl")).unwrap();
+    assert_eq!(history.lines().count(), 2);
+    assert!(!d.join("full/members/1/selected.safetensors").exists());
+    // Member 1 is the plain fine-tune of the seed.
     let (ok, _, err) = run("plain", &[]);
     assert!(ok, "{err}");
     assert_eq!(full["soup"][0]["val"], bundle("plain")["val"]);
