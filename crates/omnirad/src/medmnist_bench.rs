@@ -257,6 +257,22 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
         (_, Some(_)) => bail!("--folds cross-validates over train: add --eval-split train"),
         _ => {}
     }
+    if !matches!(a.mode, Mode::Finetune | Mode::Lora) {
+        let tuning_only = [
+            ("--head-epochs", a.head_epochs > 0),
+            ("--ema", a.ema.is_some()),
+            ("--mixup", a.mixup > 0.0),
+            ("--tta", a.tta),
+            ("--soup", a.soup > 1),
+            ("--grad-checkpoint", a.grad_checkpoint),
+        ];
+        if let Some((flag, _)) = tuning_only.iter().find(|(_, set)| *set) {
+            bail!(
+                "{flag} applies to --mode finetune or lora (--mode {} works on frozen features)",
+                format!("{:?}", a.mode).to_lowercase()
+            );
+        }
+    }
     let mut plan = Vec::new();
     for name in &a.datasets {
         let info = MedMnistInfo::get(name).with_context(|| {

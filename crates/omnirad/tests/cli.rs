@@ -491,6 +491,18 @@ fn bench_medmnist_knn_table_and_bad_names() {
         "0",
     ]);
     assert!(!ok && err.contains("--soup"), "{err}");
+    let (ok, _, err) = bench(&[
+        "--datasets",
+        "breastmnist",
+        "--mode",
+        "linear",
+        "--soup",
+        "3",
+    ]);
+    assert!(
+        !ok && err.contains("--soup applies to --mode finetune or lora"),
+        "{err}"
+    );
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--eval-split", "train"]);
     assert!(!ok && err.contains("add --folds K"), "{err}");
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--folds", "5"]);
