@@ -290,7 +290,7 @@ pub struct Member {
 
 /// Member `k` of a soup trains with seed `seed + 1000·k`: member 0 is the plain fine-tune of
 /// `seed`, and the soups of seeds 0, 1, 2, … share no member.
-pub fn member_seed(seed: u64, k: usize) -> u64 {
+fn member_seed(seed: u64, k: usize) -> u64 {
     seed.wrapping_add(1000 * k as u64)
 }
 
