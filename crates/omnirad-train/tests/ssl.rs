@@ -604,7 +604,19 @@ fn masked_batch(seed: u64, mask_seed: u64) -> SslBatch {
 #[test]
 fn bf16_pretraining_steps_track_f32_and_keep_their_precision() {
     use omnirad_model::Precision;
-    let m = tiny_model(7);
+    // Values of its own for every parameter: tiny_model's init draws from burn's process-wide
+    // generator, which tests running beside this one also seed, and the tolerance below holds
+    // for this model, not for every draw (one draw put bf16's third loss 3 % off f32's).
+    let m = params::replace(tiny_model(7), |path, t| {
+        let n = t.dims()[0];
+        let mut rng = StdRng::seed_from_u64(
+            path.bytes()
+                .fold(7u64, |h, c| h.wrapping_mul(31) ^ c as u64),
+        );
+        let base = if path.ends_with("gamma") { 1.0 } else { 0.0 };
+        let v: Vec<f32> = (0..n).map(|_| base + rng.random_range(-0.1..0.1)).collect();
+        Tensor::from_data(TensorData::new(v, [n]), &t.device())
+    });
     let b = masked_batch(8, 10);
     let v = step_values();
     let group = |p: &str| param_group(p, 2, 1.0, 1.0);
