@@ -1085,20 +1085,8 @@ fn finetune_writes_a_bundle_that_predicts() {
     ]);
     assert!(!ok && err.contains("not a MedMNIST file name"), "{err}");
     // Fine-tuning BreastMNIST with one bad option.
-    let (npz, out) = (data("medmnist/breastmnist.npz"), d.join("x"));
-    let finetune_with = |extra: &[&str]| {
-        let mut args = vec![
-            "finetune",
-            "--data",
-            npz.to_str().unwrap(),
-            "--model",
-            "vit_pico",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        omnirad(&args)
-    };
+    let out = d.join("x");
+    let finetune_with = |extra: &[&str]| finetune_breast(&out, extra);
     // An EMA decay outside (0, 1).
     let (ok, _, err) = finetune_with(&["--ema", "1.5"]);
     assert!(
@@ -1681,27 +1669,27 @@ fn segment_train_resumes_to_the_same_bundle() {
     resumes_like_an_uninterrupted_run(&d, run, 1, "segment.json");
 }
 
+/// `omnirad finetune` of a random-init `vit_pico` on BreastMNIST into `out`, with `args`.
+fn finetune_breast(out: &Path, args: &[&str]) -> (bool, String, String) {
+    let npz = data("medmnist/breastmnist.npz");
+    let fixed = [
+        "finetune",
+        "--data",
+        npz.to_str().unwrap(),
+        "--model",
+        "vit_pico",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    omnirad(&[&fixed[..], args].concat())
+}
+
 #[test]
 fn finetune_resumes_to_the_same_bundle() {
     let d = tmp("ft-resume");
-    let npz = data("medmnist/breastmnist.npz");
     let run = |out: &str, extra: &[&str]| {
-        let out = d.join(out);
-        let mut args = vec![
-            "finetune",
-            "--data",
-            npz.to_str().unwrap(),
-            "--model",
-            "vit_pico",
-            "--out",
-            out.to_str().unwrap(),
-            "--epochs",
-            "3",
-            "--head-epochs",
-            "1",
-        ];
-        args.extend_from_slice(extra);
-        omnirad(&args)
+        let fixed = ["--epochs", "3", "--head-epochs", "1"];
+        finetune_breast(&d.join(out), &[&fixed[..], extra].concat())
     };
     // Stopped inside the full fine-tuning phase (epoch 1 is the head-only one).
     resumes_like_an_uninterrupted_run(&d, run, 2, "bundle.json");
@@ -1722,22 +1710,8 @@ fn finetune_resumes_to_the_same_bundle() {
 #[test]
 fn finetune_soup_resumes_member_by_member_to_the_same_bundle() {
     let d = tmp("ft-soup");
-    let npz = data("medmnist/breastmnist.npz");
     let run = |out: &str, extra: &[&str]| {
-        let out = d.join(out);
-        let mut args = vec![
-            "finetune",
-            "--data",
-            npz.to_str().unwrap(),
-            "--model",
-            "vit_pico",
-            "--out",
-            out.to_str().unwrap(),
-            "--epochs",
-            "2",
-        ];
-        args.extend_from_slice(extra);
-        omnirad(&args)
+        finetune_breast(&d.join(out), &[&["--epochs", "2"][..], extra].concat())
     };
     let (ok, _, err) = run("full", &["--soup", "2"]);
     assert!(ok, "{err}");
