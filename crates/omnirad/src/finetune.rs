@@ -11,6 +11,9 @@
 //! OUT/run.json           the settings (a --resume must match them)
 //! OUT/checkpoint.safetensors  after every epoch until the bundle is written: weights, best and
 //!                        averaged weights, AdamW moments
+//! OUT/members/K/         --soup / --ensemble: member K's run (history.jsonl, run.json, member.json;
+//!                        checkpoint until done); an ensemble's members also hold their encoder/
+//!                        and head.safetensors, in place of OUT's
 //! ```
 
 use std::collections::HashMap;
@@ -104,6 +107,47 @@ pub struct TrainArgs {
     /// (N times the training, one model's inference).
     #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub soup: usize,
+    /// An ensemble: fine-tune N times as --soup does, keep all N models and average their class
+    /// probabilities (N times the training and the inference; the bundle holds N models).
+    #[arg(long, default_value_t = 1, conflicts_with = "soup", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub ensemble: usize,
+}
+
+/// How a run's fine-tunes make one predictor (`--soup N`, `--ensemble N`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Members {
+    One,
+    /// A uniform model soup: the N members' weights averaged into one model.
+    Soup(usize),
+    /// The N members kept; their class probabilities averaged.
+    Ensemble(usize),
+}
+
+impl Members {
+    /// From `--soup` and `--ensemble` (clap lets at most one of them exceed 1).
+    pub fn new(soup: usize, ensemble: usize) -> Self {
+        match (soup, ensemble) {
+            (s, _) if s > 1 => Self::Soup(s),
+            (_, e) if e > 1 => Self::Ensemble(e),
+            _ => Self::One,
+        }
+    }
+
+    pub fn count(self) -> usize {
+        match self {
+            Self::One => 1,
+            Self::Soup(n) | Self::Ensemble(n) => n,
+        }
+    }
+
+    /// "soup" or "ensemble" (for logs and settings); "" for one fine-tune.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::One => "",
+            Self::Soup(_) => "soup",
+            Self::Ensemble(_) => "ensemble",
+        }
+    }
 }
 
 /// `s` as a finite number for which `ok` holds, else `what` (clap names the flag and value).
@@ -229,7 +273,7 @@ pub struct Bundle {
     pub task: String,
     pub classes: usize,
     pub cls_mean: bool,
-    /// The epoch val chose; 0 for a soup (its members' are in `soup`).
+    /// The epoch val chose; 0 for a soup or an ensemble (its members' are listed).
     pub best_epoch: usize,
     pub val: serde_json::Value,
     pub test: serde_json::Value,
@@ -237,6 +281,10 @@ pub struct Bundle {
     /// The fine-tunes a soup averages (`--soup N`); empty for one fine-tune.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub soup: Vec<Member>,
+    /// The fine-tunes of an ensemble (`--ensemble N`), each saved in `members/K/`; empty
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ensemble: Vec<Member>,
 }
 
 pub fn task_kind(t: Task) -> TaskKind {
@@ -266,11 +314,12 @@ pub fn dataset_of(file: &Path) -> Result<&'static MedMnistInfo> {
 }
 
 pub struct Outcome<B: Backend> {
-    /// The selected model, or a soup's average of its members' selected models.
-    pub model: Classifier<B>,
-    /// The fine-tunes `model` comes from: one, or a soup's members.
+    /// The selected model, a soup's average of its members' selected models, or an ensemble's
+    /// members (whose class probabilities [`predict_mean`] averages).
+    pub models: Vec<Classifier<B>>,
+    /// The fine-tunes `models` come from: one, or a soup's or an ensemble's members.
     pub members: Vec<Member>,
-    /// `model`'s metrics on the selection split (val, or the holdout of `Scored::Val`).
+    /// The predictor's metrics on the selection split (val, or the holdout of `Scored::Val`).
     pub val: Metrics,
     /// Metrics and class scores (one row per image, in order) of the scored images.
     pub test: Metrics,
@@ -283,13 +332,13 @@ pub struct Member {
     pub seed: u64,
     pub epoch: usize,
     pub val: Metrics,
-    /// A soup member's own scores on the scored split, beside the soup's.
+    /// A soup's or an ensemble's member's own scores on the scored split, beside the whole's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test: Option<Metrics>,
 }
 
-/// Member `k` of a soup trains with seed `seed + 1000·k`: member 0 is the plain fine-tune of
-/// `seed`, and the soups of seeds 0, 1, 2, … share no member.
+/// Member `k` of a soup or an ensemble trains with seed `seed + 1000·k`: member 0 is the plain
+/// fine-tune of `seed`, and the soups of seeds 0, 1, 2, … share no member.
 fn member_seed(seed: u64, k: usize) -> u64 {
     seed.wrapping_add(1000 * k as u64)
 }
@@ -312,17 +361,17 @@ pub enum Scored<'a> {
 
 type Rows = (Vec<omnirad_data::Image>, Array2<i64>);
 
-/// Fine-tunes `vit` on `file` as `scored` says, `soup` times (a uniform model soup: the members
-/// share the head init and differ in seed, [`member_seed`]; 0 or 1 = one fine-tune). With `run`,
-/// prints each epoch, checkpoints it and resumes (a soup's members each in `members/K/` of the
-/// run directory); returns None when stopped by its `stop_after`.
+/// Fine-tunes `vit` on `file` as `scored` says, once or as the members of a soup or an ensemble
+/// (they share the head init and differ in seed, [`member_seed`]). With `run`, prints each
+/// epoch, checkpoints it and resumes (members each in `members/K/` of the run directory);
+/// returns None when stopped by its `stop_after`.
 #[allow(clippy::too_many_arguments)]
 pub fn run_on_npz<B: Backend>(
     vit: Vit<B>,
     cfg: &ModelConfig,
     file: &Path,
     ft: &FinetuneConfig,
-    soup: usize,
+    members: Members,
     dev: &B::Device,
     scored: Scored,
     run: Option<&RunDir>,
@@ -368,11 +417,11 @@ pub fn run_on_npz<B: Backend>(
     let multi = task == TaskKind::MultiLabel;
     let classes = info.num_classes();
     let model = Classifier::new(vit, classes, ft.cls_mean, ft.dropout, ft.seed, dev);
-    let n = soup.max(1);
+    let n = members.count();
     if let Some(r) = run {
         let mut settings = serde_json::json!({ "data": file, "finetune": ft, "encoder": cfg });
         if n > 1 {
-            settings["soup"] = n.into();
+            settings[members.name()] = n.into();
         }
         r.start(&settings)?;
         let (images, epochs) = (tr.0.len(), ft.epochs_for(tr.0.len()));
@@ -386,7 +435,7 @@ pub fn run_on_npz<B: Backend>(
                 String::new()
             },
             if n > 1 {
-                format!("; a soup of {n} fine-tunes")
+                format!("; {} of {n} fine-tunes", a_an(members.name()))
             } else {
                 String::new()
             }
@@ -401,7 +450,7 @@ pub fn run_on_npz<B: Backend>(
         augment: Augment::finetune(cfg.preprocess.size),
         pre: &cfg.preprocess,
     };
-    let mut members = Vec::new();
+    let mut done = Vec::new();
     let mut models = Vec::new();
     for k in 0..n {
         let ft = FinetuneConfig {
@@ -414,7 +463,7 @@ pub fn run_on_npz<B: Backend>(
             };
             (member_of(&ft, &r), r.model)
         } else {
-            match soup_member(model.clone(), &data, &ft, dev, run, k + 1)? {
+            match member(model.clone(), &data, &ft, dev, run, k + 1)? {
                 Some(m) => m,
                 None => return Ok(None),
             }
@@ -428,8 +477,9 @@ pub fn run_on_npz<B: Backend>(
                 Scored::Fold { .. } => ("val", "held-out fold"),
             };
             eprintln!(
-                "{} soup member {}/{n} (seed {}): epoch {} chosen by {chosen_on} {:?} (ACC {:.3} AUC {:.3} macro-F1 {:.3}); alone on {scored_on} ACC {:.3} AUC {:.3} macro-F1 {:.3}",
+                "{} {} member {}/{n} (seed {}): epoch {} chosen by {chosen_on} {:?} (ACC {:.3} AUC {:.3} macro-F1 {:.3}); alone on {scored_on} ACC {:.3} AUC {:.3} macro-F1 {:.3}",
                 info.name,
+                members.name(),
                 k + 1,
                 member.seed,
                 member.epoch,
@@ -444,26 +494,52 @@ pub fn run_on_npz<B: Backend>(
             member.test = Some(m);
         }
         models.push(picked);
-        members.push(member);
+        done.push(member);
     }
-    let model = omnirad_train::params::mean(models);
+    let models = match members {
+        Members::Ensemble(_) => models,
+        _ => vec![omnirad_train::params::mean(models)],
+    };
     let score = |rows: &Rows| {
-        let s = predict(&model, &rows.0, data.pre, multi, ft.batch, ft.tta, dev);
+        let s = predict_mean(&models, &rows.0, data.pre, multi, ft.batch, ft.tta, dev);
         (evaluate(task, rows.1.view(), s.view()), s)
     };
     let val = if n == 1 {
-        members[0].val.clone()
+        done[0].val.clone()
     } else {
         score(&va).0
     };
     let (test, scores) = score(&te);
     Ok(Some(Outcome {
-        model,
-        members,
+        models,
+        members: done,
         val,
         test,
         scores,
     }))
+}
+
+/// "a soup", "an ensemble".
+fn a_an(noun: &str) -> String {
+    let vowel = noun.starts_with(['a', 'e', 'i', 'o', 'u']);
+    format!("{} {noun}", if vowel { "an" } else { "a" })
+}
+
+/// Class probabilities averaged over `models` (an ensemble; one model gives its own).
+pub fn predict_mean<B: Backend>(
+    models: &[Classifier<B>],
+    images: &[omnirad_data::Image],
+    pre: &Preprocess,
+    multi: bool,
+    batch: usize,
+    tta: bool,
+    dev: &B::Device,
+) -> Array2<f64> {
+    let mut sum = predict(&models[0], images, pre, multi, batch, tta, dev);
+    for m in &models[1..] {
+        sum += &predict(m, images, pre, multi, batch, tta, dev);
+    }
+    sum / models.len() as f64
 }
 
 fn member_of<B: Backend>(ft: &FinetuneConfig, r: &FinetuneResult<B>) -> Member {
@@ -475,7 +551,7 @@ fn member_of<B: Backend>(ft: &FinetuneConfig, r: &FinetuneResult<B>) -> Member {
     }
 }
 
-/// The training side of [`run_on_npz`], shared by the members of a soup.
+/// The training side of [`run_on_npz`], shared by the members of a soup or an ensemble.
 struct Data<'a> {
     file: &'a Path,
     name: &'a str,
@@ -486,10 +562,10 @@ struct Data<'a> {
     pre: &'a Preprocess,
 }
 
-/// Member `k` (from 1) of a soup. With `run`, it trains in `members/K/` of the run directory
-/// (its own checkpoint and history) and leaves its selected model and scores there once done,
-/// so a resumed soup starts at the first unfinished member.
-fn soup_member<B: Backend>(
+/// Member `k` (from 1) of a soup or an ensemble. With `run`, it trains in `members/K/` of the
+/// run directory (its own checkpoint and history) and leaves its selected model and scores there
+/// once done, so a resumed run starts at the first unfinished member.
+fn member<B: Backend>(
     model: Classifier<B>,
     data: &Data,
     ft: &FinetuneConfig,
@@ -500,15 +576,15 @@ fn soup_member<B: Backend>(
     let Some(r) = run else {
         return Ok(train_one(model, data, ft, dev, None)?.map(|o| (member_of(ft, &o), o.model)));
     };
-    let dir = r.dir.join("members").join(k.to_string());
+    let dir = member_dir(r.dir, k);
     let (weights, summary) = (dir.join("selected.safetensors"), dir.join("member.json"));
     if r.resume && summary.is_file() {
         let text = std::fs::read_to_string(&summary)
             .with_context(|| format!("reading {}", summary.display()))?;
         let member: Member = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a soup member's summary", summary.display()))?;
+            .with_context(|| format!("{}: not a member's summary", summary.display()))?;
         let model = omnirad_model::load_module(model, &weights)?;
-        eprintln!("soup member {k}: done before (epoch {})", member.epoch);
+        eprintln!("member {k}: done before (epoch {})", member.epoch);
         return Ok(Some((member, model)));
     }
     let member_run = RunDir {
@@ -624,23 +700,24 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
             resume: a.resume,
             stop_after: a.stop_after,
         };
-        let soup = a.train.soup;
+        let members = Members::new(a.train.soup, a.train.ensemble);
         let Some(o) = run_on_npz::<B>(
             vit,
             &cfg,
             &a.data,
             &ft,
-            soup,
+            members,
             &dev,
             Scored::Test,
             Some(&run),
         )?
         else {
-            match soup {
-                1 => eprintln!("{}", run.stopped_message()),
+            match members {
+                Members::One => eprintln!("{}", run.stopped_message()),
                 _ => eprintln!(
-                    "stopped after epoch {} of a soup member; continue with --resume (checkpoints in {})",
+                    "stopped after epoch {} of {} member; continue with --resume (checkpoints in {})",
                     a.stop_after.unwrap_or(0),
+                    a_an(members.name()),
                     a.out.join("members").display()
                 ),
             }
@@ -648,7 +725,7 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
         };
         let chosen = match o.members.as_slice() {
             [m] => format!("epoch {} selected by val {:?}", m.epoch, ft.select),
-            ms => format!("a soup of {} fine-tunes", ms.len()),
+            ms => format!("{} of {} fine-tunes", a_an(members.name()), ms.len()),
         };
         eprintln!(
             "{}: {chosen}; test ACC {:.3} AUC {:.3} macro-F1 {:.3}",
@@ -660,22 +737,27 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
             task: format!("{:?}", info.task).to_lowercase(),
             classes: info.num_classes(),
             cls_mean: ft.cls_mean,
-            best_epoch: if soup > 1 { 0 } else { o.members[0].epoch },
+            best_epoch: match o.members.as_slice() {
+                [m] => m.epoch,
+                _ => 0,
+            },
             val: serde_json::to_value(&o.val)?,
             test: serde_json::to_value(&o.test)?,
             finetune: ft.clone(),
-            soup: if soup > 1 { o.members } else { Vec::new() },
+            soup: match members {
+                Members::Soup(_) => o.members.clone(),
+                _ => Vec::new(),
+            },
+            ensemble: match members {
+                Members::Ensemble(_) => o.members.clone(),
+                _ => Vec::new(),
+            },
         };
-        save_bundle(&a.out, &o.model, &cfg, &bundle)?;
+        save_bundle(&a.out, &o.models, &cfg, &bundle)?;
         run.finish();
-        // A soup member's selected weights were kept only for a resume; its history stays.
-        for k in 1..=soup {
-            let _ = std::fs::remove_file(
-                a.out
-                    .join("members")
-                    .join(k.to_string())
-                    .join("selected.safetensors"),
-            );
+        // A member's selected weights were kept only for a resume; its history stays.
+        for k in 1..=members.count() {
+            let _ = std::fs::remove_file(member_dir(&a.out, k).join("selected.safetensors"));
         }
         println!("{}", serde_json::to_string_pretty(&bundle.test)?);
         eprintln!("bundle written to {}", a.out.display());
@@ -683,14 +765,34 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
     })
 }
 
+/// One model in `out/` (a fine-tune, a soup), or an ensemble's in `out/members/K/`; then
+/// `bundle.json`, last, so that a bundle is complete once it has one.
 fn save_bundle<B: Backend>(
     out: &Path,
-    m: &Classifier<B>,
+    models: &[Classifier<B>],
     cfg: &ModelConfig,
     b: &Bundle,
 ) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    save_model_dir(&m.backbone, cfg, &out.join("encoder"))?;
+    match models {
+        [m] => save_classifier(out, m, cfg)?,
+        ms => {
+            for (k, m) in ms.iter().enumerate() {
+                save_classifier(&member_dir(out, k + 1), m, cfg)?;
+            }
+        }
+    }
+    crate::atomic::write(&out.join("bundle.json"), serde_json::to_string_pretty(b)?)?;
+    Ok(())
+}
+
+fn member_dir(out: &Path, k: usize) -> PathBuf {
+    out.join("members").join(k.to_string())
+}
+
+/// `dir/encoder/` (a model directory) and `dir/head.safetensors`.
+fn save_classifier<B: Backend>(dir: &Path, m: &Classifier<B>, cfg: &ModelConfig) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    save_model_dir(&m.backbone, cfg, &dir.join("encoder"))?;
     let w = m.head.weight.val().transpose();
     let [c, d] = w.dims();
     let w: Vec<f32> = w.into_data().convert::<f32>().to_vec().expect("f32");
@@ -699,26 +801,54 @@ fn save_bundle<B: Backend>(
         None => vec![0.0; c],
     };
     write_f32_safetensors(
-        &out.join("head.safetensors"),
+        &dir.join("head.safetensors"),
         &[
             ("weight".into(), vec![c, d], w),
             ("bias".into(), vec![c], bias),
         ],
         None,
     )?;
-    crate::atomic::write(&out.join("bundle.json"), serde_json::to_string_pretty(b)?)?;
     Ok(())
 }
 
-/// Reads a bundle written by `finetune`.
+/// Reads a bundle written by `finetune`: its model, or an ensemble's members.
 pub fn load_bundle<B: Backend>(
     dir: &Path,
     dev: &B::Device,
-) -> Result<(Classifier<B>, ModelConfig, Bundle)> {
+) -> Result<(Vec<Classifier<B>>, ModelConfig, Bundle)> {
     let text = std::fs::read_to_string(dir.join("bundle.json"))
         .with_context(|| format!("{}: not a bundle (no bundle.json)", dir.display()))?;
     let bundle: Bundle = serde_json::from_str(&text)
         .with_context(|| format!("{}: invalid bundle.json", dir.display()))?;
+    if bundle.ensemble.is_empty() {
+        let (m, cfg) = load_classifier(dir, &bundle, dev)?;
+        return Ok((vec![m], cfg, bundle));
+    }
+    let mut models = Vec::new();
+    let mut first = None;
+    for k in 1..=bundle.ensemble.len() {
+        let (m, cfg) = load_classifier(&member_dir(dir, k), &bundle, dev)?;
+        if let Some(c) = &first {
+            if cfg.preprocess != *c {
+                bail!(
+                    "{}: ensemble member {k} preprocesses its input differently from member 1",
+                    dir.display()
+                );
+            }
+        } else {
+            first = Some(cfg.preprocess.clone());
+        }
+        models.push((m, cfg));
+    }
+    let cfg = models[0].1.clone();
+    Ok((models.into_iter().map(|(m, _)| m).collect(), cfg, bundle))
+}
+
+fn load_classifier<B: Backend>(
+    dir: &Path,
+    bundle: &Bundle,
+    dev: &B::Device,
+) -> Result<(Classifier<B>, ModelConfig)> {
     let (vit, cfg) = load_model_dir::<B>(&dir.join("encoder"), dev)?;
     let head_path = dir.join("head.safetensors");
     let bytes =
@@ -749,7 +879,7 @@ pub fn load_bundle<B: Backend>(
         TensorData::new(b, [c]),
         dev,
     )));
-    Ok((m, cfg, bundle))
+    Ok((m, cfg))
 }
 
 #[derive(Args, Debug)]
@@ -776,7 +906,7 @@ pub struct PredictArgs {
 
 pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
     crate::with_backend!(a.device, |B, dev| {
-        let (model, cfg, bundle) = load_bundle::<B>(&a.model, &dev)?;
+        let (models, cfg, bundle) = load_bundle::<B>(&a.model, &dev)?;
         let (items, _) = discover(&a.input, a.read.split)?;
         let read = a.read.options();
         let mut ids = Vec::new();
@@ -805,8 +935,8 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
             bail!("{}: no readable images", a.input.display());
         }
         let multi = bundle.task == "multilabel";
-        let p = predict(
-            &model,
+        let p = predict_mean(
+            &models,
             &images,
             &cfg.preprocess,
             multi,

@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::device::{model_stamps, parse_device, resolve_model, stamp, Device};
 use crate::embed::{embed_items, write_embeddings, EmbedJob, Embeddings, Pool};
-use crate::finetune::Scored;
+use crate::finetune::{Members, Scored};
 use crate::run_log::RunLog;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -112,6 +112,10 @@ pub struct MedMnistArgs {
     /// seed+1000, …, each at its selected epoch, weights averaged into one model).
     #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub soup: usize,
+    /// Fine-tuning / LoRA: per seed, an ensemble of N fine-tunes (trained as --soup's members;
+    /// class probabilities averaged).
+    #[arg(long, default_value_t = 1, conflicts_with = "soup", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub ensemble: usize,
     /// Linear probe repeats with seeds seed, seed+1, …; the table shows mean ± std.
     #[arg(long, default_value_t = 1)]
     pub seeds: u64,
@@ -264,6 +268,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
             ("--mixup", a.mixup > 0.0),
             ("--tta", a.tta),
             ("--soup", a.soup > 1),
+            ("--ensemble", a.ensemble > 1),
             ("--grad-checkpoint", a.grad_checkpoint),
         ];
         if let Some((flag, _)) = tuning_only.iter().find(|(_, set)| *set) {
@@ -350,7 +355,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                             &cfg,
                             file,
                             &ft,
-                            a.soup,
+                            Members::new(a.soup, a.ensemble),
                             &dev,
                             scored,
                             None,
@@ -369,7 +374,8 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                             selection_summary(a, &m.val)
                         ),
                         ms => eprintln!(
-                            "{what}: soup of {} fine-tunes ({})",
+                            "{what}: {} of {} fine-tunes ({})",
+                            Members::new(a.soup, a.ensemble).name(),
                             ms.len(),
                             selection_summary(a, &o.val)
                         ),
@@ -648,11 +654,14 @@ fn schedule(a: &MedMnistArgs) -> String {
     if a.tta {
         s += ", scored with mirror TTA";
     }
-    if a.soup > 1 {
-        s += &format!(
-            ", a uniform soup of {} fine-tunes per seed (weights averaged; each at its selected epoch)",
-            a.soup
-        );
+    match Members::new(a.soup, a.ensemble) {
+        Members::One => {}
+        Members::Soup(n) => s += &format!(
+            ", a uniform soup of {n} fine-tunes per seed (weights averaged; each at its selected epoch)"
+        ),
+        Members::Ensemble(n) => s += &format!(
+            ", an ensemble of {n} fine-tunes per seed (class probabilities averaged; each at its selected epoch)"
+        ),
     }
     s
 }

@@ -503,6 +503,18 @@ fn bench_medmnist_knn_table_and_bad_names() {
         !ok && err.contains("--soup applies to --mode finetune or lora"),
         "{err}"
     );
+    let (ok, _, err) = bench(&[
+        "--datasets",
+        "breastmnist",
+        "--mode",
+        "knn",
+        "--ensemble",
+        "3",
+    ]);
+    assert!(
+        !ok && err.contains("--ensemble applies to --mode finetune or lora"),
+        "{err}"
+    );
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--eval-split", "train"]);
     assert!(!ok && err.contains("add --folds K"), "{err}");
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--folds", "5"]);
@@ -1745,13 +1757,84 @@ fn finetune_soup_resumes_member_by_member_to_the_same_bundle() {
     let (ok, _, err) = run("parts", &["--resume"]);
     assert!(!ok && err.contains("settings differ"), "{err}");
     let (ok, _, err) = run("parts", &["--soup", "2", "--resume"]);
-    assert!(ok && err.contains("soup member 1: done before"), "{err}");
+    assert!(ok && err.contains("member 1: done before"), "{err}");
     assert_eq!(bundle("parts")["soup"], full["soup"]);
     let head = |run: &str| tensors(&d.join(run).join("head.safetensors"));
     assert!(head("full") == head("parts"), "resumed soup differs");
     assert!(
         head("full") != head("plain"),
         "the soup is its first member"
+    );
+}
+
+#[test]
+fn finetune_ensemble_predicts_the_mean_of_its_members() {
+    let d = tmp("ft-ensemble");
+    let ens = d.join("ens");
+    let (ok, _, err) = finetune_breast(&ens, &["--epochs", "2", "--ensemble", "2"]);
+    assert!(
+        ok && err.contains("ensemble member 2/2 (seed 1000)")
+            && err.contains("breastmnist: an ensemble of 2 fine-tunes; test ACC"),
+        "{err}"
+    );
+    let bundle: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ens.join("bundle.json")).unwrap()).unwrap();
+    let seeds: Vec<_> = bundle["ensemble"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seed"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seeds, [0, 1000]);
+    assert!(bundle.get("soup").is_none() && !ens.join("encoder").exists());
+    let predict = |model: &Path| -> Vec<Vec<f64>> {
+        let (ok, out, err) = omnirad(&[
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            data("medmnist/breastmnist.npz").to_str().unwrap(),
+            "--split",
+            "test",
+        ]);
+        assert!(ok, "{err}");
+        out.lines()
+            .skip(1)
+            .map(|l| l.split(',').skip(1).map(|p| p.parse().unwrap()).collect())
+            .collect()
+    };
+    // Each member as a bundle of its own: the ensemble's probabilities are their mean.
+    let members: Vec<_> = (1..=2)
+        .map(|k| {
+            let (from, to) = (ens.join(format!("members/{k}")), d.join(format!("m{k}")));
+            std::fs::create_dir_all(to.join("encoder")).unwrap();
+            for f in std::fs::read_dir(from.join("encoder")).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, to.join("encoder").join(f.file_name().unwrap())).unwrap();
+            }
+            std::fs::copy(from.join("head.safetensors"), to.join("head.safetensors")).unwrap();
+            let mut one = bundle.clone();
+            one.as_object_mut().unwrap().remove("ensemble");
+            std::fs::write(to.join("bundle.json"), one.to_string()).unwrap();
+            predict(&to)
+        })
+        .collect();
+    let mean = predict(&ens);
+    assert_eq!(mean.len(), 156);
+    assert!(members[0] != members[1], "the members are one model");
+    for (i, row) in mean.iter().enumerate() {
+        for (c, p) in row.iter().enumerate() {
+            let want = (members[0][i][c] + members[1][i][c]) / 2.0;
+            assert!(
+                (p - want).abs() <= 2e-6,
+                "image {i} class {c}: {p} against {want}"
+            );
+        }
+    }
+    let (ok, _, err) = finetune_breast(&d.join("both"), &["--soup", "2", "--ensemble", "2"]);
+    assert!(
+        !ok && err.contains("--ensemble") && err.contains("--soup"),
+        "{err}"
     );
 }
 
