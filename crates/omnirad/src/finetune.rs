@@ -825,23 +825,22 @@ pub fn load_bundle<B: Backend>(
         return Ok((vec![m], cfg, bundle));
     }
     let mut models = Vec::new();
-    let mut first = None;
+    let mut first: Option<ModelConfig> = None;
     for k in 1..=bundle.ensemble.len() {
         let (m, cfg) = load_classifier(&member_dir(dir, k), &bundle, dev)?;
-        if let Some(c) = &first {
-            if cfg.preprocess != *c {
-                bail!(
-                    "{}: ensemble member {k} preprocesses its input differently from member 1",
-                    dir.display()
-                );
-            }
-        } else {
-            first = Some(cfg.preprocess.clone());
+        match &first {
+            // predict_mean feeds every member the same input.
+            Some(f) if f.preprocess != cfg.preprocess => bail!(
+                "{}: ensemble member {k} preprocesses its input differently from member 1",
+                dir.display()
+            ),
+            Some(_) => {}
+            None => first = Some(cfg),
         }
-        models.push((m, cfg));
+        models.push(m);
     }
-    let cfg = models[0].1.clone();
-    Ok((models.into_iter().map(|(m, _)| m).collect(), cfg, bundle))
+    let cfg = first.expect("an ensemble has members");
+    Ok((models, cfg, bundle))
 }
 
 fn load_classifier<B: Backend>(

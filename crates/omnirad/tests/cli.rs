@@ -1831,6 +1831,21 @@ fn finetune_ensemble_predicts_the_mean_of_its_members() {
             );
         }
     }
+    // Members that would need different inputs are refused by name.
+    let config = ens.join("members/2/encoder/config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("\"stretch\"", "\"pad\"")).unwrap();
+    let (ok, _, err) = omnirad(&[
+        "predict",
+        "--model",
+        ens.to_str().unwrap(),
+        "--input",
+        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("ensemble member 2 preprocesses"),
+        "{err}"
+    );
     let (ok, _, err) = finetune_breast(&d.join("both"), &["--soup", "2", "--ensemble", "2"]);
     assert!(
         !ok && err.contains("--ensemble") && err.contains("--soup"),
