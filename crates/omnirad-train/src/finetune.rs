@@ -378,10 +378,11 @@ pub fn probability_loss(scores: ArrayView2<f64>, labels: ArrayView2<i64>, multi:
     total / n as f64
 }
 
-/// Class probabilities [N, C] for `images` (resized and normalised by `pre`); with `tta`, the
-/// mean over each image and its left–right mirror.
+/// Class probabilities [N, C] for `images` (resized and normalised by `pre`), averaged over
+/// `models` (one model, or an ensemble's members: each batch is preprocessed once for all); with
+/// `tta`, the mean over each image and its left–right mirror.
 pub fn predict<B: Backend>(
-    model: &Classifier<B>,
+    models: &[Classifier<B>],
     images: &[Image],
     pre: &Preprocess,
     multi: bool,
@@ -400,14 +401,21 @@ pub fn predict<B: Backend>(
                 .map(|a| a.slice(s![.., .., ..;-1]).to_owned())
                 .collect()
         });
-        let p = model.probabilities(batch_tensor::<B>(arrays, dev), multi);
-        classes = p.dims()[1];
-        let mut p = host(p);
-        if let Some(m) = mirrored {
-            let q = host(model.probabilities(batch_tensor::<B>(m, dev), multi));
-            p.iter_mut().zip(q).for_each(|(a, b)| *a = 0.5 * (*a + b));
+        let x = batch_tensor::<B>(arrays, dev);
+        let x_mirrored = mirrored.map(|m| batch_tensor::<B>(m, dev));
+        let mut sum: Vec<f64> = Vec::new();
+        for model in models {
+            let p = model.probabilities(x.clone(), multi);
+            classes = p.dims()[1];
+            let mut p = host(p);
+            if let Some(m) = &x_mirrored {
+                let q = host(model.probabilities(m.clone(), multi));
+                p.iter_mut().zip(q).for_each(|(a, b)| *a = 0.5 * (*a + b));
+            }
+            sum.resize(p.len(), 0.0);
+            sum.iter_mut().zip(p).for_each(|(s, v)| *s += f64::from(v));
         }
-        out.extend(p.into_iter().map(f64::from));
+        out.extend(sum.into_iter().map(|s| s / models.len() as f64));
     }
     Array2::from_shape_vec((images.len(), classes), out).expect("n × classes")
 }
@@ -642,7 +650,15 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
             }
         }
         let inner = average.clone().unwrap_or_else(|| student.valid());
-        let scores = predict(&inner, val.images, pre, multi, cfg.batch, cfg.tta, dev);
+        let scores = predict(
+            std::slice::from_ref(&inner),
+            val.images,
+            pre,
+            multi,
+            cfg.batch,
+            cfg.tta,
+            dev,
+        );
         let m = evaluate(task, val.labels, scores.view());
         let val_loss = probability_loss(scores.view(), val.labels, multi);
         let log = EpochLog {

@@ -315,7 +315,7 @@ pub fn dataset_of(file: &Path) -> Result<&'static MedMnistInfo> {
 
 pub struct Outcome<B: Backend> {
     /// The selected model, a soup's average of its members' selected models, or an ensemble's
-    /// members (whose class probabilities [`predict_mean`] averages).
+    /// members (whose class probabilities [`predict`] averages).
     pub models: Vec<Classifier<B>>,
     /// The fine-tunes `models` come from: one, or a soup's or an ensemble's members.
     pub members: Vec<Member>,
@@ -469,7 +469,15 @@ pub fn run_on_npz<B: Backend>(
             }
         };
         if n > 1 {
-            let s = predict(&picked, &te.0, data.pre, multi, ft.batch, ft.tta, dev);
+            let s = predict(
+                std::slice::from_ref(&picked),
+                &te.0,
+                data.pre,
+                multi,
+                ft.batch,
+                ft.tta,
+                dev,
+            );
             let m = evaluate(task, te.1.view(), s.view());
             let (chosen_on, scored_on) = match scored {
                 Scored::Test => ("val", "test"),
@@ -501,7 +509,7 @@ pub fn run_on_npz<B: Backend>(
         _ => vec![omnirad_train::params::mean(models)],
     };
     let score = |rows: &Rows| {
-        let s = predict_mean(&models, &rows.0, data.pre, multi, ft.batch, ft.tta, dev);
+        let s = predict(&models, &rows.0, data.pre, multi, ft.batch, ft.tta, dev);
         (evaluate(task, rows.1.view(), s.view()), s)
     };
     let val = if n == 1 {
@@ -523,23 +531,6 @@ pub fn run_on_npz<B: Backend>(
 fn a_an(noun: &str) -> String {
     let vowel = noun.starts_with(['a', 'e', 'i', 'o', 'u']);
     format!("{} {noun}", if vowel { "an" } else { "a" })
-}
-
-/// Class probabilities averaged over `models` (an ensemble; one model gives its own).
-pub fn predict_mean<B: Backend>(
-    models: &[Classifier<B>],
-    images: &[omnirad_data::Image],
-    pre: &Preprocess,
-    multi: bool,
-    batch: usize,
-    tta: bool,
-    dev: &B::Device,
-) -> Array2<f64> {
-    let mut sum = predict(&models[0], images, pre, multi, batch, tta, dev);
-    for m in &models[1..] {
-        sum += &predict(m, images, pre, multi, batch, tta, dev);
-    }
-    sum / models.len() as f64
 }
 
 fn member_of<B: Backend>(ft: &FinetuneConfig, r: &FinetuneResult<B>) -> Member {
@@ -829,7 +820,7 @@ pub fn load_bundle<B: Backend>(
     for k in 1..=bundle.ensemble.len() {
         let (m, cfg) = load_classifier(&member_dir(dir, k), &bundle, dev)?;
         match &first {
-            // predict_mean feeds every member the same input.
+            // predict feeds every member the same input.
             Some(f) if f.preprocess != cfg.preprocess => bail!(
                 "{}: ensemble member {k} preprocesses its input differently from member 1",
                 dir.display()
@@ -934,7 +925,7 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
             bail!("{}: no readable images", a.input.display());
         }
         let multi = bundle.task == "multilabel";
-        let p = predict_mean(
+        let p = predict(
             &models,
             &images,
             &cfg.preprocess,
