@@ -6,6 +6,15 @@
 //!   L = −(1/N) Σ_i Σ_c q_ic · log softmax(z_i)_c,   q_ic = (1 − ε)·[c = y_i] + ε/C;
 //! multi-label — binary cross-entropy with logits, L = (1/(N·C)) Σ softplus(z) − y·z.
 //!
+//! Class-balanced (`class_weight = balanced`, for sets where the class that matters is rare):
+//! single-label — class weights w_c = N / (C·n_c) (scikit-learn's "balanced"), and
+//!   L = Σ_i s_i·CE_i / Σ_i s_i,   s_i = Σ_c w_c·y_ic,
+//! CE_i the smoothed cross-entropy above and s_i the weight of image i's class (blended like its
+//! target under mixup). With ε = 0 this is PyTorch's `cross_entropy(z, y, weight=w)`; PyTorch
+//! would also weight the smoothing term per class, which here stays uniform.
+//! multi-label — positive weights p_c = n_neg,c / n_pos,c (PyTorch's `BCEWithLogitsLoss(pos_weight)`),
+//!   L = (1/(N·C)) Σ p·y·softplus(−z) + (1 − y)·softplus(z).
+//!
 //! Mixup (Zhang et al. 2018, timm's batch mode): with λ ~ Beta(α, α) drawn per batch, image k is
 //! blended with image n−1−k of the same batch, x̃_k = λ·x_k + (1 − λ)·x_{n−1−k}, and its target
 //! row the same way, ỹ_k = λ·y_k + (1 − λ)·y_{n−1−k}, before smoothing.
@@ -82,6 +91,27 @@ impl Selection {
     }
 }
 
+/// How the training loss weights the classes (module doc).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClassWeight {
+    /// Every image counts the same.
+    #[default]
+    None,
+    /// Every class counts the same (multi-label: positives as much as negatives, per label).
+    Balanced,
+}
+
+impl ClassWeight {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "balanced" => Ok(Self::Balanced),
+            _ => Err(format!("unknown class weighting '{s}' (none, balanced)")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FinetuneConfig {
     pub epochs: usize,
@@ -102,6 +132,8 @@ pub struct FinetuneConfig {
     /// Dropout before the head (OmniRad: 0.4).
     pub dropout: f64,
     pub label_smoothing: f64,
+    #[serde(default)]
+    pub class_weight: ClassWeight,
     /// Global gradient-norm limit; 0 disables.
     pub clip: f64,
     /// Head on the class token alone, or on [class token, mean patch token] (DINOv2's linear).
@@ -178,6 +210,7 @@ impl Default for FinetuneConfig {
             drop_path: 0.1,
             dropout: 0.0,
             label_smoothing: 0.1,
+            class_weight: ClassWeight::None,
             clip: 1.0,
             cls_mean: false,
             select: Selection::MacroF1,
@@ -304,19 +337,68 @@ pub struct FinetuneResult<B: Backend> {
     pub history: Vec<EpochLog>,
 }
 
-/// The training loss of the module doc, a scalar [1]; `y` one-hot (single-label) or 0/1 flags.
+/// The training loss of the module doc, a scalar [1]; `y` one-hot (single-label) or 0/1 flags;
+/// `weights` [C] the class weights w (single-label) or positive weights p (multi-label), None
+/// for all ones.
 pub fn classification_loss<B: Backend>(
     z: Tensor<B, 2>,
     y: Tensor<B, 2>,
     multi: bool,
     smoothing: f64,
+    weights: Option<Tensor<B, 1>>,
 ) -> Tensor<B, 1> {
+    let weights = weights.map(|w| w.unsqueeze_dim::<2>(0));
     if multi {
-        (softplus(z.clone(), 1.0) - y * z).mean()
+        let bce = softplus(z.clone(), 1.0) - y.clone() * z.clone();
+        match weights {
+            None => bce.mean(),
+            // p·y·softplus(−z) + (1 − y)·softplus(z) = bce + (p − 1)·y·softplus(−z).
+            Some(p) => (bce + y * softplus(z.neg(), 1.0) * (p - 1.0)).mean(),
+        }
     } else {
         let c = z.dims()[1] as f64;
-        let q = y * (1.0 - smoothing) + smoothing / c;
-        (log_softmax(z, 1) * q).sum_dim(1).mean().neg()
+        let q = y.clone() * (1.0 - smoothing) + smoothing / c;
+        let ce = (log_softmax(z, 1) * q).sum_dim(1).neg();
+        match weights {
+            None => ce.mean(),
+            Some(w) => {
+                let s = (y * w).sum_dim(1);
+                (ce * s.clone()).sum() / s.sum()
+            }
+        }
+    }
+}
+
+/// The class weights of the module doc, from the training labels ([N, 1] class ids or [N, C]
+/// flags). A class (or label side) with no training images gets weight 1: it never appears in
+/// a target, so its weight is never used.
+pub fn class_weights(labels: ArrayView2<i64>, classes: usize, multi: bool) -> Vec<f32> {
+    let n = labels.nrows();
+    if multi {
+        (0..classes)
+            .map(|c| {
+                let pos = labels.column(c).iter().filter(|&&v| v == 1).count();
+                if pos == 0 || pos == n {
+                    1.0
+                } else {
+                    (n - pos) as f32 / pos as f32
+                }
+            })
+            .collect()
+    } else {
+        let mut counts = vec![0usize; classes];
+        for &y in labels.column(0) {
+            if let Some(k) = usize::try_from(y).ok().and_then(|y| counts.get_mut(y)) {
+                *k += 1;
+            }
+        }
+        counts
+            .iter()
+            .map(|&k| match k {
+                0 => 1.0,
+                k => n as f32 / (classes * k) as f32,
+            })
+            .collect()
     }
 }
 
@@ -590,6 +672,8 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
     let lr = Cosine::new(cfg.lr, cfg.min_lr, total)
         .with_warmup((cfg.warmup_epochs * steps_per_epoch).min(total), 0.0);
     let group = |p: &str| param_group(p, depth, cfg.layer_decay, 1.0);
+    let weights = (cfg.class_weight == ClassWeight::Balanced)
+        .then(|| class_weights(train.labels, classes, multi));
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = (0..train.images.len()).collect();
     // Replay the shuffles of the epochs already done, so a resumed run sees the same batches.
@@ -633,7 +717,11 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
                 TensorData::new(y.into_raw_vec_and_offset().0, [chunk.len(), classes]),
                 dev,
             );
-            let loss = classification_loss(student.forward(x, true), y, multi, cfg.label_smoothing);
+            let w = weights
+                .as_ref()
+                .map(|w| Tensor::from_data(TensorData::new(w.clone(), [classes]), dev));
+            let z = student.forward(x, true);
+            let loss = classification_loss(z, y, multi, cfg.label_smoothing, w);
             loss_sum += loss.clone().into_scalar().elem::<f64>() * chunk.len() as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &student);
             let settings = StepSettings {

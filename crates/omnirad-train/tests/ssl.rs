@@ -461,7 +461,7 @@ fn finetune_loss_with_label_smoothing_by_hand() {
     let y = t2(&[0.0, 1.0], [1, 2]);
     let want = -(0.05 * (1.0f64 / 3.0).ln() + 0.95 * (2.0f64 / 3.0).ln());
     assert!(close(
-        scalar(classification_loss(z.clone(), y.clone(), false, 0.1)),
+        scalar(classification_loss(z.clone(), y.clone(), false, 0.1, None)),
         want,
         1e-5
     ));
@@ -469,10 +469,73 @@ fn finetune_loss_with_label_smoothing_by_hand() {
     let sp = |x: f64| (1.0 + x.exp()).ln();
     let want = (sp(0.0) + sp(2f64.ln()) - 2f64.ln()) / 2.0;
     assert!(close(
-        scalar(classification_loss(z, y, true, 0.0)),
+        scalar(classification_loss(z, y, true, 0.0, None)),
         want,
         1e-5
     ));
+}
+
+#[test]
+fn class_weighted_finetune_loss_by_hand() {
+    use omnirad_train::finetune::{class_weights, classification_loss};
+    let w = |v: &[f64]| Some(t2(v, [1, v.len()]).squeeze_dim::<1>(0));
+    // Row 1: softmax([0, ln 2]) = [1/3, 2/3], class 1; row 2: softmax([0, 0]), class 0.
+    let z = t2(&[0.0, 2f64.ln(), 0.0, 0.0], [2, 2]);
+    let y = t2(&[0.0, 1.0, 1.0, 0.0], [2, 2]);
+    let (ce1, ce2) = (-(2.0f64 / 3.0).ln(), 2f64.ln());
+    // Weights [3, 1]: the class-0 row counts three times, normalised by the weights' sum.
+    let want = (ce1 + 3.0 * ce2) / 4.0;
+    let got = scalar(classification_loss(
+        z.clone(),
+        y.clone(),
+        false,
+        0.0,
+        w(&[3.0, 1.0]),
+    ));
+    assert!(close(got, want, 1e-5), "{got} vs {want}");
+    // Smoothing stays uniform over classes; only the row weights change.
+    let ce1 = -(0.05 * (1.0f64 / 3.0).ln() + 0.95 * (2.0f64 / 3.0).ln());
+    let want = (ce1 + 3.0 * ce2) / 4.0;
+    let got = scalar(classification_loss(
+        z.clone(),
+        y,
+        false,
+        0.1,
+        w(&[3.0, 1.0]),
+    ));
+    assert!(close(got, want, 1e-5), "{got} vs {want}");
+    // A mixed target [0.25, 0.75] weighs 0.25·3 + 0.75·1 = 1.5.
+    let soft = t2(&[0.25, 0.75, 1.0, 0.0], [2, 2]);
+    let ce1 = -(0.25 * (1.0f64 / 3.0).ln() + 0.75 * (2.0f64 / 3.0).ln());
+    let want = (1.5 * ce1 + 3.0 * ce2) / 4.5;
+    let got = scalar(classification_loss(
+        z.clone(),
+        soft,
+        false,
+        0.0,
+        w(&[3.0, 1.0]),
+    ));
+    assert!(close(got, want, 1e-5), "{got} vs {want}");
+    // Multi-label with positive weights [2, 4]: p·y·softplus(−z) + (1 − y)·softplus(z), mean.
+    let sp = |x: f64| (1.0 + x.exp()).ln();
+    let flags = t2(&[0.0, 1.0, 1.0, 0.0], [2, 2]);
+    let want = (sp(0.0) + 4.0 * sp(-(2f64.ln())) + 2.0 * sp(0.0) + sp(0.0)) / 4.0;
+    let got = scalar(classification_loss(z, flags, true, 0.0, w(&[2.0, 4.0])));
+    assert!(close(got, want, 1e-5), "{got} vs {want}");
+
+    // scikit-learn's "balanced": N / (C·n_c); an absent class gets 1.
+    let ids = ndarray::array![[0i64], [1], [1], [1]];
+    assert_eq!(class_weights(ids.view(), 2, false), vec![2.0, 2.0 / 3.0]);
+    assert_eq!(
+        class_weights(ids.view(), 3, false),
+        vec![4.0 / 3.0, 4.0 / 9.0, 1.0]
+    );
+    // Multi-label: n_neg / n_pos per label; a label never (or always) set gets 1.
+    let flags = ndarray::array![[1i64, 0, 0], [0, 0, 0], [1, 0, 0], [1, 1, 0]];
+    assert_eq!(
+        class_weights(flags.view(), 3, true),
+        vec![1.0 / 3.0, 3.0, 1.0]
+    );
 }
 
 #[test]

@@ -33,8 +33,8 @@ use omnirad_model::{
     f32_tensors, load_model_dir, save_model_dir, write_f32_safetensors, ModelConfig, Vit,
 };
 use omnirad_train::finetune::{
-    finetune, load_state, predict, save_state, Classifier, FinetuneConfig, FinetuneResult,
-    LabelledImages, Selection,
+    finetune, load_state, predict, save_state, ClassWeight, Classifier, FinetuneConfig,
+    FinetuneResult, LabelledImages, Selection,
 };
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +84,14 @@ pub struct TrainArgs {
     /// on CPU it is slower).
     #[arg(long, default_value = "f32")]
     pub dtype: omnirad_model::Precision,
+    #[command(flatten)]
+    pub tune: TuneArgs,
+}
+
+/// Fine-tuning options that `finetune`/`probe` and `bench medmnist` share: what is trained and
+/// scored beyond the schedule, each off by default.
+#[derive(Args, Debug, Clone)]
+pub struct TuneArgs {
     /// Recompute norms, activations and elementwise ops in the backward pass instead of keeping
     /// them: the same gradients with less memory (larger batches), a few % slower.
     #[arg(long)]
@@ -98,6 +106,10 @@ pub struct TrainArgs {
     /// Mixup with Beta(α, α) blending weights (0 = off; timm uses 0.8).
     #[arg(long, default_value_t = 0.0, value_parser = parse_mixup)]
     pub mixup: f64,
+    /// balanced: weight the loss so every class counts the same (w_c = N / (C·n_c); multi-label:
+    /// positives weighted n_neg / n_pos per label), for sets where the class that matters is rare.
+    #[arg(long, default_value = "none", value_parser = ClassWeight::parse)]
+    pub class_weight: ClassWeight,
     /// Score val and test, and later `omnirad predict`, on the mean over each image and its
     /// left–right mirror.
     #[arg(long)]
@@ -111,6 +123,38 @@ pub struct TrainArgs {
     /// probabilities (N times the training and the inference; the bundle holds N models).
     #[arg(long, default_value_t = 1, conflicts_with = "soup", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub ensemble: usize,
+}
+
+impl TuneArgs {
+    /// These options in `cfg`.
+    pub fn apply(&self, cfg: &mut FinetuneConfig) {
+        cfg.grad_checkpoint = self.grad_checkpoint;
+        cfg.head_epochs = self.head_epochs;
+        cfg.ema = self.ema;
+        cfg.mixup = self.mixup;
+        cfg.class_weight = self.class_weight;
+        cfg.tta = self.tta;
+    }
+
+    pub fn members(&self) -> Members {
+        Members::new(self.soup, self.ensemble)
+    }
+
+    /// The first of these flags that is set, for commands that train no encoder.
+    pub fn first_set(&self) -> Option<&'static str> {
+        [
+            ("--grad-checkpoint", self.grad_checkpoint),
+            ("--head-epochs", self.head_epochs > 0),
+            ("--ema", self.ema.is_some()),
+            ("--mixup", self.mixup > 0.0),
+            ("--class-weight", self.class_weight != ClassWeight::None),
+            ("--tta", self.tta),
+            ("--soup", self.soup > 1),
+            ("--ensemble", self.ensemble > 1),
+        ]
+        .into_iter()
+        .find_map(|(flag, set)| set.then_some(flag))
+    }
 }
 
 /// How a run's fine-tunes make one predictor (`--soup N`, `--ensemble N`).
@@ -225,13 +269,9 @@ impl TrainArgs {
                 }),
             frozen: false,
             precision: self.dtype,
-            grad_checkpoint: self.grad_checkpoint,
-            head_epochs: self.head_epochs,
-            ema: self.ema,
-            mixup: self.mixup,
-            tta: self.tta,
             ..FinetuneConfig::default()
         };
+        self.tune.apply(&mut cfg);
         cfg.set_epochs(self.epochs);
         cfg
     }
@@ -691,7 +731,7 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
             resume: a.resume,
             stop_after: a.stop_after,
         };
-        let members = Members::new(a.train.soup, a.train.ensemble);
+        let members = a.train.tune.members();
         let Some(o) = run_on_npz::<B>(
             vit,
             &cfg,

@@ -18,6 +18,7 @@ use omnirad_data::{discover, Preprocess, ReadOptions, Split};
 use omnirad_eval::baselines::{MEDMNIST_PLUS_DINO_LINEAR, MEDMNIST_V2, MEDMNIST_V2_MODELS};
 use omnirad_eval::{evaluate, knn_scores, KnnConfig, Metrics};
 use omnirad_model::Vit;
+use omnirad_train::finetune::ClassWeight;
 use omnirad_train::{linear_probe, ProbeConfig};
 use serde_json::json;
 
@@ -83,10 +84,6 @@ pub struct MedMnistArgs {
     /// Encoder matmul and attention precision, all modes (bf16 = mixed precision on f32 weights).
     #[arg(long, default_value = "f32")]
     pub dtype: omnirad_model::Precision,
-    /// Fine-tune / LoRA: recompute memory-bound activations in the backward pass (less memory,
-    /// the same gradients).
-    #[arg(long)]
-    pub grad_checkpoint: bool,
     /// Val-split score that picks the epoch (linear, mlp, lora, finetune): macro-f1, acc, auc, loss.
     #[arg(long, default_value = "macro-f1", value_parser = omnirad_train::finetune::Selection::parse)]
     pub select: omnirad_train::finetune::Selection,
@@ -96,26 +93,6 @@ pub struct MedMnistArgs {
     /// Peak learning rate; default 1e-3 (linear, mlp, lora) / 5e-4 (finetune).
     #[arg(long, value_parser = crate::finetune::parse_positive)]
     pub lr: Option<f64>,
-    /// Fine-tuning: train the head alone for N epochs first (LP-FT).
-    #[arg(long, default_value_t = 0)]
-    pub head_epochs: usize,
-    /// Fine-tuning / LoRA: score and select an EMA of the weights with this decay per step.
-    #[arg(long, value_parser = crate::finetune::parse_ema)]
-    pub ema: Option<f64>,
-    /// Fine-tuning / LoRA: mixup with Beta(α, α) blending weights (0 = off; timm uses 0.8).
-    #[arg(long, default_value_t = 0.0, value_parser = crate::finetune::parse_mixup)]
-    pub mixup: f64,
-    /// Fine-tuning / LoRA: score val and test on the mean over each image and its mirror.
-    #[arg(long)]
-    pub tta: bool,
-    /// Fine-tuning / LoRA: per seed, a model soup of N fine-tunes (same head init, seeds seed,
-    /// seed+1000, …, each at its selected epoch, weights averaged into one model).
-    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
-    pub soup: usize,
-    /// Fine-tuning / LoRA: per seed, an ensemble of N fine-tunes (trained as --soup's members;
-    /// class probabilities averaged).
-    #[arg(long, default_value_t = 1, conflicts_with = "soup", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
-    pub ensemble: usize,
     /// Linear probe repeats with seeds seed, seed+1, …; the table shows mean ± std.
     #[arg(long, default_value_t = 1)]
     pub seeds: u64,
@@ -133,6 +110,9 @@ pub struct MedMnistArgs {
     /// OUT.runs.jsonl as it ends: the same command run again reuses those and trains only the rest.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Fine-tuning and LoRA only (the other modes train no encoder).
+    #[command(flatten, next_help_heading = "Fine-tuning and LoRA")]
+    pub tune: crate::finetune::TuneArgs,
 }
 
 /// Cache file stem: md5 of everything the features depend on (model files' size and mtime
@@ -262,16 +242,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
         _ => {}
     }
     if !matches!(a.mode, Mode::Finetune | Mode::Lora) {
-        let tuning_only = [
-            ("--head-epochs", a.head_epochs > 0),
-            ("--ema", a.ema.is_some()),
-            ("--mixup", a.mixup > 0.0),
-            ("--tta", a.tta),
-            ("--soup", a.soup > 1),
-            ("--ensemble", a.ensemble > 1),
-            ("--grad-checkpoint", a.grad_checkpoint),
-        ];
-        if let Some((flag, _)) = tuning_only.iter().find(|(_, set)| *set) {
+        if let Some(flag) = a.tune.first_set() {
             bail!(
                 "{flag} applies to --mode finetune or lora (--mode {} works on frozen features)",
                 format!("{:?}", a.mode).to_lowercase()
@@ -333,13 +304,9 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         cls_mean: a.pool == Pool::ClsMean,
                         select: a.select,
                         precision: a.dtype,
-                        grad_checkpoint: a.grad_checkpoint,
-                        head_epochs: a.head_epochs,
-                        ema: a.ema,
-                        mixup: a.mixup,
-                        tta: a.tta,
                         ..Default::default()
                     };
+                    a.tune.apply(&mut ft);
                     if a.mode == Mode::Lora {
                         ft.lora = Some(omnirad_train::finetune::LoraConfig {
                             rank: a.lora_rank,
@@ -355,7 +322,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                             &cfg,
                             file,
                             &ft,
-                            Members::new(a.soup, a.ensemble),
+                            a.tune.members(),
                             &dev,
                             scored,
                             None,
@@ -375,7 +342,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                         ),
                         ms => eprintln!(
                             "{what}: {} of {} fine-tunes ({})",
-                            Members::new(a.soup, a.ensemble).name(),
+                            a.tune.members().name(),
                             ms.len(),
                             selection_summary(a, &o.val)
                         ),
@@ -642,19 +609,22 @@ fn schedule(a: &MedMnistArgs) -> String {
         Some(e) => format!(", {e} epochs"),
         None => format!(", {} epochs or {} steps if more", d.epochs, d.min_steps),
     };
-    if a.head_epochs > 0 && a.mode == Mode::Finetune {
-        s += &format!(" after {} head-only", a.head_epochs);
+    if a.tune.head_epochs > 0 && a.mode == Mode::Finetune {
+        s += &format!(" after {} head-only", a.tune.head_epochs);
     }
-    if let Some(d) = a.ema {
+    if let Some(d) = a.tune.ema {
         s += &format!(", weight EMA {d}");
     }
-    if a.mixup > 0.0 {
-        s += &format!(", mixup α {}", a.mixup);
+    if a.tune.mixup > 0.0 {
+        s += &format!(", mixup α {}", a.tune.mixup);
     }
-    if a.tta {
+    if a.tune.class_weight == ClassWeight::Balanced {
+        s += ", class-balanced loss";
+    }
+    if a.tune.tta {
         s += ", scored with mirror TTA";
     }
-    match Members::new(a.soup, a.ensemble) {
+    match a.tune.members() {
         Members::One => {}
         Members::Soup(n) => s += &format!(
             ", a uniform soup of {n} fine-tunes per seed (weights averaged; each at its selected epoch)"

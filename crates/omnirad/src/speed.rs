@@ -187,7 +187,7 @@ fn finetune_steps<B: Backend, C: CheckpointStrategy>(
     let y = Tensor::<Train<B, C>, 2>::zeros([a.batch, 10], dev)
         .slice_assign([0..a.batch, 0..1], Tensor::ones([a.batch, 1], dev));
     time_steps(start, a.warmup, a.steps, &a.device, || {
-        let loss = classification_loss(model.forward(x.clone(), true), y.clone(), false, 0.1);
+        let loss = classification_loss(model.forward(x.clone(), true), y.clone(), false, 0.1, None);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let s = StepSettings {
             lr: 1e-5,

@@ -515,6 +515,18 @@ fn bench_medmnist_knn_table_and_bad_names() {
         !ok && err.contains("--ensemble applies to --mode finetune or lora"),
         "{err}"
     );
+    let (ok, _, err) = bench(&[
+        "--datasets",
+        "breastmnist",
+        "--mode",
+        "linear",
+        "--class-weight",
+        "balanced",
+    ]);
+    assert!(
+        !ok && err.contains("--class-weight applies to --mode finetune or lora"),
+        "{err}"
+    );
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--eval-split", "train"]);
     assert!(!ok && err.contains("add --folds K"), "{err}");
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--folds", "5"]);
@@ -1764,6 +1776,50 @@ fn finetune_soup_resumes_member_by_member_to_the_same_bundle() {
     assert!(
         head("full") != head("plain"),
         "the soup is its first member"
+    );
+}
+
+#[test]
+fn finetune_class_weight_balanced_predicts_the_rare_class_more() {
+    // BreastMNIST's train split is 27 % malignant (class 0): weighting the loss so both classes
+    // count the same must move the predicted malignant probability toward one half.
+    let d = tmp("ft-class-weight");
+    let mean_malignant = |name: &str, extra: &[&str]| -> f64 {
+        let out = d.join(name);
+        let (ok, _, err) = finetune_breast(&out, &[&["--epochs", "2"][..], extra].concat());
+        assert!(ok, "{err}");
+        let (ok, csv, err) = omnirad(&[
+            "predict",
+            "--model",
+            out.to_str().unwrap(),
+            "--input",
+            data("medmnist/breastmnist.npz").to_str().unwrap(),
+            "--split",
+            "test",
+        ]);
+        assert!(ok, "{err}");
+        let p: Vec<f64> = csv
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(p.len(), 156);
+        p.iter().sum::<f64>() / p.len() as f64
+    };
+    let plain = mean_malignant("plain", &[]);
+    let balanced = mean_malignant("balanced", &["--class-weight", "balanced"]);
+    assert!(
+        balanced > plain + 0.05 && balanced < 0.75,
+        "mean p(malignant): {plain:.3} plain, {balanced:.3} balanced"
+    );
+    let bundle: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("balanced/bundle.json")).unwrap())
+            .unwrap();
+    assert_eq!(bundle["finetune"]["class_weight"], "balanced");
+    let (ok, _, err) = finetune_breast(&d.join("bad"), &["--class-weight", "inverse"]);
+    assert!(
+        !ok && err.contains("unknown class weighting 'inverse'"),
+        "{err}"
     );
 }
 
