@@ -1708,6 +1708,25 @@ fn finetune_breast(out: &Path, args: &[&str]) -> (bool, String, String) {
     omnirad(&[&fixed[..], args].concat())
 }
 
+/// `omnirad predict` of a bundle on BreastMNIST's test split: one row of class probabilities
+/// per image.
+fn predict_breast_test(model: &Path) -> Vec<Vec<f64>> {
+    let (ok, out, err) = omnirad(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        data("medmnist/breastmnist.npz").to_str().unwrap(),
+        "--split",
+        "test",
+    ]);
+    assert!(ok, "{err}");
+    out.lines()
+        .skip(1)
+        .map(|l| l.split(',').skip(1).map(|p| p.parse().unwrap()).collect())
+        .collect()
+}
+
 #[test]
 fn finetune_resumes_to_the_same_bundle() {
     let d = tmp("ft-resume");
@@ -1788,21 +1807,7 @@ fn finetune_class_weight_balanced_predicts_the_rare_class_more() {
         let out = d.join(name);
         let (ok, _, err) = finetune_breast(&out, &[&["--epochs", "2"][..], extra].concat());
         assert!(ok, "{err}");
-        let (ok, csv, err) = omnirad(&[
-            "predict",
-            "--model",
-            out.to_str().unwrap(),
-            "--input",
-            data("medmnist/breastmnist.npz").to_str().unwrap(),
-            "--split",
-            "test",
-        ]);
-        assert!(ok, "{err}");
-        let p: Vec<f64> = csv
-            .lines()
-            .skip(1)
-            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
-            .collect();
+        let p: Vec<f64> = predict_breast_test(&out).iter().map(|row| row[0]).collect();
         assert_eq!(p.len(), 156);
         p.iter().sum::<f64>() / p.len() as f64
     };
@@ -1843,22 +1848,6 @@ fn finetune_ensemble_predicts_the_mean_of_its_members() {
         .collect();
     assert_eq!(seeds, [0, 1000]);
     assert!(bundle.get("soup").is_none() && !ens.join("encoder").exists());
-    let predict = |model: &Path| -> Vec<Vec<f64>> {
-        let (ok, out, err) = omnirad(&[
-            "predict",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            data("medmnist/breastmnist.npz").to_str().unwrap(),
-            "--split",
-            "test",
-        ]);
-        assert!(ok, "{err}");
-        out.lines()
-            .skip(1)
-            .map(|l| l.split(',').skip(1).map(|p| p.parse().unwrap()).collect())
-            .collect()
-    };
     // Each member as a bundle of its own: the ensemble's probabilities are their mean.
     let members: Vec<_> = (1..=2)
         .map(|k| {
@@ -1872,10 +1861,10 @@ fn finetune_ensemble_predicts_the_mean_of_its_members() {
             let mut one = bundle.clone();
             one.as_object_mut().unwrap().remove("ensemble");
             std::fs::write(to.join("bundle.json"), one.to_string()).unwrap();
-            predict(&to)
+            predict_breast_test(&to)
         })
         .collect();
-    let mean = predict(&ens);
+    let mean = predict_breast_test(&ens);
     assert_eq!(mean.len(), 156);
     assert!(members[0] != members[1], "the members are one model");
     for (i, row) in mean.iter().enumerate() {
