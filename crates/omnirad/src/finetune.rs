@@ -618,14 +618,15 @@ fn member<B: Backend>(
         eprintln!("member {k}: done before (epoch {})", member.epoch);
         return Ok(Some((member, model)));
     }
-    let member_run = RunDir {
-        dir: &dir,
-        // A member the stopped run had not reached starts afresh.
-        resume: r.resume && dir.join("run.json").is_file(),
-        stop_after: r.stop_after,
-    };
+    // A member the stopped run had not reached starts afresh.
+    let member_run = RunDir::new(
+        &dir,
+        r.resume && dir.join("run.json").is_file(),
+        r.stop_after,
+    );
     member_run.start(&serde_json::json!({ "finetune": ft }))?;
     let Some(o) = train_one(model, data, ft, dev, Some(&member_run))? else {
+        r.go_on(member_run.stopped_after());
         return Ok(None);
     };
     let member = member_of(ft, &o);
@@ -726,11 +727,7 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
     crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
         let cfg = crate::device::with_input_size(cfg, a.input_size)?;
-        let run = RunDir {
-            dir: &a.out,
-            resume: a.resume,
-            stop_after: a.stop_after,
-        };
+        let run = RunDir::new(&a.out, a.resume, a.stop_after);
         let members = a.train.tune.members();
         let Some(o) = run_on_npz::<B>(
             vit,
@@ -747,7 +744,7 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
                 Members::One => eprintln!("{}", run.stopped_message()),
                 _ => eprintln!(
                     "stopped after epoch {} of {} member; continue with --resume (checkpoints in {})",
-                    a.stop_after.unwrap_or(0),
+                    run.stopped_after(),
                     a_an(members.name()),
                     a.out.join("members").display()
                 ),

@@ -2,6 +2,7 @@
 //! `run.json` (the settings; `--resume` must match them), `history.jsonl` (one line per epoch)
 //! and `checkpoint.safetensors` (written after every epoch, removed once the bundle is written).
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,9 +18,21 @@ pub struct RunDir<'a> {
     pub resume: bool,
     /// Stop after this epoch (the checkpoint is kept).
     pub stop_after: Option<usize>,
+    /// The epoch training stopped after, for the message: later than `stop_after` when a run
+    /// resumed past it (it always makes one epoch).
+    stopped: Cell<usize>,
 }
 
-impl RunDir<'_> {
+impl<'a> RunDir<'a> {
+    pub fn new(dir: &'a Path, resume: bool, stop_after: Option<usize>) -> Self {
+        Self {
+            dir,
+            resume,
+            stop_after,
+            stopped: Cell::new(0),
+        }
+    }
+
     /// Records `settings` for a new run, or checks a resumed run's against them.
     pub fn start(&self, settings: &serde_json::Value) -> Result<()> {
         std::fs::create_dir_all(self.dir)
@@ -68,13 +81,19 @@ impl RunDir<'_> {
 
     /// Whether training goes on after `epoch`.
     pub fn go_on(&self, epoch: usize) -> bool {
+        self.stopped.set(epoch);
         self.stop_after.is_none_or(|n| epoch < n)
+    }
+
+    /// The last epoch `go_on` saw.
+    pub fn stopped_after(&self) -> usize {
+        self.stopped.get()
     }
 
     pub fn stopped_message(&self) -> String {
         format!(
             "stopped after epoch {}; continue with --resume (checkpoint in {})",
-            self.stop_after.unwrap_or(0),
+            self.stopped_after(),
             self.checkpoint().display()
         )
     }

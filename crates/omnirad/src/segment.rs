@@ -334,11 +334,7 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
         let overlays = a.out.join("overlays");
         std::fs::create_dir_all(&overlays)?;
         let mut drawn = 0;
-        let run = RunDir {
-            dir: &a.out,
-            resume: a.resume,
-            stop_after: a.stop_after,
-        };
+        let run = RunDir::new(&a.out, a.resume, a.stop_after);
         let Some((r, test)) = fit(
             vit,
             &cfg,

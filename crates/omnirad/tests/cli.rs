@@ -1742,7 +1742,10 @@ fn finetune_resumes_to_the_same_bundle() {
     let (ok, _, err) = run("none", &["--resume"]);
     assert!(!ok && err.contains("no run in"), "{err}");
     let (ok, _, err) = run("cut", &["--stop-after", "1"]);
-    assert!(ok, "{err}");
+    assert!(ok && err.contains("stopped after epoch 1;"), "{err}");
+    // Resumed past its --stop-after, a run makes one more epoch and says which.
+    let (ok, _, err) = run("cut", &["--resume", "--stop-after", "1"]);
+    assert!(ok && err.contains("stopped after epoch 2;"), "{err}");
     let ckpt = d.join("cut/checkpoint.safetensors");
     let bytes = std::fs::read(&ckpt).unwrap();
     std::fs::write(&ckpt, &bytes[..bytes.len() / 2]).unwrap();
