@@ -525,13 +525,13 @@ pub fn run_on_npz<B: Backend>(
                 Scored::Fold { .. } => ("val", "held-out fold"),
             };
             eprintln!(
-                "{} {} member {}/{n} (seed {}): epoch {} chosen by {chosen_on} {:?} (ACC {:.3} AUC {:.3} macro-F1 {:.3}); alone on {scored_on} ACC {:.3} AUC {:.3} macro-F1 {:.3}",
+                "{} {} member {}/{n} (seed {}): epoch {} chosen by {chosen_on} {} (ACC {:.3} AUC {:.3} macro-F1 {:.3}); alone on {scored_on} ACC {:.3} AUC {:.3} macro-F1 {:.3}",
                 info.name,
                 members.name(),
                 k + 1,
                 member.seed,
                 member.epoch,
-                ft.select,
+                ft.select.name(),
                 member.val.acc,
                 member.val.auc,
                 member.val.macro_f1,
@@ -752,7 +752,7 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
             return Ok(());
         };
         let chosen = match o.members.as_slice() {
-            [m] => format!("epoch {} selected by val {:?}", m.epoch, ft.select),
+            [m] => format!("epoch {} selected by val {}", m.epoch, ft.select.name()),
             ms => format!("{} of {} fine-tunes", a_an(members.name()), ms.len()),
         };
         eprintln!(
