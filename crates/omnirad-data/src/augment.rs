@@ -83,6 +83,19 @@ impl Augment {
         }
     }
 
+    /// Stronger fine-tuning views for small training sets: RandomResizedCrop 0.5–1, flip, ±15°,
+    /// brightness and contrast ±0.2 (p 0.8).
+    pub fn finetune_strong(size: usize) -> Self {
+        Self {
+            scale: (0.5, 1.0),
+            rotate: 15.0,
+            brightness: 0.2,
+            contrast: 0.2,
+            jitter_p: 0.8,
+            ..Self::finetune(size)
+        }
+    }
+
     /// Laterality matters on projection X-rays (heart on the left): no left-right flips there.
     pub fn for_xray(mut self) -> Self {
         self.hflip = 0.0;
@@ -314,6 +327,28 @@ mod tests {
         assert_ne!(a.data, c.data);
         assert_eq!(a.data.dim(), (1, 32, 32));
         assert!(a.data.iter().all(|v| (0.0..=1.0).contains(v)));
+    }
+
+    #[test]
+    fn strong_finetune_views_vary_more_than_mild_ones() {
+        // The spread of a ramp's view means over draws: crops and intensity jitter move it.
+        let spread = |aug: Augment| {
+            let means: Vec<f32> = (0..100)
+                .map(|i| {
+                    aug.apply(&ramp(), &mut sample_rng(3, 0, i))
+                        .data
+                        .mean()
+                        .unwrap()
+                })
+                .collect();
+            let m = means.iter().sum::<f32>() / 100.0;
+            means.iter().map(|x| (x - m) * (x - m)).sum::<f32>() / 100.0
+        };
+        let (mild, strong) = (
+            spread(Augment::finetune(32)),
+            spread(Augment::finetune_strong(32)),
+        );
+        assert!(strong > 10.0 * mild, "variance {mild} mild, {strong} strong");
     }
 
     #[test]

@@ -112,6 +112,34 @@ impl ClassWeight {
     }
 }
 
+/// The training views' augmentation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Views {
+    /// OmniRad's: [`Augment::finetune`].
+    #[default]
+    Mild,
+    /// [`Augment::finetune_strong`].
+    Strong,
+}
+
+impl Views {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "mild" => Ok(Self::Mild),
+            "strong" => Ok(Self::Strong),
+            _ => Err(format!("unknown augmentation '{s}' (mild, strong)")),
+        }
+    }
+
+    pub fn augment(self, size: usize) -> Augment {
+        match self {
+            Self::Mild => Augment::finetune(size),
+            Self::Strong => Augment::finetune_strong(size),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FinetuneConfig {
     pub epochs: usize,
@@ -134,6 +162,8 @@ pub struct FinetuneConfig {
     pub label_smoothing: f64,
     #[serde(default)]
     pub class_weight: ClassWeight,
+    #[serde(default)]
+    pub views: Views,
     /// Global gradient-norm limit; 0 disables.
     pub clip: f64,
     /// Head on the class token alone, or on [class token, mean patch token] (DINOv2's linear).
@@ -211,6 +241,7 @@ impl Default for FinetuneConfig {
             dropout: 0.0,
             label_smoothing: 0.1,
             class_weight: ClassWeight::None,
+            views: Views::Mild,
             clip: 1.0,
             cls_mean: false,
             select: Selection::MacroF1,

@@ -34,7 +34,7 @@ use omnirad_model::{
 };
 use omnirad_train::finetune::{
     finetune, load_state, predict, save_state, ClassWeight, Classifier, FinetuneConfig,
-    FinetuneResult, LabelledImages, Selection,
+    FinetuneResult, LabelledImages, Selection, Views,
 };
 use serde::{Deserialize, Serialize};
 
@@ -110,6 +110,10 @@ pub struct TuneArgs {
     /// positives weighted n_neg / n_pos per label), for sets where the class that matters is rare.
     #[arg(long, default_value = "none", value_parser = ClassWeight::parse)]
     pub class_weight: ClassWeight,
+    /// Training views: mild (OmniRad's crop 0.85–1, flip, ±7°) or strong (crop 0.5–1, flip,
+    /// ±15°, brightness and contrast ±0.2).
+    #[arg(long, default_value = "mild", value_parser = Views::parse)]
+    pub augment: Views,
     /// Score val and test, and later `omnirad predict`, on the mean over each image and its
     /// left–right mirror.
     #[arg(long)]
@@ -133,6 +137,7 @@ impl TuneArgs {
         cfg.ema = self.ema;
         cfg.mixup = self.mixup;
         cfg.class_weight = self.class_weight;
+        cfg.views = self.augment;
         cfg.tta = self.tta;
     }
 
@@ -148,6 +153,7 @@ impl TuneArgs {
             ("--ema", self.ema.is_some()),
             ("--mixup", self.mixup > 0.0),
             ("--class-weight", self.class_weight != ClassWeight::None),
+            ("--augment", self.augment != Views::Mild),
             ("--tta", self.tta),
             ("--soup", self.soup > 1),
             ("--ensemble", self.ensemble > 1),
@@ -487,7 +493,7 @@ pub fn run_on_npz<B: Backend>(
         train: &tr,
         val: &va,
         task,
-        augment: Augment::finetune(cfg.preprocess.size),
+        augment: ft.views.augment(cfg.preprocess.size),
         pre: &cfg.preprocess,
     };
     let mut done = Vec::new();

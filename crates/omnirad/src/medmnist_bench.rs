@@ -621,6 +621,9 @@ fn schedule(a: &MedMnistArgs) -> String {
     if a.tune.class_weight == ClassWeight::Balanced {
         s += ", class-balanced loss";
     }
+    if a.tune.augment == omnirad_train::finetune::Views::Strong {
+        s += ", strong augmentation";
+    }
     if a.tune.tta {
         s += ", scored with mirror TTA";
     }

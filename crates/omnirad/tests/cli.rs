@@ -527,6 +527,18 @@ fn bench_medmnist_knn_table_and_bad_names() {
         !ok && err.contains("--class-weight applies to --mode finetune or lora"),
         "{err}"
     );
+    let (ok, _, err) = bench(&[
+        "--datasets",
+        "breastmnist",
+        "--mode",
+        "knn",
+        "--augment",
+        "strong",
+    ]);
+    assert!(
+        !ok && err.contains("--augment applies to --mode finetune or lora"),
+        "{err}"
+    );
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--eval-split", "train"]);
     assert!(!ok && err.contains("add --folds K"), "{err}");
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--folds", "5"]);
