@@ -348,7 +348,10 @@ mod tests {
             spread(Augment::finetune(32)),
             spread(Augment::finetune_strong(32)),
         );
-        assert!(strong > 10.0 * mild, "variance {mild} mild, {strong} strong");
+        assert!(
+            strong > 10.0 * mild,
+            "variance {mild} mild, {strong} strong"
+        );
     }
 
     #[test]

@@ -632,7 +632,7 @@ fn member<B: Backend>(
     );
     member_run.start(&serde_json::json!({ "finetune": ft }))?;
     let Some(o) = train_one(model, data, ft, dev, Some(&member_run))? else {
-        r.go_on(member_run.stopped_after());
+        r.stopped_with(&member_run);
         return Ok(None);
     };
     let member = member_of(ft, &o);

@@ -18,9 +18,9 @@ pub struct RunDir<'a> {
     pub resume: bool,
     /// Stop after this epoch (the checkpoint is kept).
     pub stop_after: Option<usize>,
-    /// The epoch training stopped after, for the message: later than `stop_after` when a run
-    /// resumed past it (it always makes one epoch).
-    stopped: Cell<usize>,
+    /// The last epoch `go_on` was asked about: when training stops, the one it stopped after
+    /// (later than `stop_after` when a run resumed past it, as it always makes one epoch).
+    last_epoch: Cell<usize>,
 }
 
 impl<'a> RunDir<'a> {
@@ -29,7 +29,7 @@ impl<'a> RunDir<'a> {
             dir,
             resume,
             stop_after,
-            stopped: Cell::new(0),
+            last_epoch: Cell::new(0),
         }
     }
 
@@ -81,13 +81,17 @@ impl<'a> RunDir<'a> {
 
     /// Whether training goes on after `epoch`.
     pub fn go_on(&self, epoch: usize) -> bool {
-        self.stopped.set(epoch);
+        self.last_epoch.set(epoch);
         self.stop_after.is_none_or(|n| epoch < n)
     }
 
-    /// The last epoch `go_on` saw.
     pub fn stopped_after(&self) -> usize {
-        self.stopped.get()
+        self.last_epoch.get()
+    }
+
+    /// A soup's or an ensemble's run stops where its member's did.
+    pub fn stopped_with(&self, member: &RunDir) {
+        self.last_epoch.set(member.stopped_after());
     }
 
     pub fn stopped_message(&self) -> String {
