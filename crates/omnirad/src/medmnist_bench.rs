@@ -18,7 +18,7 @@ use omnirad_data::{discover, Preprocess, ReadOptions, Split};
 use omnirad_eval::baselines::{MEDMNIST_PLUS_DINO_LINEAR, MEDMNIST_V2, MEDMNIST_V2_MODELS};
 use omnirad_eval::{evaluate, knn_scores, KnnConfig, Metrics};
 use omnirad_model::Vit;
-use omnirad_train::finetune::ClassWeight;
+use omnirad_train::finetune::{ClassWeight, Views};
 use omnirad_train::{linear_probe, ProbeConfig};
 use serde_json::json;
 
@@ -621,7 +621,7 @@ fn schedule(a: &MedMnistArgs) -> String {
     if a.tune.class_weight == ClassWeight::Balanced {
         s += ", class-balanced loss";
     }
-    if a.tune.augment == omnirad_train::finetune::Views::Strong {
+    if a.tune.augment == Views::Strong {
         s += ", strong augmentation";
     }
     if a.tune.tta {
