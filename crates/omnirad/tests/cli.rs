@@ -491,54 +491,19 @@ fn bench_medmnist_knn_table_and_bad_names() {
         "0",
     ]);
     assert!(!ok && err.contains("--soup"), "{err}");
-    let (ok, _, err) = bench(&[
-        "--datasets",
-        "breastmnist",
-        "--mode",
-        "linear",
-        "--soup",
-        "3",
-    ]);
-    assert!(
-        !ok && err.contains("--soup applies to --mode finetune or lora"),
-        "{err}"
-    );
-    let (ok, _, err) = bench(&[
-        "--datasets",
-        "breastmnist",
-        "--mode",
-        "knn",
-        "--ensemble",
-        "3",
-    ]);
-    assert!(
-        !ok && err.contains("--ensemble applies to --mode finetune or lora"),
-        "{err}"
-    );
-    let (ok, _, err) = bench(&[
-        "--datasets",
-        "breastmnist",
-        "--mode",
-        "linear",
-        "--class-weight",
-        "balanced",
-    ]);
-    assert!(
-        !ok && err.contains("--class-weight applies to --mode finetune or lora"),
-        "{err}"
-    );
-    let (ok, _, err) = bench(&[
-        "--datasets",
-        "breastmnist",
-        "--mode",
-        "knn",
-        "--augment",
-        "strong",
-    ]);
-    assert!(
-        !ok && err.contains("--augment applies to --mode finetune or lora"),
-        "{err}"
-    );
+    // Options of the fine-tuning modes are refused by name where features stay frozen.
+    for (mode, flag, value) in [
+        ("linear", "--soup", "3"),
+        ("knn", "--ensemble", "3"),
+        ("linear", "--class-weight", "balanced"),
+        ("knn", "--augment", "strong"),
+    ] {
+        let (ok, _, err) = bench(&["--datasets", "breastmnist", "--mode", mode, flag, value]);
+        assert!(
+            !ok && err.contains(&format!("{flag} applies to --mode finetune or lora")),
+            "{err}"
+        );
+    }
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--eval-split", "train"]);
     assert!(!ok && err.contains("add --folds K"), "{err}");
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--folds", "5"]);
