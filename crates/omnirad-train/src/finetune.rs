@@ -703,8 +703,10 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
     let lr = Cosine::new(cfg.lr, cfg.min_lr, total)
         .with_warmup((cfg.warmup_epochs * steps_per_epoch).min(total), 0.0);
     let group = |p: &str| param_group(p, depth, cfg.layer_decay, 1.0);
-    let weights = (cfg.class_weight == ClassWeight::Balanced)
-        .then(|| class_weights(train.labels, classes, multi));
+    let weights = (cfg.class_weight == ClassWeight::Balanced).then(|| {
+        let w = class_weights(train.labels, classes, multi);
+        Tensor::<Train<B, C>, 1>::from_data(TensorData::new(w, [classes]), dev)
+    });
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = (0..train.images.len()).collect();
     // Replay the shuffles of the epochs already done, so a resumed run sees the same batches.
@@ -748,11 +750,8 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
                 TensorData::new(y.into_raw_vec_and_offset().0, [chunk.len(), classes]),
                 dev,
             );
-            let w = weights
-                .as_ref()
-                .map(|w| Tensor::from_data(TensorData::new(w.clone(), [classes]), dev));
             let z = student.forward(x, true);
-            let loss = classification_loss(z, y, multi, cfg.label_smoothing, w);
+            let loss = classification_loss(z, y, multi, cfg.label_smoothing, weights.clone());
             loss_sum += loss.clone().into_scalar().elem::<f64>() * chunk.len() as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &student);
             let settings = StepSettings {
