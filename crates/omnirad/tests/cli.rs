@@ -1806,6 +1806,8 @@ fn finetune_class_weight_balanced_predicts_the_rare_class_more() {
         !ok && err.contains("unknown class weighting 'inverse'"),
         "{err}"
     );
+    let (ok, _, err) = finetune_breast(&d.join("bad"), &["--augment", "wild"]);
+    assert!(!ok && err.contains("unknown augmentation 'wild'"), "{err}");
 }
 
 #[test]
