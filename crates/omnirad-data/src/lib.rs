@@ -9,6 +9,7 @@ pub mod image;
 pub mod loader;
 pub mod medmnist;
 pub mod nifti;
+pub mod npy;
 pub mod preprocess;
 pub mod seg;
 pub mod source;

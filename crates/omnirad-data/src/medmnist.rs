@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::npy::{ArrayError, Npz};
 use md5::{Digest, Md5};
-use ndarray::{Array2, Array3, ArrayD, ArrayView2, Axis, IxDyn};
-use ndarray_npy::NpzReader;
+use ndarray::{Array2, Array3, ArrayD, ArrayView2, Axis};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -195,61 +195,53 @@ pub struct NpzSplit {
 
 pub(crate) fn read_npz_array<T: ndarray_npy::ReadableElement>(
     path: &Path,
-    npz: &mut NpzReader<BufReader<File>>,
+    npz: &mut Npz,
     key: &str,
 ) -> Result<ArrayD<T>> {
-    use ndarray_npy::{ReadNpyError::WrongDescriptor, ReadNpzError::Npy};
-    npz.by_name::<ndarray::OwnedRepr<T>, IxDyn>(key)
-        .map_err(|e| {
-            let why = match e {
-                Npy(WrongDescriptor(d)) => format!(
-                    "holds {d} values, expected {} (MedMNIST-style files hold uint8 images)",
-                    std::any::type_name::<T>()
-                ),
-                e => e.to_string(),
-            };
-            DataError::invalid(path, format!("array '{key}': {why}"))
-        })
+    npz.read::<T>(key).map_err(|e| {
+        let why = match e {
+            ArrayError::WrongType(_) => {
+                format!(
+                    "{} (MedMNIST-style files hold uint8 images)",
+                    e.describe::<T>()
+                )
+            }
+            e => e.describe::<T>(),
+        };
+        DataError::invalid(path, format!("array '{key}': {why}"))
+    })
 }
 
 /// Integer labels in whichever integer dtype the file uses.
-pub(crate) fn read_int_array(
-    path: &Path,
-    npz: &mut NpzReader<BufReader<File>>,
-    key: &str,
-) -> Result<ArrayD<i64>> {
+pub(crate) fn read_int_array(path: &Path, npz: &mut Npz, key: &str) -> Result<ArrayD<i64>> {
+    let bad =
+        |e: ArrayError| DataError::invalid(path, format!("array '{key}': {}", e.describe::<i64>()));
     macro_rules! try_dtype {
         ($($t:ty),*) => {$(
-            if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<$t>, IxDyn>(key) {
-                return Ok(a.mapv(|v| v as i64));
+            match npz.read::<$t>(key) {
+                Ok(a) => return Ok(a.mapv(|v| v as i64)),
+                Err(ArrayError::WrongType(_)) => {}
+                Err(e) => return Err(bad(e)),
             }
         )*};
     }
     try_dtype!(u8, i64, i32, u16, i16, u32, i8);
-    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<f32>, IxDyn>(key) {
-        if a.iter().all(|v| v.fract() == 0.0 && v.is_finite()) {
-            return Ok(a.mapv(|v| v as i64));
-        }
+    match npz.read::<f32>(key) {
+        Ok(a) if a.iter().all(|v| v.fract() == 0.0 && v.is_finite()) => Ok(a.mapv(|v| v as i64)),
+        Ok(_) | Err(ArrayError::WrongType(_)) => Err(DataError::invalid(
+            path,
+            format!("array '{key}' is not an integer array"),
+        )),
+        Err(e) => Err(bad(e)),
     }
-    Err(DataError::invalid(
-        path,
-        format!("array '{key}' is missing or not an integer array"),
-    ))
-}
-
-pub(crate) fn open_npz(path: &Path) -> Result<(NpzReader<BufReader<File>>, Vec<String>)> {
-    let f = File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut npz =
-        NpzReader::new(BufReader::new(f)).map_err(|e| DataError::format(path, "npz", e))?;
-    let names = npz.names().map_err(|e| DataError::format(path, "npz", e))?;
-    Ok((npz, names))
 }
 
 impl NpzSplit {
     pub fn load(path: impl AsRef<Path>, split: Split) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let info = parse_file_name(&path).map(|(i, _)| i);
-        let (mut npz, names) = open_npz(&path)?;
+        let mut npz = Npz::open(&path)?;
+        let names = npz.names().to_vec();
         let (ik, lk) = (
             format!("{}_images", split.name()),
             format!("{}_labels", split.name()),

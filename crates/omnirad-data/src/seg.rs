@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::augment::random_resized_crop_box;
 use crate::error::{DataError, Result};
 use crate::image::{Image, Meta, Modality};
-use crate::medmnist::{open_npz, read_int_array, read_npz_array, Split};
+use crate::medmnist::{read_int_array, read_npz_array, Split};
+use crate::npy::Npz;
 use crate::preprocess::resize_chw;
 use crate::source::{file_kind, read_raster, FileKind};
 
@@ -180,7 +181,8 @@ impl SegPair {
 /// MedSegBench-style npz: per split an image array and a mask array. Key spellings differ
 /// between releases (`train_images`/`train_label`/`train_masks`/...), so they are discovered.
 pub fn load_npz_split(path: &Path, split: Split) -> Result<Vec<SegSample>> {
-    let (mut npz, names) = open_npz(path)?;
+    let mut npz = Npz::open(path)?;
+    let names = npz.names().to_vec();
     let sp = split.name();
     let find = |words: &[&str]| {
         names.iter().find(|n| {

@@ -1,7 +1,7 @@
 mod common;
 use common::{data, tmpdir};
 use ndarray::{Array2, Array3};
-use ndarray_npy::NpzWriter;
+use ndarray_npy::{NpzWriter, WriteNpyExt};
 use omnirad_data::medmnist::{verify, MedMnistInfo, NpzSplit, Task};
 use omnirad_data::nifti::{NiftiVolume, SliceAxis, VolumeIntensity};
 use omnirad_data::seg::discover_pairs;
@@ -229,6 +229,80 @@ fn npz_with_missing_keys_or_wrong_labels_is_a_clear_error() {
     std::fs::write(dir.join("junk.npz"), b"PK not really").unwrap();
     let e = NpzSplit::load(dir.join("junk.npz"), Split::Test).unwrap_err();
     assert!(matches!(e, DataError::Format { .. }), "{e}");
+}
+
+/// A `.npy` image of `[5, 28, 28]` u8 zeros whose header declares `shape` instead.
+fn npy_claiming(shape: &[usize]) -> Vec<u8> {
+    use ndarray_npy::npy::header::Header;
+    let mut valid = Vec::new();
+    Array3::<u8>::zeros((5, 28, 28))
+        .write_npy(&mut valid)
+        .unwrap();
+    let mut h = Header::from_reader(&mut &valid[..]).unwrap();
+    let data = valid.split_off(h.to_bytes().unwrap().len());
+    h.shape = shape.to_vec();
+    [h.to_bytes().unwrap(), data].concat()
+}
+
+#[test]
+fn npy_headers_claiming_more_than_the_file_holds_are_errors_not_aborts() {
+    // Before the check, a shape of 4·10⁹ × 28 × 28 made ndarray-npy allocate 3 TB up front and
+    // the process died with "memory allocation failed" (a hostile or damaged MedMNIST file).
+    let dir = tmpdir("npy-claims");
+    let p = dir.join("breastmnist.npz");
+    for (shape, says) in [
+        (
+            vec![4_000_000_000, 28, 28],
+            "(3136000000000 bytes) but 3920 bytes follow",
+        ),
+        (vec![1 << 62, 1 << 62, 28], "(more than 2^64 bytes)"),
+        (vec![6, 28, 28], "(4704 bytes) but 3920 bytes follow"),
+    ] {
+        for method in [
+            zip::CompressionMethod::Stored,
+            zip::CompressionMethod::Deflated,
+        ] {
+            let mut w = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
+            let opts = zip::write::SimpleFileOptions::default().compression_method(method);
+            w.start_file("test_images.npy", opts).unwrap();
+            std::io::Write::write_all(&mut w, &npy_claiming(&shape)).unwrap();
+            w.start_file("test_labels.npy", opts).unwrap();
+            Array2::<u8>::zeros((5, 1)).write_npy(&mut w).unwrap();
+            w.finish().unwrap();
+            let e = NpzSplit::load(&p, Split::Test).unwrap_err().to_string();
+            assert!(
+                e.contains("breastmnist.npz") && e.contains("'test_images'") && e.contains(says),
+                "{method:?} {shape:?}: {e}"
+            );
+        }
+    }
+
+    // A plain .npy (a feature cache, an index) cut short, and its header damaged.
+    let f = dir.join("features.npy");
+    let whole = npy_claiming(&[5, 28, 28]);
+    std::fs::write(&f, &whole[..whole.len() - 100]).unwrap();
+    let e = omnirad_data::npy::read_npy::<u8, ndarray::Ix3>(&f)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("features.npy") && e.contains("3820 bytes follow"),
+        "{e}"
+    );
+    std::fs::write(&f, &whole[..20]).unwrap();
+    let e = omnirad_data::npy::read_npy::<u8, ndarray::Ix3>(&f)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("features.npy") && e.contains("not a readable npy file"),
+        "{e}"
+    );
+    std::fs::write(&f, &whole).unwrap();
+    let a = omnirad_data::npy::read_npy::<u8, ndarray::Ix3>(&f).unwrap();
+    assert_eq!(a.dim(), (5, 28, 28));
+    let e = omnirad_data::npy::read_npy::<f32, ndarray::Ix3>(&f)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'|u1' values, expected f32"), "{e}");
 }
 
 #[test]

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use ndarray::Array2;
+use ndarray::{Array2, Ix2};
 use omnirad_data::{Item, Meta};
 use serde::{Deserialize, Serialize};
 
@@ -92,7 +92,7 @@ impl Parts {
                 Array2::zeros((0, info.dim))
             } else {
                 let p = self.file(info.first, "npy");
-                match ndarray_npy::read_npy::<_, Array2<f32>>(&p) {
+                match omnirad_data::npy::read_npy::<f32, Ix2>(&p) {
                     Ok(a) if a.nrows() == info.metas.len() && a.ncols() == info.dim => a,
                     _ => {
                         eprintln!("{}: unreadable or incomplete; ignored", p.display());

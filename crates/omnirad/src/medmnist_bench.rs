@@ -14,6 +14,7 @@ use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use ndarray::{Array2, ArrayView2, Axis};
 use omnirad_data::medmnist::{stratified_folds, stratified_holdout, MedMnistInfo, Task};
+use omnirad_data::npy::read_npy;
 use omnirad_data::{discover, Preprocess, ReadOptions, Split};
 use omnirad_eval::baselines::{MEDMNIST_PLUS_DINO_LINEAR, MEDMNIST_V2, MEDMNIST_V2_MODELS};
 use omnirad_eval::{evaluate, knn_scores, KnnConfig, Metrics};
@@ -167,9 +168,8 @@ fn run_id(dataset: &str, file: &Path, seed: u64) -> (String, String) {
 }
 
 fn read_cached(stem: &Path) -> Result<Embeddings> {
-    let values: Array2<f32> = ndarray_npy::read_npy(stem.with_extension("npy"))?;
-    let labels: Array2<i64> =
-        ndarray_npy::read_npy(PathBuf::from(format!("{}.labels.npy", stem.display())))?;
+    let values: Array2<f32> = read_npy(&stem.with_extension("npy"))?;
+    let labels: Array2<i64> = read_npy(Path::new(&format!("{}.labels.npy", stem.display())))?;
     if labels.nrows() != values.nrows() {
         bail!("{}: cached features and labels disagree", stem.display());
     }

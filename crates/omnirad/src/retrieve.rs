@@ -235,8 +235,7 @@ fn open_index(dir: &Path) -> Result<(IndexInfo, Array2<f32>)> {
     let info: IndexInfo =
         serde_json::from_str(&text).with_context(|| format!("{}: invalid index", p.display()))?;
     let npy = dir.join("embeddings.npy");
-    let values: Array2<f32> =
-        ndarray_npy::read_npy(&npy).with_context(|| format!("reading {}", npy.display()))?;
+    let values: Array2<f32> = omnirad_data::npy::read_npy(&npy)?;
     if values.dim() != (info.items.len(), info.dim) {
         bail!(
             "{}: holds {:?} embeddings but index.json lists {} items of dimension {}",
