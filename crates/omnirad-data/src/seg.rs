@@ -110,12 +110,14 @@ pub fn discover_pairs(dir: &Path) -> Result<Vec<SegPair>> {
                 fov: None,
             });
         }
-        // BUSI keeps classes in sub-folders.
+        // BUSI keeps classes in sub-folders. A link back to this folder or above it is a loop.
+        let here = dir.canonicalize().map_err(|e| DataError::io(dir, e))?;
+        let is_loop = |sub: &Path| sub.canonicalize().is_ok_and(|s| here.starts_with(s));
         for sub in std::fs::read_dir(dir)
             .map_err(|e| DataError::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
         {
-            if sub.is_dir() {
+            if sub.is_dir() && !is_loop(&sub) {
                 pairs.extend(discover_pairs(&sub).unwrap_or_default());
             }
         }

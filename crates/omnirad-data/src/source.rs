@@ -135,8 +135,7 @@ pub fn discover(path: &Path, split: Split) -> Result<(Vec<Item>, usize)> {
     let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
     if meta.is_dir() {
         let mut files = Vec::new();
-        walk(path, &mut files)?;
-        let mut skipped = 0;
+        let mut skipped = walk(path, &mut files)?;
         let mut items = Vec::new();
         for f in files {
             match file_kind(&f) {
@@ -191,20 +190,34 @@ pub fn discover(path: &Path, split: Split) -> Result<(Vec<Item>, usize)> {
     Ok((items, 0))
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| DataError::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            walk(&p, out)?;
-        } else {
-            out.push(p);
+/// The files under `dir`, in sorted order, following symbolic links; a link back to a folder
+/// already being walked is skipped (and counted), not followed until the path grows too long.
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<usize> {
+    let mut loops = 0;
+    for e in walkdir::WalkDir::new(dir)
+        .follow_links(true)
+        .sort_by_file_name()
+    {
+        match e {
+            Ok(e) if !e.file_type().is_dir() => out.push(e.into_path()),
+            Ok(_) => {}
+            Err(e) if e.loop_ancestor().is_some() => loops += 1,
+            // A dangling link is an item that fails when read, and is reported then.
+            Err(e)
+                if e.io_error()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) =>
+            {
+                out.extend(e.path().map(Path::to_path_buf))
+            }
+            Err(e) => {
+                return Err(DataError::io(
+                    e.path().unwrap_or(dir).to_path_buf(),
+                    e.into(),
+                ))
+            }
         }
     }
-    Ok(())
+    Ok(loops)
 }
 
 /// CSV manifest with a header: `path,label[,modality,anatomy]`; paths relative to the CSV.

@@ -305,6 +305,47 @@ fn npy_headers_claiming_more_than_the_file_holds_are_errors_not_aborts() {
     assert!(e.contains("'|u1' values, expected f32"), "{e}");
 }
 
+#[cfg(unix)]
+#[test]
+fn folders_with_link_loops_are_walked_once() {
+    // Before: a link to a parent folder was followed until the path grew too long, and every
+    // file under it was listed again at each level (here 40 copies of one DICOM file).
+    use std::os::unix::fs::symlink;
+    let dir = tmpdir("link-loop");
+    std::fs::create_dir_all(dir.join("a")).unwrap();
+    std::fs::copy(data("dicom-pydicom/MR_small.dcm"), dir.join("a/x.dcm")).unwrap();
+    symlink("..", dir.join("a/up")).unwrap();
+    symlink(data("dicom-pydicom/CT_small.dcm"), dir.join("ct.dcm")).unwrap();
+    symlink(dir.join("missing.png"), dir.join("dangling.png")).unwrap();
+    let (items, skipped) = discover(&dir, Split::Test).unwrap();
+    let ids: Vec<String> = items.iter().map(|i| i.id()).collect();
+    let names: Vec<&str> = ids.iter().map(|i| i.rsplit('/').next().unwrap()).collect();
+    assert_eq!(
+        (names, skipped),
+        (vec!["x.dcm", "ct.dcm", "dangling.png"], 1)
+    );
+    // The linked file is read through its link; the dangling one fails alone, naming itself.
+    assert!(items[1].load(&ReadOptions::default()).is_ok());
+    let e = items[2]
+        .load(&ReadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dangling.png"), "{e}");
+
+    // Segmentation pairs (BUSI's class sub-folders) under a loop.
+    let seg = tmpdir("link-loop-seg");
+    std::fs::create_dir_all(seg.join("benign")).unwrap();
+    for f in ["benign (1).png", "benign (1)_mask.png"] {
+        std::fs::copy(
+            data(&format!("busi-256/benign/{f}")),
+            seg.join("benign").join(f),
+        )
+        .unwrap();
+    }
+    symlink("..", seg.join("benign/up")).unwrap();
+    assert_eq!(discover_pairs(&seg).unwrap().len(), 1);
+}
+
 #[test]
 fn folders_manifests_and_empty_inputs() {
     let (items, skipped) = discover(&data("dicom-pydicom"), Split::Test).unwrap();
