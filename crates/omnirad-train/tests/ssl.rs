@@ -777,7 +777,7 @@ fn shipped_pretraining_configs_load_and_find_their_data() {
 }
 
 #[test]
-fn out_of_range_optimiser_settings_are_config_errors() {
+fn out_of_range_settings_are_config_errors() {
     let tmp = std::env::temp_dir().join(format!("omnirad-cfg-range-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     // Every preset's own values are in range.
@@ -812,6 +812,37 @@ fn out_of_range_optimiser_settings_are_config_errors() {
             "teacher_temp = 0.04",
             "teacher_temp = inf",
             "optim.teacher_temp = inf must be > 0",
+        ),
+        // Each of these used to pass and then panic in a data thread or a burn op.
+        (
+            "drop_path_rate = 0.1",
+            "drop_path_rate = 1.5",
+            "model.drop_path_rate = 1.5 must be in [0, 1)",
+        ),
+        (
+            "global_scale = [0.4, 1.0]",
+            "global_scale = [1.5, 0.2]",
+            "crops.global_scale[0] = 1.5 must be in (0, 1]",
+        ),
+        (
+            "global_scale = [0.4, 1.0]",
+            "global_scale = [0.9, 0.2]",
+            "are [min, max] ranges",
+        ),
+        (
+            "jitter = 0.2",
+            "jitter = -1",
+            "crops.jitter = -1 must be in [0, 1]",
+        ),
+        (
+            "prototypes = 1024",
+            "prototypes = 0",
+            "head.prototypes, hidden_dim, bottleneck_dim and nlayers must be positive",
+        ),
+        (
+            "global_size = 32",
+            "global_size = 0",
+            "crops.global_size and crops.local_size must be positive",
         ),
     ] {
         assert!(pico.contains(from));

@@ -17,10 +17,10 @@ pub enum BenchCmd {
     Decode {
         #[arg(long)]
         input: PathBuf,
-        #[arg(long, default_value_t = 224)]
+        #[arg(long, default_value_t = 224, value_parser = crate::at_least_one)]
         size: usize,
         /// Passes over the input (the first also warms the page cache).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = crate::at_least_one)]
         repeat: usize,
         /// Produce two DINOv2-style global training views per image instead of one eval view.
         #[arg(long)]

@@ -27,7 +27,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "omnirad-demo")]
     pub out: PathBuf,
     /// Phantom images per modality.
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 24, value_parser = crate::at_least_one)]
     pub per_modality: usize,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,

@@ -41,7 +41,7 @@ pub struct EmbedArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value = "cls")]
     pub pool: Pool,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::at_least_one)]
     pub batch: usize,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
@@ -331,9 +331,6 @@ pub fn run(a: &EmbedArgs) -> Result<()> {
     let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
     if ext != "npy" && ext != "csv" {
         bail!("{}: output must end in .npy or .csv", a.out.display());
-    }
-    if a.batch == 0 {
-        bail!("--batch must be at least 1");
     }
     let read = a.read.options();
     let (items, skipped) = discover(&a.input, read.split)?;

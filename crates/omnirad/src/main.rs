@@ -152,6 +152,15 @@ impl ReadArgs {
 /// reused: two thirds fewer page faults in `bench speed --mode pretrain` and +11–15 % in
 /// pretraining and bf16 fine-tuning (BENCHMARKS.md). Peak memory is unchanged; freed memory
 /// stays with the process, as with PyTorch's caching allocators.
+/// Parses a count that must be at least 1 (batch sizes, image sizes, k, epochs), so that 0 is a
+/// usage error naming the flag rather than a panic or an empty loop deep inside a job.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("must be a whole number ≥ 1".into()),
+    }
+}
+
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any thread exists.

@@ -27,7 +27,7 @@ use crate::ReadArgs;
 pub struct EncodeArgs {
     #[arg(long, value_enum, default_value = "cls")]
     pub pool: Pool,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::at_least_one)]
     pub batch: usize,
     /// Seed for preset (random-init) models.
     #[arg(long, default_value_t = 0)]
@@ -258,7 +258,7 @@ pub struct RetrieveArgs {
     /// Query image(s): a file or folder.
     #[arg(long)]
     pub query: PathBuf,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = crate::at_least_one)]
     pub k: usize,
     /// Print JSON instead of a table.
     #[arg(long)]

@@ -64,12 +64,12 @@ pub struct HeadArgs {
     /// Tapped blocks, 0-based (default: 4 evenly spaced for adapter, the last for linear).
     #[arg(long, value_delimiter = ',')]
     pub layers: Option<Vec<usize>>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::at_least_one)]
     pub width: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::at_least_one)]
     pub conv_width: usize,
     /// Network input side (a multiple of the patch size).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::at_least_one)]
     pub size: usize,
     /// resize: whole image to --size; sliding: native resolution in --size windows.
     #[arg(long, value_parser = parse_window)]
@@ -77,9 +77,9 @@ pub struct HeadArgs {
     /// Overlap of neighbouring windows in pixels (sliding).
     #[arg(long, default_value_t = 32)]
     pub overlap: usize,
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = crate::at_least_one)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::at_least_one)]
     pub batch: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
@@ -234,9 +234,6 @@ fn fit<B: Backend>(
     run: Option<&RunDir>,
 ) -> Result<Option<(omnirad_train::segment::SegResult<B>, SegScores)>> {
     check_size(tc.size, cfg)?;
-    if tc.epochs == 0 || tc.batch == 0 {
-        bail!("--epochs and --batch must be at least 1");
-    }
     if splits.train.is_empty() {
         bail!("no training pairs");
     }

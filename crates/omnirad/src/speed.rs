@@ -42,12 +42,12 @@ pub struct SpeedArgs {
     model: String,
     #[arg(long, value_enum, default_value = "infer")]
     mode: SpeedMode,
-    #[arg(long, default_value_t = 224)]
+    #[arg(long, default_value_t = 224, value_parser = crate::at_least_one)]
     img: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::at_least_one)]
     batch: usize,
     /// Timed steps (the median is reported).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = crate::at_least_one)]
     steps: usize,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
@@ -58,7 +58,7 @@ pub struct SpeedArgs {
     #[arg(long, default_value_t = 0)]
     locals: usize,
     /// Pretrain mode: DINO head prototypes (DINOv2: 65536).
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = 65536, value_parser = crate::at_least_one)]
     prototypes: usize,
     /// Finetune and pretrain modes: recompute memory-bound activations (norms, GELU,
     /// elementwise ops) in the backward pass instead of keeping them (balanced checkpointing).
@@ -310,13 +310,13 @@ pub struct WarmupArgs {
         default_value = "infer,finetune"
     )]
     modes: Vec<SpeedMode>,
-    #[arg(long, default_value_t = 224)]
+    #[arg(long, default_value_t = 224, value_parser = crate::at_least_one)]
     img: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::at_least_one)]
     batch: usize,
     #[arg(long, default_value = "f32")]
     dtype: Precision,
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = 65536, value_parser = crate::at_least_one)]
     prototypes: usize,
     #[arg(long, default_value = "cuda", value_parser = parse_device)]
     device: Device,

@@ -43,10 +43,10 @@ pub struct VizArgs {
     #[arg(long, value_delimiter = ',', default_value = "pca,tsne,umap", value_parser = Projection::parse)]
     pub projections: Vec<Projection>,
     /// At most this many images per input (a seeded sample), to keep t-SNE/UMAP quick.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = crate::at_least_one)]
     pub max_per_input: usize,
     /// Neighbours for k-NN purity.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = crate::at_least_one)]
     pub k: usize,
     #[arg(long)]
     pub out: PathBuf,

@@ -42,6 +42,71 @@ fn omnirad_in(cwd: &Path, args: &[&str]) -> (bool, String, String) {
 }
 
 #[test]
+fn zero_counts_are_usage_errors_naming_the_flag() {
+    // Each of these once panicked (a zero-rank LoRA reshape, chunks(0)) or ran a job with a
+    // silently changed value (--batch 0 trained with batch 1).
+    let npz = data("medmnist/breastmnist.npz");
+    let npz = npz.to_str().unwrap();
+    for args in [
+        &[
+            "finetune", "--data", npz, "--model", "vit_pico", "--out", "x", "--batch", "0",
+        ][..],
+        &[
+            "finetune",
+            "--data",
+            npz,
+            "--model",
+            "vit_pico",
+            "--out",
+            "x",
+            "--lora-rank",
+            "0",
+        ],
+        &[
+            "bench",
+            "medmnist",
+            "--data",
+            "d",
+            "--datasets",
+            "breastmnist",
+            "--model",
+            "vit_pico",
+            "--mode",
+            "knn",
+            "--k",
+            "0",
+        ],
+        &[
+            "bench",
+            "medmnist",
+            "--data",
+            "d",
+            "--datasets",
+            "breastmnist",
+            "--model",
+            "vit_pico",
+            "--mode",
+            "linear",
+            "--seeds",
+            "0",
+        ],
+        &[
+            "embed", "--model", "vit_pico", "--input", npz, "--out", "x.npy", "--batch", "0",
+        ],
+        &[
+            "viz", "--model", "vit_pico", "--input", npz, "--out", "x.png", "--k", "0",
+        ],
+    ] {
+        let flag = args[args.len() - 2];
+        let (ok, _, err) = omnirad(args);
+        assert!(
+            !ok && err.contains(&format!("'0' for '{flag}")) && err.contains("whole number ≥ 1"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
 fn embed_a_dicom_folder_skips_and_lists_bad_files() {
     let d = tmp("dcm");
     let out = d.join("emb.npy");
@@ -1393,7 +1458,7 @@ fn segment_errors_are_clear() {
     assert!(!ok && err.contains("--overlap 32 must be smaller"), "{err}");
     let (ok, _, err) = run(&["--epochs", "0"]);
     assert!(
-        !ok && err.contains("--epochs and --batch must be at least 1"),
+        !ok && err.contains("'0' for '--epochs") && err.contains("whole number ≥ 1"),
         "{err}"
     );
     let (ok, _, err) = run(&["--layers", "5"]);

@@ -427,35 +427,87 @@ impl PretrainConfig {
         const NON_NEGATIVE: Range = (|v| v >= 0.0, ">= 0");
         const UNIT: Range = (|v| (0.0..=1.0).contains(&v), "in [0, 1]");
         const DECAY: Range = (|v| v > 0.0 && v <= 1.0, "in (0, 1]");
-        let ranges = [
-            ("base_lr", o.base_lr, POSITIVE),
-            ("min_lr", o.min_lr, NON_NEGATIVE),
-            ("warmup_epochs", o.warmup_epochs, NON_NEGATIVE),
-            ("weight_decay", o.weight_decay, NON_NEGATIVE),
-            ("weight_decay_end", o.weight_decay_end, NON_NEGATIVE),
-            ("momentum_teacher", o.momentum_teacher, UNIT),
-            ("momentum_teacher_end", o.momentum_teacher_end, UNIT),
-            ("teacher_temp", o.teacher_temp, POSITIVE),
-            ("warmup_teacher_temp", o.warmup_teacher_temp, POSITIVE),
+        const BELOW_ONE: Range = (|v| (0.0..1.0).contains(&v), "in [0, 1)");
+        let (l, m) = (&self.loss, &self.mask);
+        let mut ranges = vec![
+            ("optim.base_lr", o.base_lr, POSITIVE),
+            ("optim.min_lr", o.min_lr, NON_NEGATIVE),
+            ("optim.warmup_epochs", o.warmup_epochs, NON_NEGATIVE),
+            ("optim.weight_decay", o.weight_decay, NON_NEGATIVE),
+            ("optim.weight_decay_end", o.weight_decay_end, NON_NEGATIVE),
+            ("optim.momentum_teacher", o.momentum_teacher, UNIT),
+            ("optim.momentum_teacher_end", o.momentum_teacher_end, UNIT),
+            ("optim.teacher_temp", o.teacher_temp, POSITIVE),
+            ("optim.warmup_teacher_temp", o.warmup_teacher_temp, POSITIVE),
             (
-                "warmup_teacher_temp_epochs",
+                "optim.warmup_teacher_temp_epochs",
                 o.warmup_teacher_temp_epochs,
                 NON_NEGATIVE,
             ),
-            ("clip_grad", o.clip_grad, NON_NEGATIVE),
+            ("optim.clip_grad", o.clip_grad, NON_NEGATIVE),
             (
-                "freeze_last_layer_epochs",
+                "optim.freeze_last_layer_epochs",
                 o.freeze_last_layer_epochs,
                 NON_NEGATIVE,
             ),
-            ("layer_decay", o.layer_decay, DECAY),
-            ("patch_embed_lr_mult", o.patch_embed_lr_mult, NON_NEGATIVE),
+            ("optim.layer_decay", o.layer_decay, DECAY),
+            (
+                "optim.patch_embed_lr_mult",
+                o.patch_embed_lr_mult,
+                NON_NEGATIVE,
+            ),
+            ("model.drop_path_rate", self.model.drop_path_rate, BELOW_ONE),
+            ("loss.dino_weight", l.dino_weight, NON_NEGATIVE),
+            ("loss.ibot_weight", l.ibot_weight, NON_NEGATIVE),
+            ("loss.koleo_weight", l.koleo_weight, NON_NEGATIVE),
+            ("loss.student_temp", l.student_temp, POSITIVE),
+            ("loss.center_momentum", l.center_momentum, UNIT),
+            ("mask.probability", m.probability, UNIT),
+            ("mask.min_ratio", m.min_ratio, UNIT),
+            ("mask.max_ratio", m.max_ratio, UNIT),
+            ("crops.global_scale[0]", c.global_scale.0, DECAY),
+            ("crops.global_scale[1]", c.global_scale.1, DECAY),
         ];
+        if c.n_local > 0 {
+            ranges.push(("crops.local_scale[0]", c.local_scale.0, DECAY));
+            ranges.push(("crops.local_scale[1]", c.local_scale.1, DECAY));
+        }
+        let optional = [
+            (
+                "model.layer_scale_init",
+                self.model.layer_scale_init,
+                NON_NEGATIVE,
+            ),
+            ("crops.blur_p", c.blur_p, UNIT),
+            ("crops.solarize_p", c.solarize_p, UNIT),
+            ("crops.jitter", c.jitter.map(f64::from), UNIT),
+        ];
+        ranges.extend(
+            optional
+                .into_iter()
+                .filter_map(|(n, v, r)| Some((n, v?, r))),
+        );
         if let Some((name, v, (_, want))) = ranges
             .iter()
             .find(|(_, v, (ok, _))| !(v.is_finite() && ok(*v)))
         {
-            return Err(format!("optim.{name} = {v} must be {want}"));
+            return Err(format!("{name} = {v} must be {want}"));
+        }
+        if c.global_scale.0 > c.global_scale.1
+            || (c.n_local > 0 && c.local_scale.0 > c.local_scale.1)
+        {
+            return Err("crops.global_scale and crops.local_scale are [min, max] ranges".into());
+        }
+        let h = &self.head;
+        if h.init.is_none()
+            && [h.prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers].contains(&0)
+        {
+            return Err(
+                "head.prototypes, hidden_dim, bottleneck_dim and nlayers must be positive".into(),
+            );
+        }
+        if c.global_size == 0 || (c.n_local > 0 && c.local_size == 0) {
+            return Err("crops.global_size and crops.local_size must be positive".into());
         }
         if self.model.init.is_none() {
             self.model.vit()?;
@@ -487,12 +539,8 @@ impl PretrainConfig {
                 s.path.display()
             ));
         }
-        if !(0.0..=1.0).contains(&self.mask.probability)
-            || self.mask.min_ratio > self.mask.max_ratio
-        {
-            return Err(
-                "mask.probability must be in [0, 1] and mask.min_ratio ≤ mask.max_ratio".into(),
-            );
+        if self.mask.min_ratio > self.mask.max_ratio {
+            return Err("mask.min_ratio must be ≤ mask.max_ratio".into());
         }
         if self.loss.koleo_weight > 0.0 && o.batch_size < 2 {
             return Err("KoLeo needs optim.batch_size ≥ 2".into());
