@@ -94,6 +94,64 @@ pub struct DicomInfo {
     pub window: Option<(f64, f64)>,
 }
 
+/// The deepest sequence nesting handed to dicom-object, whose reader recurses once per level:
+/// deeper (200 000 levels fit in 4 MB) would overflow the stack, which aborts the process instead
+/// of failing one file. Real files nest a few levels (structured reports, RT structure sets).
+const MAX_SEQUENCE_DEPTH: usize = 128;
+
+/// Walks the data set's tokens up to the top-level pixel data without building it (dicom-parser's
+/// token reader keeps its sequence stack on the heap) and refuses nesting deeper than
+/// [`MAX_SEQUENCE_DEPTH`]. Whatever it cannot read is left to dicom-object to report.
+fn check_nesting(path: &Path) -> Result<()> {
+    use dicom_encoding::transfer_syntax::Codec;
+    use dicom_parser::dataset::{DataSetReader, DataToken};
+    use std::io::BufRead;
+    let Ok(f) = std::fs::File::open(path) else {
+        return Ok(());
+    };
+    let mut src = std::io::BufReader::new(f);
+    if src
+        .fill_buf()
+        .is_ok_and(|b| b.len() >= 132 && &b[128..132] == b"DICM")
+    {
+        src.consume(128);
+    }
+    let Ok(meta) = dicom_object::FileMetaTable::from_reader(&mut src) else {
+        return Ok(());
+    };
+    let Some(ts) = TransferSyntaxRegistry.get(meta.transfer_syntax()) else {
+        return Ok(());
+    };
+    let src: Box<dyn std::io::Read> = match ts.codec() {
+        Codec::Dataset(Some(adapter)) => adapter.adapt_reader(Box::new(src)),
+        Codec::Dataset(None) => return Ok(()),
+        _ => Box::new(src),
+    };
+    let Ok(tokens) = DataSetReader::new_with_ts(src, ts) else {
+        return Ok(());
+    };
+    let mut depth = 0usize;
+    for token in tokens {
+        match token {
+            Ok(DataToken::SequenceStart { .. }) => depth += 1,
+            Ok(DataToken::SequenceEnd) => depth = depth.saturating_sub(1),
+            Ok(DataToken::PixelSequenceStart) if depth == 0 => break,
+            Ok(DataToken::ElementHeader(h)) if depth == 0 && h.tag == tags::PIXEL_DATA => break,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+        if depth > MAX_SEQUENCE_DEPTH {
+            return Err(DataError::invalid(
+                path,
+                format!(
+                    "DICOM sequences nested more than {MAX_SEQUENCE_DEPTH} deep (damaged file?)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub struct DicomFile {
     path: PathBuf,
     obj: DefaultDicomObject,
@@ -102,6 +160,7 @@ pub struct DicomFile {
 impl DicomFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
+        check_nesting(&path)?;
         let obj = OpenFileOptions::new()
             .open_file(&path)
             .map_err(|e| DataError::format(&path, "DICOM", e))?;

@@ -185,6 +185,40 @@ fn truncated_and_non_dicom_files_are_clear_errors() {
 }
 
 #[test]
+fn deeply_nested_sequences_are_an_error_not_a_stack_overflow() {
+    // MR_small.dcm's file meta group (explicit VR little endian), then sequences of undefined
+    // length each opening an item of undefined length, 200 000 deep: before the check,
+    // dicom-object's recursive reader overflowed the stack and the whole process aborted.
+    let bytes = std::fs::read(data("dicom-pydicom/MR_small.dcm")).unwrap();
+    let meta_len = u32::from_le_bytes(bytes[140..144].try_into().unwrap()) as usize;
+    let open = |depth: usize| {
+        let mut level = Vec::new();
+        level.extend_from_slice(&[0x08, 0x00, 0x15, 0x11]); // (0008,1115)
+        level.extend_from_slice(b"SQ\0\0");
+        level.extend_from_slice(&[0xff; 4]); // undefined length
+        level.extend_from_slice(&[0xfe, 0xff, 0x00, 0xe0, 0xff, 0xff, 0xff, 0xff]); // item
+        let mut f = bytes[..144 + meta_len].to_vec();
+        f.extend(level.repeat(depth));
+        f
+    };
+    let dir = tmpdir("dicom-depth");
+    let deep = dir.join("deep.dcm");
+    std::fs::write(&deep, open(200_000)).unwrap();
+    let err = DicomFile::open(&deep).err().expect("must fail").to_string();
+    assert!(
+        err.contains("deep.dcm") && err.contains("nested more than 128 deep"),
+        "{err}"
+    );
+    // Nesting within the limit reaches dicom-object, which reports the unfinished data set.
+    std::fs::write(&deep, open(100)).unwrap();
+    let err = DicomFile::open(&deep).err().expect("must fail").to_string();
+    assert!(
+        err.contains("deep.dcm") && !err.contains("nested more than"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_truncated_rle_file_fails_alone_in_a_folder() {
     // dicom-rs's RLE decoder panics on a truncated segment; before the decoder was guarded,
     // that panic killed the loader thread and the folder silently ended after the first batch.
