@@ -6,7 +6,6 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::npy::{ArrayError, Npz};
 use md5::{Digest, Md5};
 use ndarray::{Array2, Array3, ArrayD, ArrayView2, Axis};
 use rand::rngs::StdRng;
@@ -16,6 +15,7 @@ use serde::Serialize;
 
 use crate::error::{DataError, Result};
 use crate::image::{Image, Meta, Modality};
+use crate::npy::{ArrayError, Npz};
 
 #[path = "medmnist_table.rs"]
 mod table;
@@ -199,16 +199,11 @@ pub(crate) fn read_npz_array<T: ndarray_npy::ReadableElement>(
     key: &str,
 ) -> Result<ArrayD<T>> {
     npz.read::<T>(key).map_err(|e| {
-        let why = match e {
-            ArrayError::WrongType(_) => {
-                format!(
-                    "{} (MedMNIST-style files hold uint8 images)",
-                    e.describe::<T>()
-                )
-            }
-            e => e.describe::<T>(),
+        let hint = match e {
+            ArrayError::WrongType(_) => " (MedMNIST-style files hold uint8 images)",
+            ArrayError::Bad(_) => "",
         };
-        DataError::invalid(path, format!("array '{key}': {why}"))
+        DataError::invalid(path, format!("array '{key}': {}{hint}", e.describe::<T>()))
     })
 }
 

@@ -145,13 +145,6 @@ impl ReadArgs {
     }
 }
 
-/// glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh mappings that
-/// the kernel zero-fills page by page and unmaps again on free; a training step allocates and
-/// frees the same large activation and gradient buffers every step (the DINO head's
-/// [tokens, 65 536] logits are tens of MiB). Served from the heap and not trimmed, they are
-/// reused: two thirds fewer page faults in `bench speed --mode pretrain` and +11–15 % in
-/// pretraining and bf16 fine-tuning (BENCHMARKS.md). Peak memory is unchanged; freed memory
-/// stays with the process, as with PyTorch's caching allocators.
 /// Parses a count that must be at least 1 (batch sizes, image sizes, k, epochs), so that 0 is a
 /// usage error naming the flag rather than a panic or an empty loop deep inside a job.
 fn at_least_one(s: &str) -> Result<usize, String> {
@@ -161,6 +154,13 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh mappings that
+/// the kernel zero-fills page by page and unmaps again on free; a training step allocates and
+/// frees the same large activation and gradient buffers every step (the DINO head's
+/// [tokens, 65 536] logits are tens of MiB). Served from the heap and not trimmed, they are
+/// reused: two thirds fewer page faults in `bench speed --mode pretrain` and +11–15 % in
+/// pretraining and bf16 fine-tuning (BENCHMARKS.md). Peak memory is unchanged; freed memory
+/// stays with the process, as with PyTorch's caching allocators.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any thread exists.
