@@ -270,6 +270,9 @@ impl DicomFile {
         })?;
         let (rows, cols) = (pixels.rows() as usize, pixels.columns() as usize);
         let spp = pixels.samples_per_pixel() as usize;
+        if spp == 1 {
+            self.check_rescale()?;
+        }
         let frames = pixels.number_of_frames().max(1);
         let pi = pixels.photometric_interpretation().to_string();
         let opts = ConvertOptions::new()
@@ -310,6 +313,30 @@ impl DicomFile {
                 Ok(a)
             })
             .collect()
+    }
+
+    /// A rescale slope or intercept that is present must be a finite number, and the slope not 0:
+    /// dicom-pixeldata reads an unreadable one as absent (slope 1, so wrong units), and a zero
+    /// slope maps every pixel to the intercept — either way a silently wrong image.
+    fn check_rescale(&self) -> Result<()> {
+        for (tag, name) in [
+            (tags::RESCALE_SLOPE, "RescaleSlope"),
+            (tags::RESCALE_INTERCEPT, "RescaleIntercept"),
+        ] {
+            let Some(text) = self.str_tag(tag) else {
+                continue;
+            };
+            match self.f64_tag(tag) {
+                Some(v) if v.is_finite() && (v != 0.0 || tag != tags::RESCALE_SLOPE) => {}
+                _ => {
+                    return Err(DataError::invalid(
+                        &self.path,
+                        format!("{name} {tag} is '{text}': not a finite number (a slope must also not be 0)"),
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every frame as a [0, 1] image: window, then MONOCHROME1 inverted so that bright = dense.

@@ -219,6 +219,44 @@ fn deeply_nested_sequences_are_an_error_not_a_stack_overflow() {
 }
 
 #[test]
+fn unreadable_or_zero_rescale_slopes_are_errors() {
+    // CT_small.dcm with its RescaleSlope (0028,1053, DS "1 ") rewritten. dicom-pixeldata read
+    // the first three as absent (slope 1: plausible HU from a broken header), and a slope of 0
+    // gave a constant image.
+    let bytes = std::fs::read(data("dicom-pydicom/CT_small.dcm")).unwrap();
+    let at = bytes
+        .windows(6)
+        .position(|w| w == [0x28, 0x00, 0x53, 0x10, b'D', b'S'])
+        .unwrap();
+    let len = u16::from_le_bytes([bytes[at + 6], bytes[at + 7]]) as usize;
+    let dir = tmpdir("dicom-slope");
+    let with_slope = |ds: &str| {
+        let mut f = bytes[..at + 6].to_vec();
+        f.extend((ds.len() as u16).to_le_bytes());
+        f.extend(ds.as_bytes());
+        f.extend(&bytes[at + 8 + len..]);
+        let p = dir.join("slope.dcm");
+        std::fs::write(&p, f).unwrap();
+        DicomFile::open(&p).unwrap().modality_frames()
+    };
+    for ds in ["abc ", "1e400 ", "NaN ", "0 "] {
+        let e = with_slope(ds).expect_err(ds).to_string();
+        assert!(
+            e.contains("slope.dcm")
+                && e.contains(&format!("RescaleSlope (0028,1053) is '{}'", ds.trim())),
+            "{ds}: {e}"
+        );
+    }
+    // A readable slope still applies: twice the raw values, the same intercept.
+    let one = frames("CT_small.dcm")[0].clone();
+    let two = with_slope("2 ").unwrap()[0].clone();
+    assert!(two
+        .iter()
+        .zip(one.iter())
+        .all(|(t, o)| *t == 2.0 * (o + 1024.0) - 1024.0));
+}
+
+#[test]
 fn a_truncated_rle_file_fails_alone_in_a_folder() {
     // dicom-rs's RLE decoder panics on a truncated segment; before the decoder was guarded,
     // that panic killed the loader thread and the folder silently ended after the first batch.
