@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
@@ -174,7 +175,7 @@ impl DicomFile {
         Ok(me)
     }
 
-    fn str_tag(&self, tag: dicom_core::Tag) -> Option<String> {
+    fn str_tag(&self, tag: Tag) -> Option<String> {
         let v = self
             .obj
             .element(tag)
@@ -186,7 +187,7 @@ impl DicomFile {
         (!v.is_empty()).then_some(v)
     }
 
-    fn f64_tag(&self, tag: dicom_core::Tag) -> Option<f64> {
+    fn f64_tag(&self, tag: Tag) -> Option<f64> {
         self.obj
             .element(tag)
             .ok()?
@@ -196,7 +197,7 @@ impl DicomFile {
             .copied()
     }
 
-    fn int_tag(&self, tag: dicom_core::Tag) -> Option<i64> {
+    fn int_tag(&self, tag: Tag) -> Option<i64> {
         self.obj.element(tag).ok()?.to_int::<i64>().ok()
     }
 
@@ -315,33 +316,52 @@ impl DicomFile {
             .collect()
     }
 
-    /// A rescale slope or intercept that is present must be a finite number, and the slope not 0:
-    /// dicom-pixeldata reads an unreadable one as absent (slope 1, so wrong units), and a zero
-    /// slope maps every pixel to the intercept — either way a silently wrong image.
-    fn check_rescale(&self) -> Result<()> {
-        for (tag, name) in [
-            (tags::RESCALE_SLOPE, "RescaleSlope"),
-            (tags::RESCALE_INTERCEPT, "RescaleIntercept"),
-        ] {
-            let Some(text) = self.str_tag(tag) else {
-                continue;
-            };
-            match self.f64_tag(tag) {
-                Some(v) if v.is_finite() && (v != 0.0 || tag != tags::RESCALE_SLOPE) => {}
-                _ => {
-                    return Err(DataError::invalid(
-                        &self.path,
-                        format!("{name} {tag} is '{text}': not a finite number (a slope must also not be 0)"),
-                    ))
-                }
-            }
+    /// A numeric tag that is present must hold a finite number that `ok` accepts: an unreadable
+    /// one is read as absent (by dicom-pixeldata, and by [`Self::f64_tag`]), which gives an image
+    /// in the wrong units or window without a word.
+    fn check_number(&self, tag: Tag, name: &str, ok: fn(f64) -> bool, want: &str) -> Result<()> {
+        let Some(text) = self.str_tag(tag) else {
+            return Ok(());
+        };
+        match self.f64_tag(tag) {
+            Some(v) if v.is_finite() && ok(v) => Ok(()),
+            _ => Err(DataError::invalid(
+                &self.path,
+                format!("{name} {tag} is '{text}', not {want}"),
+            )),
         }
-        Ok(())
+    }
+
+    /// The modality LUT's slope and intercept; a zero slope maps every pixel to the intercept.
+    fn check_rescale(&self) -> Result<()> {
+        self.check_number(
+            tags::RESCALE_SLOPE,
+            "RescaleSlope",
+            |v| v != 0.0,
+            "a non-zero number",
+        )?;
+        self.check_number(
+            tags::RESCALE_INTERCEPT,
+            "RescaleIntercept",
+            |_| true,
+            "a number",
+        )
+    }
+
+    /// The file's VOI window: a width below 1 (DICOM's minimum, PS3.3 C.11.2.1.2) would threshold
+    /// the image to black and white.
+    fn check_file_window(&self) -> Result<()> {
+        const WANT: &str = "a number ≥ 1 (choose a window instead of the file's)";
+        self.check_number(tags::WINDOW_CENTER, "WindowCenter", |_| true, "a number")?;
+        self.check_number(tags::WINDOW_WIDTH, "WindowWidth", |v| v >= 1.0, WANT)
     }
 
     /// Every frame as a [0, 1] image: window, then MONOCHROME1 inverted so that bright = dense.
     pub fn images(&self, window: &Window) -> Result<Vec<Image>> {
         let info = self.info();
+        if *window == Window::File && info.samples_per_pixel == 1 {
+            self.check_file_window()?;
+        }
         let frames = self.modality_frames()?;
         let n = frames.len();
         let modality = self.modality();

@@ -257,6 +257,39 @@ fn unreadable_or_zero_rescale_slopes_are_errors() {
 }
 
 #[test]
+fn a_file_window_narrower_than_one_or_unreadable_is_an_error() {
+    // MR_small.dcm with its WindowWidth (0028,1051, DS "1600") rewritten: a width of 0 or -5
+    // thresholded the image to black and white, "abc" fell back to percentiles unsaid.
+    let bytes = std::fs::read(data("dicom-pydicom/MR_small.dcm")).unwrap();
+    let at = bytes
+        .windows(6)
+        .position(|w| w == [0x28, 0x00, 0x51, 0x10, b'D', b'S'])
+        .unwrap();
+    let len = u16::from_le_bytes([bytes[at + 6], bytes[at + 7]]) as usize;
+    let dir = tmpdir("dicom-window");
+    let p = dir.join("window.dcm");
+    let with_width = |ds: &str, window: &Window| {
+        let mut f = bytes[..at + 6].to_vec();
+        f.extend((ds.len() as u16).to_le_bytes());
+        f.extend(ds.as_bytes());
+        f.extend(&bytes[at + 8 + len..]);
+        std::fs::write(&p, f).unwrap();
+        DicomFile::open(&p).unwrap().images(window)
+    };
+    for ds in ["0 ", "-5", "abc ", "1e400 "] {
+        let e = with_width(ds, &Window::File).expect_err(ds).to_string();
+        assert!(
+            e.contains("window.dcm")
+                && e.contains(&format!("WindowWidth (0028,1051) is '{}'", ds.trim())),
+            "{ds}: {e}"
+        );
+        // A window chosen by the user does not read the file's.
+        assert!(with_width(ds, &Window::Percentile(1.0, 99.0)).is_ok());
+    }
+    assert!(with_width("1600", &Window::File).is_ok());
+}
+
+#[test]
 fn a_truncated_rle_file_fails_alone_in_a_folder() {
     // dicom-rs's RLE decoder panics on a truncated segment; before the decoder was guarded,
     // that panic killed the loader thread and the folder silently ended after the first batch.
