@@ -218,25 +218,30 @@ fn deeply_nested_sequences_are_an_error_not_a_stack_overflow() {
     );
 }
 
+/// `name`'s bytes with the explicit-VR little-endian DS element `tag` (group, element) holding
+/// `ds` instead of its value.
+fn with_ds(name: &str, tag: [u16; 2], ds: &str) -> Vec<u8> {
+    let bytes = std::fs::read(data(&format!("dicom-pydicom/{name}"))).unwrap();
+    let [g, e] = [tag[0].to_le_bytes(), tag[1].to_le_bytes()];
+    let head = [g[0], g[1], e[0], e[1], b'D', b'S'];
+    let at = bytes.windows(6).position(|w| w == head).unwrap();
+    let len = u16::from_le_bytes([bytes[at + 6], bytes[at + 7]]) as usize;
+    let mut f = bytes[..at + 6].to_vec();
+    f.extend((ds.len() as u16).to_le_bytes());
+    f.extend(ds.as_bytes());
+    f.extend(&bytes[at + 8 + len..]);
+    f
+}
+
 #[test]
 fn unreadable_or_zero_rescale_slopes_are_errors() {
     // CT_small.dcm with its RescaleSlope (0028,1053, DS "1 ") rewritten. dicom-pixeldata read
     // the first three as absent (slope 1: plausible HU from a broken header), and a slope of 0
     // gave a constant image.
-    let bytes = std::fs::read(data("dicom-pydicom/CT_small.dcm")).unwrap();
-    let at = bytes
-        .windows(6)
-        .position(|w| w == [0x28, 0x00, 0x53, 0x10, b'D', b'S'])
-        .unwrap();
-    let len = u16::from_le_bytes([bytes[at + 6], bytes[at + 7]]) as usize;
     let dir = tmpdir("dicom-slope");
     let with_slope = |ds: &str| {
-        let mut f = bytes[..at + 6].to_vec();
-        f.extend((ds.len() as u16).to_le_bytes());
-        f.extend(ds.as_bytes());
-        f.extend(&bytes[at + 8 + len..]);
         let p = dir.join("slope.dcm");
-        std::fs::write(&p, f).unwrap();
+        std::fs::write(&p, with_ds("CT_small.dcm", [0x28, 0x1053], ds)).unwrap();
         DicomFile::open(&p).unwrap().modality_frames()
     };
     for ds in ["abc ", "1e400 ", "NaN ", "0 "] {
@@ -260,20 +265,10 @@ fn unreadable_or_zero_rescale_slopes_are_errors() {
 fn a_file_window_narrower_than_one_or_unreadable_is_an_error() {
     // MR_small.dcm with its WindowWidth (0028,1051, DS "1600") rewritten: a width of 0 or -5
     // thresholded the image to black and white, "abc" fell back to percentiles unsaid.
-    let bytes = std::fs::read(data("dicom-pydicom/MR_small.dcm")).unwrap();
-    let at = bytes
-        .windows(6)
-        .position(|w| w == [0x28, 0x00, 0x51, 0x10, b'D', b'S'])
-        .unwrap();
-    let len = u16::from_le_bytes([bytes[at + 6], bytes[at + 7]]) as usize;
     let dir = tmpdir("dicom-window");
     let p = dir.join("window.dcm");
     let with_width = |ds: &str, window: &Window| {
-        let mut f = bytes[..at + 6].to_vec();
-        f.extend((ds.len() as u16).to_le_bytes());
-        f.extend(ds.as_bytes());
-        f.extend(&bytes[at + 8 + len..]);
-        std::fs::write(&p, f).unwrap();
+        std::fs::write(&p, with_ds("MR_small.dcm", [0x28, 0x1051], ds)).unwrap();
         DicomFile::open(&p).unwrap().images(window)
     };
     for ds in ["0 ", "-5", "abc ", "1e400 "] {

@@ -278,30 +278,23 @@ fn npy_headers_claiming_more_than_the_file_holds_are_errors_not_aborts() {
     }
 
     // A plain .npy (a feature cache, an index) cut short, and its header damaged.
+    use omnirad_data::npy::read_npy;
     let f = dir.join("features.npy");
     let whole = npy_claiming(&[5, 28, 28]);
-    std::fs::write(&f, &whole[..whole.len() - 100]).unwrap();
-    let e = omnirad_data::npy::read_npy::<u8, ndarray::Ix3>(&f)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("features.npy") && e.contains("3820 bytes follow"),
-        "{e}"
-    );
-    std::fs::write(&f, &whole[..20]).unwrap();
-    let e = omnirad_data::npy::read_npy::<u8, ndarray::Ix3>(&f)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("features.npy") && e.contains("not a readable npy file"),
-        "{e}"
-    );
+    let error_of = |bytes: &[u8]| {
+        std::fs::write(&f, bytes).unwrap();
+        read_npy::<u8, ndarray::Ix3>(&f).unwrap_err().to_string()
+    };
+    for (bytes, says) in [
+        (&whole[..whole.len() - 100], "3820 bytes follow"),
+        (&whole[..20], "not a readable npy file"),
+    ] {
+        let e = error_of(bytes);
+        assert!(e.contains("features.npy") && e.contains(says), "{e}");
+    }
     std::fs::write(&f, &whole).unwrap();
-    let a = omnirad_data::npy::read_npy::<u8, ndarray::Ix3>(&f).unwrap();
-    assert_eq!(a.dim(), (5, 28, 28));
-    let e = omnirad_data::npy::read_npy::<f32, ndarray::Ix3>(&f)
-        .unwrap_err()
-        .to_string();
+    assert_eq!(read_npy::<u8, ndarray::Ix3>(&f).unwrap().dim(), (5, 28, 28));
+    let e = read_npy::<f32, ndarray::Ix3>(&f).unwrap_err().to_string();
     assert!(e.contains("'|u1' values, expected f32"), "{e}");
 }
 

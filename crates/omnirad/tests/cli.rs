@@ -47,58 +47,43 @@ fn zero_counts_are_usage_errors_naming_the_flag() {
     // silently changed value (--batch 0 trained with batch 1).
     let npz = data("medmnist/breastmnist.npz");
     let npz = npz.to_str().unwrap();
+    fn with_zero<'a>(cmd: &[&'a str], flag: &'a str) -> Vec<&'a str> {
+        [cmd, &[flag, "0"]].concat()
+    }
+    let finetune = [
+        "finetune", "--data", npz, "--model", "vit_pico", "--out", "x",
+    ];
+    let bench = |mode| {
+        let b = [
+            "bench",
+            "medmnist",
+            "--data",
+            "d",
+            "--datasets",
+            "breastmnist",
+        ];
+        [&b[..], &["--model", "vit_pico", "--mode", mode]].concat()
+    };
     for args in [
-        &[
-            "finetune", "--data", npz, "--model", "vit_pico", "--out", "x", "--batch", "0",
-        ][..],
-        &[
-            "finetune",
-            "--data",
-            npz,
-            "--model",
-            "vit_pico",
-            "--out",
-            "x",
-            "--lora-rank",
-            "0",
-        ],
-        &[
-            "bench",
-            "medmnist",
-            "--data",
-            "d",
-            "--datasets",
-            "breastmnist",
-            "--model",
-            "vit_pico",
-            "--mode",
-            "knn",
+        with_zero(&finetune, "--batch"),
+        with_zero(&finetune, "--lora-rank"),
+        with_zero(&bench("knn"), "--k"),
+        with_zero(&bench("linear"), "--seeds"),
+        with_zero(
+            &[
+                "embed", "--model", "vit_pico", "--input", npz, "--out", "x.npy",
+            ],
+            "--batch",
+        ),
+        with_zero(
+            &[
+                "viz", "--model", "vit_pico", "--input", npz, "--out", "x.png",
+            ],
             "--k",
-            "0",
-        ],
-        &[
-            "bench",
-            "medmnist",
-            "--data",
-            "d",
-            "--datasets",
-            "breastmnist",
-            "--model",
-            "vit_pico",
-            "--mode",
-            "linear",
-            "--seeds",
-            "0",
-        ],
-        &[
-            "embed", "--model", "vit_pico", "--input", npz, "--out", "x.npy", "--batch", "0",
-        ],
-        &[
-            "viz", "--model", "vit_pico", "--input", npz, "--out", "x.png", "--k", "0",
-        ],
+        ),
     ] {
         let flag = args[args.len() - 2];
-        let (ok, _, err) = omnirad(args);
+        let (ok, _, err) = omnirad(&args);
         assert!(
             !ok && err.contains(&format!("'0' for '{flag}")) && err.contains("whole number ≥ 1"),
             "{args:?}: {err}"
