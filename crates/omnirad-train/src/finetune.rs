@@ -201,6 +201,10 @@ pub struct FinetuneConfig {
     /// its left–right mirror (the training views are mirrored half the time).
     #[serde(default)]
     pub tta: bool,
+    /// SAM's neighbourhood radius ρ ([`crate::sam`]): each step's gradient is taken at
+    /// θ + ρ·g/‖g‖ (twice the training compute). None = plain steps.
+    #[serde(default)]
+    pub sam: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -254,6 +258,7 @@ impl Default for FinetuneConfig {
             ema: None,
             mixup: 0.0,
             tta: false,
+            sam: None,
         }
     }
 }
@@ -733,10 +738,8 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
                     a
                 })
                 .collect();
-            B::seed(
-                dev,
-                cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            );
+            let step_seed = cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            B::seed(dev, step_seed);
             let mut arrays = arrays;
             let mut y = targets(train.labels, chunk, classes, multi);
             if cfg.mixup > 0.0 {
@@ -750,10 +753,21 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
                 TensorData::new(y.into_raw_vec_and_offset().0, [chunk.len(), classes]),
                 dev,
             );
-            let z = student.forward(x, true);
-            let loss = classification_loss(z, y, multi, cfg.label_smoothing, weights.clone());
+            let z = student.forward(x.clone(), true);
+            let loss =
+                classification_loss(z, y.clone(), multi, cfg.label_smoothing, weights.clone());
             loss_sum += loss.clone().into_scalar().elem::<f64>() * chunk.len() as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &student);
+            let mut grads = GradientsParams::from_grads(loss.backward(), &student);
+            if let Some(moved) = cfg
+                .sam
+                .and_then(|rho| crate::sam::ascend(student.clone(), &grads, rho))
+            {
+                // The same drop-path masks, so only the weights differ between the two passes.
+                B::seed(dev, step_seed);
+                let z = moved.forward(x, true);
+                let loss = classification_loss(z, y, multi, cfg.label_smoothing, weights.clone());
+                grads = GradientsParams::from_grads(loss.backward(), &moved);
+            }
             let settings = StepSettings {
                 lr: lr.at(step),
                 weight_decay: cfg.weight_decay,

@@ -11,6 +11,7 @@ pub mod optim;
 pub mod params;
 pub mod pretrain;
 pub mod probe;
+pub mod sam;
 pub mod schedule;
 pub mod segment;
 pub mod ssl;

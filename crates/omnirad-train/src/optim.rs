@@ -69,15 +69,7 @@ impl<B: Backend> AdamW<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        let mut norm = GradNorm::<B> {
-            grads: &grads,
-            sum: None,
-        };
-        module.visit(&mut norm);
-        let total = norm
-            .sum
-            .map(|t| t.into_scalar().elem::<f64>().sqrt())
-            .unwrap_or(0.0);
+        let total = grad_norm::<AB, M>(&module, &grads);
         let scale = match s.clip {
             Some(c) if total > c => c / (total + 1e-6),
             _ => 1.0,
@@ -92,6 +84,18 @@ impl<B: Backend> AdamW<B> {
         };
         (module.map(&mut mapper), total)
     }
+}
+
+/// ‖g‖ over all of `module`'s parameters that have a gradient in `grads`.
+pub(crate) fn grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> f64 {
+    let mut norm = GradNorm::<AB::InnerBackend> { grads, sum: None };
+    module.visit(&mut norm);
+    norm.sum
+        .map(|t| t.into_scalar().elem::<f64>().sqrt())
+        .unwrap_or(0.0)
 }
 
 struct GradNorm<'a, B: Backend> {

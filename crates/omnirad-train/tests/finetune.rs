@@ -396,6 +396,30 @@ fn mixup_trains_on_blended_batches_and_still_learns() {
 }
 
 #[test]
+fn sam_takes_the_gradient_on_the_same_batch_and_masks_and_still_learns() {
+    let _rng = rng_lock();
+    let model = pico(13, 0.2);
+    // Stochastic depth and dropout on: the second pass must draw the first pass's masks.
+    let with = |sam| FinetuneConfig {
+        sam,
+        drop_path: 0.2,
+        dropout: 0.2,
+        ..small_cfg()
+    };
+    let plain = train(model.clone(), &with(None), (1, 2));
+    // As ρ → 0 the gradient at θ + ε is the gradient at θ: a SAM step is a plain step.
+    let tiny = train(model.clone(), &with(Some(1e-7)), (1, 2));
+    assert_close(&plain.model, &tiny.model, 1e-3);
+    let sharp = train(model, &with(Some(0.05)), (1, 2));
+    let moved = snapshot(&plain.model)
+        .iter()
+        .zip(&snapshot(&sharp.model))
+        .any(|((_, a), (_, b))| a.iter().zip(b).any(|(x, y)| (x - y).abs() > 1e-3));
+    assert!(moved, "ρ 0.05 trained the same weights as plain steps");
+    assert!(sharp.val.acc > 0.9, "val acc {}", sharp.val.acc);
+}
+
+#[test]
 fn mirror_tta_averages_the_image_and_its_left_right_mirror() {
     let _rng = rng_lock();
     let model = pico(12, 0.0);

@@ -118,6 +118,10 @@ pub struct TuneArgs {
     /// left–right mirror.
     #[arg(long)]
     pub tta: bool,
+    /// Sharpness-aware minimisation with radius ρ (e.g. 0.05): each step's gradient is taken
+    /// at the weights moved ρ along the normalised gradient (twice the training compute).
+    #[arg(long, value_parser = parse_positive)]
+    pub sam: Option<f64>,
     /// A model soup: fine-tune N times from the same encoder and head init with seeds seed,
     /// seed+1000, …, each at its val-selected epoch, and average the N models' weights into one
     /// (N times the training, one model's inference).
@@ -139,6 +143,7 @@ impl TuneArgs {
         cfg.class_weight = self.class_weight;
         cfg.views = self.augment;
         cfg.tta = self.tta;
+        cfg.sam = self.sam;
     }
 
     pub fn members(&self) -> Members {
@@ -155,6 +160,7 @@ impl TuneArgs {
             ("--class-weight", self.class_weight != ClassWeight::None),
             ("--augment", self.augment != Views::Mild),
             ("--tta", self.tta),
+            ("--sam", self.sam.is_some()),
             ("--soup", self.soup > 1),
             ("--ensemble", self.ensemble > 1),
         ]

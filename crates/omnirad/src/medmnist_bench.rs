@@ -627,6 +627,9 @@ fn schedule(a: &MedMnistArgs) -> String {
     if a.tune.tta {
         s += ", scored with mirror TTA";
     }
+    if let Some(rho) = a.tune.sam {
+        s += &format!(", SAM ρ {rho}");
+    }
     match a.tune.members() {
         Members::One => {}
         Members::Soup(n) => s += &format!(

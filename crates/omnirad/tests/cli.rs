@@ -1156,6 +1156,7 @@ fn finetune_writes_a_bundle_that_predicts() {
         ("--label-smoothing", "1", "must be a number in [0, 1)"),
         ("--layer-decay", "0", "must be a number in (0, 1]"),
         ("--weight-decay", "inf", "must be a number ≥ 0"),
+        ("--sam", "0", "must be a number > 0"),
     ] {
         let (ok, _, err) = finetune_with(&[flag, value]);
         assert!(!ok && err.contains(flag) && err.contains(want), "{err}");
