@@ -49,8 +49,8 @@ speed() { # mode dtype [extra flags]
   bounded $B bench speed --model $MODEL --mode $1 --img $IMG --batch $BATCH --steps $STEPS \
     --warmup 2 --dtype $2 --device $DEVICE "${@:3}" | tee -a "$log"
 }
-torch_ref() { # mode [--compile]
-  bounded ${PYTHON:-python} bench/torch_reference.py --model $MODEL --mode $1 --img $IMG \
+torch_ref() { # mode [--compile]; the device machine's PyTorch is its python3 (it may have no `python`)
+  bounded ${PYTHON:-python3} bench/torch_reference.py --model $MODEL --mode $1 --img $IMG \
     --batch $BATCH --steps $STEPS --warmup 2 --device $DEVICE "${@:2}" | tee -a "$log"
 }
 host_cpu() { # the GPU machine's CPU side: the data loader's rate and the CPU kernels

@@ -7,7 +7,7 @@
 set -e
 cd "$(dirname "$0")/.."
 B=${OMNIRAD:-./target/release/omnirad}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cpu}
 MODEL=${MODEL:-vit_s16}
 IMG=${IMG:-224}
