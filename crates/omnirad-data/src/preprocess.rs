@@ -37,6 +37,29 @@ pub enum Normalize {
     None,
 }
 
+impl Normalize {
+    /// Custom statistics must be numbers (stds > 0), one for all channels or one per channel
+    /// of a `channels`-channel input where that is known.
+    pub fn validate(&self, channels: Option<usize>) -> Result<(), String> {
+        let Normalize::Custom { mean, std } = self else {
+            return Ok(());
+        };
+        let fits = |n: usize| n == 1 || channels.map_or(n > 0, |c| n == c);
+        if !fits(mean.len()) || !fits(std.len()) {
+            let per = channels.map_or(String::new(), |c| format!(" for {c} channels"));
+            return Err(format!(
+                "normalize: {} means and {} stds{per} (give 1 or one per channel)",
+                mean.len(),
+                std.len(),
+            ));
+        }
+        if !mean.iter().all(|m| m.is_finite()) || !std.iter().all(|s| s.is_finite() && *s > 0.0) {
+            return Err("normalize: means must be numbers and stds numbers > 0".into());
+        }
+        Ok(())
+    }
+}
+
 /// Everything needed to turn a [0, 1] image into model input; saved in the model directory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Preprocess {
@@ -47,6 +70,10 @@ pub struct Preprocess {
     pub channels: usize,
     pub normalize: Normalize,
 }
+
+/// Largest `size` a preprocessing accepts: beyond any radiograph or scanner matrix, so that a
+/// damaged or mistyped config is an error instead of an allocation that ends the process.
+pub const MAX_SIZE: usize = 8192;
 
 impl Default for Preprocess {
     fn default() -> Self {
@@ -144,6 +171,23 @@ pub fn normalize(a: &mut Array3<f32>, norm: &Normalize) {
 }
 
 impl Preprocess {
+    /// Checks the values a model directory's config.json or a bundle could carry wrongly.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_SIZE).contains(&self.size) {
+            return Err(format!(
+                "preprocess.size {} must be from 1 to {MAX_SIZE}",
+                self.size
+            ));
+        }
+        if self.channels == 0 {
+            return Err("preprocess.channels must be positive".into());
+        }
+        self.normalize
+            .validate(Some(self.channels))
+            .map_err(|e| format!("preprocess.{e}"))?;
+        Ok(())
+    }
+
     /// [C, size, size] model input.
     pub fn apply(&self, img: &Image) -> Array3<f32> {
         let (_, h, w) = img.data.dim();

@@ -38,6 +38,22 @@ impl DinoHeadConfig {
         }
     }
 
+    /// Number of weights [`DinoHeadConfig::init`] makes (as f64: see `VitConfig::num_params`).
+    pub fn num_params(&self) -> f64 {
+        let [i, h, b, k] = [
+            self.in_dim,
+            self.hidden_dim,
+            self.bottleneck_dim,
+            self.out_dim,
+        ]
+        .map(|v| v as f64);
+        let mlp = match self.nlayers.max(1) {
+            1 => i * b + b,
+            n => (i * h + h) + (n - 2) as f64 * (h * h + h) + (h * b + b),
+        };
+        mlp + k * b + k // the weight-normed prototypes: direction and gain
+    }
+
     pub fn init<B: Backend>(&self, device: &B::Device) -> DinoHead<B> {
         let dims: Vec<usize> = match self.nlayers.max(1) {
             1 => vec![self.in_dim, self.bottleneck_dim],

@@ -210,9 +210,18 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelError> {
             ),
         });
     }
-    cfg.vit
-        .validate()
-        .map_err(|reason| ModelError::Config { path, reason })?;
+    let check = || {
+        cfg.vit.validate()?;
+        cfg.preprocess.validate()?;
+        if cfg.preprocess.channels != cfg.vit.in_chans {
+            return Err(format!(
+                "preprocess.channels {} differs from vit.in_chans {}",
+                cfg.preprocess.channels, cfg.vit.in_chans
+            ));
+        }
+        Ok(())
+    };
+    check().map_err(|reason| ModelError::Config { path, reason })?;
     Ok(cfg)
 }
 

@@ -217,24 +217,78 @@ impl VitConfig {
         self.img_size / self.patch_size
     }
 
-    /// Checks the invariants `init` relies on.
+    /// Checks the invariants `init` relies on, and that the weights fit in memory.
     pub fn validate(&self) -> Result<(), String> {
-        if self.patch_size == 0 || !self.img_size.is_multiple_of(self.patch_size) {
+        if self.patch_size == 0
+            || self.img_size == 0
+            || !self.img_size.is_multiple_of(self.patch_size)
+        {
             return Err(format!(
-                "img_size {} is not a multiple of patch_size {}",
+                "img_size {} is not a positive multiple of patch_size {}",
                 self.img_size, self.patch_size
             ));
         }
-        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
+        if self.embed_dim == 0
+            || self.num_heads == 0
+            || !self.embed_dim.is_multiple_of(self.num_heads)
+        {
             return Err(format!(
-                "embed_dim {} is not divisible by num_heads {}",
+                "embed_dim {} is not a positive multiple of num_heads {}",
                 self.embed_dim, self.num_heads
             ));
         }
         if self.depth == 0 || self.in_chans == 0 {
             return Err("depth and in_chans must be positive".into());
         }
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0 && self.mlp_hidden() > 0) {
+            return Err(format!("mlp_ratio {} must be a number > 0", self.mlp_ratio));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(format!("norm_eps {} must be a number > 0", self.norm_eps));
+        }
+        let params = self.num_params();
+        if !crate::can_allocate(4.0 * params) {
+            return Err(format!(
+                "{params:.3e} parameters ({:.1} GB in f32): more than this machine can allocate",
+                4e-9 * params
+            ));
+        }
         Ok(())
+    }
+
+    /// Hidden width of each block's MLP. Rounded, not truncated: ratios read back from a
+    /// checkpoint (4096/1536) must give the stored width again.
+    fn mlp_hidden(&self) -> usize {
+        (self.embed_dim as f64 * self.mlp_ratio).round() as usize
+    }
+
+    /// Number of weights [`VitConfig::init`] makes, as f64 so that absurd sizes compare
+    /// instead of overflowing.
+    pub fn num_params(&self) -> f64 {
+        let [d, h, p, c] = [
+            self.embed_dim,
+            self.mlp_hidden(),
+            self.patch_size,
+            self.in_chans,
+        ]
+        .map(|v| v as f64);
+        let tokens = 1.0 + (self.grid() as f64).powi(2);
+        let fc1 = if self.ffn == Ffn::SwiGlu { 2.0 * h } else { h };
+        let qkv_bias = if self.qkv_bias { 3.0 * d } else { 0.0 };
+        let layer_scale = if self.layer_scale_init.is_some() {
+            2.0 * d
+        } else {
+            0.0
+        };
+        let block = 4.0 * d                      // two LayerNorms
+            + 3.0 * d * d + qkv_bias + d * d + d // qkv, proj
+            + d * fc1 + fc1 + h * d + d          // fc1, fc2
+            + layer_scale;
+        c * p * p * d + d                        // patch embedding
+            + (1.0 + self.num_registers as f64 + tokens) * d // class, register and position tokens
+            + d                                  // mask token
+            + self.depth as f64 * block
+            + 2.0 * d // final norm
     }
 
     pub fn init<B: Backend>(&self, device: &B::Device) -> Vit<B> {
@@ -259,9 +313,7 @@ impl VitConfig {
                 } else {
                     self.drop_path_rate
                 };
-                // Rounded, not truncated: ratios read back from a checkpoint (4096/1536) must
-                // give the stored width again.
-                let hidden = (d as f64 * self.mlp_ratio).round() as usize;
+                let hidden = self.mlp_hidden();
                 let fc1_out = match self.ffn {
                     Ffn::Mlp => hidden,
                     Ffn::SwiGlu => 2 * hidden,

@@ -194,3 +194,19 @@ fn one_layer_head_with_a_bare_linear_mlp_reads() {
     assert_eq!(a, b);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn num_params_counts_what_init_makes() {
+    use burn::module::Module;
+    for nlayers in [1, 2, 3] {
+        let cfg = DinoHeadConfig {
+            in_dim: 8,
+            out_dim: 32,
+            hidden_dim: 16,
+            bottleneck_dim: 4,
+            nlayers,
+        };
+        let made = cfg.init::<B>(&Default::default()).num_params();
+        assert_eq!(cfg.num_params(), made as f64, "nlayers {nlayers}");
+    }
+}

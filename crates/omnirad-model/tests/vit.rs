@@ -151,6 +151,39 @@ fn model_directory_round_trip_and_bad_weights() {
         err.contains("model.safetensors") && err.contains("cls_token"),
         "{err}"
     );
+
+    // A config.json whose sizes would abort or panic the process is refused by name.
+    let mut json: serde_json::Value = serde_json::to_value(&cfg).unwrap();
+    for (edit, want) in [
+        (
+            ("preprocess", "size", serde_json::json!(1_000_000_000)),
+            "preprocess.size 1000000000 must be from 1 to 8192",
+        ),
+        (
+            ("preprocess", "channels", serde_json::json!(1)),
+            "preprocess.channels 1 differs from vit.in_chans 3",
+        ),
+        (
+            ("vit", "embed_dim", serde_json::json!(1_000_000_000)),
+            "more than this machine can allocate",
+        ),
+        (
+            (
+                "preprocess",
+                "normalize",
+                serde_json::json!({"kind": "custom", "mean": [], "std": [0.2]}),
+            ),
+            "preprocess.normalize: 0 means and 1 stds for 3 channels",
+        ),
+    ] {
+        let (section, key, value) = edit;
+        let good = json[section][key].clone();
+        json[section][key] = value;
+        std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+        let err = load_model_dir::<Cpu>(&dir, &dev).unwrap_err().to_string();
+        assert!(err.contains("config.json") && err.contains(want), "{err}");
+        json[section][key] = good;
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -302,4 +335,39 @@ fn patch_embedding_matches_the_convolution() {
             );
         }
     }
+}
+
+/// The count the memory checks use is the count `init` makes, optional parts included.
+#[test]
+fn num_params_counts_what_init_makes() {
+    use burn::module::Module;
+    let dev = Default::default();
+    let swiglu = VitConfig {
+        ffn: Ffn::SwiGlu,
+        mlp_ratio: 2.5,
+        qkv_bias: false,
+        layer_scale_init: None,
+        ..tiny(0)
+    };
+    for cfg in [tiny(0), tiny(4), swiglu] {
+        let made = cfg.init::<Cpu>(&dev).num_params();
+        assert_eq!(cfg.num_params(), made as f64, "{cfg:?}");
+    }
+}
+
+#[test]
+fn sizes_that_cannot_be_built_are_errors_not_panics_or_aborts() {
+    let with = |f: fn(&mut VitConfig)| {
+        let mut c = tiny(0);
+        f(&mut c);
+        c.validate().unwrap_err()
+    };
+    assert!(with(|c| c.embed_dim = 0).contains("embed_dim 0"));
+    assert!(with(|c| c.img_size = 0).contains("img_size 0"));
+    assert!(with(|c| c.mlp_ratio = f64::NAN).contains("mlp_ratio"));
+    assert!(with(|c| c.norm_eps = 0.0).contains("norm_eps"));
+    // 2^60 parameters: init would abort on the allocation.
+    let e = with(|c| c.depth = 1 << 40);
+    assert!(e.contains("more than this machine can allocate"), "{e}");
+    tiny(4).validate().unwrap();
 }

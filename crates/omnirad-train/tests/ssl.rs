@@ -844,6 +844,27 @@ fn out_of_range_settings_are_config_errors() {
             "global_size = 0",
             "crops.global_size and crops.local_size must be positive",
         ),
+        (
+            "arch = \"vit_pico\"",
+            "arch = \"vit_pico\"\nembed_dim = 0",
+            "embed_dim 0 is not a positive multiple of num_heads 2",
+        ),
+        // Sizes that used to end the process with "memory allocation of … bytes failed".
+        (
+            "prototypes = 1024",
+            "prototypes = 1000000000000",
+            "more than this machine can allocate",
+        ),
+        (
+            "global_size = 32",
+            "global_size = 1000000000",
+            "more than this machine can allocate",
+        ),
+        (
+            "[run]",
+            "[data.normalize]\nkind = \"custom\"\nmean = []\nstd = [0.2]\n[run]",
+            "data.normalize: 0 means and 1 stds for 3 channels",
+        ),
     ] {
         assert!(pico.contains(from));
         let path = tmp.join("bad.toml");

@@ -145,12 +145,31 @@ impl ReadArgs {
     }
 }
 
-/// Parses a count that must be at least 1 (batch sizes, image sizes, k, epochs), so that 0 is a
-/// usage error naming the flag rather than a panic or an empty loop deep inside a job.
+/// Parses a count that must be at least 1 (k, epochs, seeds), so that 0 is a usage error naming
+/// the flag rather than a panic or an empty loop deep inside a job.
 fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse() {
         Ok(n) if n >= 1 => Ok(n),
         _ => Err("must be a whole number ≥ 1".into()),
+    }
+}
+
+/// An image side in pixels: 1 to 8192 (beyond any radiograph or scanner matrix), so that a
+/// mistyped size is a usage error instead of an allocation failure that ends the process.
+fn side(s: &str) -> Result<usize, String> {
+    from_one_to(s, 8192)
+}
+
+/// A batch size, layer width, adapter rank or prototype count: 1 to 2^20, far above any real
+/// one, for the same reason as [`side`].
+fn size(s: &str) -> Result<usize, String> {
+    from_one_to(s, 1 << 20)
+}
+
+fn from_one_to(s: &str, max: usize) -> Result<usize, String> {
+    match s.parse() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from 1 to {max}")),
     }
 }
 

@@ -42,9 +42,9 @@ pub struct SpeedArgs {
     model: String,
     #[arg(long, value_enum, default_value = "infer")]
     mode: SpeedMode,
-    #[arg(long, default_value_t = 224, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 224, value_parser = crate::side)]
     img: usize,
-    #[arg(long, default_value_t = 32, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 32, value_parser = crate::size)]
     batch: usize,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 10, value_parser = crate::at_least_one)]
@@ -55,10 +55,10 @@ pub struct SpeedArgs {
     #[arg(long, default_value = "f32")]
     dtype: Precision,
     /// Pretrain mode: local crops per image (0 = OmniRad's global-only recipe; DINOv2 uses 8).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=64))]
     locals: usize,
     /// Pretrain mode: DINO head prototypes (DINOv2: 65536).
-    #[arg(long, default_value_t = 65536, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 65536, value_parser = crate::size)]
     prototypes: usize,
     /// Finetune and pretrain modes: recompute memory-bound activations (norms, GELU,
     /// elementwise ops) in the backward pass instead of keeping them (balanced checkpointing).
@@ -310,13 +310,13 @@ pub struct WarmupArgs {
         default_value = "infer,finetune"
     )]
     modes: Vec<SpeedMode>,
-    #[arg(long, default_value_t = 224, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 224, value_parser = crate::side)]
     img: usize,
-    #[arg(long, default_value_t = 32, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 32, value_parser = crate::size)]
     batch: usize,
     #[arg(long, default_value = "f32")]
     dtype: Precision,
-    #[arg(long, default_value_t = 65536, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 65536, value_parser = crate::size)]
     prototypes: usize,
     #[arg(long, default_value = "cuda", value_parser = parse_device)]
     device: Device,

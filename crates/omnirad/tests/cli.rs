@@ -42,13 +42,14 @@ fn omnirad_in(cwd: &Path, args: &[&str]) -> (bool, String, String) {
 }
 
 #[test]
-fn zero_counts_are_usage_errors_naming_the_flag() {
-    // Each of these once panicked (a zero-rank LoRA reshape, chunks(0)) or ran a job with a
-    // silently changed value (--batch 0 trained with batch 1).
+fn zero_or_absurd_counts_are_usage_errors_naming_the_flag() {
+    // Each of these once panicked (a zero-rank LoRA reshape, chunks(0)), ran a job with a
+    // silently changed value (--batch 0 trained with batch 1), or ended the process with
+    // "memory allocation of … bytes failed" (a rank, width or side of 10^9).
     let npz = data("medmnist/breastmnist.npz");
     let npz = npz.to_str().unwrap();
-    fn with_zero<'a>(cmd: &[&'a str], flag: &'a str) -> Vec<&'a str> {
-        [cmd, &[flag, "0"]].concat()
+    fn with<'a>(cmd: &[&'a str], flag: &'a str, value: &'a str) -> Vec<&'a str> {
+        [cmd, &[flag, value]].concat()
     }
     let finetune = [
         "finetune", "--data", npz, "--model", "vit_pico", "--out", "x",
@@ -64,28 +65,38 @@ fn zero_counts_are_usage_errors_naming_the_flag() {
         ];
         [&b[..], &["--model", "vit_pico", "--mode", mode]].concat()
     };
-    for args in [
-        with_zero(&finetune, "--batch"),
-        with_zero(&finetune, "--lora-rank"),
-        with_zero(&bench("knn"), "--k"),
-        with_zero(&bench("linear"), "--seeds"),
-        with_zero(
-            &[
-                "embed", "--model", "vit_pico", "--input", npz, "--out", "x.npy",
-            ],
-            "--batch",
-        ),
-        with_zero(
-            &[
-                "viz", "--model", "vit_pico", "--input", npz, "--out", "x.png",
-            ],
-            "--k",
-        ),
+    let embed = [
+        "embed", "--model", "vit_pico", "--input", npz, "--out", "x.npy",
+    ];
+    let viz = [
+        "viz", "--model", "vit_pico", "--input", npz, "--out", "x.png",
+    ];
+    let segment = [
+        "segment", "train", "--model", "vit_pico", "--data", "d", "--out", "x",
+    ];
+    let (at_least_one, sizes, sides) = (
+        "whole number ≥ 1",
+        "whole number from 1 to 1048576",
+        "whole number from 1 to 8192",
+    );
+    let huge = "1000000000";
+    for (args, want) in [
+        (with(&finetune, "--batch", "0"), sizes),
+        (with(&finetune, "--lora-rank", "0"), sizes),
+        (with(&bench("knn"), "--k", "0"), at_least_one),
+        (with(&bench("linear"), "--seeds", "0"), at_least_one),
+        (with(&embed, "--batch", "0"), sizes),
+        (with(&viz, "--k", "0"), at_least_one),
+        (with(&finetune, "--lora-rank", huge), sizes),
+        (with(&bench("mlp"), "--hidden", huge), sizes),
+        (with(&segment, "--width", huge), sizes),
+        (with(&segment, "--size", huge), sides),
+        (with(&["bench", "speed"], "--img", huge), sides),
     ] {
-        let flag = args[args.len() - 2];
+        let (flag, value) = (args[args.len() - 2], args[args.len() - 1]);
         let (ok, _, err) = omnirad(&args);
         assert!(
-            !ok && err.contains(&format!("'0' for '{flag}")) && err.contains("whole number ≥ 1"),
+            !ok && err.contains(&format!("'{value}' for '{flag}")) && err.contains(want),
             "{args:?}: {err}"
         );
     }

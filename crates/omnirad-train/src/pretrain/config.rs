@@ -412,6 +412,43 @@ impl PretrainConfig {
         toml::to_string_pretty(self).expect("config serialises")
     }
 
+    /// Refuses sizes whose weights, optimiser state and one step's crops could not be
+    /// allocated: they would end the process with an allocation failure at the first step.
+    fn memory_check(&self, vit: &VitConfig) -> Result<(), String> {
+        let h = &self.head;
+        let heads = if h.init.is_some() {
+            0.0
+        } else {
+            let one = omnirad_model::DinoHeadConfig {
+                in_dim: vit.embed_dim,
+                out_dim: h.prototypes,
+                hidden_dim: h.hidden_dim,
+                bottleneck_dim: h.bottleneck_dim,
+                nlayers: h.nlayers,
+            }
+            .num_params();
+            one * if h.separate_ibot_head { 2.0 } else { 1.0 }
+        };
+        // Student and teacher, the student's gradients and AdamW's two moments.
+        let weights = 5.0 * (vit.num_params() + heads);
+        let c = &self.crops;
+        let side = |n: usize, size: usize| n as f64 * (size as f64).powi(2);
+        // A step's micro-batches are all made before it runs.
+        let images = self.optim.batch_size as f64 * self.optim.accumulate as f64;
+        let crops = images
+            * vit.in_chans as f64
+            * (side(c.n_global, c.global_size) + side(c.n_local, c.local_size));
+        let bytes = 4.0 * (weights + crops);
+        if !omnirad_model::can_allocate(bytes) {
+            return Err(format!(
+                "the model's weights, optimiser state and one step's crops need {:.1} GB: more \
+                 than this machine can allocate (model, head, crops and batch sizes)",
+                bytes * 1e-9
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let (c, o) = (&self.crops, &self.optim);
         if c.n_global == 0 || c.n_global + c.n_local < 2 {
@@ -509,9 +546,17 @@ impl PretrainConfig {
         if c.global_size == 0 || (c.n_local > 0 && c.local_size == 0) {
             return Err("crops.global_size and crops.local_size must be positive".into());
         }
-        if self.model.init.is_none() {
-            self.model.vit()?;
-        }
+        let channels = if self.model.init.is_none() {
+            let vit = self.model.vit()?;
+            self.memory_check(&vit)?;
+            Some(vit.in_chans)
+        } else {
+            None
+        };
+        self.data
+            .normalize
+            .validate(channels)
+            .map_err(|e| format!("data.{e}"))?;
         if self.data.sources.is_empty() {
             return Err("no [[data.sources]]".into());
         }
