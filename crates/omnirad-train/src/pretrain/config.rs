@@ -412,8 +412,8 @@ impl PretrainConfig {
         toml::to_string_pretty(self).expect("config serialises")
     }
 
-    /// Refuses sizes whose weights, optimiser state and one step's crops could not be
-    /// allocated: they would end the process with an allocation failure at the first step.
+    /// Refuses sizes whose weights or one step's crops could not be allocated: they would end
+    /// the process with an allocation failure before the first step.
     fn memory_check(&self, vit: &VitConfig) -> Result<(), String> {
         let h = &self.head;
         let heads = if h.init.is_some() {
@@ -429,8 +429,9 @@ impl PretrainConfig {
             .num_params();
             one * if h.separate_ibot_head { 2.0 } else { 1.0 }
         };
-        // Student and teacher, the student's gradients and AdamW's two moments.
-        let weights = 5.0 * (vit.num_params() + heads);
+        // Weights and optimiser state live on the device, which may hold more than the host;
+        // the host must still hold one copy of the weights (checkpoints are written from it).
+        let weights = vit.num_params() + heads;
         let c = &self.crops;
         let side = |n: usize, size: usize| n as f64 * (size as f64).powi(2);
         // A step's micro-batches are all made before it runs.
@@ -441,8 +442,8 @@ impl PretrainConfig {
         let bytes = 4.0 * (weights + crops);
         if !omnirad_model::can_allocate(bytes) {
             return Err(format!(
-                "the model's weights, optimiser state and one step's crops need {:.1} GB: more \
-                 than this machine can allocate (model, head, crops and batch sizes)",
+                "the model's weights and one step's crops need {:.1} GB: more than this \
+                 machine can allocate (model, head, crops and batch sizes)",
                 bytes * 1e-9
             ));
         }
