@@ -213,6 +213,12 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelError> {
     let check = || {
         cfg.vit.validate()?;
         cfg.preprocess.validate()?;
+        if cfg.preprocess.size < cfg.vit.patch_size {
+            return Err(format!(
+                "preprocess.size {} is smaller than one patch ({} px)",
+                cfg.preprocess.size, cfg.vit.patch_size
+            ));
+        }
         if cfg.preprocess.channels != cfg.vit.in_chans {
             return Err(format!(
                 "preprocess.channels {} differs from vit.in_chans {}",

@@ -89,9 +89,13 @@ impl SegHeadConfig {
                 self.classes
             ));
         }
-        if self.layers.is_empty() || self.layers.iter().any(|&l| l >= depth) {
+        // Ascending and distinct: the encoder returns each tapped layer once, in block order.
+        if self.layers.is_empty()
+            || self.layers.iter().any(|&l| l >= depth)
+            || !self.layers.is_sorted_by(|a, b| a < b)
+        {
             return Err(format!(
-                "tapped layers {:?} must be non-empty and below the depth {depth}",
+                "tapped layers {:?} must be ascending, distinct and below the depth {depth}",
                 self.layers
             ));
         }

@@ -160,6 +160,10 @@ fn model_directory_round_trip_and_bad_weights() {
             "preprocess.size 1000000000 must be from 1 to 8192",
         ),
         (
+            ("preprocess", "size", serde_json::json!(3)),
+            "preprocess.size 3 is smaller than one patch (4 px)",
+        ),
+        (
             ("preprocess", "channels", serde_json::json!(1)),
             "preprocess.channels 1 differs from vit.in_chans 3",
         ),

@@ -212,10 +212,12 @@ fn classes_of(splits: &SegSplits) -> usize {
     (max + 1).max(2)
 }
 
-fn check_size(size: usize, cfg: &ModelConfig) -> Result<()> {
-    let p = cfg.vit.patch_size;
-    if size == 0 || !size.is_multiple_of(p) {
-        bail!("--size {size} is not a multiple of the encoder's patch size {p}");
+/// `size` (named `what`) is a positive multiple of the encoder's patch size, at most
+/// [`omnirad_data::preprocess::MAX_SIZE`].
+fn check_size(what: &str, size: usize, cfg: &ModelConfig) -> Result<()> {
+    let (p, max) = (cfg.vit.patch_size, omnirad_data::preprocess::MAX_SIZE);
+    if size == 0 || !size.is_multiple_of(p) || size > max {
+        bail!("{what} {size} is not a multiple of the encoder's patch size {p} up to {max}");
     }
     Ok(())
 }
@@ -233,7 +235,7 @@ fn fit<B: Backend>(
     mut on_test_image: impl FnMut(&SegSample, &Array2<u8>),
     run: Option<&RunDir>,
 ) -> Result<Option<(omnirad_train::segment::SegResult<B>, SegScores)>> {
-    check_size(tc.size, cfg)?;
+    check_size("--size", tc.size, cfg)?;
     if splits.train.is_empty() {
         bail!("no training pairs");
     }
@@ -420,7 +422,9 @@ fn load_bundle<B: Backend>(
     let (vit, cfg) = load_model_dir::<B>(&dir.join("encoder"), dev)?;
     b.head
         .validate(vit.blocks.len())
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        .map_err(anyhow::Error::msg)
+        .and_then(|()| check_size("train.size", b.train.size, &cfg))
+        .with_context(|| format!("{}: invalid segmentation bundle", path.display()))?;
     let head = b
         .head
         .init::<B>(vit.embed_dim(), vit.patch_size, cfg.vit.in_chans, dev);

@@ -1383,6 +1383,41 @@ fn segment_train_eval_predict_on_busi() {
         busi.to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("head.safetensors"), "{err}");
+    // segment.json's sizes are checked before any tensor is made (they panicked or aborted).
+    std::fs::write(&head, &bytes).unwrap();
+    let json = bundle.join("segment.json");
+    let good = std::fs::read_to_string(&json).unwrap();
+    for (edit, want) in [
+        (
+            ("train", "size", serde_json::json!(3)),
+            "train.size 3 is not a multiple of the encoder's patch size 4 up to 8192",
+        ),
+        (
+            ("head", "layers", serde_json::json!([1, 1])),
+            "must be ascending, distinct and below the depth 2",
+        ),
+    ] {
+        let ((section, key, value), mut b) = (
+            edit,
+            serde_json::from_str::<serde_json::Value>(&good).unwrap(),
+        );
+        b[section][key] = value;
+        std::fs::write(&json, b.to_string()).unwrap();
+        let (ok, _, err) = omnirad(&[
+            "segment",
+            "predict",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            masks.to_str().unwrap(),
+        ]);
+        assert!(
+            !ok && err.contains("segment.json") && err.contains(want),
+            "{err}"
+        );
+    }
 }
 
 #[test]
@@ -1460,6 +1495,8 @@ fn segment_errors_are_clear() {
     );
     let (ok, _, err) = run(&["--layers", "5"]);
     assert!(!ok && err.contains("below the depth 2"), "{err}");
+    let (ok, _, err) = run(&["--layers", "1,1"]);
+    assert!(!ok && err.contains("ascending, distinct"), "{err}");
     let (ok, _, err) = omnirad(&[
         "bench",
         "medsegbench",
