@@ -41,7 +41,7 @@ pub struct EmbedArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value = "cls")]
     pub pool: Pool,
-    #[arg(long, default_value_t = 32, value_parser = crate::size)]
+    #[arg(long, default_value_t = 32, value_parser = crate::bounded_count)]
     pub batch: usize,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,

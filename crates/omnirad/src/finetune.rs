@@ -50,7 +50,7 @@ pub struct TrainArgs {
     pub epochs: Option<usize>,
     #[arg(long, default_value_t = 5e-4, value_parser = parse_positive)]
     pub lr: f64,
-    #[arg(long, default_value_t = 64, value_parser = crate::size)]
+    #[arg(long, default_value_t = 64, value_parser = crate::bounded_count)]
     pub batch: usize,
     #[arg(long, default_value_t = 0.05, value_parser = parse_non_negative)]
     pub weight_decay: f64,
@@ -74,7 +74,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "cls", value_parser = ["cls", "cls-mean"])]
     pub pool: String,
     /// Train rank-R LoRA adapters on attention qkv/proj plus the head; the encoder stays frozen.
-    #[arg(long, value_parser = crate::size)]
+    #[arg(long, value_parser = crate::bounded_count)]
     pub lora_rank: Option<usize>,
     #[arg(long, default_value_t = 32.0, value_parser = parse_positive)]
     pub lora_alpha: f64,
@@ -932,7 +932,7 @@ pub struct PredictArgs {
     /// Write a CSV (id, p_0, …, p_{C−1}) here instead of printing it.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    #[arg(long, default_value_t = 32, value_parser = crate::size)]
+    #[arg(long, default_value_t = 32, value_parser = crate::bounded_count)]
     pub batch: usize,
     /// Stop at the first unreadable item instead of skipping and listing it.
     #[arg(long)]

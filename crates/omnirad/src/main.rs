@@ -154,15 +154,15 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
-/// An image side in pixels: 1 to 8192 (beyond any radiograph or scanner matrix), so that a
-/// mistyped size is a usage error instead of an allocation failure that ends the process.
+/// An image side in pixels, 1 to [`omnirad_data::preprocess::MAX_SIZE`], so that a mistyped
+/// size is a usage error instead of an allocation failure that ends the process.
 fn side(s: &str) -> Result<usize, String> {
-    from_one_to(s, 8192)
+    from_one_to(s, omnirad_data::preprocess::MAX_SIZE)
 }
 
 /// A batch size, layer width, adapter rank or prototype count: 1 to 2^20, far above any real
 /// one, for the same reason as [`side`].
-fn size(s: &str) -> Result<usize, String> {
+fn bounded_count(s: &str) -> Result<usize, String> {
     from_one_to(s, 1 << 20)
 }
 

@@ -80,7 +80,7 @@ pub struct MedMnistArgs {
     /// fine-tuning makes at least 1800 optimizer steps unless this is given (BreastMNIST: 200).
     #[arg(long)]
     pub epochs: Option<usize>,
-    #[arg(long, default_value_t = 16, value_parser = crate::size)]
+    #[arg(long, default_value_t = 16, value_parser = crate::bounded_count)]
     pub lora_rank: usize,
     /// Encoder matmul and attention precision, all modes (bf16 = mixed precision on f32 weights).
     #[arg(long, default_value = "f32")]
@@ -89,7 +89,7 @@ pub struct MedMnistArgs {
     #[arg(long, default_value = "macro-f1", value_parser = omnirad_train::finetune::Selection::parse)]
     pub select: omnirad_train::finetune::Selection,
     /// Hidden width of the MLP probe.
-    #[arg(long, default_value_t = 256, value_parser = crate::size)]
+    #[arg(long, default_value_t = 256, value_parser = crate::bounded_count)]
     pub hidden: usize,
     /// Peak learning rate; default 1e-3 (linear, mlp, lora) / 5e-4 (finetune).
     #[arg(long, value_parser = crate::finetune::parse_positive)]
@@ -97,7 +97,7 @@ pub struct MedMnistArgs {
     /// Linear probe repeats with seeds seed, seed+1, …; the table shows mean ± std.
     #[arg(long, default_value_t = 1, value_parser = crate::at_least_one)]
     pub seeds: usize,
-    #[arg(long, default_value_t = 64, value_parser = crate::size)]
+    #[arg(long, default_value_t = 64, value_parser = crate::bounded_count)]
     pub batch: usize,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,

@@ -27,7 +27,7 @@ use crate::ReadArgs;
 pub struct EncodeArgs {
     #[arg(long, value_enum, default_value = "cls")]
     pub pool: Pool,
-    #[arg(long, default_value_t = 32, value_parser = crate::size)]
+    #[arg(long, default_value_t = 32, value_parser = crate::bounded_count)]
     pub batch: usize,
     /// Seed for preset (random-init) models.
     #[arg(long, default_value_t = 0)]

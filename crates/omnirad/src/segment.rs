@@ -64,9 +64,9 @@ pub struct HeadArgs {
     /// Tapped blocks, 0-based (default: 4 evenly spaced for adapter, the last for linear).
     #[arg(long, value_delimiter = ',')]
     pub layers: Option<Vec<usize>>,
-    #[arg(long, default_value_t = 64, value_parser = crate::size)]
+    #[arg(long, default_value_t = 64, value_parser = crate::bounded_count)]
     pub width: usize,
-    #[arg(long, default_value_t = 16, value_parser = crate::size)]
+    #[arg(long, default_value_t = 16, value_parser = crate::bounded_count)]
     pub conv_width: usize,
     /// Network input side (a multiple of the patch size).
     #[arg(long, default_value_t = 128, value_parser = crate::side)]
@@ -79,7 +79,7 @@ pub struct HeadArgs {
     pub overlap: usize,
     #[arg(long, default_value_t = 30, value_parser = crate::at_least_one)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 8, value_parser = crate::size)]
+    #[arg(long, default_value_t = 8, value_parser = crate::bounded_count)]
     pub batch: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,

@@ -44,7 +44,7 @@ pub struct SpeedArgs {
     mode: SpeedMode,
     #[arg(long, default_value_t = 224, value_parser = crate::side)]
     img: usize,
-    #[arg(long, default_value_t = 32, value_parser = crate::size)]
+    #[arg(long, default_value_t = 32, value_parser = crate::bounded_count)]
     batch: usize,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 10, value_parser = crate::at_least_one)]
@@ -58,7 +58,7 @@ pub struct SpeedArgs {
     #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=64))]
     locals: usize,
     /// Pretrain mode: DINO head prototypes (DINOv2: 65536).
-    #[arg(long, default_value_t = 65536, value_parser = crate::size)]
+    #[arg(long, default_value_t = 65536, value_parser = crate::bounded_count)]
     prototypes: usize,
     /// Finetune and pretrain modes: recompute memory-bound activations (norms, GELU,
     /// elementwise ops) in the backward pass instead of keeping them (balanced checkpointing).
@@ -312,11 +312,11 @@ pub struct WarmupArgs {
     modes: Vec<SpeedMode>,
     #[arg(long, default_value_t = 224, value_parser = crate::side)]
     img: usize,
-    #[arg(long, default_value_t = 32, value_parser = crate::size)]
+    #[arg(long, default_value_t = 32, value_parser = crate::bounded_count)]
     batch: usize,
     #[arg(long, default_value = "f32")]
     dtype: Precision,
-    #[arg(long, default_value_t = 65536, value_parser = crate::size)]
+    #[arg(long, default_value_t = 65536, value_parser = crate::bounded_count)]
     prototypes: usize,
     #[arg(long, default_value = "cuda", value_parser = parse_device)]
     device: Device,
