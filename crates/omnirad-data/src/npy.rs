@@ -123,8 +123,7 @@ fn check(r: impl Read, len: u64) -> std::result::Result<(), ArrayError> {
         )));
     }
     // The archive's own sizes can lie too: a reservation that fails is an error, not an abort.
-    // Reserving without touching the pages costs nothing on Linux, macOS or Windows.
-    if usize::try_from(follows).map_or(true, |n| Vec::<u8>::new().try_reserve_exact(n).is_err()) {
+    if !crate::can_allocate(follows as f64) {
         return Err(ArrayError::Bad(format!(
             "holds {follows} bytes of data, more than this machine can allocate"
         )));

@@ -43,13 +43,6 @@ pub use burn::backend::autodiff::checkpoint::strategy::{
 
 /// Whether two type names are the same type: how the custom ops (here and in omnirad-train's
 /// optimizer) recognise the backends they have kernels for (burn has no extension point for them).
-/// Whether `bytes` could be allocated now: a reservation that is given back at once, so sizes
-/// read from a file or a config fail as errors before the allocation that would abort the
-/// process. Reserving without touching the pages costs nothing on Linux, macOS or Windows.
-pub fn can_allocate(bytes: f64) -> bool {
-    bytes <= usize::MAX as f64 && Vec::<u8>::new().try_reserve_exact(bytes as usize).is_ok()
-}
-
 pub fn is_same<T: 'static, U: 'static>() -> bool {
     std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>()
 }

@@ -247,7 +247,7 @@ impl VitConfig {
             return Err(format!("norm_eps {} must be a number > 0", self.norm_eps));
         }
         let params = self.num_params();
-        if !crate::can_allocate(4.0 * params) {
+        if !omnirad_data::can_allocate(4.0 * params) {
             return Err(format!(
                 "{params:.3e} parameters ({:.1} GB in f32): more than this machine can allocate",
                 4e-9 * params

@@ -1335,16 +1335,21 @@ fn segment_train_eval_predict_on_busi() {
     // DICOM in, masks out, at the slice's own size.
     std::fs::copy(data("dicom-pydicom/CT_small.dcm"), input.join("ct.dcm")).unwrap();
     let masks = d.join("masks");
-    let (ok, _, err) = omnirad(&[
-        "segment",
-        "predict",
-        "--model",
-        bundle.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        masks.to_str().unwrap(),
-    ]);
+    let predict = |extra: &[&str]| {
+        let mut args = vec![
+            "segment",
+            "predict",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            masks.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        omnirad(&args)
+    };
+    let (ok, _, err) = predict(&[]);
     assert!(ok, "{err}");
     assert!(
         err.contains("skipped") && err.contains("broken.png"),
@@ -1358,17 +1363,7 @@ fn segment_train_eval_predict_on_busi() {
     let ct = image::open(masks.join("ct_mask.png")).unwrap();
     assert_eq!((ct.width(), ct.height()), (128, 128));
     // --strict stops at the corrupt file.
-    let (ok, _, err) = omnirad(&[
-        "segment",
-        "predict",
-        "--model",
-        bundle.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        masks.to_str().unwrap(),
-        "--strict",
-    ]);
+    let (ok, _, err) = predict(&["--strict"]);
     assert!(!ok && err.contains("broken.png"), "{err}");
     // A damaged head file is named.
     let head = bundle.join("head.safetensors");
@@ -1403,16 +1398,7 @@ fn segment_train_eval_predict_on_busi() {
         );
         b[section][key] = value;
         std::fs::write(&json, b.to_string()).unwrap();
-        let (ok, _, err) = omnirad(&[
-            "segment",
-            "predict",
-            "--model",
-            bundle.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--out",
-            masks.to_str().unwrap(),
-        ]);
+        let (ok, _, err) = predict(&[]);
         assert!(
             !ok && err.contains("segment.json") && err.contains(want),
             "{err}"

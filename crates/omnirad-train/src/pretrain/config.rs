@@ -440,7 +440,7 @@ impl PretrainConfig {
             * vit.in_chans as f64
             * (side(c.n_global, c.global_size) + side(c.n_local, c.local_size));
         let bytes = 4.0 * (weights + crops);
-        if !omnirad_model::can_allocate(bytes) {
+        if !omnirad_data::can_allocate(bytes) {
             return Err(format!(
                 "the model's weights and one step's crops need {:.1} GB: more than this \
                  machine can allocate (model, head, crops and batch sizes)",
