@@ -94,7 +94,7 @@ pub fn save_model_dir<B: Backend>(
         path: weights.clone(),
         reason: e.to_string(),
     })?;
-    write_atomic(&weights, &bytes)?;
+    write_atomic(&weights, &sorted_header(bytes))?;
     let json = serde_json::to_string_pretty(config).expect("config serialises");
     write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
 }
@@ -113,7 +113,35 @@ pub fn save_module<B: Backend, M: ModuleSnapshot<B>>(
         .save_into(&mut store)
         .map_err(|e| err(e.to_string()))?;
     let bytes = store.get_bytes().map_err(|e| err(e.to_string()))?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &sorted_header(bytes))
+}
+
+/// safetensors bytes with the header's keys sorted. burn-store and the safetensors crate take
+/// the header metadata from a `HashMap`, whose order changes with every save; sorted, the same
+/// weights give the same bytes, so checksums of model files compare across runs.
+fn sorted_header(bytes: Vec<u8>) -> Vec<u8> {
+    let Some(n) = bytes
+        .get(..8)
+        .and_then(|b| usize::try_from(u64::from_le_bytes(b.try_into().ok()?)).ok())
+    else {
+        return bytes;
+    };
+    // serde_json's map is a BTreeMap (no `preserve_order`): parsing sorts the keys.
+    let Some(header) = 8usize
+        .checked_add(n)
+        .and_then(|end| bytes.get(8..end))
+        .and_then(|h| serde_json::from_slice::<serde_json::Value>(h).ok())
+    else {
+        return bytes;
+    };
+    let mut h = serde_json::to_vec(&header).expect("a parsed JSON value serialises");
+    // The format pads the header with spaces so the tensor data starts 8-byte aligned.
+    h.resize(h.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
 }
 
 /// Loads what [`save_module`] wrote into `module`; a missing, extra or misshapen tensor is an
@@ -365,6 +393,7 @@ pub fn write_f32_safetensors(
         path: path.into(),
         reason: e.to_string(),
     })?;
+    let data = sorted_header(data);
     let tmp = path.with_extension("tmp");
     let io = |source| ModelError::Io {
         path: path.into(),

@@ -88,6 +88,14 @@ fn model_directory_round_trip_and_bad_weights() {
         .into_data()
         .assert_eq(&back.forward(x).into_data(), true);
 
+    // The same weights saved again give the same bytes (the header's metadata came from a
+    // HashMap, in a new order on each save), so model files can be compared by checksum.
+    let first = std::fs::read(dir.join("model.safetensors")).unwrap();
+    for _ in 0..4 {
+        save_model_dir(&back, &cfg, &dir).unwrap();
+        assert!(std::fs::read(dir.join("model.safetensors")).unwrap() == first);
+    }
+
     // timm layout on disk: qkv weight is [3D, D] (PyTorch [out, in]) under timm's key names.
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();

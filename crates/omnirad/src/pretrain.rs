@@ -345,7 +345,6 @@ fn train<B: Backend, C: CheckpointStrategy>(
         }
         let done = step + 1;
         if done % cfg.run.checkpoint_every.max(1) == 0 || done == end {
-            log.flush().context("writing metrics.jsonl")?;
             save_checkpoint(&ckpt, &trainer, done)?;
             save_teacher(&trainer.teacher, &export, &a.out.join("teacher"))?;
         }
@@ -364,9 +363,7 @@ fn train<B: Backend, C: CheckpointStrategy>(
                     done,
                     dev,
                 )?;
-                writeln!(log, "{line}")
-                    .and_then(|_| log.flush())
-                    .context("writing eval.jsonl")?;
+                writeln!(log, "{line}").context("writing eval.jsonl")?;
                 bar.println(format!(
                     "step {done}: val k-NN macro-F1 {score:.3} (mean over run.eval_knn)"
                 ));
@@ -425,8 +422,9 @@ fn eval_teacher<B: Backend>(
 }
 
 /// metrics.jsonl (or eval.jsonl) without lines from `start` on (a resumed run rewrites the steps after its
-/// checkpoint), opened for appending.
-fn open_log(path: &Path, start: usize) -> Result<std::io::BufWriter<std::fs::File>> {
+/// checkpoint), opened for appending. Written a whole line at a time, so that a reader following
+/// the run (`tail -f`, a plot) never sees half a line.
+fn open_log(path: &Path, start: usize) -> Result<std::io::LineWriter<std::fs::File>> {
     let kept: String = match std::fs::read_to_string(path) {
         Ok(text) => text
             .lines()
@@ -445,5 +443,5 @@ fn open_log(path: &Path, start: usize) -> Result<std::io::BufWriter<std::fs::Fil
         .append(true)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
-    Ok(std::io::BufWriter::new(f))
+    Ok(std::io::LineWriter::new(f))
 }
