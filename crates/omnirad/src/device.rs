@@ -35,6 +35,7 @@ macro_rules! with_backend {
             }
             #[cfg(feature = "cuda")]
             $crate::device::Device::Cuda(i) => {
+                $crate::device::check_cuda(i)?;
                 $crate::device::kernel_cache();
                 type $B = omnirad_model::Cuda;
                 let $dev = burn::backend::cuda::CudaDevice::new(i);
@@ -48,6 +49,64 @@ macro_rules! with_backend {
             }
         }
     };
+}
+
+/// burn's CUDA runtime starts on a worker thread that panics when the driver library is missing
+/// or the device does not exist, and the command then dies on a bare `RecvError`; asking the
+/// driver first turns both into an error that says what is wrong.
+#[cfg(feature = "cuda")]
+pub fn check_cuda(index: usize) -> Result<()> {
+    static COUNT: std::sync::OnceLock<Result<i32, String>> = std::sync::OnceLock::new();
+    let count = COUNT.get_or_init(|| {
+        const NAMES: &[&str] = &["libcuda.so.1", "libcuda.so", "nvcuda.dll"];
+        // SAFETY: the NVIDIA driver library has no load-time side effects beyond its own
+        // initialisation; it stays loaded (leaked) because burn's runtime loads it again.
+        let lib = NAMES
+            .iter()
+            .find_map(|n| unsafe { libloading::Library::new(*n) }.ok())
+            .ok_or_else(|| {
+                "the NVIDIA driver library (libcuda.so.1) was not found: install the NVIDIA \
+                 driver, or run with --device cpu"
+                    .to_string()
+            })?;
+        let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+        type Init = unsafe extern "C" fn(u32) -> i32;
+        type Count = unsafe extern "C" fn(*mut i32) -> i32;
+        // SAFETY: cuInit and cuDeviceGetCount have these C signatures in every driver version.
+        unsafe {
+            let missing = |e: libloading::Error| format!("the NVIDIA driver library: {e}");
+            let init = lib.get::<Init>(b"cuInit\0").map_err(missing)?;
+            let get_count = lib.get::<Count>(b"cuDeviceGetCount\0").map_err(missing)?;
+            match init(0) {
+                0 => {}
+                100 => return Ok(0), // CUDA_ERROR_NO_DEVICE
+                rc => {
+                    return Err(format!(
+                        "the NVIDIA driver failed to start (CUDA error {rc})"
+                    ))
+                }
+            }
+            let mut n = 0;
+            match get_count(&mut n) {
+                0 => Ok(n),
+                rc => Err(format!(
+                    "the NVIDIA driver could not list devices (CUDA error {rc})"
+                )),
+            }
+        }
+    });
+    match count {
+        Err(e) => bail!("--device cuda: {e}"),
+        Ok(n) if index >= *n as usize => bail!(
+            "--device cuda:{index}: this machine has {n} CUDA device(s){}",
+            if *n == 0 {
+                " (is CUDA_VISIBLE_DEVICES empty?); run with --device cpu"
+            } else {
+                ""
+            }
+        ),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Where compiled CUDA kernels and autotune results are kept between runs, so only the first
@@ -160,5 +219,15 @@ pub fn model_stamps(model: &str) -> Vec<Option<String>> {
             .collect()
     } else {
         vec![stamp(model)]
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    /// Holds on any machine: without a driver, and with one (no machine has 2^20 devices).
+    #[test]
+    fn a_missing_cuda_device_is_an_error_naming_the_flag() {
+        let e = super::check_cuda(1 << 20).unwrap_err().to_string();
+        assert!(e.starts_with("--device cuda"), "{e}");
     }
 }
