@@ -94,7 +94,7 @@ pub fn save_model_dir<B: Backend>(
         path: weights.clone(),
         reason: e.to_string(),
     })?;
-    write_atomic(&weights, &sorted_header(bytes))?;
+    write_safetensors(&weights, bytes)?;
     let json = serde_json::to_string_pretty(config).expect("config serialises");
     write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
 }
@@ -113,6 +113,11 @@ pub fn save_module<B: Backend, M: ModuleSnapshot<B>>(
         .save_into(&mut store)
         .map_err(|e| err(e.to_string()))?;
     let bytes = store.get_bytes().map_err(|e| err(e.to_string()))?;
+    write_safetensors(path, bytes)
+}
+
+/// Every safetensors file omnirad writes goes through here: header sorted, written atomically.
+fn write_safetensors(path: &Path, bytes: Vec<u8>) -> Result<(), ModelError> {
     write_atomic(path, &sorted_header(bytes))
 }
 
@@ -393,12 +398,5 @@ pub fn write_f32_safetensors(
         path: path.into(),
         reason: e.to_string(),
     })?;
-    let data = sorted_header(data);
-    let tmp = path.with_extension("tmp");
-    let io = |source| ModelError::Io {
-        path: path.into(),
-        source,
-    };
-    std::fs::write(&tmp, data).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    write_safetensors(path, data)
 }
