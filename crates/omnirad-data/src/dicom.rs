@@ -265,7 +265,10 @@ impl DicomFile {
                 let bits = self.int_tag(tags::BITS_STORED).unwrap_or(0);
                 DataError::invalid(
                     &self.path,
-                    format!("cannot decode {bits}-bit pixel data ({ts_name}): {e}"),
+                    format!(
+                        "cannot decode {bits}-bit pixel data ({ts_name}): {}",
+                        with_causes(&e)
+                    ),
                 )
             })
         })?;
@@ -411,6 +414,21 @@ impl DicomFile {
             })
             .collect())
     }
+}
+
+/// `e` and its causes, "a: b: c": dicom-pixeldata's top-level message ("Could not decode pixel
+/// data") leaves out what the codec said.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.ends_with(&next) {
+            text = format!("{text}: {next}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// YBR_FULL (ITU-R BT.601 full range) to RGB, in place on [3, H, W] 8-bit-range values.

@@ -72,6 +72,7 @@ fn lossless_twins_decode_to_identical_pixels() {
             "MR_small_bigendian.dcm",
             "MR_small_implicit.dcm",
             "MR_small_jp2klossless.dcm",
+            "MR_small_jpeg_ls_lossless.dcm",
         ],
         &[
             "emri_small.dcm",
@@ -152,17 +153,109 @@ fn colour_and_window_presets() {
     assert!(Window::parse("nonsense").is_err());
 }
 
+/// MR_small_jpeg_ls_lossless.dcm with its one JPEG-LS stream replaced by `stream` and its
+/// transfer syntax UID ending in `ts` ("80" lossless, "81" near-lossless).
+fn with_jpeg_ls_stream(stream: &[u8], ts: &str) -> Vec<u8> {
+    let bytes = std::fs::read(data("dicom-pydicom/MR_small_jpeg_ls_lossless.dcm")).unwrap();
+    let uid = b"1.2.840.10008.1.2.4.80";
+    let at = bytes.windows(uid.len()).position(|w| w == uid).unwrap();
+    let pixel_data = [0xe0, 0x7f, 0x10, 0x00];
+    let px = bytes.windows(4).position(|w| w == pixel_data).unwrap();
+    let mut f = bytes[..px].to_vec();
+    f[at + uid.len() - 2..at + uid.len()].copy_from_slice(ts.as_bytes());
+    f.extend_from_slice(&[
+        0xe0, 0x7f, 0x10, 0x00, b'O', b'B', 0, 0, 0xff, 0xff, 0xff, 0xff,
+    ]);
+    f.extend_from_slice(&[0xfe, 0xff, 0x00, 0xe0, 0, 0, 0, 0]); // empty offset table
+    let mut s = stream.to_vec();
+    if s.len() % 2 == 1 {
+        s.push(0);
+    }
+    f.extend_from_slice(&[0xfe, 0xff, 0x00, 0xe0]);
+    f.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    f.extend_from_slice(&s);
+    f.extend_from_slice(&[0xfe, 0xff, 0xdd, 0xe0, 0, 0, 0, 0]); // sequence delimiter
+    f
+}
+
+/// The JPEG-LS stream of MR_small_jpeg_ls_lossless.dcm (SOI to EOI).
+fn jpeg_ls_stream() -> Vec<u8> {
+    let bytes = std::fs::read(data("dicom-pydicom/MR_small_jpeg_ls_lossless.dcm")).unwrap();
+    let soi = bytes
+        .windows(4)
+        .position(|w| w == [0xff, 0xd8, 0xff, 0xf7])
+        .unwrap();
+    let eoi = bytes.windows(2).rposition(|w| w == [0xff, 0xd9]).unwrap();
+    bytes[soi..eoi + 2].to_vec()
+}
+
 #[test]
-fn jpeg_ls_without_a_decoder_is_a_clear_error() {
-    let err = DicomFile::open(data("dicom-pydicom/MR_small_jpeg_ls_lossless.dcm"))
-        .unwrap()
-        .modality_frames()
-        .unwrap_err();
-    let msg = err.to_string();
-    assert!(
-        msg.contains("MR_small_jpeg_ls_lossless.dcm") && msg.contains("JPEG-LS"),
-        "{msg}"
-    );
+fn near_lossless_jpeg_ls_stays_within_its_error_bound() {
+    // MR_small's signed 16-bit samples, re-encoded with NEAR = 3 (transfer syntax .81).
+    let reference = frames("MR_small.dcm");
+    let samples: Vec<u16> = reference[0].iter().map(|&v| v as i16 as u16).collect();
+    let mut opts = jpegls::EncodeOptions::default();
+    opts.near = 3;
+    opts.precision = Some(16);
+    let mut stream = Vec::new();
+    jpegls::encode_with_options(&samples, 64, 64, &opts, &mut stream).unwrap();
+    let dir = tmpdir("jpeg-ls-near");
+    let p = dir.join("near.dcm");
+    std::fs::write(&p, with_jpeg_ls_stream(&stream, "81")).unwrap();
+    let file = DicomFile::open(&p).unwrap();
+    assert!(file.info().transfer_syntax.contains("Near-Lossless"));
+    let got = &file.modality_frames().unwrap()[0];
+    let err = got
+        .iter()
+        .zip(reference[0].iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(err <= 3.0 && err > 0.0, "max error {err} (NEAR = 3)");
+}
+
+#[test]
+fn corrupt_jpeg_ls_streams_are_clear_errors() {
+    let dir = tmpdir("jpeg-ls-bad");
+    let stream = jpeg_ls_stream();
+    // SOF55 (FF F7): length (2), precision (1), height (2), width (2).
+    let sof = stream.windows(2).position(|w| w == [0xff, 0xf7]).unwrap();
+    let mut narrow = stream.clone();
+    narrow[sof + 7..sof + 9].copy_from_slice(&32u16.to_be_bytes());
+    let mut cut = stream[..stream.len() / 2].to_vec();
+    cut.extend_from_slice(&[0xff, 0xd9]);
+    for (name, bytes, want) in [
+        ("narrow.dcm", narrow, "dimension mismatch"),
+        ("cut.dcm", cut, "truncated"),
+        ("empty.dcm", vec![0xff, 0xd8, 0xff, 0xd9], "unexpected end"),
+    ] {
+        let p = dir.join(name);
+        std::fs::write(&p, with_jpeg_ls_stream(&bytes, "80")).unwrap();
+        let err = DicomFile::open(&p)
+            .and_then(|f| f.modality_frames())
+            .expect_err(name)
+            .to_string();
+        assert!(
+            err.contains(name) && err.contains("JPEG-LS") && err.contains(want),
+            "{err}"
+        );
+    }
+    // Random damage to the scan: an error or an image, never a panic or an abort.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..40 {
+        let mut bytes = stream.clone();
+        for _ in 0..4 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let at = 30 + (state as usize) % (bytes.len() - 32);
+            bytes[at] = (state >> 32) as u8;
+        }
+        let p = dir.join(format!("flip{i}.dcm"));
+        std::fs::write(&p, with_jpeg_ls_stream(&bytes, "80")).unwrap();
+        if let Err(e) = DicomFile::open(&p).and_then(|f| f.modality_frames()) {
+            assert!(e.to_string().contains(&format!("flip{i}.dcm")), "{e}");
+        }
+    }
 }
 
 #[test]
