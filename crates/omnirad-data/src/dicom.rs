@@ -3,11 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use dicom_core::Tag;
+use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
+use dicom_encoding::adapters::PixelDataObject;
 use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder, VoiLutOption};
+use dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use ndarray::Array3;
 use serde::Serialize;
@@ -260,8 +262,26 @@ impl DicomFile {
                 value: format!("{ts_name} ({uid})"),
             });
         }
+        if self.int_tag(tags::BITS_ALLOCATED) == Some(1) {
+            // dicom-pixeldata converts 1-bit data only to "must be 1, 8 or 16".
+            return Err(DataError::Unsupported {
+                path: self.path.clone(),
+                what: "pixel data",
+                value: format!(
+                    "1 bit per pixel (modality {}): a binary mask such as a DICOM SEG, not an image",
+                    self.str_tag(tags::MODALITY).unwrap_or_else(|| "unknown".into())
+                ),
+            });
+        }
+        let jpeg12;
+        let obj = if self.needs_jpeg12(&uid) {
+            jpeg12 = self.with_native_jpeg12()?;
+            &jpeg12
+        } else {
+            &self.obj
+        };
         let pixels = catch_decoder_panic(&self.path, || {
-            self.obj.decode_pixel_data().map_err(|e| {
+            obj.decode_pixel_data().map_err(|e| {
                 let bits = self.int_tag(tags::BITS_STORED).unwrap_or(0);
                 DataError::invalid(
                     &self.path,
@@ -317,6 +337,50 @@ impl DicomFile {
                 Ok(a)
             })
             .collect()
+    }
+
+    /// JPEG baseline/extended grey pixel data of more than 8 bits: jpeg-decoder reads 8 only.
+    fn needs_jpeg12(&self, uid: &str) -> bool {
+        matches!(uid, "1.2.840.10008.1.2.4.50" | "1.2.840.10008.1.2.4.51")
+            && self.int_tag(tags::BITS_STORED).unwrap_or(0) > 8
+            && self.int_tag(tags::SAMPLES_PER_PIXEL).unwrap_or(1) == 1
+    }
+
+    /// A copy of the object whose 12-bit JPEG frames are decoded by [`jpeg12`] into native
+    /// 16-bit pixel data, so the modality LUT and the rest stay dicom-pixeldata's.
+    fn with_native_jpeg12(&self) -> Result<DefaultDicomObject> {
+        let info = self.info();
+        if info.bits_allocated != 16 {
+            return Err(DataError::invalid(
+                &self.path,
+                format!(
+                    "12-bit JPEG with BitsAllocated {} (16 expected)",
+                    info.bits_allocated
+                ),
+            ));
+        }
+        let (rows, cols) = (info.rows as usize, info.columns as usize);
+        let mut samples = Vec::new();
+        for f in 0..info.frames {
+            let bad = |what: String| {
+                DataError::invalid(&self.path, format!("frame {f} (12-bit JPEG): {what}"))
+            };
+            let data = self
+                .obj
+                .frame_pixel_data(f)
+                .ok_or_else(|| bad("no pixel data for it".into()))?;
+            samples.extend(catch_decoder_panic(&self.path, || {
+                crate::jpeg12::decode(&data, cols, rows).map_err(bad)
+            })?);
+        }
+        let mut obj = self.obj.clone();
+        obj.update_meta(|m| m.set_transfer_syntax(&EXPLICIT_VR_LITTLE_ENDIAN));
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OW,
+            PrimitiveValue::U16(samples.into()),
+        ));
+        Ok(obj)
     }
 
     /// A numeric tag that is present must hold a finite number that `ok` accepts: an unreadable

@@ -6,6 +6,7 @@ pub mod augment;
 pub mod dicom;
 pub mod error;
 pub mod image;
+mod jpeg12;
 mod jpegls;
 pub mod loader;
 pub mod medmnist;

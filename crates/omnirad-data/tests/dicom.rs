@@ -490,3 +490,39 @@ fn truncated_or_damaged_files_are_errors_or_images_never_panics() {
     // Most damage is detected; a flipped byte in pixel data can leave a readable image.
     assert!(failures > files.len() * 3, "{failures} errors");
 }
+
+#[test]
+fn twelve_bit_jpeg_extended_decodes() {
+    // pydicom's reference values for JPGExtended.dcm (its pixels_reference, decoded by libjpeg
+    // builds, whose integer inverse DCT rounds one level apart from ours on some samples):
+    // 1024×256 NM, 12 bits stored.
+    let f = frames("JPGExtended.dcm");
+    let a = &f[0];
+    assert_eq!(a.dim(), (1, 1024, 256));
+    for (y, x, want) in [(420, 140, 244.0), (230, 120, 95.0)] {
+        let got = a[[0, y, x]];
+        assert!(
+            (got - want).abs() <= 1.0,
+            "[{y}, {x}] = {got}, pydicom {want}"
+        );
+    }
+    // JPEG-LL.dcm holds the same scan, losslessly coded: a decoding with blocks, coefficients
+    // or their order wrong would not follow it.
+    let other = frames("JPEG-LL.dcm");
+    let corr = correlation(a.as_slice().unwrap(), other[0].as_slice().unwrap());
+    assert!(corr > 0.98, "correlation with JPEG-LL.dcm {corr}");
+}
+
+fn correlation(p: &[f32], q: &[f32]) -> f64 {
+    let n = p.len() as f64;
+    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let (mp, mq) = (mean(p), mean(q));
+    let (mut cov, mut vp, mut vq) = (0.0, 0.0, 0.0);
+    for (&a, &b) in p.iter().zip(q) {
+        let (da, db) = (a as f64 - mp, b as f64 - mq);
+        cov += da * db;
+        vp += da * da;
+        vq += db * db;
+    }
+    cov / (vp * vq).sqrt()
+}
