@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array3, Array4, ArrayView3, Axis, Ix4};
-use nifti::{IntoNdArray, NiftiObject, ReaderOptions};
+use nifti::{Endianness, InMemNiftiVolume, IntoNdArray, NiftiHeader, NiftiObject, ReaderOptions};
 
 use crate::error::{catch_decoder_panic, DataError, Result};
 use crate::image::{apply_window, percentiles, Image, Meta, Modality};
@@ -61,19 +61,16 @@ pub struct NiftiVolume {
 impl NiftiVolume {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        if is_nifti2(&path) {
-            return Err(DataError::Unsupported {
-                path,
-                what: "NIfTI version",
-                value: "NIfTI-2 (540-byte header); only NIfTI-1 is read".into(),
-            });
-        }
-        let obj = catch_decoder_panic(&path, || {
-            ReaderOptions::new()
-                .read_file(&path)
-                .map_err(|e| DataError::format(&path, "NIfTI", e))
-        })?;
-        let header = obj.header().clone();
+        let (header, volume) = if is_nifti2(&path) {
+            read_nifti2(&path)?
+        } else {
+            let obj = catch_decoder_panic(&path, || {
+                ReaderOptions::new()
+                    .read_file(&path)
+                    .map_err(|e| DataError::format(&path, "NIfTI", e))
+            })?;
+            (obj.header().clone(), obj.into_volume())
+        };
         let dims = header
             .dim()
             .map_err(|e| DataError::format(&path, "NIfTI", e))?
@@ -86,7 +83,7 @@ impl NiftiVolume {
             });
         }
         let raw = catch_decoder_panic(&path, || {
-            obj.into_volume()
+            volume
                 .into_ndarray::<f32>()
                 .map_err(|e| DataError::format(&path, "NIfTI", e))
         })?;
@@ -229,6 +226,97 @@ pub fn is_nifti(path: &Path) -> bool {
         .unwrap_or("")
         .to_ascii_lowercase();
     name.ends_with(".nii") || name.ends_with(".nii.gz")
+}
+
+/// A single-file NIfTI-2 volume (`n+2` magic) as the NIfTI-1 header and volume the nifti
+/// crate reads: that crate knows only NIfTI-1, whose header NIfTI-2 widens to 64-bit fields
+/// (same meaning, other offsets: nifti2.h). Sizes above NIfTI-1's 32 767 per axis are errors.
+fn read_nifti2(path: &Path) -> Result<(NiftiHeader, InMemNiftiVolume)> {
+    use std::io::Read;
+    let bad = |what: String| DataError::format(path, "NIfTI-2", what);
+    let mut bytes = Vec::new();
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let read = if path.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
+        flate2::read::GzDecoder::new(file).read_to_end(&mut bytes)
+    } else {
+        std::io::BufReader::new(file).read_to_end(&mut bytes)
+    };
+    read.map_err(|e| bad(e.to_string()))?;
+    if bytes.len() < 544 {
+        return Err(bad(format!(
+            "{} bytes, less than its 540-byte header",
+            bytes.len()
+        )));
+    }
+    let endianness = if i32::from_le_bytes(bytes[..4].try_into().unwrap()) == 540 {
+        Endianness::Little
+    } else {
+        Endianness::Big
+    };
+    let b = |at: usize, n: usize| -> [u8; 8] {
+        let mut v = [0u8; 8];
+        v[..n].copy_from_slice(&bytes[at..at + n]);
+        if endianness == Endianness::Big {
+            v[..n].reverse();
+        }
+        v
+    };
+    let i16_at = |at| i16::from_le_bytes(b(at, 2)[..2].try_into().unwrap());
+    let i32_at = |at| i32::from_le_bytes(b(at, 4)[..4].try_into().unwrap());
+    let i64_at = |at| i64::from_le_bytes(b(at, 8));
+    let f64_at = |at| f64::from_le_bytes(b(at, 8));
+    let f64s = |at: usize, out: &mut [f32]| {
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = f64_at(at + 8 * i) as f32;
+        }
+    };
+    if &bytes[4..8] != b"n+2\0" {
+        return Err(bad(format!(
+            "magic {:?}: only single-file NIfTI-2 (n+2) is read",
+            String::from_utf8_lossy(&bytes[4..7])
+        )));
+    }
+    let mut h = NiftiHeader {
+        datatype: i16_at(12),
+        bitpix: i16_at(14),
+        scl_slope: f64_at(176) as f32,
+        scl_inter: f64_at(184) as f32,
+        qform_code: i32_at(344) as i16,
+        sform_code: i32_at(348) as i16,
+        quatern_b: f64_at(352) as f32,
+        quatern_c: f64_at(360) as f32,
+        quatern_d: f64_at(368) as f32,
+        quatern_x: f64_at(376) as f32,
+        quatern_y: f64_at(384) as f32,
+        quatern_z: f64_at(392) as f32,
+        endianness,
+        ..NiftiHeader::default()
+    };
+    let rank = i64_at(16);
+    if !(1..=7).contains(&rank) {
+        return Err(bad(format!("dim[0] = {rank} (1 to 7 dimensions)")));
+    }
+    for i in 0..=rank as usize {
+        let d = i64_at(16 + 8 * i);
+        h.dim[i] = u16::try_from(d)
+            .ok()
+            .filter(|&d| d <= i16::MAX as u16)
+            .ok_or_else(|| bad(format!("dim[{i}] = {d}")))?;
+    }
+    f64s(104, &mut h.pixdim);
+    f64s(400, &mut h.srow_x);
+    f64s(432, &mut h.srow_y);
+    f64s(464, &mut h.srow_z);
+    let offset = i64_at(168);
+    let data = usize::try_from(offset)
+        .ok()
+        .filter(|&o| o >= 544)
+        .and_then(|o| bytes.get(o..))
+        .ok_or_else(|| bad(format!("vox_offset {offset} outside the file")))?;
+    let volume = catch_decoder_panic(path, || {
+        InMemNiftiVolume::from_reader(data, &h).map_err(|e| bad(e.to_string()))
+    })?;
+    Ok((h, volume))
 }
 
 /// NIfTI-2 files start with sizeof_hdr = 540 (either byte order).

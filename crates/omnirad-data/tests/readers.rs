@@ -25,14 +25,83 @@ fn nifti_shapes_and_canonical_orientation() {
 
     let f = NiftiVolume::open(data("nifti-nibabel/example4d.nii.gz")).unwrap();
     assert_eq!(f.shape(), [128, 96, 24, 2]);
-    let e = NiftiVolume::open(data("nifti-nibabel/example_nifti2.nii.gz"))
-        .err()
-        .unwrap()
-        .to_string();
+}
+
+#[test]
+fn nifti2_reads_as_nifti1_does() {
+    // nibabel's NIfTI-2 example: int16 (32, 20, 12, 2), zooms (2, 2, 2.2, 2000), written with
+    // example4d.nii.gz's affine. Voxel sum, min and max: the int16 block at vox_offset (608)
+    // unpacked with Python's struct module.
+    let v = NiftiVolume::open(data("nifti-nibabel/example_nifti2.nii.gz")).unwrap();
+    let v1 = NiftiVolume::open(data("nifti-nibabel/example4d.nii.gz")).unwrap();
+    assert_eq!(v.shape(), [32, 20, 12, 2]);
+    assert_eq!(v.orientation, v1.orientation);
+    for (got, want) in v.spacing.iter().zip([2.0, 2.0, 2.2]) {
+        assert!((got - want).abs() < 1e-5, "spacing {:?}", v.spacing);
+    }
+    assert_eq!(v.data.sum(), 6_926_802.0);
+    let min = v.data.iter().cloned().fold(f32::MAX, f32::min);
+    let max = v.data.iter().cloned().fold(f32::MIN, f32::max);
+    assert_eq!((min, max), (46.0, 757.0));
+
+    // anatomical.nii (big-endian NIfTI-1) rewritten with a NIfTI-2 header reads the same.
+    let n1 = std::fs::read(data("nifti-nibabel/anatomical.nii")).unwrap();
+    let dir = tmpdir("nifti2");
+    let p = dir.join("anatomical2.nii");
+    std::fs::write(&p, nifti1_as_nifti2_big_endian(&n1)).unwrap();
+    let a = NiftiVolume::open(data("nifti-nibabel/anatomical.nii")).unwrap();
+    let b = NiftiVolume::open(&p).unwrap();
+    assert_eq!((&b.orientation, b.spacing), (&a.orientation, a.spacing));
+    assert_eq!(b.data, a.data);
+
+    // A size NIfTI-1 cannot hold, and a cut file, are errors naming the file.
+    let mut big = nifti1_as_nifti2_big_endian(&n1);
+    big[24..32].copy_from_slice(&70_000i64.to_be_bytes()); // dim[1]
+    std::fs::write(&p, &big).unwrap();
+    let e = NiftiVolume::open(&p).err().unwrap().to_string();
     assert!(
-        e.contains("example_nifti2.nii.gz") && e.contains("NIfTI-2"),
+        e.contains("anatomical2.nii") && e.contains("dim[1] = 70000"),
         "{e}"
     );
+    let whole = nifti1_as_nifti2_big_endian(&n1);
+    std::fs::write(&p, &whole[..whole.len() - 100]).unwrap();
+    let e = NiftiVolume::open(&p).err().unwrap().to_string();
+    assert!(
+        e.contains("anatomical2.nii") && e.contains("NIfTI-2"),
+        "{e}"
+    );
+}
+
+/// A big-endian NIfTI-1 file with the same fields in the NIfTI-2 layout (nifti2.h: 64-bit
+/// sizes and floats, 540-byte header, data at 544).
+fn nifti1_as_nifti2_big_endian(n1: &[u8]) -> Vec<u8> {
+    let i16_at = |at: usize| i16::from_be_bytes([n1[at], n1[at + 1]]);
+    let f32_at = |at: usize| f32::from_be_bytes(n1[at..at + 4].try_into().unwrap());
+    let mut h = vec![0u8; 544];
+    let mut put = |at: usize, b: &[u8]| h[at..at + b.len()].copy_from_slice(b);
+    put(0, &540i32.to_be_bytes());
+    put(4, b"n+2\0\r\n\x1a\n");
+    put(12, &i16_at(70).to_be_bytes()); // datatype
+    put(14, &i16_at(72).to_be_bytes()); // bitpix
+    for i in 0..8 {
+        put(16 + 8 * i, &(i16_at(40 + 2 * i) as i64).to_be_bytes()); // dim
+        put(104 + 8 * i, &(f32_at(76 + 4 * i) as f64).to_be_bytes()); // pixdim
+    }
+    put(168, &544i64.to_be_bytes()); // vox_offset
+    put(176, &(f32_at(112) as f64).to_be_bytes()); // scl_slope
+    put(184, &(f32_at(116) as f64).to_be_bytes()); // scl_inter
+    put(344, &(i16_at(252) as i32).to_be_bytes()); // qform_code
+    put(348, &(i16_at(254) as i32).to_be_bytes()); // sform_code
+    for i in 0..6 {
+        // quatern_b, c, d, qoffset_x, y, z
+        put(352 + 8 * i, &(f32_at(256 + 4 * i) as f64).to_be_bytes());
+    }
+    for i in 0..12 {
+        put(400 + 8 * i, &(f32_at(280 + 4 * i) as f64).to_be_bytes()); // srow_x, y, z
+    }
+    let offset = f32_at(108) as usize;
+    h.extend_from_slice(&n1[offset..]);
+    h
 }
 
 #[test]
