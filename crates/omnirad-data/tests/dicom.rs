@@ -80,6 +80,8 @@ fn lossless_twins_decode_to_identical_pixels() {
             "emri_small_jpeg_2k_lossless.dcm",
         ],
         &["US1_UNCR.dcm", "US1_J2KR.dcm"],
+        // Lossy J2K whose decoded pixels pydicom's references hold equal to the uncompressed file.
+        &["JPEG2000_UNC.dcm", "JPEG2000.dcm"],
     ];
     for g in groups {
         let reference = frames(g[0]);
@@ -525,4 +527,78 @@ fn correlation(p: &[f32], q: &[f32]) -> f64 {
         vq += db * db;
     }
     cov / (vp * vq).sqrt()
+}
+
+#[test]
+fn stored_values_match_pydicom() {
+    // pydicom's pixel reference values (its pixels_reference test table; decoders there:
+    // numpy, pylibjpeg, GDCM), taken through the modality LUT as `modality_frames` applies it.
+    // (file, frame, row, first column, values)
+    let cases: &[(&str, usize, usize, usize, &[f32])] = &[
+        // CT_small: RescaleIntercept -1024 on the stored [520, 802, 930, 1008].
+        ("CT_small.dcm", 0, 24, 36, &[-504.0, -222.0, -94.0, -16.0]),
+        ("MR_small.dcm", 0, 0, 31, &[422.0, 319.0, 361.0]),
+        ("MR_small.dcm", 0, 63, 61, &[1369.0, 1129.0, 862.0]),
+        (
+            "MR_small_jpeg_ls_lossless.dcm",
+            0,
+            31,
+            0,
+            &[366.0, 363.0, 322.0],
+        ),
+        ("MR_small_RLE.dcm", 0, 63, 61, &[1369.0, 1129.0, 862.0]),
+        ("emri_small.dcm", 0, 0, 31, &[206.0, 197.0, 159.0]),
+        ("emri_small_RLE.dcm", 4, 31, 0, &[37.0, 41.0, 17.0]),
+        (
+            "emri_small_jpeg_2k_lossless.dcm",
+            9,
+            63,
+            61,
+            &[227.0, 300.0, 147.0],
+        ),
+        (
+            "JPEG-LL.dcm",
+            0,
+            400,
+            124,
+            &[60.0, 58.0, 61.0, 68.0, 59.0, 65.0, 64.0, 67.0],
+        ),
+        (
+            "JPEG-LL.dcm",
+            0,
+            600,
+            124,
+            &[3.0, 1.0, 2.0, 0.0, 2.0, 1.0, 2.0, 0.0],
+        ),
+    ];
+    for &(name, frame, row, col, want) in cases {
+        let f = frames(name);
+        let got: Vec<f32> = (0..want.len())
+            .map(|i| f[frame][[0, row, col + i]])
+            .collect();
+        assert_eq!(got, want, "{name} frame {frame} row {row}");
+    }
+    // RGB samples: SC_rgb_rle.dcm's colour bars, rows 5, 15, …, 95 at column 50.
+    let rgb = &frames("SC_rgb_rle.dcm")[0];
+    let bars = [
+        [255, 0, 0],
+        [255, 128, 128],
+        [0, 255, 0],
+        [128, 255, 128],
+        [0, 0, 255],
+        [128, 128, 255],
+        [0, 0, 0],
+        [64, 64, 64],
+        [192, 192, 192],
+        [255, 255, 255],
+    ];
+    for (i, want) in bars.iter().enumerate() {
+        let got: Vec<f32> = (0..3).map(|c| rgb[[c, 5 + 10 * i, 50]]).collect();
+        assert_eq!(
+            got,
+            want.map(|v| v as f32),
+            "SC_rgb_rle.dcm row {}",
+            5 + 10 * i
+        );
+    }
 }
