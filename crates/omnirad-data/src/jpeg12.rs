@@ -64,7 +64,8 @@ impl Huffman {
     }
 }
 
-/// Entropy-coded bits, with 0xFF00 stuffing removed; a marker ends the data (zeros follow).
+/// Entropy-coded bits, with 0xFF00 stuffing removed; a marker ends them, and reading on past
+/// it is an error (a block cut short).
 struct BitReader<'a> {
     data: &'a [u8],
     pos: usize,
@@ -141,11 +142,10 @@ impl<'a> BitReader<'a> {
                 if self.data.get(self.pos) != Some(&0xff) {
                     return Err("restart marker missing".into());
                 }
-                let m = *self
+                *self
                     .data
                     .get(self.pos + 1)
-                    .ok_or("truncated before a restart")?;
-                m
+                    .ok_or("truncated before a restart")?
             }
         };
         if found != 0xd0 + expect {
