@@ -169,9 +169,12 @@ impl DicomFile {
             .map_err(|e| DataError::format(&path, "DICOM", e))?;
         let me = Self { path, obj };
         if me.obj.element(tags::PIXEL_DATA).is_err() {
+            let what = non_image_object(&me.path)
+                .map(|w| format!(": it is {w}"))
+                .unwrap_or_default();
             return Err(DataError::invalid(
                 &me.path,
-                "DICOM file has no pixel data (7FE0,0010)",
+                format!("DICOM file has no pixel data (7FE0,0010){what}"),
             ));
         }
         Ok(me)
@@ -506,6 +509,51 @@ fn ybr_full_to_rgb(a: &mut Array3<f32>) {
             a[[2, i, j]] = (y + 1.772 * cb).clamp(0.0, 255.0);
         }
     }
+}
+
+/// SOP classes whose objects hold no radiological image: (UID or UID prefix, what they are).
+/// RT Image (…481.1) is an image; the other RT objects, dose grids included, are not.
+const NON_IMAGE_SOP_CLASSES: &[(&str, &str)] = &[
+    ("1.2.840.10008.1.3.10", "a DICOMDIR"),
+    (
+        "1.2.840.10008.5.1.4.1.1.88",
+        "a structured report or key object selection",
+    ),
+    ("1.2.840.10008.5.1.4.1.1.11", "a presentation state"),
+    (
+        "1.2.840.10008.5.1.4.1.1.66",
+        "a segmentation, registration or raw-data object",
+    ),
+    ("1.2.840.10008.5.1.4.1.1.67", "a real-world value mapping"),
+    ("1.2.840.10008.5.1.4.1.1.104", "an encapsulated document"),
+    ("1.2.840.10008.5.1.4.1.1.9", "a waveform"),
+    ("1.2.840.10008.5.1.4.1.1.481.2", "an RT dose grid"),
+    ("1.2.840.10008.5.1.4.1.1.481.3", "an RT structure set"),
+    ("1.2.840.10008.5.1.4.1.1.481.4", "an RT treatment record"),
+    ("1.2.840.10008.5.1.4.1.1.481.5", "an RT plan"),
+    ("1.2.840.10008.5.1.4.1.1.481.6", "an RT treatment record"),
+    ("1.2.840.10008.5.1.4.1.1.481.7", "an RT treatment summary"),
+    ("1.2.840.10008.5.1.4.1.1.481.8", "an RT plan"),
+    ("1.2.840.10008.5.1.4.1.1.481.9", "an RT treatment record"),
+];
+
+/// What the DICOM file at `path` is when its file meta names a SOP class that holds no image
+/// (a DICOMDIR, report, presentation state, segmentation, RT plan, …): folder scans skip these
+/// instead of failing on them. Reads only the preamble and the meta group; `None` for image
+/// objects and for files whose meta cannot be read (the reader then says why).
+pub fn non_image_object(path: &Path) -> Option<&'static str> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::io::BufReader::new(std::fs::File::open(path).ok()?);
+    f.seek(SeekFrom::Start(128)).ok()?;
+    let meta = dicom_object::meta::FileMetaTable::from_reader(f.by_ref()).ok()?;
+    let uid = meta.media_storage_sop_class_uid();
+    NON_IMAGE_SOP_CLASSES
+        .iter()
+        .find(|(class, _)| {
+            uid.strip_prefix(class)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        })
+        .map(|(_, what)| *what)
 }
 
 /// Cheap check used when scanning folders: the "DICM" magic at byte 128.

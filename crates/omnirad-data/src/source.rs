@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::dicom::{looks_like_dicom, DicomFile, Window};
+use rayon::prelude::*;
+
+use crate::dicom::{looks_like_dicom, non_image_object, DicomFile, Window};
 use crate::error::{catch_decoder_panic, DataError, Result};
 use crate::image::{Image, Meta, Modality};
 use crate::medmnist::{NpzSplit, Split};
@@ -130,24 +132,34 @@ impl Item {
 }
 
 /// Lists the items under `path`. Folders are walked recursively in sorted order; files of
-/// unknown type inside folders are skipped (they are counted in the returned number).
+/// unknown type inside folders, and DICOM objects that hold no image (DICOMDIR, reports,
+/// presentation states, segmentations, …), are skipped and counted in the returned number.
 pub fn discover(path: &Path, split: Split) -> Result<(Vec<Item>, usize)> {
     let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
     if meta.is_dir() {
         let mut files = Vec::new();
         let mut skipped = walk(path, &mut files)?;
+        // In parallel: telling a DICOM file without an extension, or one that holds no image,
+        // reads its first bytes, and an archive has many files.
+        let images: Vec<bool> = files
+            .par_iter()
+            .map(|f| match file_kind(f) {
+                Some(FileKind::Dicom) => non_image_object(f).is_none(),
+                Some(FileKind::Nifti | FileKind::Raster) => true,
+                _ => false,
+            })
+            .collect();
         let mut items = Vec::new();
-        for f in files {
-            match file_kind(&f) {
-                Some(FileKind::Dicom | FileKind::Nifti | FileKind::Raster) => {
-                    items.push(Item::File {
-                        path: f,
-                        labels: vec![],
-                        modality: None,
-                        anatomy: None,
-                    })
-                }
-                _ => skipped += 1,
+        for (f, image) in files.into_iter().zip(images) {
+            if image {
+                items.push(Item::File {
+                    path: f,
+                    labels: vec![],
+                    modality: None,
+                    anatomy: None,
+                });
+            } else {
+                skipped += 1;
             }
         }
         if items.is_empty() {

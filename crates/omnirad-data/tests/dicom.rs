@@ -602,3 +602,37 @@ fn stored_values_match_pydicom() {
         );
     }
 }
+
+#[test]
+fn folder_scans_skip_dicom_objects_without_images() {
+    use dicom_dictionary_std::tags;
+    let dir = tmpdir("dicom-non-image");
+    let with_class = |name: &str, class: &str, keep_pixels: bool| {
+        let mut obj = dicom_object::open_file(data("dicom-pydicom/MR_small.dcm")).unwrap();
+        obj.update_meta(|m| m.media_storage_sop_class_uid = class.to_string());
+        if !keep_pixels {
+            obj.remove_element(tags::PIXEL_DATA);
+        }
+        obj.write_to_file(dir.join(name)).unwrap();
+    };
+    with_class("image.dcm", "1.2.840.10008.5.1.4.1.1.4", true); // MR Image Storage
+    with_class("report.dcm", "1.2.840.10008.5.1.4.1.1.88.11", false); // Basic Text SR
+    with_class("DICOMDIR", "1.2.840.10008.1.3.10", false);
+    with_class("rtimage.dcm", "1.2.840.10008.5.1.4.1.1.481.1", true); // RT Image: an image
+    std::fs::copy(data("dicom-pydicom/liver_1frame.dcm"), dir.join("seg.dcm")).unwrap();
+    let (items, skipped) = omnirad_data::discover(&dir, omnirad_data::Split::Test).unwrap();
+    let ids: Vec<String> = items.iter().map(|i| i.id()).collect();
+    assert_eq!(skipped, 3, "{ids:?}");
+    assert!(ids.len() == 2 && ids[0].ends_with("image.dcm") && ids[1].ends_with("rtimage.dcm"));
+    // Named on its own, such a file is an error that says what it is.
+    let err = DicomFile::open(dir.join("report.dcm"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("report.dcm")
+            && err.contains("no pixel data")
+            && err.contains("structured report"),
+        "{err}"
+    );
+}

@@ -336,7 +336,7 @@ pub fn run(a: &EmbedArgs) -> Result<()> {
     let (items, skipped) = discover(&a.input, read.split)?;
     if skipped > 0 {
         eprintln!(
-            "note: skipped {skipped} file(s) of unknown type under {}",
+            "note: skipped {skipped} file(s) under {} that hold no image (other file types; DICOM objects such as DICOMDIR, reports, presentation states, segmentations)",
             a.input.display()
         );
     }

@@ -70,7 +70,7 @@ fn discover_inputs(inputs: &[PathBuf], split: Split) -> Result<Vec<Vec<Item>>> {
         }
         if skipped > 0 {
             eprintln!(
-                "note: skipped {skipped} file(s) of unknown type under {}",
+                "note: skipped {skipped} file(s) under {} that hold no image (other file types; DICOM objects such as DICOMDIR, reports, presentation states, segmentations)",
                 p.display()
             );
         }

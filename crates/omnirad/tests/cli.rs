@@ -106,16 +106,22 @@ fn zero_or_absurd_counts_are_usage_errors_naming_the_flag() {
 fn embed_a_dicom_folder_skips_and_lists_bad_files() {
     let d = tmp("dcm");
     let out = d.join("emb.npy");
-    let (ok, _, err) = omnirad(&[
-        "embed",
-        "--model",
-        "vit_pico",
-        "--input",
-        data("dicom-pydicom").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let embed = |input: &std::path::Path, strict: bool| {
+        let mut args = vec!["embed", "--model", "vit_pico", "--input"];
+        args.push(input.to_str().unwrap());
+        args.extend(["--out", out.to_str().unwrap()]);
+        if strict {
+            args.push("--strict");
+        }
+        omnirad(&args)
+    };
+    // Every image file of the shared DICOM set is read; the two SEG objects are skipped, not
+    // failed: a folder scan passes over DICOM objects that hold no image.
+    let dicoms = data("dicom-pydicom");
+    let (ok, _, err) = embed(&dicoms, false);
     assert!(ok, "{err}");
+    assert!(err.contains("skipped 2 file(s)"), "{err}");
+    assert!(!d.join("emb.failed.txt").exists());
     let emb: ndarray::Array2<f32> = ndarray_npy::read_npy(&out).unwrap();
     let meta = std::fs::read_to_string(d.join("emb.meta.csv")).unwrap();
     assert_eq!(meta.lines().count() - 1, emb.nrows());
@@ -127,37 +133,55 @@ fn embed_a_dicom_folder_skips_and_lists_bad_files() {
             .count(),
         10
     );
-    for decoded in ["MR_small_jpeg_ls_lossless.dcm", "JPGExtended.dcm"] {
-        assert!(meta.contains(decoded), "{decoded} missing from {meta}");
+    for f in std::fs::read_dir(&dicoms).unwrap() {
+        let name = f.unwrap().file_name().into_string().unwrap();
+        assert_eq!(
+            meta.contains(&name),
+            !name.starts_with("liver"),
+            "{name} in the embeddings"
+        );
     }
-    // DICOM SEG objects (1-bit segment masks) are the one kind of file there that is no image.
+
+    // A damaged file is listed with its reason; --strict stops on it.
+    let mixed = d.join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    let ct = std::fs::read(dicoms.join("CT_small.dcm")).unwrap();
+    std::fs::write(mixed.join("ct.dcm"), &ct).unwrap();
+    std::fs::write(mixed.join("truncated.dcm"), &ct[..ct.len() / 2]).unwrap();
+    std::fs::copy(dicoms.join("liver_1frame.dcm"), mixed.join("seg.dcm")).unwrap();
+    let (ok, _, err) = embed(&mixed, false);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("could not be read") && err.contains("skipped 1 file(s)"),
+        "{err}"
+    );
     let failed = std::fs::read_to_string(d.join("emb.failed.txt")).unwrap();
     assert!(
-        failed.contains("liver_1frame.dcm") && failed.contains("a binary mask such as a DICOM SEG"),
+        failed.contains("truncated.dcm") && !failed.contains("seg.dcm"),
         "{failed}"
     );
-    assert!(err.contains("could not be read"), "{err}");
-
-    let (ok, _, err) = omnirad(&[
-        "embed",
-        "--model",
-        "vit_pico",
-        "--strict",
-        "--input",
-        data("dicom-pydicom").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = embed(&mixed, true);
     assert!(
-        !ok && err.contains(".dcm"),
-        "strict mode must stop on the first bad file: {err}"
+        !ok && err.contains("truncated.dcm"),
+        "strict mode must stop on the bad file: {err}"
     );
 }
 
 #[test]
 fn embed_stopped_or_interrupted_continues_to_the_same_output() {
     let d = tmp("dcm-parts");
-    let dicoms = data("dicom-pydicom");
+    // The shared DICOM files and two damaged ones among them (sorted between), so the slices
+    // below also cross failed items.
+    let dicoms = d.join("dicoms");
+    std::fs::create_dir_all(&dicoms).unwrap();
+    for f in std::fs::read_dir(data("dicom-pydicom")).unwrap() {
+        let f = f.unwrap().path();
+        std::os::unix::fs::symlink(&f, dicoms.join(f.file_name().unwrap())).unwrap();
+    }
+    let ct = std::fs::read(data("dicom-pydicom/CT_small.dcm")).unwrap();
+    for name in ["JPEG-cut.dcm", "MR_cut.dcm"] {
+        std::fs::write(dicoms.join(name), &ct[..ct.len() / 2]).unwrap();
+    }
     let run = |out: &str, extra: &[&str]| {
         let out = d.join(out);
         let mut args = vec![
