@@ -159,20 +159,78 @@ impl<'a> BitReader<'a> {
     }
 }
 
-/// Cosine table for the 8-point inverse DCT: `c[x][u] = C(u)/2 · cos((2x+1)uπ/16)`.
-fn idct_table() -> [[f64; 8]; 8] {
-    let mut c = [[0.0; 8]; 8];
-    for (x, row) in c.iter_mut().enumerate() {
-        for (u, v) in row.iter_mut().enumerate() {
-            let cu = if u == 0 {
-                std::f64::consts::FRAC_1_SQRT_2
-            } else {
-                1.0
-            };
-            *v = cu / 2.0 * (((2 * x + 1) * u) as f64 * std::f64::consts::PI / 16.0).cos();
+/// One 8-point inverse DCT of libjpeg's "islow" method (Loeffler–Ligtenberg–Moschytz with
+/// 13-bit fixed-point constants, the IJG's default that DCMTK, GDCM and pydicom's decoders
+/// use), before its final descaling: outputs are scaled by 2^13 and by √8.
+fn idct_1d(i: [i64; 8]) -> [i64; 8] {
+    const F0_298: i64 = 2446; // round(x · 2^13) of the constant its name gives
+    const F0_390: i64 = 3196;
+    const F0_541: i64 = 4433;
+    const F0_765: i64 = 6270;
+    const F0_899: i64 = 7373;
+    const F1_175: i64 = 9633;
+    const F1_501: i64 = 12299;
+    const F1_847: i64 = 15137;
+    const F1_961: i64 = 16069;
+    const F2_053: i64 = 16819;
+    const F2_562: i64 = 20995;
+    const F3_072: i64 = 25172;
+    // Even part.
+    let z1 = (i[2] + i[6]) * F0_541;
+    let t2 = z1 - i[6] * F1_847;
+    let t3 = z1 + i[2] * F0_765;
+    let t0 = (i[0] + i[4]) << 13;
+    let t1 = (i[0] - i[4]) << 13;
+    let (t10, t13, t11, t12) = (t0 + t3, t0 - t3, t1 + t2, t1 - t2);
+    // Odd part.
+    let (o0, o1, o2, o3) = (i[7], i[5], i[3], i[1]);
+    let z5 = (o0 + o3 + o1 + o2) * F1_175;
+    let z1 = -(o0 + o3) * F0_899;
+    let z2 = -(o1 + o2) * F2_562;
+    let z3 = -(o0 + o2) * F1_961 + z5;
+    let z4 = -(o1 + o3) * F0_390 + z5;
+    let o0 = o0 * F0_298 + z1 + z3;
+    let o1 = o1 * F2_053 + z2 + z4;
+    let o2 = o2 * F3_072 + z2 + z3;
+    let o3 = o3 * F1_501 + z1 + z4;
+    [
+        t10 + o3,
+        t11 + o2,
+        t12 + o1,
+        t13 + o0,
+        t13 - o0,
+        t12 - o1,
+        t11 - o2,
+        t10 - o3,
+    ]
+}
+
+/// libjpeg's DESCALE: `x / 2^n` rounded half up.
+fn descale(x: i64, n: u32) -> i64 {
+    (x + (1 << (n - 1))) >> n
+}
+
+/// A block's samples from its dequantised coefficients (natural order), as libjpeg's islow
+/// computes them: columns first, then rows, clamped to the sample range.
+fn inverse_dct(coef: &[i64; 64], precision: u8) -> [u16; 64] {
+    // libjpeg keeps 2 extra bits between the passes at 8-bit precision, 1 at 12.
+    let pass1: u32 = if precision == 8 { 2 } else { 1 };
+    let mut ws = [0i64; 64];
+    for c in 0..8 {
+        let col = idct_1d(std::array::from_fn(|r| coef[r * 8 + c]));
+        for r in 0..8 {
+            ws[r * 8 + c] = descale(col[r], 13 - pass1);
         }
     }
-    c
+    let (center, max) = (1i64 << (precision - 1), (1i64 << precision) - 1);
+    let mut out = [0u16; 64];
+    for r in 0..8 {
+        let row = idct_1d(std::array::from_fn(|c| ws[r * 8 + c]));
+        for c in 0..8 {
+            out[r * 8 + c] = (descale(row[c], 13 + pass1 + 3) + center).clamp(0, max) as u16;
+        }
+    }
+    out
 }
 
 fn u16_at(data: &[u8], at: usize) -> Result<usize> {
@@ -338,8 +396,6 @@ fn decode_scan(
         n: 0,
         marker: None,
     };
-    let cos = idct_table();
-    let (shift, max) = ((1i32 << (precision - 1)) as f64, (1i32 << precision) - 1);
     let mut pred = 0i32;
     let mut rst = 0u8;
     for b in 0..bw * bh {
@@ -348,12 +404,12 @@ fn decode_scan(
             rst = (rst + 1) % 8;
             pred = 0;
         }
-        let mut coef = [0f64; 64];
+        let mut coef = [0i64; 64];
         let t = dc.decode(&mut bits)?;
         pred = pred
             .checked_add(bits.signed(t)?)
             .ok_or("DC coefficient out of range")?;
-        coef[0] = pred as f64 * q[0] as f64;
+        coef[0] = pred as i64 * q[0] as i64;
         let mut k = 1;
         while k < 64 {
             let rs = ac.decode(&mut bits)?;
@@ -369,23 +425,14 @@ fn decode_scan(
             if k > 63 {
                 return Err("AC coefficients run past the block".into());
             }
-            coef[ZIGZAG[k]] = bits.signed(size)? as f64 * q[k] as f64;
+            coef[ZIGZAG[k]] = bits.signed(size)? as i64 * q[k] as i64;
             k += 1;
         }
-        // Separable inverse DCT: rows of u, then columns of v.
-        let mut tmp = [0f64; 64];
-        for v in 0..8 {
-            for x in 0..8 {
-                tmp[v * 8 + x] = (0..8).map(|u| cos[x][u] * coef[v * 8 + u]).sum();
-            }
-        }
+        let block = inverse_dct(&coef, precision);
         let (by, bx) = (b / bw, b % bw);
         for y in 0..8 {
-            for x in 0..8 {
-                let s: f64 = (0..8).map(|v| cos[y][v] * tmp[v * 8 + x]).sum();
-                let s = ((s + shift).round() as i32).clamp(0, max);
-                plane[(by * 8 + y) * stride + bx * 8 + x] = s as u16;
-            }
+            let at = (by * 8 + y) * stride + bx * 8;
+            plane[at..at + 8].copy_from_slice(&block[y * 8..y * 8 + 8]);
         }
     }
     // The scan ends at the end-of-image marker; a stream cut there was cut short.
@@ -459,7 +506,7 @@ mod tests {
                 .collect();
             let max = *diff.iter().max().unwrap();
             let off = diff.iter().filter(|&&d| d > 0).count() as f64 / diff.len() as f64;
-            // Integer (jpeg-decoder) and exact inverse DCTs round differently by one level.
+            // jpeg-decoder's inverse DCT (stb_image's) and libjpeg's islow round one level apart.
             assert!(
                 max <= 1 && off < 0.05,
                 "{name}: max diff {max}, {off:.3} differ"
