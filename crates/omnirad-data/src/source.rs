@@ -204,7 +204,7 @@ pub fn discover(path: &Path, split: Split) -> Result<(Vec<Item>, usize)> {
 
 /// The files under `dir`, in sorted order, following symbolic links; a link back to a folder
 /// already being walked is skipped (and counted), not followed until the path grows too long.
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<usize> {
+pub fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<usize> {
     let mut loops = 0;
     for e in walkdir::WalkDir::new(dir)
         .follow_links(true)

@@ -3,10 +3,13 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use omnirad_data::dicom::DicomFile;
+use std::collections::BTreeMap;
+
+use omnirad_data::dicom::{non_image_object, DicomFile};
 use omnirad_data::medmnist::{parse_file_name, verify as verify_npz};
 use omnirad_data::nifti::NiftiVolume;
-use omnirad_data::source::{file_kind, read_raster, FileKind};
+use omnirad_data::source::{file_kind, read_raster, walk, FileKind};
+use rayon::prelude::*;
 use serde_json::{json, Value};
 
 fn stats(v: impl Iterator<Item = f32>) -> Value {
@@ -22,7 +25,99 @@ fn stats(v: impl Iterator<Item = f32>) -> Value {
     json!({ "min": min, "max": max, "mean": mean, "std": (sq / n.max(1) as f64 - mean * mean).max(0.0).sqrt() })
 }
 
+/// What a folder holds, by file headers (pixels are not decoded): the files `embed` would read,
+/// by modality, transfer syntax and size; the DICOM objects it would pass over; unreadable files.
+fn describe_folder(dir: &Path) -> Result<Value> {
+    enum Seen {
+        Dicom {
+            modality: String,
+            syntax: String,
+            size: String,
+            frames: u32,
+        },
+        NoImage(&'static str),
+        Nifti,
+        Raster,
+        Other,
+        Unreadable(String),
+    }
+    let mut files = Vec::new();
+    walk(dir, &mut files)?;
+    let seen: Vec<Seen> = files
+        .par_iter()
+        .map(|f| match file_kind(f) {
+            Some(FileKind::Dicom) => match non_image_object(f) {
+                Some(what) => Seen::NoImage(what),
+                None => match DicomFile::open(f) {
+                    Ok(d) => {
+                        let i = d.info();
+                        Seen::Dicom {
+                            modality: if i.modality.is_empty() {
+                                "unknown".into()
+                            } else {
+                                i.modality
+                            },
+                            syntax: i.transfer_syntax,
+                            size: format!("{}x{}", i.rows, i.columns),
+                            frames: i.frames,
+                        }
+                    }
+                    Err(e) => Seen::Unreadable(e.to_string()),
+                },
+            },
+            Some(FileKind::Nifti) => Seen::Nifti,
+            Some(FileKind::Raster) => Seen::Raster,
+            _ => Seen::Other,
+        })
+        .collect();
+    let mut tally: BTreeMap<&str, BTreeMap<String, usize>> = BTreeMap::new();
+    let mut count = |group: &'static str, key: String| {
+        *tally.entry(group).or_default().entry(key).or_default() += 1;
+    };
+    let (mut dicom, mut frames, mut unreadable) = (0, 0, BTreeMap::new());
+    for (f, s) in files.iter().zip(seen) {
+        match s {
+            Seen::Dicom {
+                modality,
+                syntax,
+                size,
+                frames: n,
+            } => {
+                dicom += 1;
+                frames += n as usize;
+                count("modality", modality);
+                count("transfer syntax", syntax);
+                count("rows x columns", size);
+            }
+            Seen::NoImage(what) => count("DICOM objects without an image (skipped)", what.into()),
+            Seen::Nifti => count("other inputs", "NIfTI volumes".into()),
+            Seen::Raster => count("other inputs", "raster images".into()),
+            Seen::Other => count("other inputs", "other files (skipped)".into()),
+            Seen::Unreadable(why) => {
+                unreadable.insert(f.display().to_string(), why);
+            }
+        }
+    }
+    let mut v = json!({ "format": "folder", "files": files.len(),
+        "DICOM images": { "files": dicom, "frames": frames } });
+    for (group, counts) in tally {
+        match group {
+            "modality" | "transfer syntax" | "rows x columns" => {
+                v["DICOM images"][group] = json!(counts)
+            }
+            _ => v[group] = json!(counts),
+        }
+    }
+    if !unreadable.is_empty() {
+        v["unreadable"] = json!(unreadable);
+    }
+    Ok(v)
+}
+
 pub fn describe(path: &Path) -> Result<Value> {
+    if path.is_dir() {
+        return describe_folder(path);
+    }
     Ok(match file_kind(path) {
         Some(FileKind::Dicom) => {
             let f = DicomFile::open(path)?;

@@ -38,7 +38,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// What a file holds: format, modality, size, frames, transfer syntax, pixel statistics.
+    /// What a file holds: format, modality, size, frames, transfer syntax, pixel statistics;
+    /// for a folder, what `embed` would read from it (by file headers), skip, or fail on.
     Info {
         file: PathBuf,
         #[arg(long)]

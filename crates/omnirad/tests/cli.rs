@@ -168,6 +168,72 @@ fn embed_a_dicom_folder_skips_and_lists_bad_files() {
 }
 
 #[test]
+fn info_on_a_folder_surveys_what_embed_would_read() {
+    let dicoms = data("dicom-pydicom");
+    let survey = |dir: &std::path::Path| {
+        let (ok, out, err) = omnirad(&["info", dir.to_str().unwrap(), "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let v = survey(&dicoms);
+    let images = &v["DICOM images"];
+    assert_eq!(
+        (v["files"].as_u64(), images["files"].as_u64()),
+        (Some(29), Some(27))
+    );
+    // Frames from the headers: as many as `embed` writes rows after decoding them.
+    let d = tmp("info-folder");
+    let out = d.join("emb.npy");
+    let (ok, _, err) = omnirad(&[
+        "embed",
+        "--model",
+        "vit_pico",
+        "--input",
+        dicoms.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let emb: ndarray::Array2<f32> = ndarray_npy::read_npy(&out).unwrap();
+    assert_eq!(images["frames"].as_u64(), Some(emb.nrows() as u64));
+    for group in ["modality", "transfer syntax", "rows x columns"] {
+        let total: u64 = images[group]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(total, 27, "{group}");
+    }
+    assert_eq!(
+        images["transfer syntax"]["JPEG-LS Lossless Image Compression"],
+        1
+    );
+    assert_eq!(
+        v["DICOM objects without an image (skipped)"]
+            ["a segmentation, registration or raw-data object"],
+        2
+    );
+    assert!(v.get("unreadable").is_none());
+
+    // A damaged file is listed with its reason; a text file counts as skipped.
+    let mixed = d.join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    let ct = std::fs::read(dicoms.join("CT_small.dcm")).unwrap();
+    std::fs::write(mixed.join("ct.dcm"), &ct).unwrap();
+    std::fs::write(mixed.join("cut.dcm"), &ct[..ct.len() / 2]).unwrap();
+    std::fs::write(mixed.join("notes.txt"), "not an image").unwrap();
+    let v = survey(&mixed);
+    assert_eq!(v["DICOM images"]["modality"]["CT"], 1);
+    assert_eq!(v["other inputs"]["other files (skipped)"], 1);
+    let bad = v["unreadable"].as_object().unwrap();
+    assert!(
+        bad.len() == 1 && bad.keys().next().unwrap().ends_with("cut.dcm"),
+        "{bad:?}"
+    );
+}
+
+#[test]
 fn embed_stopped_or_interrupted_continues_to_the_same_output() {
     let d = tmp("dcm-parts");
     // The shared DICOM files and two damaged ones among them (sorted between), so the slices
