@@ -297,13 +297,19 @@ impl DicomFile {
         })?;
         let (rows, cols) = (pixels.rows() as usize, pixels.columns() as usize);
         let spp = pixels.samples_per_pixel() as usize;
-        if spp == 1 {
+        let pi = pixels.photometric_interpretation().to_string();
+        // Palette indices are looked up, not rescaled: dicom-pixeldata would return the indices.
+        let palette = if spp == 1 && pi == "PALETTE COLOR" {
+            Some(self.palette()?)
+        } else {
+            None
+        };
+        if spp == 1 && palette.is_none() {
             self.check_rescale()?;
         }
         let frames = pixels.number_of_frames().max(1);
-        let pi = pixels.photometric_interpretation().to_string();
         let opts = ConvertOptions::new()
-            .with_modality_lut(if spp == 1 {
+            .with_modality_lut(if spp == 1 && palette.is_none() {
                 ModalityLutOption::Default
             } else {
                 ModalityLutOption::None
@@ -337,9 +343,95 @@ impl DicomFile {
                 if spp == 3 && pi.starts_with("YBR_FULL") {
                     ybr_full_to_rgb(&mut a);
                 }
-                Ok(a)
+                Ok(match &palette {
+                    Some(p) => p.apply(&a),
+                    None => a,
+                })
             })
             .collect()
+    }
+
+    /// The red, green and blue palette colour lookup tables (PS3.3 C.7.6.3.1.5–6).
+    fn palette(&self) -> Result<Palette> {
+        let bad = |what: String| DataError::invalid(&self.path, format!("PALETTE COLOR: {what}"));
+        if self
+            .obj
+            .element(tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA)
+            .is_ok()
+        {
+            return Err(DataError::Unsupported {
+                path: self.path.clone(),
+                what: "palette",
+                value: "segmented palette colour lookup tables".into(),
+            });
+        }
+        let mut tables = Vec::with_capacity(3);
+        for (colour, descriptor, data) in [
+            (
+                "red",
+                tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            ),
+            (
+                "green",
+                tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            ),
+            (
+                "blue",
+                tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            ),
+        ] {
+            let d: Vec<i64> = self
+                .obj
+                .element(descriptor)
+                .ok()
+                .and_then(|e| e.to_multi_int::<i64>().ok())
+                .filter(|d| d.len() == 3)
+                .ok_or_else(|| bad(format!("no readable {colour} lookup table descriptor")))?;
+            // Entries: 0 stands for 65 536. The first mapped value is US or SS.
+            let entries = if d[0] == 0 {
+                65536
+            } else {
+                d[0] as usize & 0xffff
+            };
+            let first = d[1];
+            let bits = d[2];
+            // OW data arrives as 16-bit words; a file whose VR was not known gives bytes.
+            let words: Vec<u16> = match self.obj.element(data).ok().map(|e| e.value()) {
+                Some(dicom_core::DicomValue::Primitive(PrimitiveValue::U16(w))) => w.to_vec(),
+                Some(dicom_core::DicomValue::Primitive(PrimitiveValue::U8(b))) if bits == 8 => {
+                    b.iter().map(|&v| v as u16).collect()
+                }
+                Some(dicom_core::DicomValue::Primitive(PrimitiveValue::U8(b))) => b
+                    .chunks_exact(2)
+                    .map(|w| u16::from_le_bytes([w[0], w[1]]))
+                    .collect(),
+                _ => return Err(bad(format!("no {colour} lookup table data"))),
+            };
+            // 8-bit entries are stored one per word or one per byte; either way one per entry.
+            if words.len() != entries && !(bits == 8 && words.len() == entries.div_ceil(2)) {
+                return Err(bad(format!(
+                    "{colour} table of {entries} entries holds {} values",
+                    words.len()
+                )));
+            }
+            let lut: Vec<f32> = match bits {
+                16 => words.iter().map(|&v| v as f32 / 257.0).collect(),
+                8 if words.len() == entries => words.iter().map(|&v| (v & 0xff) as f32).collect(),
+                // Two 8-bit entries packed per word, low byte first.
+                8 => words
+                    .iter()
+                    .flat_map(|w| w.to_le_bytes())
+                    .take(entries)
+                    .map(|b| b as f32)
+                    .collect(),
+                _ => return Err(bad(format!("{colour} table of {bits}-bit entries"))),
+            };
+            tables.push((first, lut));
+        }
+        Ok(Palette { tables })
     }
 
     /// JPEG baseline/extended grey pixel data of more than 8 bits: jpeg-decoder reads 8 only.
@@ -429,7 +521,8 @@ impl DicomFile {
     /// Every frame as a [0, 1] image: window, then MONOCHROME1 inverted so that bright = dense.
     pub fn images(&self, window: &Window) -> Result<Vec<Image>> {
         let info = self.info();
-        if *window == Window::File && info.samples_per_pixel == 1 {
+        let palette = info.photometric_interpretation == "PALETTE COLOR";
+        if *window == Window::File && info.samples_per_pixel == 1 && !palette {
             self.check_file_window()?;
         }
         let frames = self.modality_frames()?;
@@ -441,8 +534,9 @@ impl DicomFile {
             .into_iter()
             .enumerate()
             .map(|(f, mut a)| {
+                let grey = a.dim().0 == 1;
                 let vals = a.as_slice_mut().expect("standard layout");
-                if info.samples_per_pixel == 1 {
+                if grey {
                     match (window, info.window) {
                         (Window::File, Some((c, w))) => apply_window(vals, c as f32, w as f32),
                         (Window::File, None) => percentile_normalize(vals, 1.0, 99.0),
@@ -456,7 +550,8 @@ impl DicomFile {
                         vals.iter_mut().for_each(|v| *v = 1.0 - *v);
                     }
                 } else {
-                    let max = if info.bits_stored > 8 {
+                    // Palette colours come on the 0–255 scale, whatever the index depth.
+                    let max = if info.bits_stored > 8 && !palette {
                         ((1u32 << info.bits_stored) - 1) as f32
                     } else {
                         255.0
@@ -480,6 +575,31 @@ impl DicomFile {
                 }
             })
             .collect())
+    }
+}
+
+/// Palette colour lookup tables, each (first mapped index, entries on the 0–255 scale).
+struct Palette {
+    tables: Vec<(i64, Vec<f32>)>,
+}
+
+impl Palette {
+    /// [1, H, W] indices to [3, H, W] RGB on the 0–255 scale; indices below the first mapped
+    /// value take the first entry, above the last the last (PS3.3 C.7.6.3.1.5).
+    fn apply(&self, idx: &Array3<f32>) -> Array3<f32> {
+        let (_, h, w) = idx.dim();
+        let mut out = Array3::zeros((3, h, w));
+        for (c, (first, lut)) in self.tables.iter().enumerate() {
+            let last = lut.len() as i64 - 1;
+            for (o, &i) in out
+                .index_axis_mut(ndarray::Axis(0), c)
+                .iter_mut()
+                .zip(idx.iter())
+            {
+                *o = lut[(i as i64 - first).clamp(0, last) as usize];
+            }
+        }
+        out
     }
 }
 

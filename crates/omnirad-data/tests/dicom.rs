@@ -629,3 +629,100 @@ fn folder_scans_skip_dicom_objects_without_images() {
         "{err}"
     );
 }
+
+#[test]
+fn palette_colour_indices_are_looked_up() {
+    // No palette file is in the shared data: MR_small rewritten as an 8-bit PALETTE COLOR image
+    // (its values scaled to indices) with 16-bit tables of 200 entries from index 10: red =
+    // index, green = 255 - index, blue = 64 (on the 8-bit scale), clamped outside 10..=209.
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let mr = &frames("MR_small.dcm")[0];
+    let max = mr.iter().cloned().fold(0.0, f32::max);
+    let idx: Vec<u8> = mr
+        .iter()
+        .map(|&v| (v.max(0.0) / max * 255.0) as u8)
+        .collect();
+    let write = |name: &str, entries: usize| {
+        let mut obj = dicom_object::open_file(data("dicom-pydicom/MR_small.dcm")).unwrap();
+        let us = |tag, v: u16| DataElement::new(tag, VR::US, PrimitiveValue::from(v));
+        obj.put(DataElement::new(
+            tags::PHOTOMETRIC_INTERPRETATION,
+            VR::CS,
+            PrimitiveValue::from("PALETTE COLOR"),
+        ));
+        obj.put(us(tags::BITS_ALLOCATED, 8));
+        obj.put(us(tags::BITS_STORED, 8));
+        obj.put(us(tags::HIGH_BIT, 7));
+        obj.put(us(tags::PIXEL_REPRESENTATION, 0));
+        for t in [
+            tags::WINDOW_CENTER,
+            tags::WINDOW_WIDTH,
+            tags::RESCALE_SLOPE,
+            tags::RESCALE_INTERCEPT,
+        ] {
+            obj.remove_element(t);
+        }
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PrimitiveValue::U8(idx.clone().into()),
+        ));
+        let table = |f: fn(u16) -> u16| -> Vec<u16> { (10..210).map(|i| f(i) * 257).collect() };
+        for (descriptor, data, lut) in [
+            (
+                tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+                table(|i| i),
+            ),
+            (
+                tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+                table(|i| 255 - i),
+            ),
+            (
+                tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+                table(|_| 64),
+            ),
+        ] {
+            obj.put(DataElement::new(
+                descriptor,
+                VR::US,
+                PrimitiveValue::U16(vec![entries as u16, 10, 16].into()),
+            ));
+            obj.put(DataElement::new(
+                data,
+                VR::OW,
+                PrimitiveValue::U16(lut.into()),
+            ));
+        }
+        let p = tmpdir("dicom-palette").join(name);
+        obj.write_to_file(&p).unwrap();
+        p
+    };
+    let file = DicomFile::open(write("palette.dcm", 200)).unwrap();
+    let rgb = &file.modality_frames().unwrap()[0];
+    assert_eq!(rgb.dim(), (3, 64, 64));
+    for (k, &i) in idx.iter().enumerate() {
+        let (y, x) = (k / 64, k % 64);
+        let r = (i as f32).clamp(10.0, 209.0);
+        assert_eq!(
+            [rgb[[0, y, x]], rgb[[1, y, x]], rgb[[2, y, x]]],
+            [r, 255.0 - r, 64.0],
+            "index {i}"
+        );
+    }
+    let img = &file.images(&Window::File).unwrap()[0];
+    assert_eq!(img.data[[2, 0, 0]], 64.0 / 255.0);
+    // A table shorter than its descriptor says is an error naming the file.
+    let err = DicomFile::open(write("short.dcm", 300))
+        .unwrap()
+        .modality_frames()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("short.dcm") && err.contains("PALETTE COLOR"),
+        "{err}"
+    );
+}
