@@ -25,8 +25,9 @@ fn stats(v: impl Iterator<Item = f32>) -> Value {
     json!({ "min": min, "max": max, "mean": mean, "std": (sq / n.max(1) as f64 - mean * mean).max(0.0).sqrt() })
 }
 
-/// What a folder holds, by file headers (pixels are not decoded): the files `embed` would read,
-/// by modality, transfer syntax and size; the DICOM objects it would pass over; unreadable files.
+/// What a folder holds, every file parsed whole (so a cut file shows) but no pixels decoded:
+/// the files `embed` would read, by modality, transfer syntax and size; the DICOM objects it
+/// would pass over; unreadable files.
 fn describe_folder(dir: &Path) -> Result<Value> {
     enum Seen {
         Dicom {

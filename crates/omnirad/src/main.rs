@@ -39,7 +39,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// What a file holds: format, modality, size, frames, transfer syntax, pixel statistics;
-    /// for a folder, what `embed` would read from it (by file headers), skip, or fail on.
+    /// for a folder, what `embed` would read from it (files parsed, pixels not decoded), skip, or fail on.
     Info {
         file: PathBuf,
         #[arg(long)]
