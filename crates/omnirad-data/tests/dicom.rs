@@ -201,7 +201,8 @@ fn near_lossless_jpeg_ls_stays_within_its_error_bound() {
     opts.precision = Some(16);
     let mut stream = Vec::new();
     jpegls::encode_with_options(&samples, 64, 64, &opts, &mut stream).unwrap();
-    let dir = tmpdir("jpeg-ls-near");
+    let dir_guard = tmpdir("jpeg-ls-near");
+    let dir = dir_guard.path();
     let p = dir.join("near.dcm");
     std::fs::write(&p, with_jpeg_ls_stream(&stream, "81")).unwrap();
     let file = DicomFile::open(&p).unwrap();
@@ -217,7 +218,8 @@ fn near_lossless_jpeg_ls_stays_within_its_error_bound() {
 
 #[test]
 fn corrupt_jpeg_ls_streams_are_clear_errors() {
-    let dir = tmpdir("jpeg-ls-bad");
+    let dir_guard = tmpdir("jpeg-ls-bad");
+    let dir = dir_guard.path();
     let stream = jpeg_ls_stream();
     // SOF55 (FF F7): length (2), precision (1), height (2), width (2).
     let sof = stream.windows(2).position(|w| w == [0xff, 0xf7]).unwrap();
@@ -262,7 +264,8 @@ fn corrupt_jpeg_ls_streams_are_clear_errors() {
 
 #[test]
 fn truncated_and_non_dicom_files_are_clear_errors() {
-    let dir = tmpdir("dicom-bad");
+    let dir_guard = tmpdir("dicom-bad");
+    let dir = dir_guard.path();
     let bytes = std::fs::read(data("dicom-pydicom/CT_small.dcm")).unwrap();
     let cut = dir.join("truncated.dcm");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
@@ -296,7 +299,8 @@ fn deeply_nested_sequences_are_an_error_not_a_stack_overflow() {
         f.extend(level.repeat(depth));
         f
     };
-    let dir = tmpdir("dicom-depth");
+    let dir_guard = tmpdir("dicom-depth");
+    let dir = dir_guard.path();
     let deep = dir.join("deep.dcm");
     std::fs::write(&deep, open(200_000)).unwrap();
     let err = DicomFile::open(&deep).err().expect("must fail").to_string();
@@ -333,7 +337,8 @@ fn unreadable_or_zero_rescale_slopes_are_errors() {
     // CT_small.dcm with its RescaleSlope (0028,1053, DS "1 ") rewritten. dicom-pixeldata read
     // the first three as absent (slope 1: plausible HU from a broken header), and a slope of 0
     // gave a constant image.
-    let dir = tmpdir("dicom-slope");
+    let dir_guard = tmpdir("dicom-slope");
+    let dir = dir_guard.path();
     let with_slope = |ds: &str| {
         let p = dir.join("slope.dcm");
         std::fs::write(&p, with_ds("CT_small.dcm", [0x28, 0x1053], ds)).unwrap();
@@ -360,7 +365,8 @@ fn unreadable_or_zero_rescale_slopes_are_errors() {
 fn a_file_window_narrower_than_one_or_unreadable_is_an_error() {
     // MR_small.dcm with its WindowWidth (0028,1051, DS "1600") rewritten: a width of 0 or -5
     // thresholded the image to black and white, "abc" fell back to percentiles unsaid.
-    let dir = tmpdir("dicom-window");
+    let dir_guard = tmpdir("dicom-window");
+    let dir = dir_guard.path();
     let p = dir.join("window.dcm");
     let with_width = |ds: &str, window: &Window| {
         std::fs::write(&p, with_ds("MR_small.dcm", [0x28, 0x1051], ds)).unwrap();
@@ -383,7 +389,8 @@ fn a_file_window_narrower_than_one_or_unreadable_is_an_error() {
 fn a_truncated_rle_file_fails_alone_in_a_folder() {
     // dicom-rs's RLE decoder panics on a truncated segment; before the decoder was guarded,
     // that panic killed the loader thread and the folder silently ended after the first batch.
-    let dir = tmpdir("dicom-rle-cut");
+    let dir_guard = tmpdir("dicom-rle-cut");
+    let dir = dir_guard.path();
     let rle = std::fs::read(data("dicom-pydicom/MR_small_RLE.dcm")).unwrap();
     std::fs::write(dir.join("b_cut.dcm"), &rle[..4000]).unwrap();
     for (name, src) in [("a.dcm", "CT_small.dcm"), ("c.dcm", "MR_small.dcm")] {
@@ -445,7 +452,8 @@ fn truncated_or_damaged_files_are_errors_or_images_never_panics() {
         .map(data),
     );
     files.sort();
-    let dir = tmpdir("damaged");
+    let dir_guard = tmpdir("damaged");
+    let dir = dir_guard.path();
     let mut state = 0x2545_f491_4f6c_dd1d_u64;
     let mut next = |n: usize| {
         state = state
@@ -599,7 +607,8 @@ fn stored_values_match_pydicom() {
 #[test]
 fn folder_scans_skip_dicom_objects_without_images() {
     use dicom_dictionary_std::tags;
-    let dir = tmpdir("dicom-non-image");
+    let dir_guard = tmpdir("dicom-non-image");
+    let dir = dir_guard.path();
     let with_class = |name: &str, class: &str, keep_pixels: bool| {
         let mut obj = dicom_object::open_file(data("dicom-pydicom/MR_small.dcm")).unwrap();
         obj.update_meta(|m| m.media_storage_sop_class_uid = class.to_string());
@@ -643,6 +652,8 @@ fn palette_colour_indices_are_looked_up() {
         .iter()
         .map(|&v| (v.max(0.0) / max * 255.0) as u8)
         .collect();
+    let dir_guard = tmpdir("dicom-palette");
+    let dir = dir_guard.path();
     let write = |name: &str, entries: usize| {
         let mut obj = dicom_object::open_file(data("dicom-pydicom/MR_small.dcm")).unwrap();
         let us = |tag, v: u16| DataElement::new(tag, VR::US, PrimitiveValue::from(v));
@@ -697,7 +708,7 @@ fn palette_colour_indices_are_looked_up() {
                 PrimitiveValue::U16(lut.into()),
             ));
         }
-        let p = tmpdir("dicom-palette").join(name);
+        let p = dir.join(name);
         obj.write_to_file(&p).unwrap();
         p
     };

@@ -46,7 +46,8 @@ fn nifti2_reads_as_nifti1_does() {
 
     // anatomical.nii (big-endian NIfTI-1) rewritten with a NIfTI-2 header reads the same.
     let n1 = std::fs::read(data("nifti-nibabel/anatomical.nii")).unwrap();
-    let dir = tmpdir("nifti2");
+    let dir_guard = tmpdir("nifti2");
+    let dir = dir_guard.path();
     let p = dir.join("anatomical2.nii");
     std::fs::write(&p, nifti1_as_nifti2_big_endian(&n1)).unwrap();
     let a = NiftiVolume::open(data("nifti-nibabel/anatomical.nii")).unwrap();
@@ -252,7 +253,8 @@ fn write_npz(path: &std::path::Path, arrays: Vec<(&str, ndarray::ArrayD<u8>)>) {
 
 #[test]
 fn npz_with_missing_keys_or_wrong_labels_is_a_clear_error() {
-    let dir = tmpdir("npz-bad");
+    let dir_guard = tmpdir("npz-bad");
+    let dir = dir_guard.path();
     let imgs = Array3::<u8>::zeros((5, 28, 28)).into_dyn();
     let p = dir.join("breastmnist.npz");
     write_npz(&p, vec![("test_images", imgs.clone())]);
@@ -317,7 +319,8 @@ fn npy_claiming(shape: &[usize]) -> Vec<u8> {
 fn npy_headers_claiming_more_than_the_file_holds_are_errors_not_aborts() {
     // Before the check, a shape of 4·10⁹ × 28 × 28 made ndarray-npy allocate 3 TB up front and
     // the process died with "memory allocation failed" (a hostile or damaged MedMNIST file).
-    let dir = tmpdir("npy-claims");
+    let dir_guard = tmpdir("npy-claims");
+    let dir = dir_guard.path();
     let p = dir.join("breastmnist.npz");
     for (shape, says) in [
         (
@@ -373,7 +376,8 @@ fn folders_with_link_loops_are_walked_once() {
     // Before: a link to a parent folder was followed until the path grew too long, and every
     // file under it was listed again at each level (here 40 copies of one DICOM file).
     use std::os::unix::fs::symlink;
-    let dir = tmpdir("link-loop");
+    let dir_guard = tmpdir("link-loop");
+    let dir = dir_guard.path();
     std::fs::create_dir_all(dir.join("a")).unwrap();
     std::fs::copy(data("dicom-pydicom/MR_small.dcm"), dir.join("a/x.dcm")).unwrap();
     symlink("..", dir.join("a/up")).unwrap();
@@ -395,7 +399,8 @@ fn folders_with_link_loops_are_walked_once() {
     assert!(e.contains("dangling.png"), "{e}");
 
     // Segmentation pairs (BUSI's class sub-folders) under a loop.
-    let seg = tmpdir("link-loop-seg");
+    let seg_guard = tmpdir("link-loop-seg");
+    let seg = seg_guard.path();
     std::fs::create_dir_all(seg.join("benign")).unwrap();
     for f in ["benign (1).png", "benign (1)_mask.png"] {
         std::fs::copy(
@@ -418,7 +423,8 @@ fn folders_manifests_and_empty_inputs() {
     let img = items[0].load(&ReadOptions::default()).unwrap();
     assert_eq!(img[0].data.dim(), (1, 584, 565)); // 1st_manual GIF, binary
 
-    let dir = tmpdir("manifest");
+    let dir_guard = tmpdir("manifest");
+    let dir = dir_guard.path();
     let csv = dir.join("m.csv");
     let busi = data("busi-256/benign/benign (1).png");
     std::fs::write(
@@ -438,7 +444,8 @@ fn folders_manifests_and_empty_inputs() {
     let e = discover(&csv, Split::Test).unwrap_err().to_string();
     assert!(e.contains("line 2") && e.contains("abc"), "{e}");
 
-    let empty = tmpdir("empty");
+    let empty_guard = tmpdir("empty");
+    let empty = empty_guard.path();
     let e = discover(&empty, Split::Test).unwrap_err();
     assert!(
         matches!(e, DataError::Empty { .. }) && e.to_string().contains("no images"),
@@ -463,7 +470,8 @@ fn segmentation_pairs_for_each_layout() {
 
 #[test]
 fn medsegbench_npz_keys_are_discovered() {
-    let dir = tmpdir("msb");
+    let dir_guard = tmpdir("msb");
+    let dir = dir_guard.path();
     let p = dir.join("busimsbench.npz");
     let imgs =
         Array3::<u8>::from_shape_fn((3, 16, 16), |(i, y, x)| (i * 10 + y + x) as u8).into_dyn();
@@ -489,7 +497,8 @@ fn medsegbench_npz_keys_are_discovered() {
 
 #[test]
 fn sixteen_bit_png_keeps_its_precision() {
-    let dir = tmpdir("png16");
+    let dir_guard = tmpdir("png16");
+    let dir = dir_guard.path();
     let p = dir.join("x.png");
     let img = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(8, 4, |x, y| {
         image::Luma([(x * 8000 + y) as u16])
@@ -502,7 +511,8 @@ fn sixteen_bit_png_keeps_its_precision() {
 
 #[test]
 fn nifti_with_nan_voxels_is_a_clear_error() {
-    let dir = tmpdir("nifti-nan");
+    let dir_guard = tmpdir("nifti-nan");
+    let dir = dir_guard.path();
     let p = dir.join("nan.nii");
     let mut vol = ndarray::Array3::<f32>::zeros((4, 4, 4));
     vol[[1, 2, 3]] = f32::NAN;
@@ -585,7 +595,8 @@ fn segmentation_images_without_a_mask_are_reported_not_dropped() {
     let busi = data("busi-256/malignant");
     let (a, b) = ("malignant (1)", "malignant (2)");
     // images/ + masks/ with b's mask missing, and a note that is no image.
-    let dir = tmpdir("seg-unpaired");
+    let dir_guard = tmpdir("seg-unpaired");
+    let dir = dir_guard.path();
     std::fs::create_dir_all(dir.join("images")).unwrap();
     std::fs::create_dir_all(dir.join("masks")).unwrap();
     for n in [a, b] {
@@ -602,7 +613,8 @@ fn segmentation_images_without_a_mask_are_reported_not_dropped() {
     .unwrap();
     std::fs::write(dir.join("images/notes.txt"), "not an image").unwrap();
     // The flat BUSI layout, the same gap.
-    let flat = tmpdir("seg-unpaired-flat");
+    let flat_guard = tmpdir("seg-unpaired-flat");
+    let flat = flat_guard.path();
     for f in [
         format!("{a}.png"),
         format!("{a}_mask.png"),

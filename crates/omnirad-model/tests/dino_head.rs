@@ -60,8 +60,8 @@ fn saved_head_reads_back_identically_in_dinov2_layout() {
         nlayers: 3,
     };
     let head = cfg.init::<B>(&Default::default());
-    let dir = std::env::temp_dir().join(format!("omnirad-dinohead-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir_guard = tempfile::tempdir().unwrap();
+    let dir = dir_guard.path();
     let file = dir.join("dino_head.safetensors");
     save_dino_head(&head, &file).unwrap();
     // PyTorch's names and layouts: Sequential indices 0, 2, 4 and [out, in] weights.
@@ -171,8 +171,8 @@ fn one_layer_head_with_a_bare_linear_mlp_reads() {
         nlayers: 1,
     };
     let head = cfg.init::<B>(&Default::default());
-    let dir = std::env::temp_dir().join(format!("omnirad-dinohead1-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir_guard = tempfile::tempdir().unwrap();
+    let dir = dir_guard.path();
     let ours = dir.join("ours.safetensors");
     save_dino_head(&head, &ours).unwrap();
     let bytes = std::fs::read(&ours).unwrap();
@@ -192,7 +192,6 @@ fn one_layer_head_with_a_bare_linear_mlp_reads() {
         back.forward(x).into_data().to_vec().unwrap(),
     );
     assert_eq!(a, b);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

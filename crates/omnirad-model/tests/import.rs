@@ -195,8 +195,8 @@ fn pytorch_pickles_give_the_same_weights_as_safetensors() {
 
 #[test]
 fn corrupt_or_non_finite_checkpoints_are_clear_errors() {
-    let dir = std::env::temp_dir().join(format!("omnirad-import-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir_guard = tempfile::tempdir().unwrap();
+    let dir = dir_guard.path();
     let junk = dir.join("junk.safetensors");
     std::fs::write(&junk, b"not a checkpoint at all").unwrap();
     let e = import_checkpoint(&junk, None, None)
@@ -239,7 +239,6 @@ fn corrupt_or_non_finite_checkpoints_are_clear_errors() {
         e.contains("broken.pth") && e.contains("not a readable PyTorch checkpoint"),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -265,8 +264,8 @@ fn position_tables_that_fit_no_grid_are_clear_errors() {
             }
         })
         .collect();
-    let dir = std::env::temp_dir().join(format!("omnirad-import-pos-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir_guard = tempfile::tempdir().unwrap();
+    let dir = dir_guard.path();
     let f = dir.join("badpos.safetensors");
     std::fs::write(&f, safetensors::serialize(tensors, None).unwrap()).unwrap();
     let e = import_checkpoint(&f, None, Some(2))
@@ -277,5 +276,4 @@ fn position_tables_that_fit_no_grid_are_clear_errors() {
         e.contains("badpos.safetensors") && e.contains("pos_embed has 7 positions"),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -77,7 +77,8 @@ fn class_token_depends_on_the_image() {
 #[test]
 fn model_directory_round_trip_and_bad_weights() {
     let dev = Default::default();
-    let dir = std::env::temp_dir().join(format!("omnirad-test-{}", std::process::id()));
+    let dir_guard = tempfile::tempdir().unwrap();
+    let dir = dir_guard.path();
     let cfg = ModelConfig::new(tiny(2), Default::default());
     let vit = cfg.vit.init::<Cpu>(&dev);
     save_model_dir(&vit, &cfg, &dir).unwrap();
@@ -196,7 +197,6 @@ fn model_directory_round_trip_and_bad_weights() {
         assert!(err.contains("config.json") && err.contains(want), "{err}");
         json[section][key] = good;
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -256,7 +256,8 @@ fn swiglu_model_saves_in_timm_packed_layout_and_reimports() {
         ..tiny(4)
     };
     let vit = cfg.init::<Cpu>(&dev);
-    let dir = std::env::temp_dir().join(format!("omnirad-swiglu-{}", std::process::id()));
+    let dir_guard = tempfile::tempdir().unwrap();
+    let dir = dir_guard.path();
     let mc = ModelConfig::new(cfg.clone(), Default::default());
     save_model_dir(&vit, &mc, &dir).unwrap();
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
@@ -278,7 +279,6 @@ fn swiglu_model_saves_in_timm_packed_layout_and_reimports() {
     vit.forward(x.clone())
         .into_data()
         .assert_approx_eq::<f32>(&back.forward(x).into_data(), Tolerance::absolute(1e-6));
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -464,10 +464,8 @@ fn mirror_tta_averages_the_image_and_its_left_right_mirror() {
 /// result is the uninterrupted run's — history, selected epoch, encoder and head, bit for bit.
 fn resumes_exactly(name: &str, cfg: &FinetuneConfig, dropout: f64, stop: usize) {
     let whole = train(pico(3, dropout), cfg, (1, 2));
-    let path = std::env::temp_dir().join(format!(
-        "omnirad-ft-resume-{name}-{}.safetensors",
-        std::process::id()
-    ));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(format!("resume-{name}.safetensors"));
     let stopped = train_from(pico(3, dropout), cfg, (1, 2), None, |log, state| {
         if log.epoch < stop {
             return true;
@@ -477,7 +475,6 @@ fn resumes_exactly(name: &str, cfg: &FinetuneConfig, dropout: f64, stop: usize) 
     });
     assert!(stopped.is_none(), "{name}: stopping returns no result");
     let state = load_state(&path, &pico(3, dropout), cfg, &Default::default()).unwrap();
-    std::fs::remove_file(&path).unwrap();
     assert_eq!(state.history.len(), stop, "{name}");
     let resumed = train_from(pico(3, dropout), cfg, (1, 2), Some(state), |_, _| true).unwrap();
     let losses = |r: &FinetuneResult<B>| -> Vec<(usize, f64, f64)> {
@@ -539,10 +536,8 @@ fn a_checkpoint_of_another_model_is_refused() {
         epochs: 1,
         ..small_cfg()
     };
-    let path = std::env::temp_dir().join(format!(
-        "omnirad-ft-other-{}.safetensors",
-        std::process::id()
-    ));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.safetensors");
     train_from(pico(3, 0.0), &cfg, (1, 2), None, |_, state| {
         save_state(&path, state).unwrap();
         true
@@ -556,7 +551,6 @@ fn a_checkpoint_of_another_model_is_refused() {
         .err()
         .expect("refused")
         .to_string();
-    std::fs::remove_file(&path).unwrap();
     assert!(
         err.contains("parameters missing or of another shape") && err.contains("_lora."),
         "{err}"

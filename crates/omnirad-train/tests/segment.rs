@@ -266,8 +266,8 @@ fn resume_continues_exactly() {
         None,
         |_, _| true,
     );
-    let dir = std::env::temp_dir().join(format!("omnirad-seg-resume-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir_guard = tempfile::tempdir().unwrap();
+    let dir = dir_guard.path();
     let ckpt = dir.join("state.safetensors");
     train(
         model.clone(),

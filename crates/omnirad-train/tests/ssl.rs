@@ -778,8 +778,8 @@ fn shipped_pretraining_configs_load_and_find_their_data() {
 
 #[test]
 fn out_of_range_settings_are_config_errors() {
-    let tmp = std::env::temp_dir().join(format!("omnirad-cfg-range-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp_guard = tempfile::tempdir().unwrap();
+    let tmp = tmp_guard.path();
     // Every preset's own values are in range.
     for name in ["dinov2", "omnirad", "xr0"] {
         let path = tmp.join(format!("{name}.toml"));
@@ -872,5 +872,4 @@ fn out_of_range_settings_are_config_errors() {
         let e = PretrainConfig::load(&path, None).err().unwrap().to_string();
         assert!(e.contains("bad.toml") && e.contains(want), "{to}: {e}");
     }
-    std::fs::remove_dir_all(&tmp).ok();
 }

@@ -16,11 +16,13 @@ fn data(rel: &str) -> PathBuf {
     p
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("omnirad-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh folder under the system temp dir, removed when the returned guard drops (also when
+/// the test fails).
+fn tmp(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("omnirad-cli-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn omnirad(args: &[&str]) -> (bool, String, String) {
@@ -104,7 +106,8 @@ fn zero_or_absurd_counts_are_usage_errors_naming_the_flag() {
 
 #[test]
 fn embed_a_dicom_folder_skips_and_lists_bad_files() {
-    let d = tmp("dcm");
+    let d_guard = tmp("dcm");
+    let d = d_guard.path();
     let out = d.join("emb.npy");
     let embed = |input: &std::path::Path, strict: bool| {
         let mut args = vec!["embed", "--model", "vit_pico", "--input"];
@@ -182,7 +185,8 @@ fn info_on_a_folder_surveys_what_embed_would_read() {
         (Some(29), Some(27))
     );
     // Frames from the headers: as many as `embed` writes rows after decoding them.
-    let d = tmp("info-folder");
+    let d_guard = tmp("info-folder");
+    let d = d_guard.path();
     let out = d.join("emb.npy");
     let (ok, _, err) = omnirad(&[
         "embed",
@@ -235,7 +239,8 @@ fn info_on_a_folder_surveys_what_embed_would_read() {
 
 #[test]
 fn embed_stopped_or_interrupted_continues_to_the_same_output() {
-    let d = tmp("dcm-parts");
+    let d_guard = tmp("dcm-parts");
+    let d = d_guard.path();
     // The shared DICOM files and two damaged ones among them (sorted between), so the slices
     // below also cross failed items.
     let dicoms = d.join("dicoms");
@@ -302,7 +307,8 @@ fn embed_stopped_or_interrupted_continues_to_the_same_output() {
 
 #[test]
 fn embed_an_npz_split_with_labels_and_csv_output() {
-    let d = tmp("npz");
+    let d_guard = tmp("npz");
+    let d = d_guard.path();
     let out = d.join("breast.npy");
     let npz = data("medmnist/breastmnist.npz");
     let (ok, _, err) = omnirad(&[
@@ -344,7 +350,8 @@ fn embed_an_npz_split_with_labels_and_csv_output() {
 
 #[test]
 fn embeddings_are_deterministic_under_a_seed() {
-    let d = tmp("det");
+    let d_guard = tmp("det");
+    let d = d_guard.path();
     let input = data("dicom-pydicom/CT_small.dcm");
     let run = |name: &str| {
         let out = d.join(name);
@@ -367,7 +374,8 @@ fn embeddings_are_deterministic_under_a_seed() {
 
 #[test]
 fn clear_errors_for_bad_requests() {
-    let d = tmp("bad");
+    let d_guard = tmp("bad");
+    let d = d_guard.path();
     let out = d.join("x.npy");
     let (ok, _, err) = omnirad(&[
         "embed",
@@ -436,7 +444,8 @@ fn info_reports_dicom_and_nifti_facts() {
 
 #[test]
 fn demo_runs_end_to_end_on_phantoms() {
-    let d = tmp("demo");
+    let d_guard = tmp("demo");
+    let d = d_guard.path();
     let (ok, out, err) = omnirad(&["demo", "--out", d.to_str().unwrap(), "--per-modality", "8"]);
     assert!(ok, "{err}");
     assert!(out.contains("embedded 32 image(s)"), "{out}");
@@ -464,7 +473,8 @@ fn fixture(name: &str) -> PathBuf {
 
 #[test]
 fn convert_a_checkpoint_and_embed_with_it_directly_or_converted() {
-    let d = tmp("convert");
+    let d_guard = tmp("convert");
+    let d = d_guard.path();
     let model = d.join("model");
     let (ok, out, err) = omnirad(&[
         "convert",
@@ -517,7 +527,8 @@ fn convert_a_checkpoint_and_embed_with_it_directly_or_converted() {
 
 #[test]
 fn bench_medmnist_knn_table_and_bad_names() {
-    let d = tmp("mm");
+    let d_guard = tmp("mm");
+    let d = d_guard.path();
     let out = d.join("table");
     let dir = data("medmnist");
     let bench = |args: &[&str]| {
@@ -671,7 +682,8 @@ fn bench_medmnist_knn_table_and_bad_names() {
 
 #[test]
 fn bench_medmnist_reuses_cached_features() {
-    let d = tmp("mmcache");
+    let d_guard = tmp("mmcache");
+    let d = d_guard.path();
     let cache = d.join("cache");
     let dir = data("medmnist");
     let args = [
@@ -723,7 +735,8 @@ fn bench_medmnist_reuses_cached_features() {
 
 #[test]
 fn bench_medmnist_out_keeps_finished_runs_for_a_rerun() {
-    let d = tmp("mmresume");
+    let d_guard = tmp("mmresume");
+    let d = d_guard.path();
     let out = d.join("sub").join("table");
     let log = d.join("sub").join("table.runs.jsonl");
     let dir = data("medmnist");
@@ -852,7 +865,8 @@ fn metrics(run: &std::path::Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn pretrain_a_few_steps_lowers_the_loss_and_exports_the_teacher() {
-    let d = tmp("pretrain");
+    let d_guard = tmp("pretrain");
+    let d = d_guard.path();
     let breast = data("medmnist/breastmnist.npz");
     let keep = format!(
         "keep_teacher_every = 10\neval_knn = [{:?}]",
@@ -1001,7 +1015,8 @@ fn pretrain_a_few_steps_lowers_the_loss_and_exports_the_teacher() {
 
 #[test]
 fn pretrain_resume_is_bit_identical() {
-    let d = tmp("resume");
+    let d_guard = tmp("resume");
+    let d = d_guard.path();
     let keep = format!(
         "keep_teacher_every = 2\neval_knn = [{:?}]",
         data("medmnist/breastmnist.npz").display()
@@ -1082,7 +1097,8 @@ fn pretrain_resume_is_bit_identical() {
 
 #[test]
 fn pretrain_config_errors_are_clear() {
-    let d = tmp("pretrain-bad");
+    let d_guard = tmp("pretrain-bad");
+    let d = d_guard.path();
     let cfg = tiny_pretrain_config(&d, 2, "bogus_key = 1");
     let out = d.join("run");
     let (ok, _, err) = omnirad(&[
@@ -1151,7 +1167,8 @@ fn pretrain_config_errors_are_clear() {
 
 #[test]
 fn finetune_writes_a_bundle_that_predicts() {
-    let d = tmp("finetune");
+    let d_guard = tmp("finetune");
+    let d = d_guard.path();
     let bundle = d.join("bundle");
     let (ok, out, err) = omnirad(&[
         "finetune",
@@ -1285,7 +1302,8 @@ fn finetune_writes_a_bundle_that_predicts() {
 
 #[test]
 fn probe_trains_the_head_and_leaves_the_encoder_as_it_was() {
-    let d = tmp("probe");
+    let d_guard = tmp("probe");
+    let d = d_guard.path();
     let model = d.join("m");
     let (ok, _, err) = omnirad(&[
         "convert",
@@ -1343,7 +1361,8 @@ fn probe_trains_the_head_and_leaves_the_encoder_as_it_was() {
 
 #[test]
 fn pretrain_resume_from_a_corrupt_checkpoint_names_the_file() {
-    let d = tmp("resume-bad");
+    let d_guard = tmp("resume-bad");
+    let d = d_guard.path();
     let cfg = tiny_pretrain_config(&d, 4, "");
     let run = d.join("run");
     let (ok, _, err) = omnirad(&[
@@ -1365,7 +1384,8 @@ fn pretrain_resume_from_a_corrupt_checkpoint_names_the_file() {
 
 #[test]
 fn segment_train_eval_predict_on_busi() {
-    let d = tmp("seg");
+    let d_guard = tmp("seg");
+    let d = d_guard.path();
     let bundle = d.join("bundle");
     let busi = data("busi-256/malignant");
     let (ok, out, err) = omnirad(&[
@@ -1502,7 +1522,8 @@ fn segment_train_eval_predict_on_busi() {
 
 #[test]
 fn segment_drive_in_sliding_windows_at_native_resolution() {
-    let d = tmp("seg-drive");
+    let d_guard = tmp("seg-drive");
+    let d = d_guard.path();
     let (ok, out, err) = omnirad(&[
         "segment",
         "train",
@@ -1544,7 +1565,8 @@ fn segment_drive_in_sliding_windows_at_native_resolution() {
 
 #[test]
 fn segment_errors_are_clear() {
-    let d = tmp("seg-bad");
+    let d_guard = tmp("seg-bad");
+    let d = d_guard.path();
     let busi = data("busi-256/malignant");
     let run = |extra: &[&str]| {
         let mut args = vec![
@@ -1601,7 +1623,8 @@ fn segment_errors_are_clear() {
 
 #[test]
 fn bench_medsegbench_out_keeps_trained_heads_for_a_rerun() {
-    let d = tmp("msb-resume");
+    let d_guard = tmp("msb-resume");
+    let d = d_guard.path();
     let out = d.join("table");
     let run = |heads: &str| {
         omnirad(&[
@@ -1649,7 +1672,8 @@ fn bench_medsegbench_out_keeps_trained_heads_for_a_rerun() {
 
 #[test]
 fn index_retrieve_and_bench_retrieval() {
-    let d = tmp("index");
+    let d_guard = tmp("index");
+    let d = d_guard.path();
     let breast = data("medmnist/breastmnist.npz");
     let idx = d.join("idx");
     let (ok, _, err) = omnirad(&[
@@ -1770,7 +1794,8 @@ fn index_retrieve_and_bench_retrieval() {
 
 #[test]
 fn viz_two_models_side_by_side_with_metrics() {
-    let d = tmp("viz");
+    let d_guard = tmp("viz");
+    let d = d_guard.path();
     let (ok, out, err) = omnirad(&[
         "viz",
         "--model",
@@ -1823,7 +1848,8 @@ fn viz_two_models_side_by_side_with_metrics() {
 
 #[test]
 fn segment_train_resumes_to_the_same_bundle() {
-    let d = tmp("seg-resume");
+    let d_guard = tmp("seg-resume");
+    let d = d_guard.path();
     let busi = data("busi-256/malignant");
     let run = |out: &str, extra: &[&str]| {
         let out = d.join(out);
@@ -1885,7 +1911,8 @@ fn predict_breast_test(model: &Path) -> Vec<Vec<f64>> {
 
 #[test]
 fn finetune_resumes_to_the_same_bundle() {
-    let d = tmp("ft-resume");
+    let d_guard = tmp("ft-resume");
+    let d = d_guard.path();
     let run = |out: &str, extra: &[&str]| {
         let fixed = ["--epochs", "3", "--head-epochs", "1"];
         finetune_breast(&d.join(out), &[&fixed[..], extra].concat())
@@ -1911,7 +1938,8 @@ fn finetune_resumes_to_the_same_bundle() {
 
 #[test]
 fn finetune_soup_resumes_member_by_member_to_the_same_bundle() {
-    let d = tmp("ft-soup");
+    let d_guard = tmp("ft-soup");
+    let d = d_guard.path();
     let run = |out: &str, extra: &[&str]| {
         finetune_breast(&d.join(out), &[&["--epochs", "2"][..], extra].concat())
     };
@@ -1961,7 +1989,8 @@ fn finetune_soup_resumes_member_by_member_to_the_same_bundle() {
 fn finetune_class_weight_balanced_predicts_the_rare_class_more() {
     // BreastMNIST's train split is 27 % malignant (class 0): weighting the loss so both classes
     // count the same must move the predicted malignant probability toward one half.
-    let d = tmp("ft-class-weight");
+    let d_guard = tmp("ft-class-weight");
+    let d = d_guard.path();
     let mean_malignant = |name: &str, extra: &[&str]| -> f64 {
         let out = d.join(name);
         let (ok, _, err) = finetune_breast(&out, &[&["--epochs", "2"][..], extra].concat());
@@ -1991,7 +2020,8 @@ fn finetune_class_weight_balanced_predicts_the_rare_class_more() {
 
 #[test]
 fn finetune_ensemble_predicts_the_mean_of_its_members() {
-    let d = tmp("ft-ensemble");
+    let d_guard = tmp("ft-ensemble");
+    let d = d_guard.path();
     let ens = d.join("ens");
     let (ok, _, err) = finetune_breast(&ens, &["--epochs", "2", "--ensemble", "2"]);
     assert!(
@@ -2144,7 +2174,8 @@ fn write_medmnist_like(path: &std::path::Path, rgb: bool, classes: usize, multi_
 fn bench_medmnist_handles_rgb_multiclass_and_multilabel_files() {
     // DermaMNIST (RGB, 7 classes) and ChestMNIST (grey, 14 labels, multi-label) in the official
     // layout: the names pick the task, channels and class count.
-    let d = tmp("mm-formats");
+    let d_guard = tmp("mm-formats");
+    let d = d_guard.path();
     std::fs::create_dir_all(&d).unwrap();
     write_medmnist_like(&d.join("dermamnist.npz"), true, 7, false);
     write_medmnist_like(&d.join("chestmnist.npz"), false, 14, true);
@@ -2296,7 +2327,8 @@ fn bench_speed_modes_report_timings_and_warmup_runs() {
 fn timm_hub_folder_is_imported_with_its_preprocessing() {
     // A timm hub download (OmniRad, RadioDino): model.safetensors + a config.json whose
     // `architecture` is a timm model name and whose `pretrained_cfg` holds mean/std/input size.
-    let d = tmp("timm-hub");
+    let d_guard = tmp("timm-hub");
+    let d = d_guard.path();
     let hub = d.join("hub");
     std::fs::create_dir_all(&hub).unwrap();
     std::fs::copy(

@@ -15,9 +15,11 @@ pub fn data(rel: &str) -> PathBuf {
     p
 }
 
-pub fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("omnirad-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh folder under the system temp dir, removed when the returned guard drops (also when
+/// the test fails).
+pub fn tmpdir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("omnirad-{name}-"))
+        .tempdir()
+        .unwrap()
 }
