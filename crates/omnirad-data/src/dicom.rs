@@ -7,7 +7,7 @@ use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::adapters::PixelDataObject;
 use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
-use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder, VoiLutOption};
 use dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
@@ -155,6 +155,20 @@ fn check_nesting(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A numeric attribute of one data set: None when absent or empty, else its text and its first
+/// value when that is a finite number.
+fn number_in(ds: &InMemDicomObject, tag: Tag) -> Option<(String, Option<f64>)> {
+    let el = ds.element(tag).ok()?;
+    let text = el.to_str().ok()?.trim().to_string();
+    let v = el.to_multi_float64().ok().and_then(|v| v.first().copied());
+    (!text.is_empty()).then(|| (text, v.filter(|v| v.is_finite())))
+}
+
+/// The item of functional group macro `group` (a one-item sequence) in a functional groups item.
+fn macro_in(item: &InMemDicomObject, group: Tag) -> Option<&InMemDicomObject> {
+    item.element(group).ok()?.items()?.first()
+}
+
 pub struct DicomFile {
     path: PathBuf,
     obj: DefaultDicomObject,
@@ -192,16 +206,6 @@ impl DicomFile {
         (!v.is_empty()).then_some(v)
     }
 
-    fn f64_tag(&self, tag: Tag) -> Option<f64> {
-        self.obj
-            .element(tag)
-            .ok()?
-            .to_multi_float64()
-            .ok()?
-            .first()
-            .copied()
-    }
-
     fn int_tag(&self, tag: Tag) -> Option<i64> {
         self.obj.element(tag).ok()?.to_int::<i64>().ok()
     }
@@ -226,9 +230,13 @@ impl DicomFile {
 
     pub fn info(&self) -> DicomInfo {
         let (uid, name) = self.transfer_syntax();
-        let window = self
-            .f64_tag(tags::WINDOW_CENTER)
-            .zip(self.f64_tag(tags::WINDOW_WIDTH));
+        // The first frame's, for objects whose values vary per frame; a bad value is left to
+        // the pixel read to report.
+        let pvt = tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE;
+        let rescale = |tag, default| match self.frame_numbers(pvt, tag, "", |_| true, "") {
+            Ok(Some(v)) => v[0],
+            _ => default,
+        };
         DicomInfo {
             transfer_syntax_uid: uid,
             transfer_syntax: name,
@@ -244,9 +252,9 @@ impl DicomFile {
             bits_allocated: self.int_tag(tags::BITS_ALLOCATED).unwrap_or(0) as u16,
             bits_stored: self.int_tag(tags::BITS_STORED).unwrap_or(0) as u16,
             signed: self.int_tag(tags::PIXEL_REPRESENTATION) == Some(1),
-            rescale_slope: self.f64_tag(tags::RESCALE_SLOPE).unwrap_or(1.0),
-            rescale_intercept: self.f64_tag(tags::RESCALE_INTERCEPT).unwrap_or(0.0),
-            window,
+            rescale_slope: rescale(tags::RESCALE_SLOPE, 1.0),
+            rescale_intercept: rescale(tags::RESCALE_INTERCEPT, 0.0),
+            window: self.file_windows().ok().flatten().map(|w| w[0]),
         }
     }
 
@@ -478,53 +486,126 @@ impl DicomFile {
         Ok(obj)
     }
 
-    /// A numeric tag that is present must hold a finite number that `ok` accepts: an unreadable
-    /// one is read as absent (by dicom-pixeldata, and by [`Self::f64_tag`]), which gives an image
-    /// in the wrong units or window without a word.
-    fn check_number(&self, tag: Tag, name: &str, ok: fn(f64) -> bool, want: &str) -> Result<()> {
-        let Some(text) = self.str_tag(tag) else {
-            return Ok(());
+    /// A number that Enhanced (multi-frame) objects keep in the functional group macro `group`:
+    /// the top-level element, else one value per frame in the Per-frame Functional Groups, else
+    /// the Shared Functional Groups (PS3.3 C.7.6.16; the order dicom-pixeldata reads them in).
+    /// Every value present must be a finite number that `ok` accepts, and a per-frame value must
+    /// be there for every frame: dicom-pixeldata reads an unreadable value as absent, and uses the
+    /// first frame's value for all when some are missing, which gives images in the wrong units
+    /// or window without a word.
+    fn frame_numbers(
+        &self,
+        group: Tag,
+        tag: Tag,
+        name: &str,
+        ok: fn(f64) -> bool,
+        want: &str,
+    ) -> Result<Option<Vec<f64>>> {
+        let check = |ds: &InMemDicomObject, place: &str| -> Result<Option<f64>> {
+            match number_in(ds, tag) {
+                None => Ok(None),
+                Some((_, Some(v))) if ok(v) => Ok(Some(v)),
+                Some((text, _)) => Err(DataError::invalid(
+                    &self.path,
+                    format!("{name} {tag}{place} is '{text}', not {want}"),
+                )),
+            }
         };
-        match self.f64_tag(tag) {
-            Some(v) if v.is_finite() && ok(v) => Ok(()),
-            _ => Err(DataError::invalid(
-                &self.path,
-                format!("{name} {tag} is '{text}', not {want}"),
-            )),
+        if let Some(v) = check(&self.obj, "")? {
+            return Ok(Some(vec![v]));
         }
+        let items = |seq: Tag| {
+            self.obj
+                .element(seq)
+                .ok()
+                .and_then(|e| e.items())
+                .unwrap_or_default()
+        };
+        let per_frame = items(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match macro_in(item, group) {
+                Some(m) => check(m, &format!(" in frame {}'s functional groups", i + 1)),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let given = per_frame.iter().flatten().count();
+        if given > 0 {
+            let frames = self.int_tag(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as usize;
+            if given != frames || per_frame.len() != frames {
+                return Err(DataError::invalid(
+                    &self.path,
+                    format!(
+                        "{name} {tag} is given for {given} of {frames} frames in the \
+                         per-frame functional groups (5200,9230)"
+                    ),
+                ));
+            }
+            return Ok(Some(per_frame.into_iter().flatten().collect()));
+        }
+        // Some writers put the attribute flat in the shared item; dicom-pixeldata reads it there.
+        let Some(shared) = items(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).first() else {
+            return Ok(None);
+        };
+        let place = " in the shared functional groups";
+        if let Some(v) = macro_in(shared, group)
+            .map(|m| check(m, place))
+            .transpose()?
+            .flatten()
+        {
+            return Ok(Some(vec![v]));
+        }
+        Ok(check(shared, place)?.map(|v| vec![v]))
     }
 
     /// The modality LUT's slope and intercept; a zero slope maps every pixel to the intercept.
     fn check_rescale(&self) -> Result<()> {
-        self.check_number(
+        let pvt = tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE;
+        let nonzero = "a non-zero number";
+        self.frame_numbers(
+            pvt,
             tags::RESCALE_SLOPE,
             "RescaleSlope",
             |v| v != 0.0,
-            "a non-zero number",
+            nonzero,
         )?;
-        self.check_number(
+        let any = |_| true;
+        self.frame_numbers(
+            pvt,
             tags::RESCALE_INTERCEPT,
             "RescaleIntercept",
-            |_| true,
+            any,
             "a number",
-        )
+        )?;
+        Ok(())
     }
 
-    /// The file's VOI window: a width below 1 (DICOM's minimum, PS3.3 C.11.2.1.2) would threshold
-    /// the image to black and white.
-    fn check_file_window(&self) -> Result<()> {
+    /// The file's VOI windows (center, width): one for every frame, or one per frame. A width
+    /// below 1 (DICOM's minimum, PS3.3 C.11.2.1.2) would threshold the image to black and white.
+    fn file_windows(&self) -> Result<Option<Vec<(f64, f64)>>> {
         const WANT: &str = "a number ≥ 1 (choose a window instead of the file's)";
-        self.check_number(tags::WINDOW_CENTER, "WindowCenter", |_| true, "a number")?;
-        self.check_number(tags::WINDOW_WIDTH, "WindowWidth", |v| v >= 1.0, WANT)
+        let voi = tags::FRAME_VOILUT_SEQUENCE;
+        let any = |_| true;
+        let centers =
+            self.frame_numbers(voi, tags::WINDOW_CENTER, "WindowCenter", any, "a number")?;
+        let widths =
+            self.frame_numbers(voi, tags::WINDOW_WIDTH, "WindowWidth", |v| v >= 1.0, WANT)?;
+        Ok(centers.zip(widths).map(|(c, w)| {
+            (0..c.len().max(w.len()))
+                .map(|f| (c[f.min(c.len() - 1)], w[f.min(w.len() - 1)]))
+                .collect()
+        }))
     }
 
     /// Every frame as a [0, 1] image: window, then MONOCHROME1 inverted so that bright = dense.
     pub fn images(&self, window: &Window) -> Result<Vec<Image>> {
         let info = self.info();
         let palette = info.photometric_interpretation == "PALETTE COLOR";
-        if *window == Window::File && info.samples_per_pixel == 1 && !palette {
-            self.check_file_window()?;
-        }
+        let file_windows = if *window == Window::File && info.samples_per_pixel == 1 && !palette {
+            self.file_windows()?
+        } else {
+            None
+        };
         let frames = self.modality_frames()?;
         let n = frames.len();
         let modality = self.modality();
@@ -537,14 +618,17 @@ impl DicomFile {
                 let grey = a.dim().0 == 1;
                 let vals = a.as_slice_mut().expect("standard layout");
                 if grey {
-                    match (window, info.window) {
-                        (Window::File, Some((c, w))) => apply_window(vals, c as f32, w as f32),
-                        (Window::File, None) => percentile_normalize(vals, 1.0, 99.0),
-                        (Window::Preset(_, c, w), _) => apply_window(vals, *c, *w),
-                        (Window::Custom { center, width }, _) => {
-                            apply_window(vals, *center, *width)
-                        }
-                        (Window::Percentile(lo, hi), _) => percentile_normalize(vals, *lo, *hi),
+                    match window {
+                        Window::File => match &file_windows {
+                            Some(w) => {
+                                let (c, w) = w[f.min(w.len() - 1)];
+                                apply_window(vals, c as f32, w as f32)
+                            }
+                            None => percentile_normalize(vals, 1.0, 99.0),
+                        },
+                        Window::Preset(_, c, w) => apply_window(vals, *c, *w),
+                        Window::Custom { center, width } => apply_window(vals, *center, *width),
+                        Window::Percentile(lo, hi) => percentile_normalize(vals, *lo, *hi),
                     }
                     if mono1 {
                         vals.iter_mut().for_each(|v| *v = 1.0 - *v);

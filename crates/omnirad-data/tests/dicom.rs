@@ -406,7 +406,7 @@ fn a_truncated_rle_file_fails_alone_in_a_folder() {
         "{msg}"
     );
 
-    let (items, skipped) = omnirad_data::discover(&dir, omnirad_data::Split::Test).unwrap();
+    let (items, skipped) = omnirad_data::discover(dir, omnirad_data::Split::Test).unwrap();
     assert_eq!((items.len(), skipped), (3, 0));
     let pre = omnirad_data::Preprocess {
         size: 32,
@@ -622,7 +622,7 @@ fn folder_scans_skip_dicom_objects_without_images() {
     with_class("DICOMDIR", "1.2.840.10008.1.3.10", false);
     with_class("rtimage.dcm", "1.2.840.10008.5.1.4.1.1.481.1", true); // RT Image: an image
     std::fs::copy(data("dicom-pydicom/liver_1frame.dcm"), dir.join("seg.dcm")).unwrap();
-    let (items, skipped) = omnirad_data::discover(&dir, omnirad_data::Split::Test).unwrap();
+    let (items, skipped) = omnirad_data::discover(dir, omnirad_data::Split::Test).unwrap();
     let ids: Vec<String> = items.iter().map(|i| i.id()).collect();
     assert_eq!(skipped, 3, "{ids:?}");
     assert!(ids.len() == 2 && ids[0].ends_with("image.dcm") && ids[1].ends_with("rtimage.dcm"));
@@ -734,6 +734,159 @@ fn palette_colour_indices_are_looked_up() {
         .to_string();
     assert!(
         err.contains("short.dcm") && err.contains("PALETTE COLOR"),
+        "{err}"
+    );
+}
+
+#[test]
+fn enhanced_objects_take_rescale_and_window_from_their_functional_groups() {
+    // Enhanced CT/MR/PET objects keep RescaleSlope/Intercept and the VOI window in functional
+    // group macros, shared by all frames or one per frame (PS3.3 C.7.6.16); no such file is in
+    // the shared data, so CT_small.dcm (HU = raw - 1024, no window) is rewritten as one. The
+    // window used to be read from the top level only (percentiles instead, unsaid), and a bad
+    // or missing per-frame value made dicom-pixeldata use a default or the first frame's.
+    use dicom_core::value::DataSetSequence;
+    use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+    use dicom_dictionary_std::tags;
+    use dicom_object::InMemDicomObject;
+    let dir_guard = tmpdir("dicom-enhanced");
+    let dir = dir_guard.path();
+    let ct = data("dicom-pydicom/CT_small.dcm");
+    let seq = |tag: Tag, items: Vec<InMemDicomObject>| {
+        DataElement::new(tag, VR::SQ, DataSetSequence::from(items))
+    };
+    let ds = |tag: Tag, v: &str| DataElement::new(tag, VR::DS, PrimitiveValue::from(v));
+    // One functional groups item: (slope, intercept) and (center, width), each when given.
+    let groups = |rescale: Option<(&str, &str)>, window: Option<(&str, &str)>| {
+        let mut item = InMemDicomObject::new_empty();
+        if let Some((s, i)) = rescale {
+            let pvt = InMemDicomObject::from_element_iter([
+                ds(tags::RESCALE_SLOPE, s),
+                ds(tags::RESCALE_INTERCEPT, i),
+            ]);
+            item.put(seq(tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, vec![pvt]));
+        }
+        if let Some((c, w)) = window {
+            let voi = InMemDicomObject::from_element_iter([
+                ds(tags::WINDOW_CENTER, c),
+                ds(tags::WINDOW_WIDTH, w),
+            ]);
+            item.put(seq(tags::FRAME_VOILUT_SEQUENCE, vec![voi]));
+        }
+        item
+    };
+    // CT_small with its top-level rescale moved into the functional groups, `frames` copies
+    // of its pixels, and `per_frame` items (or one shared item when there is one).
+    let write = |name: &str, items: Vec<InMemDicomObject>, frames: usize| {
+        let mut obj = dicom_object::open_file(&ct).unwrap();
+        obj.remove_element(tags::RESCALE_SLOPE);
+        obj.remove_element(tags::RESCALE_INTERCEPT);
+        let raw = obj
+            .element(tags::PIXEL_DATA)
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+            .repeat(frames);
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OW,
+            PrimitiveValue::from(raw),
+        ));
+        obj.put(DataElement::new(
+            tags::NUMBER_OF_FRAMES,
+            VR::IS,
+            PrimitiveValue::from(frames.to_string()),
+        ));
+        obj.put(if items.len() == 1 {
+            seq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, items)
+        } else {
+            seq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, items)
+        });
+        let p = dir.join(name);
+        obj.write_to_file(&p).unwrap();
+        DicomFile::open(p).unwrap()
+    };
+    let original = DicomFile::open(&ct).unwrap();
+    let hu = original.modality_frames().unwrap().remove(0);
+    let windowed = |c: f32, w: f32| {
+        let window = Window::Custom {
+            center: c,
+            width: w,
+        };
+        original.images(&window).unwrap().remove(0).data
+    };
+
+    // Shared by all frames: the same HU, the file's window applied, both reported by `info`.
+    let shared = write(
+        "shared.dcm",
+        vec![groups(Some(("1", "-1024")), Some(("40", "400")))],
+        1,
+    );
+    assert_eq!(shared.modality_frames().unwrap()[0], hu);
+    assert_eq!(
+        shared.images(&Window::File).unwrap()[0].data,
+        windowed(40.0, 400.0)
+    );
+    let info = shared.info();
+    assert_eq!(
+        (info.rescale_slope, info.rescale_intercept, info.window),
+        (1.0, -1024.0, Some((40.0, 400.0)))
+    );
+
+    // One per frame: each frame in its own units and window.
+    let per_frame = [
+        ("-1024", "40", "400"),
+        ("-1000", "-600", "1500"),
+        ("0", "1000", "2000"),
+    ];
+    let items = per_frame
+        .iter()
+        .map(|&(i, c, w)| groups(Some(("1", i)), Some((c, w))))
+        .collect();
+    let file = write("per-frame.dcm", items, 3);
+    let hus = file.modality_frames().unwrap();
+    let images = file.images(&Window::File).unwrap();
+    for (f, &(i, c, w)) in per_frame.iter().enumerate() {
+        let shift = i.parse::<f32>().unwrap() + 1024.0;
+        assert_eq!(hus[f], hu.mapv(|v| v + shift), "frame {f}");
+        // The window in the frame's own units is the original's window shifted back.
+        let expect = windowed(c.parse::<f32>().unwrap() - shift, w.parse().unwrap());
+        let diff = (&images[f].data - &expect).mapv(f32::abs);
+        assert!(diff.iter().all(|&d| d < 1e-6), "frame {f}");
+    }
+
+    // A frame without its values, or a bad value anywhere: errors naming the file and the place.
+    let two_of_three = vec![
+        groups(Some(("1", "-1024")), None),
+        groups(None, None),
+        groups(Some(("1", "-1024")), None),
+    ];
+    let err = write("missing.dcm", two_of_three, 3)
+        .modality_frames()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("missing.dcm") && err.contains("given for 2 of 3 frames"),
+        "{err}"
+    );
+    let bad = write("slope.dcm", vec![groups(Some(("abc", "-1024")), None)], 1);
+    let err = bad.modality_frames().unwrap_err().to_string();
+    assert!(
+        err.contains("slope.dcm")
+            && err.contains("RescaleSlope (0028,1053) in the shared functional groups is 'abc'"),
+        "{err}"
+    );
+    let narrow = vec![
+        groups(Some(("1", "-1024")), Some(("40", "400"))),
+        groups(Some(("1", "-1024")), Some(("40", "0"))),
+    ];
+    let err = write("width.dcm", narrow, 2)
+        .images(&Window::File)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("width.dcm")
+            && err.contains("WindowWidth (0028,1051) in frame 2's functional groups is '0'"),
         "{err}"
     );
 }

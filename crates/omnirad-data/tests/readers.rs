@@ -383,7 +383,7 @@ fn folders_with_link_loops_are_walked_once() {
     symlink("..", dir.join("a/up")).unwrap();
     symlink(data("dicom-pydicom/CT_small.dcm"), dir.join("ct.dcm")).unwrap();
     symlink(dir.join("missing.png"), dir.join("dangling.png")).unwrap();
-    let (items, skipped) = discover(&dir, Split::Test).unwrap();
+    let (items, skipped) = discover(dir, Split::Test).unwrap();
     let ids: Vec<String> = items.iter().map(|i| i.id()).collect();
     let names: Vec<&str> = ids.iter().map(|i| i.rsplit('/').next().unwrap()).collect();
     assert_eq!(
@@ -410,7 +410,7 @@ fn folders_with_link_loops_are_walked_once() {
         .unwrap();
     }
     symlink("..", seg.join("benign/up")).unwrap();
-    assert_eq!(discover_pairs(&seg).unwrap().len(), 1);
+    assert_eq!(discover_pairs(seg).unwrap().len(), 1);
 }
 
 #[test]
@@ -446,7 +446,7 @@ fn folders_manifests_and_empty_inputs() {
 
     let empty_guard = tmpdir("empty");
     let empty = empty_guard.path();
-    let e = discover(&empty, Split::Test).unwrap_err();
+    let e = discover(empty, Split::Test).unwrap_err();
     assert!(
         matches!(e, DataError::Empty { .. }) && e.to_string().contains("no images"),
         "{e}"
@@ -639,6 +639,6 @@ fn segmentation_images_without_a_mask_are_reported_not_dropped() {
 
     // Images with no mask at all: not a segmentation dataset.
     std::fs::remove_file(dir.join(format!("masks/{a}.png"))).unwrap();
-    let e = discover_pairs(&dir).unwrap_err().to_string();
+    let e = discover_pairs(dir).unwrap_err().to_string();
     assert!(e.contains("no image/mask pairs found"), "{e}");
 }

@@ -85,7 +85,7 @@ fn saved_head_reads_back_identically_in_dinov2_layout() {
     assert_eq!(st.tensor("mlp.0.weight").unwrap().shape(), [24, 16]);
     assert_eq!(st.tensor("last_layer.weight_v").unwrap().shape(), [32, 8]);
     // Read back (from the folder, as `--init` does) and compare the function.
-    let (back, bcfg) = import_dino_head::<B>(&dir, &Default::default()).unwrap();
+    let (back, bcfg) = import_dino_head::<B>(dir, &Default::default()).unwrap();
     assert_eq!(bcfg, cfg);
     let x = Tensor::<B, 2>::random([4, 16], Distribution::Default, &Default::default());
     let (a, b): (Vec<f32>, Vec<f32>) = (

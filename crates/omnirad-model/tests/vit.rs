@@ -81,8 +81,8 @@ fn model_directory_round_trip_and_bad_weights() {
     let dir = dir_guard.path();
     let cfg = ModelConfig::new(tiny(2), Default::default());
     let vit = cfg.vit.init::<Cpu>(&dev);
-    save_model_dir(&vit, &cfg, &dir).unwrap();
-    let (back, cfg2) = load_model_dir::<Cpu>(&dir, &dev).unwrap();
+    save_model_dir(&vit, &cfg, dir).unwrap();
+    let (back, cfg2) = load_model_dir::<Cpu>(dir, &dev).unwrap();
     assert_eq!(cfg, cfg2);
     let x = Tensor::<Cpu, 4>::random([2, 3, 32, 32], Distribution::Normal(0.0, 1.0), &dev);
     vit.forward(x.clone())
@@ -93,7 +93,7 @@ fn model_directory_round_trip_and_bad_weights() {
     // HashMap, in a new order on each save), so model files can be compared by checksum.
     let first = std::fs::read(dir.join("model.safetensors")).unwrap();
     for _ in 0..4 {
-        save_model_dir(&back, &cfg, &dir).unwrap();
+        save_model_dir(&back, &cfg, dir).unwrap();
         assert!(std::fs::read(dir.join("model.safetensors")).unwrap() == first);
     }
 
@@ -134,7 +134,7 @@ fn model_directory_round_trip_and_bad_weights() {
         safetensors::serialize(views, None).unwrap(),
     )
     .unwrap();
-    let err = load_model_dir::<Cpu>(&dir, &dev).unwrap_err().to_string();
+    let err = load_model_dir::<Cpu>(dir, &dev).unwrap_err().to_string();
     assert!(
         err.contains("model.safetensors") && err.contains("'blocks.1.mlp.fc2.bias' has NaN/Inf"),
         "{err}"
@@ -155,7 +155,7 @@ fn model_directory_round_trip_and_bad_weights() {
         serde_json::to_string(&wrong).unwrap(),
     )
     .unwrap();
-    let err = load_model_dir::<Cpu>(&dir, &dev).unwrap_err().to_string();
+    let err = load_model_dir::<Cpu>(dir, &dev).unwrap_err().to_string();
     assert!(
         err.contains("model.safetensors") && err.contains("cls_token"),
         "{err}"
@@ -193,7 +193,7 @@ fn model_directory_round_trip_and_bad_weights() {
         let good = json[section][key].clone();
         json[section][key] = value;
         std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
-        let err = load_model_dir::<Cpu>(&dir, &dev).unwrap_err().to_string();
+        let err = load_model_dir::<Cpu>(dir, &dev).unwrap_err().to_string();
         assert!(err.contains("config.json") && err.contains(want), "{err}");
         json[section][key] = good;
     }
@@ -259,7 +259,7 @@ fn swiglu_model_saves_in_timm_packed_layout_and_reimports() {
     let dir_guard = tempfile::tempdir().unwrap();
     let dir = dir_guard.path();
     let mc = ModelConfig::new(cfg.clone(), Default::default());
-    save_model_dir(&vit, &mc, &dir).unwrap();
+    save_model_dir(&vit, &mc, dir).unwrap();
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(

@@ -872,7 +872,7 @@ fn pretrain_a_few_steps_lowers_the_loss_and_exports_the_teacher() {
         "keep_teacher_every = 10\neval_knn = [{:?}]",
         breast.display()
     );
-    let cfg = tiny_pretrain_config(&d, 24, &keep);
+    let cfg = tiny_pretrain_config(d, 24, &keep);
     let run = d.join("run");
     let (ok, _, err) = omnirad(&[
         "pretrain",
@@ -1021,7 +1021,7 @@ fn pretrain_resume_is_bit_identical() {
         "keep_teacher_every = 2\neval_knn = [{:?}]",
         data("medmnist/breastmnist.npz").display()
     );
-    let cfg = tiny_pretrain_config(&d, 6, &keep);
+    let cfg = tiny_pretrain_config(d, 6, &keep);
     // The interrupted run is started the way users do: from a working folder, with the config,
     // its data sources and the run folder all given as relative paths, and resumed from elsewhere.
     std::fs::create_dir_all(d.join("work/configs")).unwrap();
@@ -1099,7 +1099,7 @@ fn pretrain_resume_is_bit_identical() {
 fn pretrain_config_errors_are_clear() {
     let d_guard = tmp("pretrain-bad");
     let d = d_guard.path();
-    let cfg = tiny_pretrain_config(&d, 2, "bogus_key = 1");
+    let cfg = tiny_pretrain_config(d, 2, "bogus_key = 1");
     let out = d.join("run");
     let (ok, _, err) = omnirad(&[
         "pretrain",
@@ -1112,7 +1112,7 @@ fn pretrain_config_errors_are_clear() {
         !ok && err.contains("bogus_key") && err.contains("pretrain.toml"),
         "{err}"
     );
-    let cfg = tiny_pretrain_config(&d, 2, "");
+    let cfg = tiny_pretrain_config(d, 2, "");
     let (ok, _, err) = omnirad(&[
         "pretrain",
         "--config",
@@ -1139,7 +1139,7 @@ fn pretrain_config_errors_are_clear() {
             "nowhere/breastmnist.npz not found",
         ),
     ] {
-        let cfg = tiny_pretrain_config(&d, 2, extra);
+        let cfg = tiny_pretrain_config(d, 2, extra);
         let (ok, _, err) = omnirad(&[
             "pretrain",
             "--config",
@@ -1149,7 +1149,7 @@ fn pretrain_config_errors_are_clear() {
         ]);
         assert!(!ok && err.contains(why), "{extra}: {err}");
     }
-    let cfg = tiny_pretrain_config(&d, 2, "");
+    let cfg = tiny_pretrain_config(d, 2, "");
     // A source that does not exist is named.
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -1363,7 +1363,7 @@ fn probe_trains_the_head_and_leaves_the_encoder_as_it_was() {
 fn pretrain_resume_from_a_corrupt_checkpoint_names_the_file() {
     let d_guard = tmp("resume-bad");
     let d = d_guard.path();
-    let cfg = tiny_pretrain_config(&d, 4, "");
+    let cfg = tiny_pretrain_config(d, 4, "");
     let run = d.join("run");
     let (ok, _, err) = omnirad(&[
         "pretrain",
@@ -1872,7 +1872,7 @@ fn segment_train_resumes_to_the_same_bundle() {
         args.extend_from_slice(extra);
         omnirad(&args)
     };
-    resumes_like_an_uninterrupted_run(&d, run, 1, "segment.json");
+    resumes_like_an_uninterrupted_run(d, run, 1, "segment.json");
 }
 
 /// `omnirad finetune` of a random-init `vit_pico` on BreastMNIST into `out`, with `args`.
@@ -1918,7 +1918,7 @@ fn finetune_resumes_to_the_same_bundle() {
         finetune_breast(&d.join(out), &[&fixed[..], extra].concat())
     };
     // Stopped inside the full fine-tuning phase (epoch 1 is the head-only one).
-    resumes_like_an_uninterrupted_run(&d, run, 2, "bundle.json");
+    resumes_like_an_uninterrupted_run(d, run, 2, "bundle.json");
     let history = std::fs::read_to_string(d.join("full/history.jsonl")).unwrap();
     assert_eq!(history.lines().count(), 4);
     // Nothing to resume in a fresh directory; a cut-short checkpoint is named.
@@ -2176,7 +2176,7 @@ fn bench_medmnist_handles_rgb_multiclass_and_multilabel_files() {
     // layout: the names pick the task, channels and class count.
     let d_guard = tmp("mm-formats");
     let d = d_guard.path();
-    std::fs::create_dir_all(&d).unwrap();
+    std::fs::create_dir_all(d).unwrap();
     write_medmnist_like(&d.join("dermamnist.npz"), true, 7, false);
     write_medmnist_like(&d.join("chestmnist.npz"), false, 14, true);
     for mode in ["knn", "finetune"] {
