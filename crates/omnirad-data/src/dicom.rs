@@ -20,7 +20,8 @@ use crate::image::{apply_window, percentile_normalize, Image, Meta, Modality};
 /// How raw (modality-LUT) values become [0, 1] intensities.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Window {
-    /// The file's first VOI window; 1st–99th percentile when it has none.
+    /// The file's VOI LUT table, else its VOI window (per frame in Enhanced objects), else the
+    /// 1st–99th percentiles.
     File,
     /// A named preset, see [`Window::preset`].
     Preset(&'static str, f32, f32),
@@ -95,6 +96,9 @@ pub struct DicomInfo {
     pub rescale_slope: f64,
     pub rescale_intercept: f64,
     pub window: Option<(f64, f64)>,
+    /// The VOI LUT table `Window::File` applies (before any window): its entries and first
+    /// mapped value.
+    pub voi_lut: Option<(usize, i64)>,
 }
 
 /// The deepest sequence nesting handed to dicom-object, whose reader recurses once per level:
@@ -255,6 +259,7 @@ impl DicomFile {
             rescale_slope: rescale(tags::RESCALE_SLOPE, 1.0),
             rescale_intercept: rescale(tags::RESCALE_INTERCEPT, 0.0),
             window: self.file_windows().ok().flatten().map(|w| w[0]),
+            voi_lut: (self.voi_lut().ok().flatten()).map(|l| (l.entries.len(), l.first)),
         }
     }
 
@@ -391,53 +396,14 @@ impl DicomFile {
                 tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
             ),
         ] {
-            let d: Vec<i64> = self
-                .obj
-                .element(descriptor)
-                .ok()
-                .and_then(|e| e.to_multi_int::<i64>().ok())
-                .filter(|d| d.len() == 3)
-                .ok_or_else(|| bad(format!("no readable {colour} lookup table descriptor")))?;
-            // Entries: 0 stands for 65 536. The first mapped value is US or SS.
-            let entries = if d[0] == 0 {
-                65536
-            } else {
-                d[0] as usize & 0xffff
-            };
-            let first = d[1];
-            let bits = d[2];
-            // OW data arrives as 16-bit words; a file whose VR was not known gives bytes.
-            let words: Vec<u16> = match self.obj.element(data).ok().map(|e| e.value()) {
-                Some(dicom_core::DicomValue::Primitive(PrimitiveValue::U16(w))) => w.to_vec(),
-                Some(dicom_core::DicomValue::Primitive(PrimitiveValue::U8(b))) if bits == 8 => {
-                    b.iter().map(|&v| v as u16).collect()
-                }
-                Some(dicom_core::DicomValue::Primitive(PrimitiveValue::U8(b))) => b
-                    .chunks_exact(2)
-                    .map(|w| u16::from_le_bytes([w[0], w[1]]))
-                    .collect(),
-                _ => return Err(bad(format!("no {colour} lookup table data"))),
-            };
-            // 8-bit entries are stored one per word or one per byte; either way one per entry.
-            if words.len() != entries && !(bits == 8 && words.len() == entries.div_ceil(2)) {
-                return Err(bad(format!(
-                    "{colour} table of {entries} entries holds {} values",
-                    words.len()
-                )));
-            }
-            let lut: Vec<f32> = match bits {
+            let (first, bits, words) =
+                read_lut(&self.obj, descriptor, data).map_err(|e| bad(format!("{colour} {e}")))?;
+            let entries = match bits {
                 16 => words.iter().map(|&v| v as f32 / 257.0).collect(),
-                8 if words.len() == entries => words.iter().map(|&v| (v & 0xff) as f32).collect(),
-                // Two 8-bit entries packed per word, low byte first.
-                8 => words
-                    .iter()
-                    .flat_map(|w| w.to_le_bytes())
-                    .take(entries)
-                    .map(|b| b as f32)
-                    .collect(),
+                8 => words.iter().map(|&v| v as f32).collect(),
                 _ => return Err(bad(format!("{colour} table of {bits}-bit entries"))),
             };
-            tables.push((first, lut));
+            tables.push(Lut { first, entries });
         }
         Ok(Palette { tables })
     }
@@ -580,6 +546,36 @@ impl DicomFile {
         Ok(())
     }
 
+    /// The file's first VOI LUT table (VOI LUT Sequence, PS3.3 C.11.2.1.1), its entries scaled to
+    /// [0, 1] by their own range: a VOI LUT maps onto the display's whole range, and the bits per
+    /// entry its descriptor declares are often wrong in real files (16 for 12-bit data).
+    fn voi_lut(&self) -> Result<Option<Lut>> {
+        let Some(item) = (self.obj.element(tags::VOILUT_SEQUENCE).ok())
+            .and_then(|e| e.items())
+            .and_then(|items| items.first())
+        else {
+            return Ok(None);
+        };
+        let bad = |what: String| {
+            DataError::invalid(&self.path, format!("VOI LUT sequence (0028,3010): {what}"))
+        };
+        let (first, bits, values) =
+            read_lut(item, tags::LUT_DESCRIPTOR, tags::LUT_DATA).map_err(bad)?;
+        if !(8..=16).contains(&bits) {
+            return Err(bad(format!("{bits}-bit entries (8 to 16 expected)")));
+        }
+        let lo = *values.iter().min().expect("a table has entries");
+        let hi = *values.iter().max().expect("a table has entries");
+        if lo == hi {
+            return Err(bad(format!(
+                "every entry is {lo}: the image would be one grey"
+            )));
+        }
+        let scale = (hi - lo) as f32;
+        let entries = values.iter().map(|&v| (v - lo) as f32 / scale).collect();
+        Ok(Some(Lut { first, entries }))
+    }
+
     /// The file's VOI windows (center, width): one for every frame, or one per frame. A width
     /// below 1 (DICOM's minimum, PS3.3 C.11.2.1.2) would threshold the image to black and white.
     fn file_windows(&self) -> Result<Option<Vec<(f64, f64)>>> {
@@ -601,7 +597,9 @@ impl DicomFile {
     pub fn images(&self, window: &Window) -> Result<Vec<Image>> {
         let info = self.info();
         let palette = info.photometric_interpretation == "PALETTE COLOR";
-        let file_windows = if *window == Window::File && info.samples_per_pixel == 1 && !palette {
+        let file_voi = *window == Window::File && info.samples_per_pixel == 1 && !palette;
+        let voi_lut = if file_voi { self.voi_lut()? } else { None };
+        let file_windows = if file_voi && voi_lut.is_none() {
             self.file_windows()?
         } else {
             None
@@ -619,12 +617,13 @@ impl DicomFile {
                 let vals = a.as_slice_mut().expect("standard layout");
                 if grey {
                     match window {
-                        Window::File => match &file_windows {
-                            Some(w) => {
+                        Window::File => match (&voi_lut, &file_windows) {
+                            (Some(lut), _) => vals.iter_mut().for_each(|v| *v = lut.get(*v)),
+                            (None, Some(w)) => {
                                 let (c, w) = w[f.min(w.len() - 1)];
                                 apply_window(vals, c as f32, w as f32)
                             }
-                            None => percentile_normalize(vals, 1.0, 99.0),
+                            (None, None) => percentile_normalize(vals, 1.0, 99.0),
                         },
                         Window::Preset(_, c, w) => apply_window(vals, *c, *w),
                         Window::Custom { center, width } => apply_window(vals, *center, *width),
@@ -662,9 +661,74 @@ impl DicomFile {
     }
 }
 
-/// Palette colour lookup tables, each (first mapped index, entries on the 0–255 scale).
+/// A lookup table as DICOM stores palettes and VOI LUTs: input values from `first` on index
+/// `entries`; values below take the first entry, above the last (PS3.3 C.7.6.3.1.5, C.11.2.1.1).
+struct Lut {
+    first: i64,
+    entries: Vec<f32>,
+}
+
+impl Lut {
+    fn get(&self, v: f32) -> f32 {
+        let last = self.entries.len() as i64 - 1;
+        self.entries[(v.floor() as i64 - self.first).clamp(0, last) as usize]
+    }
+}
+
+/// A lookup table's descriptor (entries, 0 meaning 65 536; first mapped value; bits per entry)
+/// and its data, as (first mapped value, bits, one value per entry). The parser reads the
+/// descriptor as SS when the pixel data are signed (the first mapped value may then be
+/// negative), so the entry count is taken modulo 2^16. 8-bit entries come one per 16-bit word,
+/// or two per word, low byte first.
+fn read_lut(
+    ds: &InMemDicomObject,
+    descriptor: Tag,
+    data: Tag,
+) -> std::result::Result<(i64, i64, Vec<u16>), String> {
+    let d: Vec<i64> = ds
+        .element(descriptor)
+        .ok()
+        .and_then(|e| e.to_multi_int::<i64>().ok())
+        .filter(|d| d.len() == 3)
+        .ok_or("lookup table descriptor missing or unreadable")?;
+    let entries = if d[0] == 0 {
+        65536
+    } else {
+        d[0] as usize & 0xffff
+    };
+    let (first, bits) = (d[1], d[2]);
+    // OW data arrives as 16-bit words; a file whose VR was not known gives bytes.
+    let words: Vec<u16> = match ds.element(data).ok().map(|e| e.value()) {
+        Some(dicom_core::DicomValue::Primitive(PrimitiveValue::U16(w))) => w.to_vec(),
+        Some(dicom_core::DicomValue::Primitive(PrimitiveValue::U8(b))) if bits == 8 => {
+            b.iter().map(|&v| v as u16).collect()
+        }
+        Some(dicom_core::DicomValue::Primitive(PrimitiveValue::U8(b))) => b
+            .chunks_exact(2)
+            .map(|w| u16::from_le_bytes([w[0], w[1]]))
+            .collect(),
+        _ => return Err("lookup table data missing".into()),
+    };
+    let values = if words.len() == entries {
+        words
+            .iter()
+            .map(|&v| if bits == 8 { v & 0xff } else { v })
+            .collect()
+    } else if bits == 8 && words.len() == entries.div_ceil(2) {
+        let bytes = words.iter().flat_map(|w| w.to_le_bytes());
+        bytes.take(entries).map(u16::from).collect()
+    } else {
+        return Err(format!(
+            "table of {entries} entries holds {} values",
+            words.len()
+        ));
+    };
+    Ok((first, bits, values))
+}
+
+/// Palette colour lookup tables for red, green and blue, entries on the 0–255 scale.
 struct Palette {
-    tables: Vec<(i64, Vec<f32>)>,
+    tables: Vec<Lut>,
 }
 
 impl Palette {
@@ -673,14 +737,13 @@ impl Palette {
     fn apply(&self, idx: &Array3<f32>) -> Array3<f32> {
         let (_, h, w) = idx.dim();
         let mut out = Array3::zeros((3, h, w));
-        for (c, (first, lut)) in self.tables.iter().enumerate() {
-            let last = lut.len() as i64 - 1;
+        for (c, lut) in self.tables.iter().enumerate() {
             for (o, &i) in out
                 .index_axis_mut(ndarray::Axis(0), c)
                 .iter_mut()
                 .zip(idx.iter())
             {
-                *o = lut[(i as i64 - first).clamp(0, last) as usize];
+                *o = lut.get(i);
             }
         }
         out

@@ -890,3 +890,81 @@ fn enhanced_objects_take_rescale_and_window_from_their_functional_groups() {
         "{err}"
     );
 }
+
+#[test]
+fn voi_lut_tables_come_before_the_window() {
+    // Radiographs often carry their display curve as a VOI LUT table (0028,3010) rather than
+    // a window; pydicom's apply_voi_lut applies it, and omnirad fell back to the window or to
+    // percentiles. No such file is in the shared data: MR_small.dcm (signed, values 127–2145,
+    // window 600/1600) gets a square-root table, declared 16-bit but holding 12-bit values as
+    // real files often do, so it is scaled by its own range.
+    use dicom_core::value::DataSetSequence;
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    use dicom_object::InMemDicomObject;
+    let dir_guard = tmpdir("dicom-voi-lut");
+    let dir = dir_guard.path();
+    let mr = data("dicom-pydicom/MR_small.dcm");
+    let hu = frames("MR_small.dcm").remove(0);
+    let sqrt_table = |n: usize| -> Vec<u16> {
+        (0..n)
+            .map(|i| (4095.0 * (i as f64 / (n - 1) as f64).sqrt()).round() as u16)
+            .collect()
+    };
+    // `first` as stored with VR US: a negative value as its two's complement, which the
+    // parser reads back as SS because the pixel data are signed (PS3.5 6.2's US-or-SS rule).
+    let write = |name: &str, entries: usize, first: u16, bits: u16, table: Vec<u16>| {
+        let mut obj = dicom_object::open_file(&mr).unwrap();
+        let item = InMemDicomObject::from_element_iter([
+            DataElement::new(
+                tags::LUT_DESCRIPTOR,
+                VR::US,
+                PrimitiveValue::U16(vec![entries as u16, first, bits].into()),
+            ),
+            DataElement::new(tags::LUT_DATA, VR::OW, PrimitiveValue::U16(table.into())),
+        ]);
+        obj.put(DataElement::new(
+            tags::VOILUT_SEQUENCE,
+            VR::SQ,
+            DataSetSequence::from(vec![item]),
+        ));
+        let p = dir.join(name);
+        obj.write_to_file(&p).unwrap();
+        DicomFile::open(p).unwrap()
+    };
+    for (first, stored) in [(200i64, 200u16), (-100, (-100i16) as u16)] {
+        let (n, table) = (1500, sqrt_table(1500));
+        let file = write("lut.dcm", n, stored, 16, table.clone());
+        assert_eq!(file.info().voi_lut, Some((n, first)));
+        let img = file.images(&Window::File).unwrap().remove(0).data;
+        let mut clamped = 0;
+        for (got, v) in img.iter().zip(hu.iter()) {
+            let i = (*v as i64 - first).clamp(0, n as i64 - 1) as usize;
+            clamped += usize::from(i == 0 || i == n - 1);
+            assert_eq!(*got, table[i] as f32 / 4095.0, "value {v}, first {first}");
+        }
+        if first > 0 {
+            assert!(clamped > 0, "the table's ends are exercised");
+        }
+        // A window the user names still applies to the modality values, not to the table.
+        let custom = Window::Custom {
+            center: 600.0,
+            width: 1600.0,
+        };
+        let original = DicomFile::open(&mr).unwrap().images(&custom).unwrap();
+        assert_eq!(file.images(&custom).unwrap()[0].data, original[0].data);
+    }
+    // A table shorter than its descriptor, or a constant one: errors naming the file.
+    let short = write("short.dcm", 1500, 200, 16, sqrt_table(1499));
+    let err = short.images(&Window::File).unwrap_err().to_string();
+    assert!(
+        err.contains("short.dcm") && err.contains("VOI LUT") && err.contains("1500 entries"),
+        "{err}"
+    );
+    let flat = write("flat.dcm", 10, 200, 12, vec![7; 10]);
+    let err = flat.images(&Window::File).unwrap_err().to_string();
+    assert!(
+        err.contains("flat.dcm") && err.contains("every entry is 7"),
+        "{err}"
+    );
+}
