@@ -96,6 +96,8 @@ pub struct DicomInfo {
     pub rescale_slope: f64,
     pub rescale_intercept: f64,
     pub window: Option<(f64, f64)>,
+    /// The VOI LUT Function the file's window is applied with, when the file names one.
+    pub window_function: Option<String>,
     /// The VOI LUT table `Window::File` applies (before any window): its entries and first
     /// mapped value.
     pub voi_lut: Option<(usize, i64)>,
@@ -159,13 +161,21 @@ fn check_nesting(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// An attribute of one data set as text, trimmed; None when absent or empty.
+fn text_in(ds: &InMemDicomObject, tag: Tag) -> Option<String> {
+    let text = ds.element(tag).ok()?.to_str().ok()?.trim().to_string();
+    (!text.is_empty()).then_some(text)
+}
+
 /// A numeric attribute of one data set: None when absent or empty, else its text and its first
 /// value when that is a finite number.
 fn number_in(ds: &InMemDicomObject, tag: Tag) -> Option<(String, Option<f64>)> {
-    let el = ds.element(tag).ok()?;
-    let text = el.to_str().ok()?.trim().to_string();
-    let v = el.to_multi_float64().ok().and_then(|v| v.first().copied());
-    (!text.is_empty()).then(|| (text, v.filter(|v| v.is_finite())))
+    let text = text_in(ds, tag)?;
+    let v = ds.element(tag).ok()?.to_multi_float64().ok();
+    Some((
+        text,
+        v.and_then(|v| v.first().copied()).filter(|v| v.is_finite()),
+    ))
 }
 
 /// The item of functional group macro `group` (a one-item sequence) in a functional groups item.
@@ -199,15 +209,7 @@ impl DicomFile {
     }
 
     fn str_tag(&self, tag: Tag) -> Option<String> {
-        let v = self
-            .obj
-            .element(tag)
-            .ok()?
-            .to_str()
-            .ok()?
-            .trim()
-            .to_string();
-        (!v.is_empty()).then_some(v)
+        text_in(&self.obj, tag)
     }
 
     fn int_tag(&self, tag: Tag) -> Option<i64> {
@@ -259,6 +261,9 @@ impl DicomFile {
             rescale_slope: rescale(tags::RESCALE_SLOPE, 1.0),
             rescale_intercept: rescale(tags::RESCALE_INTERCEPT, 0.0),
             window: self.file_windows().ok().flatten().map(|w| w[0]),
+            window_function: (self.voi_function().ok())
+                .filter(|f| *f != VoiFunction::Linear)
+                .map(|f| f.name().to_string()),
             voi_lut: (self.voi_lut().ok().flatten()).map(|l| (l.entries.len(), l.first)),
         }
     }
@@ -593,6 +598,33 @@ impl DicomFile {
         }))
     }
 
+    /// How the file's window maps values (VOI LUT Function, top level or in the functional
+    /// groups' Frame VOI LUT macro).
+    fn voi_function(&self) -> Result<VoiFunction> {
+        let in_groups = |seq: Tag| {
+            let item = self.obj.element(seq).ok()?.items()?.first()?;
+            text_in(
+                macro_in(item, tags::FRAME_VOILUT_SEQUENCE)?,
+                tags::VOILUT_FUNCTION,
+            )
+        };
+        let text = (self.str_tag(tags::VOILUT_FUNCTION))
+            .or_else(|| in_groups(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE))
+            .or_else(|| in_groups(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE))
+            .unwrap_or_default();
+        if text.is_empty() {
+            return Ok(VoiFunction::Linear);
+        }
+        match VoiFunction::ALL.into_iter().find(|f| f.name() == text) {
+            Some(f) => Ok(f),
+            None => Err(DataError::Unsupported {
+                path: self.path.clone(),
+                what: "VOI LUT Function (0028,1056)",
+                value: format!("'{text}' (LINEAR, LINEAR_EXACT or SIGMOID expected)"),
+            }),
+        }
+    }
+
     /// Every frame as a [0, 1] image: window, then MONOCHROME1 inverted so that bright = dense.
     pub fn images(&self, window: &Window) -> Result<Vec<Image>> {
         let info = self.info();
@@ -603,6 +635,11 @@ impl DicomFile {
             self.file_windows()?
         } else {
             None
+        };
+        let function = if file_windows.is_some() {
+            self.voi_function()?
+        } else {
+            VoiFunction::Linear
         };
         let frames = self.modality_frames()?;
         let n = frames.len();
@@ -621,7 +658,7 @@ impl DicomFile {
                             (Some(lut), _) => vals.iter_mut().for_each(|v| *v = lut.get(*v)),
                             (None, Some(w)) => {
                                 let (c, w) = w[f.min(w.len() - 1)];
-                                apply_window(vals, c as f32, w as f32)
+                                function.apply(vals, c as f32, w as f32)
                             }
                             (None, None) => percentile_normalize(vals, 1.0, 99.0),
                         },
@@ -658,6 +695,41 @@ impl DicomFile {
                 }
             })
             .collect())
+    }
+}
+
+/// How a VOI window maps values to [0, 1] (VOI LUT Function, PS3.3 C.11.2.1.3).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum VoiFunction {
+    Linear,
+    LinearExact,
+    Sigmoid,
+}
+
+impl VoiFunction {
+    const ALL: [Self; 3] = [Self::Linear, Self::LinearExact, Self::Sigmoid];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Linear => "LINEAR",
+            Self::LinearExact => "LINEAR_EXACT",
+            Self::Sigmoid => "SIGMOID",
+        }
+    }
+
+    fn apply(self, vals: &mut [f32], center: f32, width: f32) {
+        let (c, w) = (center, width);
+        match self {
+            Self::Linear => apply_window(vals, c, w),
+            Self::LinearExact => {
+                let lo = c - w / 2.0;
+                vals.iter_mut()
+                    .for_each(|v| *v = ((*v - lo) / w).clamp(0.0, 1.0));
+            }
+            Self::Sigmoid => vals
+                .iter_mut()
+                .for_each(|v| *v = 1.0 / (1.0 + (-4.0 * (*v - c) / w).exp())),
+        }
     }
 }
 

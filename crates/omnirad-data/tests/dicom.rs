@@ -968,3 +968,57 @@ fn voi_lut_tables_come_before_the_window() {
         "{err}"
     );
 }
+
+#[test]
+fn the_file_window_follows_its_voi_lut_function() {
+    // VOI LUT Function (0028,1056): SIGMOID (used by mammography and radiography vendors) and
+    // LINEAR_EXACT map the window differently from LINEAR (PS3.3 C.11.2.1.3); omnirad applied
+    // LINEAR to all. MR_small.dcm (window 600/1600) with the function set.
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let dir_guard = tmpdir("dicom-voi-function");
+    let dir = dir_guard.path();
+    let mr = data("dicom-pydicom/MR_small.dcm");
+    let hu = frames("MR_small.dcm").remove(0);
+    let with_function = |name: &str| {
+        let mut obj = dicom_object::open_file(&mr).unwrap();
+        obj.put(DataElement::new(
+            tags::VOILUT_FUNCTION,
+            VR::CS,
+            PrimitiveValue::from(name),
+        ));
+        let p = dir.join(format!("{name}.dcm"));
+        obj.write_to_file(&p).unwrap();
+        DicomFile::open(p).unwrap()
+    };
+    let (c, w) = (600.0f32, 1600.0f32);
+    type Curve = fn(f32, f32, f32) -> f32;
+    let curves: [(&str, Curve); 2] = [
+        ("SIGMOID", |v, c, w| {
+            1.0 / (1.0 + (-4.0 * (v - c) / w).exp())
+        }),
+        ("LINEAR_EXACT", |v, c, w| {
+            ((v - (c - w / 2.0)) / w).clamp(0.0, 1.0)
+        }),
+    ];
+    for (name, curve) in curves {
+        let file = with_function(name);
+        assert_eq!(file.info().window_function.as_deref(), Some(name));
+        let img = file.images(&Window::File).unwrap().remove(0).data;
+        for (got, v) in img.iter().zip(hu.iter()) {
+            assert!((got - curve(*v, c, w)).abs() < 1e-6, "{name}: {v} -> {got}");
+        }
+    }
+    // LINEAR names the default; a value DICOM does not define is an error naming it.
+    let linear = with_function("LINEAR").images(&Window::File).unwrap();
+    let default = DicomFile::open(&mr).unwrap().images(&Window::File).unwrap();
+    assert_eq!(linear[0].data, default[0].data);
+    let err = with_function("GAMMA")
+        .images(&Window::File)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("GAMMA.dcm") && err.contains("'GAMMA'"),
+        "{err}"
+    );
+}
