@@ -98,6 +98,9 @@ pub struct DicomInfo {
     pub window: Option<(f64, f64)>,
     /// The VOI LUT Function the file's window is applied with, when the file names one.
     pub window_function: Option<String>,
+    /// The modality LUT table the file has in place of a rescale: its entries and first mapped
+    /// value.
+    pub modality_lut: Option<(usize, i64)>,
     /// The VOI LUT table `Window::File` applies (before any window): its entries and first
     /// mapped value.
     pub voi_lut: Option<(usize, i64)>,
@@ -264,6 +267,7 @@ impl DicomFile {
             window_function: (self.voi_function().ok())
                 .filter(|f| *f != VoiFunction::Linear)
                 .map(|f| f.name().to_string()),
+            modality_lut: (self.modality_lut().ok().flatten()).map(|l| (l.entries.len(), l.first)),
             voi_lut: (self.voi_lut().ok().flatten()).map(|l| (l.entries.len(), l.first)),
         }
     }
@@ -322,12 +326,18 @@ impl DicomFile {
         } else {
             None
         };
-        if spp == 1 && palette.is_none() {
+        let modality_lut = if spp == 1 && palette.is_none() {
+            self.modality_lut()?
+        } else {
+            None
+        };
+        let rescale = spp == 1 && palette.is_none() && modality_lut.is_none();
+        if rescale {
             self.check_rescale()?;
         }
         let frames = pixels.number_of_frames().max(1);
         let opts = ConvertOptions::new()
-            .with_modality_lut(if spp == 1 && palette.is_none() {
+            .with_modality_lut(if rescale {
                 ModalityLutOption::Default
             } else {
                 ModalityLutOption::None
@@ -361,9 +371,10 @@ impl DicomFile {
                 if spp == 3 && pi.starts_with("YBR_FULL") {
                     ybr_full_to_rgb(&mut a);
                 }
-                Ok(match &palette {
-                    Some(p) => p.apply(&a),
-                    None => a,
+                Ok(match (&palette, &modality_lut) {
+                    (Some(p), _) => p.apply(&a),
+                    (None, Some(lut)) => a.mapv(|v| lut.get(v)),
+                    (None, None) => a,
                 })
             })
             .collect()
@@ -551,30 +562,48 @@ impl DicomFile {
         Ok(())
     }
 
-    /// The file's first VOI LUT table (VOI LUT Sequence, PS3.3 C.11.2.1.1), its entries scaled to
-    /// [0, 1] by their own range: a VOI LUT maps onto the display's whole range, and the bits per
-    /// entry its descriptor declares are often wrong in real files (16 for 12-bit data).
-    fn voi_lut(&self) -> Result<Option<Lut>> {
-        let Some(item) = (self.obj.element(tags::VOILUT_SEQUENCE).ok())
+    /// The first table of a LUT sequence (modality or VOI LUT, PS3.3 C.11.1, C.11.2): its first
+    /// mapped value and one value per entry.
+    fn table(&self, seq: Tag, name: &str) -> Result<Option<(i64, Vec<u16>)>> {
+        let Some(item) = (self.obj.element(seq).ok())
             .and_then(|e| e.items())
             .and_then(|items| items.first())
         else {
             return Ok(None);
         };
-        let bad = |what: String| {
-            DataError::invalid(&self.path, format!("VOI LUT sequence (0028,3010): {what}"))
-        };
+        let bad = |what: String| DataError::invalid(&self.path, format!("{name} {seq}: {what}"));
         let (first, bits, values) =
             read_lut(item, tags::LUT_DESCRIPTOR, tags::LUT_DATA).map_err(bad)?;
         if !(8..=16).contains(&bits) {
             return Err(bad(format!("{bits}-bit entries (8 to 16 expected)")));
         }
+        Ok(Some((first, values)))
+    }
+
+    /// The file's modality LUT table, in place of RescaleSlope/Intercept (as pydicom's
+    /// apply_modality_lut); dicom-pixeldata ignores it and returned the stored values.
+    fn modality_lut(&self) -> Result<Option<Lut>> {
+        let table = self.table(tags::MODALITY_LUT_SEQUENCE, "Modality LUT sequence")?;
+        Ok(table.map(|(first, values)| Lut {
+            first,
+            entries: values.iter().map(|&v| v as f32).collect(),
+        }))
+    }
+
+    /// The file's VOI LUT table, its entries scaled to [0, 1] by their own range: a VOI LUT maps
+    /// onto the display's whole range, and the bits per entry its descriptor declares are often
+    /// wrong in real files (16 for 12-bit data).
+    fn voi_lut(&self) -> Result<Option<Lut>> {
+        let Some((first, values)) = self.table(tags::VOILUT_SEQUENCE, "VOI LUT sequence")? else {
+            return Ok(None);
+        };
         let lo = *values.iter().min().expect("a table has entries");
         let hi = *values.iter().max().expect("a table has entries");
         if lo == hi {
-            return Err(bad(format!(
-                "every entry is {lo}: the image would be one grey"
-            )));
+            return Err(DataError::invalid(
+                &self.path,
+                format!("VOI LUT sequence (0028,3010): every entry is {lo}: the image would be one grey"),
+            ));
         }
         let scale = (hi - lo) as f32;
         let entries = values.iter().map(|&v| (v - lo) as f32 / scale).collect();

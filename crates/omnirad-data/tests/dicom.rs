@@ -1022,3 +1022,64 @@ fn the_file_window_follows_its_voi_lut_function() {
         "{err}"
     );
 }
+
+#[test]
+fn modality_lut_tables_give_the_modality_values() {
+    // A Modality LUT Sequence (0028,3000) stands in place of RescaleSlope/Intercept (PS3.3
+    // C.11.1; XA, XRF and some CR/DX); dicom-pixeldata ignores it, so omnirad returned stored
+    // values in the wrong units without a word. MR_small.dcm (stored values 127–2145, rescale
+    // 1/0) gets the table out = 3 × index + 7 over 1500 entries from 200.
+    use dicom_core::value::DataSetSequence;
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    use dicom_object::InMemDicomObject;
+    let dir_guard = tmpdir("dicom-modality-lut");
+    let dir = dir_guard.path();
+    let stored = frames("MR_small.dcm").remove(0);
+    let write = |name: &str, entries: u16, table: Vec<u16>| {
+        let mut obj = dicom_object::open_file(data("dicom-pydicom/MR_small.dcm")).unwrap();
+        let item = InMemDicomObject::from_element_iter([
+            DataElement::new(
+                tags::LUT_DESCRIPTOR,
+                VR::US,
+                PrimitiveValue::U16(vec![entries, 200, 16].into()),
+            ),
+            DataElement::new(tags::MODALITY_LUT_TYPE, VR::LO, PrimitiveValue::from("OD")),
+            DataElement::new(tags::LUT_DATA, VR::OW, PrimitiveValue::U16(table.into())),
+        ]);
+        obj.put(DataElement::new(
+            tags::MODALITY_LUT_SEQUENCE,
+            VR::SQ,
+            DataSetSequence::from(vec![item]),
+        ));
+        let p = dir.join(name);
+        obj.write_to_file(&p).unwrap();
+        DicomFile::open(p).unwrap()
+    };
+    let table: Vec<u16> = (0..1500).map(|i| 3 * i + 7).collect();
+    let file = write("lut.dcm", 1500, table.clone());
+    assert_eq!(file.info().modality_lut, Some((1500, 200)));
+    let values = file.modality_frames().unwrap().remove(0);
+    let mut ends = 0;
+    for (got, v) in values.iter().zip(stored.iter()) {
+        let i = (*v as i64 - 200).clamp(0, 1499) as usize;
+        ends += usize::from(i == 0 || i == 1499);
+        assert_eq!(*got, table[i] as f32, "stored {v}");
+    }
+    assert!(ends > 0, "the table's ends are exercised");
+    // The file's window (600/1600) applies to the table's output, as a named window does.
+    let custom = Window::Custom {
+        center: 600.0,
+        width: 1600.0,
+    };
+    let windowed = file.images(&Window::File).unwrap().remove(0).data;
+    assert_eq!(windowed, file.images(&custom).unwrap().remove(0).data);
+    let err = write("short.dcm", 1500, table[..1000].to_vec())
+        .modality_frames()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("short.dcm") && err.contains("Modality LUT sequence (0028,3000)"),
+        "{err}"
+    );
+}
