@@ -21,13 +21,14 @@ use crate::image::{apply_window, percentile_normalize, Image, Meta, Modality};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Window {
     /// The file's VOI LUT table, else its VOI window (per frame in Enhanced objects), else the
-    /// 1st–99th percentiles.
+    /// 1st–99th percentiles (without pixel padding).
     File,
     /// A named preset, see [`Window::preset`].
     Preset(&'static str, f32, f32),
     /// Explicit center / width in modality units (HU for CT).
     Custom { center: f32, width: f32 },
-    /// Clip to the given low / high percentiles of each frame.
+    /// Clip to the given low / high percentiles of each frame, leaving out the pixels the file
+    /// marks as padding (these are black).
     Percentile(f32, f32),
 }
 
@@ -627,6 +628,26 @@ impl DicomFile {
         }))
     }
 
+    /// Pixel Padding Value (0028,0120), up to the Pixel Padding Range Limit (0028,0121) when
+    /// given: stored values that mark pixels outside the image (CT's corners outside the field
+    /// of view, 21 % of 693_UNCR.dcm), as a range of modality values (through the modality LUT
+    /// table, else the first frame's rescale).
+    fn padding(&self) -> Result<Option<(f32, f32)>> {
+        let Some(pad) = self.int_tag(tags::PIXEL_PADDING_VALUE) else {
+            return Ok(None);
+        };
+        let limit = self.int_tag(tags::PIXEL_PADDING_RANGE_LIMIT).unwrap_or(pad);
+        let (a, b) = match self.modality_lut()? {
+            Some(lut) => (lut.get(pad as f32), lut.get(limit as f32)),
+            None => {
+                let info = self.info();
+                let (m, c) = (info.rescale_slope, info.rescale_intercept);
+                ((pad as f64 * m + c) as f32, (limit as f64 * m + c) as f32)
+            }
+        };
+        Ok(Some((a.min(b), a.max(b))))
+    }
+
     /// How the file's window maps values (VOI LUT Function, top level or in the functional
     /// groups' Frame VOI LUT macro).
     fn voi_function(&self) -> Result<VoiFunction> {
@@ -670,6 +691,16 @@ impl DicomFile {
         } else {
             VoiFunction::Linear
         };
+        let percentiles = match window {
+            Window::Percentile(..) => true,
+            Window::File => file_voi && voi_lut.is_none() && file_windows.is_none(),
+            _ => false,
+        };
+        let padding = if percentiles && info.samples_per_pixel == 1 && !palette {
+            self.padding()?
+        } else {
+            None
+        };
         let frames = self.modality_frames()?;
         let n = frames.len();
         let modality = self.modality();
@@ -682,6 +713,15 @@ impl DicomFile {
                 let grey = a.dim().0 == 1;
                 let vals = a.as_slice_mut().expect("standard layout");
                 if grey {
+                    // Padding is left out of the percentiles (NaN) and black in the image.
+                    let pad: Vec<usize> = match padding {
+                        Some((lo, hi)) => (vals.iter().enumerate())
+                            .filter(|(_, v)| (lo..=hi).contains(*v))
+                            .map(|(i, _)| i)
+                            .collect(),
+                        None => vec![],
+                    };
+                    pad.iter().for_each(|&i| vals[i] = f32::NAN);
                     match window {
                         Window::File => match (&voi_lut, &file_windows) {
                             (Some(lut), _) => vals.iter_mut().for_each(|v| *v = lut.get(*v)),
@@ -698,6 +738,7 @@ impl DicomFile {
                     if mono1 {
                         vals.iter_mut().for_each(|v| *v = 1.0 - *v);
                     }
+                    pad.iter().for_each(|&i| vals[i] = 0.0);
                 } else {
                     // Palette colours come on the 0–255 scale, whatever the index depth.
                     let max = if info.bits_stored > 8 && !palette {

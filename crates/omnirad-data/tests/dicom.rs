@@ -1083,3 +1083,40 @@ fn modality_lut_tables_give_the_modality_values() {
         "{err}"
     );
 }
+
+#[test]
+fn padding_is_left_out_of_percentile_windows() {
+    // 693_UNCR.dcm marks the corners outside the CT's field of view with Pixel Padding Value
+    // -2000 (HU -3024): 55 772 of its 262 144 pixels. Percentile windows counted them, so its
+    // 1st percentile was the padding and real air came out mid-grey.
+    let file = DicomFile::open(data("dicom-pydicom/693_UNCR.dcm")).unwrap();
+    let hu = frames("693_UNCR.dcm").remove(0);
+    let is_pad = |v: f32| v == -3024.0;
+    assert_eq!(hu.iter().filter(|v| is_pad(**v)).count(), 55_772);
+    let mut real: Vec<f32> = hu.iter().copied().filter(|v| !is_pad(*v)).collect();
+    real.sort_by(f32::total_cmp);
+    let at = |p: f32| real[((p / 100.0) * (real.len() - 1) as f32).round() as usize];
+    let (lo, hi) = (at(1.0), at(99.0));
+    assert!(lo > -1100.0, "the 1st percentile is air, not padding: {lo}");
+    let img = file
+        .images(&Window::Percentile(1.0, 99.0))
+        .unwrap()
+        .remove(0)
+        .data;
+    for (got, v) in img.iter().zip(hu.iter()) {
+        let want = if is_pad(*v) {
+            0.0
+        } else {
+            ((v - lo) / (hi - lo)).clamp(0.0, 1.0)
+        };
+        assert!((got - want).abs() < 1e-6, "{v}: {got} vs {want}");
+    }
+    // The file's own window is unchanged by the padding.
+    let own = file.images(&Window::File).unwrap().remove(0).data;
+    assert_eq!(file.info().window, Some((40.0, 100.0)));
+    let custom = Window::Custom {
+        center: 40.0,
+        width: 100.0,
+    };
+    assert_eq!(own, file.images(&custom).unwrap().remove(0).data);
+}
