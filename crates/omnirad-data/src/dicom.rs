@@ -238,15 +238,23 @@ impl DicomFile {
         Modality::from_dicom(&self.str_tag(tags::MODALITY).unwrap_or_default())
     }
 
-    pub fn info(&self) -> DicomInfo {
-        let (uid, name) = self.transfer_syntax();
-        // The first frame's, for objects whose values vary per frame; a bad value is left to
-        // the pixel read to report.
+    /// The first frame's slope and intercept, for objects whose values vary per frame; a bad
+    /// value is left to the pixel read to report.
+    fn first_rescale(&self) -> (f64, f64) {
         let pvt = tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE;
-        let rescale = |tag, default| match self.frame_numbers(pvt, tag, "", |_| true, "") {
+        let get = |tag, default| match self.frame_numbers(pvt, tag, "", |_| true, "") {
             Ok(Some(v)) => v[0],
             _ => default,
         };
+        (
+            get(tags::RESCALE_SLOPE, 1.0),
+            get(tags::RESCALE_INTERCEPT, 0.0),
+        )
+    }
+
+    pub fn info(&self) -> DicomInfo {
+        let (uid, name) = self.transfer_syntax();
+        let (rescale_slope, rescale_intercept) = self.first_rescale();
         DicomInfo {
             transfer_syntax_uid: uid,
             transfer_syntax: name,
@@ -262,8 +270,8 @@ impl DicomFile {
             bits_allocated: self.int_tag(tags::BITS_ALLOCATED).unwrap_or(0) as u16,
             bits_stored: self.int_tag(tags::BITS_STORED).unwrap_or(0) as u16,
             signed: self.int_tag(tags::PIXEL_REPRESENTATION) == Some(1),
-            rescale_slope: rescale(tags::RESCALE_SLOPE, 1.0),
-            rescale_intercept: rescale(tags::RESCALE_INTERCEPT, 0.0),
+            rescale_slope,
+            rescale_intercept,
             window: self.file_windows().ok().flatten().map(|w| w[0]),
             window_function: (self.voi_function().ok())
                 .filter(|f| *f != VoiFunction::Linear)
@@ -640,8 +648,7 @@ impl DicomFile {
         let (a, b) = match self.modality_lut()? {
             Some(lut) => (lut.get(pad as f32), lut.get(limit as f32)),
             None => {
-                let info = self.info();
-                let (m, c) = (info.rescale_slope, info.rescale_intercept);
+                let (m, c) = self.first_rescale();
                 ((pad as f64 * m + c) as f32, (limit as f64 * m + c) as f32)
             }
         };
@@ -677,9 +684,15 @@ impl DicomFile {
 
     /// Every frame as a [0, 1] image: window, then MONOCHROME1 inverted so that bright = dense.
     pub fn images(&self, window: &Window) -> Result<Vec<Image>> {
-        let info = self.info();
-        let palette = info.photometric_interpretation == "PALETTE COLOR";
-        let file_voi = *window == Window::File && info.samples_per_pixel == 1 && !palette;
+        // Not `info()`: that also parses every lookup table, which this reads once below.
+        let photometric = self.str_tag(tags::PHOTOMETRIC_INTERPRETATION);
+        let grey_file = self.int_tag(tags::SAMPLES_PER_PIXEL).unwrap_or(1) == 1;
+        let bits_stored = self.int_tag(tags::BITS_STORED).unwrap_or(0) as u32;
+        let anatomy = self
+            .str_tag(tags::BODY_PART_EXAMINED)
+            .map(|s| s.to_lowercase());
+        let palette = photometric.as_deref() == Some("PALETTE COLOR");
+        let file_voi = *window == Window::File && grey_file && !palette;
         let voi_lut = if file_voi { self.voi_lut()? } else { None };
         let file_windows = if file_voi && voi_lut.is_none() {
             self.file_windows()?
@@ -696,7 +709,7 @@ impl DicomFile {
             Window::File => file_voi && voi_lut.is_none() && file_windows.is_none(),
             _ => false,
         };
-        let padding = if percentiles && info.samples_per_pixel == 1 && !palette {
+        let padding = if percentiles && grey_file && !palette {
             self.padding()?
         } else {
             None
@@ -704,7 +717,7 @@ impl DicomFile {
         let frames = self.modality_frames()?;
         let n = frames.len();
         let modality = self.modality();
-        let mono1 = info.photometric_interpretation == "MONOCHROME1";
+        let mono1 = photometric.as_deref() == Some("MONOCHROME1");
         let path = self.path.display().to_string();
         Ok(frames
             .into_iter()
@@ -741,8 +754,8 @@ impl DicomFile {
                     pad.iter().for_each(|&i| vals[i] = 0.0);
                 } else {
                     // Palette colours come on the 0–255 scale, whatever the index depth.
-                    let max = if info.bits_stored > 8 && !palette {
-                        ((1u32 << info.bits_stored) - 1) as f32
+                    let max = if bits_stored > 8 && !palette {
+                        ((1u32 << bits_stored) - 1) as f32
                     } else {
                         255.0
                     };
@@ -759,7 +772,7 @@ impl DicomFile {
                     meta: Meta {
                         id,
                         modality,
-                        anatomy: info.body_part.clone().map(|s| s.to_lowercase()),
+                        anatomy: anatomy.clone(),
                         labels: vec![],
                     },
                 }
