@@ -27,7 +27,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::activation::{log_softmax, sigmoid, softmax, softplus};
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
-use ndarray::{s, Array2, Array3, ArrayView2};
+use ndarray::{Array2, Array3, ArrayView2};
 use omnirad_data::augment::{sample_rng, Augment};
 use omnirad_data::preprocess::{normalize, to_channels};
 use omnirad_data::{Image, Preprocess};
@@ -510,32 +510,39 @@ pub fn predict<B: Backend>(
 ) -> Array2<f64> {
     let mut out = Vec::new();
     let mut classes = 0;
-    let host = |p: Tensor<B, 2>| p.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
     for chunk in images.chunks(batch.max(1)) {
         let arrays: Vec<_> = chunk.par_iter().map(|im| pre.apply(im)).collect();
-        let mirrored: Option<Vec<_>> = tta.then(|| {
-            arrays
-                .iter()
-                .map(|a| a.slice(s![.., .., ..;-1]).to_owned())
-                .collect()
-        });
-        let x = batch_tensor::<B>(arrays, dev);
-        let x_mirrored = mirrored.map(|m| batch_tensor::<B>(m, dev));
-        let mut sum: Vec<f64> = Vec::new();
-        for model in models {
-            let p = model.probabilities(x.clone(), multi);
-            classes = p.dims()[1];
-            let mut p = host(p);
-            if let Some(m) = &x_mirrored {
-                let q = host(model.probabilities(m.clone(), multi));
-                p.iter_mut().zip(q).for_each(|(a, b)| *a = 0.5 * (*a + b));
-            }
-            sum.resize(p.len(), 0.0);
-            sum.iter_mut().zip(p).for_each(|(s, v)| *s += f64::from(v));
-        }
-        out.extend(sum.into_iter().map(|s| s / models.len() as f64));
+        let p = batch_probabilities(models, batch_tensor::<B>(arrays, dev), multi, tta);
+        classes = p.ncols();
+        out.extend(p);
     }
     Array2::from_shape_vec((images.len(), classes), out).expect("n × classes")
+}
+
+/// [`predict`] of one model-ready batch `x` [N, C, H, W]: class probabilities [N, classes].
+pub fn batch_probabilities<B: Backend>(
+    models: &[Classifier<B>],
+    x: Tensor<B, 4>,
+    multi: bool,
+    tta: bool,
+) -> Array2<f64> {
+    let host = |p: Tensor<B, 2>| p.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+    let n = x.dims()[0];
+    let mirrored = tta.then(|| x.clone().flip([3]));
+    let mut sum: Vec<f64> = Vec::new();
+    for model in models {
+        let mut p = host(model.probabilities(x.clone(), multi));
+        if let Some(m) = &mirrored {
+            let q = host(model.probabilities(m.clone(), multi));
+            p.iter_mut().zip(q).for_each(|(a, b)| *a = 0.5 * (*a + b));
+        }
+        sum.resize(p.len(), 0.0);
+        sum.iter_mut().zip(p).for_each(|(s, v)| *s += f64::from(v));
+    }
+    let classes = sum.len() / n.max(1);
+    let k = models.len() as f64;
+    Array2::from_shape_vec((n, classes), sum.into_iter().map(|s| s / k).collect())
+        .expect("n × classes")
 }
 
 /// The best epoch of a phase so far: its val metrics and model.

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::device::{parse_device, resolve_model, Device};
-use crate::embed::{embed_items, write_embeddings, EmbedJob, Pool};
+use crate::embed::{embed_items, write_embeddings, BatchJob, Pool};
 use crate::ReadArgs;
 
 #[derive(Args, Debug)]
@@ -190,13 +190,12 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             cfg.preprocess.size,
             cfg.preprocess.channels
         );
-        let job = EmbedJob {
+        let job = BatchJob {
             read: &read,
-            pool: Pool::ClsMean,
             batch: 32,
             strict: false,
         };
-        embed_items::<B>(&vit, &cfg.preprocess, items, &job, &dev)?
+        embed_items::<B>(&vit, &cfg.preprocess, items, &job, Pool::ClsMean, &dev)?
     });
     let out = a.out.join("embeddings.npy");
     write_embeddings(&out, &e)?;

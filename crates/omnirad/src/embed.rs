@@ -62,13 +62,14 @@ pub struct EmbedArgs {
     pub read: ReadArgs,
 }
 
-pub struct Embeddings {
+/// One row of values (an embedding, class probabilities) per image, and the items that failed.
+pub struct Rows {
     pub values: Array2<f32>,
     pub metas: Vec<Meta>,
     pub failed: Vec<(String, String)>,
 }
 
-impl Embeddings {
+impl Rows {
     /// The items' labels as [N, L], when every item has the same number L ≥ 1 of them.
     pub fn labels(&self) -> Option<Array2<i64>> {
         let l = self.metas.first().map_or(0, |m| m.labels.len());
@@ -96,10 +97,9 @@ pub fn pool<B: Backend>(vit: &Vit<B>, x: Tensor<B, 4>, pool: Pool) -> Tensor<B, 
     }
 }
 
-/// How to run an embedding job over a list of items.
-pub struct EmbedJob<'a> {
+/// How to run a job over a list of items.
+pub struct BatchJob<'a> {
     pub read: &'a ReadOptions,
-    pub pool: Pool,
     pub batch: usize,
     /// Stop at the first unreadable item.
     pub strict: bool,
@@ -110,10 +110,11 @@ pub fn embed_items<B: Backend>(
     vit: &Vit<B>,
     pre: &Preprocess,
     items: Vec<Item>,
-    job: &EmbedJob,
+    job: &BatchJob,
+    mode: Pool,
     device: &B::Device,
-) -> Result<Embeddings> {
-    let e = embed_resumable(vit, pre, items, job, None, device)?;
+) -> Result<Rows> {
+    let e = embed_resumable(vit, pre, items, job, mode, None, device)?;
     Ok(e.expect("only parts stop a job early"))
 }
 
@@ -123,11 +124,36 @@ pub fn embed_resumable<B: Backend>(
     vit: &Vit<B>,
     pre: &Preprocess,
     items: Vec<Item>,
-    job: &EmbedJob,
+    job: &BatchJob,
+    mode: Pool,
     parts: Option<&Parts>,
     device: &B::Device,
-) -> Result<Option<Embeddings>> {
-    let (read, mode, batch, strict) = (job.read, job.pool, job.batch, job.strict);
+) -> Result<Option<Rows>> {
+    map_items(pre, items, job, parts, device, "embed", |x| {
+        let e = pool(vit, x, mode);
+        let dim = e.dims()[1];
+        let v = e
+            .into_data()
+            .to_vec()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        Ok((v, dim))
+    })
+}
+
+/// The rows `rows` gives each batch of the items' images (model-ready [N, C, S, S] tensors),
+/// decoded in parallel one batch ahead, with a progress bar; finished batches are kept in
+/// `parts` (every 30 s and when stopping), and a rerun continues after them. None when stopped
+/// by `parts.stop_after` before the last item.
+pub fn map_items<B: Backend>(
+    pre: &Preprocess,
+    items: Vec<Item>,
+    job: &BatchJob,
+    parts: Option<&Parts>,
+    device: &B::Device,
+    what: &str,
+    mut rows: impl FnMut(Tensor<B, 4>) -> Result<(Vec<f32>, usize)>,
+) -> Result<Option<Rows>> {
+    let (read, batch, strict) = (job.read, job.batch, job.strict);
     let n = items.len();
     let key = parts.map(|p| p.key(&items)).unwrap_or_default();
     let done = match parts {
@@ -147,9 +173,9 @@ pub fn embed_resumable<B: Backend>(
         .and_then(|p| p.stop_after)
         .map_or(n, |s| s.clamp(done.items, n));
     let bar = ProgressBar::new(n as u64).with_style(
-        ProgressStyle::with_template(
-            "{spinner} embed [{bar:30}] {pos}/{len} items {per_sec} eta {eta}",
-        )
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} items {{per_sec}} eta {{eta}}"
+        ))
         .expect("valid template")
         .progress_chars("=> "),
     );
@@ -193,7 +219,10 @@ pub fn embed_resumable<B: Backend>(
         pos += b.items;
         if strict {
             if let Some((id, err)) = b.failed.first() {
-                bail!("{id}: {err}");
+                if err.contains(id.as_str()) {
+                    bail!("{err} (--strict)");
+                }
+                bail!("{id}: {err} (--strict)");
             }
         }
         failed.extend(b.failed);
@@ -206,18 +235,14 @@ pub fn embed_resumable<B: Backend>(
                     [m.len(), b.shape[1], b.shape[2], b.shape[3]],
                     device,
                 );
-                let e = pool(vit, x, mode);
-                dim = e.dims()[1];
-                let v: Vec<f32> = e
-                    .into_data()
-                    .to_vec()
-                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let (v, d) = rows(x)?;
                 if v.iter().any(|x| !x.is_finite()) {
                     bail!(
-                        "the model produced NaN/Inf embeddings (batch starting at {})",
+                        "the model produced NaN/Inf values (batch starting at {})",
                         m[0].id
                     );
                 }
+                dim = d;
                 values.extend(v);
             }
             metas.extend(b.metas);
@@ -232,7 +257,7 @@ pub fn embed_resumable<B: Backend>(
     }
     bar.finish_and_clear();
     let values = Array2::from_shape_vec((metas.len(), dim), values).expect("one row per image");
-    Ok(Some(Embeddings {
+    Ok(Some(Rows {
         values,
         metas,
         failed,
@@ -253,7 +278,7 @@ fn labels_text(m: &Meta) -> String {
 }
 
 /// Writes `.npy` (+ `.meta.csv`, `.labels.npy`) or `.csv`, and `.failed.txt` when items failed.
-pub fn write_embeddings(out: &Path, e: &Embeddings) -> Result<()> {
+pub fn write_embeddings(out: &Path, e: &Rows) -> Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -308,18 +333,54 @@ pub fn write_embeddings(out: &Path, e: &Embeddings) -> Result<()> {
         })?,
         _ => bail!("{}: output must end in .npy or .csv", out.display()),
     }
-    if !e.failed.is_empty() {
-        let text: String = e
-            .failed
-            .iter()
-            .map(|(id, err)| format!("{id}\t{err}\n"))
-            .collect();
-        crate::atomic::write(&sidecar(out, "failed.txt"), text)?;
-    }
-    Ok(())
+    write_failed(out, &e.failed)
 }
 
-fn csv_field(s: &str) -> String {
+/// `OUT.failed.txt` (id, tab, error per line) beside the output `out`, when items failed.
+pub fn write_failed(out: &Path, failed: &[(String, String)]) -> Result<()> {
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let text: String = failed
+        .iter()
+        .map(|(id, err)| format!("{id}\t{err}\n"))
+        .collect();
+    crate::atomic::write(&sidecar(out, "failed.txt"), text)
+}
+
+/// Names the first failures on stderr (and where they are all listed, with an output file).
+pub fn report_failed(out: Option<&Path>, failed: &[(String, String)]) {
+    if failed.is_empty() {
+        return;
+    }
+    match out {
+        Some(out) => eprintln!(
+            "{} item(s) could not be read (listed in {}):",
+            failed.len(),
+            sidecar(out, "failed.txt").display()
+        ),
+        None => eprintln!("{} item(s) could not be read:", failed.len()),
+    }
+    for (id, err) in failed.iter().take(10) {
+        if err.contains(id.as_str()) {
+            eprintln!("  {err}");
+        } else {
+            eprintln!("  {id}: {err}");
+        }
+    }
+}
+
+/// Says how many files under `input` a folder scan passed over as holding no image.
+pub fn note_skipped(input: &Path, skipped: usize) {
+    if skipped > 0 {
+        eprintln!(
+            "note: skipped {skipped} file(s) under {} that hold no image (other file types; DICOM objects such as DICOMDIR, reports, presentation states, segmentations)",
+            input.display()
+        );
+    }
+}
+
+pub(crate) fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
@@ -334,12 +395,7 @@ pub fn run(a: &EmbedArgs) -> Result<()> {
     }
     let read = a.read.options();
     let (items, skipped) = discover(&a.input, read.split)?;
-    if skipped > 0 {
-        eprintln!(
-            "note: skipped {skipped} file(s) under {} that hold no image (other file types; DICOM objects such as DICOMDIR, reports, presentation states, segmentations)",
-            a.input.display()
-        );
-    }
+    note_skipped(&a.input, skipped);
     let t0 = std::time::Instant::now();
     let parts = Parts {
         dir: crate::embed_parts::dir_for(&a.out),
@@ -358,13 +414,20 @@ pub fn run(a: &EmbedArgs) -> Result<()> {
     let e = crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
         let vit = vit.with_precision(a.dtype);
-        let job = EmbedJob {
+        let job = BatchJob {
             read: &read,
-            pool: a.pool,
             batch: a.batch,
             strict: a.strict,
         };
-        embed_resumable::<B>(&vit, &cfg.preprocess, items, &job, Some(&parts), &dev)?
+        embed_resumable::<B>(
+            &vit,
+            &cfg.preprocess,
+            items,
+            &job,
+            a.pool,
+            Some(&parts),
+            &dev,
+        )?
     });
     let Some(e) = e else {
         eprintln!("{}", parts.stopped_message());
@@ -380,20 +443,7 @@ pub fn run(a: &EmbedArgs) -> Result<()> {
         e.values.ncols(),
         t0.elapsed().as_secs_f64()
     );
-    if !e.failed.is_empty() {
-        eprintln!(
-            "{} item(s) could not be read (listed in {}):",
-            e.failed.len(),
-            sidecar(&a.out, "failed.txt").display()
-        );
-        for (id, err) in e.failed.iter().take(10) {
-            if err.contains(id.as_str()) {
-                eprintln!("  {err}");
-            } else {
-                eprintln!("  {id}: {err}");
-            }
-        }
-    }
+    report_failed(Some(&a.out), &e.failed);
     if e.metas.is_empty() {
         bail!("no image could be read from {}", a.input.display());
     }

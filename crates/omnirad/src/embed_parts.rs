@@ -1,5 +1,6 @@
-//! An embedding job's finished batches on disk (`OUT.parts/`), so a long job over a large
-//! archive that is stopped (`--stop-after`) or killed continues where it was when run again.
+//! An embedding or prediction job's finished batches on disk (`OUT.parts/`), so a long job
+//! over a large archive that is stopped (`--stop-after`) or killed continues where it was when
+//! run again.
 //! Parts are written every 30 s and when the job stops: `part-FIRST.npy` (the rows) and
 //! `part-FIRST.json` (which items they cover, their metadata and failures). The JSON is written
 //! last, so a part without it does not count. A part is reused only under the same job key
@@ -72,7 +73,7 @@ impl Parts {
                 Some(info) if info.key == key => infos.push(info),
                 Some(_) => {
                     eprintln!(
-                        "{}: parts of another embedding job (other settings or inputs); starting over",
+                        "{}: parts of another job (other settings or inputs); starting over",
                         self.dir.display()
                     );
                     std::fs::remove_dir_all(&self.dir)

@@ -16,7 +16,6 @@
 //!                        and head.safetensors, in place of OUT's
 //! ```
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -33,12 +32,14 @@ use omnirad_model::{
     f32_tensors, load_model_dir, save_model_dir, write_f32_safetensors, ModelConfig, Vit,
 };
 use omnirad_train::finetune::{
-    finetune, load_state, predict, save_state, ClassWeight, Classifier, FinetuneConfig,
-    FinetuneResult, LabelledImages, Selection, Views,
+    batch_probabilities, finetune, load_state, predict, save_state, ClassWeight, Classifier,
+    FinetuneConfig, FinetuneResult, LabelledImages, Selection, Views,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::device::{parse_device, resolve_model, Device};
+use crate::device::{parse_device, resolve_model, stamp, Device};
+use crate::embed::{csv_field, map_items, report_failed, write_failed, BatchJob};
+use crate::embed_parts::Parts;
 use crate::run_dir::RunDir;
 use crate::ReadArgs;
 
@@ -929,7 +930,9 @@ pub struct PredictArgs {
     /// File, folder, CSV manifest or npz (DICOM, NIfTI, PNG/JPEG, …).
     #[arg(long)]
     pub input: PathBuf,
-    /// Write a CSV (id, p_0, …, p_{C−1}) here instead of printing it.
+    /// Write the CSV (id, p_0, …, p_{C−1}, predicted) here instead of printing it; unreadable
+    /// items are listed in OUT.failed.txt, and finished batches kept in OUT.parts/ so that a
+    /// killed or stopped job continues when run again.
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[arg(long, default_value_t = 32, value_parser = crate::bounded_count)]
@@ -937,71 +940,134 @@ pub struct PredictArgs {
     /// Stop at the first unreadable item instead of skipping and listing it.
     #[arg(long)]
     pub strict: bool,
+    /// With --out: stop after this many input items (finished batches stay in OUT.parts/; the
+    /// same command run again continues after them).
+    #[arg(long, requires = "out")]
+    pub stop_after: Option<usize>,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     #[command(flatten)]
     pub read: ReadArgs,
 }
 
+/// The bundle's class names (MedMNIST's label table), or the class numbers.
+fn class_names(bundle: &Bundle) -> Vec<String> {
+    match MedMnistInfo::get(&bundle.dataset) {
+        Some(info) if info.num_classes() == bundle.classes => {
+            info.labels.iter().map(|l| l.to_string()).collect()
+        }
+        _ => (0..bundle.classes).map(|c| c.to_string()).collect(),
+    }
+}
+
+/// Size and time stamps of the files `load_bundle` reads, for the resume key.
+fn bundle_stamps(dir: &Path, bundle: &Bundle) -> Vec<Option<String>> {
+    let models: Vec<PathBuf> = if bundle.ensemble.is_empty() {
+        vec![dir.to_path_buf()]
+    } else {
+        (1..=bundle.ensemble.len())
+            .map(|k| member_dir(dir, k))
+            .collect()
+    };
+    let mut stamps = vec![stamp(&dir.join("bundle.json"))];
+    for m in models {
+        for f in [
+            "head.safetensors",
+            "encoder/config.json",
+            "encoder/model.safetensors",
+        ] {
+            stamps.push(stamp(&m.join(f)));
+        }
+    }
+    stamps
+}
+
 pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
-    crate::with_backend!(a.device, |B, dev| {
+    let read = a.read.options();
+    let job = BatchJob {
+        read: &read,
+        batch: a.batch,
+        strict: a.strict,
+    };
+    let (rows, bundle, parts) = crate::with_backend!(a.device, |B, dev| {
         let (models, cfg, bundle) = load_bundle::<B>(&a.model, &dev)?;
-        let (items, _) = discover(&a.input, a.read.split)?;
-        let read = a.read.options();
-        let mut ids = Vec::new();
-        let mut images = Vec::new();
-        let mut failed: HashMap<String, String> = HashMap::new();
-        for item in &items {
-            match item.load(&read) {
-                Ok(imgs) => {
-                    for im in imgs {
-                        ids.push(im.meta.id.clone());
-                        images.push(im);
-                    }
-                }
-                Err(e) if !a.strict => {
-                    failed.insert(item.id(), e.to_string());
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("reading {} (--strict)", item.id()))
-                }
-            }
-        }
-        for (id, why) in &failed {
-            eprintln!("skipped {id}: {why}");
-        }
-        if images.is_empty() {
-            bail!("{}: no readable images", a.input.display());
-        }
-        let multi = bundle.task == "multilabel";
-        let p = predict(
-            &models,
-            &images,
+        let (items, skipped) = discover(&a.input, read.split)?;
+        crate::embed::note_skipped(&a.input, skipped);
+        let parts = a.out.as_ref().map(|out| Parts {
+            dir: crate::embed_parts::dir_for(out),
+            settings: format!(
+                "predict|{}|{:?}|{:?}|{:?}",
+                a.model.display(),
+                bundle_stamps(&a.model, &bundle),
+                a.device,
+                read
+            ),
+            stop_after: a.stop_after,
+        });
+        let (multi, tta) = (bundle.task == "multilabel", bundle.finetune.tta);
+        let rows = map_items::<B>(
             &cfg.preprocess,
-            multi,
-            a.batch,
-            bundle.finetune.tta,
+            items,
+            &job,
+            parts.as_ref(),
             &dev,
-        );
-        let mut csv = String::from("id");
-        for c in 0..bundle.classes {
-            csv.push_str(&format!(",p_{c}"));
-        }
-        csv.push('\n');
-        for (i, id) in ids.iter().enumerate() {
-            csv.push_str(&id.replace(',', ";"));
-            for c in 0..bundle.classes {
-                csv.push_str(&format!(",{:.6}", p[[i, c]]));
+            "predict",
+            |x| {
+                let p = batch_probabilities(&models, x, multi, tta);
+                Ok((p.iter().map(|&v| v as f32).collect(), p.ncols()))
+            },
+        )?;
+        (rows, bundle, parts)
+    });
+    let Some(rows) = rows else {
+        let parts = parts.expect("only parts stop a job early");
+        eprintln!("{}", parts.stopped_message());
+        return Ok(());
+    };
+    let names = class_names(&bundle);
+    let multi = bundle.task == "multilabel";
+    let mut csv = String::from("id");
+    (0..bundle.classes).for_each(|c| csv.push_str(&format!(",p_{c}")));
+    csv.push_str(",predicted\n");
+    for (m, p) in rows.metas.iter().zip(rows.values.rows()) {
+        csv.push_str(&csv_field(&m.id));
+        p.iter().for_each(|v| csv.push_str(&format!(",{v:.6}")));
+        let predicted = if multi {
+            let on: Vec<&str> = (0..p.len())
+                .filter(|&c| p[c] >= 0.5)
+                .map(|c| names[c].as_str())
+                .collect();
+            on.join(";")
+        } else {
+            let best = (0..p.len()).fold(0, |b, c| if p[c] > p[b] { c } else { b });
+            names[best].clone()
+        };
+        csv.push_str(&format!(",{}\n", csv_field(&predicted)));
+    }
+    let classes: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(c, n)| format!("p_{c} = {n}"))
+        .collect();
+    eprintln!("{}: {}", bundle.dataset, classes.join(", "));
+    match &a.out {
+        Some(out) => {
+            crate::atomic::write(out, &csv)?;
+            write_failed(out, &rows.failed)?;
+            if let Some(p) = &parts {
+                p.remove();
             }
-            csv.push('\n');
+            eprintln!(
+                "{} predictions written to {}",
+                rows.metas.len(),
+                out.display()
+            );
         }
-        match &a.out {
-            Some(out) => {
-                crate::atomic::write(out, &csv)?;
-                eprintln!("{} predictions written to {}", ids.len(), out.display());
-            }
-            None => print!("{csv}"),
-        }
-        Ok(())
-    })
+        None => print!("{csv}"),
+    }
+    report_failed(a.out.as_deref(), &rows.failed);
+    if rows.metas.is_empty() {
+        bail!("{}: no readable images", a.input.display());
+    }
+    Ok(())
 }

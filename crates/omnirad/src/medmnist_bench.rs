@@ -24,7 +24,7 @@ use omnirad_train::{linear_probe, ProbeConfig};
 use serde_json::json;
 
 use crate::device::{model_stamps, parse_device, resolve_model, stamp, Device};
-use crate::embed::{embed_items, write_embeddings, EmbedJob, Embeddings, Pool};
+use crate::embed::{embed_items, write_embeddings, BatchJob, Pool, Rows};
 use crate::finetune::{Members, Scored};
 use crate::run_log::RunLog;
 
@@ -167,7 +167,7 @@ fn run_id(dataset: &str, file: &Path, seed: u64) -> (String, String) {
     )
 }
 
-fn read_cached(stem: &Path) -> Result<Embeddings> {
+fn read_cached(stem: &Path) -> Result<Rows> {
     let values: Array2<f32> = read_npy(&stem.with_extension("npy"))?;
     let labels: Array2<i64> = read_npy(Path::new(&format!("{}.labels.npy", stem.display())))?;
     if labels.nrows() != values.nrows() {
@@ -181,7 +181,7 @@ fn read_cached(stem: &Path) -> Result<Embeddings> {
             ..Default::default()
         })
         .collect();
-    Ok(Embeddings {
+    Ok(Rows {
         values,
         metas,
         failed: vec![],
@@ -379,7 +379,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                     runs.push((seed, m));
                 }
             } else if !todo.is_empty() {
-                let embed = |split: Split| -> Result<Embeddings> {
+                let embed = |split: Split| -> Result<Rows> {
                     let key = a
                         .cache
                         .as_ref()
@@ -541,22 +541,21 @@ fn embed_split<B: Backend>(
     pool: Pool,
     batch: usize,
     dev: &B::Device,
-) -> Result<Embeddings> {
+) -> Result<Rows> {
     let read = ReadOptions {
         split,
         ..Default::default()
     };
     let (items, _) = discover(file, split)?;
-    let job = EmbedJob {
+    let job = BatchJob {
         read: &read,
-        pool,
         batch,
         strict: true,
     };
-    embed_items::<B>(vit, pre, items, &job, dev)
+    embed_items::<B>(vit, pre, items, &job, pool, dev)
 }
 
-fn labels(e: &Embeddings) -> Result<Array2<i64>> {
+fn labels(e: &Rows) -> Result<Array2<i64>> {
     e.labels().context("a split without labelled images")
 }
 

@@ -19,7 +19,7 @@ use omnirad_eval::retrieval::{retrieval_scores, Gallery};
 use serde::{Deserialize, Serialize};
 
 use crate::device::{model_stamps, parse_device, resolve_model, Device};
-use crate::embed::{embed_items, embed_resumable, EmbedJob, Embeddings, Pool};
+use crate::embed::{embed_items, embed_resumable, BatchJob, Pool, Rows};
 use crate::embed_parts::Parts;
 use crate::ReadArgs;
 
@@ -79,16 +79,15 @@ fn discover_inputs(inputs: &[PathBuf], split: Split) -> Result<Vec<Vec<Item>>> {
     Ok(lists)
 }
 
-fn encode_job<'a>(e: &EncodeArgs, opts: &'a ReadOptions) -> EmbedJob<'a> {
-    EmbedJob {
+fn encode_job<'a>(e: &EncodeArgs, opts: &'a ReadOptions) -> BatchJob<'a> {
+    BatchJob {
         read: opts,
-        pool: e.pool,
         batch: e.batch.max(1),
         strict: e.strict,
     }
 }
 
-fn report_skipped(emb: &Embeddings) {
+fn report_skipped(emb: &Rows) {
     for (id, why) in emb.failed.iter().take(10) {
         eprintln!("skipped {id}: {why}");
     }
@@ -101,7 +100,7 @@ pub fn embed_inputs(
     inputs: &[PathBuf],
     read: &ReadArgs,
     split: Split,
-) -> Result<Vec<Embeddings>> {
+) -> Result<Vec<Rows>> {
     let mut opts = read.options();
     opts.split = split;
     let lists = discover_inputs(inputs, split)?;
@@ -111,7 +110,7 @@ pub fn embed_inputs(
         let job = encode_job(e, &opts);
         let mut out = Vec::new();
         for items in lists {
-            let emb = embed_items::<B>(&vit, &cfg.preprocess, items, &job, &dev)?;
+            let emb = embed_items::<B>(&vit, &cfg.preprocess, items, &job, e.pool, &dev)?;
             report_skipped(&emb);
             out.push(emb);
         }
@@ -194,7 +193,15 @@ pub fn build_cmd(a: &IndexBuildArgs) -> Result<()> {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.enc.seed)?;
         let vit = vit.with_precision(a.enc.dtype);
         let job = encode_job(&a.enc, &opts);
-        embed_resumable::<B>(&vit, &cfg.preprocess, items, &job, Some(&parts), &dev)?
+        embed_resumable::<B>(
+            &vit,
+            &cfg.preprocess,
+            items,
+            &job,
+            a.enc.pool,
+            Some(&parts),
+            &dev,
+        )?
     });
     let Some(emb) = emb else {
         eprintln!("{}", parts.stopped_message());

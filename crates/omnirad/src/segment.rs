@@ -333,6 +333,7 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
         let overlays = a.out.join("overlays");
         std::fs::create_dir_all(&overlays)?;
         let mut drawn = 0;
+        let mut names = OutputNames::new(None);
         let run = RunDir::new(&a.out, a.resume, a.stop_after);
         let Some((r, test)) = fit(
             vit,
@@ -344,9 +345,11 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
             |s, pred| {
                 if drawn < a.overlays {
                     drawn += 1;
-                    let path = overlays.join(format!("{}.png", file_stem(&s.image.meta.id)));
-                    if let Err(e) = write_overlay(&s.image.data, Some(&s.mask), pred, &path) {
-                        eprintln!("overlay {}: {e}", path.display());
+                    let name = names.name(&s.image.meta.id);
+                    let written = output_path(&overlays, &name, ".png")
+                        .and_then(|path| write_overlay(&s.image.data, Some(&s.mask), pred, &path));
+                    if let Err(e) = written {
+                        eprintln!("overlay {}: {e:#}", name.display());
                     }
                 }
             },
@@ -383,15 +386,84 @@ fn report_failed(s: &SegSplits) {
     }
 }
 
-fn file_stem(id: &str) -> String {
-    Path::new(id)
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("image")
-        .replace(
-            |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
-            "_",
-        )
+/// Output file names unique within one folder, from image ids: the file's path below `root`
+/// (subfolders kept; with no root, its name alone) without its extension, then what the id adds after the file (`#3` for a
+/// frame, `#axial12` for a slice, `:test[3]` for an npz row); characters other than ASCII
+/// letters, digits, `-` and `_` become `_`. A name already given (two files that differ only
+/// there, or in their extension) gets `_2`, `_3`, … in the order asked.
+struct OutputNames {
+    root: Option<PathBuf>,
+    used: std::collections::HashSet<PathBuf>,
+}
+
+impl OutputNames {
+    fn new(root: Option<&Path>) -> Self {
+        Self {
+            root: root.map(Path::to_path_buf),
+            used: Default::default(),
+        }
+    }
+
+    fn name(&mut self, id: &str) -> PathBuf {
+        let clean = |t: &str| {
+            t.replace(
+                |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
+                "_",
+            )
+        };
+        // The file is the longest prefix of the id that names one (ids of files with no frames
+        // are the path itself).
+        let cut = std::iter::once(id.len())
+            .chain(id.rmatch_indices(['#', ':']).map(|(i, _)| i))
+            .find(|&i| Path::new(&id[..i]).is_file())
+            .unwrap_or(id.len());
+        let (file, extra) = id.split_at(cut);
+        let file = Path::new(file);
+        let rel = match self.root.as_ref().and_then(|r| file.strip_prefix(r).ok()) {
+            Some(r) if !r.as_os_str().is_empty() => r,
+            _ => Path::new(file.file_name().unwrap_or(file.as_os_str())),
+        };
+        let mut name = PathBuf::new();
+        let parts: Vec<_> = rel.iter().filter_map(|c| c.to_str()).collect();
+        for (k, part) in parts.iter().enumerate() {
+            if k + 1 < parts.len() {
+                name.push(clean(part));
+                continue;
+            }
+            let stem = part
+                .strip_suffix(".nii.gz")
+                .or_else(|| Path::new(part).file_stem().and_then(|s| s.to_str()))
+                .unwrap_or(part);
+            let extra = clean(extra.trim_start_matches(['#', ':']));
+            let extra = extra.trim_end_matches('_');
+            name.push(if extra.is_empty() {
+                clean(stem)
+            } else {
+                format!("{}_{extra}", clean(stem))
+            });
+        }
+        if name.as_os_str().is_empty() {
+            name.push("image");
+        }
+        let mut unique = name.clone();
+        for k in 2.. {
+            if self.used.insert(unique.clone()) {
+                break;
+            }
+            unique = PathBuf::from(format!("{}_{k}", name.display()));
+        }
+        unique
+    }
+}
+
+/// `dir/NAME{suffix}` for an [`OutputNames`] name, creating its subfolders.
+fn output_path(dir: &Path, name: &Path, suffix: &str) -> Result<PathBuf> {
+    let path = dir.join(format!("{}{suffix}", name.display()));
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    Ok(path)
 }
 
 fn save_bundle<B: Backend>(
@@ -501,7 +573,9 @@ pub struct PredictArgs {
     /// File or folder (PNG/JPEG/TIFF, DICOM, NIfTI slices, npz split).
     #[arg(long)]
     pub input: PathBuf,
-    /// Writes <name>_mask.png (class k as grey k·255/(C−1)) and <name>_overlay.png.
+    /// Writes NAME_mask.png (class k as grey k·255/(C−1)) and NAME_overlay.png per image, NAME
+    /// being its path below --input (subfolders kept); masks.csv maps ids to them, and
+    /// masks.failed.txt lists unreadable files.
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long)]
@@ -515,23 +589,26 @@ pub struct PredictArgs {
 pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
     crate::with_backend!(a.device, |B, dev| {
         let (m, cfg, b) = load_bundle::<B>(&a.model, &dev)?;
-        let (items, _) = discover(&a.input, a.read.split)?;
+        let (items, skipped) = discover(&a.input, a.read.split)?;
+        crate::embed::note_skipped(&a.input, skipped);
         std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
         let read = a.read.options();
-        let (mut done, mut failed) = (0, 0);
+        let mut names = OutputNames::new(Some(&a.input));
+        let mut index = String::from("id,mask,overlay\n");
+        let mut failed = Vec::new();
+        let mut done = 0;
         for item in &items {
             let images = match item.load(&read) {
                 Ok(v) => v,
                 Err(e) if !a.strict => {
-                    eprintln!("skipped {}: {e}", item.id());
-                    failed += 1;
+                    failed.push((item.id(), e.to_string()));
                     continue;
                 }
                 Err(e) => {
                     return Err(e).with_context(|| format!("reading {} (--strict)", item.id()))
                 }
             };
-            for (k, im) in images.iter().enumerate() {
+            for im in &images {
                 let p = predict_probs(
                     &m,
                     &im.data,
@@ -542,10 +619,6 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
                     &dev,
                 );
                 let pred = argmax(&p);
-                let mut stem = file_stem(&im.meta.id);
-                if images.len() > 1 {
-                    stem = format!("{stem}_{k:04}");
-                }
                 let scale = 255 / (b.head.classes - 1).max(1) as u32;
                 let grey =
                     image::GrayImage::from_fn(pred.ncols() as u32, pred.nrows() as u32, |x, y| {
@@ -553,20 +626,30 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
                             [(pred[[y as usize, x as usize]] as u32 * scale).min(255) as u8],
                         )
                     });
-                save_png(&grey, &a.out.join(format!("{stem}_mask.png")))?;
+                let name = names.name(&im.meta.id);
+                save_png(&grey, &output_path(&a.out, &name, "_mask.png")?)?;
                 write_overlay(
                     &im.data,
                     None,
                     &pred,
-                    &a.out.join(format!("{stem}_overlay.png")),
+                    &output_path(&a.out, &name, "_overlay.png")?,
                 )?;
+                index.push_str(&format!(
+                    "{},{}_mask.png,{}_overlay.png\n",
+                    crate::embed::csv_field(&im.meta.id),
+                    crate::embed::csv_field(&name.display().to_string()),
+                    crate::embed::csv_field(&name.display().to_string()),
+                ));
                 done += 1;
             }
         }
+        crate::atomic::write(&a.out.join("masks.csv"), &index)?;
+        crate::embed::write_failed(&a.out.join("masks.csv"), &failed)?;
         eprintln!(
-            "{done} masks written to {} ({failed} items skipped)",
+            "{done} masks written to {} (listed in masks.csv)",
             a.out.display()
         );
+        crate::embed::report_failed(Some(&a.out.join("masks.csv")), &failed);
         if done == 0 {
             bail!("{}: no readable images", a.input.display());
         }

@@ -289,10 +289,7 @@ fn embed_stopped_or_interrupted_continues_to_the_same_output() {
     let (ok, _, err) = run("other.npy", &["--stop-after", "5"]);
     assert!(ok, "{err}");
     let (ok, _, err) = run("other.npy", &["--pool", "mean"]);
-    assert!(
-        ok && err.contains("parts of another embedding job"),
-        "{err}"
-    );
+    assert!(ok && err.contains("parts of another job"), "{err}");
     let rows = |p: &str| {
         let a: ndarray::Array2<f32> = ndarray_npy::read_npy(d.join(p)).unwrap();
         a
@@ -1215,12 +1212,66 @@ fn finetune_writes_a_bundle_that_predicts() {
     ]);
     assert!(ok, "{err}");
     let text = std::fs::read_to_string(&csv).unwrap();
-    assert_eq!(text.lines().next().unwrap(), "id,p_0,p_1");
+    assert_eq!(text.lines().next().unwrap(), "id,p_0,p_1,predicted");
     assert_eq!(text.lines().count(), 157);
     for l in text.lines().skip(1) {
-        let p: Vec<f64> = l.split(',').skip(1).map(|v| v.parse().unwrap()).collect();
-        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{l}");
+        let p = probabilities(l);
+        assert!(
+            p.len() == 2 && (p.iter().sum::<f64>() - 1.0).abs() < 1e-4,
+            "{l}"
+        );
+        // The more probable class by its MedMNIST name (quoted: it holds a comma).
+        let name = if p[0] > p[1] {
+            ",malignant"
+        } else {
+            ",\"normal, benign\""
+        };
+        assert!(l.ends_with(name), "{l}");
     }
+    // A folder with a multi-frame file and a truncated one, stopped after two items and run
+    // again, gives what one uninterrupted run gives: a row per frame, the bad file listed.
+    let folder = d.join("cases");
+    std::fs::create_dir_all(&folder).unwrap();
+    for f in ["CT_small.dcm", "MR_small.dcm", "emri_small.dcm"] {
+        std::fs::copy(data("dicom-pydicom").join(f), folder.join(f)).unwrap();
+    }
+    let ct = std::fs::read(data("dicom-pydicom/CT_small.dcm")).unwrap();
+    std::fs::write(folder.join("cut.dcm"), &ct[..ct.len() / 2]).unwrap();
+    let predict_folder = |out: &Path, extra: &[&str]| {
+        let fixed = [
+            "predict",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--input",
+            folder.to_str().unwrap(),
+            "--batch",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        omnirad(&[&fixed[..], extra].concat())
+    };
+    let whole = d.join("whole.csv");
+    let (ok, _, err) = predict_folder(&whole, &[]);
+    assert!(ok && err.contains("cut.dcm"), "{err}");
+    let whole_text = std::fs::read_to_string(&whole).unwrap();
+    assert_eq!(whole_text.lines().count(), 1 + 1 + 1 + 10, "{whole_text}");
+    assert!(whole_text.contains("emri_small.dcm#9,"), "{whole_text}");
+    let failed = std::fs::read_to_string(d.join("whole.failed.txt")).unwrap();
+    assert!(
+        failed.starts_with(&format!("{}\t", folder.join("cut.dcm").display())),
+        "{failed}"
+    );
+    let parted = d.join("parted.csv");
+    let (ok, _, err) = predict_folder(&parted, &["--stop-after", "2"]);
+    assert!(
+        ok && err.contains("stopped after 2 items") && !parted.exists(),
+        "{err}"
+    );
+    let (ok, _, err) = predict_folder(&parted, &[]);
+    assert!(ok && err.contains("continuing after 2 of 4 items"), "{err}");
+    assert_eq!(std::fs::read_to_string(&parted).unwrap(), whole_text);
+    assert!(!d.join("parted.csv.parts").exists());
     // The bundle's encoder reads DICOM like any model.
     let (ok, out, err) = omnirad(&[
         "predict",
@@ -1448,6 +1499,9 @@ fn segment_train_eval_predict_on_busi() {
     std::fs::write(input.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
     // DICOM in, masks out, at the slice's own size.
     std::fs::copy(data("dicom-pydicom/CT_small.dcm"), input.join("ct.dcm")).unwrap();
+    // The same file name in a subfolder gets its own mask, in the same subfolder of the output.
+    std::fs::create_dir_all(input.join("sub")).unwrap();
+    std::fs::copy(busi.join("malignant (2).png"), input.join("sub/case.png")).unwrap();
     let masks = d.join("masks");
     let predict = |extra: &[&str]| {
         let mut args = vec![
@@ -1466,19 +1520,61 @@ fn segment_train_eval_predict_on_busi() {
     let (ok, _, err) = predict(&[]);
     assert!(ok, "{err}");
     assert!(
-        err.contains("skipped") && err.contains("broken.png"),
+        err.contains("could not be read") && err.contains("broken.png"),
         "{err}"
+    );
+    let failed = std::fs::read_to_string(masks.join("masks.failed.txt")).unwrap();
+    assert!(
+        failed.contains("broken.png") && failed.lines().count() == 1,
+        "{failed}"
     );
     let m = image::open(masks.join("case_mask.png")).unwrap().to_luma8();
     let src = image::open(busi.join("malignant (1).png")).unwrap();
     assert_eq!((m.width(), m.height()), (src.width(), src.height()));
     assert!(m.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
     assert!(masks.join("case_overlay.png").is_file());
+    let overlay = |p: &str| image::open(masks.join(p)).unwrap().to_rgb8().into_raw();
+    assert!(
+        masks.join("sub/case_mask.png").is_file()
+            && overlay("sub/case_overlay.png") != overlay("case_overlay.png"),
+        "one image's outputs written for both"
+    );
     let ct = image::open(masks.join("ct_mask.png")).unwrap();
     assert_eq!((ct.width(), ct.height()), (128, 128));
+    let index = std::fs::read_to_string(masks.join("masks.csv")).unwrap();
+    assert_eq!(index.lines().count(), 4, "{index}");
+    assert!(
+        index.contains(&format!(
+            "{},sub/case_mask.png,sub/case_overlay.png",
+            input.join("sub/case.png").display()
+        )),
+        "{index}"
+    );
     // --strict stops at the corrupt file.
     let (ok, _, err) = predict(&["--strict"]);
     assert!(!ok && err.contains("broken.png"), "{err}");
+    // Every row of an npz split gets its own files (they share the file's name).
+    let rows = d.join("rows");
+    let (ok, _, err) = omnirad(&[
+        "segment",
+        "predict",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--input",
+        data("medmnist/breastmnist.npz").to_str().unwrap(),
+        "--split",
+        "val",
+        "--out",
+        rows.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let written = std::fs::read_dir(&rows).unwrap().count();
+    assert_eq!(
+        written,
+        2 * 78 + 1,
+        "masks and overlays of 78 rows, and masks.csv"
+    );
+    assert!(rows.join("breastmnist_val_77_mask.png").is_file());
     // A damaged head file is named.
     let head = bundle.join("head.safetensors");
     let bytes = std::fs::read(&head).unwrap();
@@ -1903,9 +1999,14 @@ fn predict_breast_test(model: &Path) -> Vec<Vec<f64>> {
         "test",
     ]);
     assert!(ok, "{err}");
-    out.lines()
+    out.lines().skip(1).map(probabilities).collect()
+}
+
+/// The class probabilities of a `predict` CSV row (the numbers after its id).
+fn probabilities(line: &str) -> Vec<f64> {
+    line.split(',')
         .skip(1)
-        .map(|l| l.split(',').skip(1).map(|p| p.parse().unwrap()).collect())
+        .map_while(|v| v.parse().ok())
         .collect()
 }
 
