@@ -97,6 +97,26 @@ pub struct Meta {
     pub labels: Vec<i64>,
 }
 
+/// Images read by index, as training and scoring loops read them: decoded [`Image`]s in memory,
+/// or rows of an npz split kept as their 8-bit pixels ([`crate::medmnist::NpzRows`]: a quarter
+/// of the memory, each row made an `Image` when read).
+pub trait ImageSource: Sync {
+    fn len(&self) -> usize;
+    fn image(&self, i: usize) -> std::borrow::Cow<'_, Image>;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl ImageSource for Vec<Image> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    fn image(&self, i: usize) -> std::borrow::Cow<'_, Image> {
+        std::borrow::Cow::Borrowed(&self[i])
+    }
+}
+
 /// A 2D image, channels first, intensities mapped to [0, 1] by the reader's intensity policy.
 #[derive(Debug, Clone)]
 pub struct Image {

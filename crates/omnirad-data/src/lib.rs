@@ -17,7 +17,7 @@ pub mod seg;
 pub mod source;
 
 pub use error::{DataError, Result};
-pub use image::{Image, Meta, Modality};
+pub use image::{Image, ImageSource, Meta, Modality};
 pub use medmnist::Split;
 pub use preprocess::{Normalize, Preprocess, ResizeMode};
 pub use source::{discover, Item, ReadOptions};

@@ -166,6 +166,43 @@ fn medmnist_md5_and_split_sizes() {
     assert_eq!(MedMnistInfo::get("chestmnist").unwrap().num_classes(), 14);
 }
 
+#[test]
+fn npz_rows_read_as_the_split_reads_them() {
+    use omnirad_data::medmnist::NpzRows;
+    use omnirad_data::ImageSource;
+    let file = data("medmnist/breastmnist.npz");
+    let s = NpzSplit::load(&file, Split::Val).unwrap();
+    let rows = NpzRows::all(NpzSplit::load(&file, Split::Val).unwrap()).unwrap();
+    assert_eq!(rows.len(), 78);
+    // A selection of a selection picks rows of the split, not positions of the first pick.
+    let some = rows.select(&[70, 3, 41, 5]).select(&[2, 0]);
+    assert_eq!(some.len(), 2);
+    for (k, i) in [(0, 41), (1, 70)] {
+        let (a, b) = (some.image(k), s.image(i));
+        assert_eq!(a.data, b.data);
+        assert_eq!(a.meta.id, b.meta.id);
+        assert_eq!(some.labels().row(k), s.labels.row(i));
+    }
+    assert_eq!(rows.labels(), s.labels);
+    // 3D sets have volumes, not rows of 2D images.
+    let dir_guard = tmpdir("npz-3d");
+    let p = dir_guard.path().join("organmnist3d.npz");
+    write_npz(
+        &p,
+        vec![
+            (
+                "val_images",
+                ndarray::Array4::<u8>::zeros((2, 28, 28, 28)).into_dyn(),
+            ),
+            ("val_labels", Array2::<u8>::zeros((2, 1)).into_dyn()),
+        ],
+    );
+    let e = NpzRows::all(NpzSplit::load(&p, Split::Val).unwrap())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("3D MedMNIST volumes"), "{e}");
+}
+
 /// Malignant and benign counts among `idx` of a BreastMNIST split.
 fn class_counts(s: &NpzSplit, idx: &[usize]) -> [usize; 2] {
     idx.iter().fold([0; 2], |mut c, &i| {

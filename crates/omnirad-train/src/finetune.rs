@@ -30,7 +30,7 @@ use burn::tensor::{ElementConversion, Tensor, TensorData};
 use ndarray::{Array2, Array3, ArrayView2};
 use omnirad_data::augment::{sample_rng, Augment};
 use omnirad_data::preprocess::{normalize, to_channels};
-use omnirad_data::{Image, Preprocess};
+use omnirad_data::{ImageSource, Preprocess};
 use omnirad_eval::{evaluate, Metrics, TaskKind};
 use omnirad_model::{
     BalancedCheckpointing, CheckpointStrategy, ModelError, NoCheckpointing, Precision, Train, Vit,
@@ -351,7 +351,7 @@ impl<B: Backend> Classifier<B> {
 /// A split in memory: images and labels [N, 1] (class ids) or [N, C] (0/1 flags).
 #[derive(Clone, Copy)]
 pub struct LabelledImages<'a> {
-    pub images: &'a [Image],
+    pub images: &'a dyn ImageSource,
     pub labels: ArrayView2<'a, i64>,
 }
 
@@ -501,7 +501,7 @@ pub fn probability_loss(scores: ArrayView2<f64>, labels: ArrayView2<i64>, multi:
 /// `tta`, the mean over each image and its left–right mirror.
 pub fn predict<B: Backend>(
     models: &[Classifier<B>],
-    images: &[Image],
+    images: &dyn ImageSource,
     pre: &Preprocess,
     multi: bool,
     batch: usize,
@@ -510,13 +510,17 @@ pub fn predict<B: Backend>(
 ) -> Array2<f64> {
     let mut out = Vec::new();
     let mut classes = 0;
-    for chunk in images.chunks(batch.max(1)) {
-        let arrays: Vec<_> = chunk.par_iter().map(|im| pre.apply(im)).collect();
+    let n = images.len();
+    for lo in (0..n).step_by(batch.max(1)) {
+        let arrays: Vec<_> = (lo..n.min(lo + batch.max(1)))
+            .into_par_iter()
+            .map(|i| pre.apply(&images.image(i)))
+            .collect();
         let p = batch_probabilities(models, batch_tensor::<B>(arrays, dev), multi, tta);
         classes = p.ncols();
         out.extend(p);
     }
-    Array2::from_shape_vec((images.len(), classes), out).expect("n × classes")
+    Array2::from_shape_vec((n, classes), out).expect("n × classes")
 }
 
 /// [`predict`] of one model-ready batch `x` [N, C, H, W]: class probabilities [N, classes].
@@ -739,7 +743,7 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
                 .par_iter()
                 .map(|&i| {
                     let mut r = sample_rng(cfg.seed, epoch as u64, i as u64);
-                    let v = augment.apply(&train.images[i], &mut r);
+                    let v = augment.apply(&train.images.image(i), &mut r);
                     let mut a = to_channels(v.data, pre.channels);
                     normalize(&mut a, &pre.normalize);
                     a

@@ -447,7 +447,7 @@ fn mirror_tta_averages_the_image_and_its_left_right_mirror() {
     };
     let dev = Default::default();
     let p =
-        |im: &[Image], tta| predict(std::slice::from_ref(&model), im, &pre, false, 4, tta, &dev);
+        |im: &Vec<Image>, tta| predict(std::slice::from_ref(&model), im, &pre, false, 4, tta, &dev);
     let (plain, flipped, tta) = (p(&imgs, false), p(&mirrored, false), p(&imgs, true));
     assert!((&plain - &flipped).iter().any(|d| d.abs() > 1e-4));
     for ((a, b), t) in plain.iter().zip(&flipped).zip(&tta) {

@@ -25,8 +25,10 @@ use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use ndarray::{Array2, Axis};
 use omnirad_data::augment::Augment;
-use omnirad_data::medmnist::{parse_file_name, stratified_holdout, MedMnistInfo, NpzSplit, Task};
-use omnirad_data::{discover, Preprocess, Split};
+use omnirad_data::medmnist::{
+    parse_file_name, stratified_holdout, MedMnistInfo, NpzRows, NpzSplit, Task,
+};
+use omnirad_data::{discover, ImageSource, Preprocess, Split};
 use omnirad_eval::{evaluate, Metrics, TaskKind};
 use omnirad_model::{
     f32_tensors, load_model_dir, save_model_dir, write_f32_safetensors, ModelConfig, Vit,
@@ -412,7 +414,8 @@ pub enum Scored<'a> {
     },
 }
 
-type Rows = (Vec<omnirad_data::Image>, Array2<i64>);
+/// A split's images (as the file's 8-bit pixels) and labels.
+type Rows = (NpzRows, Array2<i64>);
 
 /// Fine-tunes `vit` on `file` as `scored` says, once or as the members of a soup or an ensemble
 /// (they share the head init and differ in seed, [`member_seed`]). With `run`, prints each
@@ -431,18 +434,11 @@ pub fn run_on_npz<B: Backend>(
 ) -> Result<Option<Outcome<B>>> {
     let info = dataset_of(file)?;
     let load = |s: Split| -> Result<Rows> {
-        let split = NpzSplit::load(file, s)?;
-        let images = split.images_2d()?;
-        let l = split.meta(0).labels.len();
-        let labels = Array2::from_shape_fn((split.len(), l), |(i, j)| split.meta(i).labels[j]);
-        Ok((images, labels))
+        let rows = NpzRows::all(NpzSplit::load(file, s)?)?;
+        let labels = rows.labels();
+        Ok((rows, labels))
     };
-    let rows_of = |set: &Rows, idx: &[usize]| {
-        (
-            idx.iter().map(|&i| set.0[i].clone()).collect::<Vec<_>>(),
-            set.1.select(Axis(0), idx),
-        )
-    };
+    let rows_of = |set: &Rows, idx: &[usize]| (set.0.select(idx), set.1.select(Axis(0), idx));
     let (tr, va, te) = match scored {
         Scored::Test => (load(Split::Train)?, load(Split::Val)?, load(Split::Test)?),
         Scored::Val => {
