@@ -269,7 +269,7 @@ fn sidecar(out: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(format!("{}.{suffix}", stem.display()))
 }
 
-fn labels_text(m: &Meta) -> String {
+pub(crate) fn labels_text(m: &Meta) -> String {
     m.labels
         .iter()
         .map(|l| l.to_string())

@@ -9,11 +9,13 @@ mod embed_parts;
 mod finetune;
 mod info;
 mod medmnist_bench;
+mod names;
 mod pretrain;
 mod retrieve;
 mod run_dir;
 mod run_log;
 mod segment;
+mod slices;
 mod speed;
 mod viz;
 
@@ -115,6 +117,10 @@ enum DataCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Every frame and slice of the input (multi-frame DICOM, NIfTI volumes, any image) as a
+    /// 16-bit PNG with a manifest.csv, so pretraining reads 2D images instead of decoding a whole
+    /// volume per sample.
+    Slices(slices::SlicesArgs),
 }
 
 /// Reader options shared by commands that read images.
@@ -198,6 +204,9 @@ fn main() -> Result<()> {
         Cmd::Data {
             cmd: DataCmd::Verify { file, json },
         } => info::verify(&file, json),
+        Cmd::Data {
+            cmd: DataCmd::Slices(a),
+        } => slices::run(&a),
         Cmd::Convert {
             input,
             from,

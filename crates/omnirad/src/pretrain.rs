@@ -190,6 +190,12 @@ fn train<B: Backend, C: CheckpointStrategy>(
         vit_cfg.in_chans,
         vit_cfg.patch_size,
     )?);
+    let volumes = data.volume_files();
+    if volumes > 0 {
+        eprintln!(
+            "note: {volumes} NIfTI volume(s) among the sources: every draw decodes a whole volume for one slice; `omnirad data slices --input DIR --out SLICES` writes their slices once as PNGs (a source that reads much faster)"
+        );
+    }
     let eff = cfg.effective_batch();
     let epoch_length = match cfg.optim.epoch_length {
         0 => data.len().div_ceil(eff),

@@ -171,6 +171,93 @@ fn embed_a_dicom_folder_skips_and_lists_bad_files() {
 }
 
 #[test]
+fn data_slices_writes_the_images_the_readers_give() {
+    let d_guard = tmp("slices");
+    let d = d_guard.path();
+    let input = d.join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    for f in [
+        "dicom-pydicom/emri_small.dcm",        // 10 MR frames
+        "dicom-pydicom/CT_small.dcm",          // one CT slice in HU, file window
+        "dicom-pydicom/SC_rgb_jpeg_dcmtk.dcm", // colour
+        "nifti-nibabel/anatomical.nii",        // 25 axial slices
+    ] {
+        let from = data(f);
+        std::fs::copy(&from, input.join(from.file_name().unwrap())).unwrap();
+    }
+    let ct = std::fs::read(data("dicom-pydicom/CT_small.dcm")).unwrap();
+    std::fs::write(input.join("cut.dcm"), &ct[..ct.len() / 2]).unwrap();
+    let out = d.join("slices");
+    let (ok, _, err) = omnirad(&[
+        "data",
+        "slices",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--every",
+        "2",
+    ]);
+    assert!(ok && err.contains("cut.dcm"), "{err}");
+    let failed = std::fs::read_to_string(out.join("manifest.failed.txt")).unwrap();
+    assert!(
+        failed.contains("cut.dcm") && failed.lines().count() == 1,
+        "{failed}"
+    );
+    let manifest = std::fs::read_to_string(out.join("manifest.csv")).unwrap();
+    // Every second frame or slice: 5 + 1 + 1 + 13.
+    assert_eq!(manifest.lines().count(), 1 + 20, "{manifest}");
+    assert!(
+        manifest.contains("\nemri_small_8.png,,MR,head,"),
+        "{manifest}"
+    );
+    assert!(!manifest.contains("emri_small_9.png"), "{manifest}");
+    let png = image::open(out.join("CT_small.png")).unwrap();
+    assert_eq!(png.color(), image::ColorType::L16);
+    assert_eq!(
+        image::open(out.join("SC_rgb_jpeg_dcmtk.png"))
+            .unwrap()
+            .color(),
+        image::ColorType::Rgb16
+    );
+    // The PNGs give the model the inputs the originals give (to 16-bit rounding): the same
+    // embeddings, row by row through the manifest's source ids, and the same modalities.
+    let embed = |input: &Path, name: &str| {
+        let npy = d.join(name);
+        let (ok, _, err) = omnirad(&[
+            "embed",
+            "--model",
+            "vit_pico",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            npy.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        let e: ndarray::Array2<f32> = ndarray_npy::read_npy(&npy).unwrap();
+        let meta = std::fs::read_to_string(npy.with_extension("meta.csv")).unwrap();
+        let rows: Vec<Vec<String>> = meta
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').map(str::to_string).collect())
+            .collect();
+        (e, rows)
+    };
+    let (orig, orig_meta) = embed(&input, "orig.npy");
+    let (sliced, sliced_meta) = embed(&out.join("manifest.csv"), "sliced.npy");
+    assert_eq!(sliced.nrows(), 20);
+    for (k, line) in manifest.lines().skip(1).enumerate() {
+        let source = line.rsplit(',').next().unwrap();
+        let i = orig_meta.iter().position(|r| r[1] == source).unwrap();
+        assert_eq!(sliced_meta[k][2], orig_meta[i][2], "modality of {source}");
+        let diff = (&sliced.row(k) - &orig.row(i))
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        assert!(diff < 1e-3, "{source}: embeddings differ by {diff}");
+    }
+}
+
+#[test]
 fn info_on_a_folder_surveys_what_embed_would_read() {
     let dicoms = data("dicom-pydicom");
     let survey = |dir: &std::path::Path| {

@@ -132,6 +132,19 @@ impl PretrainData {
         self.len() == 0
     }
 
+    /// NIfTI files among the sources: each draw of one decodes the whole volume for one slice.
+    pub fn volume_files(&self) -> usize {
+        let nifti = |p: &std::path::Path| {
+            let name = p.to_string_lossy().to_ascii_lowercase();
+            name.ends_with(".nii") || name.ends_with(".nii.gz")
+        };
+        self.sources
+            .iter()
+            .flat_map(|s| &s.items)
+            .filter(|it| matches!(it, Item::File { path, .. } if nifti(path)))
+            .count()
+    }
+
     fn draw(&self, rng: &mut impl Rng) -> &Item {
         let total: f64 = self.sources.iter().map(|s| s.weight).sum();
         let mut u = rng.random_range(0.0..total);

@@ -1,0 +1,86 @@
+//! Output file names for per-image outputs (segmentation masks, exported slices), taken from
+//! the image ids and unique within one output folder.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+/// Output file names unique within one folder, from image ids: the file's path below `root`
+/// (subfolders kept; with no root, its name alone) without its extension, then what the id adds after the file (`#3` for a
+/// frame, `#axial12` for a slice, `:test[3]` for an npz row); characters other than ASCII
+/// letters, digits, `-` and `_` become `_`. A name already given (two files that differ only
+/// there, or in their extension) gets `_2`, `_3`, … in the order asked.
+pub struct OutputNames {
+    root: Option<PathBuf>,
+    used: std::collections::HashSet<PathBuf>,
+}
+
+impl OutputNames {
+    pub fn new(root: Option<&Path>) -> Self {
+        Self {
+            root: root.map(Path::to_path_buf),
+            used: Default::default(),
+        }
+    }
+
+    pub fn name(&mut self, id: &str) -> PathBuf {
+        let clean = |t: &str| {
+            t.replace(
+                |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
+                "_",
+            )
+        };
+        // The file is the longest prefix of the id that names one (ids of files with no frames
+        // are the path itself).
+        let cut = std::iter::once(id.len())
+            .chain(id.rmatch_indices(['#', ':']).map(|(i, _)| i))
+            .find(|&i| Path::new(&id[..i]).is_file())
+            .unwrap_or(id.len());
+        let (file, extra) = id.split_at(cut);
+        let file = Path::new(file);
+        let rel = match self.root.as_ref().and_then(|r| file.strip_prefix(r).ok()) {
+            Some(r) if !r.as_os_str().is_empty() => r,
+            _ => Path::new(file.file_name().unwrap_or(file.as_os_str())),
+        };
+        let mut name = PathBuf::new();
+        let parts: Vec<_> = rel.iter().filter_map(|c| c.to_str()).collect();
+        for (k, part) in parts.iter().enumerate() {
+            if k + 1 < parts.len() {
+                name.push(clean(part));
+                continue;
+            }
+            let stem = part
+                .strip_suffix(".nii.gz")
+                .or_else(|| Path::new(part).file_stem().and_then(|s| s.to_str()))
+                .unwrap_or(part);
+            let extra = clean(extra.trim_start_matches(['#', ':']));
+            let extra = extra.trim_end_matches('_');
+            name.push(if extra.is_empty() {
+                clean(stem)
+            } else {
+                format!("{}_{extra}", clean(stem))
+            });
+        }
+        if name.as_os_str().is_empty() {
+            name.push("image");
+        }
+        let mut unique = name.clone();
+        for k in 2.. {
+            if self.used.insert(unique.clone()) {
+                break;
+            }
+            unique = PathBuf::from(format!("{}_{k}", name.display()));
+        }
+        unique
+    }
+}
+
+/// `dir/NAME{suffix}` for an [`OutputNames`] name, creating its subfolders.
+pub fn output_path(dir: &Path, name: &Path, suffix: &str) -> Result<PathBuf> {
+    let path = dir.join(format!("{}{suffix}", name.display()));
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    Ok(path)
+}

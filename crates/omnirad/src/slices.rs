@@ -1,0 +1,133 @@
+//! `omnirad data slices`: every frame of multi-frame DICOMs and every slice of NIfTI volumes (and
+//! every other image the readers give) written once as a 16-bit PNG, after the reader's intensity
+//! policy, with a manifest that every `--input` and pretraining source reads. Pretraining draws
+//! one image per sample: from a volume that means decoding the whole volume for one slice
+//! (2.6 s for a 512×512×200 CT, BENCHMARKS.md), from a PNG a few milliseconds.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use omnirad_data::{discover, Image};
+use rayon::prelude::*;
+
+use crate::embed::{csv_field, labels_text, note_skipped, report_failed, write_failed};
+use crate::names::{output_path, OutputNames};
+use crate::ReadArgs;
+
+#[derive(Args, Debug)]
+pub struct SlicesArgs {
+    /// File, folder, CSV manifest or npz.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output folder: a PNG per image (named by its path below --input, `_3` / `_axial12` for
+    /// frames and slices) and manifest.csv (path, label, modality, anatomy, source id).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Keep every Nth frame or slice of a multi-image file (neighbouring slices of a volume are
+    /// near copies).
+    #[arg(long, default_value_t = 1, value_parser = crate::at_least_one)]
+    pub every: usize,
+    /// Stop at the first unreadable item instead of skipping and listing it.
+    #[arg(long)]
+    pub strict: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+/// Items decoded at a time (in parallel) between writes.
+const CHUNK: usize = 32;
+
+pub fn run(a: &SlicesArgs) -> Result<()> {
+    let read = a.read.options();
+    let (items, skipped) = discover(&a.input, read.split)?;
+    note_skipped(&a.input, skipped);
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let bar = ProgressBar::new(items.len() as u64).with_style(
+        ProgressStyle::with_template("{spinner} slices [{bar:30}] {pos}/{len} items eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    if std::env::var_os("CI").is_some() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut names = OutputNames::new(Some(&a.input));
+    let mut manifest = String::from("path,label,modality,anatomy,source\n");
+    let (mut failed, mut written) = (Vec::new(), 0);
+    for chunk in items.chunks(CHUNK) {
+        let loaded: Vec<_> = chunk
+            .par_iter()
+            .map(|it| (it.id(), it.load(&read)))
+            .collect();
+        // Names in item order, so reruns and thread counts give the same files.
+        let mut todo: Vec<(PathBuf, Image)> = Vec::new();
+        for (id, images) in loaded {
+            let images = match images {
+                Ok(v) => v,
+                Err(e) if a.strict => return Err(e).context(format!("{id} (--strict)")),
+                Err(e) => {
+                    failed.push((id, e.to_string()));
+                    continue;
+                }
+            };
+            for im in images.into_iter().step_by(a.every) {
+                let name = names.name(&im.meta.id);
+                let path = output_path(&a.out, &name, ".png")?;
+                let m = &im.meta;
+                manifest.push_str(&format!(
+                    "{},{},{},{},{}\n",
+                    csv_field(&format!("{}.png", name.display())),
+                    labels_text(m),
+                    m.modality.name(),
+                    csv_field(m.anatomy.as_deref().unwrap_or("")),
+                    csv_field(&m.id)
+                ));
+                todo.push((path, im));
+            }
+        }
+        written += todo.len();
+        todo.par_iter()
+            .try_for_each(|(path, im)| write_png16(path, im))?;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let list = a.out.join("manifest.csv");
+    crate::atomic::write(&list, &manifest)?;
+    write_failed(&list, &failed)?;
+    eprintln!(
+        "{written} images written to {} (listed in {})",
+        a.out.display(),
+        list.display()
+    );
+    report_failed(Some(&list), &failed);
+    if written == 0 {
+        bail!("{}: no readable images", a.input.display());
+    }
+    Ok(())
+}
+
+/// A [0, 1] image as a 16-bit grey or RGB PNG (v·65535 rounded: within 7.7e-6 of v when read
+/// back, as the raster reader divides by 65535).
+fn write_png16(path: &std::path::Path, im: &Image) -> Result<()> {
+    let (c, h, w) = im.data.dim();
+    let q = |v: f32| (v.clamp(0.0, 1.0) * 65535.0).round() as u16;
+    let (w32, h32) = (w as u32, h as u32);
+    crate::atomic::write_with(path, |tmp| {
+        let saved = if c == 1 {
+            let px: Vec<u16> = im.data.iter().map(|&v| q(v)).collect();
+            image::ImageBuffer::<image::Luma<u16>, _>::from_raw(w32, h32, px)
+                .expect("h·w values")
+                .save_with_format(tmp, image::ImageFormat::Png)
+        } else {
+            let px: Vec<u16> = (0..h * w)
+                .flat_map(|p| (0..3).map(move |k| (k, p)))
+                .map(|(k, p)| q(im.data[[k, p / w, p % w]]))
+                .collect();
+            image::ImageBuffer::<image::Rgb<u16>, _>::from_raw(w32, h32, px)
+                .expect("h·w·3 values")
+                .save_with_format(tmp, image::ImageFormat::Png)
+        };
+        saved.with_context(|| format!("writing {}", tmp.display()))
+    })
+}
