@@ -25,7 +25,7 @@ def npy_u8(zf, name):
 
 
 def probs(path):
-    """p_0 (malignant) per row of an `omnirad predict` CSV (id,p_0,p_1)."""
+    """p_0 (malignant) per row of an `omnirad predict` CSV (id,p_0,p_1,predicted)."""
     return [float(r[1]) for r in list(csv.reader(open(path)))[1:]]
 
 
