@@ -19,7 +19,9 @@ use omnirad_eval::retrieval::{retrieval_scores, Gallery};
 use serde::{Deserialize, Serialize};
 
 use crate::device::{model_stamps, parse_device, resolve_model, Device};
-use crate::embed::{embed_items, embed_resumable, BatchJob, Pool, Rows};
+use crate::embed::{
+    embed_items, embed_resumable, report_failed, write_failed, BatchJob, Pool, Rows,
+};
 use crate::embed_parts::Parts;
 use crate::ReadArgs;
 
@@ -207,9 +209,9 @@ pub fn build_cmd(a: &IndexBuildArgs) -> Result<()> {
         eprintln!("{}", parts.stopped_message());
         return Ok(());
     };
-    report_skipped(&emb);
     let (values, metas) = (emb.values, emb.metas);
     if metas.is_empty() {
+        report_failed(None, &emb.failed);
         bail!("no readable image in the inputs");
     }
     let dim = values.ncols();
@@ -225,13 +227,16 @@ pub fn build_cmd(a: &IndexBuildArgs) -> Result<()> {
     crate::atomic::write_with(&npy, |tmp| {
         ndarray_npy::write_npy(tmp, &values).with_context(|| format!("writing {}", tmp.display()))
     })?;
-    crate::atomic::write(&a.out.join("index.json"), serde_json::to_string(&info)?)?;
+    let index = a.out.join("index.json");
+    crate::atomic::write(&index, serde_json::to_string(&info)?)?;
+    write_failed(&index, &emb.failed)?;
     parts.remove();
     eprintln!(
         "index of {} images ({dim}-d) written to {}",
         info.items.len(),
         a.out.display()
     );
+    report_failed(Some(&index), &emb.failed);
     Ok(())
 }
 

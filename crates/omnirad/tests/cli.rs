@@ -1908,6 +1908,29 @@ fn index_retrieve_and_bench_retrieval() {
             "{f} differs"
         );
     }
+    // Unreadable files are left out of an index and listed beside it.
+    let mixed = d.join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    let ct = std::fs::read(data("dicom-pydicom/CT_small.dcm")).unwrap();
+    std::fs::write(mixed.join("ct.dcm"), &ct).unwrap();
+    std::fs::write(mixed.join("cut.dcm"), &ct[..ct.len() / 2]).unwrap();
+    let idx3 = d.join("idx3");
+    let (ok, _, err) = omnirad(&[
+        "index",
+        "build",
+        "--model",
+        "vit_pico",
+        "--input",
+        mixed.to_str().unwrap(),
+        "--out",
+        idx3.to_str().unwrap(),
+    ]);
+    assert!(ok && err.contains("index of 1 images"), "{err}");
+    let failed = std::fs::read_to_string(idx3.join("index.failed.txt")).unwrap();
+    assert!(
+        failed.starts_with(&format!("{}\t", mixed.join("cut.dcm").display())),
+        "{failed}"
+    );
     // Every test image, queried against an index of the test split, finds itself first.
     let (ok, out, err) = omnirad(&[
         "retrieve",
