@@ -172,16 +172,7 @@ pub fn map_items<B: Backend>(
     let end = parts
         .and_then(|p| p.stop_after)
         .map_or(n, |s| s.clamp(done.items, n));
-    let bar = ProgressBar::new(n as u64).with_style(
-        ProgressStyle::with_template(&format!(
-            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} items {{per_sec}} eta {{eta}}"
-        ))
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    if std::env::var_os("CI").is_some() {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = item_bar(n, what);
     bar.set_position(done.items as u64);
     let todo: Vec<Item> = items.into_iter().take(end).skip(done.items).collect();
     let rx = batches(Arc::new(todo), batch, read.clone(), pre.clone(), 2);
@@ -262,6 +253,21 @@ pub fn map_items<B: Backend>(
         metas,
         failed,
     }))
+}
+
+/// A progress bar over `n` input items (hidden under CI, where it would only fill the log).
+pub(crate) fn item_bar(n: usize, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(n as u64).with_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} items {{per_sec}} eta {{eta}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    if std::env::var_os("CI").is_some() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
 }
 
 fn sidecar(out: &Path, suffix: &str) -> PathBuf {

@@ -517,7 +517,9 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
         let mut index = String::from("id,mask,overlay\n");
         let mut failed = Vec::new();
         let mut done = 0;
+        let bar = crate::embed::item_bar(items.len(), "segment");
         for item in &items {
+            bar.inc(1);
             let images = match item.load(&read) {
                 Ok(v) => v,
                 Err(e) if !a.strict => {
@@ -566,6 +568,7 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
                 done += 1;
             }
         }
+        bar.finish_and_clear();
         crate::atomic::write(&a.out.join("masks.csv"), &index)?;
         crate::embed::write_failed(&a.out.join("masks.csv"), &failed)?;
         eprintln!(

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use omnirad_data::{discover, Image};
 use rayon::prelude::*;
 
@@ -44,14 +43,7 @@ pub fn run(a: &SlicesArgs) -> Result<()> {
     let (items, skipped) = discover(&a.input, read.split)?;
     note_skipped(&a.input, skipped);
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let bar = ProgressBar::new(items.len() as u64).with_style(
-        ProgressStyle::with_template("{spinner} slices [{bar:30}] {pos}/{len} items eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    if std::env::var_os("CI").is_some() {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = crate::embed::item_bar(items.len(), "slices");
     let mut names = OutputNames::new(Some(&a.input));
     let mut manifest = String::from("path,label,modality,anatomy,source\n");
     let (mut failed, mut written) = (Vec::new(), 0);
