@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-/// Output file names unique within one folder, from image ids: the file's path below `root`
-/// (subfolders kept; with no root, its name alone) without its extension, then what the id adds after the file (`#3` for a
+/// Output file names unique within one folder, from image ids: the file's path below the input
+/// (a folder, or the folder of an input file such as a manifest; subfolders kept; with no input,
+/// its name alone) without its extension, then what the id adds after the file (`#3` for a
 /// frame, `#axial12` for a slice, `:test[3]` for an npz row); characters other than ASCII
 /// letters, digits, `-` and `_` become `_`. A name already given (two files that differ only
 /// there, or in their extension) gets `_2`, `_3`, … in the order asked.
@@ -16,7 +17,11 @@ pub struct OutputNames {
 }
 
 impl OutputNames {
-    pub fn new(root: Option<&Path>) -> Self {
+    pub fn new(input: Option<&Path>) -> Self {
+        let root = input.map(|p| match p.parent() {
+            Some(dir) if p.is_file() => dir,
+            _ => p,
+        });
         Self {
             root: root.map(Path::to_path_buf),
             used: Default::default(),
