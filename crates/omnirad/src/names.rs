@@ -28,6 +28,11 @@ impl OutputNames {
         }
     }
 
+    /// Marks `name` as given (by an earlier run that a resumed one continues).
+    pub fn reserve(&mut self, name: PathBuf) {
+        self.used.insert(name);
+    }
+
     pub fn name(&mut self, id: &str) -> PathBuf {
         let clean = |t: &str| {
             t.replace(

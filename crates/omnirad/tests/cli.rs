@@ -220,6 +220,37 @@ fn data_slices_writes_the_images_the_readers_give() {
             .color(),
         image::ColorType::Rgb16
     );
+    // Stopped after two items, with rows of a chunk that did not finish left in the partial
+    // manifest (as after a kill), then run again: the same manifest as one uninterrupted run.
+    let again = d.join("again");
+    let slices = |extra: &[&str]| {
+        let fixed = [
+            "data",
+            "slices",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            again.to_str().unwrap(),
+            "--every",
+            "2",
+        ];
+        omnirad(&[&fixed[..], extra].concat())
+    };
+    let (ok, _, err) = slices(&["--stop-after", "2"]);
+    assert!(ok && err.contains("stopped after 2 items"), "{err}");
+    assert!(!again.join("manifest.csv").exists());
+    let mut partial = std::fs::OpenOptions::new()
+        .append(true)
+        .open(again.join("manifest.partial.csv"))
+        .unwrap();
+    std::io::Write::write_all(&mut partial, b"anatomical_axial0.png,,unknown,,x\n").unwrap();
+    let (ok, _, err) = slices(&[]);
+    assert!(ok && err.contains("continuing after 2 of 5 items"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(again.join("manifest.csv")).unwrap(),
+        manifest
+    );
+    assert!(!again.join("manifest.partial.csv").exists());
     // The PNGs give the model the inputs the originals give (to 16-bit rounding): the same
     // embeddings, row by row through the manifest's source ids, and the same modalities.
     let embed = |input: &Path, name: &str| {
