@@ -2,7 +2,7 @@
 //! every other image the readers give) written once as a 16-bit PNG, after the reader's intensity
 //! policy, with a manifest that every `--input` and pretraining source reads. Pretraining draws
 //! one image per sample: from a volume that means decoding the whole volume for one slice
-//! (2.6 s for a 512×512×200 CT, BENCHMARKS.md), from a PNG a few milliseconds.
+//! (about 2.5 s for a 512×512×200 CT, BENCHMARKS.md), from a PNG a few milliseconds.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
