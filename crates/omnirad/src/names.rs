@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use omnirad_data::Item;
 
 /// Output file names unique within one folder, from image ids: the file's path below the input
 /// (a folder, or the folder of an input file such as a manifest; subfolders kept; with no input,
@@ -93,4 +94,26 @@ pub fn output_path(dir: &Path, name: &Path, suffix: &str) -> Result<PathBuf> {
             .with_context(|| format!("creating {}", parent.display()))?;
     }
     Ok(path)
+}
+
+/// `items` without the files under `out` when `out` lies inside the input folder, so that a
+/// rerun (or a resumed run) does not read its own outputs as inputs; and how many were left out.
+pub fn outside_outputs(items: Vec<Item>, input: &Path, out: &Path) -> (Vec<Item>, usize) {
+    let inside = match (std::fs::canonicalize(input), std::fs::canonicalize(out)) {
+        (Ok(i), Ok(o)) if input.is_dir() => o.strip_prefix(&i).ok().map(Path::to_path_buf),
+        _ => None,
+    };
+    let Some(rel) = inside else {
+        return (items, 0);
+    };
+    let n = items.len();
+    let kept: Vec<Item> = items
+        .into_iter()
+        .filter(|it| match it {
+            Item::File { path, .. } => !path.strip_prefix(input).is_ok_and(|p| p.starts_with(&rel)),
+            Item::Npz { .. } => true,
+        })
+        .collect();
+    let left = n - kept.len();
+    (kept, left)
 }

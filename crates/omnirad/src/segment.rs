@@ -512,6 +512,13 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
         let (items, skipped) = discover(&a.input, a.read.split)?;
         crate::embed::note_skipped(&a.input, skipped);
         std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+        let (items, own) = crate::names::outside_outputs(items, &a.input, &a.out);
+        if own > 0 {
+            eprintln!(
+                "note: left out {own} file(s) under {} (this job's outputs)",
+                a.out.display()
+            );
+        }
         let read = a.read.options();
         let mut names = crate::names::OutputNames::new(Some(&a.input));
         let mut index = String::from("id,mask,overlay\n");

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::embed::{csv_field, labels_text, note_skipped, report_failed, write_failed};
 use crate::embed_parts::Parts;
-use crate::names::{output_path, OutputNames};
+use crate::names::{output_path, outside_outputs, OutputNames};
 use crate::ReadArgs;
 
 #[derive(Args, Debug)]
@@ -63,6 +63,13 @@ pub fn run(a: &SlicesArgs) -> Result<()> {
     let (items, skipped) = discover(&a.input, read.split)?;
     note_skipped(&a.input, skipped);
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let (items, own) = outside_outputs(items, &a.input, &a.out);
+    if own > 0 {
+        eprintln!(
+            "note: left out {own} file(s) under {} (this job's outputs)",
+            a.out.display()
+        );
+    }
     let (partial, progress_file) = (
         a.out.join("manifest.partial.csv"),
         a.out.join("slices.progress.json"),

@@ -251,6 +251,31 @@ fn data_slices_writes_the_images_the_readers_give() {
         manifest
     );
     assert!(!again.join("manifest.partial.csv").exists());
+    // Outputs inside the input folder are not read back as inputs when the job is run again.
+    let inner = input.join("slices");
+    let run_inner = |extra: &[&str]| {
+        let fixed = [
+            "data",
+            "slices",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            inner.to_str().unwrap(),
+            "--every",
+            "2",
+        ];
+        omnirad(&[&fixed[..], extra].concat())
+    };
+    let (ok, _, err) = run_inner(&["--stop-after", "3"]);
+    assert!(ok && err.contains("stopped after 3 items"), "{err}");
+    let (ok, _, err) = run_inner(&[]);
+    assert!(
+        ok && err.contains("continuing after 3 of 5 items") && err.contains("left out"),
+        "{err}"
+    );
+    let inner_manifest = std::fs::read_to_string(inner.join("manifest.csv")).unwrap();
+    assert_eq!(inner_manifest.lines().count(), 1 + 20, "{inner_manifest}");
+    std::fs::remove_dir_all(&inner).unwrap();
     // The PNGs give the model the inputs the originals give (to 16-bit rounding): the same
     // embeddings, row by row through the manifest's source ids, and the same modalities.
     let embed = |input: &Path, name: &str| {
