@@ -187,17 +187,21 @@ fn data_slices_writes_the_images_the_readers_give() {
     }
     let ct = std::fs::read(data("dicom-pydicom/CT_small.dcm")).unwrap();
     std::fs::write(input.join("cut.dcm"), &ct[..ct.len() / 2]).unwrap();
+    let slices = |out: &Path, extra: &[&str]| {
+        let fixed = [
+            "data",
+            "slices",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--every",
+            "2",
+        ];
+        omnirad(&[&fixed[..], extra].concat())
+    };
     let out = d.join("slices");
-    let (ok, _, err) = omnirad(&[
-        "data",
-        "slices",
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--every",
-        "2",
-    ]);
+    let (ok, _, err) = slices(&out, &[]);
     assert!(ok && err.contains("cut.dcm"), "{err}");
     let failed = std::fs::read_to_string(out.join("manifest.failed.txt")).unwrap();
     assert!(
@@ -223,20 +227,7 @@ fn data_slices_writes_the_images_the_readers_give() {
     // Stopped after two items, with rows of a chunk that did not finish left in the partial
     // manifest (as after a kill), then run again: the same manifest as one uninterrupted run.
     let again = d.join("again");
-    let slices = |extra: &[&str]| {
-        let fixed = [
-            "data",
-            "slices",
-            "--input",
-            input.to_str().unwrap(),
-            "--out",
-            again.to_str().unwrap(),
-            "--every",
-            "2",
-        ];
-        omnirad(&[&fixed[..], extra].concat())
-    };
-    let (ok, _, err) = slices(&["--stop-after", "2"]);
+    let (ok, _, err) = slices(&again, &["--stop-after", "2"]);
     assert!(ok && err.contains("stopped after 2 items"), "{err}");
     assert!(!again.join("manifest.csv").exists());
     let mut partial = std::fs::OpenOptions::new()
@@ -244,7 +235,7 @@ fn data_slices_writes_the_images_the_readers_give() {
         .open(again.join("manifest.partial.csv"))
         .unwrap();
     std::io::Write::write_all(&mut partial, b"anatomical_axial0.png,,unknown,,x\n").unwrap();
-    let (ok, _, err) = slices(&[]);
+    let (ok, _, err) = slices(&again, &[]);
     assert!(ok && err.contains("continuing after 2 of 5 items"), "{err}");
     assert_eq!(
         std::fs::read_to_string(again.join("manifest.csv")).unwrap(),
@@ -253,22 +244,9 @@ fn data_slices_writes_the_images_the_readers_give() {
     assert!(!again.join("manifest.partial.csv").exists());
     // Outputs inside the input folder are not read back as inputs when the job is run again.
     let inner = input.join("slices");
-    let run_inner = |extra: &[&str]| {
-        let fixed = [
-            "data",
-            "slices",
-            "--input",
-            input.to_str().unwrap(),
-            "--out",
-            inner.to_str().unwrap(),
-            "--every",
-            "2",
-        ];
-        omnirad(&[&fixed[..], extra].concat())
-    };
-    let (ok, _, err) = run_inner(&["--stop-after", "3"]);
+    let (ok, _, err) = slices(&inner, &["--stop-after", "3"]);
     assert!(ok && err.contains("stopped after 3 items"), "{err}");
-    let (ok, _, err) = run_inner(&[]);
+    let (ok, _, err) = slices(&inner, &[]);
     assert!(
         ok && err.contains("continuing after 3 of 5 items") && err.contains("left out"),
         "{err}"
