@@ -3,6 +3,11 @@ pixel repetition (standard library only): a large input of known content for mem
 benchmarks, e.g. pneumoniamnist.npz -> pneumoniamnist_224.npz with k = 8.
 
     python3 bench/upsample_npz.py ../shared/data/medmnist/pneumoniamnist.npz 8 /tmp/big/pneumoniamnist_224.npz
+
+With --masks it writes a MedSegBench-style segmentation npz instead: per split the images and
+`<split>_masks` (1 where a pixel is above 127) in place of the class labels.
+
+    python3 bench/upsample_npz.py ../shared/data/medmnist/pneumoniamnist.npz 8 /tmp/big/pneumonia_seg_224.npz --masks
 """
 import ast
 import struct
@@ -25,12 +30,13 @@ def npy(descr, shape, data):
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h.encode("latin1") + data
 
 
-def main(src, k, dst):
+def main(src, k, dst, masks=False):
     with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as out:
         for name in z.namelist():
             b = z.read(name)
             if "images" not in name:
-                out.writestr(name, b)
+                if not masks:
+                    out.writestr(name, b)
                 continue
             h, data = parse_npy(b)
             assert h["descr"] == "|u1" and len(h["shape"]) == 3, "grey uint8 images expected"
@@ -39,8 +45,12 @@ def main(src, k, dst):
             for y in range(n * rows):
                 line = data[y * cols:(y + 1) * cols]
                 big += bytes(v for v in line for _ in range(k)) * k
-            out.writestr(name, npy(h["descr"], (n, rows * k, cols * k), bytes(big)))
+            shape = (n, rows * k, cols * k)
+            out.writestr(name, npy(h["descr"], shape, bytes(big)))
+            if masks:
+                fg = bytes(v > 127 for v in big)
+                out.writestr(name.replace("images", "masks"), npy(h["descr"], shape, fg))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:] == ["--masks"])

@@ -495,7 +495,7 @@ fn segmentation_pairs_for_each_layout() {
     let drive = discover_pairs(&data("drive/training")).unwrap();
     assert_eq!(drive.len(), 20);
     let s = drive[0].load().unwrap();
-    assert_eq!((s.image.channels(), s.mask.dim()), (3, (584, 565)));
+    assert_eq!((s.pixels.dim().0, s.mask.dim()), (3, (584, 565)));
     let fov = s.fov.unwrap();
     let fg = s.mask.iter().filter(|&&v| v == 1).count() as f64 / s.mask.len() as f64;
     assert!(fg > 0.05 && fg < 0.2, "vessel fraction {fg}");
@@ -510,9 +510,9 @@ fn medsegbench_npz_keys_are_discovered() {
     let dir_guard = tmpdir("msb");
     let dir = dir_guard.path();
     let p = dir.join("busimsbench.npz");
-    let imgs =
-        Array3::<u8>::from_shape_fn((3, 16, 16), |(i, y, x)| (i * 10 + y + x) as u8).into_dyn();
-    let masks = Array3::<u8>::from_shape_fn((3, 16, 16), |(_, y, _)| (y > 8) as u8).into_dyn();
+    let imgs_u8 = Array3::<u8>::from_shape_fn((3, 16, 16), |(i, y, x)| (i * 10 + y + x) as u8);
+    let masks_u8 = Array3::<u8>::from_shape_fn((3, 16, 16), |(_, y, _)| (y > 8) as u8);
+    let (imgs, masks) = (imgs_u8.clone().into_dyn(), masks_u8.clone().into_dyn());
     write_npz(
         &p,
         vec![
@@ -525,11 +525,31 @@ fn medsegbench_npz_keys_are_discovered() {
     let s = omnirad_data::seg::load_npz_split(&p, Split::Val).unwrap();
     assert_eq!(s.len(), 3);
     assert_eq!(s[1].mask.iter().filter(|&&v| v == 1).count(), 7 * 16);
-    assert!((s[1].image.data[[0, 2, 3]] - 15.0 / 255.0).abs() < 1e-6);
+    assert!((s[1].pixels.to_f32()[[0, 2, 3]] - 15.0 / 255.0).abs() < 1e-6);
     let e = omnirad_data::seg::load_npz_split(&p, Split::Test)
         .unwrap_err()
         .to_string();
     assert!(e.contains("no test image array"), "{e}");
+    // Masks stored as int16 read the same; a class beyond u8 is an error naming the mask.
+    let wide = |at_300: bool| {
+        let q = dir.join(format!("wide{at_300}.npz"));
+        let mut m = masks_u8.mapv(|v| v as i16);
+        if at_300 {
+            m[[2, 5, 5]] = 300;
+        }
+        let mut w = NpzWriter::new(std::fs::File::create(&q).unwrap());
+        w.add_array("val_images", &imgs_u8).unwrap();
+        w.add_array("val_masks", &m).unwrap();
+        w.finish().unwrap();
+        omnirad_data::seg::load_npz_split(&q, Split::Val)
+    };
+    let w = wide(false).unwrap();
+    assert!(w.iter().zip(&s).all(|(a, b)| a.mask == b.mask));
+    let e = wide(true).unwrap_err().to_string();
+    assert!(
+        e.contains("widetrue.npz") && e.contains("mask 2 holds class 300"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -574,12 +594,12 @@ fn segmentation_splits_follow_each_dataset() {
         < f.len() * 9 / 10)));
     let c = open_splits(&data("chasedb1"), None, 0, true).unwrap();
     assert_eq!((c.train.len() + c.val.len(), c.test.len()), (20, 8));
-    assert!(c.test.iter().all(|s| s.image.meta.id.contains("Image_1")));
+    assert!(c.test.iter().all(|s| s.id.contains("Image_1")));
     let b = open_splits(&data("busi-256"), None, 0, true).unwrap();
     assert_eq!((b.train.len(), b.val.len(), b.test.len()), (546, 78, 156));
     // Seeded: the same seed gives the same test set, another seed another.
     let ids = |s: &omnirad_data::seg::SegSplits| -> Vec<String> {
-        s.test.iter().map(|x| x.image.meta.id.clone()).collect()
+        s.test.iter().map(|x| x.id.clone()).collect()
     };
     let b0 = open_splits(&data("busi-256/normal"), None, 0, true).unwrap();
     let b0b = open_splits(&data("busi-256/normal"), None, 0, true).unwrap();
@@ -591,7 +611,7 @@ fn segmentation_splits_follow_each_dataset() {
 #[test]
 fn segmentation_views_keep_image_and_mask_aligned() {
     use omnirad_data::augment::sample_rng;
-    use omnirad_data::seg::{SegSample, SegWindow};
+    use omnirad_data::seg::{Pixels, SegSample, SegWindow};
     // A mask that is exactly "image > 0.5": every view must keep that relation.
     let img = Array3::from_shape_fn((1, 40, 60), |(_, y, x)| {
         if (x / 7 + y / 5) % 2 == 0 {
@@ -604,10 +624,8 @@ fn segmentation_views_keep_image_and_mask_aligned() {
         .index_axis(ndarray::Axis(0), 0)
         .mapv(|v| (v > 0.5) as u8);
     let s = SegSample {
-        image: omnirad_data::Image {
-            data: img,
-            meta: Default::default(),
-        },
+        pixels: Pixels::F32(img),
+        id: "checkerboard".into(),
         mask,
         fov: None,
     };
@@ -625,6 +643,51 @@ fn segmentation_views_keep_image_and_mask_aligned() {
     // Windows past the edge are padded and marked invalid.
     let w = s.window(30, 50, 32);
     assert_eq!(w.valid.iter().filter(|&&ok| ok).count(), 10 * 10);
+}
+
+/// Segmentation splits stay in memory while training, so 8- and 16-bit images are kept as
+/// integers; every view must be bit for bit what the f32 image gives.
+#[test]
+fn segmentation_images_are_stored_compactly_and_losslessly() {
+    use omnirad_data::augment::sample_rng;
+    use omnirad_data::seg::{Pixels, SegSample, SegWindow};
+    let pair = &discover_pairs(&data("drive/training")).unwrap()[0];
+    let s = pair.load().unwrap();
+    let full = omnirad_data::source::read_raster(&pair.image).unwrap().data;
+    assert!(
+        matches!(s.pixels, Pixels::U8(_)),
+        "8-bit RGB PNG kept as u8"
+    );
+    assert_eq!(s.pixels.to_f32(), full);
+    let as_f32 = SegSample {
+        pixels: Pixels::F32(full.clone()),
+        ..s.clone()
+    };
+    for window in [SegWindow::Resize, SegWindow::Sliding { overlap: 8 }] {
+        for k in 0..4 {
+            let a = s.train_view(window, 48, &mut sample_rng(0, 0, k));
+            let b = as_f32.train_view(window, 48, &mut sample_rng(0, 0, k));
+            assert_eq!((a.image, a.mask, a.valid), (b.image, b.mask, b.valid));
+        }
+    }
+    assert_eq!(
+        s.window(560, 540, 32).image,
+        as_f32.window(560, 540, 32).image
+    );
+    // 16-bit values, and values no integer type holds.
+    let dir_guard = tmpdir("pixels16");
+    let p = dir_guard.path().join("x.png");
+    image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(9, 5, |x, y| {
+        image::Luma([(x * 7001 + y * 13) as u16])
+    })
+    .save(&p)
+    .unwrap();
+    let data = omnirad_data::source::read_raster(&p).unwrap().data;
+    let px = Pixels::compact(data.clone());
+    assert!(matches!(px, Pixels::U16(_)));
+    assert_eq!(px.to_f32(), data);
+    let odd = data.mapv(|v| v * 0.3);
+    assert!(matches!(Pixels::compact(odd.clone()), Pixels::F32(a) if a == odd));
 }
 
 #[test]

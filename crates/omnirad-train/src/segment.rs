@@ -14,7 +14,7 @@ use burn::tensor::{Tensor, TensorData};
 use ndarray::{Array2, Array3, Axis};
 use omnirad_data::augment::sample_rng;
 use omnirad_data::preprocess::{normalize, to_channels};
-use omnirad_data::seg::{window_starts, SegSample, SegView, SegWindow};
+use omnirad_data::seg::{window_starts, Pixels, SegSample, SegView, SegWindow};
 use omnirad_data::Preprocess;
 use omnirad_eval::{SegEvaluator, SegScores};
 use omnirad_model::{ModelError, SegHeadConfig, Segmenter, Train, Vit};
@@ -91,8 +91,8 @@ pub fn build<B: Backend>(
 }
 
 /// Model input [C, S, S] from a [0, 1] view: the encoder's channels and normalisation.
-fn input(v: &SegView, pre: &Preprocess) -> Array3<f32> {
-    let mut a = to_channels(v.image.clone(), pre.channels);
+fn input(image: Array3<f32>, pre: &Preprocess) -> Array3<f32> {
+    let mut a = to_channels(image, pre.channels);
     normalize(&mut a, &pre.normalize);
     a
 }
@@ -122,7 +122,7 @@ fn targets<B: Backend>(
 /// Class probabilities [C, H, W] at the sample's own resolution.
 pub fn predict_probs<B: Backend>(
     model: &Segmenter<B>,
-    image: &Array3<f32>,
+    image: &Pixels,
     size: usize,
     window: SegWindow,
     pre: &Preprocess,
@@ -130,19 +130,11 @@ pub fn predict_probs<B: Backend>(
     dev: &B::Device,
 ) -> Array3<f32> {
     let (_, h, w) = image.dim();
-    let sample = SegSample {
-        image: omnirad_data::Image {
-            data: image.clone(),
-            meta: Default::default(),
-        },
-        mask: Array2::zeros((h, w)),
-        fov: None,
-    };
     let to_host =
         |t: Tensor<B, 4>| -> Vec<f32> { t.into_data().convert::<f32>().to_vec().expect("f32") };
     match window {
         SegWindow::Resize => {
-            let x = batch_tensor::<B>(vec![input(&sample.resized(None, size), pre)], dev);
+            let x = batch_tensor::<B>(vec![input(image.resized(None, size), pre)], dev);
             let p = softmax(model.forward(x), 1);
             let p = interpolate(
                 p,
@@ -164,11 +156,11 @@ pub fn predict_probs<B: Backend>(
             let mut sum: Option<Array3<f32>> = None;
             let mut count = Array2::<f32>::zeros((h, w));
             for chunk in corners.chunks(batch.max(1)) {
-                let views: Vec<SegView> = chunk
+                let views = chunk
                     .iter()
-                    .map(|&(t, l)| sample.window(t, l, size))
+                    .map(|&(t, l)| input(image.window(t, l, size), pre))
                     .collect();
-                let x = batch_tensor::<B>(views.iter().map(|v| input(v, pre)).collect(), dev);
+                let x = batch_tensor::<B>(views, dev);
                 let p = softmax(model.forward(x), 1);
                 let [n, c, _, _] = p.dims();
                 let p = Array3::from_shape_vec((n * c, size, size), to_host(p)).expect("shape");
@@ -222,13 +214,7 @@ pub fn evaluate<B: Backend>(
     let mut e = SegEvaluator::new(classes);
     for s in samples {
         let pred = argmax(&predict_probs(
-            model,
-            &s.image.data,
-            size,
-            window,
-            pre,
-            batch,
-            dev,
+            model, &s.pixels, size, window, pre, batch, dev,
         ));
         e.add(pred.view(), s.mask.view(), s.fov.as_ref().map(|f| f.view()));
         on_image(s, &pred);
@@ -340,8 +326,13 @@ pub fn train<B: Backend>(
                     train[k % train.len()].train_view(cfg.window, cfg.size, &mut r)
                 })
                 .collect();
-            let x =
-                batch_tensor::<Train<B>>(views.par_iter().map(|v| input(v, pre)).collect(), dev);
+            let x = batch_tensor::<Train<B>>(
+                views
+                    .par_iter()
+                    .map(|v| input(v.image.clone(), pre))
+                    .collect(),
+                dev,
+            );
             let (y, valid) = targets::<Train<B>>(&views, classes, dev);
             let (ce, dice) = ce_dice_loss(student.forward(x), y, valid);
             let loss = ce.clone() * cfg.ce_weight + dice.clone() * cfg.dice_weight;

@@ -67,7 +67,7 @@ fn sliding_window_probabilities_cover_the_image() {
     let img = ndarray::Array3::from_shape_fn((1, 45, 70), |(_, y, x)| ((x + y) % 7) as f32 / 7.0);
     let p = predict_probs(
         &m,
-        &img,
+        &omnirad_data::seg::Pixels::F32(img),
         32,
         SegWindow::Sliding { overlap: 8 },
         &pre,
@@ -160,7 +160,7 @@ fn adapter_learns_busi_lesions() {
 /// because ../shared/data holds no multi-class masks.
 #[test]
 fn adapter_learns_several_classes() {
-    use omnirad_data::seg::SegSample;
+    use omnirad_data::seg::{Pixels, SegSample};
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let samples: Vec<SegSample> = (0..32)
@@ -178,10 +178,8 @@ fn adapter_learns_several_classes() {
             }
             img.mapv_inplace(|v| (v + rng.random_range(-0.05..0.05)).clamp(0.0, 1.0));
             SegSample {
-                image: omnirad_data::Image {
-                    data: img,
-                    meta: Default::default(),
-                },
+                pixels: Pixels::compact(img),
+                id: String::new(),
                 mask,
                 fov: None,
             }

@@ -19,7 +19,7 @@ use burn::tensor::backend::Backend;
 use clap::{Args, Subcommand};
 use ndarray::{Array2, Array3};
 use omnirad_data::discover;
-use omnirad_data::seg::{open_splits, SegSample, SegSplits, SegWindow};
+use omnirad_data::seg::{open_splits, Pixels, SegSample, SegSplits, SegWindow};
 use omnirad_eval::baselines::{MEDSEGBENCH_DICE, MEDSEGBENCH_MODELS};
 use omnirad_eval::{SegEvaluator, SegScores};
 use omnirad_model::{
@@ -345,9 +345,11 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
             |s, pred| {
                 if drawn < a.overlays {
                     drawn += 1;
-                    let name = names.name(&s.image.meta.id);
-                    let written = crate::names::output_path(&overlays, &name, ".png")
-                        .and_then(|path| write_overlay(&s.image.data, Some(&s.mask), pred, &path));
+                    let name = names.name(&s.id);
+                    let written =
+                        crate::names::output_path(&overlays, &name, ".png").and_then(|path| {
+                            write_overlay(&s.pixels.to_f32(), Some(&s.mask), pred, &path)
+                        });
                     if let Err(e) = written {
                         eprintln!("overlay {}: {e:#}", name.display());
                     }
@@ -465,7 +467,7 @@ pub fn eval_cmd(a: &EvalArgs) -> Result<()> {
         {
             bail!(
                 "{}: mask holds a class ≥ {} (the bundle's head has {} classes)",
-                bad.image.meta.id,
+                bad.id,
                 b.head.classes,
                 b.head.classes
             );
@@ -537,10 +539,11 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
                     return Err(e).with_context(|| format!("reading {} (--strict)", item.id()))
                 }
             };
-            for im in &images {
+            for im in images {
+                let pixels = Pixels::F32(im.data);
                 let p = predict_probs(
                     &m,
-                    &im.data,
+                    &pixels,
                     b.train.size,
                     b.train.window,
                     &cfg.preprocess,
@@ -561,7 +564,7 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
                     &crate::names::output_path(&a.out, &name, "_mask.png")?,
                 )?;
                 write_overlay(
-                    &im.data,
+                    &pixels.to_f32(),
                     None,
                     &pred,
                     &crate::names::output_path(&a.out, &name, "_overlay.png")?,
