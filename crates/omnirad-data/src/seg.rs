@@ -327,6 +327,16 @@ pub fn load_npz_split(path: &Path, split: Split) -> Result<Vec<SegSample>> {
                 .to_owned()
                 .into_dimensionality::<Ix2>()
                 .expect("2D"),
+            0 | 1 => {
+                return Err(DataError::invalid(
+                    path,
+                    format!(
+                        "'{mk}' has shape {:?}: a label per image, not a mask (a classification \
+                         file? segmentation reads MedSegBench-style npz files)",
+                        masks.shape()
+                    ),
+                ))
+            }
             d => {
                 return Err(DataError::invalid(
                     path,

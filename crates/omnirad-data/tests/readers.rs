@@ -530,6 +530,14 @@ fn medsegbench_npz_keys_are_discovered() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no test image array"), "{e}");
+    // A MedMNIST classification file has labels, not masks.
+    let e = omnirad_data::seg::load_npz_split(&data("medmnist/breastmnist.npz"), Split::Test)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("breastmnist.npz") && e.contains("[156, 1]") && e.contains("not a mask"),
+        "{e}"
+    );
     // Masks stored as int16 read the same; a class beyond u8 is an error naming the mask.
     let wide = |at_300: bool| {
         let q = dir.join(format!("wide{at_300}.npz"));
