@@ -2,7 +2,7 @@
 only): air (-1000) outside a 200-voxel-radius cylinder, a deterministic 40..239 pattern inside.
 A large volume of known content for decode benchmarks; shared/data's volumes are small.
 
-    python3 bench/synthetic_ct_nifti.py /tmp/vol/ct.nii.gz
+    python3 bench/synthetic_ct_nifti.py /tmp/vol/ct.nii.gz [SLICES]   # SLICES: 200 unless given
 """
 import array
 import gzip
@@ -12,10 +12,10 @@ import sys
 NX, NY, NZ = 512, 512, 200
 
 
-def header():
+def header(nz):
     h = bytearray(348)
     struct.pack_into("<i", h, 0, 348)
-    struct.pack_into("<8h", h, 40, 3, NX, NY, NZ, 1, 1, 1, 1)
+    struct.pack_into("<8h", h, 40, 3, NX, NY, nz, 1, 1, 1, 1)
     struct.pack_into("<hh", h, 70, 4, 16)  # int16
     struct.pack_into("<8f", h, 76, 1, 0.7, 0.7, 1.5, 1, 1, 1, 1)
     struct.pack_into("<fff", h, 108, 352, 1, 0)  # vox_offset, scl_slope, scl_inter
@@ -27,10 +27,10 @@ def header():
     return bytes(h) + b"\0" * 4
 
 
-def main(out):
+def main(out, nz):
     with gzip.open(out, "wb", compresslevel=6) as f:
-        f.write(header())
-        for z in range(NZ):
+        f.write(header(nz))
+        for z in range(nz):
             s = array.array("h", [0]) * (NX * NY)
             for y in range(NY):
                 for x in range(NX):
@@ -41,4 +41,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else NZ)

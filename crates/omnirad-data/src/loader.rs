@@ -1,5 +1,6 @@
 //! Batching: items are decoded and preprocessed in parallel (rayon) and batches are produced
-//! one ahead on a background thread, so decoding overlaps with the model's work.
+//! one ahead on a background thread, so decoding overlaps with the model's work. Memory stays
+//! bounded by the batch also for items that hold many images (volumes, cine loops).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -7,8 +8,10 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use ndarray::Array3;
+
 use crate::error::panic_message;
-use crate::image::Meta;
+use crate::image::{Image, Meta};
 use crate::preprocess::Preprocess;
 use crate::source::{Item, ReadOptions};
 
@@ -24,26 +27,37 @@ pub struct Batch {
     pub failed: Vec<(String, String)>,
 }
 
-/// Loads `items`, keeping every image an item yields (a multi-frame item gives several rows).
-pub fn load_batch(items: &[Item], read: &ReadOptions, pre: &Preprocess) -> Batch {
-    let results: Vec<_> = items
-        .par_iter()
-        .map(|it| {
-            it.load(read)
-                .map(|imgs| {
-                    imgs.into_iter()
-                        .map(|im| (pre.apply(&im), im.meta))
-                        .collect::<Vec<_>>()
-                })
-                .map_err(|e| (it.id(), e.to_string()))
-        })
-        .collect();
+type Loaded = Result<Vec<(Array3<f32>, Meta)>, (String, String)>;
+
+fn preprocessed(item: &Item, read: &ReadOptions, pre: &Preprocess) -> Loaded {
+    caught(|| {
+        let imgs = item.load(read).map_err(|e| e.to_string())?;
+        Ok(imgs
+            .into_iter()
+            .map(|im| (pre.apply(&im), im.meta))
+            .collect())
+    })
+    .map_err(|e| (item.id(), e))
+}
+
+/// `f`'s result, with a panic reported as an error: one would otherwise end the job, or a
+/// loader thread's stream early (which looks like a shorter dataset).
+fn caught<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        Err(format!(
+            "internal error: {}",
+            panic_message(payload.as_ref())
+        ))
+    })
+}
+
+fn batch_of(results: Vec<Loaded>, pre: &Preprocess) -> Batch {
     let (s, c) = (pre.size, pre.channels);
     let mut batch = Batch {
         data: Vec::new(),
         shape: [0, c, s, s],
         metas: Vec::new(),
-        items: items.len(),
+        items: results.len(),
         failed: Vec::new(),
     };
     for r in results {
@@ -61,7 +75,49 @@ pub fn load_batch(items: &[Item], read: &ReadOptions, pre: &Preprocess) -> Batch
     batch
 }
 
-/// Iterates batches of `batch_items` items, prefetching up to `prefetch` batches.
+/// Loads `items`, keeping every image an item yields (a multi-frame item gives several rows).
+pub fn load_batch(items: &[Item], read: &ReadOptions, pre: &Preprocess) -> Batch {
+    let results = items
+        .par_iter()
+        .map(|it| preprocessed(it, read, pre))
+        .collect();
+    batch_of(results, pre)
+}
+
+/// Loads `items` in order through `load`, decoding one item per thread at a time, and yields
+/// them in chunks that end once they hold `max` items or `max` images (`images` counts an
+/// item's). A folder of CT volumes gives hundreds of slices per item: a chunk of 32 of them
+/// would hold 32 decoded volumes.
+pub fn grouped<'a, T: Send + 'a>(
+    items: &'a [Item],
+    max: usize,
+    load: impl Fn(&Item) -> T + Sync + 'a,
+    images: impl Fn(&T) -> usize + 'a,
+) -> impl Iterator<Item = Vec<T>> + 'a {
+    let max = max.max(1);
+    let group = rayon::current_num_threads().clamp(1, max);
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        let mut chunk: Vec<T> = Vec::new();
+        let mut held = 0;
+        while !rest.is_empty() && chunk.len() < max && held < max {
+            let (now, tail) = rest.split_at(group.min(max - chunk.len()).min(rest.len()));
+            rest = tail;
+            let loaded: Vec<T> = now.par_iter().map(&load).collect();
+            held += loaded.iter().map(&images).sum::<usize>();
+            chunk.extend(loaded);
+        }
+        (!chunk.is_empty()).then_some(chunk)
+    })
+}
+
+/// An item's images, or the error message (a panic included).
+pub fn load_item(item: &Item, read: &ReadOptions) -> Result<Vec<Image>, String> {
+    caught(|| item.load(read).map_err(|e| e.to_string()))
+}
+
+/// Iterates batches of up to `batch_items` items (fewer when they hold `batch_items` images
+/// already), prefetching up to `prefetch` batches.
 pub fn batches(
     items: Arc<Vec<Item>>,
     batch_items: usize,
@@ -71,18 +127,10 @@ pub fn batches(
 ) -> Receiver<Batch> {
     let (tx, rx) = sync_channel(prefetch.max(1));
     std::thread::spawn(move || {
-        for chunk in items.chunks(batch_items.max(1)) {
-            // A panic here would end the stream early and look like a shorter dataset; report
-            // the chunk's items as failed instead, so the job counts them like unreadable files.
-            let batch = catch_unwind(AssertUnwindSafe(|| load_batch(chunk, &read, &pre)))
-                .unwrap_or_else(|payload| {
-                    let why = format!("internal error: {}", panic_message(payload.as_ref()));
-                    let mut b = load_batch(&[], &read, &pre);
-                    b.items = chunk.len();
-                    b.failed = chunk.iter().map(|it| (it.id(), why.clone())).collect();
-                    b
-                });
-            if tx.send(batch).is_err() {
+        let load = |it: &Item| preprocessed(it, &read, &pre);
+        let count = |r: &Loaded| r.as_ref().map_or(0, |v| v.len());
+        for chunk in grouped(&items, batch_items, load, count) {
+            if tx.send(batch_of(chunk, &pre)).is_err() {
                 break;
             }
         }

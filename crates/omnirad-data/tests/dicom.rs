@@ -435,6 +435,65 @@ fn a_truncated_rle_file_fails_alone_in_a_folder() {
     assert!(failed[0].0.ends_with("b_cut.dcm") && failed[0].1.contains("corrupt or truncated"));
 }
 
+/// Multi-frame items (cine loops, volumes) end a batch early: it holds as many items as there
+/// are decoding threads, not `batch_items` of them, and nothing is lost or reordered.
+#[test]
+fn batches_of_multi_frame_items_stay_small() {
+    let dir_guard = tmpdir("batches-frames");
+    let dir = dir_guard.path();
+    for k in 0..5 {
+        std::fs::copy(
+            data("dicom-pydicom/emri_small.dcm"),
+            dir.join(format!("cine{k}.dcm")),
+        )
+        .unwrap();
+    }
+    for k in 5..9 {
+        std::fs::copy(
+            data("dicom-pydicom/MR_small.dcm"),
+            dir.join(format!("mr{k}.dcm")),
+        )
+        .unwrap();
+    }
+    let (items, _) = omnirad_data::discover(dir, omnirad_data::Split::Test).unwrap();
+    let pre = omnirad_data::Preprocess {
+        size: 32,
+        ..Default::default()
+    };
+    let batches: Vec<_> = omnirad_data::loader::batches(
+        std::sync::Arc::new(items),
+        8,
+        omnirad_data::ReadOptions::default(),
+        pre,
+        2,
+    )
+    .iter()
+    .collect();
+    let threads = rayon::current_num_threads();
+    for b in &batches {
+        if b.metas.iter().any(|m| m.id.contains("cine")) {
+            assert!(b.items <= threads.min(8), "{} cine items at once", b.items);
+        }
+        assert_eq!(b.shape[0], b.metas.len());
+    }
+    let ids: Vec<String> = batches
+        .iter()
+        .flat_map(|b| b.metas.iter().map(|m| m.id.clone()))
+        .collect();
+    assert_eq!(ids.len(), 5 * 10 + 4);
+    assert_eq!(batches.iter().map(|b| b.items).sum::<usize>(), 9);
+    // Item order kept: the files appear in discovery (name) order, each once, frames together.
+    let mut files: Vec<String> = ids
+        .iter()
+        .map(|id| id.split('#').next().unwrap().to_string())
+        .collect();
+    files.dedup();
+    let mut sorted = files.clone();
+    sorted.sort();
+    assert_eq!((files.len(), &files), (9, &sorted));
+    assert!(batches.len() >= 5usize.div_ceil(threads));
+}
+
 #[test]
 fn truncated_or_damaged_files_are_errors_or_images_never_panics() {
     // Every shared DICOM and NIfTI file and two PNGs, cut short and with bytes overwritten; each

@@ -210,10 +210,7 @@ pub fn map_items<B: Backend>(
         pos += b.items;
         if strict {
             if let Some((id, err)) = b.failed.first() {
-                if err.contains(id.as_str()) {
-                    bail!("{err} (--strict)");
-                }
-                bail!("{id}: {err} (--strict)");
+                bail!("{} (--strict)", failure_text(id, err));
             }
         }
         failed.extend(b.failed);
@@ -270,7 +267,7 @@ pub(crate) fn item_bar(n: usize, what: &str) -> ProgressBar {
     bar
 }
 
-fn sidecar(out: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn sidecar(out: &Path, suffix: &str) -> PathBuf {
     let stem = out.with_extension("");
     PathBuf::from(format!("{}.{suffix}", stem.display()))
 }
@@ -368,11 +365,16 @@ pub fn report_failed(out: Option<&Path>, failed: &[(String, String)]) {
         None => eprintln!("{} item(s) could not be read:", failed.len()),
     }
     for (id, err) in failed.iter().take(10) {
-        if err.contains(id.as_str()) {
-            eprintln!("  {err}");
-        } else {
-            eprintln!("  {id}: {err}");
-        }
+        eprintln!("  {}", failure_text(id, err));
+    }
+}
+
+/// An item's error message, led by its id unless the message names it already.
+pub fn failure_text(id: &str, err: &str) -> String {
+    if err.contains(id) {
+        err.to_string()
+    } else {
+        format!("{id}: {err}")
     }
 }
 

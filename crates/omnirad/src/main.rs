@@ -8,6 +8,7 @@ mod embed;
 mod embed_parts;
 mod finetune;
 mod info;
+mod journal;
 mod medmnist_bench;
 mod names;
 mod pretrain;

@@ -18,8 +18,9 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use clap::{Args, Subcommand};
 use ndarray::{Array2, Array3};
-use omnirad_data::discover;
+use omnirad_data::loader::{grouped, load_item};
 use omnirad_data::seg::{open_splits, Pixels, SegSample, SegSplits, SegWindow};
+use omnirad_data::{discover, Image, Item};
 use omnirad_eval::baselines::{MEDSEGBENCH_DICE, MEDSEGBENCH_MODELS};
 use omnirad_eval::{SegEvaluator, SegScores};
 use omnirad_model::{
@@ -29,9 +30,11 @@ use omnirad_model::{
 use omnirad_train::segment::{
     argmax, build, evaluate, load_state, predict_probs, save_state, train, SegTrainConfig,
 };
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::device::{model_stamps, parse_device, resolve_model, stamp, Device};
+use crate::journal::{Journal, CHUNK};
 use crate::run_dir::RunDir;
 use crate::run_log::RunLog;
 use crate::ReadArgs;
@@ -500,8 +503,13 @@ pub struct PredictArgs {
     /// masks.failed.txt lists unreadable files.
     #[arg(long)]
     pub out: PathBuf,
+    /// Stop at the first unreadable item instead of skipping and listing it.
     #[arg(long)]
     pub strict: bool,
+    /// Stop after this many input items; the same command run again continues after them (as
+    /// it does after a kill).
+    #[arg(long)]
+    pub stop_after: Option<usize>,
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     #[command(flatten)]
@@ -522,71 +530,118 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
             );
         }
         let read = a.read.options();
+        let stamps: Vec<_> = [
+            "segment.json",
+            "head.safetensors",
+            "encoder/config.json",
+            "encoder/model.safetensors",
+        ]
+        .iter()
+        .map(|f| stamp(&a.model.join(f)))
+        .collect();
+        let key = crate::embed_parts::Parts {
+            dir: a.out.clone(),
+            settings: format!(
+                "segment predict|{}|{stamps:?}|{:?}|{read:?}",
+                a.model.display(),
+                a.device
+            ),
+            stop_after: None,
+        }
+        .key(&items);
+        let list = a.out.join("masks.csv");
         let mut names = crate::names::OutputNames::new(Some(&a.input));
-        let mut index = String::from("id,mask,overlay\n");
-        let mut failed = Vec::new();
-        let mut done = 0;
+        // Rows are `id,NAME_mask.png,NAME_overlay.png`; names are never quoted, ids may be.
+        let mut journal = Journal::open(&list, key, |row| {
+            if let Some(mask) = row.rsplit(',').nth(1) {
+                names.reserve(PathBuf::from(mask.trim_end_matches("_mask.png")));
+            }
+        })?;
+        let done = journal.progress.items;
+        if done > 0 {
+            eprintln!(
+                "continuing after {done} of {} items (rows so far in {})",
+                items.len(),
+                journal.rows_path().display()
+            );
+        }
+        let end = a
+            .stop_after
+            .map_or(items.len(), |s| s.clamp(done, items.len()));
         let bar = crate::embed::item_bar(items.len(), "segment");
-        for item in &items {
-            bar.inc(1);
-            let images = match item.load(&read) {
-                Ok(v) => v,
-                Err(e) if !a.strict => {
-                    failed.push((item.id(), e.to_string()));
-                    continue;
+        bar.set_position(done as u64);
+        let load = |it: &Item| (it.id(), load_item(it, &read));
+        let count = |(_, r): &(String, Result<Vec<Image>, String>)| r.as_ref().map_or(0, Vec::len);
+        let scale = 255 / (b.head.classes - 1).max(1) as u32;
+        for loaded in grouped(&items[done..end], CHUNK, load, count) {
+            let n = loaded.len();
+            let mut rows = String::new();
+            let mut outputs = Vec::new();
+            for (id, images) in loaded {
+                let images = match images {
+                    Ok(v) => v,
+                    Err(e) if a.strict => {
+                        bail!("{} (--strict)", crate::embed::failure_text(&id, &e))
+                    }
+                    Err(e) => {
+                        journal.progress.failed.push((id, e));
+                        continue;
+                    }
+                };
+                for im in images {
+                    let pixels = Pixels::F32(im.data);
+                    let pred = argmax(&predict_probs(
+                        &m,
+                        &pixels,
+                        b.train.size,
+                        b.train.window,
+                        &cfg.preprocess,
+                        b.train.batch,
+                        &dev,
+                    ));
+                    let name = names.name(&im.meta.id);
+                    let shown = crate::embed::csv_field(&name.display().to_string());
+                    rows.push_str(&format!(
+                        "{},{shown}_mask.png,{shown}_overlay.png\n",
+                        crate::embed::csv_field(&im.meta.id),
+                    ));
+                    outputs.push((name, pixels, pred));
                 }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("reading {} (--strict)", item.id()))
-                }
-            };
-            for im in images {
-                let pixels = Pixels::F32(im.data);
-                let p = predict_probs(
-                    &m,
-                    &pixels,
-                    b.train.size,
-                    b.train.window,
-                    &cfg.preprocess,
-                    b.train.batch,
-                    &dev,
-                );
-                let pred = argmax(&p);
-                let scale = 255 / (b.head.classes - 1).max(1) as u32;
+            }
+            outputs.par_iter().try_for_each(|(name, pixels, pred)| {
                 let grey =
                     image::GrayImage::from_fn(pred.ncols() as u32, pred.nrows() as u32, |x, y| {
                         image::Luma(
                             [(pred[[y as usize, x as usize]] as u32 * scale).min(255) as u8],
                         )
                     });
-                let name = names.name(&im.meta.id);
                 save_png(
                     &grey,
-                    &crate::names::output_path(&a.out, &name, "_mask.png")?,
+                    &crate::names::output_path(&a.out, name, "_mask.png")?,
                 )?;
                 write_overlay(
                     &pixels.to_f32(),
                     None,
-                    &pred,
-                    &crate::names::output_path(&a.out, &name, "_overlay.png")?,
-                )?;
-                index.push_str(&format!(
-                    "{},{}_mask.png,{}_overlay.png\n",
-                    crate::embed::csv_field(&im.meta.id),
-                    crate::embed::csv_field(&name.display().to_string()),
-                    crate::embed::csv_field(&name.display().to_string()),
-                ));
-                done += 1;
-            }
+                    pred,
+                    &crate::names::output_path(&a.out, name, "_overlay.png")?,
+                )
+            })?;
+            journal.commit(n, &rows, outputs.len())?;
+            bar.inc(n as u64);
         }
         bar.finish_and_clear();
-        crate::atomic::write(&a.out.join("masks.csv"), &index)?;
-        crate::embed::write_failed(&a.out.join("masks.csv"), &failed)?;
+        if end < items.len() {
+            journal.stopped();
+            return Ok(());
+        }
+        let progress = journal.finish("id,mask,overlay")?;
         eprintln!(
-            "{done} masks written to {} (listed in masks.csv)",
+            "{} masks written to {} (listed in masks.csv)",
+            progress.written,
             a.out.display()
         );
-        crate::embed::report_failed(Some(&a.out.join("masks.csv")), &failed);
-        if done == 0 {
+        crate::embed::report_failed(Some(&list), &progress.failed);
+        if progress.written == 0 {
             bail!("{}: no readable images", a.input.display());
         }
         Ok(())

@@ -4,17 +4,17 @@
 //! one image per sample: from a volume that means decoding the whole volume for one slice
 //! (about 2.5 s for a 512×512×200 CT, BENCHMARKS.md), from a PNG a few milliseconds.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use omnirad_data::{discover, Image};
+use omnirad_data::loader::{grouped, load_item};
+use omnirad_data::{discover, Image, Item};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
-use crate::embed::{csv_field, labels_text, note_skipped, report_failed, write_failed};
+use crate::embed::{csv_field, failure_text, labels_text, note_skipped, report_failed};
 use crate::embed_parts::Parts;
+use crate::journal::{Journal, CHUNK};
 use crate::names::{output_path, outside_outputs, OutputNames};
 use crate::ReadArgs;
 
@@ -42,22 +42,6 @@ pub struct SlicesArgs {
     pub read: ReadArgs,
 }
 
-/// Items decoded at a time (in parallel) between writes.
-const CHUNK: usize = 32;
-
-/// How far a stopped or killed run got: its first `items` items are done, and their manifest
-/// rows are the first `bytes` bytes of `manifest.partial.csv` (appended after each chunk; this
-/// file is rewritten atomically after the append, so rows past `bytes` are from a chunk that
-/// did not finish).
-#[derive(Serialize, Deserialize)]
-struct Progress {
-    key: String,
-    items: usize,
-    bytes: u64,
-    written: usize,
-    failed: Vec<(String, String)>,
-}
-
 pub fn run(a: &SlicesArgs) -> Result<()> {
     let read = a.read.options();
     let (items, skipped) = discover(&a.input, read.split)?;
@@ -70,51 +54,45 @@ pub fn run(a: &SlicesArgs) -> Result<()> {
             a.out.display()
         );
     }
-    let (partial, progress_file) = (
-        a.out.join("manifest.partial.csv"),
-        a.out.join("slices.progress.json"),
-    );
     let key = Parts {
         dir: a.out.clone(),
         settings: format!("slices|{:?}|{}", read, a.every),
         stop_after: None,
     }
     .key(&items);
+    let list = a.out.join("manifest.csv");
     let mut names = OutputNames::new(Some(&a.input));
-    let mut progress = resumed(&progress_file, &partial, &key, &mut names)?.unwrap_or(Progress {
-        key,
-        items: 0,
-        bytes: 0,
-        written: 0,
-        failed: Vec::new(),
-    });
-    if progress.items > 0 {
+    // Names are plain ([A-Za-z0-9_-] and /), so the path column is never quoted.
+    let mut journal = Journal::open(&list, key, |row| {
+        let file = row.split(',').next().unwrap_or_default();
+        names.reserve(PathBuf::from(file.trim_end_matches(".png")));
+    })?;
+    let done = journal.progress.items;
+    if done > 0 {
         eprintln!(
-            "continuing after {} of {} items (manifest rows so far in {})",
-            progress.items,
+            "continuing after {done} of {} items (manifest rows so far in {})",
             items.len(),
-            partial.display()
+            journal.rows_path().display()
         );
     }
     let end = a
         .stop_after
-        .map_or(items.len(), |s| s.clamp(progress.items, items.len()));
+        .map_or(items.len(), |s| s.clamp(done, items.len()));
     let bar = crate::embed::item_bar(items.len(), "slices");
-    bar.set_position(progress.items as u64);
-    for chunk in items[progress.items..end].chunks(CHUNK) {
-        let loaded: Vec<_> = chunk
-            .par_iter()
-            .map(|it| (it.id(), it.load(&read)))
-            .collect();
+    bar.set_position(done as u64);
+    let load = |it: &Item| (it.id(), load_item(it, &read));
+    let count = |(_, r): &(String, Result<Vec<Image>, String>)| r.as_ref().map_or(0, Vec::len);
+    for loaded in grouped(&items[done..end], CHUNK, load, count) {
+        let n = loaded.len();
         // Names in item order, so reruns and thread counts give the same files.
         let mut rows = String::new();
         let mut todo: Vec<(PathBuf, Image)> = Vec::new();
         for (id, images) in loaded {
             let images = match images {
                 Ok(v) => v,
-                Err(e) if a.strict => return Err(e).context(format!("{id} (--strict)")),
+                Err(e) if a.strict => bail!("{} (--strict)", failure_text(&id, &e)),
                 Err(e) => {
-                    progress.failed.push((id, e.to_string()));
+                    journal.progress.failed.push((id, e));
                     continue;
                 }
             };
@@ -135,34 +113,15 @@ pub fn run(a: &SlicesArgs) -> Result<()> {
         }
         todo.par_iter()
             .try_for_each(|(path, im)| write_png16(path, im))?;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&partial)
-            .with_context(|| format!("opening {}", partial.display()))?;
-        f.write_all(rows.as_bytes())
-            .and_then(|_| f.sync_data())
-            .with_context(|| format!("writing {}", partial.display()))?;
-        progress.items += chunk.len();
-        progress.bytes += rows.len() as u64;
-        progress.written += todo.len();
-        crate::atomic::write(&progress_file, serde_json::to_string(&progress)?)?;
-        bar.inc(chunk.len() as u64);
+        journal.commit(n, &rows, todo.len())?;
+        bar.inc(n as u64);
     }
     bar.finish_and_clear();
     if end < items.len() {
-        eprintln!(
-            "stopped after {end} items; run the same command again to continue (progress in {})",
-            progress_file.display()
-        );
+        journal.stopped();
         return Ok(());
     }
-    let list = a.out.join("manifest.csv");
-    let rows = std::fs::read_to_string(&partial).unwrap_or_default();
-    crate::atomic::write(&list, format!("path,label,modality,anatomy,source\n{rows}"))?;
-    write_failed(&list, &progress.failed)?;
-    let _ = std::fs::remove_file(&partial);
-    let _ = std::fs::remove_file(&progress_file);
+    let progress = journal.finish("path,label,modality,anatomy,source")?;
     eprintln!(
         "{} images written to {} (listed in {})",
         progress.written,
@@ -174,43 +133,6 @@ pub fn run(a: &SlicesArgs) -> Result<()> {
         bail!("{}: no readable images", a.input.display());
     }
     Ok(())
-}
-
-/// The progress of an earlier run of the same job (same settings and items), with the names it
-/// gave reserved and its unfinished chunk's rows cut off; None to start afresh.
-fn resumed(
-    progress_file: &Path,
-    partial: &Path,
-    key: &str,
-    names: &mut OutputNames,
-) -> Result<Option<Progress>> {
-    let earlier = std::fs::read_to_string(progress_file)
-        .ok()
-        .and_then(|t| serde_json::from_str::<Progress>(&t).ok());
-    let Some(p) = earlier.filter(|p| p.key == key) else {
-        if progress_file.exists() {
-            eprintln!(
-                "{}: progress of another job (other settings or inputs); starting over",
-                progress_file.display()
-            );
-        }
-        let _ = std::fs::remove_file(partial);
-        return Ok(None);
-    };
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(partial)
-        .with_context(|| format!("opening {}", partial.display()))?;
-    f.set_len(p.bytes)
-        .with_context(|| format!("truncating {}", partial.display()))?;
-    let rows = std::fs::read_to_string(partial)
-        .with_context(|| format!("reading {}", partial.display()))?;
-    for row in rows.lines() {
-        // Names are plain ([A-Za-z0-9_-] and /), so the path column is never quoted.
-        let file = row.split(',').next().unwrap_or_default();
-        names.reserve(PathBuf::from(file.trim_end_matches(".png")));
-    }
-    Ok(Some(p))
 }
 
 /// A [0, 1] image as a 16-bit grey or RGB PNG (v·65535 rounded: within 7.7e-6 of v when read

@@ -1696,6 +1696,36 @@ fn segment_train_eval_predict_on_busi() {
         "masks and overlays of 78 rows, and masks.csv"
     );
     assert!(rows.join("breastmnist_val_77_mask.png").is_file());
+    // Stopped after 30 rows and run again, the job continues and ends as the uninterrupted one.
+    let (resumed, breast) = (d.join("resumed"), data("medmnist/breastmnist.npz"));
+    let split_job = |extra: &[&str]| {
+        let mut args = vec![
+            "segment",
+            "predict",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--input",
+            breast.to_str().unwrap(),
+            "--split",
+            "val",
+            "--out",
+            resumed.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        omnirad(&args)
+    };
+    let (ok, _, err) = split_job(&["--stop-after", "30"]);
+    assert!(ok && err.contains("stopped after 30 items"), "{err}");
+    assert!(!resumed.join("masks.csv").exists());
+    let (ok, _, err) = split_job(&[]);
+    assert!(ok && err.contains("continuing after 30 of 78"), "{err}");
+    let index = |dir: &std::path::Path| std::fs::read_to_string(dir.join("masks.csv")).unwrap();
+    assert_eq!(index(&resumed), index(&rows));
+    assert_eq!(std::fs::read_dir(&resumed).unwrap().count(), written);
+    assert_eq!(
+        std::fs::read(resumed.join("breastmnist_val_77_mask.png")).unwrap(),
+        std::fs::read(rows.join("breastmnist_val_77_mask.png")).unwrap()
+    );
     // A damaged head file is named.
     let head = bundle.join("head.safetensors");
     let bytes = std::fs::read(&head).unwrap();

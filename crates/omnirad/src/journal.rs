@@ -1,0 +1,125 @@
+//! The output list of a resumable item job (`data slices`' manifest.csv, `segment predict`'s
+//! masks.csv). After each chunk of items its rows are appended to `LIST.partial.csv`, then
+//! `LIST.progress.json` (items done, bytes of rows, failures) is rewritten atomically; so a
+//! stopped or killed run continues after its last whole chunk, and rows past `bytes` (from a
+//! chunk that did not finish) are cut off.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::embed::{sidecar, write_failed};
+
+/// Items (or, for items that hold many, images) decoded between commits.
+pub const CHUNK: usize = 32;
+
+#[derive(Serialize, Deserialize)]
+pub struct Progress {
+    key: String,
+    /// Items done (in the job's item order).
+    pub items: usize,
+    bytes: u64,
+    /// Outputs written.
+    pub written: usize,
+    pub failed: Vec<(String, String)>,
+}
+
+pub struct Journal {
+    list: PathBuf,
+    partial: PathBuf,
+    progress_file: PathBuf,
+    pub progress: Progress,
+}
+
+impl Journal {
+    /// The journal of job `key` (settings and items) for `list`: an earlier run's, if it was
+    /// the same job, each of its rows passed to `on_row` (to reserve the output names it gave);
+    /// otherwise a fresh one.
+    pub fn open(list: &Path, key: String, mut on_row: impl FnMut(&str)) -> Result<Self> {
+        let (partial, progress_file) =
+            (sidecar(list, "partial.csv"), sidecar(list, "progress.json"));
+        let earlier = std::fs::read_to_string(&progress_file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Progress>(&t).ok());
+        let progress = match earlier.filter(|p| p.key == key) {
+            Some(p) => {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&partial)
+                    .with_context(|| format!("opening {}", partial.display()))?;
+                f.set_len(p.bytes)
+                    .with_context(|| format!("truncating {}", partial.display()))?;
+                let rows = std::fs::read_to_string(&partial)
+                    .with_context(|| format!("reading {}", partial.display()))?;
+                rows.lines().for_each(&mut on_row);
+                p
+            }
+            None => {
+                if progress_file.exists() {
+                    eprintln!(
+                        "{}: progress of another job (other settings or inputs); starting over",
+                        progress_file.display()
+                    );
+                }
+                let _ = std::fs::remove_file(&partial);
+                Progress {
+                    key,
+                    items: 0,
+                    bytes: 0,
+                    written: 0,
+                    failed: Vec::new(),
+                }
+            }
+        };
+        Ok(Self {
+            list: list.to_path_buf(),
+            partial,
+            progress_file,
+            progress,
+        })
+    }
+
+    /// Where the rows so far are (for messages).
+    pub fn rows_path(&self) -> &Path {
+        &self.partial
+    }
+
+    /// Records a finished chunk: `items` more items done, their `rows`, `written` outputs.
+    pub fn commit(&mut self, items: usize, rows: &str, written: usize) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.partial)
+            .with_context(|| format!("opening {}", self.partial.display()))?;
+        f.write_all(rows.as_bytes())
+            .and_then(|_| f.sync_data())
+            .with_context(|| format!("writing {}", self.partial.display()))?;
+        let p = &mut self.progress;
+        p.items += items;
+        p.bytes += rows.len() as u64;
+        p.written += written;
+        crate::atomic::write(&self.progress_file, serde_json::to_string(p)?)
+    }
+
+    /// Says how to continue a run stopped before its last item.
+    pub fn stopped(&self) {
+        eprintln!(
+            "stopped after {} items; run the same command again to continue (progress in {})",
+            self.progress.items,
+            self.progress_file.display()
+        );
+    }
+
+    /// Writes the list (`header` line, then every row) and its failures file, and removes the
+    /// journal's files.
+    pub fn finish(self, header: &str) -> Result<Progress> {
+        let rows = std::fs::read_to_string(&self.partial).unwrap_or_default();
+        crate::atomic::write(&self.list, format!("{header}\n{rows}"))?;
+        write_failed(&self.list, &self.progress.failed)?;
+        let _ = std::fs::remove_file(&self.partial);
+        let _ = std::fs::remove_file(&self.progress_file);
+        Ok(self.progress)
+    }
+}
