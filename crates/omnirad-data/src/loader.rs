@@ -111,9 +111,15 @@ pub fn grouped<'a, T: Send + 'a>(
     })
 }
 
-/// An item's images, or the error message (a panic included).
-pub fn load_item(item: &Item, read: &ReadOptions) -> Result<Vec<Image>, String> {
-    caught(|| item.load(read).map_err(|e| e.to_string()))
+/// Each item's id and images (or error message, a panic included), in chunks as [`grouped`]
+/// makes them.
+pub fn image_chunks<'a>(
+    items: &'a [Item],
+    max: usize,
+    read: &'a ReadOptions,
+) -> impl Iterator<Item = Vec<(String, Result<Vec<Image>, String>)>> + 'a {
+    let load = |it: &Item| (it.id(), caught(|| it.load(read).map_err(|e| e.to_string())));
+    grouped(items, max, load, |(_, r)| r.as_ref().map_or(0, Vec::len))
 }
 
 /// Iterates batches of up to `batch_items` items (fewer when they hold `batch_items` images

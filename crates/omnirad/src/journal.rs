@@ -5,12 +5,14 @@
 //! chunk that did not finish) are cut off.
 
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use omnirad_data::Image;
 use serde::{Deserialize, Serialize};
 
-use crate::embed::{sidecar, write_failed};
+use crate::embed::{failure_text, sidecar, write_failed};
 
 /// Items (or, for items that hold many, images) decoded between commits.
 pub const CHUNK: usize = 32;
@@ -34,10 +36,15 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// The journal of job `key` (settings and items) for `list`: an earlier run's, if it was
-    /// the same job, each of its rows passed to `on_row` (to reserve the output names it gave);
-    /// otherwise a fresh one.
-    pub fn open(list: &Path, key: String, mut on_row: impl FnMut(&str)) -> Result<Self> {
+    /// The journal of job `key` (settings and its `items` items) for `list`: an earlier run's,
+    /// if it was the same job, each of its rows passed to `on_row` (to reserve the output names
+    /// it gave); otherwise a fresh one.
+    pub fn open(
+        list: &Path,
+        key: String,
+        items: usize,
+        mut on_row: impl FnMut(&str),
+    ) -> Result<Self> {
         let (partial, progress_file) =
             (sidecar(list, "partial.csv"), sidecar(list, "progress.json"));
         let earlier = std::fs::read_to_string(&progress_file)
@@ -54,6 +61,11 @@ impl Journal {
                 let rows = std::fs::read_to_string(&partial)
                     .with_context(|| format!("reading {}", partial.display()))?;
                 rows.lines().for_each(&mut on_row);
+                eprintln!(
+                    "continuing after {} of {items} items (rows so far in {})",
+                    p.items,
+                    partial.display()
+                );
                 p
             }
             None => {
@@ -81,9 +93,27 @@ impl Journal {
         })
     }
 
-    /// Where the rows so far are (for messages).
-    pub fn rows_path(&self) -> &Path {
-        &self.partial
+    /// The items still to do, up to `stop_after` items in all.
+    pub fn todo(&self, items: usize, stop_after: Option<usize>) -> Range<usize> {
+        let done = self.progress.items;
+        done..stop_after.map_or(items, |s| s.clamp(done, items))
+    }
+
+    /// An item's images; a failure is recorded (None), or with `strict` ends the job.
+    pub fn images(
+        &mut self,
+        id: String,
+        loaded: Result<Vec<Image>, String>,
+        strict: bool,
+    ) -> Result<Option<Vec<Image>>> {
+        match loaded {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if strict => bail!("{} (--strict)", failure_text(&id, &e)),
+            Err(e) => {
+                self.progress.failed.push((id, e));
+                Ok(None)
+            }
+        }
     }
 
     /// Records a finished chunk: `items` more items done, their `rows`, `written` outputs.

@@ -96,15 +96,17 @@ pub fn output_path(dir: &Path, name: &Path, suffix: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// `items` without the files under `out` when `out` lies inside the input folder, so that a
-/// rerun (or a resumed run) does not read its own outputs as inputs; and how many were left out.
-pub fn outside_outputs(items: Vec<Item>, input: &Path, out: &Path) -> (Vec<Item>, usize) {
+/// Creates the output folder `out` and returns `items` without the files under it when it lies
+/// inside the input folder (saying how many were left out), so that a rerun (or a resumed run)
+/// does not read its own outputs as inputs.
+pub fn outside_outputs(items: Vec<Item>, input: &Path, out: &Path) -> Result<Vec<Item>> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let inside = match (std::fs::canonicalize(input), std::fs::canonicalize(out)) {
         (Ok(i), Ok(o)) if input.is_dir() => o.strip_prefix(&i).ok().map(Path::to_path_buf),
         _ => None,
     };
     let Some(rel) = inside else {
-        return (items, 0);
+        return Ok(items);
     };
     let n = items.len();
     let kept: Vec<Item> = items
@@ -114,6 +116,12 @@ pub fn outside_outputs(items: Vec<Item>, input: &Path, out: &Path) -> (Vec<Item>
             Item::Npz { .. } => true,
         })
         .collect();
-    let left = n - kept.len();
-    (kept, left)
+    if kept.len() < n {
+        eprintln!(
+            "note: left out {} file(s) under {} (this job's outputs)",
+            n - kept.len(),
+            out.display()
+        );
+    }
+    Ok(kept)
 }

@@ -18,9 +18,9 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use clap::{Args, Subcommand};
 use ndarray::{Array2, Array3};
-use omnirad_data::loader::{grouped, load_item};
+use omnirad_data::discover;
+use omnirad_data::loader::image_chunks;
 use omnirad_data::seg::{open_splits, Pixels, SegSample, SegSplits, SegWindow};
-use omnirad_data::{discover, Image, Item};
 use omnirad_eval::baselines::{MEDSEGBENCH_DICE, MEDSEGBENCH_MODELS};
 use omnirad_eval::{SegEvaluator, SegScores};
 use omnirad_model::{
@@ -521,14 +521,7 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
         let (m, cfg, b) = load_bundle::<B>(&a.model, &dev)?;
         let (items, skipped) = discover(&a.input, a.read.split)?;
         crate::embed::note_skipped(&a.input, skipped);
-        std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-        let (items, own) = crate::names::outside_outputs(items, &a.input, &a.out);
-        if own > 0 {
-            eprintln!(
-                "note: left out {own} file(s) under {} (this job's outputs)",
-                a.out.display()
-            );
-        }
+        let items = crate::names::outside_outputs(items, &a.input, &a.out)?;
         let read = a.read.options();
         let stamps: Vec<_> = [
             "segment.json",
@@ -552,41 +545,22 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
         let list = a.out.join("masks.csv");
         let mut names = crate::names::OutputNames::new(Some(&a.input));
         // Rows are `id,NAME_mask.png,NAME_overlay.png`; names are never quoted, ids may be.
-        let mut journal = Journal::open(&list, key, |row| {
+        let mut journal = Journal::open(&list, key, items.len(), |row| {
             if let Some(mask) = row.rsplit(',').nth(1) {
                 names.reserve(PathBuf::from(mask.trim_end_matches("_mask.png")));
             }
         })?;
-        let done = journal.progress.items;
-        if done > 0 {
-            eprintln!(
-                "continuing after {done} of {} items (rows so far in {})",
-                items.len(),
-                journal.rows_path().display()
-            );
-        }
-        let end = a
-            .stop_after
-            .map_or(items.len(), |s| s.clamp(done, items.len()));
+        let todo = journal.todo(items.len(), a.stop_after);
         let bar = crate::embed::item_bar(items.len(), "segment");
-        bar.set_position(done as u64);
-        let load = |it: &Item| (it.id(), load_item(it, &read));
-        let count = |(_, r): &(String, Result<Vec<Image>, String>)| r.as_ref().map_or(0, Vec::len);
+        bar.set_position(todo.start as u64);
         let scale = 255 / (b.head.classes - 1).max(1) as u32;
-        for loaded in grouped(&items[done..end], CHUNK, load, count) {
+        for loaded in image_chunks(&items[todo.clone()], CHUNK, &read) {
             let n = loaded.len();
             let mut rows = String::new();
             let mut outputs = Vec::new();
             for (id, images) in loaded {
-                let images = match images {
-                    Ok(v) => v,
-                    Err(e) if a.strict => {
-                        bail!("{} (--strict)", crate::embed::failure_text(&id, &e))
-                    }
-                    Err(e) => {
-                        journal.progress.failed.push((id, e));
-                        continue;
-                    }
+                let Some(images) = journal.images(id, images, a.strict)? else {
+                    continue;
                 };
                 for im in images {
                     let pixels = Pixels::F32(im.data);
@@ -630,7 +604,7 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
             bar.inc(n as u64);
         }
         bar.finish_and_clear();
-        if end < items.len() {
+        if todo.end < items.len() {
             journal.stopped();
             return Ok(());
         }

@@ -8,11 +8,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use omnirad_data::loader::{grouped, load_item};
-use omnirad_data::{discover, Image, Item};
+use omnirad_data::loader::image_chunks;
+use omnirad_data::{discover, Image};
 use rayon::prelude::*;
 
-use crate::embed::{csv_field, failure_text, labels_text, note_skipped, report_failed};
+use crate::embed::{csv_field, labels_text, note_skipped, report_failed};
 use crate::embed_parts::Parts;
 use crate::journal::{Journal, CHUNK};
 use crate::names::{output_path, outside_outputs, OutputNames};
@@ -46,14 +46,7 @@ pub fn run(a: &SlicesArgs) -> Result<()> {
     let read = a.read.options();
     let (items, skipped) = discover(&a.input, read.split)?;
     note_skipped(&a.input, skipped);
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let (items, own) = outside_outputs(items, &a.input, &a.out);
-    if own > 0 {
-        eprintln!(
-            "note: left out {own} file(s) under {} (this job's outputs)",
-            a.out.display()
-        );
-    }
+    let items = outside_outputs(items, &a.input, &a.out)?;
     let key = Parts {
         dir: a.out.clone(),
         settings: format!("slices|{:?}|{}", read, a.every),
@@ -63,38 +56,21 @@ pub fn run(a: &SlicesArgs) -> Result<()> {
     let list = a.out.join("manifest.csv");
     let mut names = OutputNames::new(Some(&a.input));
     // Names are plain ([A-Za-z0-9_-] and /), so the path column is never quoted.
-    let mut journal = Journal::open(&list, key, |row| {
+    let mut journal = Journal::open(&list, key, items.len(), |row| {
         let file = row.split(',').next().unwrap_or_default();
         names.reserve(PathBuf::from(file.trim_end_matches(".png")));
     })?;
-    let done = journal.progress.items;
-    if done > 0 {
-        eprintln!(
-            "continuing after {done} of {} items (manifest rows so far in {})",
-            items.len(),
-            journal.rows_path().display()
-        );
-    }
-    let end = a
-        .stop_after
-        .map_or(items.len(), |s| s.clamp(done, items.len()));
+    let todo = journal.todo(items.len(), a.stop_after);
     let bar = crate::embed::item_bar(items.len(), "slices");
-    bar.set_position(done as u64);
-    let load = |it: &Item| (it.id(), load_item(it, &read));
-    let count = |(_, r): &(String, Result<Vec<Image>, String>)| r.as_ref().map_or(0, Vec::len);
-    for loaded in grouped(&items[done..end], CHUNK, load, count) {
+    bar.set_position(todo.start as u64);
+    for loaded in image_chunks(&items[todo.clone()], CHUNK, &read) {
         let n = loaded.len();
         // Names in item order, so reruns and thread counts give the same files.
         let mut rows = String::new();
         let mut todo: Vec<(PathBuf, Image)> = Vec::new();
         for (id, images) in loaded {
-            let images = match images {
-                Ok(v) => v,
-                Err(e) if a.strict => bail!("{} (--strict)", failure_text(&id, &e)),
-                Err(e) => {
-                    journal.progress.failed.push((id, e));
-                    continue;
-                }
+            let Some(images) = journal.images(id, images, a.strict)? else {
+                continue;
             };
             for im in images.into_iter().step_by(a.every) {
                 let name = names.name(&im.meta.id);
@@ -117,7 +93,7 @@ pub fn run(a: &SlicesArgs) -> Result<()> {
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
-    if end < items.len() {
+    if todo.end < items.len() {
         journal.stopped();
         return Ok(());
     }
