@@ -6,9 +6,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use ndarray::Array3;
+use rayon::prelude::*;
 
 use crate::error::panic_message;
 use crate::image::{Image, Meta};
