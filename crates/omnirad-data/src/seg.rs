@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ndarray::{s, Array2, Array3, ArrayD, Axis, Ix2, Ix3};
+use ndarray::{s, ArcArray, ArcArray2, Array2, Array3, ArrayD, ArrayView2, Axis, Ix2, Ix3};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -26,7 +26,9 @@ pub struct SegSample {
     pub pixels: Pixels,
     /// The file (or `npz:split[i]`) the image came from.
     pub id: String,
-    pub mask: Array2<u8>,
+    /// Shared, like `Pixels::U8`: a split's samples are views of the npz's arrays, and copies
+    /// of a sample cost nothing.
+    pub mask: ArcArray2<u8>,
     pub fov: Option<Array2<bool>>,
 }
 
@@ -36,7 +38,7 @@ pub struct SegSample {
 #[derive(Debug, Clone)]
 pub enum Pixels {
     /// value = v / 255
-    U8(Array3<u8>),
+    U8(ArcArray<u8, Ix3>),
     /// value = v / 65535
     U16(Array3<u16>),
     F32(Array3<f32>),
@@ -54,7 +56,7 @@ impl Pixels {
             })
         }
         if exact(&a, 255.0) {
-            Pixels::U8(a.mapv(|v| (v * 255.0).round() as u8))
+            Pixels::U8(a.mapv(|v| (v * 255.0).round() as u8).into_shared())
         } else if exact(&a, 65535.0) {
             Pixels::U16(a.mapv(|v| (v * 65535.0).round() as u16))
         } else {
@@ -260,7 +262,7 @@ impl SegPair {
         Ok(SegSample {
             pixels: Pixels::compact(image.data),
             id: image.meta.id,
-            mask,
+            mask: mask.into_shared(),
             fov,
         })
     }
@@ -285,8 +287,9 @@ pub fn load_npz_split(path: &Path, split: Split) -> Result<Vec<SegSample>> {
     let mk = find(&["mask", "label", "seg", "gt"])
         .ok_or_else(|| DataError::invalid(path, format!("no {sp} mask array (keys: {names:?})")))?
         .clone();
-    let images: ArrayD<u8> = read_npz_array(path, &mut npz, &ik)?;
-    let masks = read_mask_array(path, &mut npz, &mk)?;
+    // Samples are views of these two arrays (no copies: a 224² split is hundreds of MB).
+    let images = read_npz_array::<u8>(path, &mut npz, &ik)?.into_shared();
+    let masks = read_mask_array(path, &mut npz, &mk)?.into_shared();
     let n = images.shape()[0];
     if masks.shape()[0] != n {
         return Err(DataError::invalid(
@@ -299,19 +302,16 @@ pub fn load_npz_split(path: &Path, split: Split) -> Result<Vec<SegSample>> {
     }
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let img = images.index_axis(Axis(0), i);
+        let img = images.clone().index_axis_move(Axis(0), i);
         let data = match img.ndim() {
             2 => img
                 .into_dimensionality::<Ix2>()
                 .expect("2D")
-                .insert_axis(Axis(0))
-                .to_owned(),
+                .insert_axis(Axis(0)),
             3 => img
                 .into_dimensionality::<Ix3>()
                 .expect("3D")
-                .permuted_axes([2, 0, 1])
-                .as_standard_layout()
-                .to_owned(),
+                .permuted_axes([2, 0, 1]),
             d => {
                 return Err(DataError::invalid(
                     path,
@@ -319,12 +319,11 @@ pub fn load_npz_split(path: &Path, split: Split) -> Result<Vec<SegSample>> {
                 ))
             }
         };
-        let m = masks.index_axis(Axis(0), i).to_owned();
+        let m = masks.clone().index_axis_move(Axis(0), i);
         let m = match m.ndim() {
             2 => m.into_dimensionality::<Ix2>().expect("2D"),
             3 => m
-                .index_axis(Axis(2), 0)
-                .to_owned()
+                .index_axis_move(Axis(2), 0)
                 .into_dimensionality::<Ix2>()
                 .expect("2D"),
             0 | 1 => {
@@ -539,7 +538,7 @@ pub struct SegView {
 
 /// Nearest-neighbour resampling of a label map from the crop box (left, top, w, h) to
 /// `dw × dh`, sampling at pixel centres (labels must not be blended).
-fn resize_labels<T: Copy>(m: &Array2<T>, crop: [f64; 4], dw: usize, dh: usize) -> Array2<T> {
+fn resize_labels<T: Copy>(m: ArrayView2<T>, crop: [f64; 4], dw: usize, dh: usize) -> Array2<T> {
     let (h, w) = m.dim();
     let [l, t, cw, ch] = crop;
     Array2::from_shape_fn((dh, dw), |(y, x)| {
@@ -566,8 +565,8 @@ impl SegSample {
         let crop_box = crop.unwrap_or([0.0, 0.0, w as f64, h as f64]);
         SegView {
             image: self.pixels.resized(crop, size),
-            mask: resize_labels(&self.mask, crop_box, size, size),
-            valid: resize_labels(&self.valid(), crop_box, size, size),
+            mask: resize_labels(self.mask.view(), crop_box, size, size),
+            valid: resize_labels(self.valid().view(), crop_box, size, size),
         }
     }
 

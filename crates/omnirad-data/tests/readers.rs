@@ -634,7 +634,7 @@ fn segmentation_views_keep_image_and_mask_aligned() {
     let s = SegSample {
         pixels: Pixels::F32(img),
         id: "checkerboard".into(),
-        mask,
+        mask: mask.into_shared(),
         fov: None,
     };
     for k in 0..20 {

@@ -180,7 +180,7 @@ fn adapter_learns_several_classes() {
             SegSample {
                 pixels: Pixels::compact(img),
                 id: String::new(),
-                mask,
+                mask: mask.into_shared(),
                 fov: None,
             }
         })

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use clap::{Args, Subcommand};
-use ndarray::{Array2, Array3};
+use ndarray::{Array2, Array3, ArrayView2};
 use omnirad_data::discover;
 use omnirad_data::loader::image_chunks;
 use omnirad_data::seg::{open_splits, Pixels, SegSample, SegSplits, SegWindow};
@@ -351,7 +351,7 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
                     let name = names.name(&s.id);
                     let written =
                         crate::names::output_path(&overlays, &name, ".png").and_then(|path| {
-                            write_overlay(&s.pixels.to_f32(), Some(&s.mask), pred, &path)
+                            write_overlay(&s.pixels.to_f32(), Some(s.mask.view()), pred, &path)
                         });
                     if let Err(e) = written {
                         eprintln!("overlay {}: {e:#}", name.display());
@@ -636,7 +636,7 @@ where
 }
 
 /// Pixels of class ≥ 1 with a 4-neighbour of another class (or the image edge).
-fn outline(mask: &Array2<u8>) -> Array2<bool> {
+fn outline(mask: ArrayView2<u8>) -> Array2<bool> {
     let (h, w) = mask.dim();
     Array2::from_shape_fn((h, w), |(y, x)| {
         let c = mask[[y, x]];
@@ -656,12 +656,12 @@ fn outline(mask: &Array2<u8>) -> Array2<bool> {
 /// prediction's in red; where they coincide, yellow.
 pub fn write_overlay(
     image: &Array3<f32>,
-    truth: Option<&Array2<u8>>,
+    truth: Option<ArrayView2<u8>>,
     pred: &Array2<u8>,
     path: &Path,
 ) -> Result<()> {
     let (c, h, w) = image.dim();
-    let p = outline(pred);
+    let p = outline(pred.view());
     let t = truth.map(outline);
     let px = |ch: usize, y: usize, x: usize| {
         (image[[ch.min(c - 1), y, x]].clamp(0.0, 1.0) * 255.0) as u8
