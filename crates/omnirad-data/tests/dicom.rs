@@ -408,19 +408,7 @@ fn a_truncated_rle_file_fails_alone_in_a_folder() {
 
     let (items, skipped) = omnirad_data::discover(dir, omnirad_data::Split::Test).unwrap();
     assert_eq!((items.len(), skipped), (3, 0));
-    let pre = omnirad_data::Preprocess {
-        size: 32,
-        ..Default::default()
-    };
-    let batches: Vec<_> = omnirad_data::loader::batches(
-        std::sync::Arc::new(items),
-        1,
-        omnirad_data::ReadOptions::default(),
-        pre,
-        2,
-    )
-    .iter()
-    .collect();
+    let batches = all_batches(items, 1);
     assert_eq!(batches.len(), 3, "one batch per item, none lost");
     let loaded: Vec<_> = batches
         .iter()
@@ -433,6 +421,18 @@ fn a_truncated_rle_file_fails_alone_in_a_folder() {
     );
     assert_eq!(failed.len(), 1);
     assert!(failed[0].0.ends_with("b_cut.dcm") && failed[0].1.contains("corrupt or truncated"));
+}
+
+/// Every batch the loader makes of `items` (32 px inputs).
+fn all_batches(items: Vec<omnirad_data::Item>, batch: usize) -> Vec<omnirad_data::loader::Batch> {
+    let pre = omnirad_data::Preprocess {
+        size: 32,
+        ..Default::default()
+    };
+    let read = omnirad_data::ReadOptions::default();
+    omnirad_data::loader::batches(std::sync::Arc::new(items), batch, read, pre, 2)
+        .iter()
+        .collect()
 }
 
 /// Multi-frame items (cine loops, volumes) end a batch early: it holds as many items as there
@@ -456,19 +456,7 @@ fn batches_of_multi_frame_items_stay_small() {
         .unwrap();
     }
     let (items, _) = omnirad_data::discover(dir, omnirad_data::Split::Test).unwrap();
-    let pre = omnirad_data::Preprocess {
-        size: 32,
-        ..Default::default()
-    };
-    let batches: Vec<_> = omnirad_data::loader::batches(
-        std::sync::Arc::new(items),
-        8,
-        omnirad_data::ReadOptions::default(),
-        pre,
-        2,
-    )
-    .iter()
-    .collect();
+    let batches = all_batches(items, 8);
     let threads = rayon::current_num_threads();
     for b in &batches {
         if b.metas.iter().any(|m| m.id.contains("cine")) {
