@@ -41,16 +41,21 @@ pub struct Done {
     pub failed: Vec<(String, String)>,
 }
 
+/// What identifies a resumable job: its `settings` and exact item list, hashed.
+pub fn job_key(settings: &str, items: &[Item]) -> String {
+    use md5::{Digest, Md5};
+    let mut h = Md5::new();
+    h.update(settings.as_bytes());
+    for it in items {
+        h.update(format!("{it:?}\n").as_bytes());
+    }
+    format!("{:x}", h.finalize())
+}
+
 impl Parts {
     /// The key of this job over `items`.
     pub fn key(&self, items: &[Item]) -> String {
-        use md5::{Digest, Md5};
-        let mut h = Md5::new();
-        h.update(self.settings.as_bytes());
-        for it in items {
-            h.update(format!("{it:?}\n").as_bytes());
-        }
-        format!("{:x}", h.finalize())
+        job_key(&self.settings, items)
     }
 
     fn file(&self, first: usize, ext: &str) -> PathBuf {

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use omnirad_data::Image;
 use serde::{Deserialize, Serialize};
 
-use crate::embed::{failure_text, sidecar, write_failed};
+use crate::embed::{failure_text, report_failed, sidecar, write_failed};
 
 /// Items (or, for items that hold many, images) decoded between commits.
 pub const CHUNK: usize = 32;
@@ -133,23 +133,36 @@ impl Journal {
         crate::atomic::write(&self.progress_file, serde_json::to_string(p)?)
     }
 
-    /// Says how to continue a run stopped before its last item.
-    pub fn stopped(&self) {
-        eprintln!(
-            "stopped after {} items; run the same command again to continue (progress in {})",
-            self.progress.items,
-            self.progress_file.display()
-        );
-    }
-
-    /// Writes the list (`header` line, then every row) and its failures file, and removes the
-    /// journal's files.
-    pub fn finish(self, header: &str) -> Result<Progress> {
+    /// Ends the run: when it stopped before the last of its `items` items, says how to continue;
+    /// otherwise writes the list (`header` line, then every row) and its failures file, removes
+    /// the journal's files and reports what was written (`what`: "images", "masks"). Err when
+    /// nothing in `input` could be read.
+    pub fn close(self, items: usize, header: &str, what: &str, input: &Path) -> Result<()> {
+        let p = &self.progress;
+        if p.items < items {
+            eprintln!(
+                "stopped after {} items; run the same command again to continue (progress in {})",
+                p.items,
+                self.progress_file.display()
+            );
+            return Ok(());
+        }
         let rows = std::fs::read_to_string(&self.partial).unwrap_or_default();
         crate::atomic::write(&self.list, format!("{header}\n{rows}"))?;
-        write_failed(&self.list, &self.progress.failed)?;
+        write_failed(&self.list, &p.failed)?;
         let _ = std::fs::remove_file(&self.partial);
         let _ = std::fs::remove_file(&self.progress_file);
-        Ok(self.progress)
+        let out = self.list.parent().unwrap_or(Path::new("."));
+        eprintln!(
+            "{} {what} written to {} (listed in {})",
+            p.written,
+            out.display(),
+            self.list.display()
+        );
+        report_failed(Some(&self.list), &p.failed);
+        if p.written == 0 {
+            bail!("{}: no readable images", input.display());
+        }
+        Ok(())
     }
 }

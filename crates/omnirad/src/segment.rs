@@ -532,16 +532,12 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
         .iter()
         .map(|f| stamp(&a.model.join(f)))
         .collect();
-        let key = crate::embed_parts::Parts {
-            dir: a.out.clone(),
-            settings: format!(
-                "segment predict|{}|{stamps:?}|{:?}|{read:?}",
-                a.model.display(),
-                a.device
-            ),
-            stop_after: None,
-        }
-        .key(&items);
+        let settings = format!(
+            "segment predict|{}|{stamps:?}|{:?}|{read:?}",
+            a.model.display(),
+            a.device
+        );
+        let key = crate::embed_parts::job_key(&settings, &items);
         let list = a.out.join("masks.csv");
         let mut names = crate::names::OutputNames::new(Some(&a.input));
         // Rows are `id,NAME_mask.png,NAME_overlay.png`; names are never quoted, ids may be.
@@ -604,21 +600,7 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
             bar.inc(n as u64);
         }
         bar.finish_and_clear();
-        if todo.end < items.len() {
-            journal.stopped();
-            return Ok(());
-        }
-        let progress = journal.finish("id,mask,overlay")?;
-        eprintln!(
-            "{} masks written to {} (listed in masks.csv)",
-            progress.written,
-            a.out.display()
-        );
-        crate::embed::report_failed(Some(&list), &progress.failed);
-        if progress.written == 0 {
-            bail!("{}: no readable images", a.input.display());
-        }
-        Ok(())
+        journal.close(items.len(), "id,mask,overlay", "masks", &a.input)
     })
 }
 

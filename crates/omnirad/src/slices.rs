@@ -6,14 +6,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use omnirad_data::loader::image_chunks;
 use omnirad_data::{discover, Image};
 use rayon::prelude::*;
 
-use crate::embed::{csv_field, labels_text, note_skipped, report_failed};
-use crate::embed_parts::Parts;
+use crate::embed::{csv_field, labels_text, note_skipped};
+use crate::embed_parts::job_key;
 use crate::journal::{Journal, CHUNK};
 use crate::names::{output_path, outside_outputs, OutputNames};
 use crate::ReadArgs;
@@ -47,12 +47,7 @@ pub fn run(a: &SlicesArgs) -> Result<()> {
     let (items, skipped) = discover(&a.input, read.split)?;
     note_skipped(&a.input, skipped);
     let items = outside_outputs(items, &a.input, &a.out)?;
-    let key = Parts {
-        dir: a.out.clone(),
-        settings: format!("slices|{:?}|{}", read, a.every),
-        stop_after: None,
-    }
-    .key(&items);
+    let key = job_key(&format!("slices|{:?}|{}", read, a.every), &items);
     let list = a.out.join("manifest.csv");
     let mut names = OutputNames::new(Some(&a.input));
     // Names are plain ([A-Za-z0-9_-] and /), so the path column is never quoted.
@@ -93,22 +88,12 @@ pub fn run(a: &SlicesArgs) -> Result<()> {
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
-    if todo.end < items.len() {
-        journal.stopped();
-        return Ok(());
-    }
-    let progress = journal.finish("path,label,modality,anatomy,source")?;
-    eprintln!(
-        "{} images written to {} (listed in {})",
-        progress.written,
-        a.out.display(),
-        list.display()
-    );
-    report_failed(Some(&list), &progress.failed);
-    if progress.written == 0 {
-        bail!("{}: no readable images", a.input.display());
-    }
-    Ok(())
+    journal.close(
+        items.len(),
+        "path,label,modality,anatomy,source",
+        "images",
+        &a.input,
+    )
 }
 
 /// A [0, 1] image as a 16-bit grey or RGB PNG (v·65535 rounded: within 7.7e-6 of v when read
