@@ -360,6 +360,7 @@ fn infer_config(
     let cfg = VitConfig {
         img_size: g * p,
         patch_size: p,
+        patch_overlap: 0,
         in_chans: c,
         embed_dim: d,
         depth,

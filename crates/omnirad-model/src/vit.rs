@@ -26,6 +26,7 @@ use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
     Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+    PaddingConfig2d,
 };
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
@@ -46,6 +47,11 @@ pub struct VitConfig {
     /// Side of the square image the position table was trained for.
     pub img_size: usize,
     pub patch_size: usize,
+    /// Pixels the patch embedding reaches beyond its patch on every side: kernel p + 2·o, stride
+    /// p, zero padding o, so the token grid is the same (overlapping patch embedding, as in
+    /// PVTv2); 0 is ViT's patchify.
+    #[serde(default)]
+    pub patch_overlap: usize,
     pub in_chans: usize,
     pub embed_dim: usize,
     pub depth: usize,
@@ -176,6 +182,7 @@ impl VitConfig {
         Self {
             img_size,
             patch_size,
+            patch_overlap: 0,
             in_chans: 3,
             embed_dim,
             depth,
@@ -215,6 +222,11 @@ impl VitConfig {
 
     pub fn grid(&self) -> usize {
         self.img_size / self.patch_size
+    }
+
+    /// Side of the patch embedding's convolution kernel.
+    fn kernel(&self) -> usize {
+        self.patch_size + 2 * self.patch_overlap
     }
 
     /// Checks the invariants `init` relies on, and that the weights fit in memory.
@@ -265,10 +277,10 @@ impl VitConfig {
     /// Number of weights [`VitConfig::init`] makes, as f64 so that absurd sizes compare
     /// instead of overflowing.
     pub fn num_params(&self) -> f64 {
-        let [d, h, p, c] = [
+        let [d, h, k, c] = [
             self.embed_dim,
             self.mlp_hidden(),
-            self.patch_size,
+            self.kernel(),
             self.in_chans,
         ]
         .map(|v| v as f64);
@@ -284,7 +296,7 @@ impl VitConfig {
             + 3.0 * d * d + qkv_bias + d * d + d // qkv, proj
             + d * fc1 + fc1 + h * d + d          // fc1, fc2
             + layer_scale;
-        c * p * p * d + d                        // patch embedding
+        c * k * k * d + d                        // patch embedding
             + (1.0 + self.num_registers as f64 + tokens) * d // class, register and position tokens
             + d                                  // mask token
             + self.depth as f64 * block
@@ -292,7 +304,7 @@ impl VitConfig {
     }
 
     pub fn init<B: Backend>(&self, device: &B::Device) -> Vit<B> {
-        let d = self.embed_dim;
+        let (d, o) = (self.embed_dim, self.patch_overlap);
         // timm/DINOv2 init: trunc_normal(0.02) for linears and tokens; N(0, 0.02) differs only
         // beyond 2σ, which matters for neither training nor tests.
         let w_init = Initializer::Normal {
@@ -360,8 +372,9 @@ impl VitConfig {
             .collect();
         Vit {
             patch_embed: PatchEmbed {
-                proj: Conv2dConfig::new([self.in_chans, d], [self.patch_size; 2])
+                proj: Conv2dConfig::new([self.in_chans, d], [self.kernel(); 2])
                     .with_stride([self.patch_size; 2])
+                    .with_padding(PaddingConfig2d::Explicit(o, o, o, o))
                     .init(device),
             },
             cls_token: token([1, 1, d]),
@@ -393,16 +406,17 @@ impl<B: Backend> PatchEmbed<B> {
     /// [B·h·w, C·p·p] rows (a row-copy permutation) and multiplied by the weight as a [C·p·p, D]
     /// matrix. burn-flex's convolution, and its weight gradient in particular, go through
     /// element-by-element strided copies, and its [B, D, h, w] output needs one more to become
-    /// tokens: 1/8 of a `vit_pico` fine-tuning step at 32 px (BENCHMARKS.md). Other backends keep
-    /// burn's convolution.
+    /// tokens: 1/8 of a `vit_pico` fine-tuning step at 32 px (BENCHMARKS.md). Other backends, and
+    /// overlapping patches (kernel wider than the stride), keep burn's convolution.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 3> {
         let cpu = is_same::<B::FloatTensorPrimitive, FlexTensor>()
             || is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<Cpu>>>();
         let weight = self.proj.weight.val();
-        let [d, c, p, _] = weight.dims();
+        let [d, c, k, _] = weight.dims();
+        let p = self.proj.stride[0];
         let [b, _, ih, iw] = x.dims();
         let (h, w) = (ih / p, iw / p);
-        if !cpu || x.dtype() != DType::F32 {
+        if !cpu || x.dtype() != DType::F32 || k != p {
             return self.proj.forward(x).flatten::<3>(2, 3).swap_dims(1, 2);
         }
         let x = if (ih, iw) == (h * p, w * p) {

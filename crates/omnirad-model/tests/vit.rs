@@ -349,6 +349,53 @@ fn patch_embedding_matches_the_convolution() {
     }
 }
 
+/// An overlapping patch embedding is centred on its patch: its kernel holding a plain 4×4
+/// kernel in the middle of zeros gives the plain embedding, on every patch, border ones
+/// included; a pixel of the next patch within the overlap changes the token.
+#[test]
+fn overlapping_patch_embedding_is_centred_on_its_patch() {
+    use burn::module::Param;
+    let dev = Default::default();
+    let plain = tiny(0).init::<Cpu>(&dev);
+    let cfg = VitConfig {
+        patch_overlap: 2,
+        ..tiny(0)
+    };
+    let mut wide = cfg.init::<Cpu>(&dev);
+    assert_eq!(wide.patch_embed.proj.weight.dims(), [64, 3, 8, 8]);
+    let centre = Tensor::zeros([64, 3, 8, 8], &dev).slice_assign(
+        [0..64, 0..3, 2..6, 2..6],
+        plain.patch_embed.proj.weight.val(),
+    );
+    wide.patch_embed.proj.weight = Param::from_tensor(centre);
+    // A copy of the tensor: a clone of a lazily initialised Param would draw its own values.
+    let bias = plain.patch_embed.proj.bias.as_ref().unwrap().val();
+    wide.patch_embed.proj.bias = Some(Param::from_tensor(bias));
+    let x = Tensor::<Cpu, 4>::random([2, 3, 32, 32], Distribution::Normal(0.0, 1.0), &dev);
+    let (a, b) = (
+        plain.patch_embed.forward(x.clone()),
+        wide.patch_embed.forward(x.clone()),
+    );
+    assert_eq!(b.dims(), [2, 64, 64]);
+    let err = (a - b).abs().max().into_scalar();
+    assert!(err < 1e-5, "max error {err}");
+
+    let wide = cfg.init::<Cpu>(&dev);
+    let before = wide.patch_embed.forward(x.clone());
+    // Row 0, column 4 is the first pixel of patch (0, 1), one pixel right of patch (0, 0).
+    let bumped = x.slice_assign(
+        [0..1, 0..1, 0..1, 4..5],
+        Tensor::full([1, 1, 1, 1], 9.0, &dev),
+    );
+    let diff = (wide.patch_embed.forward(bumped) - before).abs().sum_dim(2);
+    let moved = |token: usize| diff.clone().slice([0..1, token..token + 1]).into_scalar();
+    assert!(
+        moved(0) > 1e-3 && moved(1) > 1e-3,
+        "patches 0 and 1 see the pixel"
+    );
+    assert_eq!(moved(2), 0.0, "patch 2 is beyond the overlap");
+}
+
 /// The count the memory checks use is the count `init` makes, optional parts included.
 #[test]
 fn num_params_counts_what_init_makes() {
@@ -361,7 +408,11 @@ fn num_params_counts_what_init_makes() {
         layer_scale_init: None,
         ..tiny(0)
     };
-    for cfg in [tiny(0), tiny(4), swiglu] {
+    let overlap = VitConfig {
+        patch_overlap: 2,
+        ..tiny(0)
+    };
+    for cfg in [tiny(0), tiny(4), swiglu, overlap] {
         let made = cfg.init::<Cpu>(&dev).num_params();
         assert_eq!(cfg.num_params(), made as f64, "{cfg:?}");
     }

@@ -53,6 +53,8 @@ pub struct ModelSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub img_size: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_overlap: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_registers: Option<usize>,
     /// LayerScale initial value; 0 disables LayerScale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -83,6 +85,7 @@ impl ModelSection {
         set(&mut c.num_heads, self.num_heads);
         set(&mut c.patch_size, self.patch_size);
         set(&mut c.img_size, self.img_size);
+        set(&mut c.patch_overlap, self.patch_overlap);
         set(&mut c.num_registers, self.num_registers);
         if let Some(ls) = self.layer_scale_init {
             c.layer_scale_init = (ls > 0.0).then_some(ls);
@@ -257,6 +260,7 @@ impl PretrainConfig {
                 depth: None,
                 num_heads: None,
                 patch_size: None,
+                patch_overlap: None,
                 img_size: None,
                 num_registers: None,
                 layer_scale_init: None,
