@@ -240,6 +240,13 @@ impl VitConfig {
                 self.img_size, self.patch_size
             ));
         }
+        // Bounded so that a typo cannot build a kernel many patches wide (o = p: three).
+        if self.patch_overlap > self.patch_size {
+            return Err(format!(
+                "patch_overlap {} is more than patch_size {}",
+                self.patch_overlap, self.patch_size
+            ));
+        }
         if self.embed_dim == 0
             || self.num_heads == 0
             || !self.embed_dim.is_multiple_of(self.num_heads)

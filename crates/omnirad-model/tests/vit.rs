@@ -429,6 +429,7 @@ fn sizes_that_cannot_be_built_are_errors_not_panics_or_aborts() {
     assert!(with(|c| c.img_size = 0).contains("img_size 0"));
     assert!(with(|c| c.mlp_ratio = f64::NAN).contains("mlp_ratio"));
     assert!(with(|c| c.norm_eps = 0.0).contains("norm_eps"));
+    assert!(with(|c| c.patch_overlap = 5).contains("patch_overlap 5"));
     // 2^60 parameters: init would abort on the allocation.
     let e = with(|c| c.depth = 1 << 40);
     assert!(e.contains("more than this machine can allocate"), "{e}");

@@ -849,6 +849,11 @@ fn out_of_range_settings_are_config_errors() {
             "arch = \"vit_pico\"\nembed_dim = 0",
             "embed_dim 0 is not a positive multiple of num_heads 2",
         ),
+        (
+            "arch = \"vit_pico\"",
+            "arch = \"vit_pico\"\npatch_overlap = 9",
+            "patch_overlap 9 is more than patch_size 4",
+        ),
         // Sizes that used to end the process with "memory allocation of … bytes failed".
         (
             "prototypes = 1024",
