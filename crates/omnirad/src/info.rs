@@ -115,9 +115,138 @@ fn describe_folder(dir: &Path) -> Result<Value> {
     Ok(v)
 }
 
+/// The header of a safetensors file: tensor count, dtypes and values, and whether the file is
+/// as long as its header says. Read by hand rather than with `SafeTensors::read_metadata`, which
+/// wants the whole file in memory: `info` on a ViT-g's 4.5 GB should take no time.
+fn weights(path: &Path) -> Result<Value> {
+    use std::io::Read;
+    let bad = |why: String| anyhow::anyhow!("{}: {why}", path.display());
+    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let bytes = f.metadata()?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| bad("shorter than a safetensors header".into()))?;
+    let n = u64::from_le_bytes(n);
+    if n > bytes.saturating_sub(8) {
+        bail!(bad(format!("header of {n} bytes in a file of {bytes}")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)?;
+    let header: BTreeMap<String, Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("not a safetensors header: {e}")))?;
+    let (mut tensors, mut values, mut end) = (0usize, 0u64, 0u64);
+    let mut dtypes = BTreeMap::<String, usize>::new();
+    for (name, t) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let field = |key: &str| {
+            t.get(key)
+                .ok_or_else(|| bad(format!("tensor '{name}' has no {key}")))
+        };
+        let shape: Vec<u64> = serde_json::from_value(field("shape")?.clone())?;
+        let [_, stop]: [u64; 2] = serde_json::from_value(field("data_offsets")?.clone())?;
+        tensors += 1;
+        values += shape.iter().product::<u64>();
+        end = end.max(stop);
+        *dtypes
+            .entry(field("dtype")?.as_str().unwrap_or("?").into())
+            .or_default() += 1;
+    }
+    let mut v = json!({ "bytes": bytes, "tensors": tensors, "values": values, "dtypes": dtypes });
+    if 8 + n + end != bytes {
+        v["problem"] = format!(
+            "the header needs {} bytes, the file has {bytes}",
+            8 + n + end
+        )
+        .into();
+    }
+    Ok(v)
+}
+
+/// A model directory (`config.json` + `model.safetensors`): the encoder it builds, its
+/// preprocessing, and its weights file checked against the config, without loading weights.
+fn describe_model(dir: &Path) -> Result<Value> {
+    let cfg = omnirad_model::io::read_config(dir)?;
+    let v = &cfg.vit;
+    let ffn = match v.ffn {
+        omnirad_model::Ffn::Mlp => "MLP",
+        omnirad_model::Ffn::SwiGlu => "SwiGLU",
+    };
+    let overlap = match v.patch_overlap {
+        0 => String::new(),
+        o => format!(" (overlap {o})"),
+    };
+    let mut out = json!({
+        "format": "omnirad model directory",
+        "encoder": format!("ViT dim {} depth {} heads {} patch {}{overlap}, {} blocks, {} registers",
+            v.embed_dim, v.depth, v.num_heads, v.patch_size, ffn, v.num_registers),
+        "parameters": v.num_params() as u64,
+        "native size": v.img_size,
+        "preprocess": serde_json::to_value(&cfg.preprocess)?,
+    });
+    let mut w = weights(&dir.join(omnirad_model::io::WEIGHTS_FILE))?;
+    if w["values"].as_u64() != Some(v.num_params() as u64) && w.get("problem").is_none() {
+        w["problem"] = format!(
+            "holds {} values, the config makes {}",
+            w["values"],
+            v.num_params()
+        )
+        .into();
+    }
+    out["weights"] = w;
+    let head = dir.join(omnirad_model::DINO_HEAD_FILE);
+    if head.is_file() {
+        out["DINO head"] = weights(&head)?;
+    }
+    Ok(out)
+}
+
+/// A classification (`bundle.json`) or segmentation (`segment.json`) bundle: what it was
+/// trained for and scored, its encoder and its head.
+fn describe_bundle(dir: &Path, file: &str, what: &str, keys: &[&str]) -> Result<Value> {
+    let path = dir.join(file);
+    let b: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?;
+    let mut out = json!({ "format": what });
+    for k in keys {
+        if let Some(x) = b.get(*k) {
+            out[*k] = x.clone();
+        }
+    }
+    if dir.join("encoder").is_dir() {
+        out["encoder"] = describe_model(&dir.join("encoder"))?;
+        out["head"] = weights(&dir.join("head.safetensors"))?;
+    } else if let Some(m) = b["ensemble"].as_array() {
+        out["ensemble"] = format!("{} members in members/", m.len()).into();
+    }
+    Ok(out)
+}
+
 pub fn describe(path: &Path) -> Result<Value> {
     if path.is_dir() {
-        return describe_folder(path);
+        return if path.join("bundle.json").is_file() {
+            let keys = [
+                "kind",
+                "dataset",
+                "task",
+                "classes",
+                "cls_mean",
+                "best_epoch",
+                "val",
+                "test",
+            ];
+            describe_bundle(path, "bundle.json", "classification bundle", &keys)
+        } else if path.join("segment.json").is_file() {
+            let keys = ["kind", "data", "protocol", "best_epoch", "val", "test"];
+            describe_bundle(path, "segment.json", "segmentation bundle", &keys)
+        } else if path.join(omnirad_model::io::CONFIG_FILE).is_file() {
+            describe_model(path)
+        } else {
+            describe_folder(path)
+        };
+    }
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        let mut v = weights(path)?;
+        v["format"] = "safetensors".into();
+        return Ok(v);
     }
     Ok(match file_kind(path) {
         Some(FileKind::Dicom) => {
@@ -157,7 +286,8 @@ pub fn describe(path: &Path) -> Result<Value> {
             path.display()
         ),
         None => bail!(
-            "{}: unsupported file type (DICOM, NIfTI, PNG/JPEG/TIFF/GIF/BMP, npz)",
+            "{}: unsupported file type (DICOM, NIfTI, PNG/JPEG/TIFF/GIF/BMP, npz, safetensors, \
+             a model directory or bundle)",
             path.display()
         ),
     })

@@ -42,7 +42,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// What a file holds: format, modality, size, frames, transfer syntax, pixel statistics;
-    /// for a folder, what `embed` would read from it (files parsed, pixels not decoded), skip, or fail on.
+    /// for a folder, what `embed` would read from it (files parsed, pixels not decoded), skip, or fail on;
+    /// for a model directory or bundle, its encoder, preprocessing, scores and weights files
+    /// (headers checked against the config, weights not loaded).
     Info {
         file: PathBuf,
         #[arg(long)]

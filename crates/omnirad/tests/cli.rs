@@ -1311,6 +1311,49 @@ fn finetune_writes_a_bundle_that_predicts() {
             .unwrap();
     assert_eq!(b["classes"], 2);
     assert_eq!(b["finetune"]["select"], "auc");
+    // `info` on the bundle: what it was scored, its encoder checked against its config.
+    let info = |path: &Path| {
+        let (ok, out, err) = omnirad(&["info", path.to_str().unwrap(), "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let v = info(&bundle);
+    assert_eq!(v["format"], "classification bundle");
+    assert_eq!(v["test"], b["test"]);
+    let enc = &v["encoder"];
+    assert_eq!(enc["parameters"], 107_776, "vit_pico, LayerScale included");
+    assert_eq!(enc["weights"]["values"], enc["parameters"]);
+    assert!(enc["weights"].get("problem").is_none(), "{enc}");
+    let head = info(&bundle.join("head.safetensors"));
+    assert_eq!(
+        (&head["format"], &head["tensors"]),
+        (&"safetensors".into(), &2.into())
+    );
+    assert_eq!(head, {
+        let mut h = v["head"].clone();
+        h["format"] = "safetensors".into();
+        h
+    });
+    // A cut weights file is reported as such, a file that is no safetensors is an error.
+    let cut = d.join("cut");
+    std::fs::create_dir(&cut).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(bundle.join("encoder").join(f), cut.join(f)).unwrap();
+    }
+    let w = cut.join("model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() - 4]).unwrap();
+    let problem = info(&cut)["weights"]["problem"].to_string();
+    assert!(
+        problem.contains(&format!("the file has {}", bytes.len() - 4)),
+        "{problem}"
+    );
+    std::fs::write(&w, b"{not safetensors").unwrap();
+    let (ok, _, err) = omnirad(&["info", cut.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("model.safetensors") && err.contains("header"),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read_to_string(bundle.join("history.jsonl"))
             .unwrap()
@@ -1582,6 +1625,15 @@ fn segment_train_eval_predict_on_busi() {
         serde_json::from_str(&std::fs::read_to_string(bundle.join("segment.json")).unwrap())
             .unwrap();
     assert_eq!(b["head"]["classes"], 2);
+    let (ok, out, err) = omnirad(&["info", bundle.to_str().unwrap()]);
+    assert!(
+        ok && out.contains("format: segmentation bundle"),
+        "{out}{err}"
+    );
+    assert!(
+        out.contains("encoder: ViT dim 64 depth 2 heads 2 patch 4,"),
+        "{out}"
+    );
     assert_eq!(
         std::fs::read_dir(bundle.join("overlays")).unwrap().count(),
         2
