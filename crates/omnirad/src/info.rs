@@ -199,6 +199,39 @@ fn describe_model(dir: &Path) -> Result<Value> {
     Ok(out)
 }
 
+/// A directory with a `config.json`: an omnirad model directory if the config names its
+/// `architecture`, otherwise a checkpoint of another library (Hugging Face writes the same two
+/// file names), which `convert` reads.
+fn describe_model_or_checkpoint(dir: &Path) -> Result<Value> {
+    let path = dir.join(omnirad_model::io::CONFIG_FILE);
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?;
+    if cfg.get("architecture").is_some() {
+        return describe_model(dir);
+    }
+    let mut v = json!({
+        "format": "a checkpoint of another library (its config.json names no 'architecture')",
+        "convert": format!("omnirad convert {} --out MODEL_DIR", dir.display()),
+    });
+    let keys = [
+        "architectures",
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "patch_size",
+    ];
+    for key in keys {
+        if let Some(x) = cfg.get(key) {
+            v[key] = x.clone();
+        }
+    }
+    let weights_file = dir.join(omnirad_model::io::WEIGHTS_FILE);
+    if weights_file.is_file() {
+        v["weights"] = weights(&weights_file)?;
+    }
+    Ok(v)
+}
+
 /// A classification (`bundle.json`) or segmentation (`segment.json`) bundle: what it was
 /// trained for and scored, its encoder and its head.
 fn describe_bundle(dir: &Path, file: &str, what: &str, keys: &[&str]) -> Result<Value> {
@@ -238,7 +271,7 @@ pub fn describe(path: &Path) -> Result<Value> {
             let keys = ["kind", "data", "protocol", "best_epoch", "val", "test"];
             describe_bundle(path, "segment.json", "segmentation bundle", &keys)
         } else if path.join(omnirad_model::io::CONFIG_FILE).is_file() {
-            describe_model(path)
+            describe_model_or_checkpoint(path)
         } else {
             describe_folder(path)
         };

@@ -624,6 +624,24 @@ fn convert_a_checkpoint_and_embed_with_it_directly_or_converted() {
     let b = embed(&fixture("hf_dinov2_reg"), "b.npy");
     assert_eq!(a.dim(), (1, 32));
     assert_eq!(a, b);
+    // `info` tells the HF checkpoint from the model directory made of it, whose weights hold
+    // exactly the values its config makes.
+    let info = |m: &Path| {
+        let (ok, out, err) = omnirad(&["info", m.to_str().unwrap(), "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let hf = info(&fixture("hf_dinov2_reg"));
+    assert!(hf["format"].to_string().contains("another library"), "{hf}");
+    assert!(
+        hf["convert"].to_string().contains("omnirad convert"),
+        "{hf}"
+    );
+    assert_eq!(hf["hidden_size"], 32);
+    let ours = info(&model);
+    assert_eq!(ours["format"], "omnirad model directory");
+    assert_eq!(ours["weights"]["values"], ours["parameters"]);
+    assert!(ours["weights"].get("problem").is_none(), "{ours}");
 
     let (ok, _, err) = omnirad(&[
         "convert",
