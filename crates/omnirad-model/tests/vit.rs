@@ -394,8 +394,8 @@ fn overlapping_patch_embedding_is_centred_on_its_patch() {
         moved(0) > 1e-3 && moved(1) > 1e-3,
         "patches 0 and 1 see the pixel"
     );
-    let elsewhere =
-        [diff.clone().slice([0..1, 2..64]), diff.slice([1..2])].map(|d| d.max().into_scalar());
+    let elsewhere = [diff.clone().slice([0..1, 2..64]), diff.slice([1..2, 0..64])]
+        .map(|d| d.max().into_scalar());
     assert_eq!(
         elsewhere, [0.0; 2],
         "no other token of either image sees it"
