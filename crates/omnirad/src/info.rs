@@ -161,11 +161,7 @@ fn weights(path: &Path) -> Result<Value> {
     Ok(v)
 }
 
-/// A model directory (`config.json` + `model.safetensors`): the encoder it builds, its
-/// preprocessing, and its weights file checked against the config, without loading weights.
-fn describe_model(dir: &Path) -> Result<Value> {
-    let cfg = omnirad_model::io::read_config(dir)?;
-    let v = &cfg.vit;
+fn encoder_line(v: &omnirad_model::VitConfig) -> String {
     let ffn = match v.ffn {
         omnirad_model::Ffn::Mlp => "MLP",
         omnirad_model::Ffn::SwiGlu => "SwiGLU",
@@ -174,10 +170,80 @@ fn describe_model(dir: &Path) -> Result<Value> {
         0 => String::new(),
         o => format!(" (overlap {o})"),
     };
+    format!(
+        "ViT dim {} depth {} heads {} patch {}{overlap}, {ffn} blocks, {} registers",
+        v.embed_dim, v.depth, v.num_heads, v.patch_size, v.num_registers
+    )
+}
+
+/// A pretraining run (`pretrain --out DIR`): its recipe, how far it got by its metrics log,
+/// the teachers it kept, the best val k-NN score of `run.eval_knn`, and the items it could not
+/// read.
+fn describe_run(dir: &Path) -> Result<Value> {
+    let cfg = omnirad_train::pretrain::PretrainConfig::load(&dir.join("config.toml"), None)?;
+    let vit = cfg
+        .model
+        .vit()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let epochs = cfg.optim.epochs;
+    let mut v = json!({
+        "format": "pretraining run",
+        "recipe": format!("{}, {epochs} epochs, batch {}", cfg.preset, cfg.optim.batch_size),
+        "encoder": encoder_line(&vit),
+    });
+    // The last complete line: a run killed mid-write leaves a partial one.
+    let lines = |file: &str| -> Vec<Value> {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let mut done = false;
+    if let Some(last) = lines("metrics.jsonl").last() {
+        v["last logged"] = json!({ "step": last["step"], "epoch": last["epoch"], "loss": last["loss"], "lr": last["lr"] });
+        // Each line's epoch is its step over the steps per epoch, which gives the run's length.
+        let (step, epoch) = (last["step"].as_f64(), last["epoch"].as_f64());
+        if let (Some(step), Some(epoch)) = (step, epoch.filter(|&e| e > 0.0)) {
+            let per_epoch = (step / epoch).round();
+            let total = per_epoch * epochs as f64;
+            done = step + 1.0 >= total;
+            v["progress"] = format!(
+                "{} of {total} steps ({epochs} epochs × {per_epoch})",
+                step + 1.0
+            )
+            .into();
+        }
+    }
+    if !done {
+        v["resume"] = format!("omnirad pretrain --out {} --resume", dir.display()).into();
+    }
+    let best = lines("eval.jsonl").into_iter().max_by(|a, b| {
+        let score = |x: &Value| x["score"].as_f64().unwrap_or(f64::NEG_INFINITY);
+        score(a).total_cmp(&score(b))
+    });
+    if let Some(b) = best {
+        v["best val k-NN"] = json!({ "teacher": b["teacher"], "score": b["score"] });
+    }
+    let mut teachers: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("teacher") && dir.join(n).join("config.json").is_file())
+        .collect();
+    teachers.sort_by_key(|n| (n.len(), n.clone()));
+    v["teachers"] = teachers.into();
+    let failed = std::fs::read_to_string(dir.join("failed.txt")).unwrap_or_default();
+    v["unreadable items"] = failed.lines().count().into();
+    Ok(v)
+}
+
+/// A model directory (`config.json` + `model.safetensors`): the encoder it builds, its
+/// preprocessing, and its weights file checked against the config, without loading weights.
+fn describe_model(dir: &Path) -> Result<Value> {
+    let cfg = omnirad_model::io::read_config(dir)?;
+    let v = &cfg.vit;
     let mut out = json!({
         "format": "omnirad model directory",
-        "encoder": format!("ViT dim {} depth {} heads {} patch {}{overlap}, {} blocks, {} registers",
-            v.embed_dim, v.depth, v.num_heads, v.patch_size, ffn, v.num_registers),
+        "encoder": encoder_line(v),
         "parameters": v.num_params() as u64,
         "native size": v.img_size,
         "preprocess": serde_json::to_value(&cfg.preprocess)?,
@@ -270,6 +336,8 @@ pub fn describe(path: &Path) -> Result<Value> {
         } else if path.join("segment.json").is_file() {
             let keys = ["kind", "data", "protocol", "best_epoch", "val", "test"];
             describe_bundle(path, "segment.json", "segmentation bundle", &keys)
+        } else if path.join("config.toml").is_file() && path.join("metrics.jsonl").is_file() {
+            describe_run(path)
         } else if path.join(omnirad_model::io::CONFIG_FILE).is_file() {
             describe_model_or_checkpoint(path)
         } else {

@@ -44,7 +44,8 @@ enum Cmd {
     /// What a file holds: format, modality, size, frames, transfer syntax, pixel statistics;
     /// for a folder, what `embed` would read from it (files parsed, pixels not decoded), skip, or fail on;
     /// for a model directory or bundle, its encoder, preprocessing, scores and weights files
-    /// (headers checked against the config, weights not loaded).
+    /// (headers checked against the config, weights not loaded); for a pretraining run, how far
+    /// it got, its kept teachers and the command that continues it.
     Info {
         file: PathBuf,
         #[arg(long)]

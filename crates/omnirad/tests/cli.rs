@@ -1191,6 +1191,24 @@ fn pretrain_resume_is_bit_identical() {
     );
     assert!(ok, "{err}");
     assert_eq!(metrics(&b).len(), 3);
+    // `info` on the stopped run: how far it got, the command that continues it, its teachers.
+    let info = |r: &Path| {
+        let (ok, out, err) = omnirad(&["info", r.to_str().unwrap(), "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let stopped = info(&b);
+    assert_eq!(stopped["format"], "pretraining run");
+    assert_eq!(stopped["progress"], "3 of 6 steps (1 epochs × 6)");
+    assert!(
+        stopped["resume"].to_string().contains("--resume"),
+        "{stopped}"
+    );
+    assert_eq!(stopped["best val k-NN"]["teacher"], "teacher-step2");
+    assert_eq!(
+        stopped["teachers"],
+        serde_json::json!(["teacher", "teacher-best", "teacher-step2"])
+    );
     // A line the killed run wrote after its last checkpoint is dropped, not counted as best.
     let evals = b.join("eval.jsonl");
     let mut text = std::fs::read_to_string(&evals).unwrap();
@@ -1229,6 +1247,9 @@ fn pretrain_resume_is_bit_identical() {
     assert_eq!(evals(&a), evals(&b));
     let best = |r: &PathBuf| tensors(&r.join("teacher-best/model.safetensors"));
     assert!(best(&a) == best(&b));
+    let finished = info(&a);
+    assert_eq!(finished["progress"], "6 of 6 steps (1 epochs × 6)");
+    assert!(finished.get("resume").is_none(), "{finished}");
 }
 
 #[test]
