@@ -191,7 +191,7 @@ fn describe_run(dir: &Path) -> Result<Value> {
         "recipe": format!("{}, {epochs} epochs, batch {}", cfg.preset, cfg.optim.batch_size),
         "encoder": encoder_line(&vit),
     });
-    // The last complete line: a run killed mid-write leaves a partial one.
+    // The lines that parse: a run killed mid-write leaves a partial last one.
     let lines = |file: &str| -> Vec<Value> {
         std::fs::read_to_string(dir.join(file))
             .unwrap_or_default()
