@@ -583,6 +583,13 @@ fn demo_runs_end_to_end_on_phantoms() {
     assert!(acc > 0.5, "{out}");
 }
 
+/// `omnirad info PATH --json`, which must succeed.
+fn info_json(path: &Path) -> serde_json::Value {
+    let (ok, out, err) = omnirad(&["info", path.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../omnirad-model/tests/fixtures")
@@ -626,19 +633,14 @@ fn convert_a_checkpoint_and_embed_with_it_directly_or_converted() {
     assert_eq!(a, b);
     // `info` tells the HF checkpoint from the model directory made of it, whose weights hold
     // exactly the values its config makes.
-    let info = |m: &Path| {
-        let (ok, out, err) = omnirad(&["info", m.to_str().unwrap(), "--json"]);
-        assert!(ok, "{err}");
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()
-    };
-    let hf = info(&fixture("hf_dinov2_reg"));
+    let hf = info_json(&fixture("hf_dinov2_reg"));
     assert!(hf["format"].to_string().contains("another library"), "{hf}");
     assert!(
         hf["convert"].to_string().contains("omnirad convert"),
         "{hf}"
     );
     assert_eq!(hf["hidden_size"], 32);
-    let ours = info(&model);
+    let ours = info_json(&model);
     assert_eq!(ours["format"], "omnirad model directory");
     assert_eq!(ours["weights"]["values"], ours["parameters"]);
     assert!(ours["weights"].get("problem").is_none(), "{ours}");
@@ -1192,12 +1194,7 @@ fn pretrain_resume_is_bit_identical() {
     assert!(ok, "{err}");
     assert_eq!(metrics(&b).len(), 3);
     // `info` on the stopped run: how far it got, the command that continues it, its teachers.
-    let info = |r: &Path| {
-        let (ok, out, err) = omnirad(&["info", r.to_str().unwrap(), "--json"]);
-        assert!(ok, "{err}");
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()
-    };
-    let stopped = info(&b);
+    let stopped = info_json(&b);
     assert_eq!(stopped["format"], "pretraining run");
     assert_eq!(stopped["progress"], "3 of 6 steps (1 epochs × 6)");
     assert!(
@@ -1247,7 +1244,7 @@ fn pretrain_resume_is_bit_identical() {
     assert_eq!(evals(&a), evals(&b));
     let best = |r: &PathBuf| tensors(&r.join("teacher-best/model.safetensors"));
     assert!(best(&a) == best(&b));
-    let finished = info(&a);
+    let finished = info_json(&a);
     assert_eq!(finished["progress"], "6 of 6 steps (1 epochs × 6)");
     assert!(finished.get("resume").is_none(), "{finished}");
 }
@@ -1351,19 +1348,14 @@ fn finetune_writes_a_bundle_that_predicts() {
     assert_eq!(b["classes"], 2);
     assert_eq!(b["finetune"]["select"], "auc");
     // `info` on the bundle: what it was scored, its encoder checked against its config.
-    let info = |path: &Path| {
-        let (ok, out, err) = omnirad(&["info", path.to_str().unwrap(), "--json"]);
-        assert!(ok, "{err}");
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()
-    };
-    let v = info(&bundle);
+    let v = info_json(&bundle);
     assert_eq!(v["format"], "classification bundle");
     assert_eq!(v["test"], b["test"]);
     let enc = &v["encoder"];
     assert_eq!(enc["parameters"], 107_776, "vit_pico, LayerScale included");
     assert_eq!(enc["weights"]["values"], enc["parameters"]);
     assert!(enc["weights"].get("problem").is_none(), "{enc}");
-    let head = info(&bundle.join("head.safetensors"));
+    let head = info_json(&bundle.join("head.safetensors"));
     assert_eq!(
         (&head["format"], &head["tensors"]),
         (&"safetensors".into(), &2.into())
@@ -1382,7 +1374,7 @@ fn finetune_writes_a_bundle_that_predicts() {
     let w = cut.join("model.safetensors");
     let bytes = std::fs::read(&w).unwrap();
     std::fs::write(&w, &bytes[..bytes.len() - 4]).unwrap();
-    let problem = info(&cut)["weights"]["problem"].to_string();
+    let problem = info_json(&cut)["weights"]["problem"].to_string();
     assert!(
         problem.contains(&format!("the file has {}", bytes.len() - 4)),
         "{problem}"
