@@ -127,7 +127,9 @@ fn weights(path: &Path) -> Result<Value> {
     f.read_exact(&mut n)
         .map_err(|_| bad("shorter than a safetensors header".into()))?;
     let n = u64::from_le_bytes(n);
-    if n > bytes.saturating_sub(8) {
+    // safetensors' own bound on a header (100 MB): a corrupt length must not become a
+    // multi-GB allocation.
+    if n > bytes.saturating_sub(8) || n > 100_000_000 {
         bail!(bad(format!("header of {n} bytes in a file of {bytes}")));
     }
     let mut header = vec![0u8; n as usize];
