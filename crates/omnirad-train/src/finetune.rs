@@ -205,6 +205,10 @@ pub struct FinetuneConfig {
     /// θ + ρ·g/‖g‖ (twice the training compute). None = plain steps.
     #[serde(default)]
     pub sam: Option<f64>,
+    /// After training, interpolate the head with a k-NN vote over the training set's features,
+    /// λ chosen on val ([`crate::knn_mix`]).
+    #[serde(default)]
+    pub knn_mix: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,6 +263,7 @@ impl Default for FinetuneConfig {
             mixup: 0.0,
             tta: false,
             sam: None,
+            knn_mix: false,
         }
     }
 }
@@ -521,6 +526,28 @@ pub fn predict<B: Backend>(
         out.extend(p);
     }
     Array2::from_shape_vec((n, classes), out).expect("n × classes")
+}
+
+/// The encoder features [N, D] `model` classifies `images` by (its pooling, eval mode).
+pub fn features<B: Backend>(
+    model: &Classifier<B>,
+    images: &dyn ImageSource,
+    pre: &Preprocess,
+    batch: usize,
+    dev: &B::Device,
+) -> Array2<f32> {
+    let mut out = Vec::new();
+    let n = images.len();
+    for lo in (0..n).step_by(batch.max(1)) {
+        let arrays: Vec<_> = (lo..n.min(lo + batch.max(1)))
+            .into_par_iter()
+            .map(|i| pre.apply(&images.image(i)))
+            .collect();
+        let f = model.features(batch_tensor::<B>(arrays, dev), false);
+        out.extend(f.into_data().convert::<f32>().to_vec::<f32>().expect("f32"));
+    }
+    let d = out.len() / n.max(1);
+    Array2::from_shape_vec((n, d), out).expect("n × features")
 }
 
 /// [`predict`] of one model-ready batch `x` [N, C, H, W]: class probabilities [N, classes].

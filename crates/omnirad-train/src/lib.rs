@@ -5,6 +5,7 @@
 //! `schedule`, `optim`.
 
 pub mod finetune;
+pub mod knn_mix;
 pub mod loss;
 pub mod masking;
 pub mod optim;

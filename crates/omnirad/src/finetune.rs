@@ -29,14 +29,16 @@ use omnirad_data::medmnist::{
     parse_file_name, stratified_holdout, MedMnistInfo, NpzRows, NpzSplit, Task,
 };
 use omnirad_data::{discover, ImageSource, Preprocess, Split};
+use omnirad_eval::KnnConfig;
 use omnirad_eval::{evaluate, Metrics, TaskKind};
 use omnirad_model::{
     f32_tensors, load_model_dir, save_model_dir, write_f32_safetensors, ModelConfig, Vit,
 };
 use omnirad_train::finetune::{
-    batch_probabilities, finetune, load_state, predict, save_state, ClassWeight, Classifier,
-    FinetuneConfig, FinetuneResult, LabelledImages, Selection, Views,
+    batch_probabilities, features, finetune, load_state, predict, save_state, ClassWeight,
+    Classifier, FinetuneConfig, FinetuneResult, LabelledImages, Selection, Views,
 };
+use omnirad_train::knn_mix::{self, choose_lambda, votes, KnnBank, KnnMix};
 use serde::{Deserialize, Serialize};
 
 use crate::device::{parse_device, resolve_model, stamp, Device};
@@ -134,6 +136,12 @@ pub struct TuneArgs {
     /// probabilities (N times the training and the inference; the bundle holds N models).
     #[arg(long, default_value_t = 1, conflicts_with = "soup", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub ensemble: usize,
+    /// After fine-tuning, mix the head's class probabilities with a k-NN vote (k 20, cosine,
+    /// T 0.07) over the training images in the fine-tuned feature space:
+    /// p = (1 − λ)·head + λ·vote, λ ∈ {0, 0.1, …, 1} chosen on val (Jia et al. 2021). The
+    /// bundle keeps the training features, which `predict` votes with.
+    #[arg(long)]
+    pub knn_mix: bool,
 }
 
 impl TuneArgs {
@@ -147,6 +155,7 @@ impl TuneArgs {
         cfg.views = self.augment;
         cfg.tta = self.tta;
         cfg.sam = self.sam;
+        cfg.knn_mix = self.knn_mix;
     }
 
     pub fn members(&self) -> Members {
@@ -166,6 +175,7 @@ impl TuneArgs {
             ("--sam", self.sam.is_some()),
             ("--soup", self.soup > 1),
             ("--ensemble", self.ensemble > 1),
+            ("--knn-mix", self.knn_mix),
         ]
         .into_iter()
         .find_map(|(flag, set)| set.then_some(flag))
@@ -340,6 +350,10 @@ pub struct Bundle {
     /// otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ensemble: Vec<Member>,
+    /// The k-NN mix `predict` applies (`--knn-mix`), each model's training features in its
+    /// `knn.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub knn: Option<KnnMix>,
 }
 
 pub fn task_kind(t: Task) -> TaskKind {
@@ -379,6 +393,8 @@ pub struct Outcome<B: Backend> {
     /// Metrics and class scores (one row per image, in order) of the scored images.
     pub test: Metrics,
     pub scores: Array2<f64>,
+    /// With `--knn-mix`: the chosen mix, and each model's training features it votes with.
+    pub knn: Option<(KnnMix, Vec<KnnBank>)>,
 }
 
 /// One fine-tune of an outcome: its seed, the epoch its selection split chose, and its scores there.
@@ -528,11 +544,7 @@ pub fn run_on_npz<B: Backend>(
                 dev,
             );
             let m = evaluate(task, te.1.view(), s.view());
-            let (chosen_on, scored_on) = match scored {
-                Scored::Test => ("val", "test"),
-                Scored::Val => ("train-holdout", "val"),
-                Scored::Fold { .. } => ("val", "held-out fold"),
-            };
+            let (chosen_on, scored_on) = split_names(scored);
             eprintln!(
                 "{} {} member {}/{n} (seed {}): epoch {} chosen by {chosen_on} {} (ACC {:.3} AUC {:.3} macro-F1 {:.3}); alone on {scored_on} ACC {:.3} AUC {:.3} macro-F1 {:.3}",
                 info.name,
@@ -557,23 +569,83 @@ pub fn run_on_npz<B: Backend>(
         Members::Ensemble(_) => models,
         _ => vec![omnirad_train::params::mean(models)],
     };
-    let score = |rows: &Rows| {
-        let s = predict(&models, &rows.0, data.pre, multi, ft.batch, ft.tta, dev);
-        (evaluate(task, rows.1.view(), s.view()), s)
-    };
-    let val = if n == 1 {
-        done[0].val.clone()
+    let head = |rows: &Rows| predict(&models, &rows.0, data.pre, multi, ft.batch, ft.tta, dev);
+    let (val, test, scores, knn) = if ft.knn_mix {
+        let banks: Vec<KnnBank> = models
+            .iter()
+            .map(|m| KnnBank {
+                features: features(m, &tr.0, data.pre, ft.batch, dev),
+                labels: tr.1.clone(),
+            })
+            .collect();
+        let knn = KnnConfig::default();
+        let vote = |rows: &Rows| {
+            let f: Vec<_> = models
+                .iter()
+                .map(|m| features(m, &rows.0, data.pre, ft.batch, dev))
+                .collect();
+            votes(&banks, &f, classes, multi, knn)
+        };
+        let (head_val, vote_val) = (head(&va), vote(&va));
+        let (lambda, val) = choose_lambda(
+            head_val.view(),
+            vote_val.view(),
+            va.1.view(),
+            task,
+            ft.select,
+        );
+        let mix = KnnMix {
+            lambda,
+            k: knn.k,
+            temperature: knn.temperature,
+        };
+        let alone = evaluate(task, va.1.view(), head_val.view());
+        eprintln!(
+            "{}: k-NN mix λ {lambda:.1} chosen by {} {}: ACC {:.3} AUC {:.3} macro-F1 {:.3} (the head alone {:.3} / {:.3} / {:.3})",
+            info.name,
+            split_names(scored).0,
+            ft.select.name(),
+            val.acc,
+            val.auc,
+            val.macro_f1,
+            alone.acc,
+            alone.auc,
+            alone.macro_f1
+        );
+        let s = knn_mix::mix(head(&te).view(), vote(&te).view(), lambda);
+        (
+            val,
+            evaluate(task, te.1.view(), s.view()),
+            s,
+            Some((mix, banks)),
+        )
     } else {
-        score(&va).0
+        let val = if n == 1 {
+            done[0].val.clone()
+        } else {
+            let s = head(&va);
+            evaluate(task, va.1.view(), s.view())
+        };
+        let s = head(&te);
+        (val, evaluate(task, te.1.view(), s.view()), s, None)
     };
-    let (test, scores) = score(&te);
     Ok(Some(Outcome {
         models,
         members: done,
         val,
         test,
         scores,
+        knn,
     }))
+}
+
+/// The split a run selects on, and the one it scores.
+fn split_names(scored: Scored) -> (&'static str, &'static str) {
+    match scored {
+        Scored::Test => ("val", "test"),
+        Scored::Val => ("train-holdout", "val"),
+        Scored::Fold { .. } => ("val", "held-out fold"),
+    }
 }
 
 /// "a soup", "an ensemble".
@@ -789,8 +861,10 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
                 Members::Ensemble(_) => o.members.clone(),
                 _ => Vec::new(),
             },
+            knn: o.knn.as_ref().map(|(mix, _)| *mix),
         };
-        save_bundle(&a.out, &o.models, &cfg, &bundle)?;
+        let banks = o.knn.as_ref().map(|(_, b)| b.as_slice()).unwrap_or(&[]);
+        save_bundle(&a.out, &o.models, banks, &cfg, &bundle)?;
         run.finish();
         // A member's selected weights were kept only for a resume; its history stays.
         for k in 1..=members.count() {
@@ -802,24 +876,95 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
     })
 }
 
-/// One model in `out/` (a fine-tune, a soup), or an ensemble's in `out/members/K/`; then
-/// `bundle.json`, last, so that a bundle is complete once it has one.
+/// One model in `out/` (a fine-tune, a soup), or an ensemble's in `out/members/K/`, each with
+/// its k-NN bank if `banks` has them; then `bundle.json`, last, so that a bundle is complete
+/// once it has one.
 fn save_bundle<B: Backend>(
     out: &Path,
     models: &[Classifier<B>],
+    banks: &[KnnBank],
     cfg: &ModelConfig,
     b: &Bundle,
 ) -> Result<()> {
-    match models {
-        [m] => save_classifier(out, m, cfg)?,
-        ms => {
-            for (k, m) in ms.iter().enumerate() {
-                save_classifier(&member_dir(out, k + 1), m, cfg)?;
-            }
+    for (k, m) in models.iter().enumerate() {
+        let dir = match models {
+            [_] => out.to_path_buf(),
+            _ => member_dir(out, k + 1),
+        };
+        save_classifier(&dir, m, cfg)?;
+        if let Some(bank) = banks.get(k) {
+            save_bank(&dir.join(KNN_FILE), bank)?;
         }
     }
     crate::atomic::write(&out.join("bundle.json"), serde_json::to_string_pretty(b)?)?;
     Ok(())
+}
+
+/// A model's k-NN bank in its bundle directory.
+const KNN_FILE: &str = "knn.safetensors";
+
+/// Features [N, D] and labels [N, L] (as f32: class ids and 0/1 flags are exact).
+fn save_bank(path: &Path, bank: &KnnBank) -> Result<()> {
+    let f = &bank.features;
+    let y = &bank.labels;
+    write_f32_safetensors(
+        path,
+        &[
+            (
+                "features".into(),
+                f.shape().to_vec(),
+                f.iter().copied().collect(),
+            ),
+            (
+                "labels".into(),
+                y.shape().to_vec(),
+                y.iter().map(|&v| v as f32).collect(),
+            ),
+        ],
+        None,
+    )?;
+    Ok(())
+}
+
+/// A bank written by [`save_bank`], checked against the model it votes for: `dim`-d features,
+/// finite, one label row each, labels that are class ids (or 0/1 flags) of `bundle`'s task.
+fn load_bank(path: &Path, dim: usize, bundle: &Bundle) -> Result<KnnBank> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut t = f32_tensors(&bytes, path)?;
+    let mut get = |k: &str| {
+        t.remove(k)
+            .with_context(|| format!("{}: no tensor '{k}'", path.display()))
+    };
+    let ((fs, f), (ys, y)) = (get("features")?, get("labels")?);
+    let multi = bundle.task == "multilabel";
+    let width = if multi { bundle.classes } else { 1 };
+    if fs.len() != 2 || fs[1] != dim || ys != [fs[0], width] || fs[0] == 0 {
+        bail!(
+            "{}: k-NN bank shapes {fs:?} (features) and {ys:?} (labels) do not fit {dim}-d features \
+             with {width} label column(s) per image",
+            path.display()
+        );
+    }
+    if let Some(i) = f.iter().position(|v| !v.is_finite()) {
+        bail!("{}: feature value {i} is {}", path.display(), f[i]);
+    }
+    let top = if multi { 1 } else { bundle.classes - 1 };
+    if let Some(v) = y
+        .iter()
+        .find(|&&v| v.fract() != 0.0 || !(0.0..=top as f32).contains(&v))
+    {
+        bail!(
+            "{}: label {v} is no {} of a {}-class task",
+            path.display(),
+            if multi { "0/1 flag" } else { "class id" },
+            bundle.classes
+        );
+    }
+    Ok(KnnBank {
+        features: Array2::from_shape_vec((fs[0], dim), f).expect("checked shape"),
+        labels: Array2::from_shape_vec((fs[0], width), y.into_iter().map(|v| v as i64).collect())
+            .expect("checked shape"),
+    })
 }
 
 fn member_dir(out: &Path, k: usize) -> PathBuf {
@@ -848,36 +993,75 @@ fn save_classifier<B: Backend>(dir: &Path, m: &Classifier<B>, cfg: &ModelConfig)
     Ok(())
 }
 
-/// Reads a bundle written by `finetune`: its model, or an ensemble's members.
-pub fn load_bundle<B: Backend>(
-    dir: &Path,
-    dev: &B::Device,
-) -> Result<(Vec<Classifier<B>>, ModelConfig, Bundle)> {
-    let text = std::fs::read_to_string(dir.join("bundle.json"))
-        .with_context(|| format!("{}: not a bundle (no bundle.json)", dir.display()))?;
-    let bundle: Bundle = serde_json::from_str(&text)
-        .with_context(|| format!("{}: invalid bundle.json", dir.display()))?;
-    if bundle.ensemble.is_empty() {
-        let (m, cfg) = load_classifier(dir, &bundle, dev)?;
-        return Ok((vec![m], cfg, bundle));
-    }
-    let mut models = Vec::new();
-    let mut first: Option<ModelConfig> = None;
-    for k in 1..=bundle.ensemble.len() {
-        let (m, cfg) = load_classifier(&member_dir(dir, k), &bundle, dev)?;
-        match &first {
-            // predict feeds every member the same input.
-            Some(f) if f.preprocess != cfg.preprocess => bail!(
-                "{}: ensemble member {k} preprocesses its input differently from member 1",
-                dir.display()
-            ),
-            Some(_) => {}
-            None => first = Some(cfg),
+/// A bundle written by `finetune`, ready to predict: its model (or an ensemble's members) and,
+/// with a k-NN mix, each model's training features.
+pub struct Predictor<B: Backend> {
+    pub models: Vec<Classifier<B>>,
+    pub cfg: ModelConfig,
+    pub bundle: Bundle,
+    banks: Vec<KnnBank>,
+}
+
+impl<B: Backend> Predictor<B> {
+    pub fn load(dir: &Path, dev: &B::Device) -> Result<Self> {
+        let text = std::fs::read_to_string(dir.join("bundle.json"))
+            .with_context(|| format!("{}: not a bundle (no bundle.json)", dir.display()))?;
+        let bundle: Bundle = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid bundle.json", dir.display()))?;
+        let dirs: Vec<PathBuf> = if bundle.ensemble.is_empty() {
+            vec![dir.to_path_buf()]
+        } else {
+            (1..=bundle.ensemble.len())
+                .map(|k| member_dir(dir, k))
+                .collect()
+        };
+        let (mut models, mut banks) = (Vec::new(), Vec::new());
+        let mut first: Option<ModelConfig> = None;
+        for (k, d) in dirs.iter().enumerate() {
+            let (m, cfg) = load_classifier(d, &bundle, dev)?;
+            if bundle.knn.is_some() {
+                let dim = m.backbone.embed_dim() * if bundle.cls_mean { 2 } else { 1 };
+                banks.push(load_bank(&d.join(KNN_FILE), dim, &bundle)?);
+            }
+            match &first {
+                // predict feeds every member the same input.
+                Some(f) if f.preprocess != cfg.preprocess => bail!(
+                    "{}: ensemble member {} preprocesses its input differently from member 1",
+                    dir.display(),
+                    k + 1
+                ),
+                Some(_) => {}
+                None => first = Some(cfg),
+            }
+            models.push(m);
         }
-        models.push(m);
+        Ok(Self {
+            models,
+            cfg: first.expect("a bundle has a model"),
+            bundle,
+            banks,
+        })
     }
-    let cfg = first.expect("an ensemble has members");
-    Ok((models, cfg, bundle))
+
+    /// Class probabilities [N, classes] of one model-ready batch `x` [N, C, H, W].
+    pub fn probabilities(&self, x: Tensor<B, 4>) -> Array2<f64> {
+        let b = &self.bundle;
+        let multi = b.task == "multilabel";
+        let p = batch_probabilities(&self.models, x.clone(), multi, b.finetune.tta);
+        let Some(mix) = &b.knn else { return p };
+        let f: Vec<Array2<f32>> = self
+            .models
+            .iter()
+            .map(|m| {
+                let f = m.features(x.clone(), false);
+                let [n, d] = f.dims();
+                let v = f.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+                Array2::from_shape_vec((n, d), v).expect("n × d")
+            })
+            .collect();
+        let v = votes(&self.banks, &f, b.classes, multi, mix.knn());
+        knn_mix::mix(p.view(), v.view(), mix.lambda)
+    }
 }
 
 fn load_classifier<B: Backend>(
@@ -971,6 +1155,7 @@ fn bundle_stamps(dir: &Path, bundle: &Bundle) -> Vec<Option<String>> {
             "head.safetensors",
             "encoder/config.json",
             "encoder/model.safetensors",
+            KNN_FILE,
         ] {
             stamps.push(stamp(&m.join(f)));
         }
@@ -986,7 +1171,7 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
         strict: a.strict,
     };
     let (rows, bundle, parts) = crate::with_backend!(a.device, |B, dev| {
-        let (models, cfg, bundle) = load_bundle::<B>(&a.model, &dev)?;
+        let predictor = Predictor::<B>::load(&a.model, &dev)?;
         let (items, skipped) = discover(&a.input, read.split)?;
         crate::embed::note_skipped(&a.input, skipped);
         let parts = a.out.as_ref().map(|out| Parts {
@@ -994,26 +1179,25 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
             settings: format!(
                 "predict|{}|{:?}|{:?}|{:?}",
                 a.model.display(),
-                bundle_stamps(&a.model, &bundle),
+                bundle_stamps(&a.model, &predictor.bundle),
                 a.device,
                 read
             ),
             stop_after: a.stop_after,
         });
-        let (multi, tta) = (bundle.task == "multilabel", bundle.finetune.tta);
         let rows = map_items::<B>(
-            &cfg.preprocess,
+            &predictor.cfg.preprocess,
             items,
             &job,
             parts.as_ref(),
             &dev,
             "predict",
             |x| {
-                let p = batch_probabilities(&models, x, multi, tta);
+                let p = predictor.probabilities(x);
                 Ok((p.iter().map(|&v| v as f32).collect(), p.ncols()))
             },
         )?;
-        (rows, bundle, parts)
+        (rows, predictor.bundle, parts)
     });
     let Some(rows) = rows else {
         let parts = parts.expect("only parts stop a job early");

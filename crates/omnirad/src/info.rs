@@ -315,6 +315,10 @@ fn describe_bundle(dir: &Path, file: &str, what: &str, keys: &[&str]) -> Result<
     if dir.join("encoder").is_dir() {
         out["encoder"] = describe_model(&dir.join("encoder"))?;
         out["head"] = weights(&dir.join("head.safetensors"))?;
+        let bank = dir.join("knn.safetensors");
+        if bank.is_file() {
+            out["knn bank"] = weights(&bank)?;
+        }
     } else if let Some(m) = b["ensemble"].as_array() {
         out["ensemble"] = format!("{} members in members/", m.len()).into();
     }
@@ -333,6 +337,7 @@ pub fn describe(path: &Path) -> Result<Value> {
                 "best_epoch",
                 "val",
                 "test",
+                "knn",
             ];
             describe_bundle(path, "bundle.json", "classification bundle", &keys)
         } else if path.join("segment.json").is_file() {

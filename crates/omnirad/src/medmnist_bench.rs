@@ -638,6 +638,9 @@ fn schedule(a: &MedMnistArgs) -> String {
             ", an ensemble of {n} fine-tunes per seed (class probabilities averaged; each at its selected epoch)"
         ),
     }
+    if a.tune.knn_mix {
+        s += ", mixed with a k-NN vote over train (k 20, λ chosen on the selection split)";
+    }
     s
 }
 

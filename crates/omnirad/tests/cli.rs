@@ -1319,6 +1319,122 @@ fn pretrain_config_errors_are_clear() {
     assert!(!ok && err.contains("nosuch.npz"), "{err}");
 }
 
+/// Labels of one split of an official MedMNIST file, as class ids.
+fn npz_labels(file: &Path, split: &str) -> Vec<i64> {
+    let mut npz = ndarray_npy::NpzReader::new(std::fs::File::open(file).unwrap()).unwrap();
+    let y: ndarray::Array2<u8> = npz.by_name(&format!("{split}_labels.npy")).unwrap();
+    y.iter().map(|&v| i64::from(v)).collect()
+}
+
+/// `predict --split SPLIT` of `bundle` on BreastMNIST: its ACC against the split's labels.
+fn predicted_acc(bundle: &Path, split: &str, csv: &Path) -> f64 {
+    let file = data("medmnist/breastmnist.npz");
+    let (ok, _, err) = omnirad(&[
+        "predict",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--input",
+        file.to_str().unwrap(),
+        "--split",
+        split,
+        "--out",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let y = npz_labels(&file, split);
+    let text = std::fs::read_to_string(csv).unwrap();
+    let rows: Vec<Vec<f64>> = text.lines().skip(1).map(probabilities).collect();
+    assert_eq!(rows.len(), y.len());
+    let right = rows
+        .iter()
+        .zip(&y)
+        .filter(|(p, &c)| (p[1] > p[0]) == (c == 1))
+        .count();
+    right as f64 / y.len() as f64
+}
+
+#[test]
+fn finetune_knn_mix_bundle_votes_with_its_training_features() {
+    let d_guard = tmp("knn-mix");
+    let d = d_guard.path();
+    let bundle = d.join("bundle");
+    let (ok, out, err) = omnirad(&[
+        "finetune",
+        "--data",
+        data("medmnist/breastmnist.npz").to_str().unwrap(),
+        "--model",
+        "vit_pico",
+        "--out",
+        bundle.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--knn-mix",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("k-NN mix λ"), "{err}");
+    let test: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let path = bundle.join("bundle.json");
+    let mut b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let lambda = b["knn"]["lambda"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&lambda), "{b}");
+    assert_eq!(
+        (&b["knn"]["k"], &b["finetune"]["knn_mix"]),
+        (&20.into(), &true.into())
+    );
+    // The bank: vit_pico's 64-d class token for each of the 546 training images, their labels.
+    let bank = std::fs::read(bundle.join("knn.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bank).unwrap();
+    assert_eq!(st.tensor("features").unwrap().shape(), [546, 64]);
+    assert_eq!(st.tensor("labels").unwrap().shape(), [546, 1]);
+    let labels: Vec<i64> = st
+        .tensor("labels")
+        .unwrap()
+        .data()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as i64)
+        .collect();
+    assert_eq!(
+        labels,
+        npz_labels(&data("medmnist/breastmnist.npz"), "train")
+    );
+    let v = info_json(&bundle);
+    assert_eq!(
+        (&v["knn"], &v["knn bank"]["tensors"]),
+        (&b["knn"], &2.into())
+    );
+    // predict mixes as the run scored test.
+    let acc = predicted_acc(&bundle, "test", &d.join("test.csv"));
+    assert!(
+        (acc - test["acc"].as_f64().unwrap()).abs() < 1.5 / 156.0,
+        "{acc} {test}"
+    );
+    // The nearest neighbour's vote alone (k = 1, λ = 1) on train: each image is its own
+    // nearest neighbour, so it gets its own label back, which a 2-epoch head cannot.
+    b["knn"]["lambda"] = 1.0.into();
+    b["knn"]["k"] = 1.into();
+    std::fs::write(&path, b.to_string()).unwrap();
+    let acc = predicted_acc(&bundle, "train", &d.join("train.csv"));
+    assert!(acc > 0.97, "the vote alone on train: ACC {acc}");
+    // A bank that does not fit is an error naming it.
+    std::fs::copy(
+        bundle.join("head.safetensors"),
+        bundle.join("knn.safetensors"),
+    )
+    .unwrap();
+    let (ok, _, err) = omnirad(&[
+        "predict",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--input",
+        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("knn.safetensors") && err.contains("no tensor 'features'"),
+        "{err}"
+    );
+}
+
 #[test]
 fn finetune_writes_a_bundle_that_predicts() {
     let d_guard = tmp("finetune");
