@@ -612,7 +612,17 @@ pub fn run_on_npz<B: Backend>(
             alone.auc,
             alone.macro_f1
         );
-        let s = knn_mix::mix(head(&te).view(), vote(&te).view(), lambda);
+        let head_test = head(&te);
+        let alone = evaluate(task, te.1.view(), head_test.view());
+        eprintln!(
+            "{}: the head alone on {}: ACC {:.3} AUC {:.3} macro-F1 {:.3}",
+            info.name,
+            split_names(scored).1,
+            alone.acc,
+            alone.auc,
+            alone.macro_f1
+        );
+        let s = knn_mix::mix(head_test.view(), vote(&te).view(), lambda);
         (
             val,
             evaluate(task, te.1.view(), s.view()),
