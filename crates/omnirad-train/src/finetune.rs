@@ -543,11 +543,18 @@ pub fn features<B: Backend>(
             .into_par_iter()
             .map(|i| pre.apply(&images.image(i)))
             .collect();
-        let f = model.features(batch_tensor::<B>(arrays, dev), false);
-        out.extend(f.into_data().convert::<f32>().to_vec::<f32>().expect("f32"));
+        out.push(batch_features(model, batch_tensor::<B>(arrays, dev)));
     }
-    let d = out.len() / n.max(1);
-    Array2::from_shape_vec((n, d), out).expect("n × features")
+    let views: Vec<_> = out.iter().map(|a| a.view()).collect();
+    ndarray::concatenate(ndarray::Axis(0), &views).expect("batches of one width")
+}
+
+/// [`features`] of one model-ready batch `x` [N, C, H, W].
+pub fn batch_features<B: Backend>(model: &Classifier<B>, x: Tensor<B, 4>) -> Array2<f32> {
+    let f = model.features(x, false);
+    let [n, d] = f.dims();
+    let v = f.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+    Array2::from_shape_vec((n, d), v).expect("n × features")
 }
 
 /// [`predict`] of one model-ready batch `x` [N, C, H, W]: class probabilities [N, classes].

@@ -29,14 +29,13 @@ use omnirad_data::medmnist::{
     parse_file_name, stratified_holdout, MedMnistInfo, NpzRows, NpzSplit, Task,
 };
 use omnirad_data::{discover, ImageSource, Preprocess, Split};
-use omnirad_eval::KnnConfig;
-use omnirad_eval::{evaluate, Metrics, TaskKind};
+use omnirad_eval::{evaluate, KnnConfig, Metrics, TaskKind};
 use omnirad_model::{
     f32_tensors, load_model_dir, save_model_dir, write_f32_safetensors, ModelConfig, Vit,
 };
 use omnirad_train::finetune::{
-    batch_probabilities, features, finetune, load_state, predict, save_state, ClassWeight,
-    Classifier, FinetuneConfig, FinetuneResult, LabelledImages, Selection, Views,
+    batch_features, batch_probabilities, features, finetune, load_state, predict, save_state,
+    ClassWeight, Classifier, FinetuneConfig, FinetuneResult, LabelledImages, Selection, Views,
 };
 use omnirad_train::knn_mix::{self, choose_lambda, votes, KnnBank, KnnMix};
 use serde::{Deserialize, Serialize};
@@ -958,7 +957,11 @@ fn load_bank(path: &Path, dim: usize, bundle: &Bundle) -> Result<KnnBank> {
     if let Some(i) = f.iter().position(|v| !v.is_finite()) {
         bail!("{}: feature value {i} is {}", path.display(), f[i]);
     }
-    let top = if multi { 1 } else { bundle.classes - 1 };
+    let top = if multi {
+        1
+    } else {
+        bundle.classes.saturating_sub(1)
+    };
     if let Some(v) = y
         .iter()
         .find(|&&v| v.fract() != 0.0 || !(0.0..=top as f32).contains(&v))
@@ -1018,6 +1021,18 @@ impl<B: Backend> Predictor<B> {
             .with_context(|| format!("{}: not a bundle (no bundle.json)", dir.display()))?;
         let bundle: Bundle = serde_json::from_str(&text)
             .with_context(|| format!("{}: invalid bundle.json", dir.display()))?;
+        if let Some(m) = &bundle.knn {
+            let ok = (0.0..=1.0).contains(&m.lambda) && m.k >= 1 && m.temperature > 0.0;
+            if !ok || !m.temperature.is_finite() {
+                bail!(
+                    "{}: invalid k-NN mix (λ {} must be in [0, 1], k {} at least 1, temperature {} positive)",
+                    dir.join("bundle.json").display(),
+                    m.lambda,
+                    m.k,
+                    m.temperature
+                );
+            }
+        }
         let dirs: Vec<PathBuf> = if bundle.ensemble.is_empty() {
             vec![dir.to_path_buf()]
         } else {
@@ -1062,12 +1077,7 @@ impl<B: Backend> Predictor<B> {
         let f: Vec<Array2<f32>> = self
             .models
             .iter()
-            .map(|m| {
-                let f = m.features(x.clone(), false);
-                let [n, d] = f.dims();
-                let v = f.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
-                Array2::from_shape_vec((n, d), v).expect("n × d")
-            })
+            .map(|m| batch_features(m, x.clone()))
             .collect();
         let v = votes(&self.banks, &f, b.classes, multi, mix.knn());
         knn_mix::mix(p.view(), v.view(), mix.lambda)

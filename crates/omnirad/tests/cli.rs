@@ -1416,19 +1416,28 @@ fn finetune_knn_mix_bundle_votes_with_its_training_features() {
     std::fs::write(&path, b.to_string()).unwrap();
     let acc = predicted_acc(&bundle, "train", &d.join("train.csv"));
     assert!(acc > 0.97, "the vote alone on train: ACC {acc}");
-    // A bank that does not fit is an error naming it.
-    std::fs::copy(
-        bundle.join("head.safetensors"),
-        bundle.join("knn.safetensors"),
-    )
-    .unwrap();
-    let (ok, _, err) = omnirad(&[
-        "predict",
-        "--model",
-        bundle.to_str().unwrap(),
-        "--input",
-        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
-    ]);
+    // A mix that cannot vote, or a bank that does not fit, is an error naming the file.
+    let predict_ct = || {
+        omnirad(&[
+            "predict",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--input",
+            data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
+        ])
+    };
+    b["knn"]["temperature"] = 0.0.into();
+    std::fs::write(&path, b.to_string()).unwrap();
+    let (ok, _, err) = predict_ct();
+    assert!(
+        !ok && err.contains("bundle.json: invalid k-NN mix") && err.contains("temperature 0"),
+        "{err}"
+    );
+    b["knn"]["temperature"] = 0.07.into();
+    std::fs::write(&path, b.to_string()).unwrap();
+    let bank = bundle.join("knn.safetensors");
+    std::fs::copy(bundle.join("head.safetensors"), &bank).unwrap();
+    let (ok, _, err) = predict_ct();
     assert!(
         !ok && err.contains("knn.safetensors") && err.contains("no tensor 'features'"),
         "{err}"
