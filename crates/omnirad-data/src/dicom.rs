@@ -212,6 +212,24 @@ impl DicomFile {
         Ok(me)
     }
 
+    /// How many frames (images) the file at `path` holds, from its header alone: Number of
+    /// Frames (0028,0008), 1 where it is absent.
+    pub fn frame_count(path: impl AsRef<Path>) -> Result<usize> {
+        let path = path.as_ref();
+        check_nesting(path)?;
+        let obj = OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(path)
+            .map_err(|e| DataError::format(path, "DICOM", e))?;
+        let frames = match obj.element(tags::NUMBER_OF_FRAMES) {
+            Ok(e) => e.to_int::<i64>().map_err(|e| {
+                DataError::invalid(path, format!("Number of Frames (0028,0008): {e}"))
+            })?,
+            Err(_) => 1,
+        };
+        Ok(usize::try_from(frames).unwrap_or(0).max(1))
+    }
+
     fn str_tag(&self, tag: Tag) -> Option<String> {
         text_in(&self.obj, tag)
     }

@@ -99,23 +99,7 @@ impl NiftiVolume {
             return Err(DataError::invalid(&path, "volume contains NaN/Inf voxels"));
         }
 
-        // Closest canonical orientation: voxel axis i runs mostly along world axis world[i].
-        let affine = header.affine::<f64>();
-        let mut world = [0usize; 3];
-        let mut flip = [false; 3];
-        let mut used = [false; 3];
-        let mut orientation = String::new();
-        for i in 0..3 {
-            let col = [affine[(0, i)], affine[(1, i)], affine[(2, i)]];
-            let j = (0..3)
-                .filter(|j| !used[*j])
-                .max_by(|a, b| col[*a].abs().total_cmp(&col[*b].abs()))
-                .expect("three world axes");
-            used[j] = true;
-            world[i] = j;
-            flip[i] = col[j] < 0.0;
-            orientation.push(["RL", "AP", "SI"][j].as_bytes()[flip[i] as usize] as char);
-        }
+        let (world, flip, orientation) = canonical_axes(&header);
         let pixdim = header.pixdim;
         let mut spacing = [1.0f32; 3];
         for i in 0..3 {
@@ -218,6 +202,59 @@ impl NiftiVolume {
     }
 }
 
+/// The closest canonical orientation: voxel axis i runs mostly along world axis `world[i]`
+/// (0 R, 1 A, 2 S), against it where `flip[i]`; and its orientation codes, e.g. "LAS".
+fn canonical_axes(header: &NiftiHeader) -> ([usize; 3], [bool; 3], String) {
+    let affine = header.affine::<f64>();
+    let mut world = [0usize; 3];
+    let mut flip = [false; 3];
+    let mut used = [false; 3];
+    let mut orientation = String::new();
+    for i in 0..3 {
+        let col = [affine[(0, i)], affine[(1, i)], affine[(2, i)]];
+        let j = (0..3)
+            .filter(|j| !used[*j])
+            .max_by(|a, b| col[*a].abs().total_cmp(&col[*b].abs()))
+            .expect("three world axes");
+        used[j] = true;
+        world[i] = j;
+        flip[i] = col[j] < 0.0;
+        orientation.push(["RL", "AP", "SI"][j].as_bytes()[flip[i] as usize] as char);
+    }
+    (world, flip, orientation)
+}
+
+/// How many slices [`NiftiVolume::slices`] cuts from `path` along `axis` (all time points, or
+/// the one of `time`), read from the header alone.
+pub fn slice_count(path: &Path, axis: SliceAxis, time: Option<usize>) -> Result<usize> {
+    let header = if is_nifti2(path) {
+        nifti2_header(path, &read_head(path, 544)?)?
+    } else {
+        catch_decoder_panic(path, || {
+            NiftiHeader::from_file(path).map_err(|e| DataError::format(path, "NIfTI", e))
+        })?
+    };
+    let dims = header
+        .dim()
+        .map_err(|e| DataError::format(path, "NIfTI", e))?;
+    if !(3..=4).contains(&dims.len()) {
+        return Err(DataError::Unsupported {
+            path: path.to_path_buf(),
+            what: "NIfTI dimensionality",
+            value: format!("{}D (need 3D or 4D)", dims.len()),
+        });
+    }
+    let (world, _, _) = canonical_axes(&header);
+    let along = (0..3)
+        .find(|&i| world[i] == axis as usize)
+        .expect("each world axis once");
+    let times = match time {
+        Some(_) => 1,
+        None => dims.get(3).map_or(1, |&t| usize::from(t)),
+    };
+    Ok(usize::from(dims[along]) * times)
+}
+
 /// True for `.nii` and `.nii.gz` paths.
 pub fn is_nifti(path: &Path) -> bool {
     let name = path
@@ -231,17 +268,10 @@ pub fn is_nifti(path: &Path) -> bool {
 /// A single-file NIfTI-2 volume (`n+2` magic) as the NIfTI-1 header and volume the nifti
 /// crate reads: that crate knows only NIfTI-1, whose header NIfTI-2 widens to 64-bit fields
 /// (same meaning, other offsets: nifti2.h). Sizes above NIfTI-1's 32 767 per axis are errors.
-fn read_nifti2(path: &Path) -> Result<(NiftiHeader, InMemNiftiVolume)> {
-    use std::io::Read;
+/// The NIfTI-2 header at the start of `bytes` (the file's first 544 bytes or more), as the
+/// NIfTI-1 header the nifti crate reads.
+fn nifti2_header(path: &Path, bytes: &[u8]) -> Result<NiftiHeader> {
     let bad = |what: String| DataError::format(path, "NIfTI-2", what);
-    let mut bytes = Vec::new();
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    let read = if path.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
-        flate2::read::GzDecoder::new(file).read_to_end(&mut bytes)
-    } else {
-        std::io::BufReader::new(file).read_to_end(&mut bytes)
-    };
-    read.map_err(|e| bad(e.to_string()))?;
     if bytes.len() < 544 {
         return Err(bad(format!(
             "{} bytes, less than its 540-byte header",
@@ -307,6 +337,38 @@ fn read_nifti2(path: &Path) -> Result<(NiftiHeader, InMemNiftiVolume)> {
     f64s(400, &mut h.srow_x);
     f64s(432, &mut h.srow_y);
     f64s(464, &mut h.srow_z);
+    Ok(h)
+}
+
+/// Up to the first `n` bytes of `path`, decompressed if it ends in `.gz`.
+fn read_head(path: &Path, n: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut bytes = Vec::new();
+    let read = if path.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
+        flate2::read::GzDecoder::new(file)
+            .take(n as u64)
+            .read_to_end(&mut bytes)
+    } else {
+        std::io::BufReader::new(file)
+            .take(n as u64)
+            .read_to_end(&mut bytes)
+    };
+    read.map_err(|e| DataError::format(path, "NIfTI", e.to_string()))?;
+    Ok(bytes)
+}
+
+fn read_nifti2(path: &Path) -> Result<(NiftiHeader, InMemNiftiVolume)> {
+    let bytes = read_head(path, usize::MAX)?;
+    let h = nifti2_header(path, &bytes)?;
+    let bad = |what: String| DataError::format(path, "NIfTI-2", what);
+    let i64_at = |at: usize| {
+        let mut v: [u8; 8] = bytes[at..at + 8].try_into().expect("8 bytes");
+        if h.endianness == Endianness::Big {
+            v.reverse();
+        }
+        i64::from_le_bytes(v)
+    };
     let offset = i64_at(168);
     let data = usize::try_from(offset)
         .ok()
@@ -321,17 +383,14 @@ fn read_nifti2(path: &Path) -> Result<(NiftiHeader, InMemNiftiVolume)> {
 
 /// NIfTI-2 files start with sizeof_hdr = 540 (either byte order).
 fn is_nifti2(path: &Path) -> bool {
-    use std::io::Read;
-    let Ok(f) = std::fs::File::open(path) else {
-        return false;
-    };
-    let mut head = [0u8; 4];
-    let ok = if path.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
-        flate2::read::GzDecoder::new(f)
-            .read_exact(&mut head)
-            .is_ok()
-    } else {
-        std::io::BufReader::new(f).read_exact(&mut head).is_ok()
-    };
-    ok && (i32::from_le_bytes(head) == 540 || i32::from_be_bytes(head) == 540)
+    match read_head(path, 4) {
+        Ok(head) => {
+            let head: [u8; 4] = match head.try_into() {
+                Ok(h) => h,
+                Err(_) => return false,
+            };
+            i32::from_le_bytes(head) == 540 || i32::from_be_bytes(head) == 540
+        }
+        Err(_) => false,
+    }
 }

@@ -11,7 +11,7 @@ use crate::dicom::{looks_like_dicom, non_image_object, DicomFile, Window};
 use crate::error::{catch_decoder_panic, DataError, Result};
 use crate::image::{Image, Meta, Modality};
 use crate::medmnist::{NpzSplit, Split};
-use crate::nifti::{is_nifti, NiftiVolume, SliceAxis, VolumeIntensity};
+use crate::nifti::{is_nifti, slice_count, NiftiVolume, SliceAxis, VolumeIntensity};
 
 /// Reader settings shared by every format.
 #[derive(Debug, Clone)]
@@ -86,6 +86,19 @@ impl Item {
         match self {
             Item::File { path, .. } => path.display().to_string(),
             Item::Npz { split, index } => split.meta(*index).id,
+        }
+    }
+
+    /// How many images [`Item::load`] gives, read from headers only (DICOM frames, NIfTI
+    /// slices along `opts.slice_axis`); 1 for single images.
+    pub fn count(&self, opts: &ReadOptions) -> Result<usize> {
+        match self {
+            Item::File { path, .. } => match file_kind(path) {
+                Some(FileKind::Dicom) => DicomFile::frame_count(path),
+                Some(FileKind::Nifti) => slice_count(path, opts.slice_axis, opts.time),
+                _ => Ok(1),
+            },
+            Item::Npz { .. } => Ok(1),
         }
     }
 

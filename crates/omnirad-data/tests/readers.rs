@@ -750,3 +750,73 @@ fn segmentation_images_without_a_mask_are_reported_not_dropped() {
     let e = discover_pairs(dir).unwrap_err().to_string();
     assert!(e.contains("no image/mask pairs found"), "{e}");
 }
+
+#[test]
+fn item_counts_from_headers_match_the_images_loaded() {
+    // Pretraining weights its draws by these counts: each must be what loading gives, for
+    // multi-frame DICOM (10-frame MR in three encodings), 3D and 4D NIfTI-1/2 along every axis.
+    // anatomical.nii (big-endian) with its voxel axes permuted: i runs along S, k along R, so
+    // its axial slices are cut along the file's first axis.
+    let d = tmpdir("count");
+    let permuted = d.path().join("permuted.nii");
+    let mut bytes = std::fs::read(data("nifti-nibabel/anatomical.nii")).unwrap();
+    bytes[252..254].copy_from_slice(&0i16.to_be_bytes()); // qform_code
+    bytes[254..256].copy_from_slice(&1i16.to_be_bytes()); // sform_code
+    for (row, at) in [
+        ([0.0f32, 0.0, 2.0, 0.0], 280),
+        ([0.0, 2.0, 0.0, 0.0], 296),
+        ([2.0, 0.0, 0.0, 0.0], 312),
+    ] {
+        for (i, v) in row.iter().enumerate() {
+            bytes[at + 4 * i..at + 4 * i + 4].copy_from_slice(&v.to_be_bytes());
+        }
+    }
+    std::fs::write(&permuted, &bytes).unwrap();
+    let v = NiftiVolume::open(&permuted).unwrap();
+    assert_eq!(
+        (v.orientation.as_str(), v.shape()),
+        ("SAR", [25, 41, 33, 1])
+    );
+    let mut checked = 0;
+    for dir in [
+        data("dicom-pydicom"),
+        data("nifti-nibabel"),
+        d.path().to_path_buf(),
+    ] {
+        let (items, _) = discover(&dir, Split::Train).unwrap();
+        for item in &items {
+            for axis in [SliceAxis::Axial, SliceAxis::Coronal, SliceAxis::Sagittal] {
+                for time in [None, Some(0)] {
+                    let opts = ReadOptions {
+                        slice_axis: axis,
+                        time,
+                        ..Default::default()
+                    };
+                    let Ok(images) = item.load(&opts) else {
+                        continue; // files the reader refuses are covered elsewhere
+                    };
+                    assert_eq!(
+                        item.count(&opts).unwrap(),
+                        images.len(),
+                        "{} {axis:?} {time:?}",
+                        item.id()
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 100, "{checked} items × options checked");
+    // A truncated header is an error naming the file.
+    let p = d.path().join("cut.dcm");
+    let bytes = std::fs::read(data("dicom-pydicom/emri_small.dcm")).unwrap();
+    std::fs::write(&p, &bytes[..200]).unwrap();
+    let item = omnirad_data::Item::File {
+        path: p.clone(),
+        labels: vec![],
+        modality: None,
+        anatomy: None,
+    };
+    let e = item.count(&ReadOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("cut.dcm"), "{e}");
+}

@@ -26,7 +26,16 @@ pub enum DataError {
 
 struct Source {
     items: Vec<Item>,
+    /// Running totals of the items' image counts: item i holds draws `ends[i − 1]..ends[i]`, so
+    /// a draw takes each frame or slice of the source equally often.
+    ends: Vec<usize>,
     weight: f64,
+}
+
+impl Source {
+    fn images(&self) -> usize {
+        self.ends.last().copied().unwrap_or(0)
+    }
 }
 
 pub struct PretrainData {
@@ -52,6 +61,11 @@ impl PretrainData {
         channels: usize,
         patch_size: usize,
     ) -> Result<Self, DataError> {
+        let window = Window::parse(&cfg.data.window).map_err(DataError::Config)?;
+        let read = ReadOptions {
+            window,
+            ..Default::default()
+        };
         let mut sources = Vec::new();
         for s in &cfg.data.sources {
             let err = |msg: String| DataError::Source {
@@ -63,8 +77,21 @@ impl PretrainData {
             if items.is_empty() {
                 return Err(err("no readable images".into()));
             }
+            // An item whose header cannot be read counts once; loading it reports the problem.
+            let counts: Vec<usize> = items
+                .par_iter()
+                .map(|it| it.count(&read).unwrap_or(1).max(1))
+                .collect();
+            let ends = counts
+                .iter()
+                .scan(0, |total, c| {
+                    *total += c;
+                    Some(*total)
+                })
+                .collect();
             sources.push(Source {
                 items,
+                ends,
                 weight: s.weight,
             });
         }
@@ -100,13 +127,9 @@ impl PretrainData {
             )));
         }
         let grid = c.global_size / patch_size;
-        let window = Window::parse(&cfg.data.window).map_err(DataError::Config)?;
         Ok(Self {
             sources,
-            read: ReadOptions {
-                window,
-                ..Default::default()
-            },
+            read,
             crops: MultiCrop {
                 global,
                 n_global: c.n_global,
@@ -123,9 +146,9 @@ impl PretrainData {
         })
     }
 
-    /// Images over all sources.
+    /// Images over all sources, every frame and slice counted.
     pub fn len(&self) -> usize {
-        self.sources.iter().map(|s| s.items.len()).sum()
+        self.sources.iter().map(Source::images).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -156,7 +179,9 @@ impl PretrainData {
                 u < 0.0
             })
             .unwrap_or_else(|| self.sources.last().expect("at least one source"));
-        &src.items[rng.random_range(0..src.items.len())]
+        // With one image per item this is the uniform draw over items.
+        let u = rng.random_range(0..src.images());
+        &src.items[src.ends.partition_point(|&e| e <= u)]
     }
 
     /// Views of one sample; bad items are replaced by fresh draws and reported.
@@ -252,5 +277,41 @@ impl PretrainData {
             },
             failed,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pretrain::config::SourceSection;
+    use std::path::Path;
+
+    #[test]
+    fn draws_take_every_frame_of_a_source_equally_often() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/data/dicom-pydicom"
+        );
+        for f in ["emri_small.dcm", "MR_small.dcm"] {
+            std::fs::copy(Path::new(shared).join(f), dir.path().join(f)).unwrap();
+        }
+        let mut cfg = PretrainConfig::preset("omnirad").unwrap();
+        cfg.data.sources = vec![SourceSection {
+            path: dir.path().to_path_buf(),
+            weight: 1.0,
+            split: "train".into(),
+        }];
+        let patch = cfg.model.vit().unwrap().patch_size;
+        let data = PretrainData::open(&cfg, 3, patch).unwrap();
+        // 10 MR frames and 1: eleven images, the 10-frame file drawn 10 times in 11.
+        assert_eq!(data.len(), 11);
+        let n = 11_000;
+        let mut rng = sample_rng(7, 0, 0);
+        let multi = (0..n)
+            .filter(|_| data.draw(&mut rng).id().ends_with("emri_small.dcm"))
+            .count();
+        // Binomial(11 000, 10/11): mean 10 000, sd 30.
+        assert!((9_880..=10_120).contains(&multi), "{multi} of {n}");
     }
 }
