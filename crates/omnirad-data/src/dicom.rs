@@ -227,6 +227,16 @@ impl DicomFile {
             })?,
             Err(_) => 1,
         };
+        // A header that claims more frames than the file has bytes is corrupt.
+        let len = std::fs::metadata(path)
+            .map_err(|e| DataError::io(path, e))?
+            .len();
+        if frames > 0 && frames as u64 > len {
+            return Err(DataError::invalid(
+                path,
+                format!("Number of Frames (0028,0008) is {frames} in a file of {len} bytes"),
+            ));
+        }
         Ok(usize::try_from(frames).unwrap_or(0).max(1))
     }
 

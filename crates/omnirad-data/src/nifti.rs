@@ -244,6 +244,23 @@ pub fn slice_count(path: &Path, axis: SliceAxis, time: Option<usize>) -> Result<
             value: format!("{}D (need 3D or 4D)", dims.len()),
         });
     }
+    // Deflate packs at most 1032 bytes into one, so a header whose voxels cannot fit in the
+    // file is corrupt (it would otherwise take most of the draws of a pretraining source).
+    let voxels: u64 = dims.iter().map(|&d| u64::from(d)).product();
+    let bytes = voxels * u64::from(header.bitpix.max(8) as u16 / 8);
+    let len = std::fs::metadata(path)
+        .map_err(|e| DataError::io(path, e))?
+        .len();
+    let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
+    if bytes > len * if gz { 1032 } else { 1 } {
+        return Err(DataError::invalid(
+            path,
+            format!(
+                "the header's {dims:?} voxels of {} bits need {bytes} bytes; the file has {len}",
+                header.bitpix
+            ),
+        ));
+    }
     let (world, _, _) = canonical_axes(&header);
     let along = (0..3)
         .find(|&i| world[i] == axis as usize)

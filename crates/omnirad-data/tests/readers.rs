@@ -819,4 +819,17 @@ fn item_counts_from_headers_match_the_images_loaded() {
     };
     let e = item.count(&ReadOptions::default()).unwrap_err().to_string();
     assert!(e.contains("cut.dcm"), "{e}");
+    // So is a header that claims more slices than the file holds (anatomical.nii, 33 × 41 × 25
+    // int16, with 30 000 slices).
+    let lying = d.path().join("lying.nii");
+    let mut nii = std::fs::read(data("nifti-nibabel/anatomical.nii")).unwrap();
+    nii[46..48].copy_from_slice(&30_000i16.to_be_bytes()); // dim[3]
+    std::fs::write(&lying, &nii).unwrap();
+    let e = omnirad_data::nifti::slice_count(&lying, SliceAxis::Sagittal, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lying.nii") && e.contains("need 81180000 bytes"),
+        "{e}"
+    );
 }
