@@ -246,13 +246,16 @@ pub fn slice_count(path: &Path, axis: SliceAxis, time: Option<usize>) -> Result<
     }
     // Deflate packs at most 1032 bytes into one, so a header whose voxels cannot fit in the
     // file is corrupt (it would otherwise take most of the draws of a pretraining source).
-    let voxels: u64 = dims.iter().map(|&d| u64::from(d)).product();
-    let bytes = voxels * u64::from(header.bitpix.max(8) as u16 / 8);
+    let bytes = dims
+        .iter()
+        .fold(u64::from(header.bitpix.max(8) as u16 / 8), |b, &d| {
+            b.saturating_mul(u64::from(d))
+        });
     let len = std::fs::metadata(path)
         .map_err(|e| DataError::io(path, e))?
         .len();
     let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
-    if bytes > len * if gz { 1032 } else { 1 } {
+    if bytes > len.saturating_mul(if gz { 1032 } else { 1 }) {
         return Err(DataError::invalid(
             path,
             format!(
@@ -282,11 +285,10 @@ pub fn is_nifti(path: &Path) -> bool {
     name.ends_with(".nii") || name.ends_with(".nii.gz")
 }
 
-/// A single-file NIfTI-2 volume (`n+2` magic) as the NIfTI-1 header and volume the nifti
-/// crate reads: that crate knows only NIfTI-1, whose header NIfTI-2 widens to 64-bit fields
-/// (same meaning, other offsets: nifti2.h). Sizes above NIfTI-1's 32 767 per axis are errors.
 /// The NIfTI-2 header at the start of `bytes` (the file's first 544 bytes or more), as the
-/// NIfTI-1 header the nifti crate reads.
+/// NIfTI-1 header the nifti crate reads: that crate knows only NIfTI-1, whose header NIfTI-2
+/// widens to 64-bit fields (same meaning, other offsets: nifti2.h). Sizes above NIfTI-1's
+/// 32 767 per axis are errors.
 fn nifti2_header(path: &Path, bytes: &[u8]) -> Result<NiftiHeader> {
     let bad = |what: String| DataError::format(path, "NIfTI-2", what);
     if bytes.len() < 544 {
@@ -375,6 +377,8 @@ fn read_head(path: &Path, n: usize) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// A single-file NIfTI-2 volume (`n+2` magic) as the NIfTI-1 header and volume the nifti
+/// crate reads.
 fn read_nifti2(path: &Path) -> Result<(NiftiHeader, InMemNiftiVolume)> {
     let bytes = read_head(path, usize::MAX)?;
     let h = nifti2_header(path, &bytes)?;
@@ -400,14 +404,8 @@ fn read_nifti2(path: &Path) -> Result<(NiftiHeader, InMemNiftiVolume)> {
 
 /// NIfTI-2 files start with sizeof_hdr = 540 (either byte order).
 fn is_nifti2(path: &Path) -> bool {
-    match read_head(path, 4) {
-        Ok(head) => {
-            let head: [u8; 4] = match head.try_into() {
-                Ok(h) => h,
-                Err(_) => return false,
-            };
-            i32::from_le_bytes(head) == 540 || i32::from_be_bytes(head) == 540
-        }
-        Err(_) => false,
-    }
+    read_head(path, 4)
+        .ok()
+        .and_then(|h| <[u8; 4]>::try_from(h).ok())
+        .is_some_and(|h| i32::from_le_bytes(h) == 540 || i32::from_be_bytes(h) == 540)
 }
