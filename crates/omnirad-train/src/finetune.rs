@@ -513,19 +513,9 @@ pub fn predict<B: Backend>(
     tta: bool,
     dev: &B::Device,
 ) -> Array2<f64> {
-    let mut out = Vec::new();
-    let mut classes = 0;
-    let n = images.len();
-    for lo in (0..n).step_by(batch.max(1)) {
-        let arrays: Vec<_> = (lo..n.min(lo + batch.max(1)))
-            .into_par_iter()
-            .map(|i| pre.apply(&images.image(i)))
-            .collect();
-        let p = batch_probabilities(models, batch_tensor::<B>(arrays, dev), multi, tta);
-        classes = p.ncols();
-        out.extend(p);
-    }
-    Array2::from_shape_vec((n, classes), out).expect("n × classes")
+    per_batch(images, pre, batch, dev, |x| {
+        batch_probabilities(models, x, multi, tta)
+    })
 }
 
 /// The encoder features [N, D] `model` classifies `images` by (its pooling, eval mode).
@@ -536,16 +526,30 @@ pub fn features<B: Backend>(
     batch: usize,
     dev: &B::Device,
 ) -> Array2<f32> {
-    let mut out = Vec::new();
+    per_batch(images, pre, batch, dev, |x| batch_features(model, x))
+}
+
+/// `f` of each model-ready batch of `images` (decoded in parallel), its rows stacked in order.
+fn per_batch<B: Backend, T: Clone>(
+    images: &dyn ImageSource,
+    pre: &Preprocess,
+    batch: usize,
+    dev: &B::Device,
+    mut f: impl FnMut(Tensor<B, 4>) -> Array2<T>,
+) -> Array2<T> {
     let n = images.len();
+    let mut parts = Vec::new();
     for lo in (0..n).step_by(batch.max(1)) {
         let arrays: Vec<_> = (lo..n.min(lo + batch.max(1)))
             .into_par_iter()
             .map(|i| pre.apply(&images.image(i)))
             .collect();
-        out.push(batch_features(model, batch_tensor::<B>(arrays, dev)));
+        parts.push(f(batch_tensor::<B>(arrays, dev)));
     }
-    let views: Vec<_> = out.iter().map(|a| a.view()).collect();
+    if parts.is_empty() {
+        return Array2::from_shape_vec((0, 0), Vec::new()).expect("empty");
+    }
+    let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
     ndarray::concatenate(ndarray::Axis(0), &views).expect("batches of one width")
 }
 
