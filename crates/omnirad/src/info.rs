@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use omnirad_data::dicom::{non_image_object, DicomFile};
 use omnirad_data::medmnist::{parse_file_name, verify as verify_npz};
-use omnirad_data::nifti::NiftiVolume;
+use omnirad_data::nifti::{slice_count, NiftiVolume, SliceAxis};
 use omnirad_data::source::{file_kind, read_raster, walk, FileKind};
 use rayon::prelude::*;
 use serde_json::{json, Value};
@@ -37,7 +37,8 @@ fn describe_folder(dir: &Path) -> Result<Value> {
             frames: u32,
         },
         NoImage(&'static str),
-        Nifti,
+        /// Axial slices (all time points), from the header.
+        Nifti(usize),
         Raster,
         Other,
         Unreadable(String),
@@ -66,7 +67,10 @@ fn describe_folder(dir: &Path) -> Result<Value> {
                     Err(e) => Seen::Unreadable(e.to_string()),
                 },
             },
-            Some(FileKind::Nifti) => Seen::Nifti,
+            Some(FileKind::Nifti) => match slice_count(f, SliceAxis::Axial, None) {
+                Ok(n) => Seen::Nifti(n),
+                Err(e) => Seen::Unreadable(e.to_string()),
+            },
             Some(FileKind::Raster) => Seen::Raster,
             _ => Seen::Other,
         })
@@ -76,6 +80,7 @@ fn describe_folder(dir: &Path) -> Result<Value> {
         *tally.entry(group).or_default().entry(key).or_default() += 1;
     };
     let (mut dicom, mut frames, mut unreadable) = (0, 0, BTreeMap::new());
+    let (mut volumes, mut slices) = (0, 0);
     for (f, s) in files.iter().zip(seen) {
         match s {
             Seen::Dicom {
@@ -91,7 +96,10 @@ fn describe_folder(dir: &Path) -> Result<Value> {
                 count("rows x columns", size);
             }
             Seen::NoImage(what) => count("DICOM objects without an image (skipped)", what.into()),
-            Seen::Nifti => count("other inputs", "NIfTI volumes".into()),
+            Seen::Nifti(n) => {
+                volumes += 1;
+                slices += n;
+            }
             Seen::Raster => count("other inputs", "raster images".into()),
             Seen::Other => count("other inputs", "other files (skipped)".into()),
             Seen::Unreadable(why) => {
@@ -101,6 +109,9 @@ fn describe_folder(dir: &Path) -> Result<Value> {
     }
     let mut v = json!({ "format": "folder", "files": files.len(),
         "DICOM images": { "files": dicom, "frames": frames } });
+    if volumes > 0 {
+        v["NIfTI volumes"] = json!({ "files": volumes, "axial slices": slices });
+    }
     for (group, counts) in tally {
         match group {
             "modality" | "transfer syntax" | "rows x columns" => {

@@ -340,6 +340,22 @@ fn info_on_a_folder_surveys_what_embed_would_read() {
         2
     );
     assert!(v.get("unreadable").is_none());
+    // NIfTI slices from the headers: as many as `embed` writes rows (axial, all time points).
+    let out = d.join("nii.npy");
+    let (ok, _, err) = omnirad(&[
+        "embed",
+        "--model",
+        "vit_pico",
+        "--input",
+        data("nifti-nibabel").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let emb: ndarray::Array2<f32> = ndarray_npy::read_npy(&out).unwrap();
+    let nii = &survey(&data("nifti-nibabel"))["NIfTI volumes"];
+    assert_eq!(nii["files"], 5);
+    assert_eq!(nii["axial slices"].as_u64(), Some(emb.nrows() as u64));
 
     // A damaged file is listed with its reason; a text file counts as skipped.
     let mixed = d.join("mixed");
