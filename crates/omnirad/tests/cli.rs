@@ -1461,6 +1461,36 @@ fn finetune_knn_mix_bundle_votes_with_its_training_features() {
 }
 
 #[test]
+fn finetune_knn_mix_ensemble_votes_with_each_members_bank() {
+    let d_guard = tmp("knn-ens");
+    let d = d_guard.path();
+    let ens = d.join("ens");
+    let (ok, out, err) = finetune_breast(&ens, &["--epochs", "1", "--ensemble", "2", "--knn-mix"]);
+    assert!(ok, "{err}");
+    let test: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // Each member's own features of the train split: the same shape, other values.
+    let banks: Vec<Vec<u8>> = (1..=2)
+        .map(|k| std::fs::read(ens.join(format!("members/{k}/knn.safetensors"))).unwrap())
+        .collect();
+    let features: Vec<Vec<u8>> = banks
+        .iter()
+        .map(|b| {
+            let st = safetensors::SafeTensors::deserialize(b).unwrap();
+            let f = st.tensor("features").unwrap();
+            assert_eq!(f.shape(), [546, 64]);
+            f.data().to_vec()
+        })
+        .collect();
+    assert!(features[0] != features[1], "one bank for both members");
+    // predict mixes the members' mean with their mean vote, as the run scored test.
+    let acc = predicted_acc(&ens, "test", &d.join("test.csv"));
+    assert!(
+        (acc - test["acc"].as_f64().unwrap()).abs() < 1.5 / 156.0,
+        "{acc} {test}"
+    );
+}
+
+#[test]
 fn finetune_writes_a_bundle_that_predicts() {
     let d_guard = tmp("finetune");
     let d = d_guard.path();
