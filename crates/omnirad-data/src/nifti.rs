@@ -227,11 +227,13 @@ fn canonical_axes(header: &NiftiHeader) -> ([usize; 3], [bool; 3], String) {
 /// How many slices [`NiftiVolume::slices`] cuts from `path` along `axis` (all time points, or
 /// the one of `time`), read from the header alone.
 pub fn slice_count(path: &Path, axis: SliceAxis, time: Option<usize>) -> Result<usize> {
-    let header = if is_nifti2(path) {
-        nifti2_header(path, &read_head(path, 544)?)?
+    let head = read_head(path, 544)?;
+    let header = if nifti2_magic(&head) {
+        nifti2_header(path, &head)?
     } else {
         catch_decoder_panic(path, || {
-            NiftiHeader::from_file(path).map_err(|e| DataError::format(path, "NIfTI", e))
+            NiftiHeader::from_reader(head.as_slice())
+                .map_err(|e| DataError::format(path, "NIfTI", e))
         })?
     };
     let dims = header
@@ -404,8 +406,12 @@ fn read_nifti2(path: &Path) -> Result<(NiftiHeader, InMemNiftiVolume)> {
 
 /// NIfTI-2 files start with sizeof_hdr = 540 (either byte order).
 fn is_nifti2(path: &Path) -> bool {
-    read_head(path, 4)
-        .ok()
+    read_head(path, 4).is_ok_and(|h| nifti2_magic(&h))
+}
+
+/// Whether a file's first bytes `head` are a NIfTI-2 sizeof_hdr.
+fn nifti2_magic(head: &[u8]) -> bool {
+    head.get(..4)
         .and_then(|h| <[u8; 4]>::try_from(h).ok())
         .is_some_and(|h| i32::from_le_bytes(h) == 540 || i32::from_be_bytes(h) == 540)
 }

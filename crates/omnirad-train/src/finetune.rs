@@ -344,7 +344,12 @@ impl<B: Backend> Classifier<B> {
 
     /// Class probabilities (softmax, or sigmoid per label) for `x`.
     pub fn probabilities(&self, x: Tensor<B, 4>, multi_label: bool) -> Tensor<B, 2> {
-        let z = self.forward(x, false);
+        self.head_probabilities(self.features(x, false), multi_label)
+    }
+
+    /// [`Self::probabilities`] of images whose features are `f` (eval mode: no dropout).
+    fn head_probabilities(&self, f: Tensor<B, 2>, multi_label: bool) -> Tensor<B, 2> {
+        let z = self.head.forward(f);
         if multi_label {
             sigmoid(z)
         } else {
@@ -555,7 +560,10 @@ fn per_batch<B: Backend, T: Clone>(
 
 /// [`features`] of one model-ready batch `x` [N, C, H, W].
 pub fn batch_features<B: Backend>(model: &Classifier<B>, x: Tensor<B, 4>) -> Array2<f32> {
-    let f = model.features(x, false);
+    features_to_host(model.features(x, false))
+}
+
+fn features_to_host<B: Backend>(f: Tensor<B, 2>) -> Array2<f32> {
     let [n, d] = f.dims();
     let v = f.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
     Array2::from_shape_vec((n, d), v).expect("n × features")
@@ -568,12 +576,38 @@ pub fn batch_probabilities<B: Backend>(
     multi: bool,
     tta: bool,
 ) -> Array2<f64> {
+    classify(models, x, multi, tta, false).0
+}
+
+/// [`batch_probabilities`], and each model's features of `x` (as [`batch_features`]) from the
+/// same forward pass.
+pub fn batch_probabilities_and_features<B: Backend>(
+    models: &[Classifier<B>],
+    x: Tensor<B, 4>,
+    multi: bool,
+    tta: bool,
+) -> (Array2<f64>, Vec<Array2<f32>>) {
+    classify(models, x, multi, tta, true)
+}
+
+fn classify<B: Backend>(
+    models: &[Classifier<B>],
+    x: Tensor<B, 4>,
+    multi: bool,
+    tta: bool,
+    keep_features: bool,
+) -> (Array2<f64>, Vec<Array2<f32>>) {
     let host = |p: Tensor<B, 2>| p.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
     let n = x.dims()[0];
     let mirrored = tta.then(|| x.clone().flip([3]));
     let mut sum: Vec<f64> = Vec::new();
+    let mut features = Vec::new();
     for model in models {
-        let mut p = host(model.probabilities(x.clone(), multi));
+        let f = model.features(x.clone(), false);
+        if keep_features {
+            features.push(features_to_host(f.clone()));
+        }
+        let mut p = host(model.head_probabilities(f, multi));
         if let Some(m) = &mirrored {
             let q = host(model.probabilities(m.clone(), multi));
             p.iter_mut().zip(q).for_each(|(a, b)| *a = 0.5 * (*a + b));
@@ -583,8 +617,9 @@ pub fn batch_probabilities<B: Backend>(
     }
     let classes = sum.len() / n.max(1);
     let k = models.len() as f64;
-    Array2::from_shape_vec((n, classes), sum.into_iter().map(|s| s / k).collect())
-        .expect("n × classes")
+    let p = Array2::from_shape_vec((n, classes), sum.into_iter().map(|s| s / k).collect())
+        .expect("n × classes");
+    (p, features)
 }
 
 /// The best epoch of a phase so far: its val metrics and model.

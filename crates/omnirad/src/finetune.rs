@@ -34,8 +34,9 @@ use omnirad_model::{
     f32_tensors, load_model_dir, save_model_dir, write_f32_safetensors, ModelConfig, Vit,
 };
 use omnirad_train::finetune::{
-    batch_features, batch_probabilities, features, finetune, load_state, predict, save_state,
-    ClassWeight, Classifier, FinetuneConfig, FinetuneResult, LabelledImages, Selection, Views,
+    batch_probabilities, batch_probabilities_and_features, features, finetune, load_state, predict,
+    save_state, ClassWeight, Classifier, FinetuneConfig, FinetuneResult, LabelledImages, Selection,
+    Views,
 };
 use omnirad_train::knn_mix::{self, choose_lambda, votes, KnnBank, KnnMix};
 use serde::{Deserialize, Serialize};
@@ -1072,13 +1073,10 @@ impl<B: Backend> Predictor<B> {
     pub fn probabilities(&self, x: Tensor<B, 4>) -> Array2<f64> {
         let b = &self.bundle;
         let multi = b.task == "multilabel";
-        let p = batch_probabilities(&self.models, x.clone(), multi, b.finetune.tta);
-        let Some(mix) = &b.knn else { return p };
-        let f: Vec<Array2<f32>> = self
-            .models
-            .iter()
-            .map(|m| batch_features(m, x.clone()))
-            .collect();
+        let Some(mix) = &b.knn else {
+            return batch_probabilities(&self.models, x, multi, b.finetune.tta);
+        };
+        let (p, f) = batch_probabilities_and_features(&self.models, x, multi, b.finetune.tta);
         let v = votes(&self.banks, &f, b.classes, multi, mix.knn());
         knn_mix::mix(p.view(), v.view(), mix.lambda)
     }

@@ -1343,23 +1343,9 @@ fn npz_labels(file: &Path, split: &str) -> Vec<i64> {
 }
 
 /// `predict --split SPLIT` of `bundle` on BreastMNIST: its ACC against the split's labels.
-fn predicted_acc(bundle: &Path, split: &str, csv: &Path) -> f64 {
-    let file = data("medmnist/breastmnist.npz");
-    let (ok, _, err) = omnirad(&[
-        "predict",
-        "--model",
-        bundle.to_str().unwrap(),
-        "--input",
-        file.to_str().unwrap(),
-        "--split",
-        split,
-        "--out",
-        csv.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
-    let y = npz_labels(&file, split);
-    let text = std::fs::read_to_string(csv).unwrap();
-    let rows: Vec<Vec<f64>> = text.lines().skip(1).map(probabilities).collect();
+fn predicted_acc(bundle: &Path, split: &str) -> f64 {
+    let y = npz_labels(&data("medmnist/breastmnist.npz"), split);
+    let rows = predict_breast(bundle, split);
     assert_eq!(rows.len(), y.len());
     let right = rows
         .iter()
@@ -1374,18 +1360,7 @@ fn finetune_knn_mix_bundle_votes_with_its_training_features() {
     let d_guard = tmp("knn-mix");
     let d = d_guard.path();
     let bundle = d.join("bundle");
-    let (ok, out, err) = omnirad(&[
-        "finetune",
-        "--data",
-        data("medmnist/breastmnist.npz").to_str().unwrap(),
-        "--model",
-        "vit_pico",
-        "--out",
-        bundle.to_str().unwrap(),
-        "--epochs",
-        "2",
-        "--knn-mix",
-    ]);
+    let (ok, out, err) = finetune_breast(&bundle, &["--epochs", "2", "--knn-mix"]);
     assert!(ok, "{err}");
     assert!(err.contains("k-NN mix λ"), "{err}");
     let test: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -1420,7 +1395,7 @@ fn finetune_knn_mix_bundle_votes_with_its_training_features() {
         (&b["knn"], &2.into())
     );
     // predict mixes as the run scored test.
-    let acc = predicted_acc(&bundle, "test", &d.join("test.csv"));
+    let acc = predicted_acc(&bundle, "test");
     assert!(
         (acc - test["acc"].as_f64().unwrap()).abs() < 1.5 / 156.0,
         "{acc} {test}"
@@ -1430,7 +1405,7 @@ fn finetune_knn_mix_bundle_votes_with_its_training_features() {
     b["knn"]["lambda"] = 1.0.into();
     b["knn"]["k"] = 1.into();
     std::fs::write(&path, b.to_string()).unwrap();
-    let acc = predicted_acc(&bundle, "train", &d.join("train.csv"));
+    let acc = predicted_acc(&bundle, "train");
     assert!(acc > 0.97, "the vote alone on train: ACC {acc}");
     // A mix that cannot vote, or a bank that does not fit, is an error naming the file.
     let predict_ct = || {
@@ -1483,7 +1458,7 @@ fn finetune_knn_mix_ensemble_votes_with_each_members_bank() {
         .collect();
     assert!(features[0] != features[1], "one bank for both members");
     // predict mixes the members' mean with their mean vote, as the run scored test.
-    let acc = predicted_acc(&ens, "test", &d.join("test.csv"));
+    let acc = predicted_acc(&ens, "test");
     assert!(
         (acc - test["acc"].as_f64().unwrap()).abs() < 1.5 / 156.0,
         "{acc} {test}"
@@ -2417,6 +2392,11 @@ fn finetune_breast(out: &Path, args: &[&str]) -> (bool, String, String) {
 /// `omnirad predict` of a bundle on BreastMNIST's test split: one row of class probabilities
 /// per image.
 fn predict_breast_test(model: &Path) -> Vec<Vec<f64>> {
+    predict_breast(model, "test")
+}
+
+/// `omnirad predict` of a bundle on one BreastMNIST split.
+fn predict_breast(model: &Path, split: &str) -> Vec<Vec<f64>> {
     let (ok, out, err) = omnirad(&[
         "predict",
         "--model",
@@ -2424,7 +2404,7 @@ fn predict_breast_test(model: &Path) -> Vec<Vec<f64>> {
         "--input",
         data("medmnist/breastmnist.npz").to_str().unwrap(),
         "--split",
-        "test",
+        split,
     ]);
     assert!(ok, "{err}");
     out.lines().skip(1).map(probabilities).collect()
