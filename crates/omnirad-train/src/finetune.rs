@@ -518,9 +518,32 @@ pub fn predict<B: Backend>(
     tta: bool,
     dev: &B::Device,
 ) -> Array2<f64> {
-    per_batch(images, pre, batch, dev, |x| {
+    stack(&per_batch(images, pre, batch, dev, |x| {
         batch_probabilities(models, x, multi, tta)
-    })
+    }))
+}
+
+/// [`predict`], and each model's [`features`] of `images`, from one forward pass per batch.
+pub fn predict_and_features<B: Backend>(
+    models: &[Classifier<B>],
+    images: &dyn ImageSource,
+    pre: &Preprocess,
+    multi: bool,
+    batch: usize,
+    tta: bool,
+    dev: &B::Device,
+) -> (Array2<f64>, Vec<Array2<f32>>) {
+    let parts = per_batch(images, pre, batch, dev, |x| {
+        batch_probabilities_and_features(models, x, multi, tta)
+    });
+    let p: Vec<_> = parts.iter().map(|(p, _)| p.clone()).collect();
+    let f = (0..models.len())
+        .map(|m| {
+            let f: Vec<_> = parts.iter().map(|(_, f)| f[m].clone()).collect();
+            stack(&f)
+        })
+        .collect();
+    (stack(&p), f)
 }
 
 /// The encoder features [N, D] `model` classifies `images` by (its pooling, eval mode).
@@ -531,26 +554,34 @@ pub fn features<B: Backend>(
     batch: usize,
     dev: &B::Device,
 ) -> Array2<f32> {
-    per_batch(images, pre, batch, dev, |x| batch_features(model, x))
+    stack(&per_batch(images, pre, batch, dev, |x| {
+        batch_features(model, x)
+    }))
 }
 
-/// `f` of each model-ready batch of `images` (decoded in parallel), its rows stacked in order.
-fn per_batch<B: Backend, T: Clone>(
+/// `f` of each model-ready batch of `images` (decoded in parallel), in order.
+fn per_batch<B: Backend, T>(
     images: &dyn ImageSource,
     pre: &Preprocess,
     batch: usize,
     dev: &B::Device,
-    mut f: impl FnMut(Tensor<B, 4>) -> Array2<T>,
-) -> Array2<T> {
+    mut f: impl FnMut(Tensor<B, 4>) -> T,
+) -> Vec<T> {
     let n = images.len();
-    let mut parts = Vec::new();
-    for lo in (0..n).step_by(batch.max(1)) {
-        let arrays: Vec<_> = (lo..n.min(lo + batch.max(1)))
-            .into_par_iter()
-            .map(|i| pre.apply(&images.image(i)))
-            .collect();
-        parts.push(f(batch_tensor::<B>(arrays, dev)));
-    }
+    (0..n)
+        .step_by(batch.max(1))
+        .map(|lo| {
+            let arrays: Vec<_> = (lo..n.min(lo + batch.max(1)))
+                .into_par_iter()
+                .map(|i| pre.apply(&images.image(i)))
+                .collect();
+            f(batch_tensor::<B>(arrays, dev))
+        })
+        .collect()
+}
+
+/// Per-batch rows stacked in order ([0, 0] when there are none).
+fn stack<T: Clone>(parts: &[Array2<T>]) -> Array2<T> {
     if parts.is_empty() {
         return Array2::from_shape_vec((0, 0), Vec::new()).expect("empty");
     }

@@ -35,8 +35,8 @@ use omnirad_model::{
 };
 use omnirad_train::finetune::{
     batch_probabilities, batch_probabilities_and_features, features, finetune, load_state, predict,
-    save_state, ClassWeight, Classifier, FinetuneConfig, FinetuneResult, LabelledImages, Selection,
-    Views,
+    predict_and_features, save_state, ClassWeight, Classifier, FinetuneConfig, FinetuneResult,
+    LabelledImages, Selection, Views,
 };
 use omnirad_train::knn_mix::{self, choose_lambda, votes, KnnBank, KnnMix};
 use serde::{Deserialize, Serialize};
@@ -579,14 +579,13 @@ pub fn run_on_npz<B: Backend>(
             })
             .collect();
         let knn = KnnConfig::default();
-        let vote = |rows: &Rows| {
-            let f: Vec<_> = models
-                .iter()
-                .map(|m| features(m, &rows.0, data.pre, ft.batch, dev))
-                .collect();
-            votes(&banks, &f, classes, multi, knn)
+        // One forward per split gives the head's probabilities and the features the vote needs.
+        let head_and_vote = |rows: &Rows| {
+            let (p, f) =
+                predict_and_features(&models, &rows.0, data.pre, multi, ft.batch, ft.tta, dev);
+            (p, votes(&banks, &f, classes, multi, knn))
         };
-        let (head_val, vote_val) = (head(&va), vote(&va));
+        let (head_val, vote_val) = head_and_vote(&va);
         let (lambda, val) = choose_lambda(
             head_val.view(),
             vote_val.view(),
@@ -612,7 +611,7 @@ pub fn run_on_npz<B: Backend>(
             alone.auc,
             alone.macro_f1
         );
-        let head_test = head(&te);
+        let (head_test, vote_test) = head_and_vote(&te);
         let alone = evaluate(task, te.1.view(), head_test.view());
         eprintln!(
             "{}: the head alone on {}: ACC {:.3} AUC {:.3} macro-F1 {:.3}",
@@ -622,7 +621,7 @@ pub fn run_on_npz<B: Backend>(
             alone.auc,
             alone.macro_f1
         );
-        let s = knn_mix::mix(head_test.view(), vote(&te).view(), lambda);
+        let s = knn_mix::mix(head_test.view(), vote_test.view(), lambda);
         (
             val,
             evaluate(task, te.1.view(), s.view()),
