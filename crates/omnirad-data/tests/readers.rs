@@ -819,6 +819,37 @@ fn item_counts_from_headers_match_the_images_loaded() {
     };
     let e = item.count(&ReadOptions::default()).unwrap_err().to_string();
     assert!(e.contains("cut.dcm"), "{e}");
+    // So is a DICOM header whose Number of Frames the file cannot hold, or that is no number
+    // (the 10-frame MR rewritten; the same file with 10 counts 10).
+    for (frames, want) in [
+        ("10", Ok(10)),
+        ("1000000", Err("Number of Frames (0028,0008) is 1000000 in a file of")),
+        ("ten", Err("Number of Frames (0028,0008):")),
+    ] {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        let mut obj = dicom_object::open_file(data("dicom-pydicom/emri_small.dcm")).unwrap();
+        obj.put(DataElement::new(
+            dicom_dictionary_std::tags::NUMBER_OF_FRAMES,
+            VR::IS,
+            PrimitiveValue::from(frames),
+        ));
+        let p = d.path().join(format!("frames-{frames}.dcm"));
+        obj.write_to_file(&p).unwrap();
+        let item = omnirad_data::Item::File {
+            path: p.clone(),
+            labels: vec![],
+            modality: None,
+            anatomy: None,
+        };
+        match (item.count(&ReadOptions::default()), want) {
+            (Ok(n), Ok(w)) => assert_eq!(n, w),
+            (Err(e), Err(w)) => {
+                let e = e.to_string();
+                assert!(e.contains(&format!("frames-{frames}.dcm")) && e.contains(w), "{e}");
+            }
+            (got, _) => panic!("Number of Frames {frames}: {got:?}"),
+        }
+    }
     // So is a header that claims more slices than the file holds (anatomical.nii, 33 × 41 × 25
     // int16, with 30 000 slices).
     let lying = d.path().join("lying.nii");
