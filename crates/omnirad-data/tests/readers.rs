@@ -823,7 +823,10 @@ fn item_counts_from_headers_match_the_images_loaded() {
     // (the 10-frame MR rewritten; the same file with 10 counts 10).
     for (frames, want) in [
         ("10", Ok(10)),
-        ("1000000", Err("Number of Frames (0028,0008) is 1000000 in a file of")),
+        (
+            "1000000",
+            Err("Number of Frames (0028,0008) is 1000000 in a file of"),
+        ),
         ("ten", Err("Number of Frames (0028,0008):")),
     ] {
         use dicom_core::{DataElement, PrimitiveValue, VR};
@@ -845,7 +848,10 @@ fn item_counts_from_headers_match_the_images_loaded() {
             (Ok(n), Ok(w)) => assert_eq!(n, w),
             (Err(e), Err(w)) => {
                 let e = e.to_string();
-                assert!(e.contains(&format!("frames-{frames}.dcm")) && e.contains(w), "{e}");
+                assert!(
+                    e.contains(&format!("frames-{frames}.dcm")) && e.contains(w),
+                    "{e}"
+                );
             }
             (got, _) => panic!("Number of Frames {frames}: {got:?}"),
         }

@@ -1466,6 +1466,96 @@ fn finetune_knn_mix_ensemble_votes_with_each_members_bank() {
 }
 
 #[test]
+fn knn_mix_votes_per_label_in_soups_and_folds() {
+    // ChestMNIST's layout (14 labels, multi-label): a soup of two fine-tunes keeps one bank of
+    // the train split's 14-label rows, and predict mixes per label as the run scored test.
+    let d_guard = tmp("knn-multi");
+    let d = d_guard.path();
+    let npz = d.join("chestmnist.npz");
+    write_medmnist_like(&npz, false, 14, true);
+    let bundle = d.join("soup");
+    let (ok, out, err) = omnirad(&[
+        "finetune",
+        "--data",
+        npz.to_str().unwrap(),
+        "--model",
+        "vit_pico",
+        "--out",
+        bundle.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--soup",
+        "2",
+        "--knn-mix",
+    ]);
+    assert!(ok && err.contains("k-NN mix λ"), "{err}");
+    let test: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let st = std::fs::read(bundle.join("knn.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    let labels: Vec<i64> = st
+        .tensor("labels")
+        .unwrap()
+        .data()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as i64)
+        .collect();
+    assert_eq!(labels, npz_labels(&npz, "train"));
+    assert_eq!(st.tensor("features").unwrap().shape(), [42, 64]);
+    let (ok, out, err) = omnirad(&[
+        "predict",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--input",
+        npz.to_str().unwrap(),
+        "--split",
+        "test",
+    ]);
+    assert!(ok, "{err}");
+    let rows: Vec<Vec<f64>> = out.lines().skip(1).map(probabilities).collect();
+    let y = npz_labels(&npz, "test");
+    assert_eq!((rows.len(), y.len()), (14, 14 * 14));
+    // MedMNIST's multi-label ACC: per-label accuracy at 0.5, averaged over labels.
+    let right = rows
+        .iter()
+        .flatten()
+        .zip(&y)
+        .filter(|(&p, &t)| (p > 0.5) == (t == 1))
+        .count();
+    let acc = right as f64 / y.len() as f64;
+    assert!(
+        (acc - test["acc"].as_f64().unwrap()).abs() < 1.5 / 196.0,
+        "{acc} {test}"
+    );
+    // Cross-validated, each fold's mix is chosen on val and scored on its held-out fold.
+    let (ok, stdout, err) = omnirad(&[
+        "bench",
+        "medmnist",
+        "--data",
+        d.to_str().unwrap(),
+        "--datasets",
+        "chestmnist",
+        "--model",
+        "vit_pico",
+        "--mode",
+        "finetune",
+        "--epochs",
+        "1",
+        "--eval-split",
+        "train",
+        "--folds",
+        "2",
+        "--knn-mix",
+    ]);
+    assert!(ok && stdout.contains("| chestmnist |"), "{err}");
+    assert_eq!(err.matches("chosen by val macro-F1").count(), 2, "{err}");
+    assert_eq!(
+        err.matches("the head alone on held-out fold").count(),
+        2,
+        "{err}"
+    );
+}
+
+#[test]
 fn finetune_writes_a_bundle_that_predicts() {
     let d_guard = tmp("finetune");
     let d = d_guard.path();
