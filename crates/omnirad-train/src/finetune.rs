@@ -42,7 +42,7 @@ use rand_distr::{Beta, Distribution};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{AdamW, StepSettings};
+use crate::optim::{AdamW, Anchor, StepSettings};
 use crate::params;
 use crate::pretrain::param_group;
 use crate::schedule::Cosine;
@@ -209,6 +209,10 @@ pub struct FinetuneConfig {
     /// λ chosen on val ([`crate::knn_mix`]).
     #[serde(default)]
     pub knn_mix: bool,
+    /// L2-SP ([`crate::optim::Anchor`]): the encoder's weights decay toward their pretrained
+    /// values with this strength, in place of `weight_decay` toward zero. None = off.
+    #[serde(default)]
+    pub l2sp: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -264,6 +268,7 @@ impl Default for FinetuneConfig {
             tta: false,
             sam: None,
             knn_mix: false,
+            l2sp: None,
         }
     }
 }
@@ -790,6 +795,15 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
         Some(s) => s.history.len() - s.epoch,
         None => start.earlier.len(),
     };
+    // The weights this phase starts from (the pretrained encoder, also when resuming).
+    let anchor = cfg.l2sp.map(|strength| Anchor {
+        strength,
+        values: params::collect(&model)
+            .into_iter()
+            .filter(|p| p.path.starts_with("backbone."))
+            .map(|p| (p.path, p.value))
+            .collect(),
+    });
     let (mut model, done, mut step, mut opt, mut best, mut history, resumed_average) =
         match start.resume {
             Some(s) => (
@@ -805,6 +819,7 @@ fn finetune_with<B: Backend, C: CheckpointStrategy>(
                 (model, 0, 0, opt, None, start.earlier, None)
             }
         };
+    opt.anchor = anchor;
     model.backbone = model.backbone.with_precision(cfg.precision);
     for b in &mut model.backbone.blocks {
         b.drop_path = if cfg.frozen { 0.0 } else { cfg.drop_path };

@@ -8,8 +8,10 @@
 //! ```text
 //! g ← g · min(1, c / (‖g‖_all + 1e-6))
 //! m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;  m̂ = m/(1−β₁ᵗ);  v̂ = v/(1−β₂ᵗ)
-//! θ ← θ·(1 − η·λ) − η·m̂/(√v̂ + ε)          η = lr·lr_mult,  λ = wd·wd_mult
+//! θ ← θ − η·λ·(θ − θ₀) − η·m̂/(√v̂ + ε)     η = lr·lr_mult,  λ = wd·wd_mult
 //! ```
+//! θ₀ = 0 (decoupled weight decay) except for the parameters an [`Anchor`] names: those decay
+//! toward their anchored values with the anchor's strength in place of wd (L2-SP).
 
 use std::collections::HashMap;
 
@@ -36,6 +38,19 @@ pub struct AdamW<B: Backend> {
     pub step: u64,
     /// First and second moments, flattened, by parameter path.
     pub state: HashMap<String, (Tensor<B, 1>, Tensor<B, 1>)>,
+    /// Set by the trainer at every start (it is not part of the saved state).
+    pub anchor: Option<Anchor<B>>,
+}
+
+/// L2-SP (Li et al. 2018, "Explicit Inductive Bias for Transfer Learning"): the named
+/// parameters decay toward these values, the pretrained weights, instead of toward zero, so
+/// fine-tuning on few images stays near what pretraining learned.
+#[derive(Debug, Clone)]
+pub struct Anchor<B: Backend> {
+    /// Replaces the weight decay of the anchored parameters (still × their group's wd_mult).
+    pub strength: f64,
+    /// Flattened values by parameter path.
+    pub values: HashMap<String, Tensor<B, 1>>,
 }
 
 pub struct StepSettings<'a> {
@@ -54,6 +69,7 @@ impl<B: Backend> AdamW<B> {
             eps,
             step: 0,
             state: HashMap::new(),
+            anchor: None,
         }
     }
 
@@ -139,14 +155,16 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, '_, AB::InnerBackend> 
         };
         let path = self.path.join(".");
         let group = (self.settings.group)(&path);
-        let (lr, wd) = (
-            self.settings.lr * group.lr_mult,
-            self.settings.weight_decay * group.wd_mult,
-        );
+        let opt = &mut *self.opt;
+        let anchor = opt
+            .anchor
+            .as_ref()
+            .and_then(|a| Some((a.strength, a.values.get(&path)?.clone())));
+        let decay = anchor.as_ref().map_or(self.settings.weight_decay, |a| a.0);
+        let (lr, wd) = (self.settings.lr * group.lr_mult, decay * group.wd_mult);
         let require_grad = tensor.is_require_grad();
         let shape = tensor.dims();
         let n = shape.iter().product::<usize>();
-        let opt = &mut *self.opt;
         let t = opt.step as i32;
         let c = Coeffs {
             scale: self.scale,
@@ -159,7 +177,11 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, '_, AB::InnerBackend> 
             eps: opt.eps,
         };
         let state = opt.state.remove(&path);
-        let (p, m, v) = update(tensor.inner().reshape([n]), grad.reshape([n]), state, &c);
+        let (mut p, m, v) = update(tensor.inner().reshape([n]), grad.reshape([n]), state, &c);
+        if let Some((_, theta0)) = anchor.filter(|_| lr * wd != 0.0) {
+            // θ·(1 − η·λ) above, plus η·λ·θ₀: θ − η·λ·(θ − θ₀).
+            p = p + theta0 * (lr * wd);
+        }
         opt.state.insert(path, (m, v));
         let mut out = Tensor::from_inner(p.reshape(shape));
         if require_grad {
@@ -413,5 +435,52 @@ mod tests {
         assert!(host(p.clone() - values::<Cpu>(n, 1))
             .iter()
             .any(|d| d.abs() > 1e-3));
+    }
+
+    /// With a zero gradient the update is the decay alone: an anchored parameter moves η·λ_a of
+    /// the way to its anchor, any other shrinks by η·λ toward zero.
+    #[test]
+    fn anchored_parameters_decay_toward_their_anchor() {
+        type Ad = Autodiff<Cpu>;
+        let dev = Default::default();
+        let linear = burn::nn::LinearConfig::new(3, 2).init::<Ad>(&dev);
+        let (w, b) = (linear.weight.val(), linear.bias.as_ref().unwrap().val());
+        let w0 = values::<Cpu>(6, 7);
+        let x = Tensor::<Ad, 2>::ones([1, 3], &dev);
+        let loss = (linear.forward(x) * 0.0).sum();
+        let grads = GradientsParams::from_grads(loss.backward(), &linear);
+        let mut opt = AdamW::<Cpu>::new(0.9, 0.999, 1e-8);
+        opt.anchor = Some(Anchor {
+            strength: 2.0,
+            values: HashMap::from([("weight".to_string(), w0.clone())]),
+        });
+        let group = |_: &str| ParamGroup {
+            lr_mult: 1.0,
+            wd_mult: 1.0,
+        };
+        let s = StepSettings {
+            lr: 0.1,
+            weight_decay: 0.05,
+            clip: None,
+            group: &group,
+        };
+        let (stepped, _) = opt.step(linear, grads, &s);
+        let (w, w0, b) = (host(w.inner().reshape([6])), host(w0), host(b.inner()));
+        let (w1, b1) = (
+            host(stepped.weight.val().inner().reshape([6])),
+            host(stepped.bias.unwrap().val().inner()),
+        );
+        for i in 0..6 {
+            let want = w[i] - 0.1 * 2.0 * (w[i] - w0[i]);
+            assert!(
+                (w1[i] - want).abs() < 1e-6,
+                "weight {i}: {} vs {want}",
+                w1[i]
+            );
+        }
+        for i in 0..2 {
+            let want = b[i] * (1.0 - 0.1 * 0.05);
+            assert!((b1[i] - want).abs() < 1e-6, "bias {i}: {} vs {want}", b1[i]);
+        }
     }
 }

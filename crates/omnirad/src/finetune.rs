@@ -142,6 +142,10 @@ pub struct TuneArgs {
     /// bundle keeps the training features, which `predict` votes with.
     #[arg(long)]
     pub knn_mix: bool,
+    /// L2-SP with strength λ (e.g. 1): the encoder's weights decay toward their pretrained
+    /// values instead of toward zero (decoupled, as AdamW's weight decay; Li et al. 2018).
+    #[arg(long, value_parser = parse_positive)]
+    pub l2sp: Option<f64>,
 }
 
 impl TuneArgs {
@@ -156,10 +160,21 @@ impl TuneArgs {
         cfg.tta = self.tta;
         cfg.sam = self.sam;
         cfg.knn_mix = self.knn_mix;
+        cfg.l2sp = self.l2sp;
     }
 
     pub fn members(&self) -> Members {
         Members::new(self.soup, self.ensemble)
+    }
+
+    /// `--l2sp` acts on the encoder's weights: an error where `frozen` says why they stay put.
+    pub fn check_l2sp(&self, frozen: Option<&str>) -> Result<()> {
+        match (self.l2sp, frozen) {
+            (Some(_), Some(why)) => bail!(
+                "--l2sp pulls the fine-tuned encoder toward its pretrained weights, but {why}"
+            ),
+            _ => Ok(()),
+        }
     }
 
     /// The first of these flags that is set, for commands that train no encoder.
@@ -176,6 +191,7 @@ impl TuneArgs {
             ("--soup", self.soup > 1),
             ("--ensemble", self.ensemble > 1),
             ("--knn-mix", self.knn_mix),
+            ("--l2sp", self.l2sp.is_some()),
         ]
         .into_iter()
         .find_map(|(flag, set)| set.then_some(flag))
@@ -814,6 +830,11 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
             "--lora-rank adapts the encoder; `probe` keeps it frozen (use `finetune --lora-rank`)"
         );
     }
+    a.train.tune.check_l2sp(match (frozen, ft.lora.is_some()) {
+        (true, _) => Some("`probe` keeps the encoder frozen"),
+        (_, true) => Some("LoRA keeps the encoder frozen and trains adapters"),
+        _ => None,
+    })?;
     crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
         let cfg = crate::device::with_input_size(cfg, a.input_size)?;

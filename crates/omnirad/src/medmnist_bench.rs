@@ -249,6 +249,9 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
             );
         }
     }
+    a.tune.check_l2sp(
+        (a.mode == Mode::Lora).then_some("LoRA keeps the encoder frozen and trains adapters"),
+    )?;
     let mut plan = Vec::new();
     for name in &a.datasets {
         let info = MedMnistInfo::get(name).with_context(|| {
@@ -628,6 +631,9 @@ fn schedule(a: &MedMnistArgs) -> String {
     }
     if let Some(rho) = a.tune.sam {
         s += &format!(", SAM ρ {rho}");
+    }
+    if let Some(l) = a.tune.l2sp {
+        s += &format!(", L2-SP λ {l}");
     }
     match a.tune.members() {
         Members::One => {}

@@ -824,6 +824,8 @@ fn bench_medmnist_knn_table_and_bad_names() {
             "{err}"
         );
     }
+    let (ok, _, err) = bench(&["--datasets", "breastmnist", "--mode", "lora", "--l2sp", "1"]);
+    assert!(!ok && err.contains("--l2sp pulls"), "{err}");
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--eval-split", "train"]);
     assert!(!ok && err.contains("add --folds K"), "{err}");
     let (ok, _, err) = bench(&["--datasets", "breastmnist", "--folds", "5"]);
@@ -1572,6 +1574,8 @@ fn finetune_writes_a_bundle_that_predicts() {
         "2",
         "--select",
         "auc",
+        "--l2sp",
+        "5",
     ]);
     assert!(ok, "{err}");
     let test: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -1582,7 +1586,10 @@ fn finetune_writes_a_bundle_that_predicts() {
         serde_json::from_str(&std::fs::read_to_string(bundle.join("bundle.json")).unwrap())
             .unwrap();
     assert_eq!(b["classes"], 2);
-    assert_eq!(b["finetune"]["select"], "auc");
+    assert_eq!(
+        (&b["finetune"]["select"], &b["finetune"]["l2sp"]),
+        (&"auc".into(), &5.0.into())
+    );
     // `info` on the bundle: what it was scored, its encoder checked against its config.
     let v = info_json(&bundle);
     assert_eq!(v["format"], "classification bundle");
@@ -1839,6 +1846,26 @@ fn probe_trains_the_head_and_leaves_the_encoder_as_it_was() {
         "4",
     ]);
     assert!(!ok && err.contains("frozen"), "{err}");
+    // L2-SP acts on the encoder's weights, which neither a probe nor LoRA trains.
+    let (npz, out) = (data("medmnist/breastmnist.npz"), d.join("l2sp"));
+    for (cmd, extra) in [("probe", &[][..]), ("finetune", &["--lora-rank", "4"])] {
+        let fixed = [
+            cmd,
+            "--data",
+            npz.to_str().unwrap(),
+            "--model",
+            "vit_pico",
+            "--out",
+            out.to_str().unwrap(),
+            "--l2sp",
+            "1",
+        ];
+        let (ok, _, err) = omnirad(&[&fixed[..], extra].concat());
+        assert!(
+            !ok && err.contains("--l2sp pulls") && err.contains("keeps the encoder frozen"),
+            "{cmd}: {err}"
+        );
+    }
 }
 
 #[test]
