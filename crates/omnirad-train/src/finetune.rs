@@ -541,14 +541,18 @@ pub fn predict_and_features<B: Backend>(
     let parts = per_batch(images, pre, batch, dev, |x| {
         batch_probabilities_and_features(models, x, multi, tta)
     });
-    let p: Vec<_> = parts.iter().map(|(p, _)| p.clone()).collect();
-    let f = (0..models.len())
-        .map(|m| {
-            let f: Vec<_> = parts.iter().map(|(_, f)| f[m].clone()).collect();
-            stack(&f)
-        })
-        .collect();
-    (stack(&p), f)
+    let mut probabilities = Vec::new();
+    let mut features = vec![Vec::new(); models.len()];
+    for (p, per_model) in parts {
+        probabilities.push(p);
+        for (f, part) in features.iter_mut().zip(per_model) {
+            f.push(part);
+        }
+    }
+    (
+        stack(&probabilities),
+        features.iter().map(|f| stack(f)).collect(),
+    )
 }
 
 /// The encoder features [N, D] `model` classifies `images` by (its pooling, eval mode).

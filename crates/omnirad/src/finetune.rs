@@ -142,8 +142,9 @@ pub struct TuneArgs {
     /// bundle keeps the training features, which `predict` votes with.
     #[arg(long)]
     pub knn_mix: bool,
-    /// L2-SP with strength λ (e.g. 1): the encoder's weights decay toward their pretrained
-    /// values instead of toward zero (decoupled, as AdamW's weight decay; Li et al. 2018).
+    /// L2-SP with strength λ: the encoder's weights decay toward their pretrained values
+    /// instead of toward zero (decoupled, as AdamW's weight decay; Li et al. 2018). A weight's
+    /// drift levels off near 1/λ, so λ 10 lets each move about 0.1.
     #[arg(long, value_parser = parse_positive)]
     pub l2sp: Option<f64>,
 }
