@@ -1357,6 +1357,20 @@ fn predicted_acc(bundle: &Path, split: &str) -> f64 {
     right as f64 / y.len() as f64
 }
 
+/// A bundle's k-NN bank: the shape of its features, its labels row by row.
+fn knn_bank(bundle: &Path) -> (Vec<usize>, Vec<i64>) {
+    let bytes = std::fs::read(bundle.join("knn.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let labels = st
+        .tensor("labels")
+        .unwrap()
+        .data()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as i64)
+        .collect();
+    (st.tensor("features").unwrap().shape().to_vec(), labels)
+}
+
 #[test]
 fn finetune_knn_mix_bundle_votes_with_its_training_features() {
     let d_guard = tmp("knn-mix");
@@ -1376,17 +1390,8 @@ fn finetune_knn_mix_bundle_votes_with_its_training_features() {
         (&20.into(), &true.into())
     );
     // The bank: vit_pico's 64-d class token for each of the 546 training images, their labels.
-    let bank = std::fs::read(bundle.join("knn.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bank).unwrap();
-    assert_eq!(st.tensor("features").unwrap().shape(), [546, 64]);
-    assert_eq!(st.tensor("labels").unwrap().shape(), [546, 1]);
-    let labels: Vec<i64> = st
-        .tensor("labels")
-        .unwrap()
-        .data()
-        .chunks(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as i64)
-        .collect();
+    let (features, labels) = knn_bank(&bundle);
+    assert_eq!((features, labels.len()), (vec![546, 64], 546));
     assert_eq!(
         labels,
         npz_labels(&data("medmnist/breastmnist.npz"), "train")
@@ -1492,17 +1497,9 @@ fn knn_mix_votes_per_label_in_soups_and_folds() {
     ]);
     assert!(ok && err.contains("k-NN mix λ"), "{err}");
     let test: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let st = std::fs::read(bundle.join("knn.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
-    let labels: Vec<i64> = st
-        .tensor("labels")
-        .unwrap()
-        .data()
-        .chunks(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as i64)
-        .collect();
+    let (features, labels) = knn_bank(&bundle);
+    assert_eq!(features, [42, 64]);
     assert_eq!(labels, npz_labels(&npz, "train"));
-    assert_eq!(st.tensor("features").unwrap().shape(), [42, 64]);
     let (ok, out, err) = omnirad(&[
         "predict",
         "--model",
