@@ -168,14 +168,14 @@ impl TuneArgs {
         Members::new(self.soup, self.ensemble)
     }
 
-    /// `--l2sp` acts on the encoder's weights: an error where `frozen` says why they stay put.
-    pub fn check_l2sp(&self, frozen: Option<&str>) -> Result<()> {
-        match (self.l2sp, frozen) {
-            (Some(_), Some(why)) => bail!(
-                "--l2sp pulls the fine-tuned encoder toward its pretrained weights, but {why}"
-            ),
-            _ => Ok(()),
-        }
+    /// `--l2sp` acts on the encoder's weights: an error for a probe or LoRA, which keep them.
+    pub fn check_l2sp(&self, probe: bool, lora: bool) -> Result<()> {
+        let why = match (self.l2sp.is_some(), probe, lora) {
+            (true, true, _) => "`probe` keeps the encoder frozen",
+            (true, _, true) => "LoRA keeps the encoder frozen and trains adapters",
+            _ => return Ok(()),
+        };
+        bail!("--l2sp pulls the fine-tuned encoder toward its pretrained weights, but {why}")
     }
 
     /// The first of these flags that is set, for commands that train no encoder.
@@ -831,11 +831,7 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
             "--lora-rank adapts the encoder; `probe` keeps it frozen (use `finetune --lora-rank`)"
         );
     }
-    a.train.tune.check_l2sp(match (frozen, ft.lora.is_some()) {
-        (true, _) => Some("`probe` keeps the encoder frozen"),
-        (_, true) => Some("LoRA keeps the encoder frozen and trains adapters"),
-        _ => None,
-    })?;
+    a.train.tune.check_l2sp(frozen, ft.lora.is_some())?;
     crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
         let cfg = crate::device::with_input_size(cfg, a.input_size)?;

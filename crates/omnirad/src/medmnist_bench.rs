@@ -249,9 +249,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
             );
         }
     }
-    a.tune.check_l2sp(
-        (a.mode == Mode::Lora).then_some("LoRA keeps the encoder frozen and trains adapters"),
-    )?;
+    a.tune.check_l2sp(false, a.mode == Mode::Lora)?;
     let mut plan = Vec::new();
     for name in &a.datasets {
         let info = MedMnistInfo::get(name).with_context(|| {
