@@ -15,8 +15,10 @@ use crate::ReadArgs;
 pub enum BenchCmd {
     /// Decode + preprocess images/s over every file under --input (all cores, rayon).
     Decode {
+        /// File, folder, CSV manifest or npz.
         #[arg(long)]
         input: PathBuf,
+        /// Side of the preprocessed image.
         #[arg(long, default_value_t = 224, value_parser = crate::at_least_one)]
         size: usize,
         /// Passes over the input (the first also warms the page cache).

@@ -24,13 +24,16 @@ pub struct DemoArgs {
     /// Model directory or preset (random init).
     #[arg(long, default_value = "vit_pico")]
     pub model: String,
+    /// Folder for the phantoms (when used) and embeddings.npy with its metadata.
     #[arg(long, default_value = "omnirad-demo")]
     pub out: PathBuf,
     /// Phantom images per modality.
     #[arg(long, default_value_t = 24, value_parser = crate::at_least_one)]
     pub per_modality: usize,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
+    /// Seed for the phantoms and for preset (random-init) models.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]

@@ -43,6 +43,7 @@ pub struct EmbedArgs {
     pub pool: Pool,
     #[arg(long, default_value_t = 32, value_parser = crate::bounded_count)]
     pub batch: usize,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     /// Encoder matmul/attention precision: bf16 for speed on GPUs (outputs stay f32).
@@ -339,16 +340,23 @@ pub fn write_embeddings(out: &Path, e: &Rows) -> Result<()> {
     write_failed(out, &e.failed)
 }
 
-/// `OUT.failed.txt` (id, tab, error per line) beside the output `out`, when items failed.
+/// `OUT.failed.txt` (id, tab, error per line) beside the output `out`; with no failures,
+/// removes an earlier run's, which would otherwise be read as this run's.
 pub fn write_failed(out: &Path, failed: &[(String, String)]) -> Result<()> {
+    let file = sidecar(out, "failed.txt");
     if failed.is_empty() {
-        return Ok(());
+        return match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", file.display()))
+            }
+            _ => Ok(()),
+        };
     }
     let text: String = failed
         .iter()
         .map(|(id, err)| format!("{id}\t{err}\n"))
         .collect();
-    crate::atomic::write(&sidecar(out, "failed.txt"), text)
+    crate::atomic::write(&file, text)
 }
 
 /// Names the first failures on stderr (and where they are all listed, with an output file).
@@ -441,6 +449,17 @@ pub fn run(a: &EmbedArgs) -> Result<()> {
         eprintln!("{}", parts.stopped_message());
         return Ok(());
     };
+    if e.metas.is_empty() {
+        // An empty matrix would read as a finished job to whatever consumes it next.
+        write_failed(&a.out, &e.failed)?;
+        report_failed(Some(&a.out), &e.failed);
+        parts.remove();
+        bail!(
+            "no image could be read from {}; {} not written",
+            a.input.display(),
+            a.out.display()
+        );
+    }
     write_embeddings(&a.out, &e)?;
     parts.remove();
     eprintln!(
@@ -452,8 +471,5 @@ pub fn run(a: &EmbedArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     report_failed(Some(&a.out), &e.failed);
-    if e.metas.is_empty() {
-        bail!("no image could be read from {}", a.input.display());
-    }
     Ok(())
 }

@@ -344,6 +344,7 @@ pub struct FinetuneArgs {
     pub train: TrainArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
 }
@@ -1150,6 +1151,7 @@ pub struct PredictArgs {
     /// killed or stopped job continues when run again.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Images per forward pass.
     #[arg(long, default_value_t = 32, value_parser = crate::bounded_count)]
     pub batch: usize,
     /// Stop at the first unreadable item instead of skipping and listing it.
@@ -1159,6 +1161,7 @@ pub struct PredictArgs {
     /// same command run again continues after them).
     #[arg(long, requires = "out")]
     pub stop_after: Option<usize>,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     #[command(flatten)]
@@ -1198,6 +1201,23 @@ fn bundle_stamps(dir: &Path, bundle: &Bundle) -> Vec<Option<String>> {
     stamps
 }
 
+/// A MedMNIST file of another dataset is a legal input (any image is), but almost always a
+/// mistake, and the probabilities would look as plausible as the right ones.
+fn warn_other_dataset(input: &Path, dataset: &str) {
+    let npz = input
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npz"));
+    if let Some((info, _)) = parse_file_name(input).filter(|_| npz) {
+        if info.name != dataset {
+            eprintln!(
+                "warning: {} holds {} images; this bundle was trained on {dataset}",
+                input.display(),
+                info.name
+            );
+        }
+    }
+}
+
 pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
     let read = a.read.options();
     let job = BatchJob {
@@ -1209,6 +1229,7 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
         let predictor = Predictor::<B>::load(&a.model, &dev)?;
         let (items, skipped) = discover(&a.input, read.split)?;
         crate::embed::note_skipped(&a.input, skipped);
+        warn_other_dataset(&a.input, &predictor.bundle.dataset);
         let parts = a.out.as_ref().map(|out| Parts {
             dir: crate::embed_parts::dir_for(out),
             settings: format!(
@@ -1239,6 +1260,16 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
         eprintln!("{}", parts.stopped_message());
         return Ok(());
     };
+    if rows.metas.is_empty() {
+        if let Some(out) = &a.out {
+            write_failed(out, &rows.failed)?;
+        }
+        report_failed(a.out.as_deref(), &rows.failed);
+        if let Some(p) = &parts {
+            p.remove();
+        }
+        bail!("{}: no readable images", a.input.display());
+    }
     let names = class_names(&bundle);
     let multi = bundle.task == "multilabel";
     let mut csv = String::from("id");
@@ -1281,8 +1312,5 @@ pub fn predict_cmd(a: &PredictArgs) -> Result<()> {
         None => print!("{csv}"),
     }
     report_failed(a.out.as_deref(), &rows.failed);
-    if rows.metas.is_empty() {
-        bail!("{}: no readable images", a.input.display());
-    }
     Ok(())
 }

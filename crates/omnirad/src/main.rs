@@ -47,7 +47,9 @@ enum Cmd {
     /// (headers checked against the config, weights not loaded); for a pretraining run, how far
     /// it got, its kept teachers and the command that continues it.
     Info {
+        /// A file, folder, model directory, bundle or pretraining run.
         file: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -63,6 +65,7 @@ enum Cmd {
         /// Layout of the checkpoint (detected from its key names when omitted).
         #[arg(long, value_parser = omnirad_model::Layout::parse)]
         from: Option<omnirad_model::Layout>,
+        /// Model directory to write (config.json + model.safetensors).
         #[arg(long)]
         out: PathBuf,
         /// Attention heads, for timm/DINOv2 files that do not record them (default: dim / 64).
@@ -117,7 +120,9 @@ enum IndexCmd {
 enum DataCmd {
     /// Check a MedMNIST npz against the official md5 and split sizes.
     Verify {
+        /// An official MedMNIST npz (`breastmnist.npz`, `pneumoniamnist_64.npz`, …).
         file: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },

@@ -99,6 +99,7 @@ pub struct MedMnistArgs {
     pub seeds: usize,
     #[arg(long, default_value_t = 64, value_parser = crate::bounded_count)]
     pub batch: usize,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     #[arg(long, default_value_t = 0)]
@@ -116,8 +117,8 @@ pub struct MedMnistArgs {
     pub tune: crate::finetune::TuneArgs,
 }
 
-/// Cache file stem: md5 of everything the features depend on (model files' size and mtime
-/// stand in for their content).
+/// Cache file stem: md5 of everything the features depend on (the model and data files by
+/// their [`stamp`]s).
 fn cache_key(
     a: &MedMnistArgs,
     cfg: &omnirad_model::ModelConfig,

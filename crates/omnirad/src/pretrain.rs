@@ -60,6 +60,7 @@ pub struct PretrainArgs {
     /// Stop at the first unreadable item instead of replacing it and listing it in failed.txt.
     #[arg(long)]
     strict: bool,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: Device,
 }

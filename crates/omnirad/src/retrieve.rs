@@ -37,6 +37,7 @@ pub struct EncodeArgs {
     /// Stop at the first unreadable item instead of skipping and listing it.
     #[arg(long)]
     pub strict: bool,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     /// Encoder matmul/attention precision: bf16 = mixed precision on f32 weights (for GPUs).
@@ -265,16 +266,19 @@ fn open_index(dir: &Path) -> Result<(IndexInfo, Array2<f32>)> {
 
 #[derive(Args, Debug)]
 pub struct RetrieveArgs {
+    /// Index directory written by `omnirad index build`.
     #[arg(long)]
     pub index: PathBuf,
     /// Query image(s): a file or folder.
     #[arg(long)]
     pub query: PathBuf,
+    /// Nearest cases to list per query image.
     #[arg(long, default_value_t = 10, value_parser = crate::at_least_one)]
     pub k: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     #[command(flatten)]

@@ -189,6 +189,7 @@ pub struct TrainArgs {
     /// Stop after this epoch (the checkpoint is kept; continue with --resume).
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
 }
@@ -441,15 +442,19 @@ pub struct EvalArgs {
     /// Bundle written by `segment train`.
     #[arg(long)]
     pub model: PathBuf,
+    /// The dataset the bundle was trained on, as given to `segment train`.
     #[arg(long)]
     pub data: PathBuf,
+    /// The separate test folder, if `segment train` was given one.
     #[arg(long)]
     pub test_data: Option<PathBuf>,
     /// Split to score: train, val or test (as `segment train` splits the data).
     #[arg(long, default_value = "test", value_parser = ["train", "val", "test"])]
     pub split: String,
+    /// Stop at the first unreadable pair instead of skipping and listing it.
     #[arg(long)]
     pub strict: bool,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
 }
@@ -493,6 +498,7 @@ pub fn eval_cmd(a: &EvalArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
+    /// Bundle written by `segment train`.
     #[arg(long)]
     pub model: PathBuf,
     /// File or folder (PNG/JPEG/TIFF, DICOM, NIfTI slices, npz split).
@@ -510,6 +516,7 @@ pub struct PredictArgs {
     /// it does after a kill).
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     #[command(flatten)]
@@ -681,6 +688,7 @@ pub struct MedSegBenchArgs {
     /// same command run again reuses those and trains only the rest.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
 }

@@ -64,6 +64,7 @@ pub struct SpeedArgs {
     /// elementwise ops) in the backward pass instead of keeping them (balanced checkpointing).
     #[arg(long)]
     grad_checkpoint: bool,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: Device,
 }
@@ -318,6 +319,7 @@ pub struct WarmupArgs {
     dtype: Precision,
     #[arg(long, default_value_t = 65536, value_parser = crate::bounded_count)]
     prototypes: usize,
+    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cuda", value_parser = parse_device)]
     device: Device,
 }

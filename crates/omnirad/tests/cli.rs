@@ -168,6 +168,24 @@ fn embed_a_dicom_folder_skips_and_lists_bad_files() {
         !ok && err.contains("truncated.dcm"),
         "strict mode must stop on the bad file: {err}"
     );
+    // Nothing readable: an error, and no empty matrix left to look like a finished job.
+    let bad = d.join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("truncated.dcm"), &ct[..ct.len() / 2]).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let (ok, _, err) = embed(&bad, false);
+    assert!(
+        !ok && err.contains("no image could be read") && !out.exists(),
+        "{err}"
+    );
+    let failed = std::fs::read_to_string(d.join("emb.failed.txt")).unwrap();
+    assert!(failed.contains("truncated.dcm"), "{failed}");
+    // A clean run over the same output removes the earlier run's failures file.
+    std::fs::remove_file(bad.join("truncated.dcm")).unwrap();
+    std::fs::write(bad.join("ct.dcm"), &ct).unwrap();
+    let (ok, _, err) = embed(&bad, false);
+    assert!(ok && out.exists(), "{err}");
+    assert!(!d.join("emb.failed.txt").exists());
 }
 
 #[test]
@@ -895,7 +913,11 @@ fn bench_medmnist_out_keeps_finished_runs_for_a_rerun() {
     let d = d_guard.path();
     let out = d.join("sub").join("table");
     let log = d.join("sub").join("table.runs.jsonl");
-    let dir = data("medmnist");
+    // A copy of the data, to give it a new modification time below.
+    let dir = d.join("data");
+    std::fs::create_dir(&dir).unwrap();
+    let npz = dir.join("breastmnist.npz");
+    std::fs::copy(data("medmnist/breastmnist.npz"), &npz).unwrap();
     let args = |epochs: &'static str| {
         [
             "bench",
@@ -951,6 +973,14 @@ fn bench_medmnist_out_keeps_finished_runs_for_a_rerun() {
     let mut seed1 = lines[1].clone();
     seed1["result"]["acc"] = serde_json::json!(0.0123);
     std::fs::write(&log, format!("{seed1}\n{{\"key\": \"ab\n")).unwrap();
+    // The same bytes with a new modification time (a copied or restored dataset) are the same
+    // data.
+    std::fs::File::options()
+        .write(true)
+        .open(&npz)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
+        .unwrap();
     let (again, err) = run("3");
     assert_eq!(again, [first[0], 0.0123], "{err}");
     assert!(
@@ -1645,7 +1675,7 @@ fn finetune_writes_a_bundle_that_predicts() {
         "--out",
         csv.to_str().unwrap(),
     ]);
-    assert!(ok, "{err}");
+    assert!(ok && !err.contains("warning"), "{err}");
     let text = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(text.lines().next().unwrap(), "id,p_0,p_1,predicted");
     assert_eq!(text.lines().count(), 157);
@@ -1716,6 +1746,43 @@ fn finetune_writes_a_bundle_that_predicts() {
         data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
     ]);
     assert!(ok && out.lines().count() == 2, "{err}");
+    // Another MedMNIST set's file is read (any image is), with a warning.
+    let (ok, out, err) = omnirad(&[
+        "predict",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--input",
+        data("medmnist/pneumoniamnist.npz").to_str().unwrap(),
+        "--split",
+        "val",
+    ]);
+    assert!(
+        ok && out.lines().count() == 525
+            && err.contains("pneumoniamnist.npz holds pneumoniamnist images")
+            && err.contains("trained on breastmnist"),
+        "{err}"
+    );
+    // Nothing readable: an error, no CSV, the reasons listed.
+    let cut_only = d.join("cut_only");
+    std::fs::create_dir_all(&cut_only).unwrap();
+    std::fs::copy(folder.join("cut.dcm"), cut_only.join("cut.dcm")).unwrap();
+    let none = d.join("none.csv");
+    let (ok, _, err) = omnirad(&[
+        "predict",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--input",
+        cut_only.to_str().unwrap(),
+        "--out",
+        none.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("no readable images") && !none.exists(),
+        "{err}"
+    );
+    assert!(std::fs::read_to_string(d.join("none.failed.txt"))
+        .unwrap()
+        .contains("cut.dcm"));
     // A head that does not match the declared classes is refused by name.
     let bad = std::fs::read_to_string(bundle.join("bundle.json"))
         .unwrap()
