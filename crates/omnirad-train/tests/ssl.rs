@@ -813,6 +813,11 @@ fn out_of_range_settings_are_config_errors() {
             "teacher_temp = inf",
             "optim.teacher_temp = inf must be > 0",
         ),
+        (
+            "preset = \"omnirad\"",
+            "preset = \"dinov3\"",
+            "unknown preset \"dinov3\" (known: dinov2, omnirad, xr0)",
+        ),
         // Each of these used to pass and then panic in a data thread or a burn op.
         (
             "drop_path_rate = 0.1",

@@ -204,8 +204,9 @@ pub fn resolve_model<B: Backend>(
 
 /// A file's size and the MD5 of its bytes, for cache and resume keys: a copy of the same file
 /// (a new modification time) keeps its finished work, a changed one of the same size does not.
-/// None when the file cannot be read. Each file is hashed once per process (keyed by path,
-/// size and modification time): a benchmark asks for its data file's stamp once per run.
+/// A folder's is the MD5 of its files' names and stamps. None when it cannot be read. Each
+/// file is hashed once per process (keyed by path, size and modification time): a benchmark
+/// asks for its data file's stamp once per run.
 pub fn stamp(p: &Path) -> Option<String> {
     use md5::{Digest, Md5};
     use std::collections::HashMap;
@@ -214,6 +215,16 @@ pub fn stamp(p: &Path) -> Option<String> {
     type Seen = HashMap<(PathBuf, u64, Option<std::time::SystemTime>), String>;
     static SEEN: OnceLock<Mutex<Seen>> = OnceLock::new();
     let m = std::fs::metadata(p).ok()?;
+    if m.is_dir() {
+        let mut files = Vec::new();
+        omnirad_data::source::walk(p, &mut files).ok()?;
+        let mut hash = Md5::new();
+        for f in &files {
+            let name = f.strip_prefix(p).unwrap_or(f).display();
+            hash.update(format!("{name}\t{:?}\n", stamp(f)).as_bytes());
+        }
+        return Some(format!("{} files:{:x}", files.len(), hash.finalize()));
+    }
     let id = (p.to_path_buf(), m.len(), m.modified().ok());
     let seen = SEEN.get_or_init(Default::default);
     if let Some(s) = seen.lock().ok()?.get(&id) {
@@ -246,9 +257,39 @@ pub fn model_stamps(model: &str) -> Vec<Option<String>> {
     }
 }
 
-#[cfg(all(test, feature = "cuda"))]
+#[cfg(test)]
 mod tests {
+    use super::stamp;
+
+    /// The same bytes under a new modification time keep their stamp; other bytes of the same
+    /// size, or another file in a folder, change it.
+    #[test]
+    fn stamps_follow_content_not_modification_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.bin");
+        std::fs::write(&a, b"0123456789").unwrap();
+        std::fs::write(dir.path().join("b.bin"), b"xy").unwrap();
+        let (file, folder) = (stamp(&a).unwrap(), stamp(dir.path()).unwrap());
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+        let touch = |t| {
+            let f = std::fs::File::options().write(true).open(&a).unwrap();
+            f.set_modified(t).unwrap();
+        };
+        touch(later);
+        assert_eq!(stamp(&a).unwrap(), file);
+        assert_eq!(stamp(dir.path()).unwrap(), folder);
+        std::fs::write(&a, b"0123456780").unwrap();
+        touch(later + std::time::Duration::from_secs(1));
+        assert_ne!(stamp(&a).unwrap(), file);
+        let changed = stamp(dir.path()).unwrap();
+        assert_ne!(changed, folder);
+        std::fs::write(dir.path().join("c.bin"), b"").unwrap();
+        assert_ne!(stamp(dir.path()).unwrap(), changed);
+        assert!(stamp(&dir.path().join("missing")).is_none());
+    }
+
     /// Holds on any machine: without a driver, and with one (no machine has 2^20 devices).
+    #[cfg(feature = "cuda")]
     #[test]
     fn a_missing_cuda_device_is_an_error_naming_the_flag() {
         let e = super::check_cuda(1 << 20).unwrap_err().to_string();

@@ -70,9 +70,9 @@ impl ModelSection {
     pub fn vit(&self) -> Result<VitConfig, String> {
         let mut c = VitConfig::preset(&self.arch).ok_or_else(|| {
             format!(
-                "model.arch {:?} is not a ViT preset ({:?})",
+                "model.arch {:?} is not a ViT preset ({})",
                 self.arch,
-                omnirad_model::vit::PRESETS
+                omnirad_model::vit::PRESETS.join(", ")
             )
         })?;
         let set = |slot: &mut usize, v: Option<usize>| {
@@ -241,7 +241,7 @@ pub enum ConfigError {
     },
     #[error("{path}: {msg}")]
     Parse { path: PathBuf, msg: String },
-    #[error("unknown preset {0:?} (known: {PRESETS:?})")]
+    #[error("unknown preset {0:?} (known: {known})", known = PRESETS.join(", "))]
     Preset(String),
     #[error("{path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
@@ -372,8 +372,12 @@ impl PretrainConfig {
                     .map(str::to_string)
             })
             .unwrap_or_else(|| "dinov2".into());
-        let base =
-            toml::Table::try_from(Self::preset(&preset)?).map_err(|e| parse_err(e.to_string()))?;
+        // A preset named in the file is the file's error; one from --preset is the caller's.
+        let preset_cfg = Self::preset(&preset).map_err(|e| match preset_override {
+            None => parse_err(e.to_string()),
+            Some(_) => e,
+        })?;
+        let base = toml::Table::try_from(preset_cfg).map_err(|e| parse_err(e.to_string()))?;
         let mut merged = toml::Value::Table(base);
         merge(&mut merged, toml::Value::Table(user));
         if let toml::Value::Table(t) = &mut merged {
