@@ -204,16 +204,9 @@ pub fn resolve_model<B: Backend>(
 
 /// A file's size and the MD5 of its bytes, for cache and resume keys: a copy of the same file
 /// (a new modification time) keeps its finished work, a changed one of the same size does not.
-/// A folder's is the MD5 of its files' names and stamps. None when it cannot be read. Each
-/// file is hashed once per process (keyed by path, size and modification time): a benchmark
-/// asks for its data file's stamp once per run.
+/// A folder's is the MD5 of its files' names and stamps. None when it cannot be read.
 pub fn stamp(p: &Path) -> Option<String> {
     use md5::{Digest, Md5};
-    use std::collections::HashMap;
-    use std::io::Read;
-    use std::sync::{Mutex, OnceLock};
-    type Seen = HashMap<(PathBuf, u64, Option<std::time::SystemTime>), String>;
-    static SEEN: OnceLock<Mutex<Seen>> = OnceLock::new();
     let m = std::fs::metadata(p).ok()?;
     if m.is_dir() {
         let mut files = Vec::new();
@@ -225,23 +218,44 @@ pub fn stamp(p: &Path) -> Option<String> {
         }
         return Some(format!("{} files:{:x}", files.len(), hash.finalize()));
     }
+    Some(format!("{}:{}", m.len(), md5_of(p)?))
+}
+
+/// The MD5 of a file's bytes, computed once per process for each (path, size, modification
+/// time): a benchmark asks for its data file's once per run.
+pub fn md5_of(p: &Path) -> Option<String> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Seen = HashMap<(PathBuf, u64, Option<std::time::SystemTime>), String>;
+    static SEEN: OnceLock<Mutex<Seen>> = OnceLock::new();
+    let m = std::fs::metadata(p).ok()?;
     let id = (p.to_path_buf(), m.len(), m.modified().ok());
     let seen = SEEN.get_or_init(Default::default);
     if let Some(s) = seen.lock().ok()?.get(&id) {
         return Some(s.clone());
     }
-    let mut file = std::fs::File::open(p).ok()?;
-    let mut hash = Md5::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match file.read(&mut buf).ok()? {
-            0 => break,
-            n => hash.update(&buf[..n]),
-        }
-    }
-    let s = format!("{}:{:x}", m.len(), hash.finalize());
+    let s = omnirad_data::medmnist::file_md5(p).ok()?;
     seen.lock().ok()?.insert(id, s.clone());
     Some(s)
+}
+
+/// Warns when a MedMNIST file is not the official release its name claims (a subsample, a
+/// re-export, another set under this name): the published rows beside its scores do not apply.
+pub fn warn_unofficial(file: &Path) {
+    let Some((info, size)) = omnirad_data::medmnist::parse_file_name(file) else {
+        return;
+    };
+    let official = info.md5.iter().find(|(s, _)| *s == size).map(|(_, h)| *h);
+    if let (Some(official), Some(md5)) = (official, md5_of(file)) {
+        if md5 != official {
+            eprintln!(
+                "warning: {} is not the official {} release (md5 {md5}, official {official}; \
+                 `omnirad data verify` compares its splits): published scores do not apply to it",
+                file.display(),
+                info.name
+            );
+        }
+    }
 }
 
 /// [`stamp`]s of the files a `--model` argument reads (none for a preset name).

@@ -825,6 +825,7 @@ fn train_one<B: Backend>(
 /// `frozen`: `omnirad probe` — only the head trains.
 pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
     let info = dataset_of(&a.data)?;
+    crate::device::warn_unofficial(&a.data);
     let mut ft = a.train.config(a.seed);
     ft.frozen = frozen;
     if frozen && ft.lora.is_some() {

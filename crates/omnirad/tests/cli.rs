@@ -1604,7 +1604,7 @@ fn finetune_writes_a_bundle_that_predicts() {
         "--l2sp",
         "5",
     ]);
-    assert!(ok, "{err}");
+    assert!(ok && !err.contains("not the official"), "{err}");
     let test: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(test["auc"]
         .as_f64()
@@ -2892,6 +2892,13 @@ fn bench_medmnist_handles_rgb_multiclass_and_multilabel_files() {
             stdout.contains("| dermamnist |") && stdout.contains("| chestmnist |"),
             "{stdout}"
         );
+        // Files under official names that are not the official release are flagged.
+        for name in ["dermamnist", "chestmnist"] {
+            assert!(
+                err.contains(&format!("is not the official {name} release")),
+                "{err}"
+            );
+        }
         let j: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
                 .unwrap();
