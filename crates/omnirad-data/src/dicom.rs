@@ -64,18 +64,29 @@ impl Window {
             Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
         };
         if let Some(rest) = s.strip_prefix("pct:") {
-            if let Some((lo, hi)) =
-                pair(rest).filter(|(lo, hi)| 0.0 <= *lo && lo < hi && *hi <= 100.0)
-            {
-                return Ok(Self::Percentile(lo, hi));
-            }
-        } else if let Some((center, width)) = pair(s).filter(|(_, w)| *w > 0.0) {
-            return Ok(Self::Custom { center, width });
+            return match pair(rest) {
+                Some((lo, hi)) if 0.0 <= lo && lo < hi && hi <= 100.0 => {
+                    Ok(Self::Percentile(lo, hi))
+                }
+                Some(_) => Err(format!("window '{s}': percentiles need 0 ≤ LO < HI ≤ 100")),
+                None => Err(format!("window '{s}': expected pct:LO,HI (numbers)")),
+            };
         }
-        let names: Vec<_> = CT_WINDOWS.iter().map(|w| w.0).collect();
-        Err(format!(
-            "unknown window '{s}': use 'file', one of {names:?}, 'CENTER,WIDTH' or 'pct:LO,HI'"
-        ))
+        match pair(s) {
+            Some((center, width)) if width > 0.0 && center.is_finite() && width.is_finite() => {
+                Ok(Self::Custom { center, width })
+            }
+            Some(_) => Err(format!(
+                "window '{s}': CENTER,WIDTH needs a finite center and a width > 0"
+            )),
+            None => {
+                let names: Vec<_> = CT_WINDOWS.iter().map(|w| w.0).collect();
+                Err(format!(
+                    "unknown window '{s}': use 'file', one of {}, 'CENTER,WIDTH' or 'pct:LO,HI'",
+                    names.join(", ")
+                ))
+            }
+        }
     }
 }
 

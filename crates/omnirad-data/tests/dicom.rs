@@ -152,7 +152,20 @@ fn colour_and_window_presets() {
     assert!(lung.data.iter().all(|v| (0.0..=1.0).contains(v)));
     // Air is black in both; soft tissue is brighter in the lung window than in the bone window.
     assert!(lung.data.mean().unwrap() > bone.data.mean().unwrap());
-    assert!(Window::parse("nonsense").is_err());
+    for (bad, why) in [
+        ("nonsense", "use 'file', one of lung, mediastinum"),
+        ("40,-5", "a width > 0"),
+        ("40,inf", "a width > 0"),
+        ("pct:90,10", "0 ≤ LO < HI ≤ 100"),
+        ("pct:1", "expected pct:LO,HI"),
+    ] {
+        let e = Window::parse(bad).unwrap_err();
+        assert!(e.contains(&format!("'{bad}'")) && e.contains(why), "{e}");
+    }
+    assert_eq!(
+        Window::parse("pct:1,99").unwrap(),
+        Window::Percentile(1.0, 99.0)
+    );
 }
 
 /// MR_small_jpeg_ls_lossless.dcm with its one JPEG-LS stream replaced by `stream` and its
