@@ -223,7 +223,7 @@ pub fn stamp(p: &Path) -> Option<String> {
 
 /// The MD5 of a file's bytes, computed once per process for each (path, size, modification
 /// time): a benchmark asks for its data file's once per run.
-pub fn md5_of(p: &Path) -> Option<String> {
+pub(crate) fn md5_of(p: &Path) -> Option<String> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     type Seen = HashMap<(PathBuf, u64, Option<std::time::SystemTime>), String>;
@@ -237,25 +237,6 @@ pub fn md5_of(p: &Path) -> Option<String> {
     let s = omnirad_data::medmnist::file_md5(p).ok()?;
     seen.lock().ok()?.insert(id, s.clone());
     Some(s)
-}
-
-/// Warns when a MedMNIST file is not the official release its name claims (a subsample, a
-/// re-export, another set under this name): the published rows beside its scores do not apply.
-pub fn warn_unofficial(file: &Path) {
-    let Some((info, size)) = omnirad_data::medmnist::parse_file_name(file) else {
-        return;
-    };
-    let official = info.md5.iter().find(|(s, _)| *s == size).map(|(_, h)| *h);
-    if let (Some(official), Some(md5)) = (official, md5_of(file)) {
-        if md5 != official {
-            eprintln!(
-                "warning: {} is not the official {} release (md5 {md5}, official {official}; \
-                 `omnirad data verify` compares its splits): published scores do not apply to it",
-                file.display(),
-                info.name
-            );
-        }
-    }
 }
 
 /// [`stamp`]s of the files a `--model` argument reads (none for a preset name).

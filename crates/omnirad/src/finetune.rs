@@ -382,6 +382,25 @@ pub fn task_kind(t: Task) -> TaskKind {
     }
 }
 
+/// Warns when a MedMNIST file is not the official release its name claims (a subsample, a
+/// re-export, another set under this name): the published rows beside its scores do not apply.
+pub fn warn_unofficial(file: &Path) {
+    let Some((info, size)) = parse_file_name(file) else {
+        return;
+    };
+    let official = info.md5.iter().find(|(s, _)| *s == size).map(|(_, h)| *h);
+    if let (Some(official), Some(md5)) = (official, crate::device::md5_of(file)) {
+        if md5 != official {
+            eprintln!(
+                "warning: {} is not the official {} release (md5 {md5}, official {official}; \
+                 `omnirad data verify` compares its splits): published scores do not apply to it",
+                file.display(),
+                info.name
+            );
+        }
+    }
+}
+
 /// The dataset of an npz file, from its name (`breastmnist.npz`, `pneumoniamnist_64.npz`).
 pub fn dataset_of(file: &Path) -> Result<&'static MedMnistInfo> {
     let (info, _) = parse_file_name(file).with_context(|| {
@@ -825,7 +844,7 @@ fn train_one<B: Backend>(
 /// `frozen`: `omnirad probe` — only the head trains.
 pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
     let info = dataset_of(&a.data)?;
-    crate::device::warn_unofficial(&a.data);
+    warn_unofficial(&a.data);
     let mut ft = a.train.config(a.seed);
     ft.frozen = frozen;
     if frozen && ft.lora.is_some() {

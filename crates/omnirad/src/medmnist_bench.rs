@@ -275,7 +275,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
                 a.size
             );
         }
-        crate::device::warn_unofficial(&file);
+        crate::finetune::warn_unofficial(&file);
         plan.push((info, file));
     }
     let mut log = RunLog::<Metrics>::open(a.out.as_deref(), log_settings(a))?;
