@@ -202,9 +202,9 @@ pub fn resolve_model<B: Backend>(
     Ok((model, cfg))
 }
 
-/// A file's size and the MD5 of its bytes, for cache and resume keys: a copy of the same file
-/// (a new modification time) keeps its finished work, a changed one of the same size does not.
-/// A folder's is the MD5 of its files' names and stamps. None when it cannot be read.
+/// A file's size and a 128-bit hash of its bytes (xxh3), for cache and resume keys: a copy of
+/// the same file (a new modification time) keeps its finished work, a changed one of the same
+/// size does not. A folder's hashes its files' names and stamps. None when it cannot be read.
 pub fn stamp(p: &Path) -> Option<String> {
     use md5::{Digest, Md5};
     let m = std::fs::metadata(p).ok()?;
@@ -218,13 +218,14 @@ pub fn stamp(p: &Path) -> Option<String> {
         }
         return Some(format!("{} files:{:x}", files.len(), hash.finalize()));
     }
-    Some(format!("{}:{}", m.len(), md5_of(p)?))
+    Some(format!("{}:{}", m.len(), content_hash(p)?))
 }
 
-/// The MD5 of a file's bytes, computed once per process for each (path, size, modification
-/// time): a benchmark asks for its data file's once per run.
-pub(crate) fn md5_of(p: &Path) -> Option<String> {
+/// The xxh3-128 of a file's bytes, computed once per process for each (path, size,
+/// modification time): a benchmark asks for its data file's once per run.
+fn content_hash(p: &Path) -> Option<String> {
     use std::collections::HashMap;
+    use std::io::Read;
     use std::sync::{Mutex, OnceLock};
     type Seen = HashMap<(PathBuf, u64, Option<std::time::SystemTime>), String>;
     static SEEN: OnceLock<Mutex<Seen>> = OnceLock::new();
@@ -234,7 +235,16 @@ pub(crate) fn md5_of(p: &Path) -> Option<String> {
     if let Some(s) = seen.lock().ok()?.get(&id) {
         return Some(s.clone());
     }
-    let s = omnirad_data::medmnist::file_md5(p).ok()?;
+    let mut file = std::fs::File::open(p).ok()?;
+    let mut hash = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf).ok()? {
+            0 => break,
+            n => hash.update(&buf[..n]),
+        }
+    }
+    let s = format!("{:032x}", hash.digest128());
     seen.lock().ok()?.insert(id, s.clone());
     Some(s)
 }

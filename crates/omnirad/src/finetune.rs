@@ -388,8 +388,10 @@ pub fn warn_unofficial(file: &Path) {
     let Some((info, size)) = parse_file_name(file) else {
         return;
     };
-    let official = info.md5.iter().find(|(s, _)| *s == size).map(|(_, h)| *h);
-    if let (Some(official), Some(md5)) = (official, crate::device::md5_of(file)) {
+    let Some(&(_, official)) = info.md5.iter().find(|(s, _)| *s == size) else {
+        return;
+    };
+    if let Ok(md5) = omnirad_data::medmnist::file_md5(file) {
         if md5 != official {
             eprintln!(
                 "warning: {} is not the official {} release (md5 {md5}, official {official}; \
