@@ -206,30 +206,31 @@ pub fn resolve_model<B: Backend>(
 /// the same file (a new modification time) keeps its finished work, a changed one of the same
 /// size does not. A folder's hashes its files' names and stamps. None when it cannot be read.
 pub fn stamp(p: &Path) -> Option<String> {
-    use md5::{Digest, Md5};
     let m = std::fs::metadata(p).ok()?;
     if m.is_dir() {
         let mut files = Vec::new();
         omnirad_data::source::walk(p, &mut files).ok()?;
-        let mut hash = Md5::new();
-        for f in &files {
-            let name = f.strip_prefix(p).unwrap_or(f).display();
-            hash.update(format!("{name}\t{:?}\n", stamp(f)).as_bytes());
-        }
-        return Some(format!("{} files:{:x}", files.len(), hash.finalize()));
+        let listing: String = files
+            .iter()
+            .map(|f| {
+                let name = f.strip_prefix(p).unwrap_or(f).display();
+                format!("{name}\t{:?}\n", stamp(f))
+            })
+            .collect();
+        let hash = xxhash_rust::xxh3::xxh3_128(listing.as_bytes());
+        return Some(format!("{} files:{hash:032x}", files.len()));
     }
-    Some(format!("{}:{}", m.len(), content_hash(p)?))
+    Some(format!("{}:{}", m.len(), content_hash(p, &m)?))
 }
 
 /// The xxh3-128 of a file's bytes, computed once per process for each (path, size,
 /// modification time): a benchmark asks for its data file's once per run.
-fn content_hash(p: &Path) -> Option<String> {
+fn content_hash(p: &Path, m: &std::fs::Metadata) -> Option<String> {
     use std::collections::HashMap;
     use std::io::Read;
     use std::sync::{Mutex, OnceLock};
     type Seen = HashMap<(PathBuf, u64, Option<std::time::SystemTime>), String>;
     static SEEN: OnceLock<Mutex<Seen>> = OnceLock::new();
-    let m = std::fs::metadata(p).ok()?;
     let id = (p.to_path_buf(), m.len(), m.modified().ok());
     let seen = SEEN.get_or_init(Default::default);
     if let Some(s) = seen.lock().ok()?.get(&id) {
