@@ -36,29 +36,37 @@ use crate::{cast_same, is_same};
 /// [3·B, H, N, d] (Q, then K, then V), the output [B, H, N, d]. Taken packed so that the
 /// backward pass writes dQ, dK and dV into one tensor: three `narrow`s would each zero-fill a
 /// gradient the size of all three and add them up.
-pub fn attention<B: Backend>(qkv: Tensor<B, 4>) -> Tensor<B, 4> {
+///
+/// `bf16` asks for bf16 products on f32 tensors of the CPU backend (mixed precision there keeps
+/// tensors f32, see `vit.rs`): the forward pass then runs on AMX tiles where the CPU has them
+/// ([`cpu::forward_bf16`]); elsewhere, and on other backends (which get bf16 tensors instead),
+/// it changes nothing.
+pub fn attention<B: Backend>(qkv: Tensor<B, 4>, bf16: bool) -> Tensor<B, 4> {
     assert_eq!(
         qkv.dims()[0] % 3,
         0,
         "attention: qkv's first axis must be 3·B"
     );
-    let qkv = match on_autodiff_of::<B, crate::Cpu>(qkv) {
+    let qkv = match on_autodiff_of::<B, crate::Cpu>(qkv, bf16) {
         Ok(out) => return out,
         Err(qkv) => qkv,
     };
     #[cfg(feature = "cuda")]
-    let qkv = match on_autodiff_of::<B, crate::Cuda>(qkv) {
+    let qkv = match on_autodiff_of::<B, crate::Cuda>(qkv, bf16) {
         Ok(out) => return out,
         Err(qkv) => qkv,
     };
-    let out = inner_forward::<B>(qkv.into_primitive().tensor());
+    let out = inner_forward::<B>(qkv.into_primitive().tensor(), bf16);
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-/// The forward pass without autodiff: [`cpu::forward`] for f32 on the CPU backend, the
-/// backend's own attention otherwise.
-fn inner_forward<I: Backend>(qkv: FloatTensor<I>) -> FloatTensor<I> {
+/// The forward pass without autodiff: [`cpu::forward`] for f32 on the CPU backend (or
+/// [`cpu::forward_bf16`]), the backend's own attention otherwise.
+fn inner_forward<I: Backend>(qkv: FloatTensor<I>, bf16: bool) -> FloatTensor<I> {
     if cpu_f32::<I>(&[&qkv]) {
+        if bf16 && crate::cpu_gemm::amx::available() {
+            return cast_same(cpu::forward_bf16(cast_same(qkv)));
+        }
         return cast_same(cpu::forward(cast_same(qkv)));
     }
     let [q, k, v] = split(inner::<I>(qkv));
@@ -75,11 +83,14 @@ fn split<B: Backend>(qkv: Tensor<B, 4>) -> [Tensor<B, 4>; 3] {
 
 /// Runs the fused op when `B` is `Autodiff<I, _>` (whatever its checkpointing strategy: the
 /// tensor type does not depend on it); hands the input back otherwise.
-fn on_autodiff_of<B: Backend, I: Backend>(qkv: Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+fn on_autodiff_of<B: Backend, I: Backend>(
+    qkv: Tensor<B, 4>,
+    bf16: bool,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     if !is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<I>>>() {
         return Err(qkv);
     }
-    let out = cast_same(forward::<I>(cast_same(qkv.into_primitive().tensor())));
+    let out = cast_same(forward::<I>(cast_same(qkv.into_primitive().tensor()), bf16));
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
@@ -87,10 +98,10 @@ fn inner<I: Backend>(t: FloatTensor<I>) -> Tensor<I, 4> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-fn forward<I: Backend>(qkv: FloatTensor<Autodiff<I>>) -> FloatTensor<Autodiff<I>> {
-    let out = inner_forward::<I>(qkv.primitive.clone());
+fn forward<I: Backend>(qkv: FloatTensor<Autodiff<I>>, bf16: bool) -> FloatTensor<Autodiff<I>> {
+    let out = inner_forward::<I>(qkv.primitive.clone(), bf16);
     // Compute-bound, so the checkpointing strategy never recomputes it: any `C` prepares it alike.
-    match AttentionBackward
+    match (AttentionBackward { bf16 })
         .prepare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>([qkv
             .node
             .clone()])
@@ -106,7 +117,10 @@ fn forward<I: Backend>(qkv: FloatTensor<Autodiff<I>>) -> FloatTensor<Autodiff<I>
 }
 
 #[derive(Debug)]
-struct AttentionBackward;
+struct AttentionBackward {
+    /// bf16 products on the CPU backend (see [`attention`]).
+    bf16: bool,
+}
 
 impl<I: Backend> Backward<I, 1> for AttentionBackward {
     type State = NodeId;
@@ -116,7 +130,12 @@ impl<I: Backend> Backward<I, 1> for AttentionBackward {
         let d_out = grads.consume::<I>(&ops.node);
         let [Some(node)] = ops.parents else { return };
         let d_qkv = if cpu_f32::<I>(&[&qkv, &d_out]) {
-            cast_same(cpu::backward(cast_same(qkv), cast_same(d_out)))
+            let (qkv, d_out) = (cast_same(qkv), cast_same(d_out));
+            cast_same(if self.bf16 && crate::cpu_gemm::amx::available() {
+                cpu::backward_bf16(qkv, d_out)
+            } else {
+                cpu::backward(qkv, d_out)
+            })
         } else {
             let [q, k, v] = split(inner::<I>(qkv));
             Tensor::cat(gradients(q, k, v, inner::<I>(d_out)).to_vec(), 0)
@@ -168,7 +187,10 @@ mod cpu {
 
     use std::mem::MaybeUninit;
 
-    use crate::cpu_gemm::{contiguous, mm_new, mm_uninit, written, Mat, Parallelism};
+    use crate::cpu_gemm::amx::kernels::{round_add, scale_or_round};
+    use crate::cpu_gemm::amx::{Packed, Panel, Tiles, BLOCK};
+    use crate::cpu_gemm::{contiguous, mm_new, mm_uninit, written, Mat, Operand, Parallelism};
+    use gemmkit::bf16;
 
     /// One thread: the rayon tasks over heads and row blocks are the parallelism.
     fn mm(dst: &mut [f32], acc: bool, a: Mat, b: Mat, beta: f32) {
@@ -203,6 +225,58 @@ mod cpu {
                     let (p, v) = (Mat::new(&p, rows, n), Mat::new(v, n, d));
                     mm_uninit(o, p, v, 1.0, Parallelism::None);
                 });
+            })
+        };
+        // SAFETY: the row blocks of every (image, head) cover all `part` elements.
+        let out = unsafe { written(part, write) };
+        FlexTensor::from_data(TensorData::new(out, [b3 / 3, h, n, d]))
+    }
+
+    /// [`forward`] with bf16 products on AMX tiles, the arithmetic of PyTorch autocast's
+    /// attention: Q, K and V rounded to bf16, S = s·Q·Kᵀ summed in f32, softmax in f32, P
+    /// rounded to bf16, O = P·V summed in f32 and rounded to bf16. One task per (image, head),
+    /// which packs its K and V once for all its blocks of 32 query rows.
+    pub(super) fn forward_bf16(qkv: FlexTensor) -> FlexTensor {
+        let [b3, h, n, d] = qkv.shape().dims::<4>();
+        let qkv = contiguous(qkv);
+        let x = qkv.as_slice::<f32>().expect("contiguous f32");
+        let (head, part) = (n * d, b3 / 3 * h * n * d);
+        let (q, kv) = x.split_at(part);
+        let (k, v) = kv.split_at(part);
+        let scale = 1.0 / (d as f32).sqrt();
+        let write = |out: &mut [MaybeUninit<f32>]| {
+            if part == 0 {
+                return;
+            }
+            out.par_chunks_mut(head).enumerate().for_each(|(i, o)| {
+                let span = i * head..(i + 1) * head;
+                let [q, k, v] = [q, k, v].map(|t| bf16::from_f32s(&t[span.clone()]).into_owned());
+                let kt = Packed::new(Mat::new(&k, n, d).t(), false);
+                let v = Packed::new(Mat::new(&v, n, d), false);
+                let tiles = Tiles::new();
+                let zeros = [0f32; BLOCK];
+                let mut s = vec![0f32; BLOCK * n];
+                for r0 in (0..n).step_by(BLOCK) {
+                    let rows = BLOCK.min(n - r0);
+                    let s = &mut s[..rows * n];
+                    tiles.product(&Panel::new(Mat::new(&q, n, d), r0, rows), &kt, |c0, c| {
+                        for (s, c) in s.chunks_exact_mut(n).zip(c.chunks_exact(BLOCK)) {
+                            let s = &mut s[c0..(c0 + BLOCK).min(n)];
+                            for (s, c) in s.iter_mut().zip(c) {
+                                *s = c * scale;
+                            }
+                        }
+                    });
+                    kernels::softmax_rows(s, n);
+                    let p = bf16::from_f32s(s);
+                    let o = &mut o[r0 * d..(r0 + rows) * d];
+                    tiles.product(&Panel::new(Mat::new(&p, rows, n), 0, rows), &v, |c0, c| {
+                        for (o, c) in o.chunks_exact_mut(d).zip(c.chunks_exact(BLOCK)) {
+                            let o = &mut o[c0..(c0 + BLOCK).min(d)];
+                            round_add(&c[..o.len()], &zeros[..o.len()], o);
+                        }
+                    });
+                }
             })
         };
         // SAFETY: the row blocks of every (image, head) cover all `part` elements.
@@ -256,6 +330,86 @@ mod cpu {
                 });
         }
         FlexTensor::from_data(TensorData::new(grad, [b3, h, n, d]))
+    }
+
+    /// [`backward`] with bf16 products on AMX tiles (the forward pass's arithmetic, see
+    /// [`forward_bf16`]): P and dS rounded to bf16 as products' inputs, the softmax and its
+    /// Jacobian product in f32, each gradient a bf16-rounded sum. One task per (image, head),
+    /// which keeps its whole bf16 P and dS ([N, N] each) for dV = Pᵀ·dO and dK = dSᵀ·Q.
+    pub(super) fn backward_bf16(qkv: FlexTensor, d_out: FlexTensor) -> FlexTensor {
+        let [b3, h, n, d] = qkv.shape().dims::<4>();
+        let (qkv, d_out) = (contiguous(qkv), contiguous(d_out));
+        let x = qkv.as_slice::<f32>().expect("contiguous f32");
+        let g = d_out.as_slice::<f32>().expect("contiguous f32");
+        let (head, part) = (n * d, b3 / 3 * h * n * d);
+        let mut grad = vec![0f32; 3 * part];
+        if part > 0 {
+            let (q, kv) = x.split_at(part);
+            let (k, v) = kv.split_at(part);
+            let (gq, gkv) = grad.split_at_mut(part);
+            let (gk, gv) = gkv.split_at_mut(part);
+            let scale = 1.0 / (d as f32).sqrt();
+            gq.par_chunks_mut(head)
+                .zip(gk.par_chunks_mut(head))
+                .zip(gv.par_chunks_mut(head))
+                .enumerate()
+                .for_each(|(i, ((dq, dk), dv))| {
+                    let span = i * head..(i + 1) * head;
+                    let [q, k, v, g] =
+                        [q, k, v, g].map(|t| bf16::from_f32s(&t[span.clone()]).into_owned());
+                    let [q, k, v, g] = [&q, &k, &v, &g].map(|t| Mat::new(t, n, d));
+                    let tiles = Tiles::new();
+                    let (kt, vt) = (Packed::new(k.t(), false), Packed::new(v.t(), false));
+                    let mut p_all = vec![bf16::ZERO; n * n];
+                    let mut ds_all = vec![bf16::ZERO; n * n];
+                    let mut p = vec![0f32; BLOCK * n];
+                    let mut dp = vec![0f32; BLOCK * n];
+                    let k_rows = Packed::new(k, false);
+                    for r0 in (0..n).step_by(BLOCK) {
+                        let rows = BLOCK.min(n - r0);
+                        let (p, dp) = (&mut p[..rows * n], &mut dp[..rows * n]);
+                        tiles.product(&Panel::new(q, r0, rows), &kt, |c0, c| {
+                            store(p, n, c0, c, Some(scale))
+                        });
+                        kernels::softmax_rows(p, n);
+                        tiles.product(&Panel::new(g, r0, rows), &vt, |c0, c| {
+                            store(dp, n, c0, c, Some(1.0))
+                        });
+                        // dS = s·P ⊙ (dP − rowsum(dP ⊙ P)), in place of dP.
+                        kernels::softmax_grad_rows(p, dp, n, scale);
+                        let block = r0 * n..(r0 + rows) * n;
+                        p_all[block.clone()].copy_from_slice(&bf16::from_f32s(p));
+                        ds_all[block.clone()].copy_from_slice(&bf16::from_f32s(dp));
+                        let ds = Mat::new(&ds_all[block], rows, n);
+                        let dq = &mut dq[r0 * d..(r0 + rows) * d];
+                        tiles.product(&Panel::new(ds, 0, rows), &k_rows, |c0, c| {
+                            store(dq, d, c0, c, None)
+                        });
+                    }
+                    // dV = Pᵀ·dO and dK = dSᵀ·Q, by blocks of their rows (P's and dS's columns).
+                    let (p_t, ds_t) = (Mat::new(&p_all, n, n).t(), Mat::new(&ds_all, n, n).t());
+                    for (out, a, b) in [(dv, p_t, g), (dk, ds_t, q)] {
+                        let b = Packed::new(b, false);
+                        for r0 in (0..n).step_by(BLOCK) {
+                            let rows = BLOCK.min(n - r0);
+                            let out = &mut out[r0 * d..(r0 + rows) * d];
+                            tiles.product(&Panel::new(a, r0, rows), &b, |c0, c| {
+                                store(out, d, c0, c, None)
+                            });
+                        }
+                    }
+                });
+        }
+        FlexTensor::from_data(TensorData::new(grad, [b3, h, n, d]))
+    }
+
+    /// `out` [rows, width] columns c0.. ← a 32-wide block of sums, times `s` or (`None`)
+    /// rounded to bf16, as far as both reach.
+    fn store(out: &mut [f32], width: usize, c0: usize, c: &[f32], s: Option<f32>) {
+        for (o, c) in out.chunks_exact_mut(width).zip(c.chunks_exact(BLOCK)) {
+            let o = &mut o[c0..(c0 + BLOCK).min(width)];
+            scale_or_round(&c[..o.len()], s, o);
+        }
     }
 
     mod kernels {
@@ -367,7 +521,7 @@ mod tests {
     }
 
     fn packed<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
-        attention(Tensor::cat(vec![q, k, v], 0))
+        attention(Tensor::cat(vec![q, k, v], 0), false)
     }
 
     fn same_as_unfused<C: CheckpointStrategy>(shape: [usize; 4]) {
@@ -406,6 +560,165 @@ mod tests {
             .assert_approx_eq::<f32>(&ref_out.into_data(), Tolerance::absolute(0.05));
         dq.into_data()
             .assert_approx_eq::<f32>(&ref_dq.into_data(), Tolerance::absolute(0.05));
+    }
+
+    /// The bf16 arithmetic of `cpu::forward_bf16` in f64, for one (image, head): Q, K, V rounded
+    /// to bf16, S and O summed exactly, P and O rounded to bf16.
+    fn bf16_reference(q: &[f32], k: &[f32], v: &[f32], n: usize, d: usize) -> Vec<f64> {
+        let r = |x: f64| half::bf16::from_f64(x).to_f64();
+        let [q, k, v] = [q, k, v].map(|t| t.iter().map(|&x| r(x as f64)).collect::<Vec<_>>());
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut out = vec![0.0; n * d];
+        for i in 0..n {
+            let s: Vec<f64> = (0..n)
+                .map(|j| scale * (0..d).map(|t| q[i * d + t] * k[j * d + t]).sum::<f64>())
+                .collect();
+            let max = s.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+            let total: f64 = e.iter().sum();
+            let p: Vec<f64> = e.iter().map(|x| r(x / total)).collect();
+            for t in 0..d {
+                out[i * d + t] = r((0..n).map(|j| p[j] * v[j * d + t]).sum());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn bf16_products_on_amx_follow_the_bf16_arithmetic() {
+        if !crate::cpu_gemm::amx::available() {
+            eprintln!("no AMX on this CPU: attention's bf16 products are not exercised here");
+            return;
+        }
+        // 70 query rows: three blocks of 32, the last one short; d 16 pads the tiles' k, d 48
+        // makes two blocks of output columns.
+        for (b, h, n, d) in [(2, 3, 70, 16), (1, 2, 40, 48)] {
+            let [q, k, v] = [1, 2, 3].map(|s| test_values::<Cpu, 4>([b, h, n, d], s));
+            let qkv = Tensor::cat(vec![q.clone(), k.clone(), v.clone()], 0);
+            let half = attention(qkv.clone(), true)
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let full = unfused(q.clone(), k.clone(), v.clone())
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let [q, k, v] = [q, k, v].map(|t| t.into_data().to_vec::<f32>().unwrap());
+            let span = n * d;
+            for head in 0..b * h {
+                let s = head * span..(head + 1) * span;
+                let want = bf16_reference(&q[s.clone()], &k[s.clone()], &v[s.clone()], n, d);
+                for (i, (&got, want)) in half[s].iter().zip(want).enumerate() {
+                    // f32 sums may round P or O to the neighbouring bf16 value: two steps of 2⁻⁸.
+                    assert!(
+                        (got as f64 - want).abs() <= want.abs() / 64.0 + 1e-3,
+                        "[{b}, {h}, {n}, {d}] head {head}, element {i}: {got} vs {want}"
+                    );
+                }
+            }
+            // Every output is a bf16 value, and the path differs from f32's (the flag off).
+            assert!(half.iter().all(|x| x.to_bits() & 0xFFFF == 0));
+            assert!(half.iter().zip(&full).any(|(a, b)| (a - b).abs() > 1e-3));
+            let f32_path = attention(qkv, false).into_data().to_vec::<f32>().unwrap();
+            assert!(f32_path
+                .iter()
+                .zip(&full)
+                .all(|(a, b)| (a - b).abs() < 1e-5));
+        }
+    }
+
+    /// The bf16 backward arithmetic of `cpu::backward_bf16` in f64 for one (image, head): dQ,
+    /// dK and dV as flat [N, d] vectors.
+    fn bf16_backward_reference(t: [&[f32]; 4], n: usize, d: usize) -> [Vec<f64>; 3] {
+        let r = |x: f64| half::bf16::from_f64(x).to_f64();
+        let [q, k, v, g] = t.map(|t| t.iter().map(|&x| r(x as f64)).collect::<Vec<_>>());
+        let scale = 1.0 / (d as f64).sqrt();
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        let (mut p, mut ds) = (vec![0.0; n * n], vec![0.0; n * n]);
+        for i in 0..n {
+            let row = |t: &[f64], j: usize| t[j * d..(j + 1) * d].to_vec();
+            let s: Vec<f64> = (0..n)
+                .map(|j| scale * dot(&row(&q, i), &row(&k, j)))
+                .collect();
+            let max = s.iter().cloned().fold(f64::MIN, f64::max);
+            let total: f64 = s.iter().map(|x| (x - max).exp()).sum();
+            let pi: Vec<f64> = s.iter().map(|x| (x - max).exp() / total).collect();
+            let dp: Vec<f64> = (0..n).map(|j| dot(&row(&g, i), &row(&v, j))).collect();
+            let inner = dot(&pi, &dp);
+            for j in 0..n {
+                p[i * n + j] = r(pi[j]);
+                ds[i * n + j] = r(scale * pi[j] * (dp[j] - inner));
+            }
+        }
+        // C[i][t] = Σ_j A(i, j)·B[j][t], A read through `a`.
+        let prod = |a: &dyn Fn(usize, usize) -> f64, b: &[f64]| {
+            let mut c = vec![0.0; n * d];
+            for i in 0..n {
+                for t in 0..d {
+                    c[i * d + t] = r((0..n).map(|j| a(i, j) * b[j * d + t]).sum());
+                }
+            }
+            c
+        };
+        [
+            prod(&|i, j| ds[i * n + j], &k),
+            prod(&|i, j| ds[j * n + i], &q),
+            prod(&|i, j| p[j * n + i], &g),
+        ]
+    }
+
+    #[test]
+    fn bf16_gradients_on_amx_follow_the_bf16_arithmetic() {
+        if !crate::cpu_gemm::amx::available() {
+            eprintln!("no AMX on this CPU: attention's bf16 gradients are not exercised here");
+            return;
+        }
+        for (b, h, n, d) in [(2, 3, 70, 16), (1, 2, 40, 48)] {
+            let part = b * h * n * d;
+            let qkv = test_values::<Cpu, 4>([3 * b, h, n, d], 5);
+            let g = test_values::<Cpu, 4>([b, h, n, d], 6);
+            let grad = cpu::backward_bf16(
+                qkv.clone().into_primitive().tensor(),
+                g.clone().into_primitive().tensor(),
+            );
+            let grad = Tensor::<Cpu, 4>::from_primitive(TensorPrimitive::Float(grad));
+            let grad = grad.into_data().to_vec::<f32>().unwrap();
+            let exact = cpu::backward(
+                qkv.clone().into_primitive().tensor(),
+                g.clone().into_primitive().tensor(),
+            );
+            let exact = Tensor::<Cpu, 4>::from_primitive(TensorPrimitive::Float(exact));
+            let exact = exact.into_data().to_vec::<f32>().unwrap();
+            let (x, g) = (
+                qkv.into_data().to_vec::<f32>().unwrap(),
+                g.into_data().to_vec::<f32>().unwrap(),
+            );
+            let span = n * d;
+            for head in 0..b * h {
+                let at = |t: &[f32], which: usize| t[which * part + head * span..][..span].to_vec();
+                let (q, k, v, gh) = (at(&x, 0), at(&x, 1), at(&x, 2), at(&g, 0));
+                let want = bf16_backward_reference([&q, &k, &v, &gh], n, d);
+                for (which, want) in want.iter().enumerate() {
+                    let got = at(&grad, which);
+                    let top = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+                    for (i, (&got, &want)) in got.iter().zip(want).enumerate() {
+                        // f32 sums may round P, dS or the gradient to a neighbouring bf16 value.
+                        assert!(
+                            (got as f64 - want).abs() <= want.abs() / 64.0 + top * 2e-3,
+                            "[{b}, {h}, {n}, {d}] head {head}, gradient {which}, element {i}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+            assert!(
+                grad.iter().all(|x| x.to_bits() & 0xFFFF == 0),
+                "gradients are bf16 values"
+            );
+            assert!(
+                grad.iter().zip(&exact).any(|(a, b)| (a - b).abs() > 1e-3),
+                "same as f32"
+            );
+        }
     }
 
     #[test]

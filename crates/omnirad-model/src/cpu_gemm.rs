@@ -11,6 +11,8 @@ pub use gemm::Parallelism;
 use gemmkit::bf16;
 use rayon::prelude::*;
 
+pub mod amx;
+
 /// A row-major [rows, cols] matrix in a slice, or its transpose (read through swapped strides,
 /// no copy).
 pub struct Mat<'a, T = f32> {
@@ -187,6 +189,9 @@ impl Operand for bf16 {
         );
         if m * n == 0 {
             return Vec::new();
+        }
+        if k > 0 && amx::available() {
+            return amx::product(a, b, bias.unwrap_or(&vec![0.0; n]));
         }
         let product = |c: &mut [MaybeUninit<bf16>]| {
             if k == 0 {

@@ -534,7 +534,8 @@ impl<B: Backend> Attention<B> {
         // One contiguous [3·B, H, N, d/h] copy: q, k and v are views of it (a squeeze would copy).
         let qkv = permute_contiguous(qkv, [2, 0, 3, 1, 4]).reshape([3 * b, h, n, d / h]);
         // Fused in the forward pass also when training (see `crate::attention`).
-        let out = permute_contiguous(attention(qkv), [0, 2, 1, 3]).reshape([b, n, d]);
+        let bf16 = p == Precision::Bf16 && bf16_in_gemm::<B>();
+        let out = permute_contiguous(attention(qkv, bf16), [0, 2, 1, 3]).reshape([b, n, d]);
         to_f32(with_lora(&self.proj, &self.proj_lora, out, p))
     }
 }

@@ -1,0 +1,456 @@
+//! bf16 products on Intel AMX tiles (`tdpbf16ps`, Sapphire Rapids and later Xeons), for
+//! [`super::Operand::product`]: on such CPUs gemmkit's AVX-512 BF16 kernel reaches about half
+//! the f32 rate (`vdpbf16ps` issues on one port, f32 FMAs on two), so bf16 was slower than f32
+//! there, while one tile product does 16·16·32 multiply-adds. Hand-written because gemmkit and
+//! `gemm` have no AMX path and Rust's AMX intrinsics are unstable; tract-linalg's AMX kernel
+//! comes inside its own packing framework and C build.
+//!
+//! ```text
+//! C[m, n] = A[m, k] · B[k, n]   in blocks of 32 × 32: four f32 accumulator tiles (tmm0–3),
+//!                               two 16-row A tiles (tmm4–5), two 16-column B tiles (tmm6–7),
+//!                               32 values of k per step
+//! ```
+//! A is copied per 32-row block into rows of k (zero-padded to a multiple of 32); B once into
+//! the pair layout the instruction reads (tile row p holds B[2p][j], B[2p+1][j] for each
+//! column j). The f32 sums are rounded to bf16 once and widened, as gemmkit's bf16 output is.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::asm;
+use std::mem::MaybeUninit;
+use std::sync::OnceLock;
+
+use gemmkit::bf16;
+use rayon::prelude::*;
+
+use super::{written, Mat};
+
+/// Rows and columns of one block of C (two tiles each way).
+pub const BLOCK: usize = 32;
+/// Values of k per tile product: 16 bf16 pairs, a 64-byte tile row.
+const KSTEP: usize = 32;
+
+/// Whether bf16 products run on AMX: the CPU has AMX-TILE and AMX-BF16, Linux grants this
+/// process the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, required once before any thread
+/// executes a tile instruction), and `OMNIRAD_AMX` is not `0` (for measuring gemmkit's path).
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        std::env::var("OMNIRAD_AMX").map_or(true, |v| v != "0") && cpu_has_amx() && request_tiles()
+    })
+}
+
+fn cpu_has_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // CPUID.(7, 0).EDX: bit 22 AMX-BF16, bit 24 AMX-TILE (is_x86_feature_detected's AMX
+        // names are unstable).
+        let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+        edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn request_tiles() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a permission request with no memory arguments; it fails cleanly (non-zero)
+        // on kernels without AMX support.
+        unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    false
+}
+
+/// A·B [m, n] row-major f32, each sum rounded to bf16 and `bias` (length n) added in f32.
+/// Only call when [`available`].
+pub fn product(a: Mat<bf16>, b: Mat<bf16>, bias: &[f32]) -> Vec<f32> {
+    let (m, n) = (a.shape().0, b.shape().1);
+    if m * n == 0 {
+        return Vec::new();
+    }
+    let b = Packed::new(b, true);
+    let write = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut(BLOCK * n)
+            .enumerate()
+            .for_each(|(block, out)| {
+                let panel = Panel::new(a, block * BLOCK, out.len() / n);
+                Tiles::new().product(&panel, &b, |c0, c| {
+                    let cols = c0..(c0 + BLOCK).min(n);
+                    for (o, c) in out.chunks_exact_mut(n).zip(c.chunks_exact(BLOCK)) {
+                        let (o, bias) = (&mut o[cols.clone()], &bias[cols.clone()]);
+                        kernels::round_add(&c[..o.len()], bias, o);
+                    }
+                });
+            });
+    };
+    // SAFETY: every row block writes all of its rows' n columns.
+    unsafe { written(m * n, write) }
+}
+
+/// Up to 32 rows of A [m, k] as 32 rows of kp values (k rounded up to a multiple of 32),
+/// zero-padded: the left operand of [`Tiles::product`].
+pub struct Panel {
+    data: Vec<bf16>,
+    kp: usize,
+}
+
+impl Panel {
+    /// Rows r0..r0 + rows of `a`.
+    pub fn new(a: Mat<bf16>, r0: usize, rows: usize) -> Self {
+        let ((m, k), (cs, rs)) = a.layout();
+        assert!(k > 0 && rows <= BLOCK && r0 + rows <= m, "AMX panel: shape");
+        let kp = k.next_multiple_of(KSTEP);
+        let (cs, rs) = (cs as usize, rs as usize);
+        let data = if cs == 1 {
+            let mut data = Vec::with_capacity(BLOCK * kp);
+            for i in 0..rows {
+                data.extend_from_slice(&a.data[(r0 + i) * rs..][..k]);
+                data.resize((i + 1) * kp, bf16::ZERO);
+            }
+            data.resize(BLOCK * kp, bf16::ZERO);
+            data
+        } else {
+            // A transposed: its columns are rows in memory. Read 32 of them at a time into a
+            // square in L1 and write that out transposed.
+            let mut data = vec![bf16::ZERO; BLOCK * kp];
+            let mut square = [[bf16::ZERO; BLOCK]; KSTEP];
+            for k0 in (0..k).step_by(KSTEP) {
+                let ks = KSTEP.min(k - k0);
+                for (t, sq) in square.iter_mut().take(ks).enumerate() {
+                    sq[..rows].copy_from_slice(&a.data[(k0 + t) * cs + r0..][..rows]);
+                }
+                for (i, row) in data.chunks_exact_mut(kp).take(rows).enumerate() {
+                    for (x, sq) in row[k0..k0 + ks].iter_mut().zip(&square) {
+                        *x = sq[i];
+                    }
+                }
+            }
+            data
+        };
+        Self { data, kp }
+    }
+}
+
+/// B [k, n] in the layout the tile product reads, zero-padded to [kp, n rounded up to 32]:
+/// for each block of 16 columns, kp/2 rows of 16 pairs (B[2p][j], B[2p+1][j]), a pair as one
+/// 32-bit word (B[2p][j] in its low half, the lower address).
+pub struct Packed {
+    data: Vec<u32>,
+    n: usize,
+    kp: usize,
+}
+
+impl Packed {
+    /// `par`: pack the column blocks in rayon tasks (for a large B outside other tasks).
+    pub fn new(b: Mat<bf16>, par: bool) -> Self {
+        let ((k, n), (cs, rs)) = b.layout();
+        assert!(k > 0, "AMX operand: empty inner dimension");
+        let kp = k.next_multiple_of(KSTEP);
+        let (cs, rs) = (cs as usize, rs as usize);
+        let word = |lo: bf16, hi: bf16| lo.to_bits() as u32 | (hi.to_bits() as u32) << 16;
+        let pack = |(block, out): (usize, &mut [u32])| {
+            let (j0, cols) = (block * 16, 16.min(n.saturating_sub(block * 16)));
+            if cols == 0 {
+                return; // padding columns
+            }
+            // `out` is [kp/2, 16] words.
+            if cs == 1 {
+                let row = |kk: usize| &b.data[kk * rs + j0..][..cols];
+                for (p, out) in out.chunks_exact_mut(16).take(k.div_ceil(2)).enumerate() {
+                    let lo = row(2 * p);
+                    if 2 * p + 1 < k {
+                        for ((o, &l), &h) in out.iter_mut().zip(lo).zip(row(2 * p + 1)) {
+                            *o = word(l, h);
+                        }
+                    } else {
+                        for (o, &l) in out.iter_mut().zip(lo) {
+                            *o = word(l, bf16::ZERO);
+                        }
+                    }
+                }
+            } else {
+                // B transposed: a column's k values lie side by side, a pair in one read.
+                for jj in 0..cols {
+                    let col = &b.data[(j0 + jj) * cs..][..k];
+                    let pairs = col.chunks_exact(2);
+                    let last = pairs.remainder().first().map(|&l| word(l, bf16::ZERO));
+                    let words = pairs.map(|p| word(p[0], p[1])).chain(last);
+                    for (p, w) in words.enumerate() {
+                        out[p * 16 + jj] = w;
+                    }
+                }
+            }
+        };
+        let mut data = vec![0u32; kp / 2 * n.next_multiple_of(BLOCK)];
+        if par {
+            data.par_chunks_mut(8 * kp).enumerate().for_each(pack);
+        } else {
+            data.chunks_mut(8 * kp).enumerate().for_each(pack);
+        }
+        Self { data, n, kp }
+    }
+}
+
+/// The tile registers, configured on this thread until dropped. Only make when [`available`].
+pub struct Tiles {
+    /// Tile state belongs to a thread.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Tiles {
+    pub fn new() -> Self {
+        assert!(available(), "AMX tiles on a CPU or process without them");
+        // SAFETY: the CPU has AMX and the process holds the permission (`available`).
+        unsafe { configure_tiles() };
+        Self {
+            _not_send: std::marker::PhantomData,
+        }
+    }
+
+    /// panel · B, one 32 × 32 block of f32 sums at a time: `f(c0, block)` for the block's
+    /// columns c0..c0 + 32 (row-major, 32 wide; rows past the panel's and columns past B's are
+    /// padding).
+    pub fn product(
+        &self,
+        panel: &Panel,
+        b: &Packed,
+        mut f: impl FnMut(usize, &[f32; BLOCK * BLOCK]),
+    ) {
+        assert_eq!(panel.kp, b.kp, "AMX product: inner dimensions");
+        let mut c = [0f32; BLOCK * BLOCK];
+        for c0 in (0..b.n).step_by(BLOCK) {
+            let b0 = &b.data[c0 * b.kp / 2..][..BLOCK * b.kp / 2];
+            // SAFETY: tiles configured by `new` on this thread (`Tiles` is not Send); the panel
+            // holds 32 rows of kp values, b0 two column blocks of kp/2 pair rows of 16 pairs;
+            // kp is a positive multiple of 32.
+            unsafe { block_product(&panel.data, b0, &mut c, b.kp) };
+            f(c0, &c);
+        }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: tiles were configured on this thread by `new`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            asm!("tilerelease", options(nostack, nomem))
+        };
+    }
+}
+
+/// Palette 1, all eight tiles 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+/// # Safety
+/// The CPU has AMX and the process holds the tile permission.
+unsafe fn configure_tiles() {
+    let mut cfg = TileConfig([0; 64]);
+    cfg.0[0] = 1;
+    for t in 0..8 {
+        cfg.0[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+        cfg.0[48 + t] = 16;
+    }
+    // SAFETY: the caller's contract; `cfg` is a valid 64-byte configuration.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly))
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AMX on {}", std::env::consts::ARCH);
+}
+
+/// c [32, 32] ← panel [32, kp] · B for two 16-column blocks `b` ([kp/2, 32] each, one after the
+/// other).
+///
+/// # Safety
+/// Tiles configured by [`configure_tiles`] on this thread; slice lengths as stated, kp a
+/// positive multiple of 32.
+unsafe fn block_product(panel: &[bf16], b: &[u32], c: &mut [f32; BLOCK * BLOCK], kp: usize) {
+    debug_assert!(
+        kp > 0
+            && kp.is_multiple_of(KSTEP)
+            && panel.len() == BLOCK * kp
+            && b.len() == BLOCK * kp / 2
+    );
+    let (a0, b0) = (panel.as_ptr(), b.as_ptr());
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AMX on {}: {a0:?} {b0:?} {c:?}", std::env::consts::ARCH);
+    // SAFETY: each step reads 16 rows of 64 bytes from each A tile (stride kp·2 bytes) and 16
+    // rows of 64 bytes from each B block, all inside the slices; stores write the 32 × 32 c.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "2:",
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {steps}",
+            "jnz 2b",
+            "tilestored [{c0} + {sc}*1], tmm0",
+            "tilestored [{c1} + {sc}*1], tmm1",
+            "tilestored [{c2} + {sc}*1], tmm2",
+            "tilestored [{c3} + {sc}*1], tmm3",
+            a0 = inout(reg) a0 => _,
+            a1 = inout(reg) a0.add(16 * kp) => _,
+            b0 = inout(reg) b0 => _,
+            b1 = inout(reg) b0.add(8 * kp) => _,
+            steps = inout(reg) kp / KSTEP => _,
+            sa = in(reg) kp * 2,
+            sb = in(reg) 64usize,
+            c0 = in(reg) c.as_mut_ptr(),
+            c1 = in(reg) c.as_mut_ptr().add(16),
+            c2 = in(reg) c.as_mut_ptr().add(16 * BLOCK),
+            c3 = in(reg) c.as_mut_ptr().add(16 * BLOCK + 16),
+            sc = in(reg) BLOCK * 4,
+            options(nostack),
+        );
+    }
+}
+
+pub mod kernels {
+    use std::mem::MaybeUninit;
+
+    use crate::cpu_gemm::kernels::narrow1;
+    use crate::simd::dispatch;
+
+    dispatch! {
+        /// `out ← s·c`, or f32(bf16(c)) when `s` is `None`.
+        scale_or_round(c: &[f32], s: Option<f32>, out: &mut [f32]) {
+            match s {
+                Some(s) => out.iter_mut().zip(c).for_each(|(o, &c)| *o = s * c),
+                None => out.iter_mut().zip(c).for_each(|(o, &c)| {
+                    *o = f32::from_bits((narrow1(c) as u32) << 16)
+                }),
+            }
+        }
+    }
+
+    dispatch! {
+        /// `out ← f32(bf16(c)) + bias`.
+        round_add(c: &[f32], bias: &[f32], out: &mut [MaybeUninit<f32>]) {
+            for ((o, &c), &b) in out.iter_mut().zip(c).zip(bias) {
+                o.write(f32::from_bits((narrow1(c) as u32) << 16) + b);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values spread over several binades, rounded to bf16.
+    fn values(len: usize, seed: u64) -> Vec<bf16> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let u = (s >> 11) as f64 / (1u64 << 53) as f64;
+                bf16::from_f64((u - 0.5) * 8.0)
+            })
+            .collect()
+    }
+
+    /// Tile products equal the definition: bf16 values multiplied exactly, summed (here in f64,
+    /// there in f32), the sum rounded to bf16, the bias added; over shapes that leave partial
+    /// blocks on every side and through transposed views of A and B.
+    #[test]
+    fn tile_products_match_the_definition() {
+        if !cpu_has_amx() {
+            eprintln!("no AMX on this CPU: the tile path is not exercised here");
+            return;
+        }
+        assert!(
+            available(),
+            "the CPU has AMX but the tile permission was refused"
+        );
+        for (m, k, n) in [
+            (1, 1, 1),
+            (17, 31, 15),
+            (33, 33, 47),
+            (64, 96, 32),
+            (50, 384, 70),
+        ] {
+            let (a, b) = (values(m * k, 1), values(k * n, 2));
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25 - 1.0).collect();
+            // a as [m, k] or as the transpose of a [k, m] matrix; b likewise.
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let am = if ta {
+                    Mat::new(&a, k, m).t()
+                } else {
+                    Mat::new(&a, m, k)
+                };
+                let bm = if tb {
+                    Mat::new(&b, n, k).t()
+                } else {
+                    Mat::new(&b, k, n)
+                };
+                let at = |i: usize, kk: usize| a[if ta { kk * m + i } else { i * k + kk }].to_f64();
+                let bt = |kk: usize, j: usize| b[if tb { j * k + kk } else { kk * n + j }].to_f64();
+                let got = product(am, bm, &bias);
+                assert_eq!(got.len(), m * n);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (sum, size) = (0..k).fold((0.0, 0.0), |(s, z), kk| {
+                            let p = at(i, kk) * bt(kk, j);
+                            (s + p, z + p.abs())
+                        });
+                        let want = bf16::from_f64(sum).to_f64() + bias[j] as f64;
+                        // One bf16 step where f32 summation lands beside a rounding boundary.
+                        let tol = sum.abs() / 128.0 + size * 1e-6 + 1e-6;
+                        let g = got[i * n + j] as f64;
+                        assert!(
+                            (g - want).abs() <= tol,
+                            "[{m}, {k}]·[{k}, {n}] ta {ta} tb {tb} at ({i}, {j}): {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Non-finite values propagate as in any product: an ∞ in A makes its row ±∞ or NaN.
+    #[test]
+    fn infinities_and_nans_reach_their_rows() {
+        if !available() {
+            return;
+        }
+        let (m, k, n) = (3, 40, 5);
+        let mut a = values(m * k, 3);
+        a[k + 7] = bf16::NAN;
+        let b = values(k * n, 4);
+        let got = product(Mat::new(&a, m, k), Mat::new(&b, k, n), &[0.0; 5]);
+        for (i, row) in got.chunks(n).enumerate() {
+            assert!(
+                row.iter().all(|x| x.is_nan() == (i == 1)),
+                "row {i}: {row:?}"
+            );
+        }
+    }
+}
