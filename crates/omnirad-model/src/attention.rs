@@ -38,9 +38,9 @@ use crate::{cast_same, is_same};
 /// gradient the size of all three and add them up.
 ///
 /// `bf16` asks for bf16 products on f32 tensors of the CPU backend (mixed precision there keeps
-/// tensors f32, see `vit.rs`): the forward pass then runs on AMX tiles where the CPU has them
-/// ([`cpu::forward_bf16`]); elsewhere, and on other backends (which get bf16 tensors instead),
-/// it changes nothing.
+/// tensors f32, see `vit.rs`): both passes then run on AMX tiles where the CPU has them
+/// ([`cpu::forward_bf16`], [`cpu::backward_bf16`]); elsewhere, and on other backends (which get
+/// bf16 tensors instead), it changes nothing.
 pub fn attention<B: Backend>(qkv: Tensor<B, 4>, bf16: bool) -> Tensor<B, 4> {
     assert_eq!(
         qkv.dims()[0] % 3,
@@ -188,8 +188,8 @@ mod cpu {
     use std::mem::MaybeUninit;
 
     use crate::cpu_gemm::amx::kernels::{round_add, scale_or_round};
-    use crate::cpu_gemm::amx::{Packed, Panel, Tiles, BLOCK};
-    use crate::cpu_gemm::{contiguous, mm_new, mm_uninit, written, Mat, Operand, Parallelism};
+    use crate::cpu_gemm::amx::{blocks, Packed, Panel, BLOCK};
+    use crate::cpu_gemm::{bf16s, contiguous, mm_new, mm_uninit, written, Mat, Parallelism};
     use gemmkit::bf16;
 
     /// One thread: the rayon tasks over heads and row blocks are the parallelism.
@@ -250,16 +250,15 @@ mod cpu {
             }
             out.par_chunks_mut(head).enumerate().for_each(|(i, o)| {
                 let span = i * head..(i + 1) * head;
-                let [q, k, v] = [q, k, v].map(|t| bf16::from_f32s(&t[span.clone()]).into_owned());
+                let [q, k, v] = [q, k, v].map(|t| bf16s(&t[span.clone()]));
                 let kt = Packed::new(Mat::new(&k, n, d).t(), false);
                 let v = Packed::new(Mat::new(&v, n, d), false);
-                let tiles = Tiles::new();
                 let zeros = [0f32; BLOCK];
                 let mut s = vec![0f32; BLOCK * n];
                 for r0 in (0..n).step_by(BLOCK) {
                     let rows = BLOCK.min(n - r0);
                     let s = &mut s[..rows * n];
-                    tiles.product(&Panel::new(Mat::new(&q, n, d), r0, rows), &kt, |c0, c| {
+                    blocks(&Panel::new(Mat::new(&q, n, d), r0, rows), &kt, |c0, c| {
                         for (s, c) in s.chunks_exact_mut(n).zip(c.chunks_exact(BLOCK)) {
                             let s = &mut s[c0..(c0 + BLOCK).min(n)];
                             for (s, c) in s.iter_mut().zip(c) {
@@ -268,9 +267,9 @@ mod cpu {
                         }
                     });
                     kernels::softmax_rows(s, n);
-                    let p = bf16::from_f32s(s);
+                    let p = bf16s(s);
                     let o = &mut o[r0 * d..(r0 + rows) * d];
-                    tiles.product(&Panel::new(Mat::new(&p, rows, n), 0, rows), &v, |c0, c| {
+                    blocks(&Panel::new(Mat::new(&p, rows, n), 0, rows), &v, |c0, c| {
                         for (o, c) in o.chunks_exact_mut(d).zip(c.chunks_exact(BLOCK)) {
                             let o = &mut o[c0..(c0 + BLOCK).min(d)];
                             round_add(&c[..o.len()], &zeros[..o.len()], o);
@@ -355,10 +354,8 @@ mod cpu {
                 .enumerate()
                 .for_each(|(i, ((dq, dk), dv))| {
                     let span = i * head..(i + 1) * head;
-                    let [q, k, v, g] =
-                        [q, k, v, g].map(|t| bf16::from_f32s(&t[span.clone()]).into_owned());
+                    let [q, k, v, g] = [q, k, v, g].map(|t| bf16s(&t[span.clone()]));
                     let [q, k, v, g] = [&q, &k, &v, &g].map(|t| Mat::new(t, n, d));
-                    let tiles = Tiles::new();
                     let (kt, vt) = (Packed::new(k.t(), false), Packed::new(v.t(), false));
                     let mut p_all = vec![bf16::ZERO; n * n];
                     let mut ds_all = vec![bf16::ZERO; n * n];
@@ -368,21 +365,21 @@ mod cpu {
                     for r0 in (0..n).step_by(BLOCK) {
                         let rows = BLOCK.min(n - r0);
                         let (p, dp) = (&mut p[..rows * n], &mut dp[..rows * n]);
-                        tiles.product(&Panel::new(q, r0, rows), &kt, |c0, c| {
+                        blocks(&Panel::new(q, r0, rows), &kt, |c0, c| {
                             store(p, n, c0, c, Some(scale))
                         });
                         kernels::softmax_rows(p, n);
-                        tiles.product(&Panel::new(g, r0, rows), &vt, |c0, c| {
+                        blocks(&Panel::new(g, r0, rows), &vt, |c0, c| {
                             store(dp, n, c0, c, Some(1.0))
                         });
                         // dS = s·P ⊙ (dP − rowsum(dP ⊙ P)), in place of dP.
                         kernels::softmax_grad_rows(p, dp, n, scale);
                         let block = r0 * n..(r0 + rows) * n;
-                        p_all[block.clone()].copy_from_slice(&bf16::from_f32s(p));
-                        ds_all[block.clone()].copy_from_slice(&bf16::from_f32s(dp));
+                        p_all[block.clone()].copy_from_slice(&bf16s(p));
+                        ds_all[block.clone()].copy_from_slice(&bf16s(dp));
                         let ds = Mat::new(&ds_all[block], rows, n);
                         let dq = &mut dq[r0 * d..(r0 + rows) * d];
-                        tiles.product(&Panel::new(ds, 0, rows), &k_rows, |c0, c| {
+                        blocks(&Panel::new(ds, 0, rows), &k_rows, |c0, c| {
                             store(dq, d, c0, c, None)
                         });
                     }
@@ -393,7 +390,7 @@ mod cpu {
                         for r0 in (0..n).step_by(BLOCK) {
                             let rows = BLOCK.min(n - r0);
                             let out = &mut out[r0 * d..(r0 + rows) * d];
-                            tiles.product(&Panel::new(a, r0, rows), &b, |c0, c| {
+                            blocks(&Panel::new(a, r0, rows), &b, |c0, c| {
                                 store(out, d, c0, c, None)
                             });
                         }
@@ -591,8 +588,9 @@ mod tests {
             return;
         }
         // 70 query rows: three blocks of 32, the last one short; d 16 pads the tiles' k, d 48
-        // makes two blocks of output columns.
-        for (b, h, n, d) in [(2, 3, 70, 16), (1, 2, 40, 48)] {
+        // makes two blocks of output columns; 600 tokens make P's rows span several rounding
+        // tasks of a parallel conversion (which must not run inside a tile-holding task).
+        for (b, h, n, d) in [(2, 3, 70, 16), (1, 2, 40, 48), (1, 3, 600, 8)] {
             let [q, k, v] = [1, 2, 3].map(|s| test_values::<Cpu, 4>([b, h, n, d], s));
             let qkv = Tensor::cat(vec![q.clone(), k.clone(), v.clone()], 0);
             let half = attention(qkv.clone(), true)
@@ -673,7 +671,7 @@ mod tests {
             eprintln!("no AMX on this CPU: attention's bf16 gradients are not exercised here");
             return;
         }
-        for (b, h, n, d) in [(2, 3, 70, 16), (1, 2, 40, 48)] {
+        for (b, h, n, d) in [(2, 3, 70, 16), (1, 2, 40, 48), (1, 3, 600, 8)] {
             let part = b * h * n * d;
             let qkv = test_values::<Cpu, 4>([3 * b, h, n, d], 5);
             let g = test_values::<Cpu, 4>([b, h, n, d], 6);

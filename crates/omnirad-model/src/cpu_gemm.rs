@@ -240,6 +240,13 @@ impl Operand for bf16 {
     }
 }
 
+/// f32 values rounded to bf16 on the calling thread ([`Operand::from_f32s`] spreads large
+/// slices over rayon tasks), for code inside a rayon task that holds AMX tiles ([`amx::blocks`]).
+pub fn bf16s(v: &[f32]) -> Vec<bf16> {
+    // SAFETY: `narrow` writes every element.
+    unsafe { written(v.len(), |out| kernels::narrow(v, out)) }
+}
+
 /// Elements per rayon task of the elementwise conversions.
 const BLOCK: usize = 1 << 14;
 

@@ -46,7 +46,8 @@ pub struct EmbedArgs {
     /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
-    /// Encoder matmul/attention precision: bf16 for speed on GPUs (outputs stay f32).
+    /// Encoder matmul/attention precision: bf16 for speed on GPUs and on CPUs with AMX or AVX-512
+    /// BF16 (outputs stay f32).
     #[arg(long, default_value = "f32")]
     pub dtype: omnirad_model::Precision,
     /// Seed for preset (random-init) models.

@@ -85,8 +85,8 @@ pub struct TrainArgs {
     pub lora_alpha: f64,
     #[arg(long, default_value_t = 0.1, value_parser = parse_fraction)]
     pub lora_dropout: f64,
-    /// Encoder matmul/attention precision: bf16 is mixed precision on f32 weights (a GPU speed-up;
-    /// on CPU it is slower).
+    /// Encoder matmul/attention precision: bf16 is mixed precision on f32 weights (faster on GPUs
+    /// and on CPUs with AMX or AVX-512 BF16, slower on other CPUs; README).
     #[arg(long, default_value = "f32")]
     pub dtype: omnirad_model::Precision,
     #[command(flatten)]

@@ -40,7 +40,8 @@ pub struct EncodeArgs {
     /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
-    /// Encoder matmul/attention precision: bf16 = mixed precision on f32 weights (for GPUs).
+    /// Encoder matmul/attention precision: bf16 = mixed precision on f32 weights (for GPUs and
+    /// CPUs with AMX or AVX-512 BF16).
     #[arg(long, default_value = "f32")]
     pub dtype: omnirad_model::Precision,
 }

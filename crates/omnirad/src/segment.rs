@@ -58,7 +58,8 @@ fn parse_window(s: &str) -> Result<String, String> {
 
 #[derive(Args, Debug, Clone)]
 pub struct HeadArgs {
-    /// Encoder matmul/attention precision: bf16 = mixed precision on f32 weights (for GPUs).
+    /// Encoder matmul/attention precision: bf16 = mixed precision on f32 weights (for GPUs and
+    /// CPUs with AMX or AVX-512 BF16).
     #[arg(long, default_value = "f32")]
     pub dtype: omnirad_model::Precision,
     /// adapter (multi-layer ViT taps + CNN detail branch + U-Net decoder) or linear (per patch).

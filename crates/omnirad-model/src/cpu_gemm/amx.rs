@@ -83,7 +83,7 @@ pub fn product(a: Mat<bf16>, b: Mat<bf16>, bias: &[f32]) -> Vec<f32> {
             .enumerate()
             .for_each(|(block, out)| {
                 let panel = Panel::new(a, block * BLOCK, out.len() / n);
-                Tiles::new().product(&panel, &b, |c0, c| {
+                blocks(&panel, &b, |c0, c| {
                     let cols = c0..(c0 + BLOCK).min(n);
                     for (o, c) in out.chunks_exact_mut(n).zip(c.chunks_exact(BLOCK)) {
                         let (o, bias) = (&mut o[cols.clone()], &bias[cols.clone()]);
@@ -97,7 +97,7 @@ pub fn product(a: Mat<bf16>, b: Mat<bf16>, bias: &[f32]) -> Vec<f32> {
 }
 
 /// Up to 32 rows of A [m, k] as 32 rows of kp values (k rounded up to a multiple of 32),
-/// zero-padded: the left operand of [`Tiles::product`].
+/// zero-padded: the left operand of [`blocks`].
 pub struct Panel {
     data: Vec<bf16>,
     kp: usize,
@@ -200,52 +200,30 @@ impl Packed {
     }
 }
 
-/// The tile registers, configured on this thread until dropped. Only make when [`available`].
-pub struct Tiles {
-    /// Tile state belongs to a thread.
-    _not_send: std::marker::PhantomData<*const ()>,
-}
-
-impl Tiles {
-    pub fn new() -> Self {
-        assert!(available(), "AMX tiles on a CPU or process without them");
-        // SAFETY: the CPU has AMX and the process holds the permission (`available`).
-        unsafe { configure_tiles() };
-        Self {
-            _not_send: std::marker::PhantomData,
-        }
+/// panel · B, one 32 × 32 block of f32 sums at a time: `f(c0, block)` for the block's columns
+/// c0..c0 + 32 (row-major, 32 wide; rows past the panel's and columns past B's are padding).
+/// The tiles are configured for this call and released after it: a configuration belongs to
+/// the thread, which may run other rayon tasks, configuring and releasing their own, between
+/// two calls. For the same reason `f` must not run rayon work.
+pub fn blocks(panel: &Panel, b: &Packed, mut f: impl FnMut(usize, &[f32; BLOCK * BLOCK])) {
+    assert!(available(), "AMX tiles on a CPU or process without them");
+    assert_eq!(panel.kp, b.kp, "AMX product: inner dimensions");
+    // SAFETY: the CPU has AMX and the process holds the permission (`available`).
+    unsafe { configure_tiles() };
+    let mut c = [0f32; BLOCK * BLOCK];
+    for c0 in (0..b.n).step_by(BLOCK) {
+        let b0 = &b.data[c0 * b.kp / 2..][..BLOCK * b.kp / 2];
+        // SAFETY: tiles configured above on this thread, and `f` runs no other tile code; the
+        // panel holds 32 rows of kp values, b0 two column blocks of kp/2 pair rows of 16 pairs;
+        // kp is a positive multiple of 32.
+        unsafe { block_product(&panel.data, b0, &mut c, b.kp) };
+        f(c0, &c);
     }
-
-    /// panel · B, one 32 × 32 block of f32 sums at a time: `f(c0, block)` for the block's
-    /// columns c0..c0 + 32 (row-major, 32 wide; rows past the panel's and columns past B's are
-    /// padding).
-    pub fn product(
-        &self,
-        panel: &Panel,
-        b: &Packed,
-        mut f: impl FnMut(usize, &[f32; BLOCK * BLOCK]),
-    ) {
-        assert_eq!(panel.kp, b.kp, "AMX product: inner dimensions");
-        let mut c = [0f32; BLOCK * BLOCK];
-        for c0 in (0..b.n).step_by(BLOCK) {
-            let b0 = &b.data[c0 * b.kp / 2..][..BLOCK * b.kp / 2];
-            // SAFETY: tiles configured by `new` on this thread (`Tiles` is not Send); the panel
-            // holds 32 rows of kp values, b0 two column blocks of kp/2 pair rows of 16 pairs;
-            // kp is a positive multiple of 32.
-            unsafe { block_product(&panel.data, b0, &mut c, b.kp) };
-            f(c0, &c);
-        }
-    }
-}
-
-impl Drop for Tiles {
-    fn drop(&mut self) {
-        // SAFETY: tiles were configured on this thread by `new`.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            asm!("tilerelease", options(nostack, nomem))
-        };
-    }
+    // SAFETY: tiles were configured on this thread above.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        asm!("tilerelease", options(nostack, nomem))
+    };
 }
 
 /// Palette 1, all eight tiles 16 rows of 64 bytes.
