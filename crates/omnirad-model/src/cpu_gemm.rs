@@ -299,6 +299,18 @@ pub fn native_bf16() -> bool {
     false
 }
 
+/// The kernel of bf16 [`Operand::product`]s on this CPU: `amx` tiles, `avx512-bf16` (gemmkit),
+/// or `widened` to f32 inside gemmkit's kernel.
+pub fn bf16_kernel() -> &'static str {
+    if amx::available() {
+        "amx"
+    } else if native_bf16() {
+        "avx512-bf16"
+    } else {
+        "widened"
+    }
+}
+
 /// All threads (0 = rayon's pool), as burn-flex for products of this size.
 pub const ALL: Parallelism = Parallelism::Rayon(0);
 

@@ -2,6 +2,7 @@
 
 pub mod attention;
 mod cpu_gemm;
+pub use cpu_gemm::bf16_kernel;
 pub mod dino_head;
 pub mod gelu;
 pub mod import;

@@ -286,6 +286,10 @@ pub fn run(a: &SpeedArgs) -> Result<serde_json::Value> {
         "device": format!("{:?}", a.device),
         "threads": rayon::current_num_threads(),
     });
+    if a.dtype == Precision::Bf16 && matches!(a.device, Device::Cpu) {
+        // Which kernel the CPU's bf16 products ran on: results differ by 2–3× between them.
+        v["cpu_bf16"] = json!(omnirad_model::bf16_kernel());
+    }
     if a.mode != SpeedMode::Infer {
         v["grad_checkpoint"] = json!(a.grad_checkpoint);
     }

@@ -2986,6 +2986,17 @@ fn bench_speed_modes_report_timings_and_warmup_runs() {
             j["grad_checkpoint"].as_bool(),
             (mode != "infer").then_some(ckpt)
         );
+        // bf16 on the CPU names its product kernel (AMX where /proc/cpuinfo lists amx_bf16).
+        let amx = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" amx_bf16"));
+        let kernel = j["cpu_bf16"].as_str();
+        match dtype {
+            "bf16" if amx => assert_eq!(kernel, Some("amx")),
+            "bf16" => assert!(
+                matches!(kernel, Some("avx512-bf16" | "widened")),
+                "{kernel:?}"
+            ),
+            _ => assert_eq!(kernel, None),
+        }
         let ms = j["ms_per_step"].as_f64().unwrap();
         assert!(
             ms > 0.0 && (j["img_per_s"].as_f64().unwrap() - 4e3 / ms).abs() < 1e-6,
