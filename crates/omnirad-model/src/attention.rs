@@ -187,7 +187,7 @@ mod cpu {
 
     use std::mem::MaybeUninit;
 
-    use crate::cpu_gemm::amx::kernels::{round_add, scale_or_round};
+    use crate::cpu_gemm::amx::kernels::scale_or_round;
     use crate::cpu_gemm::amx::{blocks, Packed, Panel, BLOCK};
     use crate::cpu_gemm::{bf16s, contiguous, mm_new, mm_uninit, written, Mat, Parallelism};
     use gemmkit::bf16;
@@ -244,43 +244,37 @@ mod cpu {
         let (q, kv) = x.split_at(part);
         let (k, v) = kv.split_at(part);
         let scale = 1.0 / (d as f32).sqrt();
-        let write = |out: &mut [MaybeUninit<f32>]| {
-            if part == 0 {
-                return;
-            }
+        let mut out = vec![0f32; part];
+        if part > 0 {
             out.par_chunks_mut(head).enumerate().for_each(|(i, o)| {
                 let span = i * head..(i + 1) * head;
                 let [q, k, v] = [q, k, v].map(|t| bf16s(&t[span.clone()]));
+                let q = Mat::new(&q, n, d);
                 let kt = Packed::new(Mat::new(&k, n, d).t(), false);
                 let v = Packed::new(Mat::new(&v, n, d), false);
-                let zeros = [0f32; BLOCK];
-                let mut s = vec![0f32; BLOCK * n];
+                let mut p = vec![0f32; BLOCK * n];
                 for r0 in (0..n).step_by(BLOCK) {
                     let rows = BLOCK.min(n - r0);
-                    let s = &mut s[..rows * n];
-                    blocks(&Panel::new(Mat::new(&q, n, d), r0, rows), &kt, |c0, c| {
-                        for (s, c) in s.chunks_exact_mut(n).zip(c.chunks_exact(BLOCK)) {
-                            let s = &mut s[c0..(c0 + BLOCK).min(n)];
-                            for (s, c) in s.iter_mut().zip(c) {
-                                *s = c * scale;
-                            }
-                        }
-                    });
-                    kernels::softmax_rows(s, n);
-                    let p = bf16s(s);
+                    let p = &mut p[..rows * n];
+                    probabilities(q, &kt, r0, scale, p);
+                    let p = bf16s(p);
                     let o = &mut o[r0 * d..(r0 + rows) * d];
                     blocks(&Panel::new(Mat::new(&p, rows, n), 0, rows), &v, |c0, c| {
-                        for (o, c) in o.chunks_exact_mut(d).zip(c.chunks_exact(BLOCK)) {
-                            let o = &mut o[c0..(c0 + BLOCK).min(d)];
-                            round_add(&c[..o.len()], &zeros[..o.len()], o);
-                        }
+                        store(o, d, c0, c, None)
                     });
                 }
-            })
-        };
-        // SAFETY: the row blocks of every (image, head) cover all `part` elements.
-        let out = unsafe { written(part, write) };
+            });
+        }
         FlexTensor::from_data(TensorData::new(out, [b3 / 3, h, n, d]))
+    }
+
+    /// Rows r0.. of P = softmax(s·Q·Kᵀ) into `p` ([rows, N]), from bf16 Q and packed Kᵀ.
+    fn probabilities(q: Mat<bf16>, kt: &Packed, r0: usize, scale: f32, p: &mut [f32]) {
+        let n = kt.cols();
+        blocks(&Panel::new(q, r0, p.len() / n), kt, |c0, c| {
+            store(p, n, c0, c, Some(scale))
+        });
+        kernels::softmax_rows(p, n);
     }
 
     /// `qkv` [3·B, H, N, d] and dO [B, H, N, d] → dQ, dK, dV packed as `qkv` (module doc's
@@ -365,10 +359,7 @@ mod cpu {
                     for r0 in (0..n).step_by(BLOCK) {
                         let rows = BLOCK.min(n - r0);
                         let (p, dp) = (&mut p[..rows * n], &mut dp[..rows * n]);
-                        blocks(&Panel::new(q, r0, rows), &kt, |c0, c| {
-                            store(p, n, c0, c, Some(scale))
-                        });
-                        kernels::softmax_rows(p, n);
+                        probabilities(q, &kt, r0, scale, p);
                         blocks(&Panel::new(g, r0, rows), &vt, |c0, c| {
                             store(dp, n, c0, c, Some(1.0))
                         });

@@ -150,6 +150,11 @@ pub struct Packed {
 }
 
 impl Packed {
+    /// B's n.
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+
     /// `par`: pack the column blocks in rayon tasks (for a large B outside other tasks).
     pub fn new(b: Mat<bf16>, par: bool) -> Self {
         let ((k, n), (cs, rs)) = b.layout();
@@ -360,14 +365,11 @@ mod tests {
     /// blocks on every side and through transposed views of A and B.
     #[test]
     fn tile_products_match_the_definition() {
-        if !cpu_has_amx() {
-            eprintln!("no AMX on this CPU: the tile path is not exercised here");
+        if !available() {
+            // No AMX, a kernel that refuses the tile state, or OMNIRAD_AMX=0.
+            eprintln!("AMX tiles unavailable here: the tile path is not exercised");
             return;
         }
-        assert!(
-            available(),
-            "the CPU has AMX but the tile permission was refused"
-        );
         for (m, k, n) in [
             (1, 1, 1),
             (17, 31, 15),
