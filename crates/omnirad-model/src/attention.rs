@@ -280,49 +280,30 @@ mod cpu {
     /// `qkv` [3·B, H, N, d] and dO [B, H, N, d] → dQ, dK, dV packed as `qkv` (module doc's
     /// formulas, P recomputed block by block).
     pub(super) fn backward(qkv: FlexTensor, d_out: FlexTensor) -> FlexTensor {
-        let [b3, h, n, d] = qkv.shape().dims::<4>();
-        let (qkv, d_out) = (contiguous(qkv), contiguous(d_out));
-        let x = qkv.as_slice::<f32>().expect("contiguous f32");
-        let g = d_out.as_slice::<f32>().expect("contiguous f32");
-        let (head, part) = (n * d, b3 / 3 * h * n * d);
-        let mut grad = vec![0f32; 3 * part];
-        if part > 0 {
-            let (q, kv) = x.split_at(part);
-            let (k, v) = kv.split_at(part);
-            let (gq, gkv) = grad.split_at_mut(part);
-            let (gk, gv) = gkv.split_at_mut(part);
-            let scale = 1.0 / (d as f32).sqrt();
-            gq.par_chunks_mut(head)
-                .zip(gk.par_chunks_mut(head))
-                .zip(gv.par_chunks_mut(head))
-                .enumerate()
-                .for_each(|(i, ((dq, dk), dv))| {
-                    let span = i * head..(i + 1) * head;
-                    let k = Mat::new(&k[span.clone()], n, d);
-                    let v = Mat::new(&v[span.clone()], n, d);
-                    let (q, g) = (&q[span.clone()], &g[span]);
-                    let mut p = vec![0f32; ROWS.min(n) * n];
-                    let mut dp = vec![0f32; ROWS.min(n) * n];
-                    for r0 in (0..n).step_by(ROWS) {
-                        let rows = ROWS.min(n - r0);
-                        let block = r0 * d..(r0 + rows) * d;
-                        let q_r = Mat::new(&q[block.clone()], rows, d);
-                        let g_r = Mat::new(&g[block.clone()], rows, d);
-                        let (p, dp) = (&mut p[..rows * n], &mut dp[..rows * n]);
-                        // dK and dV sum over the blocks.
-                        let acc = r0 > 0;
-                        mm(p, false, q_r, k.t(), scale);
-                        kernels::softmax_rows(p, n);
-                        mm(dv, acc, Mat::new(p, rows, n).t(), g_r, 1.0);
-                        mm(dp, false, g_r, v.t(), 1.0);
-                        // dS = s·P ⊙ (dP − rowsum(dP ⊙ P)), in place of dP.
-                        kernels::softmax_grad_rows(p, dp, n, scale);
-                        mm(&mut dq[block], false, Mat::new(dp, rows, n), k, 1.0);
-                        mm(dk, acc, Mat::new(dp, rows, n).t(), q_r, 1.0);
-                    }
-                });
-        }
-        FlexTensor::from_data(TensorData::new(grad, [b3, h, n, d]))
+        let [.., n, d] = qkv.shape().dims::<4>();
+        let scale = 1.0 / (d as f32).sqrt();
+        per_head_gradients(qkv, d_out, |[q, k, v, g], [dq, dk, dv]| {
+            let (k, v) = (Mat::new(k, n, d), Mat::new(v, n, d));
+            let mut p = vec![0f32; ROWS.min(n) * n];
+            let mut dp = vec![0f32; ROWS.min(n) * n];
+            for r0 in (0..n).step_by(ROWS) {
+                let rows = ROWS.min(n - r0);
+                let block = r0 * d..(r0 + rows) * d;
+                let q_r = Mat::new(&q[block.clone()], rows, d);
+                let g_r = Mat::new(&g[block.clone()], rows, d);
+                let (p, dp) = (&mut p[..rows * n], &mut dp[..rows * n]);
+                // dK and dV sum over the blocks.
+                let acc = r0 > 0;
+                mm(p, false, q_r, k.t(), scale);
+                kernels::softmax_rows(p, n);
+                mm(dv, acc, Mat::new(p, rows, n).t(), g_r, 1.0);
+                mm(dp, false, g_r, v.t(), 1.0);
+                // dS = s·P ⊙ (dP − rowsum(dP ⊙ P)), in place of dP.
+                kernels::softmax_grad_rows(p, dp, n, scale);
+                mm(&mut dq[block], false, Mat::new(dp, rows, n), k, 1.0);
+                mm(dk, acc, Mat::new(dp, rows, n).t(), q_r, 1.0);
+            }
+        })
     }
 
     /// [`backward`] with bf16 products on AMX tiles (the forward pass's arithmetic, see
@@ -330,62 +311,76 @@ mod cpu {
     /// Jacobian product in f32, each gradient a bf16-rounded sum. One task per (image, head),
     /// which keeps its whole bf16 P and dS ([N, N] each) for dV = Pᵀ·dO and dK = dSᵀ·Q.
     pub(super) fn backward_bf16(qkv: FlexTensor, d_out: FlexTensor) -> FlexTensor {
+        let [.., n, d] = qkv.shape().dims::<4>();
+        let scale = 1.0 / (d as f32).sqrt();
+        per_head_gradients(qkv, d_out, |[q, k, v, g], [dq, dk, dv]| {
+            let [q, k, v, g] = [q, k, v, g].map(bf16s);
+            let [q, k, v, g] = [&q, &k, &v, &g].map(|t| Mat::new(t, n, d));
+            let (kt, vt) = (Packed::new(k.t(), false), Packed::new(v.t(), false));
+            let mut p_all = vec![bf16::ZERO; n * n];
+            let mut ds_all = vec![bf16::ZERO; n * n];
+            let mut p = vec![0f32; BLOCK * n];
+            let mut dp = vec![0f32; BLOCK * n];
+            let k_rows = Packed::new(k, false);
+            for r0 in (0..n).step_by(BLOCK) {
+                let rows = BLOCK.min(n - r0);
+                let (p, dp) = (&mut p[..rows * n], &mut dp[..rows * n]);
+                probabilities(q, &kt, r0, scale, p);
+                blocks(&Panel::new(g, r0, rows), &vt, |c0, c| {
+                    store(dp, n, c0, c, Some(1.0))
+                });
+                // dS = s·P ⊙ (dP − rowsum(dP ⊙ P)), in place of dP.
+                kernels::softmax_grad_rows(p, dp, n, scale);
+                let block = r0 * n..(r0 + rows) * n;
+                p_all[block.clone()].copy_from_slice(&bf16s(p));
+                ds_all[block.clone()].copy_from_slice(&bf16s(dp));
+                let ds = Mat::new(&ds_all[block], rows, n);
+                let dq = &mut dq[r0 * d..(r0 + rows) * d];
+                blocks(&Panel::new(ds, 0, rows), &k_rows, |c0, c| {
+                    store(dq, d, c0, c, None)
+                });
+            }
+            // dV = Pᵀ·dO and dK = dSᵀ·Q, by blocks of their rows (P's and dS's columns).
+            let (p_t, ds_t) = (Mat::new(&p_all, n, n).t(), Mat::new(&ds_all, n, n).t());
+            for (out, a, b) in [(dv, p_t, g), (dk, ds_t, q)] {
+                let b = Packed::new(b, false);
+                for r0 in (0..n).step_by(BLOCK) {
+                    let rows = BLOCK.min(n - r0);
+                    let out = &mut out[r0 * d..(r0 + rows) * d];
+                    blocks(&Panel::new(a, r0, rows), &b, |c0, c| {
+                        store(out, d, c0, c, None)
+                    });
+                }
+            }
+        })
+    }
+
+    /// The backward passes' frame: dQ, dK and dV packed as `qkv`, each (image, head) written by
+    /// `head([Q, K, V, dO], [dQ, dK, dV])` (all [N, d]) in a rayon task of its own.
+    fn per_head_gradients(
+        qkv: FlexTensor,
+        d_out: FlexTensor,
+        head: impl Fn([&[f32]; 4], [&mut [f32]; 3]) + Sync,
+    ) -> FlexTensor {
         let [b3, h, n, d] = qkv.shape().dims::<4>();
         let (qkv, d_out) = (contiguous(qkv), contiguous(d_out));
         let x = qkv.as_slice::<f32>().expect("contiguous f32");
         let g = d_out.as_slice::<f32>().expect("contiguous f32");
-        let (head, part) = (n * d, b3 / 3 * h * n * d);
+        let (span, part) = (n * d, b3 / 3 * h * n * d);
         let mut grad = vec![0f32; 3 * part];
         if part > 0 {
             let (q, kv) = x.split_at(part);
             let (k, v) = kv.split_at(part);
             let (gq, gkv) = grad.split_at_mut(part);
             let (gk, gv) = gkv.split_at_mut(part);
-            let scale = 1.0 / (d as f32).sqrt();
-            gq.par_chunks_mut(head)
-                .zip(gk.par_chunks_mut(head))
-                .zip(gv.par_chunks_mut(head))
+            gq.par_chunks_mut(span)
+                .zip(gk.par_chunks_mut(span))
+                .zip(gv.par_chunks_mut(span))
                 .enumerate()
                 .for_each(|(i, ((dq, dk), dv))| {
-                    let span = i * head..(i + 1) * head;
-                    let [q, k, v, g] = [q, k, v, g].map(|t| bf16s(&t[span.clone()]));
-                    let [q, k, v, g] = [&q, &k, &v, &g].map(|t| Mat::new(t, n, d));
-                    let (kt, vt) = (Packed::new(k.t(), false), Packed::new(v.t(), false));
-                    let mut p_all = vec![bf16::ZERO; n * n];
-                    let mut ds_all = vec![bf16::ZERO; n * n];
-                    let mut p = vec![0f32; BLOCK * n];
-                    let mut dp = vec![0f32; BLOCK * n];
-                    let k_rows = Packed::new(k, false);
-                    for r0 in (0..n).step_by(BLOCK) {
-                        let rows = BLOCK.min(n - r0);
-                        let (p, dp) = (&mut p[..rows * n], &mut dp[..rows * n]);
-                        probabilities(q, &kt, r0, scale, p);
-                        blocks(&Panel::new(g, r0, rows), &vt, |c0, c| {
-                            store(dp, n, c0, c, Some(1.0))
-                        });
-                        // dS = s·P ⊙ (dP − rowsum(dP ⊙ P)), in place of dP.
-                        kernels::softmax_grad_rows(p, dp, n, scale);
-                        let block = r0 * n..(r0 + rows) * n;
-                        p_all[block.clone()].copy_from_slice(&bf16s(p));
-                        ds_all[block.clone()].copy_from_slice(&bf16s(dp));
-                        let ds = Mat::new(&ds_all[block], rows, n);
-                        let dq = &mut dq[r0 * d..(r0 + rows) * d];
-                        blocks(&Panel::new(ds, 0, rows), &k_rows, |c0, c| {
-                            store(dq, d, c0, c, None)
-                        });
-                    }
-                    // dV = Pᵀ·dO and dK = dSᵀ·Q, by blocks of their rows (P's and dS's columns).
-                    let (p_t, ds_t) = (Mat::new(&p_all, n, n).t(), Mat::new(&ds_all, n, n).t());
-                    for (out, a, b) in [(dv, p_t, g), (dk, ds_t, q)] {
-                        let b = Packed::new(b, false);
-                        for r0 in (0..n).step_by(BLOCK) {
-                            let rows = BLOCK.min(n - r0);
-                            let out = &mut out[r0 * d..(r0 + rows) * d];
-                            blocks(&Panel::new(a, r0, rows), &b, |c0, c| {
-                                store(out, d, c0, c, None)
-                            });
-                        }
-                    }
+                    let s = i * span..(i + 1) * span;
+                    let x = [&q[s.clone()], &k[s.clone()], &v[s.clone()], &g[s]];
+                    head(x, [dq, dk, dv]);
                 });
         }
         FlexTensor::from_data(TensorData::new(grad, [b3, h, n, d]))
