@@ -39,7 +39,7 @@ use crate::{cast_same, is_same};
 ///
 /// `bf16` asks for bf16 products on f32 tensors of the CPU backend (mixed precision there keeps
 /// tensors f32, see `vit.rs`): both passes then run on AMX tiles where the CPU has them
-/// ([`cpu::forward_bf16`], [`cpu::backward_bf16`]); elsewhere, and on other backends (which get
+/// (`cpu::forward_bf16`, `cpu::backward_bf16`); elsewhere, and on other backends (which get
 /// bf16 tensors instead), it changes nothing.
 pub fn attention<B: Backend>(qkv: Tensor<B, 4>, bf16: bool) -> Tensor<B, 4> {
     assert_eq!(

@@ -299,7 +299,7 @@ pub fn native_bf16() -> bool {
     false
 }
 
-/// The kernel of bf16 [`Operand::product`]s on this CPU: `amx` tiles, `avx512-bf16` (gemmkit),
+/// The kernel of bf16 `Operand::product`s on this CPU: `amx` tiles, `avx512-bf16` (gemmkit),
 /// or `widened` to f32 inside gemmkit's kernel.
 pub fn bf16_kernel() -> &'static str {
     if amx::available() {
