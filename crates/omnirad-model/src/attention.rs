@@ -567,16 +567,28 @@ mod tests {
         out
     }
 
+    /// [B, H, N, d] for the bf16 tests: 70 query rows make three blocks of 32, the last one
+    /// short; d 16 pads the tiles' k, d 48 makes two blocks of output columns; 600 tokens make
+    /// P's rows span several rounding tasks of a parallel conversion (which must not run inside
+    /// a tile-holding task).
+    const BF16_SHAPES: [(usize, usize, usize, usize); 3] =
+        [(2, 3, 70, 16), (1, 2, 40, 48), (1, 3, 600, 8)];
+
+    /// Whether the AMX path can run here; says so when not.
+    fn amx_here(what: &str) -> bool {
+        let ok = crate::cpu_gemm::amx::available();
+        if !ok {
+            eprintln!("no AMX tiles here: attention's bf16 {what} are not exercised");
+        }
+        ok
+    }
+
     #[test]
     fn bf16_products_on_amx_follow_the_bf16_arithmetic() {
-        if !crate::cpu_gemm::amx::available() {
-            eprintln!("no AMX on this CPU: attention's bf16 products are not exercised here");
+        if !amx_here("products") {
             return;
         }
-        // 70 query rows: three blocks of 32, the last one short; d 16 pads the tiles' k, d 48
-        // makes two blocks of output columns; 600 tokens make P's rows span several rounding
-        // tasks of a parallel conversion (which must not run inside a tile-holding task).
-        for (b, h, n, d) in [(2, 3, 70, 16), (1, 2, 40, 48), (1, 3, 600, 8)] {
+        for (b, h, n, d) in BF16_SHAPES {
             let [q, k, v] = [1, 2, 3].map(|s| test_values::<Cpu, 4>([b, h, n, d], s));
             let qkv = Tensor::cat(vec![q.clone(), k.clone(), v.clone()], 0);
             let half = attention(qkv.clone(), true)
@@ -653,11 +665,10 @@ mod tests {
 
     #[test]
     fn bf16_gradients_on_amx_follow_the_bf16_arithmetic() {
-        if !crate::cpu_gemm::amx::available() {
-            eprintln!("no AMX on this CPU: attention's bf16 gradients are not exercised here");
+        if !amx_here("gradients") {
             return;
         }
-        for (b, h, n, d) in [(2, 3, 70, 16), (1, 2, 40, 48), (1, 3, 600, 8)] {
+        for (b, h, n, d) in BF16_SHAPES {
             let part = b * h * n * d;
             let qkv = test_values::<Cpu, 4>([3 * b, h, n, d], 5);
             let g = test_values::<Cpu, 4>([b, h, n, d], 6);

@@ -346,17 +346,13 @@ pub mod kernels {
 mod tests {
     use super::*;
 
-    /// Deterministic values spread over several binades, rounded to bf16.
+    /// The crate's deterministic test values, rounded to bf16.
     fn values(len: usize, seed: u64) -> Vec<bf16> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                let u = (s >> 11) as f64 / (1u64 << 53) as f64;
-                bf16::from_f64((u - 0.5) * 8.0)
-            })
+        let v = crate::test_values::<crate::Cpu, 1>([len], seed).into_data();
+        v.to_vec::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(bf16::from_f32)
             .collect()
     }
 
