@@ -148,17 +148,17 @@ mod kernels {
     fn cdf(x: f32) -> f32 {
         let z = x.abs() * FRAC_1_SQRT_2;
         let t = 1.0 / (1.0 + 0.5 * z);
-        let p = 0.170_872_77;
-        let p = p * t - 0.822_152_23;
-        let p = p * t + 1.488_515_9;
-        let p = p * t - 1.135_204;
-        let p = p * t + 0.278_868_07;
-        let p = p * t - 0.186_288_06;
-        let p = p * t + 0.096_784_18;
-        let p = p * t + 0.374_091_96;
-        let p = p * t + 1.000_023_7;
-        let p = p * t - 1.265_512_2;
-        let half_erfc = 0.5 * t * exp_neg(p - z * z);
+        let p = 0.170_872_77f32;
+        let p = p.mul_add(t, -0.822_152_23);
+        let p = p.mul_add(t, 1.488_515_9);
+        let p = p.mul_add(t, -1.135_204);
+        let p = p.mul_add(t, 0.278_868_07);
+        let p = p.mul_add(t, -0.186_288_06);
+        let p = p.mul_add(t, 0.096_784_18);
+        let p = p.mul_add(t, 0.374_091_96);
+        let p = p.mul_add(t, 1.000_023_7);
+        let p = p.mul_add(t, -1.265_512_2);
+        let half_erfc = 0.5 * t * exp_neg((-z).mul_add(z, p));
         if x < 0.0 {
             half_erfc
         } else {
@@ -175,7 +175,7 @@ mod kernels {
     fn gelu_grad1(x: f32, g: f32) -> f32 {
         // 1/√(2π)
         const INV_SQRT_2PI: f32 = 0.398_942_3;
-        g * (cdf(x) + x * INV_SQRT_2PI * exp_neg(-0.5 * x * x))
+        g * (x * INV_SQRT_2PI).mul_add(exp_neg(-0.5 * x * x), cdf(x))
     }
 
     dispatch! {

@@ -180,25 +180,28 @@ fn finetune_steps<B: Backend, C: CheckpointStrategy>(
 ) -> Result<serde_json::Value> {
     let depth = vit.blocks.len();
     let group = |p: &str| param_group(p, depth, 0.75, 1.0);
-    let mut model = params::trainable(Classifier::<Train<B, C>>::from_inner(Classifier::new(
-        vit, 10, false, 0.0, 0, dev,
+    // In an Option so that the step can move the model into the optimizer as training does: a
+    // clone left beside it would make every parameter update copy its buffer first.
+    let mut model = Some(params::trainable(Classifier::<Train<B, C>>::from_inner(
+        Classifier::new(vit, 10, false, 0.0, 0, dev),
     )));
     let mut opt = AdamW::<B>::new(0.9, 0.999, 1e-8);
     let x = random::<Train<B, C>>(shape, dev);
     let y = Tensor::<Train<B, C>, 2>::zeros([a.batch, 10], dev)
         .slice_assign([0..a.batch, 0..1], Tensor::ones([a.batch, 1], dev));
     time_steps(start, a.warmup, a.steps, &a.device, || {
-        let loss = classification_loss(model.forward(x.clone(), true), y.clone(), false, 0.1, None);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let m = model.take().expect("the model is put back after each step");
+        let loss = classification_loss(m.forward(x.clone(), true), y.clone(), false, 0.1, None);
+        let grads = GradientsParams::from_grads(loss.backward(), &m);
         let s = StepSettings {
             lr: 1e-5,
             weight_decay: 0.05,
             clip: Some(1.0),
             group: &group,
         };
-        model = opt.step(model.clone(), grads, &s).0;
+        let m = model.insert(opt.step(m, grads, &s).0);
         // Reading a parameter back waits for the update.
-        let _ = model.head.bias.as_ref().map(|b| b.val().into_data());
+        let _ = m.head.bias.as_ref().map(|b| b.val().into_data());
         Ok(())
     })
 }
