@@ -77,6 +77,13 @@ fn main() {
             AttentionModuleOptions::default(),
         )
     });
+    let qkv = Tensor::<Cpu, 4>::random([24, 6, 197, 64], Distribution::Normal(0., 1.), &d);
+    t("attention (omnirad, f32)", || {
+        omnirad_model::attention::attention(qkv.clone(), false)
+    });
+    t("attention (omnirad, bf16 products)", || {
+        omnirad_model::attention::attention(qkv.clone(), true)
+    });
     t("gelu 1536 (burn-flex)", || gelu(h.clone()).unsqueeze());
     t("gelu 1536 (omnirad)", || {
         omnirad_model::gelu(h.clone()).unsqueeze()
