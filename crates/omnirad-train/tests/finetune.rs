@@ -253,7 +253,11 @@ fn gradient_checkpointing_gives_the_same_fine_tuning() {
 
 /// Every encoder parameter of `a` and `b` agrees within `rel` of the tensor's largest value.
 fn assert_close(a: &Classifier<B>, b: &Classifier<B>, rel: f32) {
-    for ((path, a), (_, b)) in snapshot(a).iter().zip(&snapshot(b)) {
+    assert_snapshots_close(&snapshot(a), &snapshot(b), rel);
+}
+
+fn assert_snapshots_close(a: &Snapshot, b: &Snapshot, rel: f32) {
+    for ((path, a), (_, b)) in a.iter().zip(b) {
         let scale = a.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
         let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(diff <= rel * scale, "{path}: differs by {diff}");
@@ -409,7 +413,23 @@ fn sam_takes_the_gradient_on_the_same_batch_and_masks_and_still_learns() {
     let plain = train(model.clone(), &with(None), (1, 2));
     // As ρ → 0 the gradient at θ + ε is the gradient at θ: a SAM step is a plain step.
     let tiny = train(model.clone(), &with(Some(1e-7)), (1, 2));
-    assert_close(&plain.model, &tiny.model, 1e-3);
+    // Except the key bias: adding it shifts a query's scores by one constant, which the softmax
+    // removes, so its gradient is rounding noise that AdamW scales up to steps of either sign
+    // (here 1e-3 of the tensor's largest value when the rest agree within 3e-4).
+    let without_key_bias = |m: &Classifier<B>| -> Snapshot {
+        let mut s = snapshot(m);
+        for (path, v) in s.iter_mut().filter(|(p, _)| p.ends_with("attn.qkv.bias")) {
+            assert_eq!(v.len() % 3, 0, "{path}");
+            let third = v.len() / 3;
+            v.drain(third..2 * third);
+        }
+        s
+    };
+    assert_snapshots_close(
+        &without_key_bias(&plain.model),
+        &without_key_bias(&tiny.model),
+        1e-3,
+    );
     let sharp = train(model, &with(Some(0.05)), (1, 2));
     let moved = snapshot(&plain.model)
         .iter()
