@@ -3,10 +3,11 @@
 //! loss (omnirad-train) share them.
 //!
 //! Polynomials are written with `mul_add`: Rust never contracts `a·b + c` into an FMA by itself,
-//! and with separate multiplies and adds the AVX-512 GELU ran 1.7× the time. Both dispatched
-//! bodies enable FMA, so `mul_add` is one instruction there (and on aarch64); only the portable
-//! body on an x86-64 CPU without FMA (before 2013) pays a libm call for it. For the same reason
-//! call these helpers only inside [`dispatch`]ed kernels.
+//! and with separate multiplies and adds GELU took 1.2–1.5× the time (`cargo bench -p
+//! omnirad-model --bench ops`, BENCHMARKS.md "FMA in the CPU kernels' polynomials"). Both
+//! dispatched bodies enable FMA, so `mul_add` is one instruction there (and on aarch64); only the
+//! portable body on an x86-64 CPU without FMA (before 2013) pays a libm call for it. For the same
+//! reason call these helpers only inside [`dispatch`]ed kernels.
 
 use std::f32::consts::{LN_2, LOG2_E};
 
