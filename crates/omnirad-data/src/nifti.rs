@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array3, Array4, ArrayView3, Axis, Ix4};
-use nifti::{Endianness, InMemNiftiVolume, IntoNdArray, NiftiHeader, NiftiObject, ReaderOptions};
+use nifti::{
+    Endianness, InMemNiftiObject, InMemNiftiVolume, IntoNdArray, NiftiHeader, NiftiObject,
+    ReaderOptions,
+};
 
 use crate::error::{catch_decoder_panic, DataError, Result};
 use crate::image::{apply_window, percentiles, Image, Meta, Modality};
@@ -64,11 +67,7 @@ impl NiftiVolume {
         let (header, volume) = if is_nifti2(&path) {
             read_nifti2(&path)?
         } else {
-            let obj = catch_decoder_panic(&path, || {
-                ReaderOptions::new()
-                    .read_file(&path)
-                    .map_err(|e| DataError::format(&path, "NIfTI", e))
-            })?;
+            let obj = catch_decoder_panic(&path, || read_nifti1(&path))?;
             (obj.header().clone(), obj.into_volume())
         };
         let dims = header
@@ -275,6 +274,27 @@ pub fn slice_count(path: &Path, axis: SliceAxis, time: Option<usize>) -> Result<
         None => dims.get(3).map_or(1, |&t| usize::from(t)),
     };
     Ok(usize::from(dims[along]) * times)
+}
+
+/// A single-file NIfTI-1 volume. The nifti crate stops reading a `.nii.gz` at its last voxel,
+/// before the gzip trailer, so the CRC is never checked and a corrupt deflate stream that still
+/// inflates gives wrong voxels without an error; reading the stream to its end makes flate2
+/// check the CRC and length.
+fn read_nifti1(path: &Path) -> Result<InMemNiftiObject> {
+    // The crate's I/O errors print as debug structs; their own message reads better.
+    let bad = |e: nifti::NiftiError| match e {
+        nifti::NiftiError::Io(e) => DataError::format(path, "NIfTI", e),
+        e => DataError::format(path, "NIfTI", e),
+    };
+    if !path.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
+        return ReaderOptions::new().read_file(path).map_err(bad);
+    }
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut stream = flate2::bufread::GzDecoder::new(std::io::BufReader::new(file));
+    let obj = InMemNiftiObject::from_reader(&mut stream).map_err(bad)?;
+    std::io::copy(&mut stream, &mut std::io::sink())
+        .map_err(|e| DataError::format(path, "NIfTI", format!("gzip stream: {e}")))?;
+    Ok(obj)
 }
 
 /// True for `.nii` and `.nii.gz` paths.

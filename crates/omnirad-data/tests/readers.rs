@@ -588,6 +588,47 @@ fn nifti_with_nan_voxels_is_a_clear_error() {
     assert!(e.contains("nan.nii") && e.contains("NaN/Inf"), "{e}");
 }
 
+/// A bit flipped near the end of example4d.nii.gz's deflate stream still inflates to the full
+/// volume, with wrong voxels: only the gzip CRC tells. The nifti crate stops at the last voxel,
+/// so the reader must check the trailer itself.
+#[test]
+fn gzip_nifti_with_a_bad_checksum_or_no_trailer_is_an_error() {
+    use std::io::Read;
+    let good = std::fs::read(data("nifti-nibabel/example4d.nii.gz")).unwrap();
+    let inflate = |gz: &[u8]| {
+        // No optional fields in this file's header (FLG = 0): deflate data starts at byte 10.
+        assert_eq!(gz[3], 0);
+        let mut out = Vec::new();
+        flate2::read::DeflateDecoder::new(&gz[10..gz.len() - 8])
+            .read_to_end(&mut out)
+            .map(|_| out)
+    };
+    let mut flipped = good.clone();
+    flipped[346_422] ^= 0x10;
+    let (a, b) = (inflate(&good).unwrap(), inflate(&flipped).unwrap());
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a != b,
+        "the flip must change voxels for this test to mean anything"
+    );
+
+    let dir_guard = tmpdir("nifti-gz-crc");
+    let dir = dir_guard.path();
+    let p = dir.join("flipped.nii.gz");
+    std::fs::write(&p, &flipped).unwrap();
+    let e = NiftiVolume::open(&p).err().unwrap().to_string();
+    assert!(
+        e.contains("flipped.nii.gz") && e.contains("checksum"),
+        "{e}"
+    );
+    // Without its last 4 bytes (the length) the volume is complete, the stream is not.
+    let p = dir.join("cut.nii.gz");
+    std::fs::write(&p, &good[..good.len() - 4]).unwrap();
+    let e = NiftiVolume::open(&p).err().unwrap().to_string();
+    assert!(e.contains("cut.nii.gz") && e.contains("gzip stream"), "{e}");
+    assert!(NiftiVolume::open(data("nifti-nibabel/example4d.nii.gz")).is_ok());
+}
+
 #[test]
 fn segmentation_splits_follow_each_dataset() {
     use omnirad_data::seg::open_splits;
