@@ -382,6 +382,16 @@ pub fn task_kind(t: Task) -> TaskKind {
     }
 }
 
+/// The task as `bundle.json` names it.
+fn task_name(t: Task) -> &'static str {
+    match t {
+        Task::Binary => "binary",
+        Task::MultiClass => "multiclass",
+        Task::MultiLabel => "multilabel",
+        Task::Ordinal => "ordinal",
+    }
+}
+
 /// Warns when a MedMNIST file is not the official release its name claims (a subsample, a
 /// re-export, another set under this name): the published rows beside its scores do not apply.
 pub fn warn_unofficial(file: &Path) {
@@ -893,7 +903,7 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
         let bundle = Bundle {
             kind: "classifier".into(),
             dataset: info.name.into(),
-            task: format!("{:?}", info.task).to_lowercase(),
+            task: task_name(info.task).into(),
             classes: info.num_classes(),
             cls_mean: ft.cls_mean,
             best_epoch: match o.members.as_slice() {
@@ -1062,6 +1072,23 @@ impl<B: Backend> Predictor<B> {
             .with_context(|| format!("{}: not a bundle (no bundle.json)", dir.display()))?;
         let bundle: Bundle = serde_json::from_str(&text)
             .with_context(|| format!("{}: invalid bundle.json", dir.display()))?;
+        // predict reads the task to choose sigmoids (multi-label) or a softmax: a misspelt one
+        // must not fall back to the softmax.
+        let tasks = [
+            Task::Binary,
+            Task::MultiClass,
+            Task::MultiLabel,
+            Task::Ordinal,
+        ]
+        .map(task_name);
+        if !tasks.contains(&bundle.task.as_str()) {
+            bail!(
+                "{}: unknown task '{}' (one of {})",
+                dir.join("bundle.json").display(),
+                bundle.task,
+                tasks.join(", ")
+            );
+        }
         if let Some(m) = &bundle.knn {
             let ok = (0.0..=1.0).contains(&m.lambda) && m.k >= 1 && m.temperature > 0.0;
             if !ok || !m.temperature.is_finite() {

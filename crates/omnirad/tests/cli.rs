@@ -1799,6 +1799,22 @@ fn finetune_writes_a_bundle_that_predicts() {
         !ok && err.contains("head.safetensors") && err.contains("3 classes"),
         "{err}"
     );
+    // A task predict does not know (it would otherwise fall back to a softmax).
+    let bad = std::fs::read_to_string(bundle.join("bundle.json"))
+        .unwrap()
+        .replace("\"task\": \"binary\"", "\"task\": \"multi-label\"");
+    std::fs::write(bundle.join("bundle.json"), bad).unwrap();
+    let (ok, _, err) = omnirad(&[
+        "predict",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--input",
+        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("bundle.json: unknown task 'multi-label'"),
+        "{err}"
+    );
     // Not a MedMNIST file name; not a bundle.
     let (ok, _, err) = omnirad(&[
         "finetune",
