@@ -143,6 +143,25 @@ pub struct CropsSection {
     pub jitter: Option<f32>,
 }
 
+impl CropsSection {
+    /// Crops cut into whole patches (an `--init` model's patch size is known only once loaded,
+    /// so the data pipeline checks again).
+    pub(crate) fn check_patch_multiple(&self, patch_size: usize) -> Result<(), String> {
+        let local = (self.n_local > 0).then_some(("local", self.local_size));
+        for (which, size) in [Some(("global", self.global_size)), local]
+            .into_iter()
+            .flatten()
+        {
+            if !size.is_multiple_of(patch_size) {
+                return Err(format!(
+                    "crops.{which}_size = {size} must be a multiple of the model's patch size {patch_size}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LrScaling {
@@ -557,6 +576,7 @@ impl PretrainConfig {
         }
         let channels = if self.model.init.is_none() {
             let vit = self.model.vit()?;
+            c.check_patch_multiple(vit.patch_size)?;
             self.memory_check(&vit)?;
             Some(vit.in_chans)
         } else {

@@ -118,14 +118,8 @@ impl PretrainData {
         }
         // DINOv2 never solarises local crops.
         local.solarize_p = 0.0;
-        if !c.global_size.is_multiple_of(patch_size)
-            || (c.n_local > 0 && !c.local_size.is_multiple_of(patch_size))
-        {
-            return Err(DataError::Config(format!(
-                "crop sizes {} / {} must be multiples of the patch size {patch_size}",
-                c.global_size, c.local_size
-            )));
-        }
+        c.check_patch_multiple(patch_size)
+            .map_err(DataError::Config)?;
         let grid = c.global_size / patch_size;
         Ok(Self {
             sources,
