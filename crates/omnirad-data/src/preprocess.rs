@@ -86,7 +86,7 @@ impl Default for Preprocess {
     }
 }
 
-/// Bicubic (Catmull-Rom, as PIL) resize of one [0,1] plane; SIMD via fast_image_resize.
+/// Bicubic (Catmull-Rom, as PIL) resize of one `[0, 1]` plane; SIMD via fast_image_resize.
 pub fn resize_plane(
     src: &[f32],
     w: usize,

@@ -27,7 +27,7 @@ pub struct Metrics {
     pub macro_f1: f64,
     pub precision: Vec<f64>,
     pub recall: Vec<f64>,
-    /// confusion[true][pred] (single-label tasks only).
+    /// `confusion[true][pred]` (single-label tasks only).
     pub confusion: Vec<Vec<usize>>,
 }
 
@@ -73,7 +73,7 @@ fn ratio(a: usize, b: usize) -> f64 {
     }
 }
 
-/// `labels`: [N] class ids for single-label tasks, [N, L] 0/1 for multi-label (as a 2D array
+/// `labels`: `[N]` class ids for single-label tasks, `[N, L]` 0/1 for multi-label (as a 2D array
 /// with one column for single-label). `scores`: [N, C] probabilities.
 pub fn evaluate(task: TaskKind, labels: ArrayView2<i64>, scores: ArrayView2<f64>) -> Metrics {
     let (n, c) = scores.dim();

@@ -8,14 +8,14 @@
 //! burn 0.21's `Autodiff` backend runs `module::attention` as its unfused fallback (matmul,
 //! max, exp, sum, div, matmul) and keeps three or four [B, H, N, N] tensors per block for the
 //! backward pass. Here the forward pass is the inner backend's own attention (CubeCL's flash
-//! kernel on CUDA, [`cpu`] below on CPU) and the backward pass keeps only Q, K and V,
+//! kernel on CUDA, `cpu` below on CPU) and the backward pass keeps only Q, K and V,
 //! recomputing P once — the memory profile of FlashAttention's backward, with burn's matmuls.
 //!
 //! burn offers no extension point for autodiff ops short of a new backend trait on every model
 //! type, so [`attention`] recognises the autodiff backends omnirad builds (over [`crate::Cpu`] and
 //! `Cuda`) by type and registers the op on their graph; any other backend gets burn's op.
 //!
-//! On the CPU backend both f32 passes are omnirad's own ([`cpu`]): burn-flex 0.21 computes
+//! On the CPU backend both f32 passes are omnirad's own (`cpu`): burn-flex 0.21 computes
 //! attention one (image, head) pair after another on one thread, which was a fifth of ViT-S/16
 //! inference time on two cores (BENCHMARKS.md) and would be most of it on sixteen, and the
 //! backward pass through burn's ops materialises P, dP and dS for the whole batch.

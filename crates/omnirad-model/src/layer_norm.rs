@@ -8,7 +8,7 @@
 //! burn 0.21's autodiff has no LayerNorm op: it differentiates the decomposition (mean, sub,
 //! mul, mean, add, sqrt, div, mul, add), nine tensors per call and about twice as many passes
 //! backward, each of which burn-flex runs on one thread. Here each pass is one rayon loop over
-//! blocks of rows. As [`crate::gelu`] the op is memory-bound with a recompute rule: the output the
+//! blocks of rows. As [`crate::gelu()`] the op is memory-bound with a recompute rule: the output the
 //! next linear's backward needs is recomputed from x, γ and β (μ and σ are recomputed in the
 //! backward pass too), so the graph keeps x alone, as for GELU.
 //!

@@ -13,7 +13,7 @@
 //!
 //! The kernels run for f32 tensors of the CPU backend, with and without autodiff (recognised by
 //! type, as in [`crate::attention`]); any other backend or dtype gets burn's `matmul` + add.
-//! [`linear_bf16`] is the same op with its three products in bf16 ([`crate::cpu_gemm::Operand`]):
+//! [`linear_bf16`] is the same op with its three products in bf16 (`cpu_gemm::Operand`):
 //! burn-flex has no native bf16 arithmetic (a bf16 tensor there is converted to f32 and back
 //! around every op), so on the CPU mixed precision keeps f32 tensors and narrows inside the GEMM.
 //! Without gradient checkpointing the bf16 op keeps X for dW as it rounded it, as autocast
@@ -36,7 +36,7 @@ use gemmkit::bf16;
 
 use crate::{cast_same, is_same, Cpu, Precision};
 
-/// `x` [M, d_in] · `w` [d_in, d_out] + `b` [d_out] → [M, d_out].
+/// `x` `[M, d_in]` · `w` `[d_in, d_out]` + `b` `[d_out]` → `[M, d_out]`.
 pub fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>) -> Tensor<B, 2> {
     if !f32_on_cpu::<B>([x.dtype(), w.dtype(), b.dtype()]) {
         return x.matmul(w) + b.unsqueeze();

@@ -388,8 +388,8 @@ pub struct FinetuneResult<B: Backend> {
     pub history: Vec<EpochLog>,
 }
 
-/// The training loss of the module doc, a scalar [1]; `y` one-hot (single-label) or 0/1 flags;
-/// `weights` [C] the class weights w (single-label) or positive weights p (multi-label), None
+/// The training loss of the module doc, a scalar `[1]`; `y` one-hot (single-label) or 0/1 flags;
+/// `weights` `[C]` the class weights w (single-label) or positive weights p (multi-label), None
 /// for all ones.
 pub fn classification_loss<B: Backend>(
     z: Tensor<B, 2>,
@@ -489,7 +489,7 @@ pub(crate) fn batch_tensor<B: Backend>(
 }
 
 /// Cross-entropy of predicted probabilities (BCE averaged over labels for multi-label), as a
-/// model-selection score: −(1/N) Σ_i log p_i[y_i], probabilities clamped to [1e-7, 1 − 1e-7].
+/// model-selection score: `−(1/N) Σ_i log p_i[y_i]`, probabilities clamped to `[1e-7, 1 − 1e-7]`.
 pub fn probability_loss(scores: ArrayView2<f64>, labels: ArrayView2<i64>, multi: bool) -> f64 {
     let (n, c) = scores.dim();
     let p = |i: usize, j: usize| scores[[i, j]].clamp(1e-7, 1.0 - 1e-7);

@@ -2,8 +2,8 @@
 //! statistics, train the head with AdamW, pick the epoch with the best validation score (macro-F1 by default, OmniRad's
 //! rule) and report the test scores of that epoch.
 //!
-//! Loss: single-label — cross-entropy  L = −(1/N) Σ_i log softmax(z_i)[y_i];
-//! multi-label — binary cross-entropy with logits  L = (1/(N·C)) Σ_{i,c} softplus(z_ic) − y_ic·z_ic.
+//! Loss: single-label — cross-entropy  `L = −(1/N) Σ_i log softmax(z_i)[y_i]`;
+//! multi-label — binary cross-entropy with logits  `L = (1/(N·C)) Σ_{i,c} softplus(z_ic) − y_ic·z_ic`.
 
 use burn::module::Param;
 use burn::module::{AutodiffModule, Module};

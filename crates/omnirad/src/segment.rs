@@ -673,7 +673,7 @@ pub fn write_overlay(
 
 #[derive(Args, Debug, Clone)]
 pub struct MedSegBenchArgs {
-    /// Folder holding the datasets (drive/, chasedb1/, busi-256/ …, or <name>.npz).
+    /// Folder holding the datasets (drive/, chasedb1/, busi-256/ …, or NAME.npz).
     #[arg(long)]
     pub data: PathBuf,
     #[arg(long, value_delimiter = ',', default_value = "busi,drive")]

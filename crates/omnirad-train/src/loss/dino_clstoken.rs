@@ -20,7 +20,7 @@ use burn::tensor::Tensor;
 
 use super::soft_cross_entropy;
 
-/// −mean_b Σ_k p_t·log softmax(s/τ_s): a scalar [1].
+/// −mean_b Σ_k p_t·log softmax(s/τ_s): a scalar `[1]`.
 pub fn cross_entropy<B: Backend>(
     student_logits: Tensor<B, 2>,
     teacher_probs: Tensor<B, 2>,

@@ -13,7 +13,7 @@ use burn::tensor::Tensor;
 
 use super::soft_cross_entropy;
 
-/// `weights` [M] are w_j; the result is a scalar [1].
+/// `weights` `[M]` are w_j; the result is a scalar `[1]`.
 pub fn ibot_patch_loss<B: Backend>(
     student_logits: Tensor<B, 2>,
     teacher_probs: Tensor<B, 2>,

@@ -12,7 +12,7 @@ use omnirad_model::dino_head::l2_normalize;
 
 const EPS: f64 = 1e-8;
 
-/// x: [B, D] student class tokens (before the head); B ≥ 2. A scalar [1].
+/// x: `[B, D]` student class tokens (before the head); B ≥ 2. A scalar `[1]`.
 pub fn koleo_loss<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 1> {
     let [n, _] = x.dims();
     let z = l2_normalize(x, EPS);

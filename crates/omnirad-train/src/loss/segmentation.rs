@@ -17,7 +17,7 @@ use burn::tensor::Tensor;
 
 const SMOOTH: f64 = 1.0;
 
-/// Returns (CE, Dice) as scalars [1]. `y` one-hot [B, C, H, W]; `valid` [B, 1, H, W].
+/// Returns (CE, Dice) as scalars `[1]`. `y` one-hot `[B, C, H, W]`; `valid` `[B, 1, H, W]`.
 pub fn ce_dice_loss<B: Backend>(
     z: Tensor<B, 4>,
     y: Tensor<B, 4>,

@@ -28,7 +28,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use omnirad_model::{cast_same, is_same, Cpu};
 
-/// ℓ_n of the module doc for every row: [N].
+/// ℓ_n of the module doc for every row: `[N]`.
 pub fn soft_cross_entropy<B: Backend>(
     logits: Tensor<B, 2>,
     mut targets: Tensor<B, 2>,
