@@ -137,6 +137,11 @@ pub struct IndexInfo {
     pub seed: u64,
     pub dim: usize,
     pub items: Vec<IndexItem>,
+    /// The [`model_stamps`] of `model` when built: retrieval refuses an encoder whose files
+    /// changed since (a continued pretraining run rewrites its teacher in place), as its query
+    /// embeddings would not be comparable. Absent in indexes of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_stamps: Option<Vec<Option<String>>>,
 }
 
 fn item(m: &Meta) -> IndexItem {
@@ -217,8 +222,10 @@ pub fn build_cmd(a: &IndexBuildArgs) -> Result<()> {
         bail!("no readable image in the inputs");
     }
     let dim = values.ncols();
+    let model = model_spec(&a.model);
     let info = IndexInfo {
-        model: model_spec(&a.model),
+        model_stamps: Some(model_stamps(&model)),
+        model,
         pool: a.enc.pool,
         seed: a.enc.seed,
         dim,
@@ -288,6 +295,20 @@ pub struct RetrieveArgs {
 
 pub fn retrieve_cmd(a: &RetrieveArgs) -> Result<()> {
     let (info, values) = open_index(&a.index)?;
+    let now = model_stamps(&info.model);
+    if info.model_stamps.as_ref().is_some_and(|then| *then != now) {
+        let what = if now.iter().all(Option::is_none) {
+            "can no longer be read"
+        } else {
+            "has changed since this index was built (its files differ)"
+        };
+        bail!(
+            "{}: the encoder {} {what}, and query embeddings must come from the encoder that \
+             embedded the index: rebuild it with `omnirad index build`",
+            a.index.join("index.json").display(),
+            info.model
+        );
+    }
     let enc = EncodeArgs {
         pool: info.pool,
         batch: 32,

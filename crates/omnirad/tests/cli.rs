@@ -2452,6 +2452,53 @@ fn index_retrieve_and_bench_retrieval() {
     ]);
     assert!(!ok && err.contains("not an index"), "{err}");
 
+    // An index of a model directory whose weights then change (a continued pretraining run
+    // rewrites its teacher in place) is refused; the same bytes again are accepted.
+    let model = d.join("model");
+    let (ok, _, err) = omnirad(&[
+        "convert",
+        fixture("hf_dinov2_reg").to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let idx4 = d.join("idx4");
+    let ct = data("dicom-pydicom/CT_small.dcm");
+    let (ok, _, err) = omnirad(&[
+        "index",
+        "build",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        ct.to_str().unwrap(),
+        "--out",
+        idx4.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let retrieve4 = || {
+        omnirad(&[
+            "retrieve",
+            "--index",
+            idx4.to_str().unwrap(),
+            "--query",
+            ct.to_str().unwrap(),
+        ])
+    };
+    assert!(retrieve4().0);
+    let weights = model.join("model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    let mut changed = original.clone();
+    let at = changed.len() - 4; // the lowest mantissa bit of the last f32: still finite
+    changed[at] ^= 0x01;
+    std::fs::write(&weights, &changed).unwrap();
+    let (ok, _, err) = retrieve4();
+    assert!(
+        !ok && err.contains("index.json: the encoder") && err.contains("has changed"),
+        "{err}"
+    );
+    std::fs::write(&weights, &original).unwrap();
+    assert!(retrieve4().0);
+
     let table = d.join("ret");
     let (ok, out, err) = omnirad(&[
         "bench",
