@@ -354,6 +354,8 @@ pub fn describe(path: &Path) -> Result<Value> {
         } else if path.join("segment.json").is_file() {
             let keys = ["kind", "data", "protocol", "best_epoch", "val", "test"];
             describe_bundle(path, "segment.json", "segmentation bundle", &keys)
+        } else if path.join("index.json").is_file() && path.join("embeddings.npy").is_file() {
+            crate::retrieve::describe_index(path)
         } else if path.join("config.toml").is_file() && path.join("metrics.jsonl").is_file() {
             describe_run(path)
         } else if path.join(omnirad_model::io::CONFIG_FILE).is_file() {

@@ -45,9 +45,10 @@ enum Cmd {
     /// for a folder, what `embed` would read from it (files parsed, pixels not decoded), skip, or fail on;
     /// for a model directory or bundle, its encoder, preprocessing, scores and weights files
     /// (headers checked against the config, weights not loaded); for a pretraining run, how far
-    /// it got, its kept teachers and the command that continues it.
+    /// it got, its kept teachers and the command that continues it; for a retrieval index, its
+    /// encoder (changed since the build or not) and items.
     Info {
-        /// A file, folder, model directory, bundle or pretraining run.
+        /// A file, folder, model directory, bundle, pretraining run or retrieval index.
         file: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]

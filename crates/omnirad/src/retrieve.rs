@@ -293,15 +293,44 @@ pub struct RetrieveArgs {
     pub read: ReadArgs,
 }
 
+/// What became of the index's encoder since the build: `None` if its files are as they were
+/// (or an index of an earlier version did not record them), else how they differ.
+fn encoder_change(info: &IndexInfo) -> Option<&'static str> {
+    let now = model_stamps(&info.model);
+    let then = info.model_stamps.as_ref()?;
+    (*then != now).then_some(if now.iter().all(Option::is_none) {
+        "is gone (moved or deleted)"
+    } else {
+        "has changed since this index was built (its files differ)"
+    })
+}
+
+/// `omnirad info` on an index directory.
+pub fn describe_index(dir: &Path) -> Result<serde_json::Value> {
+    let (info, _) = open_index(dir)?;
+    let mut modalities = std::collections::BTreeMap::<&str, usize>::new();
+    for i in &info.items {
+        *modalities.entry(i.modality.as_str()).or_default() += 1;
+    }
+    let encoder = match (&info.model_stamps, encoder_change(&info)) {
+        (None, _) => "not recorded (an index of an earlier version)".to_string(),
+        (Some(_), None) => "unchanged since the build".to_string(),
+        (Some(_), Some(what)) => format!("{what}: rebuild the index"),
+    };
+    Ok(serde_json::json!({
+        "format": "retrieval index",
+        "model": info.model,
+        "encoder files": encoder,
+        "pool": format!("{:?}", info.pool).to_lowercase(),
+        "dim": info.dim,
+        "items": info.items.len(),
+        "modalities": modalities,
+    }))
+}
+
 pub fn retrieve_cmd(a: &RetrieveArgs) -> Result<()> {
     let (info, values) = open_index(&a.index)?;
-    let now = model_stamps(&info.model);
-    if info.model_stamps.as_ref().is_some_and(|then| *then != now) {
-        let what = if now.iter().all(Option::is_none) {
-            "can no longer be read"
-        } else {
-            "has changed since this index was built (its files differ)"
-        };
+    if let Some(what) = encoder_change(&info) {
         bail!(
             "{}: the encoder {} {what}, and query embeddings must come from the encoder that \
              embedded the index: rebuild it with `omnirad index build`",

@@ -2496,8 +2496,17 @@ fn index_retrieve_and_bench_retrieval() {
         !ok && err.contains("index.json: the encoder") && err.contains("has changed"),
         "{err}"
     );
+    let v = info_json(&idx4);
+    assert_eq!(v["format"], "retrieval index");
+    assert!(v["encoder files"].as_str().unwrap().contains("has changed"));
     std::fs::write(&weights, &original).unwrap();
     assert!(retrieve4().0);
+    let v = info_json(&idx4);
+    assert_eq!(v["encoder files"], "unchanged since the build");
+    assert_eq!(
+        (v["items"].as_u64(), v["modalities"]["CT"].as_u64()),
+        (Some(1), Some(1))
+    );
 
     let table = d.join("ret");
     let (ok, out, err) = omnirad(&[
