@@ -41,6 +41,9 @@ pub struct Imported {
     /// Safetensors bytes in timm layout.
     pub weights: Vec<u8>,
     pub source: PathBuf,
+    /// The checkpoint did not say how many attention heads it has (timm and DINOv2 files do
+    /// not), none were given, and 64-dim heads were assumed: worth telling the user.
+    pub heads_assumed: bool,
 }
 
 /// (shape, values) per tensor name.
@@ -524,7 +527,8 @@ pub fn import_checkpoint(
         .and_then(|c| c.get("layer_norm_eps"))
         .and_then(|x| x.as_f64())
         .unwrap_or(1e-6);
-    let mut vit = infer_config(&t, heads.or(hf_heads), eps, &weights)?;
+    let heads = heads.or(hf_heads);
+    let mut vit = infer_config(&t, heads, eps, &weights)?;
     // Each reference resamples position tables its own way (see PosInterp).
     let hf_type = hf_config
         .as_ref()
@@ -548,6 +552,7 @@ pub fn import_checkpoint(
         config: ModelConfig::new(vit, pre),
         weights: serialize(&t),
         source: weights,
+        heads_assumed: heads.is_none(),
     })
 }
 

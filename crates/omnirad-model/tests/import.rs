@@ -73,6 +73,7 @@ fn hf_dinov2_matches_transformers() {
 #[test]
 fn hf_dinov2_with_registers_matches_transformers() {
     let imp = import_checkpoint(&fixture("hf_dinov2_reg"), None, None).unwrap();
+    assert!(!imp.heads_assumed, "config.json gives the heads");
     assert_eq!(
         (
             imp.config.vit.num_registers,
@@ -146,6 +147,7 @@ fn mismatched_checkpoints_are_clear_errors() {
         config: cfg,
         weights: imp.weights.clone(),
         source: imp.source.clone(),
+        heads_assumed: false,
     };
     let e = load_imported::<Cpu>(&bad, false, &Default::default())
         .err()

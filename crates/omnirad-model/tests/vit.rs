@@ -270,8 +270,13 @@ fn swiglu_model_saves_in_timm_packed_layout_and_reimports() {
         st.tensor("blocks.1.mlp.fc2.weight").unwrap().shape(),
         [64, 88]
     );
+    // The safetensors file alone does not record the heads: 64-dim ones are assumed, and said.
+    let assumed =
+        omnirad_model::import_checkpoint(&dir.join("model.safetensors"), None, None).unwrap();
+    assert!(assumed.heads_assumed && assumed.config.vit.num_heads == 1);
     let imp =
         omnirad_model::import_checkpoint(&dir.join("model.safetensors"), None, Some(2)).unwrap();
+    assert!(!imp.heads_assumed);
     assert_eq!(imp.config.vit.ffn, Ffn::SwiGlu);
     assert_eq!(imp.config.vit.num_registers, 4);
     let back = omnirad_model::load_imported::<Cpu>(&imp, false, &dev).unwrap();

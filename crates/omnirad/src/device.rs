@@ -187,6 +187,7 @@ pub fn resolve_model<B: Backend>(
     if path.exists() {
         let imp = import_checkpoint(path, None, None)
             .with_context(|| format!("importing checkpoint {spec}"))?;
+        note_assumed_heads(&imp);
         let model = load_imported::<B>(&imp, false, device)
             .with_context(|| format!("importing checkpoint {spec}"))?;
         return Ok((model, imp.config));
@@ -248,6 +249,19 @@ fn content_hash(p: &Path, m: &std::fs::Metadata) -> Option<String> {
     let s = format!("{:032x}", hash.digest128());
     seen.lock().ok()?.insert(id, s.clone());
     Some(s)
+}
+
+/// Says so when an imported checkpoint's attention heads were assumed (64-dim heads, as all
+/// released ViTs have): a wrong count would give another model without an error.
+pub fn note_assumed_heads(imp: &omnirad_model::Imported) {
+    if imp.heads_assumed {
+        eprintln!(
+            "note: {} does not record its attention heads: assumed {} (64 dims each, as in the \
+             released ViTs); `omnirad convert --heads N` sets them",
+            imp.source.display(),
+            imp.config.vit.num_heads
+        );
+    }
 }
 
 /// [`stamp`]s of the files a `--model` argument reads (none for a preset name).

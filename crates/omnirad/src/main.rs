@@ -254,6 +254,7 @@ fn convert(
 ) -> Result<()> {
     use anyhow::Context;
     let imp = omnirad_model::import_checkpoint(input, from, heads)?;
+    device::note_assumed_heads(&imp);
     let model = omnirad_model::load_imported::<omnirad_model::Cpu>(
         &imp,
         allow_partial,
