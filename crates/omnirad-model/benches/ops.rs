@@ -53,8 +53,31 @@ fn linear_rates() {
     }
 }
 
+/// The AMX tile loop alone, one thread, best of 25 passes: the block's forward products, the
+/// weight gradient dW = Xᵀ·dY of fc1 (k = the batch's 1576 tokens) and attention's Q·Kᵀ and P·V
+/// for one (image, head) pair.
+fn tile_loop_rates() {
+    for (name, m, k, n) in [
+        ("qkv", 1576, 384, 1152),
+        ("proj", 1576, 384, 384),
+        ("fc1", 1576, 384, 1536),
+        ("fc2", 1576, 1536, 384),
+        ("fc1 dW", 384, 1576, 1536),
+        ("Q·Kᵀ", 197, 64, 197),
+        ("P·V", 197, 197, 64),
+    ] {
+        match omnirad_model::tile_loop_rate(m, k, n, 25) {
+            Some(r) => {
+                println!("AMX tile loop {name} [{m}, {k}]·[{k}, {n}], one thread: {r:.0} GFLOP/s")
+            }
+            None => return println!("AMX tile loop: no AMX here"),
+        }
+    }
+}
+
 fn main() {
     linear_rates();
+    tile_loop_rates();
     let d = Default::default();
     let x = Tensor::<Cpu, 3>::random([8, 197, 384], Distribution::Normal(0., 1.), &d);
     let lin = LinearConfig::new(384, 1152).init::<Cpu>(&d);

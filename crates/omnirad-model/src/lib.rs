@@ -2,6 +2,8 @@
 
 pub mod attention;
 mod cpu_gemm;
+#[doc(hidden)]
+pub use cpu_gemm::amx::tile_loop_rate;
 pub use cpu_gemm::bf16_kernel;
 pub mod dino_head;
 pub mod gelu;

@@ -355,6 +355,34 @@ unsafe fn block_product(panel: &[bf16], b: &[u32], c: &mut [f32; BLOCK * BLOCK],
     }
 }
 
+/// The tile loop alone on the calling thread: GFLOP/s of the best of `reps` passes of
+/// [`blocks`] over an [m, k]·[k, n] product whose operands were packed beforehand (sums
+/// discarded); `None` where bf16 products do not run on AMX. For the ops bench: it shows the
+/// loop's rate per shape apart from packing, rounding and writing the result.
+pub fn tile_loop_rate(m: usize, k: usize, n: usize, reps: usize) -> Option<f64> {
+    if !available() || m * k * n == 0 {
+        return None;
+    }
+    let a: Vec<bf16> = (0..m * k).map(|i| bf16::from_f32((i % 7) as f32)).collect();
+    let b: Vec<bf16> = (0..k * n).map(|i| bf16::from_f32((i % 5) as f32)).collect();
+    let panels: Vec<Panel> = (0..m)
+        .step_by(BLOCK)
+        .map(|r0| Panel::new(Mat::new(&a, m, k), r0, BLOCK.min(m - r0)))
+        .collect();
+    let b = Packed::new(Mat::new(&b, k, n), false);
+    let mut best = f64::MAX;
+    for _ in 0..reps {
+        let t = std::time::Instant::now();
+        for p in &panels {
+            blocks(p, &b, |_, c| {
+                std::hint::black_box(c);
+            });
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Some(2.0 * (m * k * n) as f64 / best * 1e-9)
+}
+
 pub mod kernels {
     use std::mem::MaybeUninit;
 
