@@ -321,7 +321,7 @@ pub fn describe_index(dir: &Path) -> Result<serde_json::Value> {
         "format": "retrieval index",
         "model": info.model,
         "encoder files": encoder,
-        "pool": format!("{:?}", info.pool).to_lowercase(),
+        "pool": clap::ValueEnum::to_possible_value(&info.pool).map(|v| v.get_name().to_string()),
         "dim": info.dim,
         "items": info.items.len(),
         "modalities": modalities,
