@@ -356,7 +356,7 @@ unsafe fn block_product(panel: &[bf16], b: &[u32], c: &mut [f32; BLOCK * BLOCK],
 }
 
 /// The tile loop alone on the calling thread: GFLOP/s of the best of `reps` passes of
-/// [`blocks`] over an [m, k]·[k, n] product whose operands were packed beforehand (sums
+/// `blocks` over an [m, k]·[k, n] product whose operands were packed beforehand (sums
 /// discarded); `None` where bf16 products do not run on AMX. For the ops bench: it shows the
 /// loop's rate per shape apart from packing, rounding and writing the result.
 pub fn tile_loop_rate(m: usize, k: usize, n: usize, reps: usize) -> Option<f64> {
