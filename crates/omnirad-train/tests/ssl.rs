@@ -850,6 +850,11 @@ fn out_of_range_settings_are_config_errors() {
             "crops.global_size and crops.local_size must be positive",
         ),
         (
+            "global_size = 32",
+            "global_size = 30",
+            "crops.global_size = 30 must be a multiple of the model's patch size 4",
+        ),
+        (
             "arch = \"vit_pico\"",
             "arch = \"vit_pico\"\nembed_dim = 0",
             "embed_dim 0 is not a positive multiple of num_heads 2",

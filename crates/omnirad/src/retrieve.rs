@@ -184,17 +184,12 @@ pub fn build_cmd(a: &IndexBuildArgs) -> Result<()> {
         .flatten()
         .collect();
     let opts = a.read.options();
+    let stamps = model_stamps(&a.model);
     let parts = Parts {
         dir: a.out.join("parts"),
         settings: format!(
             "{}|{:?}|{:?}|{:?}|{}|{:?}|{:?}",
-            a.model,
-            model_stamps(&a.model),
-            a.enc.pool,
-            a.enc.dtype,
-            a.enc.seed,
-            a.enc.device,
-            opts
+            a.model, stamps, a.enc.pool, a.enc.dtype, a.enc.seed, a.enc.device, opts
         ),
         stop_after: a.stop_after,
     };
@@ -222,10 +217,9 @@ pub fn build_cmd(a: &IndexBuildArgs) -> Result<()> {
         bail!("no readable image in the inputs");
     }
     let dim = values.ncols();
-    let model = model_spec(&a.model);
     let info = IndexInfo {
-        model_stamps: Some(model_stamps(&model)),
-        model,
+        model: model_spec(&a.model),
+        model_stamps: Some(stamps),
         pool: a.enc.pool,
         seed: a.enc.seed,
         dim,

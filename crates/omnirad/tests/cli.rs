@@ -1783,34 +1783,28 @@ fn finetune_writes_a_bundle_that_predicts() {
     assert!(std::fs::read_to_string(d.join("none.failed.txt"))
         .unwrap()
         .contains("cut.dcm"));
+    // bundle.json edited (`from` → `to`, edits accumulating), then predict.
+    let predict_edited = |from: &str, to: &str| {
+        let json = bundle.join("bundle.json");
+        let text = std::fs::read_to_string(&json).unwrap();
+        assert!(text.contains(from), "{text}");
+        std::fs::write(&json, text.replace(from, to)).unwrap();
+        omnirad(&[
+            "predict",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--input",
+            data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
+        ])
+    };
     // A head that does not match the declared classes is refused by name.
-    let bad = std::fs::read_to_string(bundle.join("bundle.json"))
-        .unwrap()
-        .replace("\"classes\": 2", "\"classes\": 3");
-    std::fs::write(bundle.join("bundle.json"), bad).unwrap();
-    let (ok, _, err) = omnirad(&[
-        "predict",
-        "--model",
-        bundle.to_str().unwrap(),
-        "--input",
-        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
-    ]);
+    let (ok, _, err) = predict_edited("\"classes\": 2", "\"classes\": 3");
     assert!(
         !ok && err.contains("head.safetensors") && err.contains("3 classes"),
         "{err}"
     );
     // A task predict does not know (it would otherwise fall back to a softmax).
-    let bad = std::fs::read_to_string(bundle.join("bundle.json"))
-        .unwrap()
-        .replace("\"task\": \"binary\"", "\"task\": \"multi-label\"");
-    std::fs::write(bundle.join("bundle.json"), bad).unwrap();
-    let (ok, _, err) = omnirad(&[
-        "predict",
-        "--model",
-        bundle.to_str().unwrap(),
-        "--input",
-        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
-    ]);
+    let (ok, _, err) = predict_edited("\"task\": \"binary\"", "\"task\": \"multi-label\"");
     assert!(
         !ok && err.contains("bundle.json: unknown task 'multi-label'"),
         "{err}"

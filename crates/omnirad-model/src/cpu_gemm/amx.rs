@@ -203,7 +203,8 @@ impl Packed {
 /// A zeroed buffer of 2- or 4-byte values that starts on a cache line. Every tile row is 64
 /// bytes, so an operand 16 bytes off a line boundary (where the allocator puts large blocks)
 /// makes each row straddle two lines, and the tile loop ran markedly slower on such operands
-/// (BENCHMARKS.md: bf16 inference +9–16 % from aligning them).
+/// (BENCHMARKS.md: bf16 inference +9–16 % from aligning them). A few lines here rather than a
+/// dependency (aligned-vec) for the two element types the tiles read.
 struct Lines<T> {
     lines: Vec<Line>,
     len: usize,
