@@ -29,6 +29,17 @@ fn omnirad(args: &[&str]) -> (bool, String, String) {
     omnirad_in(Path::new("."), args)
 }
 
+/// `omnirad predict --model BUNDLE` on the small CT file of the shared data.
+fn predict_ct_small(bundle: &Path) -> (bool, String, String) {
+    omnirad(&[
+        "predict",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--input",
+        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
+    ])
+}
+
 fn omnirad_in(cwd: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_omnirad"))
         .current_dir(cwd)
@@ -1445,18 +1456,9 @@ fn finetune_knn_mix_bundle_votes_with_its_training_features() {
     let acc = predicted_acc(&bundle, "train");
     assert!(acc > 0.97, "the vote alone on train: ACC {acc}");
     // A mix that cannot vote, or a bank that does not fit, is an error naming the file.
-    let predict_ct = || {
-        omnirad(&[
-            "predict",
-            "--model",
-            bundle.to_str().unwrap(),
-            "--input",
-            data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
-        ])
-    };
     b["knn"]["temperature"] = 0.0.into();
     std::fs::write(&path, b.to_string()).unwrap();
-    let (ok, _, err) = predict_ct();
+    let (ok, _, err) = predict_ct_small(&bundle);
     assert!(
         !ok && err.contains("bundle.json: invalid k-NN mix") && err.contains("temperature 0"),
         "{err}"
@@ -1465,7 +1467,7 @@ fn finetune_knn_mix_bundle_votes_with_its_training_features() {
     std::fs::write(&path, b.to_string()).unwrap();
     let bank = bundle.join("knn.safetensors");
     std::fs::copy(bundle.join("head.safetensors"), &bank).unwrap();
-    let (ok, _, err) = predict_ct();
+    let (ok, _, err) = predict_ct_small(&bundle);
     assert!(
         !ok && err.contains("knn.safetensors") && err.contains("no tensor 'features'"),
         "{err}"
@@ -1738,13 +1740,7 @@ fn finetune_writes_a_bundle_that_predicts() {
     assert_eq!(std::fs::read_to_string(&parted).unwrap(), whole_text);
     assert!(!d.join("parted.csv.parts").exists());
     // The bundle's encoder reads DICOM like any model.
-    let (ok, out, err) = omnirad(&[
-        "predict",
-        "--model",
-        bundle.to_str().unwrap(),
-        "--input",
-        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
-    ]);
+    let (ok, out, err) = predict_ct_small(&bundle);
     assert!(ok && out.lines().count() == 2, "{err}");
     // Another MedMNIST set's file is read (any image is), with a warning.
     let (ok, out, err) = omnirad(&[
@@ -1789,13 +1785,7 @@ fn finetune_writes_a_bundle_that_predicts() {
         let text = std::fs::read_to_string(&json).unwrap();
         assert!(text.contains(from), "{text}");
         std::fs::write(&json, text.replace(from, to)).unwrap();
-        omnirad(&[
-            "predict",
-            "--model",
-            bundle.to_str().unwrap(),
-            "--input",
-            data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
-        ])
+        predict_ct_small(&bundle)
     };
     // A head that does not match the declared classes is refused by name.
     let (ok, _, err) = predict_edited("\"classes\": 2", "\"classes\": 3");
@@ -2827,13 +2817,7 @@ fn finetune_ensemble_predicts_the_mean_of_its_members() {
     let config = ens.join("members/2/encoder/config.json");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("\"stretch\"", "\"pad\"")).unwrap();
-    let (ok, _, err) = omnirad(&[
-        "predict",
-        "--model",
-        ens.to_str().unwrap(),
-        "--input",
-        data("dicom-pydicom/CT_small.dcm").to_str().unwrap(),
-    ]);
+    let (ok, _, err) = predict_ct_small(&ens);
     assert!(
         !ok && err.contains("ensemble member 2 preprocesses"),
         "{err}"
