@@ -12,8 +12,8 @@
 //! recomputing P once — the memory profile of FlashAttention's backward, with burn's matmuls.
 //!
 //! burn offers no extension point for autodiff ops short of a new backend trait on every model
-//! type, so [`attention`] recognises the autodiff backends omnirad builds (over [`crate::Cpu`] and
-//! `Cuda`) by type and registers the op on their graph; any other backend gets burn's op.
+//! type, so [`attention`] recognises the autodiff backends omnirad builds (over [`crate::Cpu`],
+//! `Cuda` and `Wgpu`) by type and registers the op on their graph; any other backend gets burn's op.
 //!
 //! On the CPU backend both f32 passes are omnirad's own (`cpu`): burn-flex 0.21 computes
 //! attention one (image, head) pair after another on one thread, which was a fifth of ViT-S/16
@@ -53,6 +53,11 @@ pub fn attention<B: Backend>(qkv: Tensor<B, 4>, bf16: bool) -> Tensor<B, 4> {
     };
     #[cfg(feature = "cuda")]
     let qkv = match on_autodiff_of::<B, crate::Cuda>(qkv, bf16) {
+        Ok(out) => return out,
+        Err(qkv) => qkv,
+    };
+    #[cfg(feature = "wgpu")]
+    let qkv = match on_autodiff_of::<B, crate::Wgpu>(qkv, bf16) {
         Ok(out) => return out,
         Err(qkv) => qkv,
     };

@@ -35,6 +35,10 @@ pub type Cpu = burn::backend::Flex<f32, i32>;
 /// The NVIDIA backend (CubeCL, kernels JIT-compiled through NVRTC; fusion + autotune).
 #[cfg(feature = "cuda")]
 pub type Cuda = burn::backend::Cuda<f32, i32>;
+/// The portable GPU backend (wgpu: Vulkan, Metal, DirectX 12; the same CubeCL kernels, fusion
+/// and autotuning as `Cuda`, compiled to the graphics API's shader language).
+#[cfg(feature = "wgpu")]
+pub type Wgpu = burn::backend::Wgpu<f32, i32>;
 /// A backend with gradients, for training. `C` decides which activations the backward pass
 /// keeps: all of them ([`NoCheckpointing`]), or only the outputs of compute-bound ops, recomputing
 /// norms, activations and elementwise ops from them ([`BalancedCheckpointing`]: less memory for

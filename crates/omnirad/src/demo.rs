@@ -30,7 +30,7 @@ pub struct DemoArgs {
     /// Phantom images per modality.
     #[arg(long, default_value_t = 24, value_parser = crate::at_least_one)]
     pub per_modality: usize,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     /// Seed for the phantoms and for preset (random-init) models.

@@ -1,24 +1,29 @@
-//! `--device cpu|cuda[:N]` and model resolution (model directory or preset name).
+//! `--device cpu|cuda[:N]|wgpu` and model resolution (model directory or preset name).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
-use omnirad_model::{import_checkpoint, load_imported, load_model_dir, ModelConfig, Vit};
+use omnirad_model::{
+    import_checkpoint, load_imported, load_model_dir, ModelConfig, Precision, Vit,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Cpu,
     Cuda(usize),
+    /// The system's preferred Vulkan, Metal or DirectX 12 adapter.
+    Wgpu,
 }
 
 pub fn parse_device(s: &str) -> Result<Device, String> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Ok(Device::Cuda(0)),
+        "wgpu" => Ok(Device::Wgpu),
         _ => match s.strip_prefix("cuda:").map(str::parse) {
             Some(Ok(i)) => Ok(Device::Cuda(i)),
-            _ => Err(format!("unknown device '{s}' (cpu, cuda, cuda:N)")),
+            _ => Err(format!("unknown device '{s}' (cpu, cuda, cuda:N, wgpu)")),
         },
     }
 }
@@ -45,6 +50,20 @@ macro_rules! with_backend {
             $crate::device::Device::Cuda(_) => {
                 anyhow::bail!(
                     "this omnirad was built without CUDA support: rebuild with `--features cuda`"
+                )
+            }
+            #[cfg(feature = "wgpu")]
+            $crate::device::Device::Wgpu => {
+                $crate::device::check_wgpu()?;
+                $crate::device::kernel_cache();
+                type $B = omnirad_model::Wgpu;
+                let $dev = burn::backend::wgpu::WgpuDevice::DefaultDevice;
+                $body
+            }
+            #[cfg(not(feature = "wgpu"))]
+            $crate::device::Device::Wgpu => {
+                anyhow::bail!(
+                    "this omnirad was built without wgpu support: rebuild with `--features wgpu`"
                 )
             }
         }
@@ -109,12 +128,50 @@ pub fn check_cuda(index: usize) -> Result<()> {
     }
 }
 
-/// Where compiled CUDA kernels and autotune results are kept between runs, so only the first
-/// run of a shape pays for NVRTC compilation and autotuning (minutes on a fresh machine):
+/// burn's wgpu runtime panics on a worker thread when the system has no adapter; asking wgpu
+/// first turns that into an error, and names the adapter that will run (once per process).
+#[cfg(feature = "wgpu")]
+pub fn check_wgpu() -> Result<()> {
+    static ADAPTER: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let adapter = ADAPTER.get_or_init(|| {
+        // The graphics API burn's runtime uses on this system (Vulkan on Linux, Metal on macOS).
+        use cubecl::wgpu::GraphicsApi;
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: cubecl::wgpu::AutoGraphicsApi::backend().into(),
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        });
+        // What burn's runtime asks for on the default device.
+        let options = wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+        };
+        match cubecl::future::block_on(instance.request_adapter(&options)) {
+            Ok(a) => {
+                let i = a.get_info();
+                eprintln!("wgpu: {} ({:?}, {:?})", i.name, i.backend, i.device_type);
+                Ok(())
+            }
+            Err(e) => Err(format!(
+                "no {:?} adapter ({e}): install the GPU's driver (on \
+                 Linux without a GPU, Mesa's lavapipe, package mesa-vulkan-drivers, runs Vulkan \
+                 on the CPU), or run with --device cpu",
+                cubecl::wgpu::AutoGraphicsApi::backend()
+            )),
+        }
+    });
+    match adapter {
+        Ok(_) => Ok(()),
+        Err(e) => bail!("--device wgpu: {e}"),
+    }
+}
+
+/// Where compiled GPU kernels and autotune results are kept between runs, so only the first
+/// run of a shape pays for compilation and autotuning (minutes on a fresh CUDA machine):
 /// `$OMNIRAD_KERNEL_CACHE`, else `$XDG_CACHE_HOME/omnirad/cubecl` or `~/.cache/omnirad/cubecl`.
 /// A `cubecl.toml` / `burn.toml` in the working directory or above it takes precedence (then
 /// `None`). CubeCL itself caches no compiled kernels unless configured to.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub fn kernel_cache() -> Option<std::path::PathBuf> {
     use cubecl::config::cache::CacheConfig;
     use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
@@ -149,6 +206,15 @@ pub fn kernel_cache() -> Option<std::path::PathBuf> {
             Some(path)
         })
         .clone()
+}
+
+/// `p` when the backend can run it: burn's wgpu backend has no bf16 (WGSL has none), and asking
+/// for it there panics inside burn.
+pub fn precision<B: Backend>(dev: &B::Device, p: Precision) -> Result<Precision> {
+    if p == Precision::Bf16 && !B::supports_dtype(dev, burn::tensor::DType::BF16) {
+        bail!("--dtype bf16: this device has no bf16 arithmetic (wgpu's shader languages have none); use --dtype f32");
+    }
+    Ok(p)
 }
 
 /// `cfg` with its preprocessing resizing to `size` (when given), checked against the patch size.
@@ -306,6 +372,26 @@ mod tests {
         std::fs::write(dir.path().join("c.bin"), b"").unwrap();
         assert_ne!(stamp(dir.path()).unwrap(), changed);
         assert!(stamp(&dir.path().join("missing")).is_none());
+    }
+
+    #[test]
+    fn device_names_parse_and_a_backend_not_built_is_an_error() {
+        use super::{parse_device, Device};
+        assert_eq!(parse_device("cpu"), Ok(Device::Cpu));
+        assert_eq!(parse_device("cuda:1"), Ok(Device::Cuda(1)));
+        assert_eq!(parse_device("wgpu"), Ok(Device::Wgpu));
+        let e = parse_device("gpu").unwrap_err();
+        assert!(e.contains("wgpu") && e.contains("cuda:N"), "{e}");
+        #[cfg(not(feature = "wgpu"))]
+        {
+            let run = || -> anyhow::Result<usize> {
+                crate::with_backend!(Device::Wgpu, |B, dev| {
+                    Ok(<B as burn::tensor::backend::Backend>::name(&dev).len())
+                })
+            };
+            let e = run().unwrap_err().to_string();
+            assert!(e.contains("--features wgpu"), "{e}");
+        }
     }
 
     /// Holds on any machine: without a driver, and with one (no machine has 2^20 devices).

@@ -43,7 +43,7 @@ pub struct EmbedArgs {
     pub pool: Pool,
     #[arg(long, default_value_t = 32, value_parser = crate::bounded_count)]
     pub batch: usize,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     /// Encoder matmul/attention precision: bf16 for speed on GPUs and on CPUs with AMX or AVX-512
@@ -430,7 +430,7 @@ pub fn run(a: &EmbedArgs) -> Result<()> {
     };
     let e = crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
-        let vit = vit.with_precision(a.dtype);
+        let vit = vit.with_precision(crate::device::precision::<B>(&dev, a.dtype)?);
         let job = BatchJob {
             read: &read,
             batch: a.batch,

@@ -344,7 +344,7 @@ pub struct FinetuneArgs {
     pub train: TrainArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
 }
@@ -866,6 +866,7 @@ pub fn run(a: &FinetuneArgs, frozen: bool) -> Result<()> {
     }
     a.train.tune.check_l2sp(frozen, ft.lora.is_some())?;
     crate::with_backend!(a.device, |B, dev| {
+        crate::device::precision::<B>(&dev, ft.precision)?;
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
         let cfg = crate::device::with_input_size(cfg, a.input_size)?;
         let run = RunDir::new(&a.out, a.resume, a.stop_after);
@@ -1210,7 +1211,7 @@ pub struct PredictArgs {
     /// same command run again continues after them).
     #[arg(long, requires = "out")]
     pub stop_after: Option<usize>,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     #[command(flatten)]

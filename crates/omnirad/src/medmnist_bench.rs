@@ -99,7 +99,7 @@ pub struct MedMnistArgs {
     pub seeds: usize,
     #[arg(long, default_value_t = 64, value_parser = crate::bounded_count)]
     pub batch: usize,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     #[arg(long, default_value_t = 0)]
@@ -287,7 +287,7 @@ pub fn run(a: &MedMnistArgs) -> Result<()> {
     let rows = crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.seed)?;
         let cfg = crate::device::with_input_size(cfg, a.input_size)?;
-        let vit = vit.with_precision(a.dtype);
+        let vit = vit.with_precision(crate::device::precision::<B>(&dev, a.dtype)?);
         let mut rows = Vec::new();
         for (info, file) in &plan {
             let mut runs = Vec::new();

@@ -60,7 +60,7 @@ pub struct PretrainArgs {
     /// Stop at the first unreadable item instead of replacing it and listing it in failed.txt.
     #[arg(long)]
     strict: bool,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: Device,
 }
@@ -182,7 +182,7 @@ fn train<B: Backend, C: CheckpointStrategy>(
         dino_head,
         backbone: vit,
     }
-    .with_precision(cfg.model.precision);
+    .with_precision(crate::device::precision::<B>(dev, cfg.model.precision)?);
     let clip = (cfg.optim.clip_grad > 0.0).then_some(cfg.optim.clip_grad);
     let mut trainer = SslTrainer::<B, C>::with_strategy(model, cfg.loss.clone(), clip, dev);
 

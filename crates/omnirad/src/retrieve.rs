@@ -37,7 +37,7 @@ pub struct EncodeArgs {
     /// Stop at the first unreadable item instead of skipping and listing it.
     #[arg(long)]
     pub strict: bool,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     /// Encoder matmul/attention precision: bf16 = mixed precision on f32 weights (for GPUs and
@@ -110,7 +110,7 @@ pub fn embed_inputs(
     let lists = discover_inputs(inputs, split)?;
     crate::with_backend!(e.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(model, &dev, e.seed)?;
-        let vit = vit.with_precision(e.dtype);
+        let vit = vit.with_precision(crate::device::precision::<B>(&dev, e.dtype)?);
         let job = encode_job(e, &opts);
         let mut out = Vec::new();
         for items in lists {
@@ -195,7 +195,7 @@ pub fn build_cmd(a: &IndexBuildArgs) -> Result<()> {
     };
     let emb = crate::with_backend!(a.enc.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.enc.seed)?;
-        let vit = vit.with_precision(a.enc.dtype);
+        let vit = vit.with_precision(crate::device::precision::<B>(&dev, a.enc.dtype)?);
         let job = encode_job(&a.enc, &opts);
         embed_resumable::<B>(
             &vit,
@@ -280,7 +280,7 @@ pub struct RetrieveArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     #[command(flatten)]

@@ -190,7 +190,7 @@ pub struct TrainArgs {
     /// Stop after this epoch (the checkpoint is kept; continue with --resume).
     #[arg(long)]
     pub stop_after: Option<usize>,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
 }
@@ -331,7 +331,7 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
     );
     crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.head.seed)?;
-        let vit = vit.with_precision(a.head.dtype);
+        let vit = vit.with_precision(crate::device::precision::<B>(&dev, a.head.dtype)?);
         let head = a.head.head_config(a.head.head, classes, vit.blocks.len())?;
         let tc = a.head.train_config(a.head.window("resize")?);
         std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
@@ -455,7 +455,7 @@ pub struct EvalArgs {
     /// Stop at the first unreadable pair instead of skipping and listing it.
     #[arg(long)]
     pub strict: bool,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
 }
@@ -517,7 +517,7 @@ pub struct PredictArgs {
     /// it does after a kill).
     #[arg(long)]
     pub stop_after: Option<usize>,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     #[command(flatten)]
@@ -689,7 +689,7 @@ pub struct MedSegBenchArgs {
     /// same command run again reuses those and trains only the rest.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
 }
@@ -746,7 +746,7 @@ pub fn bench_cmd(a: &MedSegBenchArgs) -> Result<()> {
     let mut log = RunLog::<BenchRow>::open(a.out.as_deref(), settings)?;
     crate::with_backend!(a.device, |B, dev| {
         let (vit, cfg) = resolve_model::<B>(&a.model, &dev, a.head.seed)?;
-        let vit = vit.with_precision(a.head.dtype);
+        let vit = vit.with_precision(crate::device::precision::<B>(&dev, a.head.dtype)?);
         for (name, (path, default_window)) in &plan {
             let splits = open_splits(path, None, a.head.seed, false)?;
             report_failed(&splits);

@@ -64,7 +64,7 @@ pub struct SpeedArgs {
     /// elementwise ops) in the backward pass instead of keeping them (balanced checkpointing).
     #[arg(long)]
     grad_checkpoint: bool,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: Device,
 }
@@ -83,22 +83,24 @@ fn peak_rss() -> Option<u64> {
     )
 }
 
-/// Bytes the CUDA memory pool holds (it grows to the peak and keeps it).
-#[cfg(feature = "cuda")]
+/// Bytes the GPU memory pool holds (it grows to the peak and keeps it).
 fn device_reserved(device: &Device) -> Option<u64> {
-    use cubecl::Runtime;
     match device {
+        #[cfg(feature = "cuda")]
         Device::Cuda(i) => {
+            use cubecl::Runtime;
             let client = cubecl::cuda::CudaRuntime::client(&cubecl::cuda::CudaDevice::new(*i));
             client.memory_usage().ok().map(|m| m.bytes_reserved)
         }
-        Device::Cpu => None,
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu => {
+            use cubecl::Runtime;
+            let client =
+                cubecl::wgpu::WgpuRuntime::client(&cubecl::wgpu::WgpuDevice::DefaultDevice);
+            client.memory_usage().ok().map(|m| m.bytes_reserved)
+        }
+        _ => None,
     }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn device_reserved(_: &Device) -> Option<u64> {
-    None
 }
 
 /// Runs `step` warm-up + timed times; each call must end with a read-back so the device is done.
@@ -144,7 +146,7 @@ fn run_mode<B: Backend>(a: &SpeedArgs, dev: &B::Device) -> Result<serde_json::Va
         a.img,
         cfg.vit.patch_size
     );
-    let vit = vit.with_precision(a.dtype);
+    let vit = vit.with_precision(crate::device::precision::<B>(dev, a.dtype)?);
     let shape = [a.batch, cfg.vit.in_chans, a.img, a.img];
     let mut timing = match a.mode {
         SpeedMode::Infer => {
@@ -229,7 +231,7 @@ fn pretrain_steps<B: Backend, C: CheckpointStrategy>(
         ibot_head: None,
         backbone: vit,
     }
-    .with_precision(a.dtype);
+    .with_precision(crate::device::precision::<B>(dev, a.dtype)?);
     let mut trainer =
         SslTrainer::<B, C>::with_strategy(model, LossConfig::default(), Some(3.0), dev);
     let batch = pretrain_batch(a, channels, patch);
@@ -326,7 +328,7 @@ pub struct WarmupArgs {
     dtype: Precision,
     #[arg(long, default_value_t = 65536, value_parser = crate::bounded_count)]
     prototypes: usize,
-    /// cpu, or cuda / cuda:N (a build with the `cuda` feature).
+    /// cpu, cuda / cuda:N (a build with the `cuda` feature) or wgpu (with `wgpu`).
     #[arg(long, default_value = "cuda", value_parser = parse_device)]
     device: Device,
 }
@@ -355,7 +357,7 @@ pub fn warmup(a: &WarmupArgs) -> Result<()> {
             v["time_to_first_step_s"].as_f64().unwrap_or(f64::NAN)
         );
     }
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
     if let Some(dir) = crate::device::kernel_cache() {
         eprintln!("kernel cache: {}", dir.display());
     }
