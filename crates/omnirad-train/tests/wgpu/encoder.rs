@@ -1,12 +1,5 @@
-//! The encoder on burn's wgpu backend against the CPU backend: the same weights (through a
-//! model directory) give the same outputs and the same gradients. wgpu runs the CubeCL kernels,
-//! fusion and autotuning that the CUDA backend runs, and omnirad's non-CPU branches (attention's
-//! backward pass through burn's ops, linears as plain matmuls, LayerNorm and the patch
-//! embedding as burn's ops), so this checks the GPU-side code on any machine with a Vulkan,
-//! Metal or DirectX 12 adapter; CI gives it Mesa's lavapipe, a Vulkan driver on the CPU.
-//!
-//! `cargo test -p omnirad-model --features wgpu --test wgpu`
-#![cfg(feature = "wgpu")]
+//! The encoder: the same weights (through a model directory) give the same outputs and the same
+//! gradients on both backends.
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
