@@ -15,13 +15,20 @@
 # carry=["dist", ".shared-data/busi-256"], 32 MiB) and the CPU fine-tuning step beside PyTorch's.
 # The stages of the earlier 30-minute plan still run alone:
 #   bench/gpu_session.sh cold | omnirad | torch
+# Correctness before speed, where the lease allows (a separate call, ~1-4 min): `tests` runs
+# omnirad-train's tests/gpu built for CUDA — the encoder's outputs and gradients (f32 and bf16),
+# a fine-tuning run and pretraining steps against the CPU backend, which the CI checks only on
+# wgpu (f32, lavapipe). Build it here and carry it in dist/ beside the binary:
+#   CARGO_TARGET_DIR=/tmp/cuda-test-target cargo test -p omnirad-train --features cuda --test gpu --no-run
+#   strip -o dist/gpu-tests /tmp/cuda-test-target/debug/deps/gpu-<hash> && xz -f dist/gpu-tests
+#   run(command="bench/gpu_session.sh tests", carry=["dist"], timeout_s=300)
 # Every stage writes JSON lines to $OUT/<stage>.jsonl as it goes (a step cut by the deadline
 # leaves the lines before it) and the kernel cache to $OUT/kernels.tar.xz; unpack that into
 # dist/kernels here so a later lease starts warm.
 # On a CPU (for checking this script): DEVICE=cpu BATCH=2 IMG=32 MODEL=vit_pico STEPS=2 ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?stage: all | cold | omnirad | torch}
+STAGE=${1:?stage: all | cold | omnirad | torch | tests}
 BUDGET=${BUDGET:-500}
 T0=$(date +%s)
 OUT=${OUT:-runs/gpu}
@@ -30,7 +37,7 @@ MODEL=${MODEL:-vit_s16}
 IMG=${IMG:-224}
 BATCH=${BATCH:-64}
 STEPS=${STEPS:-20}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 source bench/gpu_env.sh
 [ "$STAGE" = cold ] || unpack_kernels
 log="$OUT/$STAGE.jsonl"
@@ -100,6 +107,15 @@ case $STAGE in
     ;;
   torch)
     for mode in infer finetune pretrain; do torch_ref $mode ${COMPILE---compile}; done
+    ;;
+  tests)
+    # The test binary configures no kernel cache: a cubecl.toml in its working directory points
+    # CubeCL at the carried one. The tests use temporary directories only.
+    mkdir -p /tmp/gpu-tests && xz -dc dist/gpu-tests.xz > /tmp/gpu-tests/run
+    chmod +x /tmp/gpu-tests/run
+    printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' \
+      "$OMNIRAD_KERNEL_CACHE" "$OMNIRAD_KERNEL_CACHE" > /tmp/gpu-tests/cubecl.toml
+    (cd /tmp/gpu-tests && bounded ./run --test-threads=1) 2>&1 | tee "$OUT/tests.log"
     ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac

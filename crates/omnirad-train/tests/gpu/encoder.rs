@@ -1,11 +1,12 @@
 //! The encoder: the same weights (through a model directory) give the same outputs and the same
 //! gradients on both backends.
 
+use super::{Gpu, F32_TOL};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use omnirad_model::{
-    load_model_dir, save_model_dir, Cpu, ModelConfig, Train, Vit, VitConfig, Wgpu,
+    load_model_dir, save_model_dir, Cpu, ModelConfig, Precision, Train, Vit, VitConfig,
 };
 
 /// vit_pico (width 64, depth 2, 32 px) with a register and LayerScale, so every part runs.
@@ -33,8 +34,8 @@ fn tensor<B: Backend, const D: usize>(
     Tensor::from_data(TensorData::new(v, shape), dev)
 }
 
-/// The CPU model and the same weights loaded on wgpu.
-fn both<A: Backend, G: Backend>(dir: &std::path::Path) -> (Vit<A>, Vit<G>) {
+/// The CPU model and the same weights loaded on the GPU backend, in the arithmetic `p`.
+fn both<A: Backend, G: Backend>(dir: &std::path::Path, p: Precision) -> (Vit<A>, Vit<G>) {
     let cfg = config();
     // Seeded under a lock: the CPU backend's generator is one per process, shared by the tests.
     static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -46,7 +47,7 @@ fn both<A: Backend, G: Backend>(dir: &std::path::Path) -> (Vit<A>, Vit<G>) {
     save_model_dir(&vit, &cfg, dir).unwrap();
     let (a, _) = load_model_dir::<A>(dir, &Default::default()).unwrap();
     let (g, _) = load_model_dir::<G>(dir, &Default::default()).unwrap();
-    (a, g)
+    (a.with_precision(p), g.with_precision(p))
 }
 
 /// `got` equals `want` to `tol` relative to the largest |want|.
@@ -80,10 +81,10 @@ fn tokens<B: Backend>(vit: &Vit<B>, x: Tensor<B, 4>) -> Tensor<B, 3> {
     Tensor::cat(parts, 1)
 }
 
-#[test]
-fn the_encoder_gives_the_cpu_outputs() {
+/// The encoder's tokens in the arithmetic `p` agree with the CPU's to `tol`.
+fn outputs_agree(p: Precision, tol: f64) {
     let dir = tempfile::tempdir().unwrap();
-    let (cpu, gpu) = both::<Cpu, Wgpu>(dir.path());
+    let (cpu, gpu) = both::<Cpu, Gpu>(dir.path(), p);
     // 40 px: 100 patch tokens and interpolated position embeddings.
     for size in [32, 40] {
         let x = values(2 * 3 * size * size, 0.3);
@@ -94,18 +95,18 @@ fn the_encoder_gives_the_cpu_outputs() {
         ));
         let got = vec(tokens(
             &gpu,
-            tensor::<Wgpu, 4>(x, shape, &Default::default()),
+            tensor::<Gpu, 4>(x, shape, &Default::default()),
         ));
-        assert_close(got, want, 1e-4, &format!("{size} px tokens"));
+        assert_close(got, want, tol as f32, &format!("{p:?}, {size} px tokens"));
     }
 }
 
-#[test]
-fn training_gradients_are_the_cpu_gradients() {
+/// Input gradients and the gradients of one weight of each kind, under Σ tanh(out) ⊙ W, in the
+/// arithmetic `p`, agree with the CPU's to `tol`.
+fn gradients_agree(p: Precision, tol: f64) {
     let dir = tempfile::tempdir().unwrap();
-    let (cpu, gpu) = both::<Train<Cpu>, Train<Wgpu>>(dir.path());
+    let (cpu, gpu) = both::<Train<Cpu>, Train<Gpu>>(dir.path(), p);
     let (x, w) = (values(2 * 3 * 32 * 32, 0.7), values(2 * 66 * 64, 1.9));
-    /// Input gradients and the gradients of one weight of each kind, under Σ tanh(out) ⊙ W.
     fn grads<B: burn::tensor::backend::AutodiffBackend>(
         vit: &Vit<B>,
         x: &[f32],
@@ -140,6 +141,33 @@ fn training_gradients_are_the_cpu_gradients() {
         ]
     }
     for ((what, want), (_, got)) in grads(&cpu, &x, &w).into_iter().zip(grads(&gpu, &x, &w)) {
-        assert_close(got, want, 1e-4, what);
+        assert_close(got, want, tol as f32, &format!("{p:?}, {what}"));
     }
+}
+
+#[test]
+fn the_encoder_gives_the_cpu_outputs() {
+    outputs_agree(Precision::F32, F32_TOL);
+}
+
+#[test]
+fn training_gradients_are_the_cpu_gradients() {
+    gradients_agree(Precision::F32, F32_TOL);
+}
+
+/// bf16 products (wgpu has no bf16). Both sides round every product's operands to bf16 (8-bit
+/// mantissas, 4e-3 relative) and sum in f32, in different orders.
+#[cfg(feature = "cuda")]
+const BF16_TOL: f64 = 5e-2;
+
+#[cfg(feature = "cuda")]
+#[test]
+fn in_bf16_the_encoder_gives_the_cpu_outputs() {
+    outputs_agree(Precision::Bf16, BF16_TOL);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn in_bf16_training_gradients_are_the_cpu_gradients() {
+    gradients_agree(Precision::Bf16, BF16_TOL);
 }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use super::{Gpu, TRAIN_TOL};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -10,7 +11,7 @@ use ndarray::{Array2, Array3};
 use omnirad_data::augment::Augment;
 use omnirad_data::{Image, Meta, Preprocess};
 use omnirad_eval::TaskKind;
-use omnirad_model::{Cpu, DinoHeadConfig, VitConfig, Wgpu};
+use omnirad_model::{Cpu, DinoHeadConfig, VitConfig};
 use omnirad_train::finetune::{finetune, Classifier, FinetuneConfig, LabelledImages};
 use omnirad_train::masking::BlockMasking;
 use omnirad_train::params;
@@ -58,7 +59,7 @@ fn fill<B: Backend, M: Module<B>>(m: M) -> M {
 }
 
 /// The weights after `steps` AdamW steps of learning rate `lr` agree with `want`'s: all but a
-/// few elements to 1e-3 of their tensor's largest value, and every element to 2·lr per step.
+/// few elements to [`TRAIN_TOL`] of their tensor's largest value, and every element to 2·lr per step.
 /// AdamW moves an element by about ±lr whatever the size of its gradient, so where a gradient
 /// is zero up to rounding (the key bias's, exactly zero in attention) the two backends' rounding
 /// picks the sign and the element may differ by up to 2·lr per step; a wrong update or gradient
@@ -77,13 +78,13 @@ fn assert_weights_close(
         for (x, y) in w.iter().zip(g) {
             let d = (x - y).abs();
             assert!(d <= 2.0 * lr * steps as f32, "{path}: {y} against {x}");
-            off += usize::from(d > 1e-3 * scale);
+            off += usize::from(d > TRAIN_TOL as f32 * scale);
         }
         total += w.len();
     }
     assert!(
         off * 200 <= total,
-        "{off} of {total} weights differ by more than 1e-3"
+        "{off} of {total} weights differ by more than {TRAIN_TOL}"
     );
 }
 
@@ -123,7 +124,7 @@ fn fine_tuning_follows_the_cpu_run() {
     let w = weights(&cpu);
     let gpu = with_weights(
         Classifier::new(
-            vc.init::<Wgpu>(&Default::default()),
+            vc.init::<Gpu>(&Default::default()),
             2,
             false,
             0.0,
@@ -177,8 +178,8 @@ fn fine_tuning_follows_the_cpu_run() {
             ("val loss", x.val_loss, y.val_loss),
         ] {
             assert!(
-                close(g, c, 1e-3),
-                "epoch {} {what}: cpu {c} wgpu {g}",
+                close(g, c, TRAIN_TOL),
+                "epoch {} {what}: cpu {c} gpu {g}",
                 x.epoch
             );
         }
@@ -206,7 +207,7 @@ fn pretraining_steps_follow_the_cpu_steps() {
     ));
     let w = weights(&cpu);
     let gpu = with_weights(
-        SslModel::<Wgpu>::init(&vit, &head, false, &Default::default()),
+        SslModel::<Gpu>::init(&vit, &head, false, &Default::default()),
         &w,
     );
     // Two global crops of four images, half of them block-masked (the iBOT loss runs).
@@ -244,7 +245,7 @@ fn pretraining_steps_follow_the_cpu_steps() {
             ("koleo", a.koleo, b.koleo),
             ("grad norm", a.grad_norm, b.grad_norm),
         ] {
-            assert!(close(y, x, 1e-3), "step {i} {what}: cpu {x} wgpu {y}");
+            assert!(close(y, x, TRAIN_TOL), "step {i} {what}: cpu {x} gpu {y}");
         }
     }
     let (s_gpu, s_cpu) = (
