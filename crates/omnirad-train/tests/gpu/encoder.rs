@@ -1,6 +1,8 @@
 //! The encoder: the same weights (through a model directory) give the same outputs and the same
 //! gradients on both backends.
 
+#[cfg(feature = "cuda")]
+use super::BF16_TOL;
 use super::{Gpu, F32_TOL};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
@@ -154,11 +156,6 @@ fn the_encoder_gives_the_cpu_outputs() {
 fn training_gradients_are_the_cpu_gradients() {
     gradients_agree(Precision::F32, F32_TOL);
 }
-
-/// bf16 products (wgpu has no bf16). Both sides round every product's operands to bf16 (8-bit
-/// mantissas, 4e-3 relative) and sum in f32, in different orders.
-#[cfg(feature = "cuda")]
-const BF16_TOL: f64 = 5e-2;
 
 #[cfg(feature = "cuda")]
 #[test]
