@@ -170,7 +170,8 @@ pub fn check_wgpu() -> Result<()> {
 /// run of a shape pays for compilation and autotuning (minutes on a fresh CUDA machine):
 /// `$OMNIRAD_KERNEL_CACHE`, else `$XDG_CACHE_HOME/omnirad/cubecl` or `~/.cache/omnirad/cubecl`.
 /// A `cubecl.toml` / `burn.toml` in the working directory or above it takes precedence (then
-/// `None`). CubeCL itself caches no compiled kernels unless configured to.
+/// `None`). CubeCL itself caches no compiled kernels unless configured to, and on wgpu's WGSL
+/// path (the `wgpu` feature) it keeps autotune results only.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub fn kernel_cache() -> Option<std::path::PathBuf> {
     use cubecl::config::cache::CacheConfig;

@@ -102,7 +102,7 @@ enum Cmd {
     Viz(viz::VizArgs),
     /// The main job end to end on an embedded default (synthetic phantoms, or --data files).
     Demo(demo::DemoArgs),
-    /// Compile and autotune the GPU kernels of the given steps once, into the persistent kernel cache.
+    /// Compile and autotune the GPU kernels of the given steps once, into the persistent kernel cache (on wgpu: autotune results only).
     Warmup(speed::WarmupArgs),
     /// Benchmarks: throughput, and the MedMNIST / MedSegBench / retrieval protocols (see BENCHMARKS.md).
     Bench {
