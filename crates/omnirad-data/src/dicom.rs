@@ -123,57 +123,312 @@ pub struct DicomInfo {
 /// of failing one file. Real files nest a few levels (structured reports, RT structure sets).
 const MAX_SEQUENCE_DEPTH: usize = 128;
 
-/// Walks the data set's tokens up to the top-level pixel data without building it (dicom-parser's
-/// token reader keeps its sequence stack on the heap) and refuses nesting deeper than
-/// [`MAX_SEQUENCE_DEPTH`]. Whatever it cannot read is left to dicom-object to report.
-fn check_nesting(path: &Path) -> Result<()> {
+/// Walks the file meta group and the data set's tokens without building them, before
+/// dicom-object reads the file, and refuses what would take that reader down or hold it up:
+/// sequences nested deeper than [`MAX_SEQUENCE_DEPTH`], and declared lengths that run past the
+/// end of the file. dicom-object reserves and zero-fills each element's declared length before
+/// reading it, so one damaged length field made a 10 kB file cost 4 GB of memory and seconds
+/// (found by fuzzing the shared files). `whole`: walk on past the pixel data (seeking over
+/// native pixel data, reading compressed fragments), as dicom-object reads a whole file; else
+/// stop where the pixel data starts. Whatever this walk cannot read is left to dicom-object to
+/// report.
+fn check_structure(path: &Path, whole: bool) -> Result<()> {
     use dicom_encoding::transfer_syntax::Codec;
-    use dicom_parser::dataset::{DataSetReader, DataToken};
-    use std::io::BufRead;
-    let Ok(f) = std::fs::File::open(path) else {
-        return Ok(());
+    use std::io::{BufRead, Seek, SeekFrom};
+    let io = |e| DataError::io(path, e);
+    let open_at = |at: u64| -> Result<std::io::BufReader<std::fs::File>> {
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        f.seek(SeekFrom::Start(at)).map_err(io)?;
+        Ok(std::io::BufReader::new(f))
     };
-    let mut src = std::io::BufReader::new(f);
+    let mut src = open_at(0)?;
+    let file_len = src.get_ref().metadata().map_err(io)?.len();
+    let overrun = |at: u64, len: u32| {
+        DataError::invalid(
+            path,
+            format!(
+                "the DICOM element at byte {at} declares {len} bytes, past the end of the \
+                 {file_len}-byte file (damaged or truncated file?)"
+            ),
+        )
+    };
     if src
         .fill_buf()
         .is_ok_and(|b| b.len() >= 132 && &b[128..132] == b"DICM")
     {
         src.consume(128);
     }
+    let meta_start = src.stream_position().map_err(io)?;
+    if let Some((at, len)) = meta_overrun(&mut src, file_len) {
+        return Err(overrun(at, len));
+    }
+    src.seek(SeekFrom::Start(meta_start)).map_err(io)?;
     let Ok(meta) = dicom_object::FileMetaTable::from_reader(&mut src) else {
         return Ok(());
     };
     let Some(ts) = TransferSyntaxRegistry.get(meta.transfer_syntax()) else {
         return Ok(());
     };
-    let src: Box<dyn std::io::Read> = match ts.codec() {
-        Codec::Dataset(Some(adapter)) => adapter.adapt_reader(Box::new(src)),
+    let mut at = src.stream_position().map_err(io)?;
+    let walked = match ts.codec() {
+        // A deflated data set may be longer than the file, and has no byte offsets to seek to:
+        // its lengths are left unchecked.
+        Codec::Dataset(Some(adapter)) => walk_data_set(
+            adapter.adapt_reader(Box::new(src)),
+            ts,
+            at,
+            u64::MAX,
+            whole,
+            false,
+        ),
         Codec::Dataset(None) => return Ok(()),
-        _ => Box::new(src),
+        _ => loop {
+            match walk_data_set(src, ts, at, file_len, whole, whole) {
+                Walked::PixelData { at: pixels, len } => {
+                    at = pixels + u64::from(len);
+                    if at > file_len {
+                        return Err(overrun(pixels, len));
+                    }
+                    src = open_at(at)?;
+                }
+                walked => break walked,
+            }
+        },
     };
-    let Ok(tokens) = DataSetReader::new_with_ts(src, ts) else {
-        return Ok(());
+    match walked {
+        Walked::Overrun { at, len } => Err(overrun(at, len)),
+        Walked::TooDeep => Err(DataError::invalid(
+            path,
+            format!("DICOM sequences nested more than {MAX_SEQUENCE_DEPTH} deep (damaged file?)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// How [`walk_data_set`] ended.
+enum Walked {
+    /// At the end of the data set, at the pixel data when asked to stop there, or at something
+    /// it could not read.
+    End,
+    /// A value of `len` bytes at byte `at` runs past the end of the source.
+    Overrun {
+        at: u64,
+        len: u32,
+    },
+    TooDeep,
+    /// Top-level native pixel data of `len` bytes at byte `at`, not read.
+    PixelData {
+        at: u64,
+        len: u32,
+    },
+}
+
+/// Reads the data set's tokens from `src` (which starts at byte `start` of the file, at the top
+/// level), every length checked by [`LengthGuard`] against `limit`; `skip_pixels`: hand back
+/// native pixel data with its offset instead of reading it.
+fn walk_data_set(
+    src: impl std::io::Read,
+    ts: &dicom_encoding::TransferSyntax,
+    start: u64,
+    limit: u64,
+    whole: bool,
+    skip_pixels: bool,
+) -> Walked {
+    use dicom_parser::dataset::{DataSetReader, DataToken};
+    let Ok(inner) = dicom_parser::DynStatefulDecoder::new_with_ts(src, ts, start) else {
+        return Walked::End;
+    };
+    let seen = std::rc::Rc::new(std::cell::Cell::new(Seen::default()));
+    let guard = LengthGuard {
+        inner,
+        limit,
+        seen: seen.clone(),
     };
     let mut depth = 0usize;
-    for token in tokens {
+    for token in DataSetReader::new(guard, Default::default()) {
         match token {
-            Ok(DataToken::SequenceStart { .. }) => depth += 1,
+            Ok(DataToken::PixelSequenceStart) if depth == 0 && !whole => return Walked::End,
+            Ok(DataToken::ElementHeader(h)) if depth == 0 && h.tag == tags::PIXEL_DATA => {
+                match h.len.get() {
+                    _ if !whole => return Walked::End,
+                    Some(len) if skip_pixels => {
+                        let at = seen.get().header_end;
+                        return Walked::PixelData { at, len };
+                    }
+                    _ => {}
+                }
+            }
+            // A pixel sequence (an icon's, say) ends with a sequence end as well.
+            Ok(DataToken::SequenceStart { .. } | DataToken::PixelSequenceStart) => depth += 1,
             Ok(DataToken::SequenceEnd) => depth = depth.saturating_sub(1),
-            Ok(DataToken::PixelSequenceStart) if depth == 0 => break,
-            Ok(DataToken::ElementHeader(h)) if depth == 0 && h.tag == tags::PIXEL_DATA => break,
             Ok(_) => {}
-            Err(_) => break,
+            Err(_) => {
+                return match seen.get().refused {
+                    Some((at, len)) => Walked::Overrun { at, len },
+                    None => Walked::End,
+                }
+            }
         }
         if depth > MAX_SEQUENCE_DEPTH {
-            return Err(DataError::invalid(
-                path,
-                format!(
-                    "DICOM sequences nested more than {MAX_SEQUENCE_DEPTH} deep (damaged file?)"
-                ),
-            ));
+            return Walked::TooDeep;
         }
     }
-    Ok(())
+    Walked::End
+}
+
+/// The first file meta element (after the "DICM" magic at `src`'s position) whose declared
+/// length runs past the end of the file, as (byte offset of its value, length); walks the group
+/// as dicom-object's meta reader does, which allocates each length before reading it.
+fn meta_overrun(src: &mut std::io::BufReader<std::fs::File>, file_len: u64) -> Option<(u64, u32)> {
+    use dicom_encoding::decode::{file_header_decoder, Decode};
+    use std::io::{Read, Seek};
+    let decoder = file_header_decoder();
+    let mut word = [0u8; 4];
+    src.read_exact(&mut word).ok()?;
+    if &word != b"DICM" {
+        return None;
+    }
+    let (header, _) = decoder.decode_header(src).ok()?;
+    if header.tag != Tag(0x0002, 0x0000) || header.len.get() != Some(4) {
+        return None;
+    }
+    src.read_exact(&mut word).ok()?;
+    let group_len = u64::from(u32::from_le_bytes(word));
+    let mut read = 0u64;
+    while read < group_len {
+        let (header, header_len) = decoder.decode_header(src).ok()?;
+        let len = header.len.get()?;
+        let at = src.stream_position().ok()?;
+        if at + u64::from(len) > file_len {
+            return Some((at, len));
+        }
+        src.seek_relative(i64::from(len)).ok()?;
+        read += header_len as u64 + u64::from(len);
+    }
+    None
+}
+
+/// dicom-parser's stateful decoder with every value length checked against the end of the
+/// source before the decoder allocates it (see [`check_structure`]), and what the walk needs
+/// to know of the bytes it has read in `seen`.
+struct LengthGuard<S> {
+    inner: S,
+    /// The byte the source ends at.
+    limit: u64,
+    seen: std::rc::Rc<std::cell::Cell<Seen>>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Seen {
+    /// Where the last element header read ends (its value starts).
+    header_end: u64,
+    /// A refused value: (its byte offset, its length).
+    refused: Option<(u64, u32)>,
+}
+
+impl<S: dicom_parser::StatefulDecode> LengthGuard<S> {
+    fn check(&self, len: Option<u32>) -> dicom_parser::stateful::decode::Result<()> {
+        let at = self.inner.position();
+        match len {
+            Some(len) if at.saturating_add(u64::from(len)) > self.limit => {
+                let seen = self.seen.get();
+                self.seen.set(Seen {
+                    refused: Some((at, len)),
+                    ..seen
+                });
+                Err(dicom_parser::stateful::decode::Error::AllocateValueData { len })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl<S: dicom_parser::StatefulDecode> dicom_parser::StatefulDecode for LengthGuard<S> {
+    type Reader = S::Reader;
+
+    fn decode_header(
+        &mut self,
+    ) -> dicom_parser::stateful::decode::Result<dicom_core::DataElementHeader> {
+        let header = self.inner.decode_header()?;
+        let seen = self.seen.get();
+        self.seen.set(Seen {
+            header_end: self.inner.position(),
+            ..seen
+        });
+        Ok(header)
+    }
+
+    fn decode_item_header(
+        &mut self,
+    ) -> dicom_parser::stateful::decode::Result<dicom_core::header::SequenceItemHeader> {
+        self.inner.decode_item_header()
+    }
+
+    fn read_value(
+        &mut self,
+        header: &dicom_core::DataElementHeader,
+    ) -> dicom_parser::stateful::decode::Result<PrimitiveValue> {
+        self.check(header.len.get())?;
+        self.inner.read_value(header)
+    }
+
+    fn read_value_preserved(
+        &mut self,
+        header: &dicom_core::DataElementHeader,
+    ) -> dicom_parser::stateful::decode::Result<PrimitiveValue> {
+        self.check(header.len.get())?;
+        self.inner.read_value_preserved(header)
+    }
+
+    fn read_value_bytes(
+        &mut self,
+        header: &dicom_core::DataElementHeader,
+    ) -> dicom_parser::stateful::decode::Result<PrimitiveValue> {
+        self.check(header.len.get())?;
+        self.inner.read_value_bytes(header)
+    }
+
+    fn read_to_vec(
+        &mut self,
+        length: u32,
+        vec: &mut Vec<u8>,
+    ) -> dicom_parser::stateful::decode::Result<()> {
+        self.check(Some(length))?;
+        self.inner.read_to_vec(length, vec)
+    }
+
+    fn read_u32_to_vec(
+        &mut self,
+        length: u32,
+        vec: &mut Vec<u32>,
+    ) -> dicom_parser::stateful::decode::Result<()> {
+        self.check(Some(length))?;
+        self.inner.read_u32_to_vec(length, vec)
+    }
+
+    fn read_to<W: std::io::Write>(
+        &mut self,
+        length: u32,
+        out: W,
+    ) -> dicom_parser::stateful::decode::Result<()> {
+        self.check(Some(length))?;
+        self.inner.read_to(length, out)
+    }
+
+    fn skip_bytes(&mut self, length: u32) -> dicom_parser::stateful::decode::Result<()> {
+        self.inner.skip_bytes(length)
+    }
+
+    fn seek(&mut self, position: u64) -> dicom_parser::stateful::decode::Result<()>
+    where
+        Self::Reader: std::io::Seek,
+    {
+        self.inner.seek(position)
+    }
+
+    fn position(&self) -> u64 {
+        self.inner.position()
+    }
 }
 
 /// An attribute of one data set as text, trimmed; None when absent or empty.
@@ -206,7 +461,7 @@ pub struct DicomFile {
 impl DicomFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        check_nesting(&path)?;
+        check_structure(&path, true)?;
         let obj = OpenFileOptions::new()
             .open_file(&path)
             .map_err(|e| DataError::format(&path, "DICOM", e))?;
@@ -227,7 +482,7 @@ impl DicomFile {
     /// Frames (0028,0008), 1 where it is absent.
     pub fn frame_count(path: impl AsRef<Path>) -> Result<usize> {
         let path = path.as_ref();
-        check_nesting(path)?;
+        check_structure(path, false)?;
         let obj = OpenFileOptions::new()
             .read_until(tags::PIXEL_DATA)
             .open_file(path)
@@ -1004,7 +1259,13 @@ const NON_IMAGE_SOP_CLASSES: &[(&str, &str)] = &[
 /// objects and for files whose meta cannot be read (the reader then says why).
 pub fn non_image_object(path: &Path) -> Option<&'static str> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::io::BufReader::new(std::fs::File::open(path).ok()?);
+    let file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let mut f = std::io::BufReader::new(file);
+    f.seek(SeekFrom::Start(128)).ok()?;
+    if meta_overrun(&mut f, len).is_some() {
+        return None;
+    }
     f.seek(SeekFrom::Start(128)).ok()?;
     let meta = dicom_object::meta::FileMetaTable::from_reader(f.by_ref()).ok()?;
     let uid = meta.media_storage_sop_class_uid();
