@@ -601,6 +601,9 @@ impl DicomFile {
                 ),
             });
         }
+        if uid == "1.2.840.10008.1.2.5" {
+            self.check_rle_headers()?;
+        }
         let jpeg12;
         let obj = if self.needs_jpeg12(&uid) {
             jpeg12 = self.with_native_jpeg12()?;
@@ -728,6 +731,32 @@ impl DicomFile {
     }
 
     /// JPEG baseline/extended grey pixel data of more than 8 bits: jpeg-decoder reads 8 only.
+    /// dicom-rs's RLE decoder allocates as many offsets as a fragment's header declares segments
+    /// (up to 2³²: a 17 GB allocation, whose failure aborts the process) before checking that
+    /// number; RLE allows 1 to 15 segments in a 64-byte header (PS3.5 G.3.1), checked here first.
+    fn check_rle_headers(&self) -> Result<()> {
+        for i in 0..self.obj.number_of_fragments().unwrap_or(0) as usize {
+            let Some(fragment) = self.obj.fragment(i) else {
+                continue;
+            };
+            let segments = fragment
+                .get(..4)
+                .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+            if !(fragment.len() >= 64 && matches!(segments, Some(1..=15))) {
+                return Err(DataError::invalid(
+                    &self.path,
+                    format!(
+                        "RLE frame {i}: a damaged header ({} bytes, {} segments; RLE has 1 to \
+                         15 segments in a 64-byte header)",
+                        fragment.len(),
+                        segments.map_or("no count of".into(), |n| n.to_string())
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn needs_jpeg12(&self, uid: &str) -> bool {
         matches!(uid, "1.2.840.10008.1.2.4.50" | "1.2.840.10008.1.2.4.51")
             && self.int_tag(tags::BITS_STORED).unwrap_or(0) > 8

@@ -471,6 +471,31 @@ fn a_file_window_narrower_than_one_or_unreadable_is_an_error() {
 }
 
 #[test]
+fn an_rle_header_with_too_many_segments_is_an_error_not_an_abort() {
+    // dicom-rs's RLE decoder allocates one offset per declared segment before checking the
+    // count: 0xFFFF0002 segments ask for 17 GB. Where that allocation failed (a laptop, a memory
+    // limit: `ulimit -v 16000000` here) the process aborted; where it succeeded, the decoder
+    // panicked on the slice after it.
+    let dir_guard = tmpdir("dicom-rle-header");
+    let mut rle = std::fs::read(data("dicom-pydicom/MR_small_RLE.dcm")).unwrap();
+    let item = rle
+        .windows(4)
+        .rposition(|w| w == [0xfe, 0xff, 0x00, 0xe0])
+        .unwrap();
+    rle[item + 8..item + 12].copy_from_slice(&0xFFFF_0002u32.to_le_bytes());
+    let p = dir_guard.path().join("segments.dcm");
+    std::fs::write(&p, &rle).unwrap();
+    let err = DicomFile::open(&p)
+        .and_then(|f| f.modality_frames())
+        .expect_err("must fail")
+        .to_string();
+    assert!(
+        err.contains("segments.dcm") && err.contains("RLE frame 0: a damaged header"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_truncated_rle_file_fails_alone_in_a_folder() {
     // dicom-rs's RLE decoder panics on a truncated segment; before the decoder was guarded,
     // that panic killed the loader thread and the folder silently ended after the first batch.
