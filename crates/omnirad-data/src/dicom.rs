@@ -730,7 +730,6 @@ impl DicomFile {
         Ok(Palette { tables })
     }
 
-    /// JPEG baseline/extended grey pixel data of more than 8 bits: jpeg-decoder reads 8 only.
     /// dicom-rs's RLE decoder allocates as many offsets as a fragment's header declares segments
     /// (up to 2³²: a 17 GB allocation, whose failure aborts the process) before checking that
     /// number; RLE allows 1 to 15 segments in a 64-byte header (PS3.5 G.3.1), checked here first.
@@ -757,6 +756,7 @@ impl DicomFile {
         Ok(())
     }
 
+    /// JPEG baseline/extended grey pixel data of more than 8 bits: jpeg-decoder reads 8 only.
     fn needs_jpeg12(&self, uid: &str) -> bool {
         matches!(uid, "1.2.840.10008.1.2.4.50" | "1.2.840.10008.1.2.4.51")
             && self.int_tag(tags::BITS_STORED).unwrap_or(0) > 8
