@@ -1,5 +1,7 @@
 """PyTorch's linear layer at ViT-S/16's [B·N, D] shapes (batch 8): forward, dX, dW and autograd
-forward + backward rates on the CPU, to set beside `cargo bench -p omnirad-model --bench ops`.
+forward + backward rates on the CPU in fp32, and forward and forward + backward under bf16
+autocast (operand casts included, as omnirad's bf16 op includes its rounding), to set beside
+`cargo bench -p omnirad-model --bench ops`.
 
     python bench/torch_linear.py [--threads 2]
 """
@@ -38,9 +40,20 @@ def main():
             torch.nn.functional.linear(xr, wr, br).backward(g)
 
         full = best(train)
+
+        def train_bf16():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = torch.nn.functional.linear(xr, wr, br)
+            y.backward(g)
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fwd16 = best(lambda: torch.nn.functional.linear(x, w, b))
+        full16 = best(train_bf16)
         print(
             f"linear {name} [{m}, {k}]·[{k}, {n}]: forward {gflop / fwd:.0f}, dX {gflop / dx:.0f}, "
-            f"dW {gflop / dw:.0f} GFLOP/s; forward + backward {full * 1e3:.2f} ms ({3 * gflop / full:.0f} GFLOP/s)"
+            f"dW {gflop / dw:.0f} GFLOP/s; forward + backward {full * 1e3:.2f} ms ({3 * gflop / full:.0f} GFLOP/s); "
+            f"bf16 autocast: forward {fwd16 * 1e3:.2f} ms ({gflop / fwd16:.0f} GFLOP/s), "
+            f"forward + backward {full16 * 1e3:.2f} ms ({3 * gflop / full16:.0f} GFLOP/s)"
         )
 
 

@@ -13,12 +13,13 @@ max_memory_allocated; CPU: peak RSS of the process).
 --grad-checkpoint recomputes every block in the backward pass (timm's set_grad_checkpointing;
 omnirad's --grad-checkpoint recomputes only memory-bound ops, so their memory differs).
 Usage: python bench/torch_reference.py --model vit_s16 --mode finetune --img 224 --batch 64
-       [--device cpu] [--locals 8] [--compile] [--grad-checkpoint]
+       [--device cpu] [--locals 8] [--compile] [--grad-checkpoint] [--profile]
 """
 import argparse
 import copy
 import json
 import resource
+import sys
 import time
 
 import timm
@@ -192,6 +193,13 @@ def run(a, dev, name, tf32, bf16, compile_):
             times.append(time.perf_counter() - t)
     times.sort()
     ms = times[len(times) // 2] * 1e3
+    if a.profile:  # where PyTorch's step time goes, per op, over `--steps` more steps
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(a.steps):
+                step()
+            sync()
+        print(f"{name}: self time per op over {a.steps} steps", file=sys.stderr)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
     print(json.dumps({"impl": "pytorch", "precision": name, "mode": a.mode, "model": a.model, "img": a.img,
                       "batch": a.batch, "device": dev, "ms_per_step": ms, "img_per_s": a.batch / ms * 1e3,
                       "time_to_first_step_s": first, "peak_mem_mib": peak_mem_mib(dev),
@@ -214,6 +222,7 @@ def main():
     p.add_argument("--precisions", default="fp32,tf32,bf16", help="subset of fp32,tf32,bf16")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--profile", action="store_true", help="per-op self times on stderr (torch.profiler)")
     a = p.parse_args()
     torch.manual_seed(0)
     modes = {"fp32": (False, False), "tf32": (True, False), "bf16": (True, True)}

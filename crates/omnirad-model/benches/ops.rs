@@ -6,8 +6,9 @@ use burn::tensor::{
     activation::gelu, module::attention, ops::AttentionModuleOptions, Distribution, Tensor,
 };
 use omnirad_model::linear::{linear, linear_bf16};
-use omnirad_model::Cpu;
+use omnirad_model::{Cpu, Train};
 use std::time::Instant;
+type Ad = Train<Cpu>;
 /// Median-free quick timing: one warm-up call, then the mean of 3.
 fn t<F: FnMut() -> Tensor<Cpu, 4>>(name: &str, mut f: F) {
     let _ = f().into_data();
@@ -19,7 +20,8 @@ fn t<F: FnMut() -> Tensor<Cpu, 4>>(name: &str, mut f: F) {
 }
 /// The linear op (one GEMM into bias rows) at the [B·N, D] shapes of ViT-S/16 at batch 8, best
 /// of 5 calls, in f32 and with bf16 products: the GEMM rates the training step's products can
-/// reach on this machine (bf16 includes rounding the operands and widening the result).
+/// reach on this machine (bf16 includes rounding the operands and widening the result), then
+/// forward + backward (dX and dW) as `bench/torch_linear.py` times PyTorch's.
 fn linear_rates() {
     let d = Default::default();
     let m = 8 * 197;
@@ -32,23 +34,43 @@ fn linear_rates() {
         let x = Tensor::<Cpu, 2>::random([m, k], Distribution::Normal(0., 1.), &d);
         let w = Tensor::<Cpu, 2>::random([k, n], Distribution::Normal(0., 1.), &d);
         let b = Tensor::<Cpu, 1>::zeros([n], &d);
-        let rate = |op: fn(Tensor<Cpu, 2>, Tensor<Cpu, 2>, Tensor<Cpu, 1>) -> Tensor<Cpu, 2>| {
-            let run = || op(x.clone(), w.clone(), b.clone()).into_data();
-            let _ = run();
+        // (ms, GFLOP/s) of the best of 5 calls after one warm-up, for `flop` products.
+        let best = |flop: usize, run: &dyn Fn()| {
+            run();
             let best = (0..5)
                 .map(|_| {
                     let s = Instant::now();
-                    let _ = run();
+                    run();
                     s.elapsed().as_secs_f64()
                 })
                 .fold(f64::MAX, f64::min);
-            (best * 1e3, 2.0 * (m * k * n) as f64 / best / 1e9)
+            (best * 1e3, (2 * flop * m * k * n) as f64 / best / 1e9)
+        };
+        let rate = |op: fn(Tensor<Cpu, 2>, Tensor<Cpu, 2>, Tensor<Cpu, 1>) -> Tensor<Cpu, 2>| {
+            best(1, &|| {
+                let _ = op(x.clone(), w.clone(), b.clone()).into_data();
+            })
         };
         let (f32_ms, f32_rate) = rate(linear);
         let (bf16_ms, bf16_rate) = rate(linear_bf16);
+        // Forward + backward through autodiff (dY = ones from the sum; its fill is a small
+        // part). The gradients are not read back: into_data copies them (ms at these sizes).
+        let train = |op: fn(Tensor<Ad, 2>, Tensor<Ad, 2>, Tensor<Ad, 1>) -> Tensor<Ad, 2>| {
+            let grad = |t: &Tensor<Cpu, 2>| Tensor::<Ad, 2>::from_inner(t.clone()).require_grad();
+            best(3, &|| {
+                let (x, w) = (grad(&x), grad(&w));
+                let b = Tensor::<Ad, 1>::from_inner(b.clone()).require_grad();
+                let g = op(x.clone(), w.clone(), b).sum().backward();
+                assert!(x.grad(&g).is_some() && w.grad(&g).is_some());
+            })
+        };
+        let (f32_train_ms, f32_train_rate) = train(linear);
+        let (bf16_train_ms, bf16_train_rate) = train(linear_bf16);
         println!(
             "linear {name} [{m}, {k}]·[{k}, {n}]: f32 {f32_ms:.2} ms, {f32_rate:.0} GFLOP/s; \
-             bf16 products {bf16_ms:.2} ms, {bf16_rate:.0} GFLOP/s"
+             bf16 products {bf16_ms:.2} ms, {bf16_rate:.0} GFLOP/s; forward + backward: \
+             f32 {f32_train_ms:.2} ms ({f32_train_rate:.0} GFLOP/s), \
+             bf16 {bf16_train_ms:.2} ms ({bf16_train_rate:.0} GFLOP/s)"
         );
     }
 }

@@ -265,6 +265,15 @@ mod cpu {
     /// ViT-S/16's largest matrices (590k values) between cores.
     const CHUNK: usize = 1 << 14;
 
+    /// `t` as a contiguous tensor covering its whole buffer. `to_contiguous` borrows: where `t`
+    /// already is one it returns a second handle on the same buffer, so `t` is dropped here, or
+    /// `storage_mut` would copy the buffer (three copies of the model per step).
+    fn whole(t: FlexTensor) -> FlexTensor {
+        let c = t.to_contiguous();
+        drop(t);
+        c
+    }
+
     /// The module doc's formula element by element, in f32 with the scalars rounded to f32 as
     /// burn's scalar ops round them.
     pub(super) fn update(
@@ -276,7 +285,7 @@ mod cpu {
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         // Contiguous tensors covering their whole buffers, so `storage` is exactly the values;
         // `storage_mut` copies only a buffer with another owner.
-        let (mut p, mut m, mut v) = (p.to_contiguous(), m.to_contiguous(), v.to_contiguous());
+        let (mut p, mut m, mut v) = (whole(p), whole(m), whole(v));
         let g = g.to_contiguous();
         let g = g.storage::<f32>();
         let [scale, b1, b2, bias1, bias2, lr, decay, eps] = [
@@ -435,6 +444,31 @@ mod tests {
         assert!(host(p.clone() - values::<Cpu>(n, 1))
             .iter()
             .any(|d| d.abs() > 1e-3));
+    }
+
+    /// The CPU kernel writes p, m and v where they are: a handle left on any of them makes
+    /// `storage_mut` copy it first, three copies of the model per step.
+    #[test]
+    fn cpu_kernel_updates_in_place() {
+        let n = 1000;
+        let c = Coeffs {
+            scale: 1.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            bias1: 0.1,
+            bias2: 0.001,
+            lr: 1e-2,
+            decay: 1.0,
+            eps: 1e-8,
+        };
+        let addr = |t: &Tensor<Cpu, 1>| {
+            let t: FlexTensor = t.clone().into_primitive().tensor();
+            t.as_slice::<f32>().unwrap().as_ptr() as usize
+        };
+        let (p, m, v) = (values(n, 1), values(n, 2), values(n, 3).abs());
+        let before = [addr(&p), addr(&m), addr(&v)];
+        let (p, m, v) = update(p, values(n, 4), Some((m, v)), &c);
+        assert_eq!([addr(&p), addr(&m), addr(&v)], before);
     }
 
     /// With a zero gradient the update is the decay alone: an anchored parameter moves η·λ_a of
