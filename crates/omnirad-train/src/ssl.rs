@@ -135,7 +135,9 @@ pub struct StepStats {
 /// Student (with gradients), EMA teacher, optimizer and centres. `C`: which activations the
 /// student's backward pass keeps (see [`Train`]).
 pub struct SslTrainer<B: Backend, C: CheckpointStrategy = NoCheckpointing> {
-    pub student: SslModel<Train<B, C>>,
+    /// `Some` between calls ([`SslTrainer::student`]): the optimiser step takes the student by
+    /// value, and a clone left here would make it copy every parameter before updating it.
+    pub student: Option<SslModel<Train<B, C>>>,
     pub teacher: SslModel<B>,
     pub opt: AdamW<B>,
     pub dino_center: Center<B>,
@@ -169,7 +171,7 @@ impl<B: Backend, C: CheckpointStrategy> SslTrainer<B, C> {
         params::materialize(&student);
         let teacher = student.clone();
         Self {
-            student: trainable_student(student),
+            student: Some(trainable_student(student)),
             teacher,
             opt: AdamW::new(0.9, 0.999, 1e-8),
             dino_center: Center::new(k, loss.center_momentum, device),
@@ -249,7 +251,10 @@ impl<B: Backend, C: CheckpointStrategy> SslTrainer<B, C> {
             let flat: Vec<f32> = b.masks.iter().flatten().map(|&m| m as u8 as f32).collect();
             Tensor::<Train<B, C>, 2>::from_data(TensorData::new(flat, [n_img, np]), &dev)
         });
-        let s_out = self.student.backbone.forward_features(x_s, mask, &[], true);
+        let s_out = self
+            .student()
+            .backbone
+            .forward_features(x_s, mask, &[], true);
         let s_patch = (n_masked > 0).then(|| {
             s_out
                 .patches
@@ -258,7 +263,7 @@ impl<B: Backend, C: CheckpointStrategy> SslTrainer<B, C> {
                 .select(0, Tensor::from_inner(idx_t))
         });
         let (s_cls_logits, s_patch_logits) =
-            heads_forward(&self.student, s_out.cls.clone(), s_patch);
+            heads_forward(self.student(), s_out.cls.clone(), s_patch);
 
         let st = self.loss.student_temp;
         let t_chunks: Vec<Tensor<Train<B, C>, 2>> = Tensor::from_inner(t_cls).chunk(ng, 0);
@@ -279,11 +284,11 @@ impl<B: Backend, C: CheckpointStrategy> SslTrainer<B, C> {
                 &dev,
             );
             let l_cls = self
-                .student
+                .student()
                 .backbone
                 .forward_features(x_l, None, &[], true)
                 .cls;
-            for s in self.student.dino_head.forward(l_cls).chunk(nl, 0) {
+            for s in self.student().dino_head.forward(l_cls).chunk(nl, 0) {
                 for t in &t_chunks {
                     dino = dino + cross_entropy(s.clone(), t.clone(), st);
                     pairs += 1;
@@ -366,8 +371,8 @@ impl<B: Backend, C: CheckpointStrategy> SslTrainer<B, C> {
         for b in micro {
             let (loss, s) = self.forward(b, v.teacher_temp);
             let grads =
-                GradientsParams::from_grads((loss / micro.len() as f64).backward(), &self.student);
-            acc.accumulate(&self.student, grads);
+                GradientsParams::from_grads((loss / micro.len() as f64).backward(), self.student());
+            acc.accumulate(self.student(), grads);
             add_stats(&mut sum, &s, 1.0 / micro.len() as f64);
         }
         let freeze = v.freeze_last_layer;
@@ -385,9 +390,9 @@ impl<B: Backend, C: CheckpointStrategy> SslTrainer<B, C> {
             clip: self.clip,
             group: &group,
         };
-        let student = self.student.clone();
+        let student = self.student.take().expect("a student between steps");
         let (student, norm) = self.opt.step(student, acc.grads(), &settings);
-        self.student = student;
+        self.student = Some(student);
         sum.grad_norm = norm;
         self.update_teacher(v.momentum);
         sum
@@ -395,7 +400,12 @@ impl<B: Backend, C: CheckpointStrategy> SslTrainer<B, C> {
 
     /// θ_t ← m·θ_t + (1 − m)·θ_s for every parameter (backbone and heads).
     pub fn update_teacher(&mut self, m: f64) {
-        self.teacher = params::ema(self.teacher.clone(), &self.student.valid(), m);
+        self.teacher = params::ema(self.teacher.clone(), &self.student().valid(), m);
+    }
+
+    /// The student (with gradients).
+    pub fn student(&self) -> &SslModel<Train<B, C>> {
+        self.student.as_ref().expect("a student between steps")
     }
 }
 

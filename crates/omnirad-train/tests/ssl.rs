@@ -291,8 +291,8 @@ fn ema_update_mixes_teacher_and_student() {
         &Default::default(),
     );
     // Make the student differ: replace every student parameter by 1.
-    let student = params::replace(t.student.valid(), |_, v| v.zeros_like() + 1.0);
-    t.student = SslModel::from_inner(student);
+    let student = params::replace(t.student().valid(), |_, v| v.zeros_like() + 1.0);
+    t.student = Some(SslModel::from_inner(student));
     let before: Vec<Vec<f64>> = params::collect(&t.teacher)
         .into_iter()
         .map(|p| host(p.value.unsqueeze()))
@@ -333,14 +333,21 @@ fn adamw_first_step_and_global_clip() {
     );
     // Every parameter trains, including those created outside the autodiff backend.
     // (The mask token is unused without a mask.)
-    let n_params = params::collect(&t.student.valid().backbone).len() - 1;
-    let loss = (t.student.backbone.forward(x) * w).sum();
-    let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &t.student);
+    let n_params = params::collect(&t.student().valid().backbone).len() - 1;
+    let loss = (t.student().backbone.forward(x) * w).sum();
+    let grads = burn::optim::GradientsParams::from_grads(loss.backward(), t.student());
     assert_eq!(grads.len(), n_params);
-    let w0 = host(t.student.backbone.cls_token.val().inner().reshape([1, 64]));
+    let w0 = host(
+        t.student()
+            .backbone
+            .cls_token
+            .val()
+            .inner()
+            .reshape([1, 64]),
+    );
     let g = host(
         grads
-            .get::<B, 3>(t.student.backbone.cls_token.id)
+            .get::<B, 3>(t.student().backbone.cls_token.id)
             .unwrap()
             .reshape([1, 64]),
     );
@@ -355,7 +362,7 @@ fn adamw_first_step_and_global_clip() {
         clip: Some(1e-3),
         group: &group,
     };
-    let (m, norm) = opt.step(t.student.clone(), grads, &settings);
+    let (m, norm) = opt.step(t.student().clone(), grads, &settings);
     assert!(norm > 1e-3, "the test needs clipping to be active ({norm})");
     // Clipping scales g uniformly; Adam's first step is invariant to that scale (up to ε).
     let w1 = host(m.backbone.cls_token.val().inner().reshape([1, 64]));
@@ -644,7 +651,7 @@ fn teacher_starts_as_an_exact_copy_of_the_student() {
     // A fresh model, never touched: burn initialises Linear weights lazily.
     let fresh = SslModel::<B>::init(&vit, &head, false, &Default::default());
     let t = SslTrainer::new(fresh, LossConfig::default(), None, &Default::default());
-    let s = params::collect(&t.student.valid());
+    let s = params::collect(&t.student().valid());
     let te = params::collect(&t.teacher);
     for (a, b) in s.into_iter().zip(te) {
         assert_eq!(
@@ -654,6 +661,34 @@ fn teacher_starts_as_an_exact_copy_of_the_student() {
             a.path
         );
     }
+}
+
+/// The optimiser updates the student's parameters where they are from the second step on (the
+/// first copies them, as the teacher starts on the same buffers): a handle left on the student
+/// during the update would copy the whole model at every step.
+#[test]
+fn student_parameters_are_updated_in_place() {
+    let mut t = SslTrainer::new(
+        tiny_model(7),
+        LossConfig::default(),
+        None,
+        &Default::default(),
+    );
+    let addresses = |t: &SslTrainer<B>| -> Vec<usize> {
+        params::collect(&t.student().valid())
+            .into_iter()
+            .map(|p| {
+                let v: burn::backend::flex::FlexTensor = p.value.into_primitive().tensor();
+                v.as_slice::<f32>().unwrap().as_ptr() as usize
+            })
+            .collect()
+    };
+    let (b, v) = (random_batch(8, 4, 2, false), step_values());
+    let group = |p: &str| param_group(p, 2, 0.9, 0.2);
+    t.step(std::slice::from_ref(&b), &v, &group, 0);
+    let before = addresses(&t);
+    t.step(std::slice::from_ref(&b), &v, &group, 1);
+    assert_eq!(addresses(&t), before);
 }
 
 /// Four images × 2 global crops with DINOv2 block masks (probability 0.5, ratio 0.1–0.5).
@@ -690,10 +725,10 @@ fn bf16_pretraining_steps_track_f32_and_keep_their_precision() {
             .map(|i| t.step(std::slice::from_ref(&b), &v, &group, i).loss)
             .collect();
         // The precision survives the optimiser step and the EMA update.
-        assert_eq!(t.student.valid().backbone.blocks[0].mlp.precision, p);
+        assert_eq!(t.student().valid().backbone.blocks[0].mlp.precision, p);
         assert_eq!(t.teacher.backbone.blocks[1].attn.precision, p);
         assert_eq!(t.teacher.dino_head.precision, p);
-        assert_eq!(t.student.valid().dino_head.precision, p);
+        assert_eq!(t.student().valid().dino_head.precision, p);
         losses
     };
     let (full, half) = (run(Precision::F32), run(Precision::Bf16));
@@ -734,8 +769,8 @@ fn gradient_checkpointing_gives_the_same_pretraining_steps() {
         }
     }
     let (s1, s2) = (
-        params::collect(&keep.student.valid()),
-        params::collect(&recompute.student.valid()),
+        params::collect(&keep.student().valid()),
+        params::collect(&recompute.student().valid()),
     );
     for (p, q) in s1.into_iter().zip(s2) {
         let diff = (p.value.clone() - q.value)

@@ -19,7 +19,7 @@ pub fn save_checkpoint<B: Backend, C: CheckpointStrategy>(
     step: usize,
 ) -> Result<(), ModelError> {
     let mut w = StateWriter::default();
-    w.module("student.", &t.student.valid());
+    w.module("student.", &t.student().valid());
     w.module("teacher.", &t.teacher);
     w.adam(&t.opt);
     w.tensor("center.dino", &t.dino_center.value);
@@ -35,7 +35,7 @@ pub fn load_checkpoint<B: Backend, C: CheckpointStrategy>(
 ) -> Result<usize, ModelError> {
     let mut r = StateReader::<B>::open(path, FORMAT, "pretraining", &t.device)?;
     let step = r.num("step")? as usize;
-    let student: SslModel<B> = r.module("student.", t.student.valid());
+    let student: SslModel<B> = r.module("student.", t.student().valid());
     let teacher = r.module("teacher.", t.teacher.clone());
     let mut centers = Vec::new();
     for (name, c) in [
@@ -50,7 +50,7 @@ pub fn load_checkpoint<B: Backend, C: CheckpointStrategy>(
         centers.push(v.reshape([1, k]));
     }
     r.finish(&mut t.opt, "different model config")?;
-    t.student = trainable_student(student);
+    t.student = Some(trainable_student(student));
     t.teacher = teacher;
     t.ibot_center.value = centers.pop().expect("two centres");
     t.dino_center.value = centers.pop().expect("two centres");

@@ -274,8 +274,8 @@ fn pretraining_steps_follow_the_cpu_steps() {
         }
     }
     let (s_gpu, s_cpu) = (
-        weights(&t_gpu.student.valid()),
-        weights(&t_cpu.student.valid()),
+        weights(&t_gpu.student().valid()),
+        weights(&t_cpu.student().valid()),
     );
     assert_weights_close(&s_gpu, &s_cpu, v.lr as f32, 3, TRAIN_TOL);
     assert_weights_close(
