@@ -283,8 +283,7 @@ mod cpu {
         v: FlexTensor,
         c: &Coeffs,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        // Contiguous tensors covering their whole buffers, so `storage` is exactly the values;
-        // `storage_mut` copies only a buffer with another owner.
+        // Contiguous tensors covering their whole buffers, so `storage` is exactly the values.
         let (mut p, mut m, mut v) = (whole(p), whole(m), whole(v));
         let g = g.to_contiguous();
         let g = g.storage::<f32>();

@@ -400,7 +400,11 @@ impl<B: Backend, C: CheckpointStrategy> SslTrainer<B, C> {
 
     /// θ_t ← m·θ_t + (1 − m)·θ_s for every parameter (backbone and heads).
     pub fn update_teacher(&mut self, m: f64) {
-        self.teacher = params::ema(self.teacher.clone(), &self.student().valid(), m);
+        let student = self.student().valid();
+        // Moved out (the student's handles hold its place), so that the EMA can update the
+        // teacher's buffers in place.
+        let teacher = std::mem::replace(&mut self.teacher, student.clone());
+        self.teacher = params::ema(teacher, &student, m);
     }
 
     /// The student (with gradients).

@@ -664,18 +664,18 @@ fn teacher_starts_as_an_exact_copy_of_the_student() {
 }
 
 /// The optimiser updates the student's parameters where they are from the second step on (the
-/// first copies them, as the teacher starts on the same buffers): a handle left on the student
-/// during the update would copy the whole model at every step.
+/// first copies them, as the teacher starts on the same buffers), and the EMA the teacher's from
+/// the first: a handle left on either during its update would copy the whole model every step.
 #[test]
-fn student_parameters_are_updated_in_place() {
+fn student_and_teacher_are_updated_in_place() {
     let mut t = SslTrainer::new(
         tiny_model(7),
         LossConfig::default(),
         None,
         &Default::default(),
     );
-    let addresses = |t: &SslTrainer<B>| -> Vec<usize> {
-        params::collect(&t.student().valid())
+    let addresses = |m: &SslModel<B>| -> Vec<usize> {
+        params::collect(m)
             .into_iter()
             .map(|p| {
                 let v: burn::backend::flex::FlexTensor = p.value.into_primitive().tensor();
@@ -685,10 +685,12 @@ fn student_parameters_are_updated_in_place() {
     };
     let (b, v) = (random_batch(8, 4, 2, false), step_values());
     let group = |p: &str| param_group(p, 2, 0.9, 0.2);
+    let teacher = addresses(&t.teacher);
     t.step(std::slice::from_ref(&b), &v, &group, 0);
-    let before = addresses(&t);
+    let student = addresses(&t.student().valid());
     t.step(std::slice::from_ref(&b), &v, &group, 1);
-    assert_eq!(addresses(&t), before);
+    assert_eq!(addresses(&t.student().valid()), student);
+    assert_eq!(addresses(&t.teacher), teacher);
 }
 
 /// Four images × 2 global crops with DINOv2 block masks (probability 0.5, ratio 0.1–0.5).
