@@ -112,6 +112,13 @@ fn main() {
     let h = Tensor::<Cpu, 3>::random([8, 197, 1536], Distribution::Normal(0., 1.), &d);
     t("linear 384->1152", || lin.forward(x.clone()).unsqueeze());
     t("layernorm", || ln.forward(x.clone()).unsqueeze());
+    let ln_ad = LayerNormConfig::new(384).init::<Ad>(&d);
+    t("layernorm forward + backward (omnirad, autodiff)", || {
+        let x = Tensor::<Ad, 3>::from_inner(x.clone()).require_grad();
+        let y = omnirad_model::layer_norm::layer_norm(x.clone(), &ln_ad, 1e-6);
+        let g = (y * x.clone().detach()).sum().backward();
+        x.grad(&g).expect("dx").unsqueeze()
+    });
     t("attention", || {
         attention(
             q.clone(),

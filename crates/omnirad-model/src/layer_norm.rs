@@ -135,22 +135,14 @@ mod cpu {
 
     use crate::cpu_gemm::{contiguous, f32s, written};
 
+    /// Rows per rayon task.
     const ROWS: usize = 32;
 
-    /// A contiguous copy (or `t` itself) and its [rows, cols] (1-D tensors: one row).
     fn matrix(t: &FlexTensor) -> (FlexTensor, usize, usize) {
         assert_eq!(t.dtype(), DType::F32, "layer_norm: f32 expected");
         let shape = t.shape();
         let d = shape[shape.num_dims() - 1];
         (contiguous(t.clone()), shape.num_elements() / d.max(1), d)
-    }
-
-    /// (μ, σ) of one row, in two passes as burn's decomposition computes them.
-    fn stats(x: &[f32], eps: f32) -> (f32, f32) {
-        let n = x.len() as f32;
-        let mean = x.iter().sum::<f32>() / n;
-        let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
-        (mean, (var + eps).sqrt())
     }
 
     pub(super) fn forward(
@@ -169,22 +161,13 @@ mod cpu {
             }
             y.par_chunks_mut(ROWS * d)
                 .zip(f32s(&x).par_chunks(ROWS * d))
-                .for_each(|(ys, xs)| {
-                    for (y, x) in ys.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
-                        let (mean, sigma) = stats(x, eps);
-                        for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(g).zip(b) {
-                            y.write((x - mean) / sigma * g + b);
-                        }
-                    }
-                });
+                .for_each(|(y, x)| kernels::forward_rows(x, g, b, eps, y));
         };
-        // SAFETY: the row blocks write every row.
+        // SAFETY: the row blocks cover all m·d elements.
         let y = unsafe { written(m * d, write) };
         FlexTensor::from_data(TensorData::new(y, x.shape()))
     }
 
-    /// (dx, dγ, dβ). dγ and dβ are partial sums over fixed blocks of rows added in block order,
-    /// so they do not depend on how rayon schedules the blocks.
     pub(super) fn backward(
         x: &FlexTensor,
         gamma: &FlexTensor,
@@ -194,51 +177,133 @@ mod cpu {
         let (x, m, d) = matrix(x);
         let (dy, _, _) = matrix(d_out);
         let gamma = contiguous(gamma.clone());
-        let gam = f32s(&gamma);
-        let mut dx = vec![0f32; m * d];
+        let g = f32s(&gamma);
         let (mut dgamma, mut dbeta) = (vec![0f32; d], vec![0f32; d]);
-        if d > 0 {
-            let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        let mut partials = Vec::new();
+        let write = |dx: &mut [MaybeUninit<f32>]| {
+            if d == 0 {
+                return;
+            }
+            // dγ and dβ sum over rows: one partial sum per task, added up below.
+            partials = dx
                 .par_chunks_mut(ROWS * d)
                 .zip(f32s(&x).par_chunks(ROWS * d))
                 .zip(f32s(&dy).par_chunks(ROWS * d))
-                .map(|((dxs, xs), dys)| {
-                    let (mut dg, mut db) = (vec![0f32; d], vec![0f32; d]);
-                    let rows = dxs.chunks_exact_mut(d).zip(xs.chunks_exact(d));
-                    for ((dx, x), dy) in rows.zip(dys.chunks_exact(d)) {
-                        let (mean, sigma) = stats(x, eps);
-                        let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-                        for (((&x, &dy), &g), (dg, db)) in x
-                            .iter()
-                            .zip(dy)
-                            .zip(gam)
-                            .zip(dg.iter_mut().zip(db.iter_mut()))
-                        {
-                            let xhat = (x - mean) / sigma;
-                            *dg += dy * xhat;
-                            *db += dy;
-                            sum_g += g * dy;
-                            sum_gx += g * dy * xhat;
-                        }
-                        let (a, b) = (sum_g / d as f32, sum_gx / d as f32);
-                        for (((dx, &x), &dy), &g) in dx.iter_mut().zip(x).zip(dy).zip(gam) {
-                            let xhat = (x - mean) / sigma;
-                            *dx = (g * dy - a - xhat * b) / sigma;
-                        }
-                    }
-                    (dg, db)
+                .map(|((dx, x), dy)| {
+                    let mut dgb = vec![0f32; 2 * d];
+                    let (dg, db) = dgb.split_at_mut(d);
+                    kernels::backward_rows(x, dy, g, eps, dx, dg, db);
+                    dgb
                 })
-                .collect();
-            for (dg, db) in &partials {
-                dgamma.iter_mut().zip(dg).for_each(|(a, &v)| *a += v);
-                dbeta.iter_mut().zip(db).for_each(|(a, &v)| *a += v);
-            }
+                .collect::<Vec<_>>();
+        };
+        // SAFETY: the row blocks cover all m·d elements.
+        let dx = unsafe { written(m * d, write) };
+        for p in &partials {
+            let (dg, db) = p.split_at(d);
+            dgamma.iter_mut().zip(dg).for_each(|(a, &v)| *a += v);
+            dbeta.iter_mut().zip(db).for_each(|(a, &v)| *a += v);
         }
         (
             FlexTensor::from_data(TensorData::new(dx, x.shape())),
             FlexTensor::from_data(TensorData::new(dgamma, [d])),
             FlexTensor::from_data(TensorData::new(dbeta, [d])),
         )
+    }
+
+    /// The row kernels. Sums over a row run in 16 lanes: a sequential f32 sum does not
+    /// vectorise (LLVM may not reassociate it), and its chain of dependent adds made the op
+    /// three times as slow as PyTorch's (BENCHMARKS.md, "LayerNorm's row sums in lanes").
+    mod kernels {
+        use std::mem::MaybeUninit;
+
+        use crate::simd::dispatch;
+
+        const L: usize = 16;
+
+        /// Σ f(x) over a row, in L lanes.
+        #[inline(always)]
+        fn sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+            let mut acc = [0f32; L];
+            let mut chunks = x.chunks_exact(L);
+            for c in &mut chunks {
+                for i in 0..L {
+                    acc[i] += f(c[i]);
+                }
+            }
+            for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
+                *a += f(v);
+            }
+            acc.iter().sum()
+        }
+
+        /// (μ, 1/σ) of a row, the variance from the deviations (two passes, as burn's).
+        #[inline(always)]
+        fn stats(x: &[f32], eps: f32) -> (f32, f32) {
+            let n = x.len() as f32;
+            let mean = sum(x, |v| v) / n;
+            let var = sum(x, |v| (v - mean) * (v - mean)) / n;
+            (mean, 1.0 / (var + eps).sqrt())
+        }
+
+        dispatch! {
+            /// Each `d`-long row of `x` (d = γ's length) normalised into `y`.
+            forward_rows(x: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [MaybeUninit<f32>]) {
+                let d = g.len();
+                for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                    let (mean, rs) = stats(x, eps);
+                    for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(g).zip(b) {
+                        y.write(((x - mean) * rs).mul_add(g, b));
+                    }
+                }
+            }
+        }
+
+        dispatch! {
+            /// Each row's dx into `dx`; the rows' dγ and dβ added into `dg` and `db`.
+            backward_rows(
+                x: &[f32],
+                dy: &[f32],
+                g: &[f32],
+                eps: f32,
+                dx: &mut [MaybeUninit<f32>],
+                dg: &mut [f32],
+                db: &mut [f32]
+            ) {
+                let d = g.len();
+                for ((dx, x), dy) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(dy.chunks_exact(d)) {
+                    let (mean, rs) = stats(x, eps);
+                    // Σ γ·dy and Σ γ·dy·x̂ in lanes; dγ, dβ per element.
+                    let (mut sg, mut sgx) = ([0f32; L], [0f32; L]);
+                    let mut step = |x: &[f32], dy: &[f32], g: &[f32], dg: &mut [f32], db: &mut [f32]| {
+                        for i in 0..x.len() {
+                            let xhat = (x[i] - mean) * rs;
+                            let gdy = g[i] * dy[i];
+                            dg[i] = dy[i].mul_add(xhat, dg[i]);
+                            db[i] += dy[i];
+                            sg[i] += gdy;
+                            sgx[i] = gdy.mul_add(xhat, sgx[i]);
+                        }
+                    };
+                    let full = d / L * L;
+                    for c in (0..full).step_by(L) {
+                        let r = c..c + L;
+                        let [x, dy, g]: [&[f32; L]; 3] =
+                            [&x[r.clone()], &dy[r.clone()], &g[r.clone()]].map(|s| s.try_into().unwrap());
+                        let dg: &mut [f32; L] = (&mut dg[r.clone()]).try_into().unwrap();
+                        let db: &mut [f32; L] = (&mut db[r]).try_into().unwrap();
+                        step(x, dy, g, dg, db);
+                    }
+                    step(&x[full..], &dy[full..], &g[full..], &mut dg[full..], &mut db[full..]);
+                    let a = sg.iter().sum::<f32>() / d as f32;
+                    let b = sgx.iter().sum::<f32>() / d as f32;
+                    for (((dx, &x), &dy), &g) in dx.iter_mut().zip(x).zip(dy).zip(g) {
+                        let xhat = (x - mean) * rs;
+                        dx.write((g.mul_add(dy, -a) - xhat * b) * rs);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -258,7 +323,8 @@ mod tests {
     fn grads_match_burn<C: CheckpointStrategy>() {
         type Ad<C> = Autodiff<Cpu, C>;
         let dev = Default::default();
-        let (rows, d) = (3 * 37, 48);
+        // d = 2·16 + 8: the kernels' 16 lanes and a remainder.
+        let (rows, d) = (3 * 37, 40);
         let scale = test_values::<Ad<C>, 2>([rows, 1], 4).abs() * 10.0 + 0.01;
         let x =
             test_values::<Ad<C>, 2>([rows, d], 1) * scale + test_values::<Ad<C>, 2>([rows, 1], 5);
