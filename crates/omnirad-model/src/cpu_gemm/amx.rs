@@ -110,27 +110,36 @@ impl Panel {
         assert!(k > 0 && rows <= BLOCK && r0 + rows <= m, "AMX panel: shape");
         let kp = k.next_multiple_of(KSTEP);
         let (cs, rs) = (cs as usize, rs as usize);
-        let mut data = Lines::zeroed(BLOCK * kp);
-        if cs == 1 {
-            for (i, row) in data.chunks_exact_mut(kp).take(rows).enumerate() {
-                row[..k].copy_from_slice(&a.data[(r0 + i) * rs..][..k]);
+        let zero = MaybeUninit::new(bf16::ZERO);
+        let write = |data: &mut [MaybeUninit<bf16>]| {
+            let (filled, padding) = data.split_at_mut(rows * kp);
+            padding.fill(zero);
+            for row in filled.chunks_exact_mut(kp) {
+                row[k..].fill(zero);
             }
-        } else {
-            // A transposed: its columns are rows in memory. Read 32 of them at a time into a
-            // square in L1 and write that out transposed.
-            let mut square = [[bf16::ZERO; BLOCK]; KSTEP];
-            for k0 in (0..k).step_by(KSTEP) {
-                let ks = KSTEP.min(k - k0);
-                for (t, sq) in square.iter_mut().take(ks).enumerate() {
-                    sq[..rows].copy_from_slice(&a.data[(k0 + t) * cs + r0..][..rows]);
+            if cs == 1 {
+                for (i, row) in filled.chunks_exact_mut(kp).enumerate() {
+                    row[..k].write_copy_of_slice(&a.data[(r0 + i) * rs..][..k]);
                 }
-                for (i, row) in data.chunks_exact_mut(kp).take(rows).enumerate() {
-                    for (x, sq) in row[k0..k0 + ks].iter_mut().zip(&square) {
-                        *x = sq[i];
+            } else {
+                // A transposed: its columns are rows in memory. Read 32 of them at a time into a
+                // square in L1 and write that out transposed.
+                let mut square = [[bf16::ZERO; BLOCK]; KSTEP];
+                for k0 in (0..k).step_by(KSTEP) {
+                    let ks = KSTEP.min(k - k0);
+                    for (t, sq) in square.iter_mut().take(ks).enumerate() {
+                        sq[..rows].copy_from_slice(&a.data[(k0 + t) * cs + r0..][..rows]);
+                    }
+                    for (i, row) in filled.chunks_exact_mut(kp).enumerate() {
+                        for (x, sq) in row[k0..k0 + ks].iter_mut().zip(&square) {
+                            x.write(sq[i]);
+                        }
                     }
                 }
             }
-        }
+        };
+        // SAFETY: the rows and their padding cover all BLOCK·kp values.
+        let data = unsafe { Lines::written(BLOCK * kp, write) };
         Self { data, kp }
     }
 }
@@ -157,23 +166,30 @@ impl Packed {
         let kp = k.next_multiple_of(KSTEP);
         let (cs, rs) = (cs as usize, rs as usize);
         let word = |lo: bf16, hi: bf16| lo.to_bits() as u32 | (hi.to_bits() as u32) << 16;
-        let pack = |(block, out): (usize, &mut [u32])| {
+        let zero = MaybeUninit::new(0u32);
+        let pack = |(block, out): (usize, &mut [MaybeUninit<u32>])| {
             let (j0, cols) = (block * 16, 16.min(n.saturating_sub(block * 16)));
+            // `out` is [kp/2, 16] words; past k's pairs and B's columns it holds zeros.
+            let pairs = k.div_ceil(2);
+            out[pairs * 16..].fill(zero);
+            let out = &mut out[..pairs * 16];
+            if cols < 16 {
+                out.fill(zero);
+            }
             if cols == 0 {
                 return; // padding columns
             }
-            // `out` is [kp/2, 16] words.
             if cs == 1 {
                 let row = |kk: usize| &b.data[kk * rs + j0..][..cols];
-                for (p, out) in out.chunks_exact_mut(16).take(k.div_ceil(2)).enumerate() {
+                for (p, out) in out.chunks_exact_mut(16).enumerate() {
                     let lo = row(2 * p);
                     if 2 * p + 1 < k {
                         for ((o, &l), &h) in out.iter_mut().zip(lo).zip(row(2 * p + 1)) {
-                            *o = word(l, h);
+                            o.write(word(l, h));
                         }
                     } else {
                         for (o, &l) in out.iter_mut().zip(lo) {
-                            *o = word(l, bf16::ZERO);
+                            o.write(word(l, bf16::ZERO));
                         }
                     }
                 }
@@ -185,22 +201,25 @@ impl Packed {
                     let last = pairs.remainder().first().map(|&l| word(l, bf16::ZERO));
                     let words = pairs.map(|p| word(p[0], p[1])).chain(last);
                     for (p, w) in words.enumerate() {
-                        out[p * 16 + jj] = w;
+                        out[p * 16 + jj].write(w);
                     }
                 }
             }
         };
-        let mut data = Lines::zeroed(kp / 2 * n.next_multiple_of(BLOCK));
-        if par {
-            data.par_chunks_mut(8 * kp).enumerate().for_each(pack);
-        } else {
-            data.chunks_mut(8 * kp).enumerate().for_each(pack);
-        }
+        let write = |data: &mut [MaybeUninit<u32>]| {
+            if par {
+                data.par_chunks_mut(8 * kp).enumerate().for_each(pack);
+            } else {
+                data.chunks_mut(8 * kp).enumerate().for_each(pack);
+            }
+        };
+        // SAFETY: every block of 16 columns writes all of its kp/2·16 words.
+        let data = unsafe { Lines::written(kp / 2 * n.next_multiple_of(BLOCK), write) };
         Self { data, n, kp }
     }
 }
 
-/// A zeroed buffer of 2- or 4-byte values that starts on a cache line. Every tile row is 64
+/// A buffer of 2- or 4-byte values that starts on a cache line. Every tile row is 64
 /// bytes, so an operand 16 bytes off a line boundary (where the allocator puts large blocks)
 /// makes each row straddle two lines, and the tile loop ran markedly slower on such operands
 /// (BENCHMARKS.md: bf16 inference +9–16 % from aligning them). A few lines here rather than a
@@ -211,20 +230,35 @@ struct Lines<T> {
     _values: std::marker::PhantomData<T>,
 }
 
-#[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Line([u8; 64]);
 
-/// Types whose all-zero bytes are a value (zero), 64-byte aligned wherever a [`Line`] is.
+/// Types for which any bytes are a value, 64-byte aligned wherever a [`Line`] is.
 trait Plain: Copy {}
 impl Plain for u32 {}
 impl Plain for bf16 {}
 
 impl<T: Plain> Lines<T> {
-    fn zeroed(len: usize) -> Self {
+    /// `len` values that `write` puts into fresh memory (no zero-fill first: it was 2–3 % of a
+    /// bf16 inference step).
+    ///
+    /// # Safety
+    /// `write` must write every element of the slice it is given.
+    unsafe fn written(len: usize, write: impl FnOnce(&mut [MaybeUninit<T>])) -> Self {
         let size = std::mem::size_of::<T>();
+        let count = (len * size).div_ceil(64);
+        let mut lines = Vec::with_capacity(count);
+        let spare = &mut lines.spare_capacity_mut()[..count];
+        // The last line's bytes past `len` values are never written: zero them.
+        if let Some(last) = spare.last_mut() {
+            last.write(Line([0; 64]));
+        }
+        // SAFETY: the spare lines hold at least len·size bytes, aligned for T.
+        write(unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast(), len) });
+        // SAFETY: the caller's promise and the zeroed tail initialise all `count` lines.
+        unsafe { lines.set_len(count) };
         Self {
-            lines: vec![Line([0; 64]); (len * size).div_ceil(64)],
+            lines,
             len,
             _values: std::marker::PhantomData,
         }
@@ -237,13 +271,6 @@ impl<T: Plain> std::ops::Deref for Lines<T> {
         // SAFETY: the lines hold at least len·size_of::<T>() initialised bytes, aligned for T
         // (64 ≥ 4), and any bytes are a T (`Plain`).
         unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
-    }
-}
-
-impl<T: Plain> std::ops::DerefMut for Lines<T> {
-    fn deref_mut(&mut self) -> &mut [T] {
-        // SAFETY: as for `deref`, borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
     }
 }
 
@@ -490,6 +517,51 @@ mod tests {
             let packed = Packed::new(Mat::new(&a, 40, len), false);
             assert_eq!(panel.data.as_ptr() as usize % 64, 0);
             assert_eq!(packed.data.as_ptr() as usize % 64, 0);
+        }
+    }
+
+    /// The padding of packed operands is zero, also in memory that held other values: the
+    /// buffers are not zero-filled first, and a NaN in padding would reach the sums (0·NaN).
+    /// Each buffer is built right after freeing one of its size full of NaNs, which the
+    /// allocator hands back.
+    #[test]
+    fn padding_is_zero_in_reused_memory() {
+        let nan = bf16::NAN.to_bits().to_le_bytes();
+        let dirty = |bytes: usize| {
+            let line = Line([nan[0], nan[1]].repeat(32).try_into().unwrap());
+            drop(
+                (0..bytes.div_ceil(64))
+                    .map(|_| Line(line.0))
+                    .collect::<Vec<_>>(),
+            );
+        };
+        for (rows, k, n) in [(5usize, 33usize, 17usize), (32, 40, 50), (1, 1, 1)] {
+            let kp = k.next_multiple_of(KSTEP);
+            let a = values(rows * k, 6);
+            for at in [Mat::new(&a, rows, k), Mat::new(&a, k, rows).t()] {
+                dirty(BLOCK * kp * 2);
+                let panel = Panel::new(at, 0, rows);
+                for (i, row) in panel.data.chunks(kp).enumerate() {
+                    let pad = if i < rows { &row[k..] } else { row };
+                    assert!(pad.iter().all(|x| x.to_bits() == 0), "panel row {i}");
+                }
+            }
+            let b = values(k * n, 7);
+            for bt in [Mat::new(&b, k, n), Mat::new(&b, n, k).t()] {
+                dirty(kp / 2 * n.next_multiple_of(BLOCK) * 4);
+                let packed = Packed::new(bt, false);
+                // Block of 16 columns, then [kp/2, 16] words.
+                for (w, &word) in packed.data.iter().enumerate() {
+                    let (block, p, jj) = (w / (8 * kp), w % (8 * kp) / 16, w % 16);
+                    let real = block * 16 + jj < n && p < k.div_ceil(2);
+                    let high_pad = real && k % 2 == 1 && p == k / 2;
+                    if !real {
+                        assert_eq!(word, 0, "packed word {w}");
+                    } else if high_pad {
+                        assert_eq!(word >> 16, 0, "packed word {w}, the pair past k");
+                    }
+                }
+            }
         }
     }
 
