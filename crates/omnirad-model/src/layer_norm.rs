@@ -138,6 +138,7 @@ mod cpu {
     /// Rows per rayon task.
     const ROWS: usize = 32;
 
+    /// A contiguous copy (or `t` itself) and its [rows, cols] (1-D tensors: one row).
     fn matrix(t: &FlexTensor) -> (FlexTensor, usize, usize) {
         assert_eq!(t.dtype(), DType::F32, "layer_norm: f32 expected");
         let shape = t.shape();
@@ -168,6 +169,8 @@ mod cpu {
         FlexTensor::from_data(TensorData::new(y, x.shape()))
     }
 
+    /// (dx, dγ, dβ). dγ and dβ are partial sums over fixed blocks of rows added in block order,
+    /// so they do not depend on how rayon schedules the blocks.
     pub(super) fn backward(
         x: &FlexTensor,
         gamma: &FlexTensor,
@@ -184,7 +187,6 @@ mod cpu {
             if d == 0 {
                 return;
             }
-            // dγ and dβ sum over rows: one partial sum per task, added up below.
             partials = dx
                 .par_chunks_mut(ROWS * d)
                 .zip(f32s(&x).par_chunks(ROWS * d))
