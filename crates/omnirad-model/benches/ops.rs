@@ -129,12 +129,12 @@ fn main() {
             AttentionModuleOptions::default(),
         )
     });
-    let qkv = Tensor::<Cpu, 4>::random([24, 6, 197, 64], Distribution::Normal(0., 1.), &d);
+    let qkv = Tensor::<Cpu, 3>::random([8, 197, 3 * 384], Distribution::Normal(0., 1.), &d);
     t("attention (omnirad, f32)", || {
-        omnirad_model::attention::attention(qkv.clone(), false)
+        omnirad_model::attention::attention(qkv.clone(), 6, false).unsqueeze()
     });
     t("attention (omnirad, bf16 products)", || {
-        omnirad_model::attention::attention(qkv.clone(), true)
+        omnirad_model::attention::attention(qkv.clone(), 6, true).unsqueeze()
     });
     t("gelu 1536 (burn-flex)", || gelu(h.clone()).unsqueeze());
     t("gelu 1536 (omnirad)", || {

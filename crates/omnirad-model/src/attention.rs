@@ -18,62 +18,151 @@
 //! On the CPU backend both f32 passes are omnirad's own (`cpu`): burn-flex 0.21 computes
 //! attention one (image, head) pair after another on one thread, which was a fifth of ViT-S/16
 //! inference time on two cores (BENCHMARKS.md) and would be most of it on sixteen, and the
-//! backward pass through burn's ops materialises P, dP and dS for the whole batch.
+//! backward pass through burn's ops materialises P, dP and dS for the whole batch. They work on
+//! the qkv projection's output as it lies ([B, N, 3·H·d], each head a strided [N, d] block) and
+//! write each head's output where the output projection reads it: splitting the heads out and
+//! merging them back were two copies forward and two backward (7 % of a one-thread bf16
+//! inference step, BENCHMARKS.md).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
+use burn::backend::flex::FlexTensor;
 use burn::backend::Autodiff;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
-use burn::tensor::{DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
 
-use crate::{cast_same, is_same};
+use crate::{cast_same, is_same, Cpu};
 
-/// softmax(Q·Kᵀ/√d)·V (no mask, no bias) with Q, K and V stacked on the batch axis: `qkv` is
-/// [3·B, H, N, d] (Q, then K, then V), the output [B, H, N, d]. Taken packed so that the
-/// backward pass writes dQ, dK and dV into one tensor: three `narrow`s would each zero-fill a
-/// gradient the size of all three and add them up.
+/// softmax(Q·Kᵀ/√d)·V (no mask, no bias) for every head, on the qkv projection's output as it
+/// is: `qkv` [B, N, 3·H·d] holds each token's Q (heads side by side), then its K, then its V;
+/// the output [B, N, H·d] is laid out as the output projection reads it. On the CPU backend
+/// (f32 tensors) the kernels read each head where it lies and write it in place, so neither
+/// the heads' split ([B, N, 3, H, d] → [3, B, H, N, d]) nor their merge is copied, forward or
+/// backward; elsewhere the heads are permuted out and back around the backend's attention.
 ///
 /// `bf16` asks for bf16 products on f32 tensors of the CPU backend (mixed precision there keeps
 /// tensors f32, see `vit.rs`): both passes then run on AMX tiles where the CPU has them
 /// (`cpu::forward_bf16`, `cpu::backward_bf16`); elsewhere, and on other backends (which get
 /// bf16 tensors instead), it changes nothing.
-pub fn attention<B: Backend>(qkv: Tensor<B, 4>, bf16: bool) -> Tensor<B, 4> {
-    assert_eq!(
-        qkv.dims()[0] % 3,
-        0,
-        "attention: qkv's first axis must be 3·B"
+pub fn attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize, bf16: bool) -> Tensor<B, 3> {
+    let [b, n, c] = qkv.dims();
+    assert!(
+        heads > 0 && c % (3 * heads) == 0,
+        "attention: qkv's last axis ({c}) must be 3·heads·d with {heads} heads"
     );
-    let qkv = match on_autodiff_of::<B, crate::Cpu>(qkv, bf16) {
+    let bf16 = bf16 && crate::cpu_gemm::amx::available();
+    if qkv.dtype() == DType::F32 {
+        if is_same::<B::FloatTensorPrimitive, FlexTensor>() {
+            let out = cpu_forward(cast_same(qkv.into_primitive().tensor()), heads, bf16);
+            return Tensor::from_primitive(TensorPrimitive::Float(cast_same(out)));
+        }
+        // Any checkpointing strategy: the tensor type does not depend on it.
+        if is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<Cpu>>>() {
+            let out = on_tokens(cast_same(qkv.into_primitive().tensor()), heads, bf16);
+            return Tensor::from_primitive(TensorPrimitive::Float(cast_same(out)));
+        }
+    }
+    let d = c / 3 / heads;
+    let qkv = qkv
+        .reshape([b, n, 3, heads, d])
+        .permute([2, 0, 3, 1, 4])
+        .reshape([3 * b, heads, n, d]);
+    heads_first(qkv).swap_dims(1, 2).reshape([b, n, heads * d])
+}
+
+/// [`cpu::forward`], or [`cpu::forward_bf16`] on AMX tiles.
+fn cpu_forward(qkv: FlexTensor, heads: usize, bf16: bool) -> FlexTensor {
+    if bf16 {
+        cpu::forward_bf16(qkv, heads)
+    } else {
+        cpu::forward(qkv, heads)
+    }
+}
+
+/// The CPU kernels as one op on the autodiff graph.
+fn on_tokens(
+    qkv: FloatTensor<Autodiff<Cpu>>,
+    heads: usize,
+    bf16: bool,
+) -> FloatTensor<Autodiff<Cpu>> {
+    let out = cpu_forward(qkv.primitive.clone(), heads, bf16);
+    tracked(TokensBackward { heads, bf16 }, qkv, out)
+}
+
+#[derive(Debug)]
+struct TokensBackward {
+    heads: usize,
+    /// bf16 products on AMX tiles (see [`attention`]).
+    bf16: bool,
+}
+
+impl Backward<Cpu, 1> for TokensBackward {
+    type State = NodeId;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let qkv: FlexTensor = ckpt.retrieve_node_output(ops.state);
+        let d_out = grads.consume::<Cpu>(&ops.node);
+        let [Some(node)] = ops.parents else { return };
+        let d_qkv = if self.bf16 {
+            cpu::backward_bf16(qkv, d_out, self.heads)
+        } else {
+            cpu::backward(qkv, d_out, self.heads)
+        };
+        grads.register::<Cpu>(node.id, d_qkv);
+    }
+}
+
+/// `op` on the graph with `qkv` as its one input, kept for the backward pass. Compute-bound, so
+/// the checkpointing strategy never recomputes it: any strategy prepares it alike.
+fn tracked<I: Backend, O: Backward<I, 1, State = NodeId>>(
+    op: O,
+    qkv: FloatTensor<Autodiff<I>>,
+    out: FloatTensor<I>,
+) -> FloatTensor<Autodiff<I>> {
+    match op
+        .prepare::<NoCheckpointing>([qkv.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let state = prep.checkpoint(&qkv);
+            prep.finish(state, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+/// Attention with Q, K and V stacked on the batch axis: `qkv` [3·B, H, N, d] (Q, then K, then
+/// V), the output [B, H, N, d]; on backends other than the CPU one with f32 tensors. Taken
+/// packed so that the backward pass writes dQ, dK and dV into one tensor: three `narrow`s would
+/// each zero-fill a gradient the size of all three and add them up.
+fn heads_first<B: Backend>(qkv: Tensor<B, 4>) -> Tensor<B, 4> {
+    let qkv = match on_autodiff_of::<B, Cpu>(qkv) {
         Ok(out) => return out,
         Err(qkv) => qkv,
     };
     #[cfg(feature = "cuda")]
-    let qkv = match on_autodiff_of::<B, crate::Cuda>(qkv, bf16) {
+    let qkv = match on_autodiff_of::<B, crate::Cuda>(qkv) {
         Ok(out) => return out,
         Err(qkv) => qkv,
     };
     #[cfg(feature = "wgpu")]
-    let qkv = match on_autodiff_of::<B, crate::Wgpu>(qkv, bf16) {
+    let qkv = match on_autodiff_of::<B, crate::Wgpu>(qkv) {
         Ok(out) => return out,
         Err(qkv) => qkv,
     };
-    let out = inner_forward::<B>(qkv.into_primitive().tensor(), bf16);
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    Tensor::from_primitive(TensorPrimitive::Float(inner_forward::<B>(
+        qkv.into_primitive().tensor(),
+    )))
 }
 
-/// The forward pass without autodiff: [`cpu::forward`] for f32 on the CPU backend (or
-/// [`cpu::forward_bf16`]), the backend's own attention otherwise.
-fn inner_forward<I: Backend>(qkv: FloatTensor<I>, bf16: bool) -> FloatTensor<I> {
-    if cpu_f32::<I>(&[&qkv]) {
-        if bf16 && crate::cpu_gemm::amx::available() {
-            return cast_same(cpu::forward_bf16(cast_same(qkv)));
-        }
-        return cast_same(cpu::forward(cast_same(qkv)));
-    }
+/// The backend's own attention on the packed layout.
+fn inner_forward<I: Backend>(qkv: FloatTensor<I>) -> FloatTensor<I> {
     let [q, k, v] = split(inner::<I>(qkv));
     burn::tensor::module::attention(q, k, v, None, None, AttentionModuleOptions::default())
         .into_primitive()
@@ -88,14 +177,13 @@ fn split<B: Backend>(qkv: Tensor<B, 4>) -> [Tensor<B, 4>; 3] {
 
 /// Runs the fused op when `B` is `Autodiff<I, _>` (whatever its checkpointing strategy: the
 /// tensor type does not depend on it); hands the input back otherwise.
-fn on_autodiff_of<B: Backend, I: Backend>(
-    qkv: Tensor<B, 4>,
-    bf16: bool,
-) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+fn on_autodiff_of<B: Backend, I: Backend>(qkv: Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     if !is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<I>>>() {
         return Err(qkv);
     }
-    let out = cast_same(forward::<I>(cast_same(qkv.into_primitive().tensor()), bf16));
+    let qkv: FloatTensor<Autodiff<I>> = cast_same(qkv.into_primitive().tensor());
+    let out = inner_forward::<I>(qkv.primitive.clone());
+    let out = cast_same(tracked(HeadsFirstBackward, qkv, out));
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
@@ -103,58 +191,20 @@ fn inner<I: Backend>(t: FloatTensor<I>) -> Tensor<I, 4> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-fn forward<I: Backend>(qkv: FloatTensor<Autodiff<I>>, bf16: bool) -> FloatTensor<Autodiff<I>> {
-    let out = inner_forward::<I>(qkv.primitive.clone(), bf16);
-    // Compute-bound, so the checkpointing strategy never recomputes it: any `C` prepares it alike.
-    match (AttentionBackward { bf16 })
-        .prepare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>([qkv
-            .node
-            .clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(mut prep) => {
-            let state = prep.checkpoint(&qkv);
-            prep.finish(state, out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
-}
-
 #[derive(Debug)]
-struct AttentionBackward {
-    /// bf16 products on the CPU backend (see [`attention`]).
-    bf16: bool,
-}
+struct HeadsFirstBackward;
 
-impl<I: Backend> Backward<I, 1> for AttentionBackward {
+impl<I: Backend> Backward<I, 1> for HeadsFirstBackward {
     type State = NodeId;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
         let qkv: FloatTensor<I> = ckpt.retrieve_node_output(ops.state);
         let d_out = grads.consume::<I>(&ops.node);
         let [Some(node)] = ops.parents else { return };
-        let d_qkv = if cpu_f32::<I>(&[&qkv, &d_out]) {
-            let (qkv, d_out) = (cast_same(qkv), cast_same(d_out));
-            cast_same(if self.bf16 && crate::cpu_gemm::amx::available() {
-                cpu::backward_bf16(qkv, d_out)
-            } else {
-                cpu::backward(qkv, d_out)
-            })
-        } else {
-            let [q, k, v] = split(inner::<I>(qkv));
-            Tensor::cat(gradients(q, k, v, inner::<I>(d_out)).to_vec(), 0)
-                .into_primitive()
-                .tensor()
-        };
-        grads.register::<I>(node.id, d_qkv);
+        let [q, k, v] = split(inner::<I>(qkv));
+        let d_qkv = Tensor::cat(gradients(q, k, v, inner::<I>(d_out)).to_vec(), 0);
+        grads.register::<I>(node.id, d_qkv.into_primitive().tensor());
     }
-}
-
-/// Whether [`cpu`]'s kernels take these: f32 tensors of the CPU backend.
-fn cpu_f32<I: Backend>(ts: &[&FloatTensor<I>]) -> bool {
-    is_same::<FloatTensor<I>, burn::backend::flex::FlexTensor>()
-        && ts.iter().all(|t| t.dtype() == DType::F32)
 }
 
 /// The backward formulas of the module doc. Softmax and its Jacobian product run in f32 even
@@ -194,7 +244,9 @@ mod cpu {
 
     use crate::cpu_gemm::amx::kernels::scale_or_round;
     use crate::cpu_gemm::amx::{blocks, Packed, Panel, BLOCK};
-    use crate::cpu_gemm::{bf16s, contiguous, mm_new, mm_uninit, written, Mat, Parallelism};
+    use crate::cpu_gemm::{
+        bf16_matrix, bf16s, contiguous, f32s, mm_new, written, Mat, Parallelism,
+    };
     use gemmkit::bf16;
 
     /// One thread: the rayon tasks over heads and row blocks are the parallelism.
@@ -206,71 +258,164 @@ mod cpu {
     /// splits over many cores (ViT-S/16: 6 heads × 4 blocks of its 197 tokens).
     const ROWS: usize = 64;
 
-    /// `qkv` [3·B, H, N, d] → [B, H, N, d].
-    pub(super) fn forward(qkv: FlexTensor) -> FlexTensor {
-        let [b3, h, n, d] = qkv.shape().dims::<4>();
-        let qkv = contiguous(qkv);
-        let x = qkv.as_slice::<f32>().expect("contiguous f32");
-        let (head, part) = (n * d, b3 / 3 * h * n * d);
-        let (q, kv) = x.split_at(part);
-        let (k, v) = kv.split_at(part);
-        let scale = 1.0 / (d as f32).sqrt();
-        let write = |out: &mut [MaybeUninit<f32>]| {
-            if part == 0 {
+    /// Where each (image, head) lies in the token-major tensors of [`super::attention`]: its
+    /// Q, K and V are [N, d] blocks of `qkv` [B, N, 3·H·d] with rows 3·H·d apart, its output
+    /// (and the output's gradient) an [N, d] block of [B, N, H·d] with rows H·d apart.
+    #[derive(Clone, Copy)]
+    struct Tokens {
+        n: usize,
+        h: usize,
+        d: usize,
+        /// (image, head) pairs.
+        pairs: usize,
+    }
+
+    impl Tokens {
+        fn new(qkv: &FlexTensor, heads: usize) -> Self {
+            let [b, n, c] = qkv.shape().dims::<3>();
+            let d = c / 3 / heads;
+            Self {
+                n,
+                h: heads,
+                d,
+                pairs: b * heads,
+            }
+        }
+
+        /// Elements of the output [B, N, H·d].
+        fn out_len(&self) -> usize {
+            self.pairs * self.n * self.d
+        }
+
+        /// Offset of pair `t`'s Q (`part` 0), K (1) or V (2) in `qkv`.
+        fn qkv_at(&self, t: usize, part: usize) -> usize {
+            let (i, j) = (t / self.h, t % self.h);
+            (i * self.n * 3 + part) * self.h * self.d + j * self.d
+        }
+
+        /// Offset of pair `t` in the output.
+        fn out_at(&self, t: usize) -> usize {
+            let (i, j) = (t / self.h, t % self.h);
+            i * self.n * self.h * self.d + j * self.d
+        }
+
+        /// Pair `t`'s Q, K or V as an [N, d] matrix.
+        fn qkv<'a>(&self, x: &'a [f32], t: usize, part: usize) -> Mat<'a> {
+            let at = self.qkv_at(t, part);
+            Mat::strided(&x[at..], self.n, self.d, 3 * self.h * self.d)
+        }
+
+        /// Pair `t`'s block of an output-shaped tensor (dO) as an [N, d] matrix.
+        fn out<'a>(&self, x: &'a [f32], t: usize) -> Mat<'a> {
+            Mat::strided(&x[self.out_at(t)..], self.n, self.d, self.h * self.d)
+        }
+    }
+
+    /// A tensor written by rayon tasks in [rows, d] blocks that interleave in memory (the heads
+    /// of a token-major tensor), which no `chunks_mut` can hand out.
+    #[derive(Clone, Copy)]
+    struct Blocks {
+        ptr: *mut f32,
+        stride: usize,
+    }
+
+    // SAFETY: tasks write disjoint elements (`put`'s contract).
+    unsafe impl Send for Blocks {}
+    unsafe impl Sync for Blocks {}
+
+    impl Blocks {
+        fn new(out: &mut [MaybeUninit<f32>], stride: usize) -> Self {
+            Self {
+                ptr: out.as_mut_ptr().cast(),
+                stride,
+            }
+        }
+
+        /// Copies the [rows, width] row-major `block` to rows `stride` apart from `at`.
+        ///
+        /// # Safety
+        /// The rows lie inside the tensor, and no other task writes them.
+        unsafe fn put(self, at: usize, block: &[f32], width: usize) {
+            if width == 0 {
                 return;
             }
-            out.par_chunks_mut(head).enumerate().for_each(|(i, o)| {
-                let span = i * head..(i + 1) * head;
-                let (q, k, v) = (&q[span.clone()], &k[span.clone()], &v[span]);
-                o.par_chunks_mut(ROWS * d).enumerate().for_each(|(r, o)| {
-                    let rows = o.len() / d;
-                    let q = Mat::new(&q[r * ROWS * d..][..rows * d], rows, d);
-                    let mut p = mm_new(q, Mat::new(k, n, d).t(), scale, Parallelism::None);
-                    kernels::softmax_rows(&mut p, n);
-                    let (p, v) = (Mat::new(&p, rows, n), Mat::new(v, n, d));
-                    mm_uninit(o, p, v, 1.0, Parallelism::None);
-                });
+            for (r, row) in block.chunks_exact(width).enumerate() {
+                // SAFETY: the caller's promise.
+                unsafe {
+                    let dst = self.ptr.add(at + r * self.stride);
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), dst, width);
+                }
+            }
+        }
+    }
+
+    /// `qkv` [B, N, 3·H·d] → [B, N, H·d], in tasks of `ROWS` query rows of one (image, head).
+    pub(super) fn forward(qkv: FlexTensor, heads: usize) -> FlexTensor {
+        let qkv = contiguous(qkv);
+        let t = Tokens::new(&qkv, heads);
+        let (n, d) = (t.n, t.d);
+        let x = f32s(&qkv);
+        let scale = 1.0 / (d as f32).sqrt();
+        let blocks = n.div_ceil(ROWS);
+        let write = |out: &mut [MaybeUninit<f32>]| {
+            let out = Blocks::new(out, t.h * d);
+            (0..t.pairs * blocks).into_par_iter().for_each(|task| {
+                let (pair, r0) = (task / blocks, task % blocks * ROWS);
+                let rows = ROWS.min(n - r0);
+                let [q, k, v] = [0, 1, 2].map(|part| t.qkv(x, pair, part));
+                let mut p = mm_new(q.row_block(r0, rows), k.t(), scale, Parallelism::None);
+                kernels::softmax_rows(&mut p, n);
+                let o = mm_new(Mat::new(&p, rows, n), v, 1.0, Parallelism::None);
+                // SAFETY: each task writes its own rows of its own head.
+                unsafe { out.put(t.out_at(pair) + r0 * t.h * d, &o, d) };
             })
         };
-        // SAFETY: the row blocks of every (image, head) cover all `part` elements.
-        let out = unsafe { written(part, write) };
-        FlexTensor::from_data(TensorData::new(out, [b3 / 3, h, n, d]))
+        // SAFETY: the row blocks of every (image, head) cover the whole output.
+        let out = unsafe { written(t.out_len(), write) };
+        FlexTensor::from_data(TensorData::new(out, out_shape(&qkv, heads)))
+    }
+
+    fn out_shape(qkv: &FlexTensor, heads: usize) -> [usize; 3] {
+        let [b, n, c] = qkv.shape().dims::<3>();
+        [b, n, c / 3 / heads * heads]
     }
 
     /// [`forward`] with bf16 products on AMX tiles, the arithmetic of PyTorch autocast's
     /// attention: Q, K and V rounded to bf16, S = s·Q·Kᵀ summed in f32, softmax in f32, P
     /// rounded to bf16, O = P·V summed in f32 and rounded to bf16. One task per (image, head),
-    /// which packs its K and V once for all its blocks of 32 query rows.
-    pub(super) fn forward_bf16(qkv: FlexTensor) -> FlexTensor {
-        let [b3, h, n, d] = qkv.shape().dims::<4>();
+    /// which rounds and packs its K and V once for all its blocks of 32 query rows.
+    pub(super) fn forward_bf16(qkv: FlexTensor, heads: usize) -> FlexTensor {
         let qkv = contiguous(qkv);
-        let x = qkv.as_slice::<f32>().expect("contiguous f32");
-        let (head, part) = (n * d, b3 / 3 * h * n * d);
-        let (q, kv) = x.split_at(part);
-        let (k, v) = kv.split_at(part);
+        let t = Tokens::new(&qkv, heads);
+        let (n, d) = (t.n, t.d);
+        let x = f32s(&qkv);
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; part];
-        if part > 0 {
-            out.par_chunks_mut(head).enumerate().for_each(|(i, o)| {
-                let span = i * head..(i + 1) * head;
-                let [q, k, v] = [q, k, v].map(|t| bf16s(&t[span.clone()]));
+        let write = |out: &mut [MaybeUninit<f32>]| {
+            let out = Blocks::new(out, t.h * d);
+            (0..t.pairs).into_par_iter().for_each(|pair| {
+                let [q, k, v] = [0, 1, 2].map(|part| bf16_matrix(t.qkv(x, pair, part)));
                 let q = Mat::new(&q, n, d);
                 let kt = Packed::new(Mat::new(&k, n, d).t(), false);
                 let v = Packed::new(Mat::new(&v, n, d), false);
                 let mut p = vec![0f32; BLOCK * n];
+                let mut o = vec![0f32; BLOCK * d];
                 for r0 in (0..n).step_by(BLOCK) {
                     let rows = BLOCK.min(n - r0);
                     let p = &mut p[..rows * n];
                     probabilities(q, &kt, r0, scale, p);
                     let p = bf16s(p);
-                    let o = &mut o[r0 * d..(r0 + rows) * d];
+                    let o = &mut o[..rows * d];
                     blocks(&Panel::new(Mat::new(&p, rows, n), 0, rows), &v, |c0, c| {
                         store(o, d, c0, c, None)
                     });
+                    // SAFETY: each task writes its own head.
+                    unsafe { out.put(t.out_at(pair) + r0 * t.h * d, o, d) };
                 }
-            });
-        }
-        FlexTensor::from_data(TensorData::new(out, [b3 / 3, h, n, d]))
+            })
+        };
+        // SAFETY: the row blocks of every (image, head) cover the whole output.
+        let out = unsafe { written(t.out_len(), write) };
+        FlexTensor::from_data(TensorData::new(out, out_shape(&qkv, heads)))
     }
 
     /// Rows r0.. of P = softmax(s·Q·Kᵀ) into `p` ([rows, N]), from bf16 Q and packed Kᵀ.
@@ -282,20 +427,17 @@ mod cpu {
         kernels::softmax_rows(p, n);
     }
 
-    /// `qkv` [3·B, H, N, d] and dO [B, H, N, d] → dQ, dK, dV packed as `qkv` (module doc's
+    /// `qkv` [B, N, 3·H·d] and dO [B, N, H·d] → dQ, dK, dV laid out as `qkv` (module doc's
     /// formulas, P recomputed block by block).
-    pub(super) fn backward(qkv: FlexTensor, d_out: FlexTensor) -> FlexTensor {
-        let [.., n, d] = qkv.shape().dims::<4>();
-        let scale = 1.0 / (d as f32).sqrt();
-        per_head_gradients(qkv, d_out, |[q, k, v, g], [dq, dk, dv]| {
-            let (k, v) = (Mat::new(k, n, d), Mat::new(v, n, d));
+    pub(super) fn backward(qkv: FlexTensor, d_out: FlexTensor, heads: usize) -> FlexTensor {
+        per_head_gradients(qkv, d_out, heads, |[q, k, v, g], [dq, dk, dv]| {
+            let (n, d) = q.shape();
+            let scale = 1.0 / (d as f32).sqrt();
             let mut p = vec![0f32; ROWS.min(n) * n];
             let mut dp = vec![0f32; ROWS.min(n) * n];
             for r0 in (0..n).step_by(ROWS) {
                 let rows = ROWS.min(n - r0);
-                let block = r0 * d..(r0 + rows) * d;
-                let q_r = Mat::new(&q[block.clone()], rows, d);
-                let g_r = Mat::new(&g[block.clone()], rows, d);
+                let (q_r, g_r) = (q.row_block(r0, rows), g.row_block(r0, rows));
                 let (p, dp) = (&mut p[..rows * n], &mut dp[..rows * n]);
                 // dK and dV sum over the blocks.
                 let acc = r0 > 0;
@@ -305,7 +447,8 @@ mod cpu {
                 mm(dp, false, g_r, v.t(), 1.0);
                 // dS = s·P ⊙ (dP − rowsum(dP ⊙ P)), in place of dP.
                 kernels::softmax_grad_rows(p, dp, n, scale);
-                mm(&mut dq[block], false, Mat::new(dp, rows, n), k, 1.0);
+                let dq = &mut dq[r0 * d..(r0 + rows) * d];
+                mm(dq, false, Mat::new(dp, rows, n), k, 1.0);
                 mm(dk, acc, Mat::new(dp, rows, n).t(), q_r, 1.0);
             }
         })
@@ -315,11 +458,11 @@ mod cpu {
     /// [`forward_bf16`]): P and dS rounded to bf16 as products' inputs, the softmax and its
     /// Jacobian product in f32, each gradient a bf16-rounded sum. One task per (image, head),
     /// which keeps its whole bf16 P and dS ([N, N] each) for dV = Pᵀ·dO and dK = dSᵀ·Q.
-    pub(super) fn backward_bf16(qkv: FlexTensor, d_out: FlexTensor) -> FlexTensor {
-        let [.., n, d] = qkv.shape().dims::<4>();
-        let scale = 1.0 / (d as f32).sqrt();
-        per_head_gradients(qkv, d_out, |[q, k, v, g], [dq, dk, dv]| {
-            let [q, k, v, g] = [q, k, v, g].map(bf16s);
+    pub(super) fn backward_bf16(qkv: FlexTensor, d_out: FlexTensor, heads: usize) -> FlexTensor {
+        per_head_gradients(qkv, d_out, heads, |[q, k, v, g], [dq, dk, dv]| {
+            let (n, d) = q.shape();
+            let scale = 1.0 / (d as f32).sqrt();
+            let [q, k, v, g] = [q, k, v, g].map(bf16_matrix);
             let [q, k, v, g] = [&q, &k, &v, &g].map(|t| Mat::new(t, n, d));
             let (kt, vt) = (Packed::new(k.t(), false), Packed::new(v.t(), false));
             let mut p_all = vec![bf16::ZERO; n * n];
@@ -360,35 +503,36 @@ mod cpu {
         })
     }
 
-    /// The backward passes' frame: dQ, dK and dV packed as `qkv`, each (image, head) written by
-    /// `head([Q, K, V, dO], [dQ, dK, dV])` (all [N, d]) in a rayon task of its own.
+    /// The backward passes' frame: dQ, dK and dV laid out as `qkv`, each (image, head) computed
+    /// by `head([Q, K, V, dO], [dQ, dK, dV])` (all [N, d]; the gradients contiguous, written
+    /// whole) in a rayon task of its own, and put in place.
     fn per_head_gradients(
         qkv: FlexTensor,
         d_out: FlexTensor,
-        head: impl Fn([&[f32]; 4], [&mut [f32]; 3]) + Sync,
+        heads: usize,
+        head: impl Fn([Mat; 4], [&mut [f32]; 3]) + Sync,
     ) -> FlexTensor {
-        let [b3, h, n, d] = qkv.shape().dims::<4>();
         let (qkv, d_out) = (contiguous(qkv), contiguous(d_out));
-        let x = qkv.as_slice::<f32>().expect("contiguous f32");
-        let g = d_out.as_slice::<f32>().expect("contiguous f32");
-        let (span, part) = (n * d, b3 / 3 * h * n * d);
-        let mut grad = vec![0f32; 3 * part];
-        if part > 0 {
-            let (q, kv) = x.split_at(part);
-            let (k, v) = kv.split_at(part);
-            let (gq, gkv) = grad.split_at_mut(part);
-            let (gk, gv) = gkv.split_at_mut(part);
-            gq.par_chunks_mut(span)
-                .zip(gk.par_chunks_mut(span))
-                .zip(gv.par_chunks_mut(span))
-                .enumerate()
-                .for_each(|(i, ((dq, dk), dv))| {
-                    let s = i * span..(i + 1) * span;
-                    let x = [&q[s.clone()], &k[s.clone()], &v[s.clone()], &g[s]];
-                    head(x, [dq, dk, dv]);
-                });
-        }
-        FlexTensor::from_data(TensorData::new(grad, [b3, h, n, d]))
+        let t = Tokens::new(&qkv, heads);
+        let (x, g) = (f32s(&qkv), f32s(&d_out));
+        let span = t.n * t.d;
+        let write = |grad: &mut [MaybeUninit<f32>]| {
+            let grad = Blocks::new(grad, 3 * t.h * t.d);
+            (0..t.pairs).into_par_iter().for_each(|pair| {
+                let mut local = vec![0f32; 3 * span];
+                let (dq, dkv) = local.split_at_mut(span);
+                let (dk, dv) = dkv.split_at_mut(span);
+                let [q, k, v] = [0, 1, 2].map(|part| t.qkv(x, pair, part));
+                head([q, k, v, t.out(g, pair)], [dq, dk, dv]);
+                for (part, block) in local.chunks_exact(span.max(1)).enumerate() {
+                    // SAFETY: each task writes its own head's gradients.
+                    unsafe { grad.put(t.qkv_at(pair, part), block, t.d) };
+                }
+            })
+        };
+        // SAFETY: the three gradients of every (image, head) cover the whole tensor.
+        let grad = unsafe { written(3 * t.out_len(), write) };
+        FlexTensor::from_data(TensorData::new(grad, qkv.shape().dims::<3>()))
     }
 
     /// `out` [rows, width] columns c0.. ← a 32-wide block of sums, times `s` or (`None`)
@@ -520,12 +664,36 @@ mod tests {
         softmax(q.matmul(k.swap_dims(2, 3)) * s, 3).matmul(v)
     }
 
-    fn packed<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
-        attention(Tensor::cat(vec![q, k, v], 0), false)
+    /// Q, K, V [B, H, N, d] as the qkv projection lays them out: [B, N, 3·H·d].
+    fn tokens<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, h, n, d] = q.dims();
+        Tensor::stack::<5>(vec![q, k, v], 0)
+            .permute([1, 3, 0, 2, 4])
+            .reshape([b, n, 3 * h * d])
+    }
+
+    /// [B, N, H·d] → [B, H, N, d].
+    fn heads<B: Backend>(t: Tensor<B, 3>, h: usize) -> Tensor<B, 4> {
+        let [b, n, c] = t.dims();
+        t.reshape([b, n, h, c / h]).swap_dims(1, 2)
+    }
+
+    /// [B, N, 3·H·d] → [3·B, H, N, d] (Q's heads, then K's, then V's).
+    fn heads_stacked<B: Backend>(t: Tensor<B, 3>, h: usize) -> Tensor<B, 4> {
+        let [b, n, c] = t.dims();
+        t.reshape([b, n, 3, h, c / 3 / h])
+            .permute([2, 0, 3, 1, 4])
+            .reshape([3 * b, h, n, c / 3 / h])
+    }
+
+    /// [`attention`] on Q, K, V [B, H, N, d], its output as [B, H, N, d].
+    fn fused<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+        let h = q.dims()[1];
+        heads(attention(tokens(q, k, v), h, false), h)
     }
 
     fn same_as_unfused<C: CheckpointStrategy>(shape: [usize; 4]) {
-        let fused = run::<C>(packed, shape);
+        let fused = run::<C>(fused, shape);
         let reference = run::<C>(unfused, shape);
         for (name, (a, b)) in ["out", "dq", "dk", "dv"]
             .iter()
@@ -552,7 +720,7 @@ mod tests {
     fn bf16_inputs_keep_their_dtype_and_stay_close() {
         let to_bf16 = |t: Tensor<Ad<NoCheckpointing>, 4>| t.cast(FloatDType::BF16);
         let [out, dq, ..] = run::<NoCheckpointing>(
-            |q, k, v| packed(to_bf16(q), to_bf16(k), to_bf16(v)).cast(FloatDType::F32),
+            |q, k, v| fused(to_bf16(q), to_bf16(k), to_bf16(v)).cast(FloatDType::F32),
             [1, 2, 16, 8],
         );
         let [ref_out, ref_dq, ..] = run::<NoCheckpointing>(unfused, [1, 2, 16, 8]);
@@ -607,8 +775,8 @@ mod tests {
         }
         for (b, h, n, d) in BF16_SHAPES {
             let [q, k, v] = [1, 2, 3].map(|s| test_values::<Cpu, 4>([b, h, n, d], s));
-            let qkv = Tensor::cat(vec![q.clone(), k.clone(), v.clone()], 0);
-            let half = attention(qkv.clone(), true)
+            let qkv = tokens(q.clone(), k.clone(), v.clone());
+            let half = heads(attention(qkv.clone(), h, true), h)
                 .into_data()
                 .to_vec::<f32>()
                 .unwrap();
@@ -632,7 +800,10 @@ mod tests {
             // Every output is a bf16 value, and the path differs from f32's (the flag off).
             assert!(half.iter().all(|x| x.to_bits() & 0xFFFF == 0));
             assert!(half.iter().zip(&full).any(|(a, b)| (a - b).abs() > 1e-3));
-            let f32_path = attention(qkv, false).into_data().to_vec::<f32>().unwrap();
+            let f32_path = heads(attention(qkv, h, false), h)
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
             assert!(f32_path
                 .iter()
                 .zip(&full)
@@ -689,18 +860,17 @@ mod tests {
             let part = b * h * n * d;
             let qkv = test_values::<Cpu, 4>([3 * b, h, n, d], 5);
             let g = test_values::<Cpu, 4>([b, h, n, d], 6);
-            let grad = cpu::backward_bf16(
-                qkv.clone().into_primitive().tensor(),
-                g.clone().into_primitive().tensor(),
-            );
-            let grad = Tensor::<Cpu, 4>::from_primitive(TensorPrimitive::Float(grad));
-            let grad = grad.into_data().to_vec::<f32>().unwrap();
-            let exact = cpu::backward(
-                qkv.clone().into_primitive().tensor(),
-                g.clone().into_primitive().tensor(),
-            );
-            let exact = Tensor::<Cpu, 4>::from_primitive(TensorPrimitive::Float(exact));
-            let exact = exact.into_data().to_vec::<f32>().unwrap();
+            // The kernels take the token layout, the reference below [3·B, H, N, d].
+            let [q, k, v] = [0, 1, 2].map(|i| qkv.clone().narrow(0, i * b, b));
+            let x = tokens(q, k, v).into_primitive().tensor();
+            let dy = g.clone().swap_dims(1, 2).reshape([b, n, h * d]);
+            let dy = dy.into_primitive().tensor();
+            let stacked = |t: FlexTensor| {
+                let t = Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(t));
+                heads_stacked(t, h).into_data().to_vec::<f32>().unwrap()
+            };
+            let grad = stacked(cpu::backward_bf16(x.clone(), dy.clone(), h));
+            let exact = stacked(cpu::backward(x, dy, h));
             let (x, g) = (
                 qkv.into_data().to_vec::<f32>().unwrap(),
                 g.into_data().to_vec::<f32>().unwrap(),
@@ -741,7 +911,7 @@ mod tests {
             [0..1, 1..2, 66..67, 2..3],
             Tensor::full([1, 1, 1, 1], f32::NAN, &Default::default()),
         );
-        let out = packed(q, k, v).into_data().to_vec::<f32>().unwrap();
+        let out = fused(q, k, v).into_data().to_vec::<f32>().unwrap();
         for (i, row) in out.chunks(4).enumerate() {
             let nan = i == 70 + 66;
             assert!(row.iter().all(|x| x.is_nan() == nan), "row {i}: {row:?}");
@@ -752,7 +922,7 @@ mod tests {
     fn without_gradients_it_matches_the_unfused_graph() {
         // 130 query rows: three blocks, the last one short.
         let [q, k, v] = [1, 2, 3].map(|s| test_values::<Cpu, 4>([2, 2, 130, 4], s));
-        let a = packed(q.clone(), k.clone(), v.clone());
+        let a = fused(q.clone(), k.clone(), v.clone());
         let b = unfused(q, k, v);
         a.into_data()
             .assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(1e-5));

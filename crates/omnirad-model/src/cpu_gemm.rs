@@ -13,12 +13,13 @@ use rayon::prelude::*;
 
 pub mod amx;
 
-/// A row-major [rows, cols] matrix in a slice, or its transpose (read through swapped strides,
-/// no copy).
+/// A row-major [rows, cols] matrix in a slice, rows `stride` apart, or its transpose (read
+/// through swapped strides, no copy).
 pub struct Mat<'a, T = f32> {
     data: &'a [T],
     rows: usize,
     cols: usize,
+    stride: usize,
     transposed: bool,
 }
 
@@ -32,12 +33,37 @@ impl<T> Copy for Mat<'_, T> {}
 impl<'a, T> Mat<'a, T> {
     pub fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "Mat: slice length");
+        Self::strided(data, rows, cols, cols)
+    }
+
+    /// Rows `stride` elements apart from the slice's start (a column block of a wider matrix).
+    pub fn strided(data: &'a [T], rows: usize, cols: usize, stride: usize) -> Self {
+        assert!(cols <= stride, "Mat: row stride");
+        assert!(
+            rows == 0 || data.len() >= (rows - 1) * stride + cols,
+            "Mat: slice length"
+        );
         Self {
             data,
             rows,
             cols,
+            stride,
             transposed: false,
         }
+    }
+
+    /// Rows r0..r0 + count (of the matrix as stored, not transposed).
+    pub fn row_block(self, r0: usize, count: usize) -> Self {
+        assert!(
+            !self.transposed && r0 + count <= self.rows,
+            "Mat: row block"
+        );
+        let data = if count == 0 {
+            &self.data[..0]
+        } else {
+            &self.data[r0 * self.stride..]
+        };
+        Self::strided(data, count, self.cols, self.stride)
     }
 
     pub fn t(self) -> Self {
@@ -54,7 +80,7 @@ impl<'a, T> Mat<'a, T> {
 
     /// Logical (rows, cols) and (column stride, row stride).
     fn layout(&self) -> ((usize, usize), (isize, isize)) {
-        let c = self.cols as isize;
+        let c = self.stride as isize;
         if self.transposed {
             ((self.cols, self.rows), (c, 1))
         } else {
@@ -245,6 +271,22 @@ impl Operand for bf16 {
 pub fn bf16s(v: &[f32]) -> Vec<bf16> {
     // SAFETY: `narrow` writes every element.
     unsafe { written(v.len(), |out| kernels::narrow(v, out)) }
+}
+
+/// A stored (not transposed) matrix's values rounded to bf16 into a contiguous row-major
+/// vector, on the calling thread ([`bf16s`] row by row).
+pub fn bf16_matrix(m: Mat) -> Vec<bf16> {
+    assert!(!m.transposed, "bf16_matrix: a stored matrix");
+    if m.cols == 0 {
+        return Vec::new();
+    }
+    let write = |out: &mut [MaybeUninit<bf16>]| {
+        for (r, o) in out.chunks_exact_mut(m.cols).enumerate() {
+            kernels::narrow(&m.data[r * m.stride..][..m.cols], o);
+        }
+    };
+    // SAFETY: the rows cover all rows·cols elements.
+    unsafe { written(m.rows * m.cols, write) }
 }
 
 /// Elements per rayon task of the elementwise conversions.

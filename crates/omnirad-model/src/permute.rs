@@ -1,9 +1,10 @@
 //! Permute axes and lay the result out contiguously, with a row-copy CPU kernel.
 //!
-//! Splitting attention heads out of the qkv projection ([B, N, 3, H, d] → [3, B, H, N, d]) and
-//! merging them back ([B, H, N, d] → [B, N, H, d]) are permutations that the next reshape must
-//! materialise. burn-flex 0.21 does that through a per-element strided iterator, forward and
-//! again in the backward pass; in a ViT-S/16 fine-tuning step that was about a tenth of the time.
+//! Cutting images into patch rows ([B, C, h, p, w, p] → [B, h, w, C, p, p]) is a permutation
+//! that the next reshape must materialise. burn-flex 0.21 does that through a per-element
+//! strided iterator, forward and again in the backward pass; for attention's head split and
+//! merge (now read in place, `crate::attention`) that was about a tenth of a ViT-S/16
+//! fine-tuning step.
 //! Every permutation here keeps the last axis in place, so the copy moves whole rows (memcpy)
 //! split over rayon's threads. The backward pass is the inverse permutation, copied the same way.
 //! On backends other than the CPU one (and its autodiff) this is burn's `permute`, whose

@@ -522,21 +522,16 @@ fn with_lora<B: Backend>(
 
 impl<B: Backend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, n, d] = x.dims();
-        let h = self.num_heads;
-        // [B, N, 3D] -> [3·B, H, N, D/H]
         let p = self.precision;
+        // [B, N, 3D]: each token's Q, K and V, heads side by side.
         let qkv = with_lora(&self.qkv, &self.qkv_lora, x, p);
         let qkv = match p {
             Precision::Bf16 if !bf16_in_gemm::<B>() => qkv.cast(FloatDType::BF16),
             _ => qkv,
-        }
-        .reshape([b, n, 3, h, d / h]);
-        // One contiguous [3·B, H, N, d/h] copy: q, k and v are views of it (a squeeze would copy).
-        let qkv = permute_contiguous(qkv, [2, 0, 3, 1, 4]).reshape([3 * b, h, n, d / h]);
-        // Fused in the forward pass also when training (see `crate::attention`).
+        };
+        // Fused in the forward pass also when training (see `crate::attention`); [B, N, D].
         let bf16 = p == Precision::Bf16 && bf16_in_gemm::<B>();
-        let out = permute_contiguous(attention(qkv, bf16), [0, 2, 1, 3]).reshape([b, n, d]);
+        let out = attention(qkv, self.num_heads, bf16);
         to_f32(with_lora(&self.proj, &self.proj_lora, out, p))
     }
 }
