@@ -538,10 +538,8 @@ mod cpu {
     /// `out` [rows, width] columns c0.. ← a 32-wide block of sums, times `s` or (`None`)
     /// rounded to bf16, as far as both reach.
     fn store(out: &mut [f32], width: usize, c0: usize, c: &[f32], s: Option<f32>) {
-        for (o, c) in out.chunks_exact_mut(width).zip(c.chunks_exact(BLOCK)) {
-            let o = &mut o[c0..(c0 + BLOCK).min(width)];
-            scale_or_round(&c[..o.len()], s, o);
-        }
+        let cols = BLOCK.min(width - c0);
+        scale_or_round(c, s, &mut out[c0..], width, cols);
     }
 
     mod kernels {
