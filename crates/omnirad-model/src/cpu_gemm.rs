@@ -294,7 +294,7 @@ const BLOCK: usize = 1 << 14;
 
 /// The bf16 conversions, branch-free so that LLVM vectorises them (`half`'s `from_f32` compiles
 /// to two elements per step in the baseline x86-64 build: 8 % of a bf16 fine-tuning step).
-mod kernels {
+pub(crate) mod kernels {
     use std::mem::MaybeUninit;
 
     use gemmkit::bf16;
@@ -304,7 +304,7 @@ mod kernels {
     /// f32 bits → bf16 bits, rounded to nearest even; a NaN stays a (quiet) NaN. The same
     /// values as `bf16::from_f32`.
     #[inline(always)]
-    pub(super) fn narrow1(x: f32) -> u16 {
+    pub(crate) fn narrow1(x: f32) -> u16 {
         let b = x.to_bits();
         let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
         let nan = b & 0x7FFF_FFFF > 0x7F80_0000;

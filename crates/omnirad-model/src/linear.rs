@@ -73,7 +73,7 @@ fn op<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>, g: Precisio
         b.into_primitive().tensor(),
     ];
     let out = if is_same::<B::FloatTensorPrimitive, FlexTensor>() {
-        cast_same(cpu::forward(cast_same(x), cast_same(w), cast_same(b), g).0)
+        cast_same(cpu::forward(cast_same(x), cast_same(w), cast_same(b), g, false).0)
     } else {
         // Without checkpointing X is kept for dW: as bf16 when the products are. Under a
         // checkpointing strategy X stays a graph node, so that it can be recomputed instead.
@@ -103,6 +103,7 @@ fn autodiff_forward(
         w.primitive.clone(),
         b.primitive.clone(),
         g,
+        keep_rounded,
     );
     let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
     // Compute-bound: no checkpointing strategy recomputes it, so any prepares it alike.
@@ -172,21 +173,42 @@ mod cpu {
     use std::borrow::Cow;
     use std::sync::Arc;
 
-    use crate::cpu_gemm::{contiguous, f32s, matrix, Mat, Operand};
+    use crate::cpu_gemm::{amx, contiguous, f32s, matrix, Mat, Operand};
     use crate::Precision;
     use gemmkit::bf16;
 
-    /// Y = X·W + b in the arithmetic `g`, and for bf16 X as rounded ([M, k]).
+    /// Y = X·W + b in the arithmetic `g`, and for bf16 X as rounded ([M, k]) when `keep_x`.
     pub(super) fn forward(
         x: FlexTensor,
         w: FlexTensor,
         b: FlexTensor,
         g: Precision,
+        keep_x: bool,
     ) -> (FlexTensor, Option<(Vec<bf16>, usize)>) {
         match g {
             Precision::F32 => (forward_as::<f32>(x, w, b).0, None),
+            Precision::Bf16 if !keep_x && amx::available() => (forward_amx(x, w, b), None),
             Precision::Bf16 => forward_as::<bf16>(x, w, b),
         }
+    }
+
+    /// The bf16 Y on AMX tiles with X rounded as its panels are packed: no rounded copy of X
+    /// is written and read back (4 % of a one-thread bf16 inference step).
+    fn forward_amx(x: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
+        let (x, m, k) = matrix(&x);
+        let (w, k2, n) = matrix(&w);
+        let b = contiguous(b);
+        assert!(k == k2 && b.shape().num_elements() == n, "linear: shapes");
+        let y = if m * n == 0 {
+            Vec::new()
+        } else if k == 0 {
+            // Empty sums: the bias alone.
+            f32s(&b).repeat(m)
+        } else {
+            let w = bf16::from_f32s(f32s(&w));
+            amx::product(Mat::new(f32s(&x), m, k), Mat::new(&w, k, n), f32s(&b))
+        };
+        FlexTensor::from_data(TensorData::new(y, [m, n]))
     }
 
     /// Y, and X converted to `T` when that made a copy.
@@ -463,6 +485,26 @@ mod tests {
         let kept = grads::<Ad>();
         let recomputed = grads::<Autodiff<Cpu, crate::BalancedCheckpointing>>();
         assert_eq!(kept, recomputed);
+    }
+
+    /// Without autodiff, on AMX tiles, X is rounded as its panels are packed rather than first:
+    /// the same outputs, bit for bit, on a shape with partial blocks on every side.
+    #[test]
+    fn bf16_outputs_are_the_same_with_x_rounded_inside_the_panels() {
+        if !crate::cpu_gemm::amx::available() {
+            eprintln!("no AMX tiles here: the rounding inside the panels is not exercised");
+            return;
+        }
+        let (m, k, n) = (67, 300, 40);
+        let x = test_values::<Cpu, 2>([m, k], 41);
+        let w = test_values::<Cpu, 2>([k, n], 42);
+        let b = test_values::<Cpu, 1>([n], 43);
+        let inside = linear_bf16(x.clone(), w.clone(), b.clone());
+        // Tracked, the op rounds X first and keeps it for dW.
+        let x = Tensor::<Ad, 2>::from_inner(x).require_grad();
+        let first = linear_bf16(x, Tensor::from_inner(w), Tensor::from_inner(b)).inner();
+        let v = |t: Tensor<Cpu, 2>| t.into_data().to_vec::<f32>().unwrap();
+        assert_eq!(v(inside), v(first));
     }
 
     #[test]

@@ -70,9 +70,9 @@ fn request_tiles() -> bool {
     false
 }
 
-/// A·B [m, n] row-major f32, each sum rounded to bf16 and `bias` (length n) added in f32.
-/// Only call when [`available`].
-pub fn product(a: Mat<bf16>, b: Mat<bf16>, bias: &[f32]) -> Vec<f32> {
+/// A·B [m, n] row-major f32, each sum rounded to bf16 and `bias` (length n) added in f32; an
+/// f32 A is rounded to bf16 as its panels are packed. Only call when [`available`].
+pub fn product<T: Bf16Source>(a: Mat<T>, b: Mat<bf16>, bias: &[f32]) -> Vec<f32> {
     let (m, n) = (a.shape().0, b.shape().1);
     if m * n == 0 {
         return Vec::new();
@@ -100,9 +100,35 @@ pub struct Panel {
     kp: usize,
 }
 
+/// The values a [`Panel`] is packed from: bf16 as they are, or f32 rounded on the way (one
+/// pass over A where rounding it first would be two, when nothing else needs A rounded).
+pub trait Bf16Source: Copy + Send + Sync {
+    /// `dst ← bf16(src)`.
+    fn put(src: &[Self], dst: &mut [MaybeUninit<bf16>]);
+    fn bf16(self) -> bf16;
+}
+
+impl Bf16Source for bf16 {
+    fn put(src: &[bf16], dst: &mut [MaybeUninit<bf16>]) {
+        dst.write_copy_of_slice(src);
+    }
+    fn bf16(self) -> bf16 {
+        self
+    }
+}
+
+impl Bf16Source for f32 {
+    fn put(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+        crate::cpu_gemm::kernels::narrow(src, dst);
+    }
+    fn bf16(self) -> bf16 {
+        bf16::from_bits(crate::cpu_gemm::kernels::narrow1(self))
+    }
+}
+
 impl Panel {
     /// Rows r0..r0 + rows of `a`.
-    pub fn new(a: Mat<bf16>, r0: usize, rows: usize) -> Self {
+    pub fn new<T: Bf16Source>(a: Mat<T>, r0: usize, rows: usize) -> Self {
         let ((m, k), (cs, rs)) = a.layout();
         assert!(k > 0 && rows <= BLOCK && r0 + rows <= m, "AMX panel: shape");
         let kp = k.next_multiple_of(KSTEP);
@@ -116,7 +142,7 @@ impl Panel {
             }
             if cs == 1 {
                 for (i, row) in filled.chunks_exact_mut(kp).enumerate() {
-                    row[..k].write_copy_of_slice(&a.data[(r0 + i) * rs..][..k]);
+                    T::put(&a.data[(r0 + i) * rs..][..k], &mut row[..k]);
                 }
             } else {
                 // A transposed: its columns are rows in memory. Read 32 of them at a time into a
@@ -125,7 +151,8 @@ impl Panel {
                 for k0 in (0..k).step_by(KSTEP) {
                     let ks = KSTEP.min(k - k0);
                     for (t, sq) in square.iter_mut().take(ks).enumerate() {
-                        sq[..rows].copy_from_slice(&a.data[(k0 + t) * cs + r0..][..rows]);
+                        let col = &a.data[(k0 + t) * cs + r0..][..rows];
+                        sq.iter_mut().zip(col).for_each(|(s, &x)| *s = x.bf16());
                     }
                     for (i, row) in filled.chunks_exact_mut(kp).enumerate() {
                         for (x, sq) in row[k0..k0 + ks].iter_mut().zip(&square) {
