@@ -171,7 +171,7 @@ mod cpu {
     use rayon::prelude::*;
 
     use std::borrow::Cow;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     use crate::cpu_gemm::{amx, contiguous, f32s, matrix, Mat, Operand};
     use crate::Precision;
@@ -192,11 +192,12 @@ mod cpu {
         }
     }
 
-    /// The bf16 Y on AMX tiles with X rounded as its panels are packed: no rounded copy of X
-    /// is written and read back (4 % of a one-thread bf16 inference step).
+    /// The bf16 Y on AMX tiles with X rounded as its panels are packed (no rounded copy of X
+    /// is written and read back: 4 % of a one-thread bf16 inference step) and W packed once
+    /// ([`packed_weight`]).
     fn forward_amx(x: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
         let (x, m, k) = matrix(&x);
-        let (w, k2, n) = matrix(&w);
+        let [k2, n] = w.shape().dims::<2>();
         let b = contiguous(b);
         assert!(k == k2 && b.shape().num_elements() == n, "linear: shapes");
         let y = if m * n == 0 {
@@ -205,10 +206,45 @@ mod cpu {
             // Empty sums: the bias alone.
             f32s(&b).repeat(m)
         } else {
-            let w = bf16::from_f32s(f32s(&w));
-            amx::product(Mat::new(f32s(&x), m, k), Mat::new(&w, k, n), f32s(&b))
+            let w = packed_weight(&w);
+            amx::product_packed(Mat::new(f32s(&x), m, k), &w, f32s(&b))
         };
         FlexTensor::from_data(TensorData::new(y, [m, n]))
+    }
+
+    /// Weights packed for the tile products, with the tensor whose buffer each was packed from.
+    static PACKED: Mutex<Vec<(FlexTensor, Arc<amx::Packed>)>> = Mutex::new(Vec::new());
+
+    /// W [k, n] rounded and packed for AMX tiles, once while its buffer lives: at batch 8 each
+    /// weight meets only ~1600 rows, and rounding and packing it again at every call took 12 %
+    /// of a one-thread bf16 inference step. Safe because the cache holds a reference to the
+    /// buffer: no other tensor gets its address while cached, and burn-flex's in-place ops (and
+    /// AdamW's, `storage_mut`) copy a buffer with another reference before writing it. An
+    /// entry whose buffer only the cache still holds is dropped at the next miss.
+    fn packed_weight(w: &FlexTensor) -> Arc<amx::Packed> {
+        let [k, n] = w.shape().dims::<2>();
+        let pack = |v: &[f32]| {
+            let v = bf16::from_f32s(v);
+            Arc::new(amx::Packed::new(Mat::new(&v, k, n), true))
+        };
+        let Some(values) = w.as_slice::<f32>() else {
+            return pack(f32s(&contiguous(w.clone())));
+        };
+        let same = |t: &FlexTensor| {
+            let v = t.as_slice::<f32>().expect("cached contiguous");
+            v.as_ptr() == values.as_ptr() && v.len() == values.len() && t.shape() == w.shape()
+        };
+        let mut cache = PACKED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, p)) = cache.iter().find(|(t, _)| same(t)) {
+            return p.clone();
+        }
+        cache.retain(|(t, _)| !t.is_unique());
+        let p = pack(values);
+        // A bound for models whose weights all stay alive (thousands of linears).
+        if cache.len() < 4096 {
+            cache.push((w.clone(), p.clone()));
+        }
+        p
     }
 
     /// Y, and X converted to `T` when that made a copy.
@@ -505,6 +541,49 @@ mod tests {
         let first = linear_bf16(x, Tensor::from_inner(w), Tensor::from_inner(b)).inner();
         let v = |t: Tensor<Cpu, 2>| t.into_data().to_vec::<f32>().unwrap();
         assert_eq!(v(inside), v(first));
+    }
+
+    /// The packed weights kept between calls (`packed_weight`) follow W: a weight updated in
+    /// place as an optimizer would, a new weight at a freed weight's address, and a view of a
+    /// larger buffer each give the outputs of the tracked op, which packs W afresh.
+    #[test]
+    fn bf16_outputs_follow_weights_that_change() {
+        if !crate::cpu_gemm::amx::available() {
+            eprintln!("no AMX tiles here: the packed weights kept between calls are not exercised");
+            return;
+        }
+        let (m, k, n) = (40, 70, 33);
+        let x = test_values::<Cpu, 2>([m, k], 51);
+        let b = test_values::<Cpu, 1>([n], 52);
+        let v = |t: Tensor<Cpu, 2>| t.into_data().to_vec::<f32>().unwrap();
+        let fresh = |w: &Tensor<Cpu, 2>| {
+            let x = Tensor::<Ad, 2>::from_inner(x.clone()).require_grad();
+            let w = Tensor::<Ad, 2>::from_inner(w.clone());
+            v(linear_bf16(x, w, Tensor::from_inner(b.clone())).inner())
+        };
+        let mut w = test_values::<Cpu, 2>([k, n], 53);
+        for step in 0..3 {
+            let kept = v(linear_bf16(x.clone(), w.clone(), b.clone()));
+            assert_eq!(kept, fresh(&w), "step {step}");
+            // In place where burn-flex may (the buffer otherwise unshared), as AdamW's update.
+            w = w.mul_scalar(1.5).add_scalar(0.25);
+        }
+        // Freed, and new values likely at the same address.
+        let shape_values = w.clone().into_data();
+        drop(w);
+        let w = Tensor::<Cpu, 2>::from_data(shape_values, &Default::default()).neg();
+        assert_eq!(v(linear_bf16(x.clone(), w.clone(), b.clone())), fresh(&w));
+        // Columns 0..n of a wider buffer, and its first k·n values read as a [k, n] matrix.
+        let wide = test_values::<Cpu, 2>([k, 2 * n], 54);
+        for w in [
+            wide.clone().narrow(1, 0, n),
+            wide.clone()
+                .reshape([2 * k * n])
+                .narrow(0, 0, k * n)
+                .reshape([k, n]),
+        ] {
+            assert_eq!(v(linear_bf16(x.clone(), w.clone(), b.clone())), fresh(&w));
+        }
     }
 
     #[test]

@@ -73,17 +73,25 @@ fn request_tiles() -> bool {
 /// A·B [m, n] row-major f32, each sum rounded to bf16 and `bias` (length n) added in f32; an
 /// f32 A is rounded to bf16 as its panels are packed. Only call when [`available`].
 pub fn product<T: Bf16Source>(a: Mat<T>, b: Mat<bf16>, bias: &[f32]) -> Vec<f32> {
-    let (m, n) = (a.shape().0, b.shape().1);
+    if a.shape().0 * b.shape().1 == 0 {
+        return Vec::new();
+    }
+    product_packed(a, &Packed::new(b, true), bias)
+}
+
+/// [`product`] with B packed already.
+pub fn product_packed<T: Bf16Source>(a: Mat<T>, b: &Packed, bias: &[f32]) -> Vec<f32> {
+    let (m, n) = (a.shape().0, b.cols());
+    assert_eq!(bias.len(), n, "AMX product: bias length");
     if m * n == 0 {
         return Vec::new();
     }
-    let b = Packed::new(b, true);
     let write = |out: &mut [MaybeUninit<f32>]| {
         out.par_chunks_mut(BLOCK * n)
             .enumerate()
             .for_each(|(block, out)| {
                 let panel = Panel::new(a, block * BLOCK, out.len() / n);
-                blocks(&panel, &b, |c0, c| {
+                blocks(&panel, b, |c0, c| {
                     let bias = &bias[c0..(c0 + BLOCK).min(n)];
                     kernels::round_add(c, bias, &mut out[c0..], n);
                 });
