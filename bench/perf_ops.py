@@ -11,7 +11,8 @@ Each sample is charged to the first group whose pattern appears anywhere in its 
 set-up first, so that random initialisation is not charged to a step); ms per step = samples /
 hz / steps (steps: warm-up included, as the profile covers them). One thread, so that the
 samples of rayon's tasks add up to the step's time. `--leaves N` also lists the leaf functions
-of the samples no group claims.
+of the samples no group claims; `--stack PATTERN` adds the time of the samples whose stack has
+PATTERN, in or out of a group (e.g. `from_f32s`, the rounding of whole tensors to bf16).
 """
 import argparse
 import collections
@@ -35,14 +36,23 @@ def main():
     ap.add_argument("--hz", type=float, required=True, help="perf record's -F")
     ap.add_argument("--steps", type=float, required=True, help="steps profiled, warm-up included")
     ap.add_argument("--leaves", type=int, default=0)
+    ap.add_argument(
+        "--stack",
+        action="append",
+        default=[],
+        help="also the ms per step of the samples whose stack contains this (repeatable)",
+    )
     args = ap.parse_args()
     per_sample = 1e3 / args.hz / args.steps
-    counts, leaves = collections.Counter(), collections.Counter()
+    counts, leaves, found = collections.Counter(), collections.Counter(), collections.Counter()
     for sample in sys.stdin.read().split("\n\n"):
         frames = [l.strip() for l in sample.strip().split("\n")][1:]
         if not frames:
             continue
         stack = "\n".join(frames)
+        for p in args.stack:
+            if p in stack:
+                found[p] += 1
         for name, patterns in GROUPS:
             if any(p in stack for p in patterns):
                 break
@@ -56,6 +66,8 @@ def main():
         print(f"{name:18s} {v * per_sample:8.1f} ms")
     for leaf, v in leaves.most_common(args.leaves):
         print(f"  {v * per_sample:7.1f} ms  {leaf}")
+    for p in args.stack:
+        print(f"stack has {p!r}: {found[p] * per_sample:.1f} ms")
 
 
 if __name__ == "__main__":
