@@ -73,7 +73,8 @@ fn op<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>, g: Precisio
         b.into_primitive().tensor(),
     ];
     let out = if is_same::<B::FloatTensorPrimitive, FlexTensor>() {
-        cast_same(cpu::forward(cast_same(x), cast_same(w), cast_same(b), g, false).0)
+        let keep = cpu::Keep::PackedW;
+        cast_same(cpu::forward(cast_same(x), cast_same(w), cast_same(b), g, keep).0)
     } else {
         // Without checkpointing X is kept for dW: as bf16 when the products are. Under a
         // checkpointing strategy X stays a graph node, so that it can be recomputed instead.
@@ -103,7 +104,11 @@ fn autodiff_forward(
         w.primitive.clone(),
         b.primitive.clone(),
         g,
-        keep_rounded,
+        if keep_rounded {
+            cpu::Keep::RoundedX
+        } else {
+            cpu::Keep::Nothing
+        },
     );
     let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
     // Compute-bound: no checkpointing strategy recomputes it, so any prepares it alike.
@@ -177,25 +182,38 @@ mod cpu {
     use crate::Precision;
     use gemmkit::bf16;
 
-    /// Y = X·W + b in the arithmetic `g`, and for bf16 X as rounded ([M, k]) when `keep_x`.
+    /// What a bf16 forward pass keeps for later.
+    #[derive(Clone, Copy, PartialEq)]
+    pub(super) enum Keep {
+        /// X as rounded, for dW.
+        RoundedX,
+        Nothing,
+        /// W rounded and packed, for the next call with the same W (inference: in training W
+        /// changes every step, and a kept reference would make AdamW copy it).
+        PackedW,
+    }
+
+    /// Y = X·W + b in the arithmetic `g`, and for bf16 X as rounded ([M, k]) when asked to.
     pub(super) fn forward(
         x: FlexTensor,
         w: FlexTensor,
         b: FlexTensor,
         g: Precision,
-        keep_x: bool,
+        keep: Keep,
     ) -> (FlexTensor, Option<(Vec<bf16>, usize)>) {
         match g {
             Precision::F32 => (forward_as::<f32>(x, w, b).0, None),
-            Precision::Bf16 if !keep_x && amx::available() => (forward_amx(x, w, b), None),
+            Precision::Bf16 if keep != Keep::RoundedX && amx::available() => {
+                (forward_amx(x, w, b, keep == Keep::PackedW), None)
+            }
             Precision::Bf16 => forward_as::<bf16>(x, w, b),
         }
     }
 
     /// The bf16 Y on AMX tiles with X rounded as its panels are packed (no rounded copy of X
-    /// is written and read back: 4 % of a one-thread bf16 inference step) and W packed once
-    /// ([`packed_weight`]).
-    fn forward_amx(x: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
+    /// is written and read back: 4 % of a one-thread bf16 inference step), and W packed once
+    /// when `keep_w` ([`packed_weight`]).
+    fn forward_amx(x: FlexTensor, w: FlexTensor, b: FlexTensor, keep_w: bool) -> FlexTensor {
         let (x, m, k) = matrix(&x);
         let [k2, n] = w.shape().dims::<2>();
         let b = contiguous(b);
@@ -206,10 +224,25 @@ mod cpu {
             // Empty sums: the bias alone.
             f32s(&b).repeat(m)
         } else {
-            let w = packed_weight(&w);
+            let w = if keep_w { packed_weight(&w) } else { pack(&w) };
             amx::product_packed(Mat::new(f32s(&x), m, k), &w, f32s(&b))
         };
         FlexTensor::from_data(TensorData::new(y, [m, n]))
+    }
+
+    /// Whether [`packed_weight`] holds W's buffer.
+    #[cfg(test)]
+    pub(super) fn is_kept(w: &FlexTensor) -> bool {
+        let ptr = f32s(w).as_ptr();
+        let cache = PACKED.lock().unwrap_or_else(|e| e.into_inner());
+        cache.iter().any(|(t, _)| f32s(t).as_ptr() == ptr)
+    }
+
+    /// W [k, n] rounded to bf16 and packed for the tiles.
+    fn pack(w: &FlexTensor) -> Arc<amx::Packed> {
+        let (w, k, n) = matrix(w);
+        let w = bf16::from_f32s(f32s(&w));
+        Arc::new(amx::Packed::new(Mat::new(&w, k, n), true))
     }
 
     /// Weights packed for the tile products, with the tensor whose buffer each was packed from.
@@ -222,13 +255,8 @@ mod cpu {
     /// AdamW's, `storage_mut`) copy a buffer with another reference before writing it. An
     /// entry whose buffer only the cache still holds is dropped at the next miss.
     fn packed_weight(w: &FlexTensor) -> Arc<amx::Packed> {
-        let [k, n] = w.shape().dims::<2>();
-        let pack = |v: &[f32]| {
-            let v = bf16::from_f32s(v);
-            Arc::new(amx::Packed::new(Mat::new(&v, k, n), true))
-        };
         let Some(values) = w.as_slice::<f32>() else {
-            return pack(f32s(&contiguous(w.clone())));
+            return pack(w);
         };
         let same = |t: &FlexTensor| {
             let v = t.as_slice::<f32>().expect("cached contiguous");
@@ -239,7 +267,7 @@ mod cpu {
             return p.clone();
         }
         cache.retain(|(t, _)| !t.is_unique());
-        let p = pack(values);
+        let p = pack(w);
         // A bound for models whose weights all stay alive (thousands of linears).
         if cache.len() < 4096 {
             cache.push((w.clone(), p.clone()));
@@ -584,6 +612,28 @@ mod tests {
         ] {
             assert_eq!(v(linear_bf16(x.clone(), w.clone(), b.clone())), fresh(&w));
         }
+    }
+
+    /// Only inference keeps packed weights: in training W changes at every step, and a kept
+    /// reference would make AdamW copy it (the checkpointed op also rounds X in the panels).
+    #[test]
+    fn training_keeps_no_packed_weights() {
+        if !crate::cpu_gemm::amx::available() {
+            eprintln!("no AMX tiles here: the packed weights kept between calls are not exercised");
+            return;
+        }
+        type Checkpointed = Autodiff<Cpu, crate::BalancedCheckpointing>;
+        let w = test_values::<Cpu, 2>([24, 40], 61);
+        let x = test_values::<Checkpointed, 2>([30, 24], 62).require_grad();
+        let wa = Tensor::<Checkpointed, 2>::from_inner(w.clone()).require_grad();
+        let b = test_values::<Checkpointed, 1>([40], 63);
+        let y = linear_bf16(x.clone(), wa.clone(), b.clone());
+        let g = y.sum().backward();
+        assert!(wa.grad(&g).is_some());
+        let prim = |t: &Tensor<Cpu, 2>| t.clone().into_primitive().tensor();
+        assert!(!cpu::is_kept(&prim(&w)), "kept while training");
+        linear_bf16(test_values::<Cpu, 2>([30, 24], 62), w.clone(), b.inner());
+        assert!(cpu::is_kept(&prim(&w)), "not kept for inference");
     }
 
     #[test]
