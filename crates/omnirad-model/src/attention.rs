@@ -757,18 +757,9 @@ mod tests {
     const BF16_SHAPES: [(usize, usize, usize, usize); 3] =
         [(2, 3, 70, 16), (1, 2, 40, 48), (1, 3, 600, 8)];
 
-    /// Whether the AMX path can run here; says so when not.
-    fn amx_here(what: &str) -> bool {
-        let ok = crate::cpu_gemm::amx::available();
-        if !ok {
-            eprintln!("no AMX tiles here: attention's bf16 {what} are not exercised");
-        }
-        ok
-    }
-
     #[test]
     fn bf16_products_on_amx_follow_the_bf16_arithmetic() {
-        if !amx_here("products") {
+        if !crate::amx_here("attention's bf16 products") {
             return;
         }
         for (b, h, n, d) in BF16_SHAPES {
@@ -851,7 +842,7 @@ mod tests {
 
     #[test]
     fn bf16_gradients_on_amx_follow_the_bf16_arithmetic() {
-        if !amx_here("gradients") {
+        if !crate::amx_here("attention's bf16 gradients") {
             return;
         }
         for (b, h, n, d) in BF16_SHAPES {

@@ -79,6 +79,16 @@ fn test_values<B: burn::tensor::backend::Backend, const D: usize>(
     burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, shape), &Default::default())
 }
 
+/// Whether the AMX paths can run here; says that `what` goes unexercised when not.
+#[cfg(test)]
+fn amx_here(what: &str) -> bool {
+    let ok = cpu_gemm::amx::available();
+    if !ok {
+        eprintln!("no AMX tiles here, not exercised: {what}");
+    }
+    ok
+}
+
 /// `a` equals `b` to 1e-5 relative to the largest |b|.
 #[cfg(test)]
 fn assert_close<const D: usize>(

@@ -214,19 +214,15 @@ mod cpu {
     /// is written and read back: 4 % of a one-thread bf16 inference step), and W packed once
     /// when `keep_w` ([`packed_weight`]).
     fn forward_amx(x: FlexTensor, w: FlexTensor, b: FlexTensor, keep_w: bool) -> FlexTensor {
-        let (x, m, k) = matrix(&x);
+        let [m, k] = x.shape().dims::<2>();
         let [k2, n] = w.shape().dims::<2>();
-        let b = contiguous(b);
         assert!(k == k2 && b.shape().num_elements() == n, "linear: shapes");
-        let y = if m * n == 0 {
-            Vec::new()
-        } else if k == 0 {
-            // Empty sums: the bias alone.
-            f32s(&b).repeat(m)
-        } else {
-            let w = if keep_w { packed_weight(&w) } else { pack(&w) };
-            amx::product_packed(Mat::new(f32s(&x), m, k), &w, f32s(&b))
-        };
+        if m * k * n == 0 {
+            return forward_as::<bf16>(x, w, b).0;
+        }
+        let (x, b) = (contiguous(x), contiguous(b));
+        let w = if keep_w { packed_weight(&w) } else { pack(&w) };
+        let y = amx::product_packed(Mat::new(f32s(&x), m, k), &w, f32s(&b));
         FlexTensor::from_data(TensorData::new(y, [m, n]))
     }
 
@@ -555,8 +551,7 @@ mod tests {
     /// the same outputs, bit for bit, on a shape with partial blocks on every side.
     #[test]
     fn bf16_outputs_are_the_same_with_x_rounded_inside_the_panels() {
-        if !crate::cpu_gemm::amx::available() {
-            eprintln!("no AMX tiles here: the rounding inside the panels is not exercised");
+        if !crate::amx_here("the rounding inside the panels") {
             return;
         }
         let (m, k, n) = (67, 300, 40);
@@ -564,11 +559,19 @@ mod tests {
         let w = test_values::<Cpu, 2>([k, n], 42);
         let b = test_values::<Cpu, 1>([n], 43);
         let inside = linear_bf16(x.clone(), w.clone(), b.clone());
-        // Tracked, the op rounds X first and keeps it for dW.
-        let x = Tensor::<Ad, 2>::from_inner(x).require_grad();
-        let first = linear_bf16(x, Tensor::from_inner(w), Tensor::from_inner(b)).inner();
-        let v = |t: Tensor<Cpu, 2>| t.into_data().to_vec::<f32>().unwrap();
-        assert_eq!(v(inside), v(first));
+        assert_eq!(values(inside), rounded_first(&x, &w, &b));
+    }
+
+    fn values(t: Tensor<Cpu, 2>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    /// The bf16 op's outputs when tracked: it rounds X into a copy first (kept for dW) and
+    /// packs W afresh.
+    fn rounded_first(x: &Tensor<Cpu, 2>, w: &Tensor<Cpu, 2>, b: &Tensor<Cpu, 1>) -> Vec<f32> {
+        let x = Tensor::<Ad, 2>::from_inner(x.clone()).require_grad();
+        let w = Tensor::<Ad, 2>::from_inner(w.clone());
+        values(linear_bf16(x, w, Tensor::from_inner(b.clone())).inner())
     }
 
     /// The packed weights kept between calls (`packed_weight`) follow W: a weight updated in
@@ -576,19 +579,13 @@ mod tests {
     /// larger buffer each give the outputs of the tracked op, which packs W afresh.
     #[test]
     fn bf16_outputs_follow_weights_that_change() {
-        if !crate::cpu_gemm::amx::available() {
-            eprintln!("no AMX tiles here: the packed weights kept between calls are not exercised");
+        if !crate::amx_here("the packed weights kept between calls") {
             return;
         }
         let (m, k, n) = (40, 70, 33);
         let x = test_values::<Cpu, 2>([m, k], 51);
         let b = test_values::<Cpu, 1>([n], 52);
-        let v = |t: Tensor<Cpu, 2>| t.into_data().to_vec::<f32>().unwrap();
-        let fresh = |w: &Tensor<Cpu, 2>| {
-            let x = Tensor::<Ad, 2>::from_inner(x.clone()).require_grad();
-            let w = Tensor::<Ad, 2>::from_inner(w.clone());
-            v(linear_bf16(x, w, Tensor::from_inner(b.clone())).inner())
-        };
+        let (v, fresh) = (values, |w: &Tensor<Cpu, 2>| rounded_first(&x, w, &b));
         let mut w = test_values::<Cpu, 2>([k, n], 53);
         for step in 0..3 {
             let kept = v(linear_bf16(x.clone(), w.clone(), b.clone()));
@@ -618,8 +615,7 @@ mod tests {
     /// reference would make AdamW copy it (the checkpointed op also rounds X in the panels).
     #[test]
     fn training_keeps_no_packed_weights() {
-        if !crate::cpu_gemm::amx::available() {
-            eprintln!("no AMX tiles here: the packed weights kept between calls are not exercised");
+        if !crate::amx_here("the packed weights kept between calls") {
             return;
         }
         type Checkpointed = Autodiff<Cpu, crate::BalancedCheckpointing>;
