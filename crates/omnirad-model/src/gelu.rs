@@ -90,6 +90,11 @@ impl Backward<Cpu, 1> for GeluBackward {
     }
 }
 
+/// `x ← gelu(x)` on one thread, for kernels that fuse GELU into their output.
+pub(crate) fn in_place(x: &mut [f32]) {
+    kernels::gelu(x)
+}
+
 /// Elements per rayon task: large enough to amortise scheduling, small enough to share work.
 const CHUNK: usize = 16 * 1024;
 
