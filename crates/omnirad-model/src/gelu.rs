@@ -95,6 +95,11 @@ pub(crate) fn in_place(x: &mut [f32]) {
     kernels::gelu(x)
 }
 
+/// `g ← g·gelu'(x)` on one thread, as [`in_place`].
+pub(crate) fn grad_in_place(x: &[f32], g: &mut [f32]) {
+    kernels::gelu_grad(x, g)
+}
+
 /// Elements per rayon task: large enough to amortise scheduling, small enough to share work.
 const CHUNK: usize = 16 * 1024;
 

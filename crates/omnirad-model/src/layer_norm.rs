@@ -12,8 +12,10 @@
 //! next linear's backward needs is recomputed from x, γ and β (μ and σ are recomputed in the
 //! backward pass too), so the graph keeps x alone, as for GELU.
 //!
-//! Registered on `Autodiff<Cpu>` graphs with f32 tensors and a bias; anything else (inference,
-//! where burn-flex already fuses the forward pass; CUDA) runs burn's `LayerNorm::forward`.
+//! Registered on `Autodiff<Cpu>` graphs with f32 tensors and a bias; CPU inference runs the same
+//! forward kernel (burn-flex's own LayerNorm sums in another order, so a model scored a little
+//! differently in evaluation than when tracked), anything else (CUDA, wgpu) burn's
+//! `LayerNorm::forward`.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
@@ -45,7 +47,8 @@ pub fn layer_norm<B: Backend, const D: usize>(
     let f32s = [x.dtype(), gamma.dtype(), beta.dtype()]
         .iter()
         .all(|&d| d == DType::F32);
-    if !f32s || !is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<Cpu>>>() {
+    let tracked = is_same::<B::FloatTensorPrimitive, FloatTensor<Autodiff<Cpu>>>();
+    if !f32s || !(tracked || is_same::<B::FloatTensorPrimitive, FlexTensor>()) {
         return ln.forward(x);
     }
     let dims = x.dims();
@@ -56,8 +59,18 @@ pub fn layer_norm<B: Backend, const D: usize>(
         gamma.into_primitive().tensor(),
         beta.into_primitive().tensor(),
     ];
-    let out = autodiff_forward(cast_same(x), cast_same(gamma), cast_same(beta), eps);
-    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(cast_same(out))).reshape(dims)
+    let out = if tracked {
+        cast_same(autodiff_forward(
+            cast_same(x),
+            cast_same(gamma),
+            cast_same(beta),
+            eps,
+        ))
+    } else {
+        let [x, gamma, beta] = [x, gamma, beta].map(cast_same::<_, FlexTensor>);
+        cast_same(cpu::forward(&x, &gamma, &beta, eps as f32))
+    };
+    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(out)).reshape(dims)
 }
 
 type AdTensor = FloatTensor<Autodiff<Cpu>>;

@@ -11,6 +11,7 @@ pub mod import;
 pub mod io;
 pub mod layer_norm;
 pub mod linear;
+pub mod mlp;
 pub mod permute;
 pub mod residual;
 pub mod seg;

@@ -195,6 +195,8 @@ impl Backward<Cpu, 3> for LinearBackward {
     }
 }
 
+pub(crate) use cpu::bias_grad;
+
 /// The formulas of the module doc on f32 slices; gemm splits each product over rayon's threads.
 mod cpu {
     use burn::backend::flex::FlexTensor;
@@ -380,7 +382,7 @@ mod cpu {
 
     /// db = Σ_rows dY: partial sums over fixed blocks of rows, added in block order, so the
     /// result does not depend on how rayon schedules the blocks (resumed runs stay bit-identical).
-    pub(super) fn bias_grad(d_out: &FlexTensor) -> FlexTensor {
+    pub(crate) fn bias_grad(d_out: &FlexTensor) -> FlexTensor {
         let (g, _, n) = matrix(d_out);
         let mut db = vec![0f32; n];
         if n > 0 {

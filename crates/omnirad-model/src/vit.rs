@@ -549,21 +549,22 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let p = self.precision;
-        let h = match (&self.fc1.bias, self.swiglu) {
-            (Some(b), false) if p == Precision::Bf16 && bf16_in_gemm::<B>() => {
+        if let (Some(b1), Some(b2), false) = (&self.fc1.bias, &self.fc2.bias, self.swiglu) {
+            if p == Precision::Bf16 && bf16_in_gemm::<B>() {
                 let [batch, n, d] = x.dims();
-                let x = x.reshape([batch * n, d]);
-                let h = crate::linear::linear_bf16_gelu(x, self.fc1.weight.val(), b.val());
-                let hidden = h.dims()[1];
-                h.reshape([batch, n, hidden])
+                let (w1, w2) = (self.fc1.weight.val(), self.fc2.weight.val());
+                let y = crate::mlp::mlp_bf16(x.reshape([batch * n, d]), w1, b1.val(), w2, b2.val());
+                let d_out = y.dims()[1];
+                return y.reshape([batch, n, d_out]);
             }
-            // The activation in f32 (on GPU the casts fuse into its kernel).
-            (_, false) => gelu(to_f32(linear(&self.fc1, x, p))),
-            (_, true) => {
-                let h = to_f32(linear(&self.fc1, x, p));
-                let half = h.dims()[2] / 2;
-                silu(h.clone().narrow(2, 0, half)) * h.narrow(2, half, half)
-            }
+        }
+        // The activation in f32 (on GPU the casts fuse into its kernel).
+        let h = to_f32(linear(&self.fc1, x, p));
+        let h = if self.swiglu {
+            let half = h.dims()[2] / 2;
+            silu(h.clone().narrow(2, 0, half)) * h.narrow(2, half, half)
+        } else {
+            gelu(h)
         };
         to_f32(linear(&self.fc2, h, p))
     }
