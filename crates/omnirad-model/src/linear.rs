@@ -56,32 +56,6 @@ pub fn linear_bf16<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>
     op(x, w, b, Precision::Bf16)
 }
 
-/// gelu([`linear_bf16`]), the MLP's first layer. For inference on the CPU with AMX tiles, GELU
-/// runs on each block of 32 output rows as soon as the tiles have written it, still in cache:
-/// as its own pass over Y in memory it was 12 % of a one-thread bf16 inference step.
-pub fn linear_bf16_gelu<B: Backend>(
-    x: Tensor<B, 2>,
-    w: Tensor<B, 2>,
-    b: Tensor<B, 1>,
-) -> Tensor<B, 2> {
-    let [m, k] = x.dims();
-    let fused = is_same::<B::FloatTensorPrimitive, FlexTensor>()
-        && f32_on_cpu::<B>([x.dtype(), w.dtype(), b.dtype()])
-        && m * k * w.dims()[1] > 0
-        && crate::cpu_gemm::amx::available();
-    if !fused {
-        return crate::gelu(linear_bf16(x, w, b));
-    }
-    let [x, w, b] = [
-        x.into_primitive().tensor(),
-        w.into_primitive().tensor(),
-        b.into_primitive().tensor(),
-    ];
-    let then = Some(crate::gelu::in_place as fn(&mut [f32]));
-    let y = cpu::forward_amx(cast_same(x), cast_same(w), cast_same(b), true, then);
-    Tensor::from_primitive(TensorPrimitive::Float(cast_same(y)))
-}
-
 /// Whether `B` is the CPU backend (with or without autodiff), where these kernels run.
 pub fn cpu_kernels<B: Backend>() -> bool {
     is_same::<B::FloatTensorPrimitive, FlexTensor>()
@@ -195,7 +169,7 @@ impl Backward<Cpu, 3> for LinearBackward {
     }
 }
 
-pub(crate) use cpu::bias_grad;
+pub(crate) use cpu::{bias_grad, packed_weight};
 
 /// The formulas of the module doc on f32 slices; gemm splits each product over rayon's threads.
 mod cpu {
@@ -232,7 +206,7 @@ mod cpu {
         match g {
             Precision::F32 => (forward_as::<f32>(x, w, b).0, None),
             Precision::Bf16 if keep != Keep::RoundedX && amx::available() => {
-                (forward_amx(x, w, b, keep == Keep::PackedW, None), None)
+                (forward_amx(x, w, b, keep == Keep::PackedW), None)
             }
             Precision::Bf16 => forward_as::<bf16>(x, w, b),
         }
@@ -240,27 +214,17 @@ mod cpu {
 
     /// The bf16 Y on AMX tiles with X rounded as its panels are packed (no rounded copy of X
     /// is written and read back: 4 % of a one-thread bf16 inference step), and W packed once
-    /// when `keep_w` ([`packed_weight`]); `then` as in [`amx::product_packed`].
-    pub(super) fn forward_amx(
-        x: FlexTensor,
-        w: FlexTensor,
-        b: FlexTensor,
-        keep_w: bool,
-        then: Option<fn(&mut [f32])>,
-    ) -> FlexTensor {
+    /// when `keep_w` ([`packed_weight`]).
+    fn forward_amx(x: FlexTensor, w: FlexTensor, b: FlexTensor, keep_w: bool) -> FlexTensor {
         let [m, k] = x.shape().dims::<2>();
         let [k2, n] = w.shape().dims::<2>();
         assert!(k == k2 && b.shape().num_elements() == n, "linear: shapes");
         if m * k * n == 0 {
-            assert!(
-                then.is_none(),
-                "linear: an empty product has no blocks for `then`"
-            );
             return forward_as::<bf16>(x, w, b).0;
         }
         let (x, b) = (contiguous(x), contiguous(b));
         let w = if keep_w { packed_weight(&w) } else { pack(&w) };
-        let y = amx::product_packed(Mat::new(f32s(&x), m, k), &w, f32s(&b), then);
+        let y = amx::product_packed(Mat::new(f32s(&x), m, k), &w, f32s(&b));
         FlexTensor::from_data(TensorData::new(y, [m, n]))
     }
 
@@ -288,7 +252,7 @@ mod cpu {
     /// buffer: no other tensor gets its address while cached, and burn-flex's in-place ops (and
     /// AdamW's, `storage_mut`) copy a buffer with another reference before writing it. An
     /// entry whose buffer only the cache still holds is dropped at the next miss.
-    fn packed_weight(w: &FlexTensor) -> Arc<amx::Packed> {
+    pub(crate) fn packed_weight(w: &FlexTensor) -> Arc<amx::Packed> {
         let Some(values) = w.as_slice::<f32>() else {
             return pack(w);
         };
@@ -598,25 +562,6 @@ mod tests {
         let b = test_values::<Cpu, 1>([n], 43);
         let inside = linear_bf16(x.clone(), w.clone(), b.clone());
         assert_eq!(values(inside), rounded_first(&x, &w, &b));
-    }
-
-    /// GELU on the tiles' output blocks (`linear_bf16_gelu` for inference) is GELU on the
-    /// bf16 linear's output, bit for bit, partial row and column blocks included; a tracked
-    /// input takes the two ops (and gets gradients).
-    #[test]
-    fn fused_gelu_is_gelu_of_the_bf16_linear() {
-        let (m, k, n) = (70, 96, 50);
-        let x = test_values::<Cpu, 2>([m, k], 44) * 2.0;
-        let w = test_values::<Cpu, 2>([k, n], 45);
-        let b = test_values::<Cpu, 1>([n], 46);
-        let want: Vec<f32> = values(crate::gelu(linear_bf16(x.clone(), w.clone(), b.clone())));
-        let fused = linear_bf16_gelu(x.clone(), w.clone(), b.clone());
-        assert_eq!(values(fused), want);
-        let xa = Tensor::<Ad, 2>::from_inner(x).require_grad();
-        let y = linear_bf16_gelu(xa.clone(), Tensor::from_inner(w), Tensor::from_inner(b));
-        assert_eq!(values(y.clone().inner()), want);
-        let grads = y.sum().backward();
-        assert!(xa.grad(&grads).is_some(), "the tracked input's gradient");
     }
 
     fn values(t: Tensor<Cpu, 2>) -> Vec<f32> {

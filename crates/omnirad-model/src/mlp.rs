@@ -1,5 +1,5 @@
-//! The ViT block's MLP with bf16 products, fc2(gelu(fc1(x))), as one autodiff op for training on
-//! AMX tiles.
+//! The ViT block's MLP with bf16 products, fc2(gelu(fc1(x))), as one op on AMX tiles: an
+//! autodiff op for training, and the same forward pass for inference.
 //!
 //! ```text
 //! forward:   H = X·W1 + b1,   G = gelu(H),   Y = G·W2 + b2
@@ -13,22 +13,24 @@
 //! fc1 rounded dH. Here GELU runs on each block of 32 rows of H as the tiles finish it and writes
 //! G rounded (fc2's operand, kept for dW2), and gelu' runs on each block of dG as its tiles finish
 //! it, writing dH rounded (the operand of dW1 and dX) and adding up db1 on the way: the values of
-//! the three ops, bit for bit (tests).
+//! the three ops, bit for bit (tests). Inference keeps no H, rounds X inside the tiles' panels and
+//! keeps the weights packed, as [`linear_bf16`] does there.
 //!
-//! Only for `Autodiff<Cpu>` without a checkpointing strategy (which recomputes GELU's output
-//! instead of keeping it) on a CPU with AMX tiles; inference fuses GELU into fc1 alone
-//! ([`crate::linear::linear_bf16_gelu`]), and everything else runs the three ops.
+//! For `Autodiff<Cpu>` without a checkpointing strategy (which recomputes GELU's output instead
+//! of keeping it) and for the CPU backend without autodiff, on a CPU with AMX tiles; everything
+//! else runs the three ops.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 
-use crate::linear::{linear_bf16, linear_bf16_gelu};
+use crate::linear::linear_bf16;
 use crate::{cast_same, is_same, Cpu};
 
 /// `linear_bf16(gelu(linear_bf16(x, w1, b1)), w2, b2)`: `x` [M, d], `w1` [d, hidden], `w2`
@@ -42,17 +44,26 @@ pub fn mlp_bf16<B: Backend>(
 ) -> Tensor<B, 2> {
     let [m, d] = x.dims();
     let ([_, hidden], [_, d_out]) = (w1.dims(), w2.dims());
-    let fused = is_same::<B, Autodiff<Cpu>>()
-        && [x.dtype(), w1.dtype(), b1.dtype(), w2.dtype(), b2.dtype()] == [DType::F32; 5]
+    let amx = [x.dtype(), w1.dtype(), b1.dtype(), w2.dtype(), b2.dtype()] == [DType::F32; 5]
         && m * d * hidden * d_out > 0
         && crate::cpu_gemm::amx::available();
-    if !fused {
-        return linear_bf16(linear_bf16_gelu(x, w1, b1), w2, b2);
+    let (tracked, inference) = (
+        is_same::<B, Autodiff<Cpu>>(),
+        is_same::<B::FloatTensorPrimitive, FlexTensor>(),
+    );
+    if !(amx && (tracked || inference)) {
+        return linear_bf16(crate::gelu(linear_bf16(x, w1, b1)), w2, b2);
     }
-    let [x, w1, w2] = [x, w1, w2].map(|t| cast_same(t.into_primitive().tensor()));
-    let [b1, b2] = [b1, b2].map(|t| cast_same(t.into_primitive().tensor()));
-    let y = autodiff_forward([x, w1, b1, w2, b2]);
-    Tensor::from_primitive(TensorPrimitive::Float(cast_same(y)))
+    let [x, w1, w2] = [x, w1, w2].map(|t| t.into_primitive().tensor());
+    let [b1, b2] = [b1, b2].map(|t| t.into_primitive().tensor());
+    let y = if tracked {
+        let t = [x, w1, b1, w2, b2].map(cast_same::<_, AdTensor>);
+        cast_same(autodiff_forward(t))
+    } else {
+        let [x, w1, b1, w2, b2] = [x, w1, b1, w2, b2].map(cast_same::<_, FlexTensor>);
+        cast_same(cpu::infer(x, w1, b1, w2, b2))
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
 type AdTensor = FloatTensor<Autodiff<Cpu>>;
@@ -100,10 +111,10 @@ mod cpu {
     use std::sync::Arc;
 
     use crate::cpu_gemm::amx::kernels::{round_add, scale_or_round};
-    use crate::cpu_gemm::amx::{self, blocks, Packed, Panel, BLOCK};
+    use crate::cpu_gemm::amx::{self, blocks, Bf16Source, Packed, Panel, BLOCK};
     use crate::cpu_gemm::kernels::narrow;
     use crate::cpu_gemm::{contiguous, f32s, matrix, written, Mat, Operand};
-    use crate::linear::bias_grad;
+    use crate::linear::{bias_grad, packed_weight};
     use gemmkit::bf16;
 
     /// Rows per task of the backward pass: two panels, and the rows of one partial sum of
@@ -128,50 +139,90 @@ mod cpu {
         b2: FlexTensor,
     ) -> (FlexTensor, Saved) {
         let (x, m, d) = matrix(&x);
-        let ((w1, d2, hidden), (w2, hidden2, d_out)) = (matrix(&w1), matrix(&w2));
-        let (b1, b2) = (contiguous(b1), contiguous(b2));
-        let (b1, b2) = (f32s(&b1), f32s(&b2));
-        assert!(
-            d == d2 && hidden == hidden2 && b1.len() == hidden && b2.len() == d_out,
-            "mlp: shapes"
-        );
+        let (w1, w2) = (matrix(&w1).0, matrix(&w2).0);
         let xb = bf16::from_f32s(f32s(&x)).into_owned();
-        let w1p = packed(&w1);
-        let mut g = Vec::with_capacity(m * hidden);
-        let g_out = &mut g.spare_capacity_mut()[..m * hidden];
-        let write_h = |h: &mut [MaybeUninit<f32>]| {
-            h.par_chunks_mut(BLOCK * hidden)
-                .zip(g_out.par_chunks_mut(BLOCK * hidden))
-                .enumerate()
-                .for_each(|(i, (h, g))| {
-                    let rows = h.len() / hidden;
-                    let panel = Panel::new(Mat::new(&xb, m, d), i * BLOCK, rows);
-                    blocks(&panel, &w1p, |c0, c| {
-                        round_add(c, &b1[c0..(c0 + BLOCK).min(hidden)], &mut h[c0..], hidden)
-                    });
-                    // SAFETY: `blocks` wrote every column of these rows.
-                    let h = unsafe { &*(h as *const [MaybeUninit<f32>] as *const [f32]) };
-                    let mut row = vec![0f32; hidden];
-                    for (h, g) in h.chunks_exact(hidden).zip(g.chunks_exact_mut(hidden)) {
-                        row.copy_from_slice(h);
-                        crate::gelu::in_place(&mut row);
-                        narrow(&row, g);
-                    }
-                })
-        };
-        // SAFETY (both): the panels cover all m rows of H and write the same rows of G.
-        let h = unsafe { written(m * hidden, write_h) };
-        unsafe { g.set_len(m * hidden) };
-        let y = amx::product_packed(Mat::new(&g, m, hidden), &packed(&w2), b2, None);
-        let y = FlexTensor::from_data(TensorData::new(y, [m, d_out]));
+        let (g, h) = hidden(Mat::new(&xb, m, d), &packed(&w1), &b1, true);
+        let y = output(&g, m, &packed(&w2), &b2);
         let saved = Saved {
             x: Arc::new(xb),
-            h: Arc::new(h),
+            h: Arc::new(h.expect("kept")),
             g: Arc::new(g),
             w1,
             w2,
         };
         (y, saved)
+    }
+
+    /// The forward pass without autodiff: X rounded inside the panels, H never stored, the
+    /// weights packed once (`packed_weight`).
+    pub(super) fn infer(
+        x: FlexTensor,
+        w1: FlexTensor,
+        b1: FlexTensor,
+        w2: FlexTensor,
+        b2: FlexTensor,
+    ) -> FlexTensor {
+        let (x, m, d) = matrix(&x);
+        let (g, _) = hidden(Mat::new(f32s(&x), m, d), &packed_weight(&w1), &b1, false);
+        output(&g, m, &packed_weight(&w2), &b2)
+    }
+
+    /// G = bf16(gelu(X·W1 + b1)) [m, hidden] by panels of 32 rows, GELU on each panel's H while
+    /// it is in cache; and H when `keep_h`.
+    fn hidden<T: Bf16Source>(
+        x: Mat<T>,
+        w1: &Packed,
+        b1: &FlexTensor,
+        keep_h: bool,
+    ) -> (Vec<bf16>, Option<Vec<f32>>) {
+        let (m, hidden) = (x.shape().0, w1.cols());
+        let b1 = contiguous(b1.clone());
+        let b1 = f32s(&b1);
+        assert!(x.shape().1 > 0 && b1.len() == hidden, "mlp: shapes");
+        // Panel i's H (`h`, written whole) → its rows of G.
+        let panel = |i: usize, h: &mut [MaybeUninit<f32>], g: &mut [MaybeUninit<bf16>]| {
+            let rows = h.len() / hidden;
+            blocks(&Panel::new(x, i * BLOCK, rows), w1, |c0, c| {
+                round_add(c, &b1[c0..(c0 + BLOCK).min(hidden)], &mut h[c0..], hidden)
+            });
+            // SAFETY: `blocks` wrote every column of these rows.
+            let h = unsafe { &*(h as *const [MaybeUninit<f32>] as *const [f32]) };
+            let mut row = vec![0f32; hidden];
+            for (h, g) in h.chunks_exact(hidden).zip(g.chunks_exact_mut(hidden)) {
+                row.copy_from_slice(h);
+                crate::gelu::in_place(&mut row);
+                narrow(&row, g);
+            }
+        };
+        let mut h = None;
+        let write_g = |g: &mut [MaybeUninit<bf16>]| {
+            let g = g.par_chunks_mut(BLOCK * hidden).enumerate();
+            if keep_h {
+                let write_h = |h: &mut [MaybeUninit<f32>]| {
+                    let h = h.par_chunks_mut(BLOCK * hidden);
+                    g.zip(h).for_each(|((i, g), h)| panel(i, h, g))
+                };
+                // SAFETY: the panels write all m rows of H.
+                h = Some(unsafe { written(m * hidden, write_h) });
+            } else {
+                let scratch = || Vec::<f32>::with_capacity(BLOCK * hidden);
+                g.for_each_init(scratch, |h, (i, g)| {
+                    let rows = g.len() / hidden;
+                    panel(i, &mut h.spare_capacity_mut()[..rows * hidden], g)
+                });
+            }
+        };
+        // SAFETY: the panels write all m rows of G.
+        (unsafe { written(m * hidden, write_g) }, h)
+    }
+
+    /// Y = G·W2 + b2, G with m rows.
+    fn output(g: &[bf16], m: usize, w2: &Packed, b2: &FlexTensor) -> FlexTensor {
+        let n = w2.cols();
+        let b2 = contiguous(b2.clone());
+        assert_eq!(f32s(&b2).len(), n, "mlp: shapes");
+        let y = amx::product_packed(Mat::new(g, m, g.len() / m), w2, f32s(&b2));
+        FlexTensor::from_data(TensorData::new(y, [m, n]))
     }
 
     /// W [k, n] rounded and packed for the tiles.
@@ -302,6 +353,31 @@ mod tests {
         let g1 = |t: &Tensor<Ad, 1>| t.grad(&grads).map(values);
         let grads = vec![g2(&x), g2(&w1), g1(&b1), g2(&w2), g1(&b2)];
         (values(y.inner()), grads)
+    }
+
+    /// Without autodiff (H never stored, X rounded in the panels, the weights packed once) the
+    /// output is the three ops' too, on the first call and with the weights packed already.
+    #[test]
+    fn inference_gives_the_three_ops_values() {
+        if !crate::amx_here("the fused MLP's inference") {
+            return;
+        }
+        let (m, d, hidden, d_out) = (150, 48, 80, 40);
+        let x = test_values::<Cpu, 2>([m, d], 61) * 2.0;
+        let (w1, b1) = (
+            test_values::<Cpu, 2>([d, hidden], 62),
+            test_values([hidden], 63),
+        );
+        let (w2, b2) = (
+            test_values::<Cpu, 2>([hidden, d_out], 64),
+            test_values([d_out], 65),
+        );
+        let h = crate::gelu(linear_bf16(x.clone(), w1.clone(), b1.clone()));
+        let want = values(linear_bf16(h, w2.clone(), b2.clone()));
+        for call in ["first", "second"] {
+            let y = mlp_bf16(x.clone(), w1.clone(), b1.clone(), w2.clone(), b2.clone());
+            assert_eq!(values(y), want, "{call} call");
+        }
     }
 
     /// The fused op's output and gradients are the three ops', bit for bit, on a shape with

@@ -76,18 +76,11 @@ pub fn product<T: Bf16Source>(a: Mat<T>, b: Mat<bf16>, bias: &[f32]) -> Vec<f32>
     if a.shape().0 * b.shape().1 == 0 {
         return Vec::new();
     }
-    product_packed(a, &Packed::new(b, true), bias, None)
+    product_packed(a, &Packed::new(b, true), bias)
 }
 
-/// [`product`] with B packed already, and `then` applied to each block of up to 32 output rows
-/// once they are written, while they are still in cache (an elementwise op there skips its own
-/// pass over the output in memory). `then` runs on a rayon thread and must not run rayon work.
-pub fn product_packed<T: Bf16Source>(
-    a: Mat<T>,
-    b: &Packed,
-    bias: &[f32],
-    then: Option<fn(&mut [f32])>,
-) -> Vec<f32> {
+/// [`product`] with B packed already.
+pub fn product_packed<T: Bf16Source>(a: Mat<T>, b: &Packed, bias: &[f32]) -> Vec<f32> {
     let (m, n) = (a.shape().0, b.cols());
     assert_eq!(bias.len(), n, "AMX product: bias length");
     if m * n == 0 {
@@ -102,11 +95,6 @@ pub fn product_packed<T: Bf16Source>(
                     let bias = &bias[c0..(c0 + BLOCK).min(n)];
                     kernels::round_add(c, bias, &mut out[c0..], n);
                 });
-                if let Some(then) = then {
-                    // SAFETY: `blocks` wrote all of these rows' columns, and f32 has no
-                    // invalid bit patterns.
-                    then(unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) });
-                }
             });
     };
     // SAFETY: every row block writes all of its rows' n columns.
