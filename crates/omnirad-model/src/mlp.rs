@@ -72,7 +72,7 @@ type AdTensor = FloatTensor<Autodiff<Cpu>>;
 fn autodiff_forward(t: [AdTensor; 5]) -> AdTensor {
     let [x, w1, b1, w2, b2] = t.each_ref().map(|t| t.primitive.clone());
     let (y, saved) = cpu::forward(x, w1, b1, w2, b2);
-    // Compute-bound: no checkpointing strategy recomputes it, so any prepares it alike.
+    // Only `Autodiff<Cpu>` comes here, whose graph has no checkpointing strategy.
     match MlpBackward
         .prepare::<NoCheckpointing>(t.each_ref().map(|t| t.node.clone()))
         .compute_bound()
