@@ -169,7 +169,7 @@ impl Backward<Cpu, 3> for LinearBackward {
     }
 }
 
-pub(crate) use cpu::{bias_grad, packed_weight};
+pub(crate) use cpu::{bias_grad, pack, packed_weight, sum_partials, BIAS_ROWS};
 
 /// The formulas of the module doc on f32 slices; gemm splits each product over rayon's threads.
 mod cpu {
@@ -237,7 +237,7 @@ mod cpu {
     }
 
     /// W [k, n] rounded to bf16 and packed for the tiles.
-    fn pack(w: &FlexTensor) -> Arc<amx::Packed> {
+    pub(crate) fn pack(w: &FlexTensor) -> Arc<amx::Packed> {
         let (w, k, n) = matrix(w);
         let w = bf16::from_f32s(f32s(&w));
         Arc::new(amx::Packed::new(Mat::new(&w, k, n), true))
@@ -348,21 +348,30 @@ mod cpu {
     /// result does not depend on how rayon schedules the blocks (resumed runs stay bit-identical).
     pub(crate) fn bias_grad(d_out: &FlexTensor) -> FlexTensor {
         let (g, _, n) = matrix(d_out);
+        if n == 0 {
+            return sum_partials(&[], 0);
+        }
+        let partials: Vec<Vec<f32>> = f32s(&g)
+            .par_chunks(BIAS_ROWS * n)
+            .map(|rows| {
+                let mut acc = vec![0f32; n];
+                for row in rows.chunks_exact(n) {
+                    acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+                }
+                acc
+            })
+            .collect();
+        sum_partials(&partials, n)
+    }
+
+    /// Rows per partial sum of [`bias_grad`].
+    pub(crate) const BIAS_ROWS: usize = 64;
+
+    /// The n column sums [n] from partial sums in their order.
+    pub(crate) fn sum_partials(partials: &[Vec<f32>], n: usize) -> FlexTensor {
         let mut db = vec![0f32; n];
-        if n > 0 {
-            let partials: Vec<Vec<f32>> = f32s(&g)
-                .par_chunks(64 * n)
-                .map(|rows| {
-                    let mut acc = vec![0f32; n];
-                    for row in rows.chunks_exact(n) {
-                        acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
-                    }
-                    acc
-                })
-                .collect();
-            for p in &partials {
-                db.iter_mut().zip(p).for_each(|(a, &v)| *a += v);
-            }
+        for p in partials {
+            db.iter_mut().zip(p).for_each(|(a, &v)| *a += v);
         }
         FlexTensor::from_data(TensorData::new(db, [n]))
     }

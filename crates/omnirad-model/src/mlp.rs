@@ -114,12 +114,12 @@ mod cpu {
     use crate::cpu_gemm::amx::{self, blocks, Bf16Source, Packed, Panel, BLOCK};
     use crate::cpu_gemm::kernels::narrow;
     use crate::cpu_gemm::{contiguous, f32s, matrix, written, Mat, Operand};
-    use crate::linear::{bias_grad, packed_weight};
+    use crate::linear::{bias_grad, pack, packed_weight, sum_partials, BIAS_ROWS};
     use gemmkit::bf16;
 
-    /// Rows per task of the backward pass: two panels, and the rows of one partial sum of
-    /// [`bias_grad`], so that db1 adds up in its order (the same bits as the three ops).
-    const TASK: usize = 64;
+    /// Rows per task of the backward pass: those of one partial sum of [`bias_grad`], so that
+    /// db1 adds up in its order (the same bits as the three ops).
+    const TASK: usize = BIAS_ROWS;
 
     /// What the backward pass reads: X and G as rounded, H, and the two weights.
     #[derive(Debug, Clone)]
@@ -141,8 +141,8 @@ mod cpu {
         let (x, m, d) = matrix(&x);
         let (w1, w2) = (matrix(&w1).0, matrix(&w2).0);
         let xb = bf16::from_f32s(f32s(&x)).into_owned();
-        let (g, h) = hidden(Mat::new(&xb, m, d), &packed(&w1), &b1, true);
-        let y = output(&g, m, &packed(&w2), &b2);
+        let (g, h) = hidden(Mat::new(&xb, m, d), &pack(&w1), &b1, true);
+        let y = output(&g, m, &pack(&w2), &b2);
         let saved = Saved {
             x: Arc::new(xb),
             h: Arc::new(h.expect("kept")),
@@ -225,12 +225,6 @@ mod cpu {
         FlexTensor::from_data(TensorData::new(y, [m, n]))
     }
 
-    /// W [k, n] rounded and packed for the tiles.
-    fn packed(w: &FlexTensor) -> Packed {
-        let [k, n] = w.shape().dims::<2>();
-        Packed::new(Mat::new(&bf16::from_f32s(f32s(w)), k, n), true)
-    }
-
     /// The gradients of `[x, w1, b1, w2, b2]` that `wanted` asks for.
     pub(super) fn backward(
         s: &Saved,
@@ -282,13 +276,7 @@ mod cpu {
             .collect();
         // SAFETY: the tasks wrote all m rows.
         unsafe { dh.set_len(m * hidden) };
-        let db1 = want_b1.then(|| {
-            let mut db = vec![0f32; hidden];
-            for p in &partials {
-                db.iter_mut().zip(p).for_each(|(a, &v)| *a += v);
-            }
-            FlexTensor::from_data(TensorData::new(db, [hidden]))
-        });
+        let db1 = want_b1.then(|| sum_partials(&partials, hidden));
         let dh = Mat::new(&dh, m, hidden);
         let dw1 = want_w1.then(|| {
             let x = Mat::new(&s.x, m, d);
