@@ -22,6 +22,7 @@ GROUPS = [
     ("model set-up", ("random", "resolve_model")),
     ("optimizer", ("optim::",)),
     ("linear", ("linear::",)),
+    ("mlp", ("mlp::",)),
     ("attention", ("attention::",)),
     ("permute", ("permute::",)),
     ("layernorm", ("layer_norm",)),

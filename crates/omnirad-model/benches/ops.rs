@@ -1,6 +1,6 @@
 //! Per-op CPU timings of one ViT-S/16 block at batch 8 (`cargo bench -p omnirad-model --bench ops`):
 //! tells where CPU inference time goes, and the GEMM rate of the block's linears (see
-//! BENCHMARKS.md).
+//! BENCHMARKS.md); also attention at ViT-B/14's 1370 tokens (518 px).
 use burn::nn::{conv::Conv2dConfig, LayerNormConfig, LinearConfig};
 use burn::tensor::{
     activation::gelu, module::attention, ops::AttentionModuleOptions, Distribution, Tensor,
@@ -136,6 +136,22 @@ fn main() {
     t("attention (omnirad, bf16 products)", || {
         omnirad_model::attention::attention(qkv.clone(), 6, true).unsqueeze()
     });
+    // ViT-B/14 at 518 px (RAD-DINO's shape): 1370 tokens, 12 heads, batch 2.
+    let long = Tensor::<Cpu, 3>::random([2, 1370, 3 * 768], Distribution::Normal(0., 1.), &d);
+    for (name, bf16) in [("f32", false), ("bf16 products", true)] {
+        t(&format!("attention, 1370 tokens (omnirad, {name})"), || {
+            omnirad_model::attention::attention(long.clone(), 12, bf16).unsqueeze()
+        });
+        t(
+            &format!("attention forward + backward, 1370 tokens (omnirad, {name})"),
+            || {
+                let x = Tensor::<Ad, 3>::from_inner(long.clone()).require_grad();
+                let y = omnirad_model::attention::attention(x.clone(), 12, bf16);
+                let g = y.sum().backward();
+                x.grad(&g).expect("dqkv").unsqueeze()
+            },
+        );
+    }
     t("gelu 1536 (burn-flex)", || gelu(h.clone()).unsqueeze());
     t("gelu 1536 (omnirad)", || {
         omnirad_model::gelu(h.clone()).unsqueeze()

@@ -244,6 +244,7 @@ mod cpu {
 
     use crate::cpu_gemm::amx::kernels::scale_or_round;
     use crate::cpu_gemm::amx::{blocks, Packed, Panel, BLOCK};
+    use crate::cpu_gemm::kernels::narrow;
     use crate::cpu_gemm::{
         bf16_matrix, bf16s, contiguous, f32s, mm_new, written, Mat, Parallelism,
     };
@@ -254,9 +255,26 @@ mod cpu {
         crate::cpu_gemm::mm(dst, acc, a, b, beta, gemm::Parallelism::None)
     }
 
-    /// Query rows per task: enough rows for gemm's microkernel, and a batch of one image still
-    /// splits over many cores (ViT-S/16: 6 heads × 4 blocks of its 197 tokens).
-    const ROWS: usize = 64;
+    /// Query rows of one block of the f32 kernels: `gemm` packs K (and V) again for every
+    /// product, a cost per block, so blocks are as long as their [rows, N] f32 scores stay
+    /// within `SCORES` values (2 MiB, a core's L2), and at least `MIN_ROWS` long. From 64 rows
+    /// to these, f32 attention at ViT-B/14's 1370 tokens ran 1.5× faster forward and 1.35×
+    /// forward + backward, ViT-S/16's at 197 tokens 1.2× forward (BENCHMARKS.md, "Attention
+    /// blocks sized to the sequence").
+    const SCORES: usize = 1 << 19;
+    const MIN_ROWS: usize = 64;
+
+    fn block_rows(n: usize) -> usize {
+        (SCORES / n.max(1)).max(MIN_ROWS).min(n.max(1))
+    }
+
+    /// Query rows per forward task: [`block_rows`], or fewer (not below `MIN_ROWS`) where the
+    /// (image, head) pairs are too few to give every thread four tasks (a batch of one image
+    /// on many cores).
+    fn task_rows(n: usize, pairs: usize) -> usize {
+        let per_pair = (4 * rayon::current_num_threads()).div_ceil(pairs.max(1));
+        block_rows(n).min(n.div_ceil(per_pair).max(MIN_ROWS))
+    }
 
     /// Where each (image, head) lies in the token-major tensors of [`super::attention`]: its
     /// Q, K and V are [N, d] blocks of `qkv` [B, N, 3·H·d] with rows 3·H·d apart, its output
@@ -349,19 +367,21 @@ mod cpu {
         }
     }
 
-    /// `qkv` [B, N, 3·H·d] → [B, N, H·d], in tasks of `ROWS` query rows of one (image, head).
+    /// `qkv` [B, N, 3·H·d] → [B, N, H·d], in tasks of [`task_rows`] query rows of one
+    /// (image, head).
     pub(super) fn forward(qkv: FlexTensor, heads: usize) -> FlexTensor {
         let qkv = contiguous(qkv);
         let t = Tokens::new(&qkv, heads);
         let (n, d) = (t.n, t.d);
         let x = f32s(&qkv);
         let scale = 1.0 / (d as f32).sqrt();
-        let blocks = n.div_ceil(ROWS);
+        let task_rows = task_rows(n, t.pairs);
+        let blocks = n.div_ceil(task_rows);
         let write = |out: &mut [MaybeUninit<f32>]| {
             let out = Blocks::new(out, t.h * d);
             (0..t.pairs * blocks).into_par_iter().for_each(|task| {
-                let (pair, r0) = (task / blocks, task % blocks * ROWS);
-                let rows = ROWS.min(n - r0);
+                let (pair, r0) = (task / blocks, task % blocks * task_rows);
+                let rows = task_rows.min(n - r0);
                 let [q, k, v] = [0, 1, 2].map(|part| t.qkv(x, pair, part));
                 let mut p = mm_new(q.row_block(r0, rows), k.t(), scale, Parallelism::None);
                 kernels::softmax_rows(&mut p, n);
@@ -401,13 +421,15 @@ mod cpu {
                 let mut o = vec![0f32; BLOCK * d];
                 for r0 in (0..n).step_by(BLOCK) {
                     let rows = BLOCK.min(n - r0);
-                    let p = &mut p[..rows * n];
-                    probabilities(q, &kt, r0, scale, p);
-                    let p = bf16s(p);
+                    let s = &mut p[..rows * n];
+                    scores(q, &kt, r0, scale, s);
+                    kernels::softmax_rows(s, n);
+                    // SAFETY: `narrow` writes the whole row.
+                    let p = unsafe {
+                        Panel::with_rows(rows, n, |i, row| narrow(&s[i * n..][..n], row))
+                    };
                     let o = &mut o[..rows * d];
-                    blocks(&Panel::new(Mat::new(&p, rows, n), 0, rows), &v, |c0, c| {
-                        store(o, d, c0, c, None)
-                    });
+                    blocks(&p, &v, |c0, c| store(o, d, c0, c, None));
                     // SAFETY: each task writes its own head.
                     unsafe { out.put(t.out_at(pair) + r0 * t.h * d, o, d) };
                 }
@@ -418,13 +440,18 @@ mod cpu {
         FlexTensor::from_data(TensorData::new(out, out_shape(&qkv, heads)))
     }
 
+    /// Rows r0.. of S = s·Q·Kᵀ into `s` ([rows, N]), from bf16 Q and packed Kᵀ.
+    fn scores(q: Mat<bf16>, kt: &Packed, r0: usize, scale: f32, s: &mut [f32]) {
+        let n = kt.cols();
+        blocks(&Panel::new(q, r0, s.len() / n), kt, |c0, c| {
+            store(s, n, c0, c, Some(scale))
+        });
+    }
+
     /// Rows r0.. of P = softmax(s·Q·Kᵀ) into `p` ([rows, N]), from bf16 Q and packed Kᵀ.
     fn probabilities(q: Mat<bf16>, kt: &Packed, r0: usize, scale: f32, p: &mut [f32]) {
-        let n = kt.cols();
-        blocks(&Panel::new(q, r0, p.len() / n), kt, |c0, c| {
-            store(p, n, c0, c, Some(scale))
-        });
-        kernels::softmax_rows(p, n);
+        scores(q, kt, r0, scale, p);
+        kernels::softmax_rows(p, kt.cols());
     }
 
     /// `qkv` [B, N, 3·H·d] and dO [B, N, H·d] → dQ, dK, dV laid out as `qkv` (module doc's
@@ -433,10 +460,11 @@ mod cpu {
         per_head_gradients(qkv, d_out, heads, |[q, k, v, g], [dq, dk, dv]| {
             let (n, d) = q.shape();
             let scale = 1.0 / (d as f32).sqrt();
-            let mut p = vec![0f32; ROWS.min(n) * n];
-            let mut dp = vec![0f32; ROWS.min(n) * n];
-            for r0 in (0..n).step_by(ROWS) {
-                let rows = ROWS.min(n - r0);
+            let block = block_rows(n);
+            let mut p = vec![0f32; block * n];
+            let mut dp = vec![0f32; block * n];
+            for r0 in (0..n).step_by(block) {
+                let rows = block.min(n - r0);
                 let (q_r, g_r) = (q.row_block(r0, rows), g.row_block(r0, rows));
                 let (p, dp) = (&mut p[..rows * n], &mut dp[..rows * n]);
                 // dK and dV sum over the blocks.
@@ -712,6 +740,13 @@ mod tests {
     fn gradients_match_under_recomputation_and_on_the_flash_path() {
         // 600² scores exceed burn-flex's naive budget, so its tiled (flash) kernel runs.
         same_as_unfused::<BalancedCheckpointing>([1, 2, 600, 16]);
+    }
+
+    #[test]
+    fn long_sequences_split_into_blocks_of_query_rows() {
+        // 1100 tokens: the backward pass sums dK and dV over three blocks (the last partial),
+        // the forward pass runs several tasks per (image, head).
+        same_as_unfused::<NoCheckpointing>([1, 1, 1100, 8]);
     }
 
     #[test]

@@ -138,23 +138,19 @@ impl Panel {
     /// Rows r0..r0 + rows of `a`.
     pub fn new<T: Bf16Source>(a: Mat<T>, r0: usize, rows: usize) -> Self {
         let ((m, k), (cs, rs)) = a.layout();
-        assert!(k > 0 && rows <= BLOCK && r0 + rows <= m, "AMX panel: shape");
-        let kp = k.next_multiple_of(KSTEP);
+        assert!(r0 + rows <= m, "AMX panel: shape");
         let (cs, rs) = (cs as usize, rs as usize);
-        let zero = MaybeUninit::new(bf16::ZERO);
-        let write = |data: &mut [MaybeUninit<bf16>]| {
-            let (filled, padding) = data.split_at_mut(rows * kp);
-            padding.fill(zero);
-            for row in filled.chunks_exact_mut(kp) {
-                row[k..].fill(zero);
-            }
-            if cs == 1 {
-                for (i, row) in filled.chunks_exact_mut(kp).enumerate() {
-                    T::put(&a.data[(r0 + i) * rs..][..k], &mut row[..k]);
-                }
-            } else {
-                // A transposed: its columns are rows in memory. Read 32 of them at a time into a
-                // square in L1 and write that out transposed.
+        if cs == 1 {
+            // SAFETY: `put` writes the whole row.
+            return unsafe {
+                Self::with_rows(rows, k, |i, row| T::put(&a.data[(r0 + i) * rs..][..k], row))
+            };
+        }
+        // A transposed: its columns are rows in memory. Read 32 of them at a time into a
+        // square in L1 and write that out transposed.
+        // SAFETY: the squares cover all k values of every row.
+        unsafe {
+            Self::written(rows, k, |filled, kp| {
                 let mut square = [[bf16::ZERO; BLOCK]; KSTEP];
                 for k0 in (0..k).step_by(KSTEP) {
                     let ks = KSTEP.min(k - k0);
@@ -168,9 +164,53 @@ impl Panel {
                         }
                     }
                 }
+            })
+        }
+    }
+
+    /// `rows` rows of k values, row i written by `put(i, row)`: for a producer that computes
+    /// A's rows itself (attention's softmax), so that they need no buffer between.
+    ///
+    /// # Safety
+    /// `put` writes every value of the row it is given.
+    pub unsafe fn with_rows(
+        rows: usize,
+        k: usize,
+        mut put: impl FnMut(usize, &mut [MaybeUninit<bf16>]),
+    ) -> Self {
+        // SAFETY: the caller's promise for every row.
+        unsafe {
+            Self::written(rows, k, |filled, kp| {
+                for (i, row) in filled.chunks_exact_mut(kp).enumerate() {
+                    put(i, &mut row[..k]);
+                }
+            })
+        }
+    }
+
+    /// The panel with its zero padding, the first k values of each of `rows` rows (kp apart)
+    /// left to `fill`.
+    ///
+    /// # Safety
+    /// `fill` writes all of those values.
+    unsafe fn written(
+        rows: usize,
+        k: usize,
+        fill: impl FnOnce(&mut [MaybeUninit<bf16>], usize),
+    ) -> Self {
+        assert!(k > 0 && rows <= BLOCK, "AMX panel: shape");
+        let kp = k.next_multiple_of(KSTEP);
+        let zero = MaybeUninit::new(bf16::ZERO);
+        let write = |data: &mut [MaybeUninit<bf16>]| {
+            let (filled, padding) = data.split_at_mut(rows * kp);
+            padding.fill(zero);
+            for row in filled.chunks_exact_mut(kp) {
+                row[k..].fill(zero);
             }
+            fill(filled, kp);
         };
-        // SAFETY: the rows and their padding cover all BLOCK·kp values.
+        // SAFETY: `fill`'s promise, the rows' padding and the padding rows cover all BLOCK·kp
+        // values.
         let data = unsafe { Lines::written(BLOCK * kp, write) };
         Self { data, kp }
     }
