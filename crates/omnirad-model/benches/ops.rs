@@ -30,6 +30,10 @@ fn linear_rates() {
         ("proj", 384, 384),
         ("fc1", 384, 1536),
         ("fc2", 1536, 384),
+        // ViT-B/16's: weights over L2 in bf16, which the products meet in chunks.
+        ("ViT-B qkv", 768, 2304),
+        ("ViT-B fc1", 768, 3072),
+        ("ViT-B fc2", 3072, 768),
     ] {
         let x = Tensor::<Cpu, 2>::random([m, k], Distribution::Normal(0., 1.), &d);
         let w = Tensor::<Cpu, 2>::random([k, n], Distribution::Normal(0., 1.), &d);
@@ -75,7 +79,8 @@ fn linear_rates() {
     }
 }
 
-/// The AMX tile loop alone, one thread, best of 25 passes: the block's forward products, the
+/// The AMX tile loop alone, one thread, best of 25 passes, every panel meeting all of B (no
+/// column chunks): the block's forward products (ViT-S/16's, and ViT-B/16's qkv and proj), the
 /// weight gradient dW = Xᵀ·dY of fc1 (k = the batch's 1576 tokens) and attention's Q·Kᵀ and P·V
 /// for one (image, head) pair.
 fn tile_loop_rates() {
@@ -84,6 +89,8 @@ fn tile_loop_rates() {
         ("proj", 1576, 384, 384),
         ("fc1", 1576, 384, 1536),
         ("fc2", 1576, 1536, 384),
+        ("ViT-B qkv", 1576, 768, 2304),
+        ("ViT-B proj", 1576, 768, 768),
         ("fc1 dW", 384, 1576, 1536),
         ("Q·Kᵀ", 197, 64, 197),
         ("P·V", 197, 197, 64),

@@ -167,8 +167,9 @@ mod cpu {
         output(&g, m, &packed_weight(&w2), &b2)
     }
 
-    /// G = bf16(gelu(X·W1 + b1)) [m, hidden] by panels of 32 rows, GELU on each panel's H while
-    /// it is in cache; and H when `keep_h`.
+    /// G = bf16(gelu(X·W1 + b1)) [m, hidden] by panels of 32 rows (in [`amx::row_tasks`], B
+    /// met in [`amx::column_chunks`]), GELU on each panel's columns of H as a chunk finishes
+    /// them, while they are in cache; and H when `keep_h`.
     fn hidden<T: Bf16Source>(
         x: Mat<T>,
         w1: &Packed,
@@ -179,40 +180,62 @@ mod cpu {
         let b1 = contiguous(b1.clone());
         let b1 = f32s(&b1);
         assert!(x.shape().1 > 0 && b1.len() == hidden, "mlp: shapes");
-        // Panel i's H (`h`, written whole) → its rows of G.
-        let panel = |i: usize, h: &mut [MaybeUninit<f32>], g: &mut [MaybeUninit<bf16>]| {
-            let rows = h.len() / hidden;
-            blocks(&Panel::new(x, i * BLOCK, rows), w1, |c0, c| {
-                round_add(c, &b1[c0..(c0 + BLOCK).min(hidden)], &mut h[c0..], hidden)
-            });
-            // SAFETY: `blocks` wrote every column of these rows.
-            let h = unsafe { &*(h as *const [MaybeUninit<f32>] as *const [f32]) };
-            let mut row = vec![0f32; hidden];
-            for (h, g) in h.chunks_exact(hidden).zip(g.chunks_exact_mut(hidden)) {
-                row.copy_from_slice(h);
-                crate::gelu::in_place(&mut row);
-                narrow(&row, g);
+        // A task's rows of G (and of H, when kept) from row r0 on.
+        let task = |r0: usize,
+                    g: &mut [MaybeUninit<bf16>],
+                    mut h: Option<&mut [MaybeUninit<f32>]>| {
+            let panels = Panel::group(x, r0, g.len() / hidden);
+            let (mut scratch, mut row) = (Vec::<f32>::new(), Vec::<f32>::new());
+            for cols in amx::column_chunks(w1) {
+                let width = cols.len();
+                for (i, panel) in panels.iter().enumerate() {
+                    let rows = i * BLOCK..i * BLOCK + panel.rows;
+                    // This panel's H on these columns: in H where it is kept, else in scratch.
+                    let (region, stride, at) = match h.as_deref_mut() {
+                        Some(h) => (
+                            &mut h[rows.start * hidden..rows.end * hidden],
+                            hidden,
+                            cols.start,
+                        ),
+                        None => {
+                            scratch.reserve(BLOCK * width);
+                            (
+                                &mut scratch.spare_capacity_mut()[..panel.rows * width],
+                                width,
+                                0,
+                            )
+                        }
+                    };
+                    amx::blocks_in(panel, w1, cols.clone(), |c0, c| {
+                        let bias = &b1[c0..(c0 + BLOCK).min(cols.end)];
+                        round_add(c, bias, &mut region[at + c0 - cols.start..], stride)
+                    });
+                    // SAFETY: `blocks_in` wrote these columns of every row.
+                    let region = unsafe { &*(region as *const [MaybeUninit<f32>] as *const [f32]) };
+                    for (r, h) in rows.zip(region.chunks(stride)) {
+                        row.clear();
+                        row.extend_from_slice(&h[at..at + width]);
+                        crate::gelu::in_place(&mut row);
+                        narrow(&row, &mut g[r * hidden + cols.start..][..width]);
+                    }
+                }
             }
         };
         let mut h = None;
         let write_g = |g: &mut [MaybeUninit<bf16>]| {
-            let g = g.par_chunks_mut(BLOCK * hidden).enumerate();
+            let g = amx::row_tasks(g, hidden, w1).into_par_iter();
             if keep_h {
                 let write_h = |h: &mut [MaybeUninit<f32>]| {
-                    let h = h.par_chunks_mut(BLOCK * hidden);
-                    g.zip(h).for_each(|((i, g), h)| panel(i, h, g))
+                    let h = amx::row_tasks(h, hidden, w1).into_par_iter();
+                    g.zip(h).for_each(|((r0, g), (_, h))| task(r0, g, Some(h)))
                 };
-                // SAFETY: the panels write all m rows of H.
+                // SAFETY: the tasks write all m rows of H.
                 h = Some(unsafe { written(m * hidden, write_h) });
             } else {
-                let scratch = || Vec::<f32>::with_capacity(BLOCK * hidden);
-                g.for_each_init(scratch, |h, (i, g)| {
-                    let rows = g.len() / hidden;
-                    panel(i, &mut h.spare_capacity_mut()[..rows * hidden], g)
-                });
+                g.for_each(|(r0, g)| task(r0, g, None));
             }
         };
-        // SAFETY: the panels write all m rows of G.
+        // SAFETY: the tasks write all m rows of G.
         (unsafe { written(m * hidden, write_g) }, h)
     }
 
@@ -306,8 +329,16 @@ mod tests {
 
     /// Y and the gradients of the tracked ones among [x, w1, b1, w2, b2], from the fused op
     /// (`fused`) or the three ops, for a loss Σ Y ⊙ R.
-    fn run(fused: bool, tracked: [bool; 5]) -> (Vec<f32>, Vec<Option<Vec<f32>>>) {
-        let (m, d, hidden, d_out) = (150, 48, 80, 40);
+    /// [m, d] → [m, hidden] → [m, d_out]: partial row panels and column blocks, an inner
+    /// dimension that is no multiple of 32; and a W1 that `amx` meets in column chunks (four,
+    /// the last partial) with enough rows for tasks of several panels on a few threads.
+    const SMALL: [usize; 4] = [150, 48, 80, 40];
+    const LARGE: [usize; 4] = [1100, 768, 1100, 40];
+
+    type Grads = Vec<Option<Vec<f32>>>;
+
+    fn run(shape: [usize; 4], fused: bool, tracked: [bool; 5]) -> (Vec<f32>, Grads) {
+        let [m, d, hidden, d_out] = shape;
         let t2 = |shape: [usize; 2], seed, track: bool| {
             let t = Tensor::<Ad, 2>::from_inner(test_values::<Cpu, 2>(shape, seed) * 2.0);
             if track {
@@ -350,44 +381,45 @@ mod tests {
         if !crate::amx_here("the fused MLP's inference") {
             return;
         }
-        let (m, d, hidden, d_out) = (150, 48, 80, 40);
-        let x = test_values::<Cpu, 2>([m, d], 61) * 2.0;
-        let (w1, b1) = (
-            test_values::<Cpu, 2>([d, hidden], 62),
-            test_values([hidden], 63),
-        );
-        let (w2, b2) = (
-            test_values::<Cpu, 2>([hidden, d_out], 64),
-            test_values([d_out], 65),
-        );
-        let h = crate::gelu(linear_bf16(x.clone(), w1.clone(), b1.clone()));
-        let want = values(linear_bf16(h, w2.clone(), b2.clone()));
-        for call in ["first", "second"] {
-            let y = mlp_bf16(x.clone(), w1.clone(), b1.clone(), w2.clone(), b2.clone());
-            assert_eq!(values(y), want, "{call} call");
+        for [m, d, hidden, d_out] in [SMALL, LARGE] {
+            let x = test_values::<Cpu, 2>([m, d], 61) * 2.0;
+            let (w1, b1) = (
+                test_values::<Cpu, 2>([d, hidden], 62),
+                test_values([hidden], 63),
+            );
+            let (w2, b2) = (
+                test_values::<Cpu, 2>([hidden, d_out], 64),
+                test_values([d_out], 65),
+            );
+            let h = crate::gelu(linear_bf16(x.clone(), w1.clone(), b1.clone()));
+            let want = values(linear_bf16(h, w2.clone(), b2.clone()));
+            for call in ["first", "second"] {
+                let y = mlp_bf16(x.clone(), w1.clone(), b1.clone(), w2.clone(), b2.clone());
+                assert_eq!(values(y), want, "[{m}, {d}, {hidden}]: {call} call");
+            }
         }
     }
 
-    /// The fused op's output and gradients are the three ops', bit for bit, on a shape with
-    /// partial row panels and column blocks and an inner dimension that is no multiple of 32;
-    /// with everything tracked, with frozen weights (LoRA, a frozen block), and with an input
-    /// that needs no gradient.
+    /// The fused op's output and gradients are the three ops', bit for bit: with everything
+    /// tracked, with frozen weights (LoRA, a frozen block), and with an input that needs no
+    /// gradient.
     #[test]
     fn the_fused_op_gives_the_three_ops_values_and_gradients() {
         if !crate::amx_here("the fused MLP op") {
             return;
         }
-        for tracked in [
-            [true; 5],
-            [true, false, false, false, false],
-            [false, true, true, true, true],
+        for (shape, tracked) in [
+            (SMALL, [true; 5]),
+            (SMALL, [true, false, false, false, false]),
+            (SMALL, [false, true, true, true, true]),
+            (LARGE, [true; 5]),
         ] {
-            let (y, grads) = run(true, tracked);
-            let (want_y, want_grads) = run(false, tracked);
-            assert_eq!(y, want_y, "output, tracked {tracked:?}");
+            let (y, grads) = run(shape, true, tracked);
+            let (want_y, want_grads) = run(shape, false, tracked);
+            assert_eq!(y, want_y, "output, {shape:?} tracked {tracked:?}");
             for (i, (got, want)) in grads.iter().zip(&want_grads).enumerate() {
                 assert_eq!(got.is_some(), tracked[i], "gradient {i} present");
-                assert_eq!(got, want, "gradient {i}, tracked {tracked:?}");
+                assert_eq!(got, want, "gradient {i}, {shape:?} tracked {tracked:?}");
             }
         }
     }

@@ -87,18 +87,69 @@ pub fn product_packed<T: Bf16Source>(a: Mat<T>, b: &Packed, bias: &[f32]) -> Vec
         return Vec::new();
     }
     let write = |out: &mut [MaybeUninit<f32>]| {
-        out.par_chunks_mut(BLOCK * n)
-            .enumerate()
-            .for_each(|(block, out)| {
-                let panel = Panel::new(a, block * BLOCK, out.len() / n);
-                blocks(&panel, b, |c0, c| {
-                    let bias = &bias[c0..(c0 + BLOCK).min(n)];
-                    kernels::round_add(c, bias, &mut out[c0..], n);
-                });
-            });
+        row_tasks(out, n, b).into_par_iter().for_each(|(r0, out)| {
+            let panels = Panel::group(a, r0, out.len() / n);
+            for cols in column_chunks(b) {
+                for (i, panel) in panels.iter().enumerate() {
+                    let out = &mut out[i * BLOCK * n..][..panel.rows * n];
+                    blocks_in(panel, b, cols.clone(), |c0, c| {
+                        let bias = &bias[c0..(c0 + BLOCK).min(n)];
+                        kernels::round_add(c, bias, &mut out[c0..], n);
+                    });
+                }
+            }
+        });
     };
     // SAFETY: every row block writes all of its rows' n columns.
     unsafe { written(m * n, write) }
+}
+
+/// Packed B over this many bytes is met in column chunks by groups of row panels: a B larger
+/// than a core's L2 (ViT-B's qkv, fc1 and fc2 weights: 3.5–4.7 MB in bf16) was read from
+/// memory again for every panel of 32 rows, and the tile loop ran at half its rate on such
+/// products (BENCHMARKS.md, "Linears meeting B in chunks"). ViT-S's (up to 1.2 MB) stay in L2,
+/// and chunking them made its bf16 steps slower.
+const B_WHOLE: usize = 3 << 19;
+/// Bytes of packed B in one chunk: it stays in L2 while a group's panels meet it.
+const B_CHUNK: usize = 1 << 19;
+/// At most this many panels per group.
+const GROUP: usize = 8;
+
+/// A product's output rows ([m, width], row-major) split for rayon tasks: one panel of 32 rows
+/// each, or where B is over [`B_WHOLE`], groups of up to [`GROUP`] panels, as even as they
+/// go and a multiple of the threads in number. Each piece with its first row.
+pub fn row_tasks<'a, T>(out: &'a mut [T], width: usize, b: &Packed) -> Vec<(usize, &'a mut [T])> {
+    let m = out.len().checked_div(width).unwrap_or(0);
+    let panels = m.div_ceil(BLOCK);
+    let tasks = if b.data.len() * 4 <= B_WHOLE {
+        panels
+    } else {
+        let threads = rayon::current_num_threads();
+        (threads * panels.div_ceil(GROUP * threads)).min(panels)
+    };
+    let mut pieces = Vec::with_capacity(tasks);
+    let mut rest = out;
+    for t in 0..tasks {
+        let end = ((t + 1) * panels / tasks * BLOCK).min(m);
+        let r0 = m - rest.len() / width.max(1);
+        let (piece, tail) = rest.split_at_mut((end - r0) * width);
+        pieces.push((r0, piece));
+        rest = tail;
+    }
+    pieces
+}
+
+/// B's columns in chunks of at most [`B_CHUNK`] packed bytes (a multiple of 32 wide), or
+/// whole where B is at most [`B_WHOLE`]; for [`blocks_in`].
+pub fn column_chunks(b: &Packed) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let width = if b.data.len() * 4 <= B_WHOLE {
+        b.n.max(1)
+    } else {
+        (B_CHUNK / (2 * b.kp) / BLOCK).max(1) * BLOCK
+    };
+    (0..b.n)
+        .step_by(width)
+        .map(move |c| c..(c + width).min(b.n))
 }
 
 /// Up to 32 rows of A [m, k] as 32 rows of kp values (k rounded up to a multiple of 32),
@@ -106,6 +157,8 @@ pub fn product_packed<T: Bf16Source>(a: Mat<T>, b: &Packed, bias: &[f32]) -> Vec
 pub struct Panel {
     data: Lines<bf16>,
     kp: usize,
+    /// A's rows in it (the rest is padding).
+    pub rows: usize,
 }
 
 /// The values a [`Panel`] is packed from: bf16 as they are, or f32 rounded on the way (one
@@ -168,6 +221,14 @@ impl Panel {
         }
     }
 
+    /// Rows r0..r0 + rows of `a` as panels of 32 rows (the last one partial).
+    pub fn group<T: Bf16Source>(a: Mat<T>, r0: usize, rows: usize) -> Vec<Self> {
+        (0..rows)
+            .step_by(BLOCK)
+            .map(|i| Self::new(a, r0 + i, BLOCK.min(rows - i)))
+            .collect()
+    }
+
     /// `rows` rows of k values, row i written by `put(i, row)`: for a producer that computes
     /// A's rows itself (attention's softmax), so that they need no buffer between.
     ///
@@ -212,7 +273,7 @@ impl Panel {
         // SAFETY: `fill`'s promise, the rows' padding and the padding rows cover all BLOCK·kp
         // values.
         let data = unsafe { Lines::written(BLOCK * kp, write) };
-        Self { data, kp }
+        Self { data, kp, rows }
     }
 }
 
@@ -351,13 +412,27 @@ impl<T: Plain> std::ops::Deref for Lines<T> {
 /// The tiles are configured for this call and released after it: a configuration belongs to
 /// the thread, which may run other rayon tasks, configuring and releasing their own, between
 /// two calls. For the same reason `f` must not run rayon work.
-pub fn blocks(panel: &Panel, b: &Packed, mut f: impl FnMut(usize, &[f32; BLOCK * BLOCK])) {
+pub fn blocks(panel: &Panel, b: &Packed, f: impl FnMut(usize, &[f32; BLOCK * BLOCK])) {
+    blocks_in(panel, b, 0..b.n, f)
+}
+
+/// [`blocks`] on B's columns `cols` only (their start a multiple of 32).
+pub fn blocks_in(
+    panel: &Panel,
+    b: &Packed,
+    cols: std::ops::Range<usize>,
+    mut f: impl FnMut(usize, &[f32; BLOCK * BLOCK]),
+) {
     assert!(available(), "AMX tiles on a CPU or process without them");
     assert_eq!(panel.kp, b.kp, "AMX product: inner dimensions");
+    assert!(
+        cols.start.is_multiple_of(BLOCK) && cols.end <= b.n,
+        "AMX product: column range"
+    );
     // SAFETY: the CPU has AMX and the process holds the permission (`available`).
     unsafe { configure_tiles() };
     let mut c = [0f32; BLOCK * BLOCK];
-    for c0 in (0..b.n).step_by(BLOCK) {
+    for c0 in cols.step_by(BLOCK) {
         let b0 = &b.data[c0 * b.kp / 2..][..BLOCK * b.kp / 2];
         // SAFETY: tiles configured above on this thread, and `f` runs no other tile code; the
         // panel holds 32 rows of kp values, b0 two column blocks of kp/2 pair rows of 16 pairs;
@@ -619,6 +694,32 @@ mod tests {
     }
 
     /// Operands start on a cache line, whatever the allocator returns for other buffers.
+    /// A B over `B_WHOLE`, met in four column chunks (the last partial) by tasks of several
+    /// row panels (on up to four threads; the last panel partial): the sums at the chunks'
+    /// edges are the product's.
+    #[test]
+    fn panels_in_groups_meet_b_in_chunks() {
+        if !available() {
+            return;
+        }
+        let (m, k, n) = (300, 512, 1600);
+        let (a, b) = (values(m * k, 3), values(k * n, 4));
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.5).collect();
+        let packed = Packed::new(Mat::new(&b, k, n), false);
+        assert_eq!(column_chunks(&packed).count(), 4);
+        let got = product_packed(Mat::new(&a, m, k), &packed, &bias);
+        for i in 0..m {
+            for j in [0, 31, 511, 512, 1023, 1024, 1535, 1536, 1599] {
+                let sum: f64 = (0..k)
+                    .map(|kk| a[i * k + kk].to_f64() * b[kk * n + j].to_f64())
+                    .sum();
+                let g = (got[i * n + j] - bias[j]) as f64;
+                let close = (g - sum).abs() <= sum.abs() / 128.0 + 1e-5;
+                assert!(close, "({i}, {j}): {g} vs {sum}");
+            }
+        }
+    }
+
     #[test]
     fn packed_operands_start_on_cache_lines() {
         for len in [1, 31, 4000] {
