@@ -1,6 +1,6 @@
 //! Per-op CPU timings of one ViT-S/16 block at batch 8 (`cargo bench -p omnirad-model --bench ops`):
 //! tells where CPU inference time goes, and the GEMM rate of the block's linears (see
-//! BENCHMARKS.md); also attention at ViT-B/14's 1370 tokens (518 px).
+//! BENCHMARKS.md); also ViT-B/16's large linears and attention at ViT-B/14's 1370 tokens (518 px).
 use burn::nn::{conv::Conv2dConfig, LayerNormConfig, LinearConfig};
 use burn::tensor::{
     activation::gelu, module::attention, ops::AttentionModuleOptions, Distribution, Tensor,

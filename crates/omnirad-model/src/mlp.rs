@@ -327,8 +327,6 @@ mod tests {
         t.into_data().to_vec::<f32>().unwrap()
     }
 
-    /// Y and the gradients of the tracked ones among [x, w1, b1, w2, b2], from the fused op
-    /// (`fused`) or the three ops, for a loss Σ Y ⊙ R.
     /// [m, d] → [m, hidden] → [m, d_out]: partial row panels and column blocks, an inner
     /// dimension that is no multiple of 32; and a W1 that `amx` meets in column chunks (four,
     /// the last partial) with enough rows for tasks of several panels on a few threads.
@@ -337,6 +335,8 @@ mod tests {
 
     type Grads = Vec<Option<Vec<f32>>>;
 
+    /// Y and the gradients of the tracked ones among [x, w1, b1, w2, b2], from the fused op
+    /// (`fused`) or the three ops, for a loss Σ Y ⊙ R.
     fn run(shape: [usize; 4], fused: bool, tracked: [bool; 5]) -> (Vec<f32>, Grads) {
         let [m, d, hidden, d_out] = shape;
         let t2 = |shape: [usize; 2], seed, track: bool| {

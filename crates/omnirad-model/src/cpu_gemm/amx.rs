@@ -693,10 +693,9 @@ mod tests {
         }
     }
 
-    /// Operands start on a cache line, whatever the allocator returns for other buffers.
     /// A B over `B_WHOLE`, met in four column chunks (the last partial) by tasks of several
-    /// row panels (on up to four threads; the last panel partial): the sums at the chunks'
-    /// edges are the product's.
+    /// row panels (on a few threads; the last panel partial): the sums at the chunks' edges
+    /// are the product's.
     #[test]
     fn panels_in_groups_meet_b_in_chunks() {
         if !available() {
@@ -720,6 +719,7 @@ mod tests {
         }
     }
 
+    /// Operands start on a cache line, whatever the allocator returns for other buffers.
     #[test]
     fn packed_operands_start_on_cache_lines() {
         for len in [1, 31, 4000] {
