@@ -421,12 +421,11 @@ mod cpu {
                 let mut o = vec![0f32; BLOCK * d];
                 for r0 in (0..n).step_by(BLOCK) {
                     let rows = BLOCK.min(n - r0);
-                    let s = &mut p[..rows * n];
-                    scores(q, &kt, r0, scale, s);
-                    kernels::softmax_rows(s, n);
+                    let p = &mut p[..rows * n];
+                    probabilities(q, &kt, r0, scale, p);
                     // SAFETY: `narrow` writes the whole row.
                     let p = unsafe {
-                        Panel::with_rows(rows, n, |i, row| narrow(&s[i * n..][..n], row))
+                        Panel::with_rows(rows, n, |i, row| narrow(&p[i * n..][..n], row))
                     };
                     let o = &mut o[..rows * d];
                     blocks(&p, &v, |c0, c| store(o, d, c0, c, None));
@@ -440,18 +439,13 @@ mod cpu {
         FlexTensor::from_data(TensorData::new(out, out_shape(&qkv, heads)))
     }
 
-    /// Rows r0.. of S = s·Q·Kᵀ into `s` ([rows, N]), from bf16 Q and packed Kᵀ.
-    fn scores(q: Mat<bf16>, kt: &Packed, r0: usize, scale: f32, s: &mut [f32]) {
-        let n = kt.cols();
-        blocks(&Panel::new(q, r0, s.len() / n), kt, |c0, c| {
-            store(s, n, c0, c, Some(scale))
-        });
-    }
-
     /// Rows r0.. of P = softmax(s·Q·Kᵀ) into `p` ([rows, N]), from bf16 Q and packed Kᵀ.
     fn probabilities(q: Mat<bf16>, kt: &Packed, r0: usize, scale: f32, p: &mut [f32]) {
-        scores(q, kt, r0, scale, p);
-        kernels::softmax_rows(p, kt.cols());
+        let n = kt.cols();
+        blocks(&Panel::new(q, r0, p.len() / n), kt, |c0, c| {
+            store(p, n, c0, c, Some(scale))
+        });
+        kernels::softmax_rows(p, n);
     }
 
     /// `qkv` [B, N, 3·H·d] and dO [B, N, H·d] → dQ, dK, dV laid out as `qkv` (module doc's
