@@ -121,7 +121,7 @@ const GROUP: usize = 8;
 pub fn row_tasks<'a, T>(out: &'a mut [T], width: usize, b: &Packed) -> Vec<(usize, &'a mut [T])> {
     let m = out.len().checked_div(width).unwrap_or(0);
     let panels = m.div_ceil(BLOCK);
-    let tasks = if b.data.len() * 4 <= B_WHOLE {
+    let tasks = if !chunked(b) {
         panels
     } else {
         let threads = rayon::current_num_threads();
@@ -139,10 +139,15 @@ pub fn row_tasks<'a, T>(out: &'a mut [T], width: usize, b: &Packed) -> Vec<(usiz
     pieces
 }
 
+/// Whether packed B is over [`B_WHOLE`] bytes (u32 words).
+fn chunked(b: &Packed) -> bool {
+    b.data.len() * 4 > B_WHOLE
+}
+
 /// B's columns in chunks of at most [`B_CHUNK`] packed bytes (a multiple of 32 wide), or
 /// whole where B is at most [`B_WHOLE`]; for [`blocks_in`].
 pub fn column_chunks(b: &Packed) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
-    let width = if b.data.len() * 4 <= B_WHOLE {
+    let width = if !chunked(b) {
         b.n.max(1)
     } else {
         (B_CHUNK / (2 * b.kp) / BLOCK).max(1) * BLOCK
