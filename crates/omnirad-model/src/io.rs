@@ -6,9 +6,14 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
+use burn::tensor::TensorData;
 use burn::tensor::{ElementConversion, Tensor};
-use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use burn_store::{
+    BurnToPyTorchAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
+    TensorSnapshot,
+};
 use omnirad_data::Preprocess;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::import::Imported;
@@ -61,9 +66,11 @@ impl ModelConfig {
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+fn write_atomic(path: &Path, parts: &[&[u8]]) -> Result<(), ModelError> {
+    use std::io::Write;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| parts.iter().try_for_each(|p| f.write_all(p)))
         .and_then(|_| std::fs::rename(&tmp, path))
         .map_err(|source| ModelError::Io {
             path: path.into(),
@@ -81,7 +88,7 @@ pub fn save_model_dir<B: Backend>(
         source,
     })?;
     let mut store = SafetensorsStore::from_bytes(None)
-        .with_to_adapter(BurnToPyTorchAdapter)
+        .with_to_adapter(TimmLayout::FROM_BURN)
         .skip_enum_variants(true);
     let weights = dir.join(WEIGHTS_FILE);
     model
@@ -96,7 +103,92 @@ pub fn save_model_dir<B: Backend>(
     })?;
     write_safetensors(&weights, bytes)?;
     let json = serde_json::to_string_pretty(config).expect("config serialises");
-    write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+    write_atomic(&dir.join(CONFIG_FILE), &[json.as_bytes()])
+}
+
+/// burn-store's PyTorch ↔ burn adapters with the linear weights' transposes done in tasks on
+/// rayon's threads: theirs copies value by value, 45 % of what `omnirad embed` spent loading a
+/// ViT-B and embedding one image (BENCHMARKS.md, "Loading and saving a ViT-B model directory").
+#[derive(Clone)]
+struct TimmLayout {
+    to_burn: bool,
+}
+
+impl TimmLayout {
+    const TO_BURN: Self = Self { to_burn: true };
+    const FROM_BURN: Self = Self { to_burn: false };
+}
+
+impl ModuleAdapter for TimmLayout {
+    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
+        // burn-store's rule for what it transposes, kept here so that nothing else changes.
+        let linear_weight = snapshot.module_type().as_deref() == Some("Struct:Linear")
+            && snapshot
+                .path_stack
+                .as_ref()
+                .and_then(|p| p.last())
+                .is_some_and(|n| n == "weight")
+            && snapshot.shape.len() == 2
+            && matches!(snapshot.dtype.size(), 2 | 4 | 8);
+        if !linear_weight {
+            return if self.to_burn {
+                PyTorchToBurnAdapter.adapt(snapshot)
+            } else {
+                BurnToPyTorchAdapter.adapt(snapshot)
+            };
+        }
+        let data = snapshot.clone_data_fn();
+        let [rows, cols] = [snapshot.shape[0], snapshot.shape[1]];
+        TensorSnapshot::from_closure(
+            std::rc::Rc::new(move || {
+                let d = data()?;
+                let bytes = match d.dtype.size() {
+                    2 => transpose::<2>(d.as_bytes(), rows, cols),
+                    4 => transpose::<4>(d.as_bytes(), rows, cols),
+                    _ => transpose::<8>(d.as_bytes(), rows, cols),
+                };
+                Ok(TensorData::from_bytes_vec(bytes, [cols, rows], d.dtype))
+            }),
+            snapshot.dtype,
+            [cols, rows].into(),
+            snapshot.path_stack.clone().unwrap_or_default(),
+            snapshot.container_stack.clone().unwrap_or_default(),
+            snapshot.tensor_id.unwrap_or_default(),
+        )
+    }
+
+    fn get_alternative_param_name(&self, param_name: &str, container_type: &str) -> Option<String> {
+        if self.to_burn {
+            PyTorchToBurnAdapter.get_alternative_param_name(param_name, container_type)
+        } else {
+            BurnToPyTorchAdapter.get_alternative_param_name(param_name, container_type)
+        }
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(self.clone())
+    }
+}
+
+/// `[rows, cols]` values of `N` bytes each → `[cols, rows]`. A task writes 32 whole output
+/// rows, reading the input row by row, so that reads and writes both stay within cache lines.
+fn transpose<const N: usize>(src: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    const ROWS_OUT: usize = 32;
+    let src = src.as_chunks::<N>().0;
+    let mut dst = vec![[0u8; N]; rows * cols];
+    if rows > 0 {
+        dst.par_chunks_mut(ROWS_OUT * rows)
+            .enumerate()
+            .for_each(|(t, out)| {
+                let (j0, width) = (t * ROWS_OUT, out.len() / rows);
+                for i in 0..rows {
+                    for (j, v) in src[i * cols + j0..][..width].iter().enumerate() {
+                        out[j * rows + i] = *v;
+                    }
+                }
+            });
+    }
+    dst.into_flattened()
 }
 
 /// Writes any module's parameters under burn's own names (the segmentation heads). Atomic.
@@ -118,35 +210,27 @@ pub fn save_module<B: Backend, M: ModuleSnapshot<B>>(
 
 /// Every safetensors file omnirad writes goes through here: header sorted, written atomically.
 fn write_safetensors(path: &Path, bytes: Vec<u8>) -> Result<(), ModelError> {
-    write_atomic(path, &sorted_header(bytes))
+    match sorted_header(&bytes) {
+        Some((header, data)) => write_atomic(path, &[&header, &bytes[data..]]),
+        None => write_atomic(path, &[&bytes]),
+    }
 }
 
-/// safetensors bytes with the header's keys sorted. burn-store and the safetensors crate take
-/// the header metadata from a `HashMap`, whose order changes with every save; sorted, the same
-/// weights give the same bytes, so checksums of model files compare across runs.
-fn sorted_header(bytes: Vec<u8>) -> Vec<u8> {
-    let Some(n) = bytes
-        .get(..8)
-        .and_then(|b| usize::try_from(u64::from_le_bytes(b.try_into().ok()?)).ok())
-    else {
-        return bytes;
-    };
+/// The header of safetensors `bytes` (its length prefix included) with its keys sorted, and
+/// where the tensor data starts. burn-store and the safetensors crate take the header metadata
+/// from a `HashMap`, whose order changes with every save; sorted, the same weights give the
+/// same bytes, so checksums of model files compare across runs.
+fn sorted_header(bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let data = 8usize.checked_add(n)?;
     // serde_json's map is a BTreeMap (no `preserve_order`): parsing sorts the keys.
-    let Some(header) = 8usize
-        .checked_add(n)
-        .and_then(|end| bytes.get(8..end))
-        .and_then(|h| serde_json::from_slice::<serde_json::Value>(h).ok())
-    else {
-        return bytes;
-    };
+    let header = serde_json::from_slice::<serde_json::Value>(bytes.get(8..data)?).ok()?;
     let mut h = serde_json::to_vec(&header).expect("a parsed JSON value serialises");
     // The format pads the header with spaces so the tensor data starts 8-byte aligned.
     h.resize(h.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - 8 - n);
-    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&h);
-    out.extend_from_slice(&bytes[8 + n..]);
-    out
+    Some((out, data))
 }
 
 /// Loads what [`save_module`] wrote into `module`; a missing, extra or misshapen tensor is an
@@ -302,7 +386,7 @@ fn apply_weights<B: Backend>(
 ) -> Result<Vit<B>, ModelError> {
     let mut model = cfg.vit.init::<B>(device);
     let mut store = store
-        .with_from_adapter(PyTorchToBurnAdapter)
+        .with_from_adapter(TimmLayout::TO_BURN)
         .skip_enum_variants(true)
         .allow_partial(true);
     let res = model
@@ -399,4 +483,34 @@ pub fn write_f32_safetensors(
         reason: e.to_string(),
     })?;
     write_safetensors(path, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transpose;
+
+    /// Against the definition, for shapes that are and are not whole tasks of 32 output rows.
+    #[test]
+    fn transpose_swaps_rows_and_columns() {
+        for (rows, cols) in [(1, 1), (3, 70), (64, 33), (37, 96), (0, 5)] {
+            let src: Vec<u32> = (0..rows * cols)
+                .map(|v| (v as u32).wrapping_mul(2654435761))
+                .collect();
+            let bytes: Vec<u8> = src.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let want = |n: usize| -> Vec<u8> {
+                (0..cols)
+                    .flat_map(|j| (0..rows).map(move |i| i * cols + j))
+                    .flat_map(|k| bytes[k * n..(k + 1) * n].to_vec())
+                    .collect()
+            };
+            assert_eq!(transpose::<4>(&bytes, rows, cols), want(4), "{rows}×{cols}");
+            // The same bytes as 2-byte values: twice the columns.
+            let halves = transpose::<2>(&bytes, rows, 2 * cols);
+            let want2: Vec<u8> = (0..2 * cols)
+                .flat_map(|j| (0..rows).map(move |i| i * 2 * cols + j))
+                .flat_map(|k| bytes[k * 2..k * 2 + 2].to_vec())
+                .collect();
+            assert_eq!(halves, want2, "{rows}×{} halves", 2 * cols);
+        }
+    }
 }
