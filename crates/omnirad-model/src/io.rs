@@ -542,28 +542,28 @@ mod tests {
         assert_eq!(files, 1);
     }
 
-    /// Against the definition, for shapes that are and are not whole tasks of 32 output rows.
+    /// Against the definition, for shapes that are and are not whole tasks of 32 output rows,
+    /// with the same bytes read as 4- and as 2-byte values.
     #[test]
     fn transpose_swaps_rows_and_columns() {
+        let definition = |bytes: &[u8], rows: usize, cols: usize, n: usize| -> Vec<u8> {
+            (0..cols)
+                .flat_map(|j| (0..rows).map(move |i| i * cols + j))
+                .flat_map(|k| bytes[k * n..(k + 1) * n].to_vec())
+                .collect()
+        };
         for (rows, cols) in [(1, 1), (3, 70), (64, 33), (37, 96), (0, 5)] {
-            let src: Vec<u32> = (0..rows * cols)
-                .map(|v| (v as u32).wrapping_mul(2654435761))
+            let bytes: Vec<u8> = (0..rows * cols)
+                .flat_map(|v| (v as u32).wrapping_mul(2654435761).to_le_bytes())
                 .collect();
-            let bytes: Vec<u8> = src.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let want = |n: usize| -> Vec<u8> {
-                (0..cols)
-                    .flat_map(|j| (0..rows).map(move |i| i * cols + j))
-                    .flat_map(|k| bytes[k * n..(k + 1) * n].to_vec())
-                    .collect()
-            };
-            assert_eq!(transpose::<4>(&bytes, rows, cols), want(4), "{rows}×{cols}");
-            // The same bytes as 2-byte values: twice the columns.
-            let halves = transpose::<2>(&bytes, rows, 2 * cols);
-            let want2: Vec<u8> = (0..2 * cols)
-                .flat_map(|j| (0..rows).map(move |i| i * 2 * cols + j))
-                .flat_map(|k| bytes[k * 2..k * 2 + 2].to_vec())
-                .collect();
-            assert_eq!(halves, want2, "{rows}×{} halves", 2 * cols);
+            let want = definition(&bytes, rows, cols, 4);
+            assert_eq!(transpose::<4>(&bytes, rows, cols), want, "{rows}×{cols}");
+            let want = definition(&bytes, rows, 2 * cols, 2);
+            assert_eq!(
+                transpose::<2>(&bytes, rows, 2 * cols),
+                want,
+                "{rows}×{cols}, 2 bytes"
+            );
         }
     }
 }
