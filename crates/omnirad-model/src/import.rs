@@ -58,11 +58,7 @@ fn err(path: &Path, reason: impl ToString) -> ModelError {
 }
 
 fn read_safetensors(path: &Path) -> Result<Tensors, ModelError> {
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-        path: path.into(),
-        source,
-    })?;
-    f32_tensors(&bytes, path)
+    f32_tensors(&crate::io::map_file(path)?, path)
 }
 
 /// Every tensor of safetensors `bytes` (read from `path`) as f32 (f16, bf16 and f64 converted),

@@ -439,14 +439,14 @@ pub fn save_dino_head<B: Backend>(
         let shape = t.dims().to_vec();
         (shape, t.into_data().convert::<f32>().to_vec().expect("f32"))
     };
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut tensors = Vec::new();
     for (i, l) in head.mlp.iter().enumerate() {
         let (s, w) = host(l.weight.val().transpose());
-        tensors.push((format!("mlp.{}.weight", 2 * i), s, w));
+        tensors.push(F32Tensor::new(format!("mlp.{}.weight", 2 * i), s, w));
         if let Some(b) = &l.bias {
             let b = b.val();
             let n = b.dims()[0];
-            tensors.push((
+            tensors.push(F32Tensor::new(
                 format!("mlp.{}.bias", 2 * i),
                 vec![n],
                 b.into_data().convert::<f32>().to_vec().expect("f32"),
@@ -454,42 +454,129 @@ pub fn save_dino_head<B: Backend>(
         }
     }
     let (s, g) = host(head.last_layer.weight_g.val());
-    tensors.push(("last_layer.weight_g".into(), s, g));
+    tensors.push(F32Tensor::new("last_layer.weight_g", s, g));
     let (s, v) = host(head.last_layer.weight_v.val());
-    tensors.push(("last_layer.weight_v".into(), s, v));
+    tensors.push(F32Tensor::new("last_layer.weight_v", s, v));
     write_f32_safetensors(path, &tensors, None)
 }
 
-/// f32 tensors (name, shape, values) as a safetensors file, written to a temporary file and
-/// renamed so readers never see half a file. The values go to the file from where they are, not
-/// through a copy of the whole file in memory (a ViT-B fine-tuning state is 1 GB); with at most
-/// one `metadata` key (a `HashMap` orders several differently on each run), the same tensors
-/// give the same bytes.
+/// A tensor for [`write_f32_safetensors`]: its name, shape and f32 values, held or fetched only
+/// when the file reaches it, so that a training state (a ViT-B fine-tune's is 1.7 GB) is never
+/// in memory twice.
+pub struct F32Tensor<'a> {
+    name: String,
+    shape: Vec<usize>,
+    values: Values<'a>,
+}
+
+enum Values<'a> {
+    Held(Vec<f32>),
+    Fetched(Box<dyn Fn() -> Vec<f32> + 'a>),
+}
+
+impl<'a> F32Tensor<'a> {
+    pub fn new(name: impl Into<String>, shape: Vec<usize>, values: Vec<f32>) -> Self {
+        let values = Values::Held(values);
+        Self {
+            name: name.into(),
+            shape,
+            values,
+        }
+    }
+
+    /// Values that `fetch` returns when they are written (a device tensor read back then);
+    /// they must be as many as `shape` says.
+    pub fn fetched(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        fetch: impl Fn() -> Vec<f32> + 'a,
+    ) -> Self {
+        let values = Values::Fetched(Box::new(fetch));
+        Self {
+            name: name.into(),
+            shape,
+            values,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+impl safetensors::View for &F32Tensor<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match &self.values {
+            Values::Held(v) => le_bytes(v),
+            Values::Fetched(fetch) => {
+                let v = fetch();
+                // The caller's contract (shape and values come from the same tensor); a
+                // mismatch here would write a file whose offsets lie.
+                assert_eq!(v.len(), self.len(), "values of '{}'", self.name);
+                std::borrow::Cow::Owned(le_bytes(&v).into_owned())
+            }
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        self.len() * 4
+    }
+}
+
+/// f32 tensors as a safetensors file, written to a temporary file and renamed so readers never
+/// see half a file. Values go to the file from where they are, not through a copy of the whole
+/// file in memory; with at most one `metadata` key (a `HashMap` orders several differently on
+/// each run), the same tensors give the same bytes.
 pub fn write_f32_safetensors(
     path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    tensors: &[F32Tensor],
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<(), ModelError> {
-    use safetensors::tensor::{Dtype, TensorView};
-    let bytes: Vec<std::borrow::Cow<[u8]>> = tensors.iter().map(|(_, _, v)| le_bytes(v)).collect();
-    let views = tensors.iter().zip(&bytes).map(|((n, s, _), b)| {
-        (
-            n.as_str(),
-            TensorView::new(Dtype::F32, s.clone(), b).expect("shape matches the values"),
-        )
-    });
+    let err = |reason: String| ModelError::Weights {
+        path: path.into(),
+        reason,
+    };
+    for t in tensors {
+        if let Values::Held(v) = &t.values {
+            if v.len() != t.len() {
+                let (n, shape) = (v.len(), &t.shape);
+                return Err(err(format!(
+                    "tensor '{}': {n} values for shape {shape:?}",
+                    t.name
+                )));
+            }
+        }
+    }
     let tmp = path.with_extension("tmp");
-    safetensors::serialize_to_file(views, metadata, &tmp)
-        .map_err(|e| ModelError::Weights {
-            path: path.into(),
-            reason: e.to_string(),
-        })
-        .and_then(|_| {
-            std::fs::rename(&tmp, path).map_err(|source| ModelError::Io {
-                path: path.into(),
-                source,
-            })
-        })
+    safetensors::serialize_to_file(tensors.iter().map(|t| (t.name.as_str(), t)), metadata, &tmp)
+        .map_err(|e| err(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|source| ModelError::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+/// A file's bytes, mapped instead of read: the pages stay the page cache's, so reading a
+/// 1 GB state or checkpoint does not take 1 GB of process memory beside the tensors made from
+/// it (BENCHMARKS.md, "Loading and saving a ViT-B model directory and training state").
+pub fn map_file(path: &Path) -> Result<memmap2::Mmap, ModelError> {
+    let io = |source| ModelError::Io {
+        path: path.into(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: the map is only read. omnirad replaces its files by renaming a new one over
+    // them, which leaves a mapped file whole; a file truncated by another program while it is
+    // read would fault, as it would under burn-store, which maps every model it loads.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(io)
 }
 
 /// The little-endian bytes of `v` (safetensors' order): the values' own memory where the
@@ -504,7 +591,7 @@ fn le_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
 
 #[cfg(test)]
 mod tests {
-    use super::{transpose, write_f32_safetensors};
+    use super::{transpose, write_f32_safetensors, F32Tensor};
 
     /// What is written reads back (values, shapes, metadata), the same tensors give the same
     /// bytes, and no temporary file stays behind.
@@ -512,13 +599,16 @@ mod tests {
     fn f32_tensors_write_as_safetensors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.safetensors");
-        let tensors = vec![
-            (
-                "b".to_string(),
-                vec![2, 3],
-                vec![1.5, -2.0, 0.0, 1e-30, 3.25, f32::MAX],
-            ),
-            ("a".to_string(), vec![1], vec![-0.125]),
+        let values = [
+            ("b", vec![2, 3], vec![1.5, -2.0, 0.0, 1e-30, 3.25, f32::MAX]),
+            ("a", vec![1], vec![-0.125]),
+            ("c", vec![3], vec![7.0, 8.0, 9.0]),
+        ];
+        // Held, and fetched when written.
+        let tensors = [
+            F32Tensor::new("b", values[0].1.clone(), values[0].2.clone()),
+            F32Tensor::fetched("a", values[1].1.clone(), || values[1].2.clone()),
+            F32Tensor::fetched("c", values[2].1.clone(), || values[2].2.clone()),
         ];
         let meta = || Some([("omnirad".to_string(), "{}".to_string())].into());
         write_f32_safetensors(&path, &tensors, meta()).unwrap();
@@ -526,7 +616,7 @@ mod tests {
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(header.metadata().as_ref().unwrap()["omnirad"], "{}");
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        for (name, shape, values) in &tensors {
+        for (name, shape, values) in &values {
             let t = st.tensor(name).unwrap();
             assert_eq!(t.shape(), shape.as_slice());
             let back: Vec<f32> = t
@@ -540,6 +630,14 @@ mod tests {
         assert!(std::fs::read(&path).unwrap() == bytes);
         let files = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(files, 1);
+
+        // Held values that do not fill their shape are an error naming the tensor.
+        let short = [F32Tensor::new("w", vec![2, 2], vec![1.0; 3])];
+        let e = write_f32_safetensors(&path, &short, None).unwrap_err();
+        assert!(
+            e.to_string().contains("'w': 3 values for shape [2, 2]"),
+            "{e}"
+        );
     }
 
     /// Against the definition, for shapes that are and are not whole tasks of 32 output rows,

@@ -25,8 +25,8 @@ pub use import::{
     f32_tensors, import_checkpoint, import_dino_head, Imported, Layout, DINO_HEAD_FILE,
 };
 pub use io::{
-    load_imported, load_model_dir, load_module, save_dino_head, save_model_dir, save_module,
-    write_f32_safetensors, ModelConfig, ModelError,
+    load_imported, load_model_dir, load_module, map_file, save_dino_head, save_model_dir,
+    save_module, write_f32_safetensors, F32Tensor, ModelConfig, ModelError,
 };
 pub use seg::{SegHead, SegHeadConfig, SegHeadKind, Segmenter};
 pub use vit::{Ffn, PosInterp, Precision, Vit, VitConfig, VitOutput};

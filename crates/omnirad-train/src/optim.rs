@@ -363,15 +363,23 @@ pub(crate) fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
 /// Checkpoint I/O shared by pretraining and segmentation: the moments as flat host tensors, and
 /// a checkpoint file read back as its `omnirad` metadata plus every tensor by name.
 impl<B: Backend> AdamW<B> {
-    /// (`adam_m.<path>` / `adam_v.<path>`, values), sorted by path so files are reproducible.
-    pub fn moment_entries(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    /// `adam_m.<path>` / `adam_v.<path>`, read back when written, sorted by path so files are
+    /// reproducible.
+    pub fn moment_entries(&self) -> Vec<omnirad_model::F32Tensor<'static>> {
         let mut paths: Vec<&String> = self.state.keys().collect();
         paths.sort();
         let mut out = Vec::new();
         for p in paths {
-            let (m, v) = &self.state[p];
-            out.push((format!("adam_m.{p}"), m.dims().to_vec(), host(m.clone())));
-            out.push((format!("adam_v.{p}"), v.dims().to_vec(), host(v.clone())));
+            for (name, t) in [("adam_m", &self.state[p].0), ("adam_v", &self.state[p].1)] {
+                let t = t.clone();
+                let shape = t.dims().to_vec();
+                let fetch = move || host(t.clone());
+                out.push(omnirad_model::F32Tensor::fetched(
+                    format!("{name}.{p}"),
+                    shape,
+                    fetch,
+                ));
+            }
         }
         out
     }

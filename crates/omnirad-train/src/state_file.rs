@@ -9,31 +9,34 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
-use omnirad_model::{write_f32_safetensors, ModelError};
+use omnirad_model::{write_f32_safetensors, F32Tensor, ModelError};
 
 use crate::optim::{host, read_checkpoint, AdamW};
 use crate::params;
 
-/// The tensors of a state being written.
+/// The tensors of a state being written: each is read back from its device when the file
+/// reaches it, so the state is never on the host twice.
 #[derive(Default)]
 pub struct StateWriter {
-    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    tensors: Vec<F32Tensor<'static>>,
 }
 
 impl StateWriter {
     /// Every parameter of `m`, named `prefix` + its path.
     pub fn module<B: Backend, M: Module<B>>(&mut self, prefix: &str, m: &M) {
         for p in params::collect(m) {
-            self.tensors
-                .push((format!("{prefix}{}", p.path), p.shape, host(p.value)));
+            let name = format!("{prefix}{}", p.path);
+            let value = p.value;
+            let fetch = move || host(value.clone());
+            self.tensors.push(F32Tensor::fetched(name, p.shape, fetch));
         }
     }
 
     pub fn tensor<B: Backend, const D: usize>(&mut self, name: &str, t: &Tensor<B, D>) {
         let shape = t.dims().to_vec();
-        let n: usize = shape.iter().product();
-        self.tensors
-            .push((name.into(), shape, host(t.clone().reshape([n]))));
+        let flat = t.clone().reshape([shape.iter().product::<usize>()]);
+        let fetch = move || host(flat.clone());
+        self.tensors.push(F32Tensor::fetched(name, shape, fetch));
     }
 
     /// The moments; their step goes into the metadata as `adam_step`.
@@ -74,10 +77,7 @@ impl<B: Backend> StateReader<B> {
         what: &str,
         dev: &B::Device,
     ) -> Result<Self, ModelError> {
-        let data = std::fs::read(path).map_err(|source| ModelError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let data = omnirad_model::map_file(path)?;
         let (meta, tensors) = read_checkpoint::<B>(&data, path, format, what, dev)?;
         Ok(Self {
             path: path.into(),

@@ -31,7 +31,8 @@ use omnirad_data::medmnist::{
 use omnirad_data::{discover, ImageSource, Preprocess, Split};
 use omnirad_eval::{evaluate, KnnConfig, Metrics, TaskKind};
 use omnirad_model::{
-    f32_tensors, load_model_dir, save_model_dir, write_f32_safetensors, ModelConfig, Vit,
+    f32_tensors, load_model_dir, map_file, save_model_dir, write_f32_safetensors, F32Tensor,
+    ModelConfig, Vit,
 };
 use omnirad_train::finetune::{
     batch_probabilities, batch_probabilities_and_features, features, finetune, load_state, predict,
@@ -971,13 +972,9 @@ fn save_bank(path: &Path, bank: &KnnBank) -> Result<()> {
     write_f32_safetensors(
         path,
         &[
-            (
-                "features".into(),
-                f.shape().to_vec(),
-                f.iter().copied().collect(),
-            ),
-            (
-                "labels".into(),
+            F32Tensor::new("features", f.shape().to_vec(), f.iter().copied().collect()),
+            F32Tensor::new(
+                "labels",
                 y.shape().to_vec(),
                 y.iter().map(|&v| v as f32).collect(),
             ),
@@ -990,8 +987,7 @@ fn save_bank(path: &Path, bank: &KnnBank) -> Result<()> {
 /// A bank written by [`save_bank`], checked against the model it votes for: `dim`-d features,
 /// finite, one label row each, labels that are class ids (or 0/1 flags) of `bundle`'s task.
 fn load_bank(path: &Path, dim: usize, bundle: &Bundle) -> Result<KnnBank> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut t = f32_tensors(&bytes, path)?;
+    let mut t = f32_tensors(&map_file(path)?, path)?;
     let mut get = |k: &str| {
         t.remove(k)
             .with_context(|| format!("{}: no tensor '{k}'", path.display()))
@@ -1050,8 +1046,8 @@ fn save_classifier<B: Backend>(dir: &Path, m: &Classifier<B>, cfg: &ModelConfig)
     write_f32_safetensors(
         &dir.join("head.safetensors"),
         &[
-            ("weight".into(), vec![c, d], w),
-            ("bias".into(), vec![c], bias),
+            F32Tensor::new("weight", vec![c, d], w),
+            F32Tensor::new("bias", vec![c], bias),
         ],
         None,
     )?;
@@ -1157,9 +1153,7 @@ fn load_classifier<B: Backend>(
 ) -> Result<(Classifier<B>, ModelConfig)> {
     let (vit, cfg) = load_model_dir::<B>(&dir.join("encoder"), dev)?;
     let head_path = dir.join("head.safetensors");
-    let bytes =
-        std::fs::read(&head_path).with_context(|| format!("reading {}", head_path.display()))?;
-    let mut head = f32_tensors(&bytes, &head_path)?;
+    let mut head = f32_tensors(&map_file(&head_path)?, &head_path)?;
     let mut get = |k: &str| {
         head.remove(k)
             .with_context(|| format!("{}: no tensor '{k}'", head_path.display()))
