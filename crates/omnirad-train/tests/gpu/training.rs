@@ -1,5 +1,6 @@
 //! Training: the losses, gradient norms and trained weights of a fine-tuning run and of
-//! pretraining steps agree with the CPU backend's.
+//! pretraining steps agree with the CPU backend's; training states round-trip through their
+//! files.
 
 use std::collections::HashMap;
 
@@ -14,9 +15,11 @@ use omnirad_eval::TaskKind;
 use omnirad_model::{Cpu, DinoHeadConfig, Precision, VitConfig};
 use omnirad_train::finetune::{finetune, Classifier, FinetuneConfig, LabelledImages};
 use omnirad_train::masking::BlockMasking;
+use omnirad_train::optim::AdamW;
 use omnirad_train::params;
 use omnirad_train::pretrain::param_group;
 use omnirad_train::ssl::{LossConfig, SslBatch, SslModel, SslTrainer, StepValues};
+use omnirad_train::state_file::{StateReader, StateWriter};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -285,4 +288,40 @@ fn pretraining_steps_follow_the_cpu_steps() {
         3,
         TRAIN_TOL,
     );
+}
+
+/// A training state written from the device (each tensor read back as the file reaches it)
+/// reads back onto the device bit for bit: parameters, AdamW moments and step, metadata.
+#[test]
+fn a_training_state_round_trips_through_its_file() {
+    let dev = Default::default();
+    let vc = VitConfig::preset("vit_pico").unwrap();
+    let model = fill(vc.init::<Gpu>(&dev));
+    let mut opt = AdamW::<Gpu>::new(0.9, 0.999, 1e-8);
+    opt.step = 7;
+    for p in params::collect(&model) {
+        let v = p.value.clone().powi_scalar(2);
+        opt.state.insert(p.path, (p.value * 0.5, v));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.safetensors");
+    let mut w = StateWriter::default();
+    w.module("model.", &model);
+    w.adam(&opt);
+    w.write(&path, "test-1", &opt, serde_json::json!({ "epoch": 3 }))
+        .unwrap();
+
+    let mut r = StateReader::<Gpu>::open(&path, "test-1", "test", &dev).unwrap();
+    assert_eq!(r.num("epoch").unwrap(), 3);
+    let back = r.module("model.", vc.init::<Gpu>(&dev));
+    let mut opt_back = AdamW::<Gpu>::new(0.9, 0.999, 1e-8);
+    r.finish(&mut opt_back, "another model").unwrap();
+    assert_eq!(weights(&back), weights(&model));
+    assert_eq!(opt_back.step, 7);
+    let host = |t: &Tensor<Gpu, 1>| t.to_data().convert::<f32>().to_vec::<f32>().unwrap();
+    assert_eq!(opt_back.state.len(), opt.state.len());
+    for (p, (m, v)) in &opt.state {
+        let (mb, vb) = &opt_back.state[p];
+        assert!(host(m) == host(mb) && host(v) == host(vb), "moments of {p}");
+    }
 }
