@@ -108,7 +108,8 @@ pub fn save_model_dir<B: Backend>(
 
 /// burn-store's PyTorch ↔ burn adapters with the linear weights' transposes done in tasks on
 /// rayon's threads: theirs copies value by value, 45 % of what `omnirad embed` spent loading a
-/// ViT-B and embedding one image (BENCHMARKS.md, "Loading and saving a ViT-B model directory").
+/// ViT-B and embedding one image (BENCHMARKS.md, "Loading and saving a ViT-B model directory
+/// and training state").
 #[derive(Clone)]
 struct TimmLayout {
     to_burn: bool,
