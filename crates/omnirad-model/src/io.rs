@@ -88,7 +88,7 @@ pub fn save_model_dir<B: Backend>(
         source,
     })?;
     let mut store = SafetensorsStore::from_bytes(None)
-        .with_to_adapter(TimmLayout::FROM_BURN)
+        .with_to_adapter(TimmLayout(BurnToPyTorchAdapter))
         .skip_enum_variants(true);
     let weights = dir.join(WEIGHTS_FILE);
     model
@@ -110,17 +110,11 @@ pub fn save_model_dir<B: Backend>(
 /// rayon's threads: theirs copies value by value, 45 % of what `omnirad embed` spent loading a
 /// ViT-B and embedding one image (BENCHMARKS.md, "Loading and saving a ViT-B model directory
 /// and training state").
+/// Wraps the burn-store adapter of its direction.
 #[derive(Clone)]
-struct TimmLayout {
-    to_burn: bool,
-}
+struct TimmLayout<A>(A);
 
-impl TimmLayout {
-    const TO_BURN: Self = Self { to_burn: true };
-    const FROM_BURN: Self = Self { to_burn: false };
-}
-
-impl ModuleAdapter for TimmLayout {
+impl<A: ModuleAdapter + Clone + 'static> ModuleAdapter for TimmLayout<A> {
     fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
         // burn-store's rule for what it transposes, kept here so that nothing else changes.
         let linear_weight = snapshot.module_type().as_deref() == Some("Struct:Linear")
@@ -132,11 +126,7 @@ impl ModuleAdapter for TimmLayout {
             && snapshot.shape.len() == 2
             && matches!(snapshot.dtype.size(), 2 | 4 | 8);
         if !linear_weight {
-            return if self.to_burn {
-                PyTorchToBurnAdapter.adapt(snapshot)
-            } else {
-                BurnToPyTorchAdapter.adapt(snapshot)
-            };
+            return self.0.adapt(snapshot);
         }
         let data = snapshot.clone_data_fn();
         let [rows, cols] = [snapshot.shape[0], snapshot.shape[1]];
@@ -159,11 +149,8 @@ impl ModuleAdapter for TimmLayout {
     }
 
     fn get_alternative_param_name(&self, param_name: &str, container_type: &str) -> Option<String> {
-        if self.to_burn {
-            PyTorchToBurnAdapter.get_alternative_param_name(param_name, container_type)
-        } else {
-            BurnToPyTorchAdapter.get_alternative_param_name(param_name, container_type)
-        }
+        self.0
+            .get_alternative_param_name(param_name, container_type)
     }
 
     fn clone_box(&self) -> Box<dyn ModuleAdapter> {
@@ -387,7 +374,7 @@ fn apply_weights<B: Backend>(
 ) -> Result<Vit<B>, ModelError> {
     let mut model = cfg.vit.init::<B>(device);
     let mut store = store
-        .with_from_adapter(TimmLayout::TO_BURN)
+        .with_from_adapter(TimmLayout(PyTorchToBurnAdapter))
         .skip_enum_variants(true)
         .allow_partial(true);
     let res = model
