@@ -79,10 +79,10 @@ fn linear_rates() {
     }
 }
 
-/// The AMX tile loop alone, one thread, best of 25 passes, every panel meeting all of B (no
-/// column chunks): the block's forward products (ViT-S/16's, and ViT-B/16's qkv and proj), the
-/// weight gradient dW = Xᵀ·dY of fc1 (k = the batch's 1576 tokens) and attention's Q·Kᵀ and P·V
-/// for one (image, head) pair.
+/// The bf16 tile loop alone (AMX, or AVX-512 BF16's blocks), one thread, best of 25 passes,
+/// every panel meeting all of B (no column chunks): the block's forward products (ViT-S/16's,
+/// and ViT-B/16's qkv and proj), the weight gradient dW = Xᵀ·dY of fc1 (k = the batch's 1576
+/// tokens) and attention's Q·Kᵀ and P·V for one (image, head) pair.
 fn tile_loop_rates() {
     for (name, m, k, n) in [
         ("qkv", 1576, 384, 1152),
@@ -96,10 +96,15 @@ fn tile_loop_rates() {
         ("P·V", 197, 197, 64),
     ] {
         match omnirad_model::tile_loop_rate(m, k, n, 25) {
-            Some(r) => {
-                println!("AMX tile loop {name} [{m}, {k}]·[{k}, {n}], one thread: {r:.0} GFLOP/s")
-            }
-            None => return println!("AMX tile loop: no AMX here"),
+            Some(r) => println!(
+                "{} tile loop {name} [{m}, {k}]·[{k}, {n}], one thread: {r:.0} GFLOP/s",
+                if omnirad_model::bf16_kernel() == "amx" {
+                    "AMX"
+                } else {
+                    "AVX-512 BF16"
+                }
+            ),
+            None => return println!("tile loop: no AMX or AVX-512 BF16 here"),
         }
     }
 }

@@ -46,9 +46,9 @@ use crate::{cast_same, is_same, Cpu};
 /// backward; elsewhere the heads are permuted out and back around the backend's attention.
 ///
 /// `bf16` asks for bf16 products on f32 tensors of the CPU backend (mixed precision there keeps
-/// tensors f32, see `vit.rs`): both passes then run on AMX tiles where the CPU has them
-/// (`cpu::forward_bf16`, `cpu::backward_bf16`); elsewhere, and on other backends (which get
-/// bf16 tensors instead), it changes nothing.
+/// tensors f32, see `vit.rs`): both passes then run as bf16 blocks (`cpu_gemm::amx`: AMX
+/// tiles, or AVX-512 BF16) where the CPU has them (`cpu::forward_bf16`, `cpu::backward_bf16`);
+/// elsewhere, and on other backends (which get bf16 tensors instead), it changes nothing.
 pub fn attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize, bf16: bool) -> Tensor<B, 3> {
     let [b, n, c] = qkv.dims();
     assert!(
@@ -75,7 +75,7 @@ pub fn attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize, bf16: bool) -> Ten
     heads_first(qkv).swap_dims(1, 2).reshape([b, n, heads * d])
 }
 
-/// [`cpu::forward`], or [`cpu::forward_bf16`] on AMX tiles.
+/// [`cpu::forward`], or [`cpu::forward_bf16`] in bf16 blocks.
 fn cpu_forward(qkv: FlexTensor, heads: usize, bf16: bool) -> FlexTensor {
     if bf16 {
         cpu::forward_bf16(qkv, heads)
@@ -97,7 +97,7 @@ fn on_tokens(
 #[derive(Debug)]
 struct TokensBackward {
     heads: usize,
-    /// bf16 products on AMX tiles (see [`attention`]).
+    /// bf16 products in bf16 blocks (see [`attention`]).
     bf16: bool,
 }
 
@@ -400,7 +400,7 @@ mod cpu {
         [b, n, c / 3 / heads * heads]
     }
 
-    /// [`forward`] with bf16 products on AMX tiles, the arithmetic of PyTorch autocast's
+    /// [`forward`] with bf16 products in bf16 blocks (AMX or AVX-512 BF16), the arithmetic of PyTorch autocast's
     /// attention: Q, K and V rounded to bf16, S = s·Q·Kᵀ summed in f32, softmax in f32, P
     /// rounded to bf16, O = P·V summed in f32 and rounded to bf16. One task per (image, head),
     /// which rounds and packs its K and V once for all its blocks of 32 query rows.
@@ -476,7 +476,7 @@ mod cpu {
         })
     }
 
-    /// [`backward`] with bf16 products on AMX tiles (the forward pass's arithmetic, see
+    /// [`backward`] with bf16 products in bf16 blocks (the forward pass's arithmetic, see
     /// [`forward_bf16`]): P and dS rounded to bf16 as products' inputs, the softmax and its
     /// Jacobian product in f32, each gradient a bf16-rounded sum. One task per (image, head),
     /// which keeps its whole bf16 P and dS ([N, N] each) for dV = Pᵀ·dO and dK = dSᵀ·Q.

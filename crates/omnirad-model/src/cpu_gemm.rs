@@ -341,15 +341,15 @@ pub fn native_bf16() -> bool {
     false
 }
 
-/// The kernel of bf16 `Operand::product`s on this CPU: `amx` tiles, `avx512-bf16` (gemmkit),
-/// or `widened` to f32 inside gemmkit's kernel.
+/// The kernel of bf16 `Operand::product`s on this CPU: `amx` tiles, `avx512-bf16` (the same
+/// blocks with `vdpbf16ps`), `avx512-bf16-gemmkit` (`OMNIRAD_AMX=0`), or `widened` to f32
+/// inside gemmkit's kernel.
 pub fn bf16_kernel() -> &'static str {
-    if amx::available() {
-        "amx"
-    } else if native_bf16() {
-        "avx512-bf16"
-    } else {
-        "widened"
+    match amx::kernel() {
+        Some(amx::Kernel::Amx) => "amx",
+        Some(amx::Kernel::Dot) => "avx512-bf16",
+        None if native_bf16() => "avx512-bf16-gemmkit",
+        None => "widened",
     }
 }
 

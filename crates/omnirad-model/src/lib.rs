@@ -80,12 +80,13 @@ fn test_values<B: burn::tensor::backend::Backend, const D: usize>(
     burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, shape), &Default::default())
 }
 
-/// Whether the AMX paths can run here; says that `what` goes unexercised when not.
+/// Whether the bf16 block paths (AMX or AVX-512 BF16) can run here; says that `what` goes
+/// unexercised when not.
 #[cfg(test)]
 fn amx_here(what: &str) -> bool {
     let ok = cpu_gemm::amx::available();
     if !ok {
-        eprintln!("no AMX tiles here, not exercised: {what}");
+        eprintln!("no AMX or AVX-512 BF16 here, not exercised: {what}");
     }
     ok
 }

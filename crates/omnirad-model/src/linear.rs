@@ -212,7 +212,7 @@ mod cpu {
         }
     }
 
-    /// The bf16 Y on AMX tiles with X rounded as its panels are packed (no rounded copy of X
+    /// The bf16 Y in bf16 blocks (AMX or AVX-512 BF16) with X rounded as its panels are packed (no rounded copy of X
     /// is written and read back: 4 % of a one-thread bf16 inference step), and W packed once
     /// when `keep_w` ([`packed_weight`]).
     fn forward_amx(x: FlexTensor, w: FlexTensor, b: FlexTensor, keep_w: bool) -> FlexTensor {
@@ -246,7 +246,7 @@ mod cpu {
     /// Weights packed for the tile products, with the tensor whose buffer each was packed from.
     static PACKED: Mutex<Vec<(FlexTensor, Arc<amx::Packed>)>> = Mutex::new(Vec::new());
 
-    /// W [k, n] rounded and packed for AMX tiles, once while its buffer lives: at batch 8 each
+    /// W [k, n] rounded and packed for bf16 blocks, once while its buffer lives: at batch 8 each
     /// weight meets only ~1600 rows, and rounding and packing it again at every call took 12 %
     /// of a one-thread bf16 inference step. Safe because the cache holds a reference to the
     /// buffer: no other tensor gets its address while cached, and burn-flex's in-place ops (and
@@ -558,7 +558,7 @@ mod tests {
         assert_eq!(kept, recomputed);
     }
 
-    /// Without autodiff, on AMX tiles, X is rounded as its panels are packed rather than first:
+    /// Without autodiff, in bf16 blocks, X is rounded as its panels are packed rather than first:
     /// the same outputs, bit for bit, on a shape with partial blocks on every side.
     #[test]
     fn bf16_outputs_are_the_same_with_x_rounded_inside_the_panels() {

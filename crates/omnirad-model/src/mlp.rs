@@ -1,4 +1,5 @@
-//! The ViT block's MLP with bf16 products, fc2(gelu(fc1(x))), as one op on AMX tiles: an
+//! The ViT block's MLP with bf16 products, fc2(gelu(fc1(x))), as one op on bf16 blocks
+//! (`cpu_gemm::amx`: AMX tiles or AVX-512 BF16): an
 //! autodiff op for training, and the same forward pass for inference.
 //!
 //! ```text
@@ -17,7 +18,8 @@
 //! keeps the weights packed, as [`linear_bf16`] does there.
 //!
 //! For `Autodiff<Cpu>` without a checkpointing strategy (which recomputes GELU's output instead
-//! of keeping it) and for the CPU backend without autodiff, on a CPU with AMX tiles; everything
+//! of keeping it) and for the CPU backend without autodiff, on a CPU with AMX or AVX-512 BF16;
+//! everything
 //! else runs the three ops.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -101,7 +103,7 @@ impl Backward<Cpu, 5> for MlpBackward {
     }
 }
 
-/// The formulas of the module doc on f32 slices, products on AMX tiles.
+/// The formulas of the module doc on f32 slices, products in bf16 blocks.
 mod cpu {
     use burn::backend::flex::FlexTensor;
     use burn::tensor::{TensorData, TensorMetadata};

@@ -3043,7 +3043,7 @@ fn bench_speed_modes_report_timings_and_warmup_runs() {
         let has = |f: &str| cfg!(target_arch = "x86_64") && flags.contains(&format!(" {f}"));
         match (dtype, j["cpu_bf16"].as_str()) {
             ("bf16", Some("amx")) => assert!(has("amx_bf16")),
-            ("bf16", Some("avx512-bf16")) => assert!(has("avx512_bf16")),
+            ("bf16", Some("avx512-bf16" | "avx512-bf16-gemmkit")) => assert!(has("avx512_bf16")),
             ("bf16", Some("widened")) => assert!(!has("avx512_bf16")),
             ("f32", None) => {}
             other => panic!("{other:?}"),

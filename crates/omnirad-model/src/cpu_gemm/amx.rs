@@ -13,6 +13,14 @@
 //! A is copied per 32-row block into rows of k (zero-padded to a multiple of 32); B once into
 //! the pair layout the instruction reads (tile row p holds B[2p][j], B[2p+1][j] for each
 //! column j). The f32 sums are rounded to bf16 once and widened, as gemmkit's bf16 output is.
+//!
+//! On CPUs with AVX-512 BF16 but no AMX (AMD Zen 4 and later) the same packed operands go
+//! through `vdpbf16ps` ([`Kernel::Dot`]): that layout is the one the instruction reads too (a
+//! broadcast pair of A against a row of B's pairs), so every caller of [`blocks`] — the linears,
+//! the fused MLP, attention — runs there unchanged. On an AMD EPYC (Zen 4) its loop reached
+//! 211–226 GFLOP/s on one core against `gemm`'s 85–105 in f32, where gemmkit's bf16 kernel
+//! (whose output is bf16, so attention's scores could not use it) gave 161–189 with rounding
+//! included (BENCHMARKS.md, "bf16 blocks on AVX-512 BF16").
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::asm;
@@ -29,14 +37,40 @@ pub const BLOCK: usize = 32;
 /// Values of k per tile product: 16 bf16 pairs, a 64-byte tile row.
 const KSTEP: usize = 32;
 
-/// Whether bf16 products run on AMX: the CPU has AMX-TILE and AMX-BF16, Linux grants this
-/// process the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, required once before any thread
-/// executes a tile instruction), and `OMNIRAD_AMX` is not `0` (for measuring gemmkit's path).
-pub fn available() -> bool {
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        std::env::var("OMNIRAD_AMX").map_or(true, |v| v != "0") && cpu_has_amx() && request_tiles()
+/// What multiplies [`blocks`] here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX-512 BF16's `vdpbf16ps` on the same packed operands, on CPUs without AMX (AMD Zen 4
+    /// and later): about twice the f32 FMA rate there, where gemmkit's kernel reaches less.
+    Dot,
+}
+
+/// The kernel of bf16 block products: [`Kernel::Amx`] where the CPU has AMX-TILE and
+/// AMX-BF16 and Linux grants this process the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`,
+/// required once before any thread executes a tile instruction), else [`Kernel::Dot`] where
+/// the CPU has AVX-512 BF16; none when `OMNIRAD_AMX` is `0` (for measuring gemmkit's path).
+/// `OMNIRAD_AMX=dot` skips AMX, to measure and test the dot kernel on an AMX CPU.
+pub fn kernel() -> Option<Kernel> {
+    static KERNEL: OnceLock<Option<Kernel>> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let choice = std::env::var("OMNIRAD_AMX").unwrap_or_default();
+        if choice == "0" {
+            None
+        } else if choice != "dot" && cpu_has_amx() && request_tiles() {
+            Some(Kernel::Amx)
+        } else if super::native_bf16() {
+            Some(Kernel::Dot)
+        } else {
+            None
+        }
     })
+}
+
+/// Whether bf16 products run as blocks of this module ([`kernel`]).
+pub fn available() -> bool {
+    kernel().is_some()
 }
 
 fn cpu_has_amx() -> bool {
@@ -428,15 +462,24 @@ pub fn blocks_in(
     cols: std::ops::Range<usize>,
     mut f: impl FnMut(usize, &[f32; BLOCK * BLOCK]),
 ) {
-    assert!(available(), "AMX tiles on a CPU or process without them");
     assert_eq!(panel.kp, b.kp, "AMX product: inner dimensions");
     assert!(
         cols.start.is_multiple_of(BLOCK) && cols.end <= b.n,
         "AMX product: column range"
     );
-    // SAFETY: the CPU has AMX and the process holds the permission (`available`).
-    unsafe { configure_tiles() };
+    let kernel = kernel().expect("bf16 block products on a CPU without AMX or AVX-512 BF16");
     let mut c = [0f32; BLOCK * BLOCK];
+    if kernel == Kernel::Dot {
+        for c0 in cols.step_by(BLOCK) {
+            let b0 = &b.data[c0 * b.kp / 2..][..BLOCK * b.kp / 2];
+            // SAFETY: the CPU has AVX-512 BF16 (`kernel`); lengths as for the tiles below.
+            unsafe { dot::block_product(&panel.data, b0, &mut c, b.kp) };
+            f(c0, &c);
+        }
+        return;
+    }
+    // SAFETY: the CPU has AMX and the process holds the permission (`kernel`).
+    unsafe { configure_tiles() };
     for c0 in cols.step_by(BLOCK) {
         let b0 = &b.data[c0 * b.kp / 2..][..BLOCK * b.kp / 2];
         // SAFETY: tiles configured above on this thread, and `f` runs no other tile code; the
@@ -450,6 +493,74 @@ pub fn blocks_in(
     unsafe {
         asm!("tilerelease", options(nostack, nomem))
     };
+}
+
+/// [`block_product`] with AVX-512 BF16 instead of tiles ([`Kernel::Dot`]).
+mod dot {
+    use super::{bf16, BLOCK};
+
+    /// Rows of the panel per pass: 8 rows × 32 columns of sums in 16 zmm registers, beside the
+    /// two B vectors and a broadcast (passes of 12 rows, 24 registers, ran no faster).
+    const ROWS: usize = 8;
+
+    /// c [32, 32] ← panel [32, kp] · B for two 16-column blocks `b` ([kp/2, 16] words each,
+    /// one after the other): for each pair p, the panel row's pair (A[i][2p], A[i][2p+1])
+    /// broadcast against B's packed row of pairs, the two products summed into each column's
+    /// f32 lane.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 BF16; slice lengths as [`super::block_product`]'s.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn block_product(
+        panel: &[bf16],
+        b: &[u32],
+        c: &mut [f32; BLOCK * BLOCK],
+        kp: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let pairs = kp / 2;
+        assert!(panel.len() == BLOCK * kp && b.len() == BLOCK * pairs);
+        let a = panel.as_ptr().cast::<i32>();
+        let (b0, b1) = (b.as_ptr(), b[16 * pairs..].as_ptr());
+        for r0 in (0..BLOCK).step_by(ROWS) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+            for p in 0..pairs {
+                // SAFETY: p < kp/2 pair rows of 16 words in each block; rows r0.. of the
+                // panel hold kp/2 pairs each (the assert above).
+                unsafe {
+                    let x0: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(b0.add(16 * p).cast()));
+                    let x1: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(b1.add(16 * p).cast()));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let w = _mm512_set1_epi32(a.add((r0 + i) * pairs + p).read_unaligned());
+                        let w: __m512bh = std::mem::transmute(w);
+                        acc[0] = _mm512_dpbf16_ps(acc[0], w, x0);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], w, x1);
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                let row = &mut c[(r0 + i) * BLOCK..][..BLOCK];
+                // SAFETY: 32 floats in the row.
+                unsafe {
+                    _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+                    _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
+                }
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) unsafe fn block_product(
+        _: &[bf16],
+        _: &[u32],
+        _: &mut [f32; BLOCK * BLOCK],
+        _: usize,
+    ) {
+        unreachable!("AVX-512 BF16 on {}", std::env::consts::ARCH)
+    }
 }
 
 /// Palette 1, all eight tiles 16 rows of 64 bytes.
@@ -537,7 +648,7 @@ unsafe fn block_product(panel: &[bf16], b: &[u32], c: &mut [f32; BLOCK * BLOCK],
 
 /// The tile loop alone on the calling thread: GFLOP/s of the best of `reps` passes of
 /// `blocks` over an [m, k]·[k, n] product whose operands were packed beforehand (sums
-/// discarded); `None` where bf16 products do not run on AMX. For the ops bench: it shows the
+/// discarded); `None` where bf16 products do not run as these blocks. For the ops bench: it shows the
 /// loop's rate per shape apart from packing, rounding and writing the result.
 pub fn tile_loop_rate(m: usize, k: usize, n: usize, reps: usize) -> Option<f64> {
     if !available() || m * k * n == 0 {
@@ -720,6 +831,49 @@ mod tests {
                 let g = (got[i * n + j] - bias[j]) as f64;
                 let close = (g - sum).abs() <= sum.abs() / 128.0 + 1e-5;
                 assert!(close, "({i}, {j}): {g} vs {sum}");
+            }
+        }
+    }
+
+    /// The AVX-512 BF16 block, called directly (also where [`blocks`] picks AMX), equals the
+    /// definition: bf16 products exact, summed in f32; rows and columns past A's and B's zero.
+    #[test]
+    fn dot_blocks_match_the_definition() {
+        if !crate::cpu_gemm::native_bf16() {
+            eprintln!("no AVX-512 BF16 here: the dot kernel is not exercised");
+            return;
+        }
+        for (m, k, n) in [(32, 32, 32), (5, 70, 20), (32, 1, 9)] {
+            let (a, b) = (values(m * k, 8), values(k * n, 9));
+            let panel = Panel::new(Mat::new(&a, m, k), 0, m);
+            let packed = Packed::new(Mat::new(&b, k, n), false);
+            let mut c = [f32::NAN; BLOCK * BLOCK];
+            // SAFETY: the CPU has AVX-512 BF16 (checked above); the panel holds 32 rows of kp
+            // values, the packed B (32 columns at most) two blocks of kp/2 pair rows.
+            unsafe { dot::block_product(&panel.data, &packed.data, &mut c, packed.kp) };
+            for i in 0..BLOCK {
+                for j in 0..BLOCK {
+                    let want: f64 = if i < m && j < n {
+                        (0..k)
+                            .map(|kk| a[i * k + kk].to_f64() * b[kk * n + j].to_f64())
+                            .sum()
+                    } else {
+                        0.0
+                    };
+                    let size: f64 = if i < m && j < n {
+                        (0..k)
+                            .map(|kk| (a[i * k + kk].to_f64() * b[kk * n + j].to_f64()).abs())
+                            .sum()
+                    } else {
+                        0.0
+                    };
+                    let g = c[i * BLOCK + j] as f64;
+                    // f32 summation of exact products.
+                    assert!(
+                        (g - want).abs() <= size * 1e-6,
+                        "[{m}, {k}]·[{k}, {n}] at ({i}, {j}): {g} vs {want}"
+                    );
+                }
             }
         }
     }
