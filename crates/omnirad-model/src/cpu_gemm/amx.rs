@@ -473,7 +473,7 @@ pub fn blocks_in(
         for c0 in cols.step_by(BLOCK) {
             let b0 = &b.data[c0 * b.kp / 2..][..BLOCK * b.kp / 2];
             // SAFETY: the CPU has AVX-512 BF16 (`kernel`); lengths as for the tiles below.
-            unsafe { dot::block_product(&panel.data, b0, &mut c, b.kp) };
+            unsafe { dot::block_product(&panel.data, panel.rows, b0, &mut c, b.kp) };
             f(c0, &c);
         }
         return;
@@ -506,7 +506,9 @@ mod dot {
     /// c [32, 32] ← panel [32, kp] · B for two 16-column blocks `b` ([kp/2, 16] words each,
     /// one after the other): for each pair p, the panel row's pair (A[i][2p], A[i][2p+1])
     /// broadcast against B's packed row of pairs, the two products summed into each column's
-    /// f32 lane.
+    /// f32 lane. Only the passes that hold the panel's first `rows` rows run (tiles cannot
+    /// skip its zero rows; a ViT-S/16 image's 197 tokens leave 27 of 224 rows as padding): the
+    /// rows past them keep what `c` held, zeros if it starts so.
     ///
     /// # Safety
     /// The CPU has AVX-512 BF16; slice lengths as [`super::block_product`]'s.
@@ -514,6 +516,7 @@ mod dot {
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn block_product(
         panel: &[bf16],
+        rows: usize,
         b: &[u32],
         c: &mut [f32; BLOCK * BLOCK],
         kp: usize,
@@ -523,7 +526,7 @@ mod dot {
         assert!(panel.len() == BLOCK * kp && b.len() == BLOCK * pairs);
         let a = panel.as_ptr().cast::<i32>();
         let (b0, b1) = (b.as_ptr(), b[16 * pairs..].as_ptr());
-        for r0 in (0..BLOCK).step_by(ROWS) {
+        for r0 in (0..rows.min(BLOCK)).step_by(ROWS) {
             let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
             for p in 0..pairs {
                 // SAFETY: p < kp/2 pair rows of 16 words in each block; rows r0.. of the
@@ -555,6 +558,7 @@ mod dot {
     #[cfg(not(target_arch = "x86_64"))]
     pub(super) unsafe fn block_product(
         _: &[bf16],
+        _: usize,
         _: &[u32],
         _: &mut [f32; BLOCK * BLOCK],
         _: usize,
@@ -847,10 +851,11 @@ mod tests {
             let (a, b) = (values(m * k, 8), values(k * n, 9));
             let panel = Panel::new(Mat::new(&a, m, k), 0, m);
             let packed = Packed::new(Mat::new(&b, k, n), false);
-            let mut c = [f32::NAN; BLOCK * BLOCK];
+            // As `blocks` starts it: rows past the panel's passes keep these zeros.
+            let mut c = [0.0; BLOCK * BLOCK];
             // SAFETY: the CPU has AVX-512 BF16 (checked above); the panel holds 32 rows of kp
             // values, the packed B (32 columns at most) two blocks of kp/2 pair rows.
-            unsafe { dot::block_product(&panel.data, &packed.data, &mut c, packed.kp) };
+            unsafe { dot::block_product(&panel.data, m, &packed.data, &mut c, packed.kp) };
             for i in 0..BLOCK {
                 for j in 0..BLOCK {
                     let want: f64 = if i < m && j < n {
