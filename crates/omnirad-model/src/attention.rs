@@ -400,10 +400,11 @@ mod cpu {
         [b, n, c / 3 / heads * heads]
     }
 
-    /// [`forward`] with bf16 products in bf16 blocks (AMX or AVX-512 BF16), the arithmetic of PyTorch autocast's
-    /// attention: Q, K and V rounded to bf16, S = s·Q·Kᵀ summed in f32, softmax in f32, P
-    /// rounded to bf16, O = P·V summed in f32 and rounded to bf16. One task per (image, head),
-    /// which rounds and packs its K and V once for all its blocks of 32 query rows.
+    /// [`forward`] with bf16 products in bf16 blocks (AMX or AVX-512 BF16), the arithmetic of
+    /// PyTorch autocast's attention: Q, K and V rounded to bf16, S = s·Q·Kᵀ summed in f32,
+    /// softmax in f32, P rounded to bf16, O = P·V summed in f32 and rounded to bf16. One task
+    /// per (image, head), which rounds and packs its K and V once for all its blocks of 32
+    /// query rows.
     pub(super) fn forward_bf16(qkv: FlexTensor, heads: usize) -> FlexTensor {
         let qkv = contiguous(qkv);
         let t = Tokens::new(&qkv, heads);

@@ -212,9 +212,9 @@ mod cpu {
         }
     }
 
-    /// The bf16 Y in bf16 blocks (AMX or AVX-512 BF16) with X rounded as its panels are packed (no rounded copy of X
-    /// is written and read back: 4 % of a one-thread bf16 inference step), and W packed once
-    /// when `keep_w` ([`packed_weight`]).
+    /// The bf16 Y in bf16 blocks (AMX or AVX-512 BF16) with X rounded as its panels are
+    /// packed (no rounded copy of X is written and read back: 4 % of a one-thread bf16
+    /// inference step), and W packed once when `keep_w` ([`packed_weight`]).
     fn forward_amx(x: FlexTensor, w: FlexTensor, b: FlexTensor, keep_w: bool) -> FlexTensor {
         let [m, k] = x.shape().dims::<2>();
         let [k2, n] = w.shape().dims::<2>();

@@ -1,6 +1,6 @@
 //! The ViT block's MLP with bf16 products, fc2(gelu(fc1(x))), as one op on bf16 blocks
-//! (`cpu_gemm::amx`: AMX tiles or AVX-512 BF16): an
-//! autodiff op for training, and the same forward pass for inference.
+//! (`cpu_gemm::amx`: AMX tiles or AVX-512 BF16): an autodiff op for training, and the same
+//! forward pass for inference.
 //!
 //! ```text
 //! forward:   H = X·W1 + b1,   G = gelu(H),   Y = G·W2 + b2
@@ -19,8 +19,7 @@
 //!
 //! For `Autodiff<Cpu>` without a checkpointing strategy (which recomputes GELU's output instead
 //! of keeping it) and for the CPU backend without autodiff, on a CPU with AMX or AVX-512 BF16;
-//! everything
-//! else runs the three ops.
+//! everything else runs the three ops.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;

@@ -18,8 +18,8 @@
 //! everything after the encoder stay f32. On the CPU backend tensors stay f32 throughout and
 //! the linears' products round their operands to bf16 inside the GEMM
 //! ([`crate::linear::linear_bf16`]); attention's products do the same on CPUs with AMX tiles
-//! or AVX-512 BF16 and stay f32 on others ([`crate::attention::attention`]). The DINO head has the same switch
-//! ([`crate::DinoHead::with_precision`]).
+//! or AVX-512 BF16 and stay f32 on others ([`crate::attention::attention`]). The DINO head has
+//! the same switch ([`crate::DinoHead::with_precision`]).
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Autodiff;

@@ -501,6 +501,7 @@ mod dot {
 
     /// Rows of the panel per pass: 8 rows × 32 columns of sums in 16 zmm registers, beside the
     /// two B vectors and a broadcast (passes of 12 rows, 24 registers, ran no faster).
+    #[cfg(target_arch = "x86_64")]
     const ROWS: usize = 8;
 
     /// c [32, 32] ← panel [32, kp] · B for two 16-column blocks `b` ([kp/2, 16] words each,
