@@ -468,31 +468,32 @@ pub fn blocks_in(
         "AMX product: column range"
     );
     let kernel = kernel().expect("bf16 block products on a CPU without AMX or AVX-512 BF16");
-    let mut c = [0f32; BLOCK * BLOCK];
-    if kernel == Kernel::Dot {
-        for c0 in cols.step_by(BLOCK) {
-            let b0 = &b.data[c0 * b.kp / 2..][..BLOCK * b.kp / 2];
-            // SAFETY: the CPU has AVX-512 BF16 (`kernel`); lengths as for the tiles below.
-            unsafe { dot::block_product(&panel.data, panel.rows, b0, &mut c, b.kp) };
-            f(c0, &c);
-        }
-        return;
+    let tiles = kernel == Kernel::Amx;
+    if tiles {
+        // SAFETY: the CPU has AMX and the process holds the permission (`kernel`).
+        unsafe { configure_tiles() };
     }
-    // SAFETY: the CPU has AMX and the process holds the permission (`kernel`).
-    unsafe { configure_tiles() };
+    let mut c = [0f32; BLOCK * BLOCK];
     for c0 in cols.step_by(BLOCK) {
         let b0 = &b.data[c0 * b.kp / 2..][..BLOCK * b.kp / 2];
-        // SAFETY: tiles configured above on this thread, and `f` runs no other tile code; the
-        // panel holds 32 rows of kp values, b0 two column blocks of kp/2 pair rows of 16 pairs;
-        // kp is a positive multiple of 32.
-        unsafe { block_product(&panel.data, b0, &mut c, b.kp) };
+        // SAFETY: the panel holds 32 rows of kp values, b0 two column blocks of kp/2 pair rows
+        // of 16 pairs; kp is a positive multiple of 32. Tiles: configured above on this
+        // thread, and `f` runs no other tile code. Dot: the CPU has AVX-512 BF16 (`kernel`).
+        unsafe {
+            match kernel {
+                Kernel::Amx => block_product(&panel.data, b0, &mut c, b.kp),
+                Kernel::Dot => dot::block_product(&panel.data, panel.rows, b0, &mut c, b.kp),
+            }
+        };
         f(c0, &c);
     }
-    // SAFETY: tiles were configured on this thread above.
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        asm!("tilerelease", options(nostack, nomem))
-    };
+    if tiles {
+        // SAFETY: tiles were configured on this thread above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            asm!("tilerelease", options(nostack, nomem))
+        };
+    }
 }
 
 /// [`block_product`] with AVX-512 BF16 instead of tiles ([`Kernel::Dot`]).
@@ -653,8 +654,8 @@ unsafe fn block_product(panel: &[bf16], b: &[u32], c: &mut [f32; BLOCK * BLOCK],
 
 /// The tile loop alone on the calling thread: GFLOP/s of the best of `reps` passes of
 /// `blocks` over an [m, k]·[k, n] product whose operands were packed beforehand (sums
-/// discarded); `None` where bf16 products do not run as these blocks. For the ops bench: it shows the
-/// loop's rate per shape apart from packing, rounding and writing the result.
+/// discarded); `None` where bf16 products do not run as these blocks. For the ops bench: it
+/// shows the loop's rate per shape apart from packing, rounding and writing the result.
 pub fn tile_loop_rate(m: usize, k: usize, n: usize, reps: usize) -> Option<f64> {
     if !available() || m * k * n == 0 {
         return None;
@@ -859,19 +860,13 @@ mod tests {
             unsafe { dot::block_product(&panel.data, m, &packed.data, &mut c, packed.kp) };
             for i in 0..BLOCK {
                 for j in 0..BLOCK {
-                    let want: f64 = if i < m && j < n {
-                        (0..k)
-                            .map(|kk| a[i * k + kk].to_f64() * b[kk * n + j].to_f64())
-                            .sum()
+                    let (want, size) = if i < m && j < n {
+                        (0..k).fold((0.0, 0.0), |(s, z), kk| {
+                            let p = a[i * k + kk].to_f64() * b[kk * n + j].to_f64();
+                            (s + p, z + p.abs())
+                        })
                     } else {
-                        0.0
-                    };
-                    let size: f64 = if i < m && j < n {
-                        (0..k)
-                            .map(|kk| (a[i * k + kk].to_f64() * b[kk * n + j].to_f64()).abs())
-                            .sum()
-                    } else {
-                        0.0
+                        (0.0, 0.0)
                     };
                     let g = c[i * BLOCK + j] as f64;
                     // f32 summation of exact products.
