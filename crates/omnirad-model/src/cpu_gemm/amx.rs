@@ -879,6 +879,36 @@ mod tests {
         }
     }
 
+    /// Operands given transposed pack to the same bits as their row-major copies (the
+    /// transposed paths go through a square in L1 or column by column; the row-major ones copy
+    /// rows): over shapes with partial panels, partial 16-column blocks and odd k, f32 A too.
+    #[test]
+    fn transposed_operands_pack_as_their_copies() {
+        for (m, k) in [(1, 1), (5, 31), (17, 33), (32, 64), (20, 197), (32, 100)] {
+            let a = values(m * k, 10);
+            // at [k, m] holds a [m, k] transposed.
+            let at: Vec<bf16> = (0..k * m).map(|x| a[x % m * k + x / m]).collect();
+            let [a32, at32] = [&a, &at].map(|v| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
+            for r0 in [0, m / 2] {
+                let rows = BLOCK.min(m - r0);
+                let want = Panel::new(Mat::new(&a, m, k), r0, rows);
+                for got in [
+                    Panel::new(Mat::new(&at, k, m).t(), r0, rows),
+                    Panel::new(Mat::new(&at32, k, m).t(), r0, rows),
+                    Panel::new(Mat::new(&a32, m, k), r0, rows),
+                ] {
+                    assert_eq!(got.rows, want.rows);
+                    let bits = |p: &Panel| p.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "panel of [{m}, {k}] from row {r0}");
+                }
+            }
+            // As B [m, k]: 16-column blocks with partial ones, odd k.
+            let want = Packed::new(Mat::new(&a, m, k), false);
+            let got = Packed::new(Mat::new(&at, k, m).t(), true);
+            assert_eq!(&got.data[..], &want.data[..], "packed [{m}, {k}]");
+        }
+    }
+
     /// Operands start on a cache line, whatever the allocator returns for other buffers.
     #[test]
     fn packed_operands_start_on_cache_lines() {
