@@ -2,6 +2,7 @@
 # Side-by-side step speed for BENCHMARKS.md: `omnirad bench speed` and bench/torch_reference.py
 # on the same machine, same architecture, same batch, one JSON line per run.
 #   DEVICE=cuda MODEL=vit_s16 IMG=224 BATCH=64 STEPS=20 bench/speed.sh > runs/speed.jsonl
+#   python3 bench/speed_table.py runs/speed.jsonl    # BENCHMARKS.md's side-by-side table
 # On the GPU machine also set COMPILE=--compile. CPU defaults are small enough for 2 cores.
 # GRAD_CKPT=--grad-checkpoint trains with activation recomputation on both sides.
 # ROUNDS=3 repeats everything (noisy VMs); DTYPES="f32 bf16 bf16-noamx" adds bf16 with AMX off

@@ -1,0 +1,61 @@
+"""The side-by-side table of BENCHMARKS.md from the JSON lines of bench/speed.sh (or of
+`omnirad bench speed` and bench/torch_reference.py run by hand): one row per (model, image
+size, batch, step), ms per step as the mean over rounds with each round in parentheses, our
+speed-up over PyTorch per precision (f32 against fp32, bf16 against bf16 autocast + SDPA), and
+the peak memory in MiB (ours f32 / bf16; PyTorch's, the largest over its runs).
+Usage: python3 bench/speed_table.py runs/speed-*.jsonl
+"""
+import collections
+import json
+import sys
+
+PAIRS = [("f32", "fp32"), ("bf16", "bf16-autocast-sdpa")]
+
+
+def main(paths):
+    rows = collections.OrderedDict()
+    for path in paths:
+        for line in open(path):
+            if not line.startswith("{"):
+                continue
+            d = json.loads(line)
+            torch = d.get("impl") == "pytorch"
+            who = ("pytorch", d["precision"]) if torch else ("omnirad", d["dtype"])
+            mib = d["peak_mem_mib"] if torch else d["peak_rss_bytes"] / 2**20
+            key = (d["model"], d["img"], d["batch"], d["mode"])
+            rows.setdefault(key, collections.defaultdict(list))[who].append((d["ms_per_step"], mib))
+    head = ["model, batch", "step"]
+    for ours, theirs in PAIRS:
+        head += [f"ours {ours}", f"PyTorch {theirs}", ours]
+    print("| " + " | ".join(head + ["memory"]) + " |")
+    print("|" + "---|" * (len(head) + 1))
+    for (model, img, batch, mode), runs in rows.items():
+        def mean(who):
+            ms = [m for m, _ in runs.get(who, [])]
+            return sum(ms) / len(ms) if ms else None
+
+        def cell(who):
+            ms = [m for m, _ in runs.get(who, [])]
+            if not ms:
+                return "—"
+            return f"{mean(who):.0f} ({', '.join(f'{m:.0f}' for m in ms)})"
+
+        def peak(who):
+            mibs = [b for _, b in runs.get(who, [])]
+            return f"{max(mibs):.0f}" if mibs else "—"
+
+        out = [f"{model} {img}², {batch}", mode]
+        for ours, theirs in PAIRS:
+            a, b = ("omnirad", ours), ("pytorch", theirs)
+            ratio = f"**{mean(b) / mean(a):.2f}×**" if mean(a) and mean(b) else "—"
+            out += [cell(a), cell(b), ratio]
+        torch_peak = max(
+            (b for (impl, _), v in runs.items() if impl == "pytorch" for _, b in v), default=None
+        )
+        torch_peak = "—" if torch_peak is None else f"{torch_peak:.0f}"
+        out.append(f"{peak(('omnirad', 'f32'))} / {peak(('omnirad', 'bf16'))}; {torch_peak}")
+        print("| " + " | ".join(out) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
