@@ -9,7 +9,9 @@ import collections
 import json
 import sys
 
-PAIRS = [("f32", "fp32"), ("bf16", "bf16-autocast-sdpa")]
+# (our dtype, PyTorch's precision, its column name)
+PAIRS = [("f32", "fp32", "fp32"), ("bf16", "bf16-autocast-sdpa", "bf16")]
+NAMES = {"vit_s16": "ViT-S/16", "vit_b16": "ViT-B/16", "vit_b14": "ViT-B/14", "vit_l14": "ViT-L/14"}
 
 
 def main(paths):
@@ -25,7 +27,7 @@ def main(paths):
             key = (d["model"], d["img"], d["batch"], d["mode"])
             rows.setdefault(key, collections.defaultdict(list))[who].append((d["ms_per_step"], mib))
     head = ["model, batch", "step"]
-    for ours, theirs in PAIRS:
+    for ours, _, theirs in PAIRS:
         head += [f"ours {ours}", f"PyTorch {theirs}", ours]
     print("| " + " | ".join(head + ["memory"]) + " |")
     print("|" + "---|" * (len(head) + 1))
@@ -44,8 +46,8 @@ def main(paths):
             mibs = [b for _, b in runs.get(who, [])]
             return f"{max(mibs):.0f}" if mibs else "—"
 
-        out = [f"{model} {img}², {batch}", mode]
-        for ours, theirs in PAIRS:
+        out = [f"{NAMES.get(model, model)} {img}², {batch}", mode]
+        for ours, theirs, _ in PAIRS:
             a, b = ("omnirad", ours), ("pytorch", theirs)
             ratio = f"**{mean(b) / mean(a):.2f}×**" if mean(a) and mean(b) else "—"
             out += [cell(a), cell(b), ratio]
