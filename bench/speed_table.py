@@ -32,32 +32,26 @@ def main(paths):
     print("| " + " | ".join(head + ["memory"]) + " |")
     print("|" + "---|" * (len(head) + 1))
     for (model, img, batch, mode), runs in rows.items():
+        ms = {who: [m for m, _ in v] for who, v in runs.items()}
+
         def mean(who):
-            ms = [m for m, _ in runs.get(who, [])]
-            return sum(ms) / len(ms) if ms else None
+            return sum(ms[who]) / len(ms[who]) if who in ms else None
 
         def cell(who):
-            ms = [m for m, _ in runs.get(who, [])]
-            if not ms:
-                return "—"
-            return f"{mean(who):.0f} ({', '.join(f'{m:.0f}' for m in ms)})"
+            rounds = ", ".join(f"{m:.0f}" for m in ms.get(who, []))
+            return f"{mean(who):.0f} ({rounds})" if who in ms else "—"
 
-        def peak(who):
-            mibs = [b for _, b in runs.get(who, [])]
+        def peak(impl, dtype=None):
+            mibs = [b for (i, d), v in runs.items() if i == impl and dtype in (None, d) for _, b in v]
             return f"{max(mibs):.0f}" if mibs else "—"
 
         out = [f"{NAMES.get(model, model)} {img}², {batch}", mode]
         for ours, theirs, _ in PAIRS:
             a, b = ("omnirad", ours), ("pytorch", theirs)
-            ratio = f"**{mean(b) / mean(a):.2f}×**" if mean(a) and mean(b) else "—"
+            ratio = f"**{mean(b) / mean(a):.2f}×**" if a in ms and b in ms else "—"
             out += [cell(a), cell(b), ratio]
-        torch_peak = max(
-            (b for (impl, _), v in runs.items() if impl == "pytorch" for _, b in v), default=None
-        )
-        torch_peak = "—" if torch_peak is None else f"{torch_peak:.0f}"
-        out.append(f"{peak(('omnirad', 'f32'))} / {peak(('omnirad', 'bf16'))}; {torch_peak}")
+        out.append(f"{peak('omnirad', 'f32')} / {peak('omnirad', 'bf16')}; {peak('pytorch')}")
         print("| " + " | ".join(out) + " |")
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -884,6 +884,7 @@ mod tests {
     /// rows): over shapes with partial panels, partial 16-column blocks and odd k, f32 A too.
     #[test]
     fn transposed_operands_pack_as_their_copies() {
+        let bits = |p: &Panel| p.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for (m, k) in [(1, 1), (5, 31), (17, 33), (32, 64), (20, 197), (32, 100)] {
             let a = values(m * k, 10);
             // at [k, m] holds a [m, k] transposed.
@@ -898,7 +899,6 @@ mod tests {
                     Panel::new(Mat::new(&a32, m, k), r0, rows),
                 ] {
                     assert_eq!(got.rows, want.rows);
-                    let bits = |p: &Panel| p.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got), bits(&want), "panel of [{m}, {k}] from row {r0}");
                 }
             }
