@@ -292,33 +292,27 @@ mod tests {
 
     #[test]
     fn resize_plane_matches_pillow_bicubic() {
-        let fx: serde_json::Value =
+        #[derive(Deserialize)]
+        struct Case {
+            w: usize,
+            h: usize,
+            crop: Option<[f64; 4]>,
+            out: Vec<f32>,
+        }
+        #[derive(Deserialize)]
+        struct Fixture {
+            w: usize,
+            h: usize,
+            src: Vec<f32>,
+            cases: Vec<Case>,
+        }
+        let fx: Fixture =
             serde_json::from_str(include_str!("../tests/fixtures/resize_pil.json")).unwrap();
-        let floats = |v: &serde_json::Value| -> Vec<f32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        };
-        let src = floats(&fx["src"]);
-        let (w, h) = (
-            fx["w"].as_u64().unwrap() as usize,
-            fx["h"].as_u64().unwrap() as usize,
-        );
-        for case in fx["cases"].as_array().unwrap() {
-            let (dw, dh) = (
-                case["w"].as_u64().unwrap() as usize,
-                case["h"].as_u64().unwrap() as usize,
-            );
-            let crop = case["crop"].as_array().map(|b| {
-                let b: Vec<f64> = b.iter().map(|x| x.as_f64().unwrap()).collect();
-                [b[0], b[1], b[2], b[3]]
-            });
-            let got = resize_plane(&src, w, h, crop, dw, dh);
-            let want = floats(&case["out"]);
-            assert_eq!(got.len(), want.len());
-            for (i, (g, p)) in got.iter().zip(&want).enumerate() {
+        for case in &fx.cases {
+            let (dw, dh, crop) = (case.w, case.h, case.crop);
+            let got = resize_plane(&fx.src, fx.w, fx.h, crop, dw, dh);
+            assert_eq!(got.len(), case.out.len());
+            for (i, (g, p)) in got.iter().zip(&case.out).enumerate() {
                 let p = p.clamp(0.0, 1.0);
                 assert!(
                     (g - p).abs() < 1e-6,
