@@ -18,8 +18,11 @@
 # Correctness before speed, where the lease allows (a separate call, ~1-4 min): `tests` runs
 # omnirad-train's tests/gpu built for CUDA — the encoder's outputs and gradients (f32 and bf16),
 # a fine-tuning run and pretraining steps against the CPU backend, which the CI checks only on
-# wgpu (f32, lavapipe). Build it here and carry it in dist/ beside the binary:
-#   CARGO_TARGET_DIR=/tmp/cuda-test-target cargo test -p omnirad-train --features cuda --test gpu --no-run
+# wgpu (f32, lavapipe). Build it here and carry it in dist/ beside the binary (omnirad-train at
+# opt-level 0, as CI builds the wgpu one: the binary's own unit then takes 35 s on 2 cores, and
+# stripped and xz'd it is 9.7 MB):
+#   CARGO_TARGET_DIR=/tmp/cuda-test-target cargo test --config 'profile.dev.package.omnirad-train.opt-level=0' \
+#     -p omnirad-train --features cuda --test gpu --no-run
 #   strip -o dist/gpu-tests /tmp/cuda-test-target/debug/deps/gpu-<hash> && xz -f dist/gpu-tests
 #   run(command="bench/gpu_session.sh tests", carry=["dist"], timeout_s=300)
 # Every stage writes JSON lines to $OUT/<stage>.jsonl as it goes (a step cut by the deadline
